@@ -1,0 +1,6 @@
+//! One module per subcommand: each has an `Args` struct and a `run` function.
+
+pub mod demo;
+pub mod enhance;
+pub mod info;
+pub mod run;

@@ -1,0 +1,44 @@
+//! `aperture`: run vision models fast on NVIDIA GPUs (and correctly on the CPU).
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "aperture", version, about = "Inference engine and server for vision models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build a seeded random-weight Restormer, enhance a generated image, write the result.
+    Demo(commands::demo::DemoArgs),
+    /// Print a model's architecture, parameter count, FLOPs and minimum bytes moved.
+    Info(commands::info::InfoArgs),
+    /// Run the raw model on tensors from a safetensors file (parity checks).
+    Run(commands::run::RunArgs),
+    /// Enhance an image or every image in a folder with a Restormer model.
+    Enhance(commands::enhance::EnhanceArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(a) => commands::demo::run(a),
+        Command::Info(a) => commands::info::run(a),
+        Command::Run(a) => commands::run::run(a),
+        Command::Enhance(a) => commands::enhance::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

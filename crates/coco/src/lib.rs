@@ -1,0 +1,1 @@
+//! COCO bounding-box evaluation with results identical to pycocotools.

@@ -1,0 +1,1 @@
+//! Model definitions (Restormer, D-FINE) written against the engine's Backend.

@@ -1,0 +1,1 @@
+//! Triton-compatible KServe v2 inference server with dynamic batching.

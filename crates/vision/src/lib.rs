@@ -1,0 +1,1 @@
+//! Image decoding and encoding, PIL-exact resizing, drawing, COCO evaluation.

@@ -1,0 +1,1 @@
+//! Reading tensors from safetensors files, PyTorch checkpoints and HF snapshot folders.
