@@ -20,6 +20,7 @@ pub mod dtype;
 pub mod error;
 pub mod runner;
 pub mod tensor;
+pub mod trace;
 
 pub use backend::{Activation, Backend, ConvSpec};
 pub use dtype::{DType, Precision};

@@ -1,0 +1,186 @@
+//! The Restormer forward graph on any [`Backend`].
+
+use aperture_engine::{Activation, Backend, ConvSpec, HostTensor};
+use aperture_weights::StateDict;
+
+use super::config::{LayerNormType, RestormerConfig};
+use super::params::{check_weights, levels};
+use crate::error::{ModelError, Result};
+
+const LN_EPS: f32 = 1e-5;
+
+struct Norm<P> {
+    weight: P,
+    bias: Option<P>,
+}
+
+/// One transformer block: MDTA attention then the gated-dconv feed-forward network.
+struct Block<P> {
+    heads: usize,
+    norm1: Norm<P>,
+    temperature: P,
+    qkv: P,
+    qkv_dwconv: P,
+    attn_project_out: P,
+    norm2: Norm<P>,
+    project_in: P,
+    ffn_dwconv: P,
+    ffn_project_out: P,
+}
+
+/// A Restormer with its weights prepared on a backend.
+pub struct Restormer<B: Backend> {
+    config: RestormerConfig,
+    patch_embed: B::Param,
+    /// Encoder 1..3, latent, decoder 3..1, refinement.
+    levels: Vec<Vec<Block<B::Param>>>,
+    down1_2: B::Param,
+    down2_3: B::Param,
+    down3_4: B::Param,
+    up4_3: B::Param,
+    reduce_chan_level3: B::Param,
+    up3_2: B::Param,
+    reduce_chan_level2: B::Param,
+    up2_1: B::Param,
+    output: B::Param,
+}
+
+/// Looks up tensors by name and hands them to the backend in the right form.
+struct Loader<'a, B: Backend> {
+    backend: &'a B,
+    sd: &'a StateDict,
+    bias: bool,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn tensor(&self, name: &str) -> Result<&HostTensor> {
+        self.sd
+            .get(name)
+            .ok_or_else(|| ModelError::Config(format!("weight '{name}' is missing")))
+    }
+
+    fn conv(&self, name: &str, spec: ConvSpec, has_bias: bool) -> Result<B::Param> {
+        let w = self.tensor(&format!("{name}.weight"))?;
+        let b = if has_bias { Some(self.tensor(&format!("{name}.bias"))?) } else { None };
+        Ok(self.backend.prepare_conv(w, b, spec)?)
+    }
+
+    fn vector(&self, name: &str) -> Result<B::Param> {
+        Ok(self.backend.prepare_vector(self.tensor(name)?)?)
+    }
+
+    fn norm(&self, prefix: &str, with_bias: bool) -> Result<Norm<B::Param>> {
+        Ok(Norm {
+            weight: self.vector(&format!("{prefix}.body.weight"))?,
+            bias: if with_bias { Some(self.vector(&format!("{prefix}.body.bias"))?) } else { None },
+        })
+    }
+
+    fn block(&self, p: &str, dim: usize, hidden: usize, heads: usize, ln_bias: bool) -> Result<Block<B::Param>> {
+        let b = self.bias;
+        Ok(Block {
+            heads,
+            norm1: self.norm(&format!("{p}.norm1"), ln_bias)?,
+            temperature: self.vector(&format!("{p}.attn.temperature"))?,
+            qkv: self.conv(&format!("{p}.attn.qkv"), ConvSpec::same(1), b)?,
+            qkv_dwconv: self.conv(&format!("{p}.attn.qkv_dwconv"), ConvSpec::depthwise(3 * dim, 3), b)?,
+            attn_project_out: self.conv(&format!("{p}.attn.project_out"), ConvSpec::same(1), b)?,
+            norm2: self.norm(&format!("{p}.norm2"), ln_bias)?,
+            project_in: self.conv(&format!("{p}.ffn.project_in"), ConvSpec::same(1), b)?,
+            ffn_dwconv: self.conv(&format!("{p}.ffn.dwconv"), ConvSpec::depthwise(2 * hidden, 3), b)?,
+            ffn_project_out: self.conv(&format!("{p}.ffn.project_out"), ConvSpec::same(1), b)?,
+        })
+    }
+}
+
+impl<B: Backend> Restormer<B> {
+    /// Checks the weights against the configuration, then prepares them on `backend`.
+    pub fn prepare(backend: &B, config: RestormerConfig, sd: &StateDict) -> Result<Self> {
+        config.validate()?;
+        check_weights(&config, sd)?;
+        let ld = Loader { backend, sd, bias: config.bias };
+        let ln_bias = config.layer_norm_type == LayerNormType::WithBias;
+        let mut all_levels = Vec::new();
+        for l in levels(&config) {
+            let hidden = config.ffn_hidden(l.dim);
+            let blocks = (0..l.blocks)
+                .map(|i| ld.block(&format!("{}.{i}", l.prefix), l.dim, hidden, l.heads, ln_bias))
+                .collect::<Result<Vec<_>>>()?;
+            all_levels.push(blocks);
+        }
+        let b = config.bias;
+        let same3 = ConvSpec::same(3);
+        let one = ConvSpec::same(1);
+        Ok(Self {
+            patch_embed: ld.conv("patch_embed.proj", same3, b)?,
+            levels: all_levels,
+            down1_2: ld.conv("down1_2.body.0", same3, false)?,
+            down2_3: ld.conv("down2_3.body.0", same3, false)?,
+            down3_4: ld.conv("down3_4.body.0", same3, false)?,
+            up4_3: ld.conv("up4_3.body.0", same3, false)?,
+            reduce_chan_level3: ld.conv("reduce_chan_level3", one, b)?,
+            up3_2: ld.conv("up3_2.body.0", same3, false)?,
+            reduce_chan_level2: ld.conv("reduce_chan_level2", one, b)?,
+            up2_1: ld.conv("up2_1.body.0", same3, false)?,
+            output: ld.conv("output", same3, b)?,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &RestormerConfig {
+        &self.config
+    }
+
+    /// Runs the network on an NHWC image batch whose height and width are multiples of 8.
+    pub fn forward(&self, b: &B, img: &B::Tensor) -> Result<B::Tensor> {
+        let [_, h, w, c] = b.dims(img);
+        if h % 8 != 0 || w % 8 != 0 || h == 0 || w == 0 {
+            return Err(ModelError::Input(format!(
+                "Restormer needs height and width that are multiples of 8, got {h}x{w} (pad the image first)"
+            )));
+        }
+        if c != self.config.inp_channels {
+            return Err(ModelError::Input(format!(
+                "Restormer expects {} input channels, got {c}",
+                self.config.inp_channels
+            )));
+        }
+        let level = |i: usize, x: B::Tensor| self.run_level(b, &self.levels[i], x);
+        let none = Activation::Identity;
+        let e1 = level(0, b.conv2d(img, &self.patch_embed, none, None)?)?;
+        let e2 = level(1, b.pixel_unshuffle(&b.conv2d(&e1, &self.down1_2, none, None)?, 2)?)?;
+        let e3 = level(2, b.pixel_unshuffle(&b.conv2d(&e2, &self.down2_3, none, None)?, 2)?)?;
+        let lat = level(3, b.pixel_unshuffle(&b.conv2d(&e3, &self.down3_4, none, None)?, 2)?)?;
+        let up3 = b.pixel_shuffle(&b.conv2d(&lat, &self.up4_3, none, None)?, 2)?;
+        let d3 = b.conv2d(&b.concat_channels(&up3, &e3)?, &self.reduce_chan_level3, none, None)?;
+        let d3 = level(4, d3)?;
+        let up2 = b.pixel_shuffle(&b.conv2d(&d3, &self.up3_2, none, None)?, 2)?;
+        let d2 = b.conv2d(&b.concat_channels(&up2, &e2)?, &self.reduce_chan_level2, none, None)?;
+        let d2 = level(5, d2)?;
+        let up1 = b.pixel_shuffle(&b.conv2d(&d2, &self.up2_1, none, None)?, 2)?;
+        let d1 = level(6, b.concat_channels(&up1, &e1)?)?;
+        let refined = level(7, d1)?;
+        // Global residual: the network predicts a correction to the input image.
+        Ok(b.conv2d(&refined, &self.output, none, Some(img))?)
+    }
+
+    fn run_level(&self, b: &B, blocks: &[Block<B::Param>], mut x: B::Tensor) -> Result<B::Tensor> {
+        for blk in blocks {
+            x = self.run_block(b, blk, &x)?;
+        }
+        Ok(x)
+    }
+
+    fn run_block(&self, b: &B, blk: &Block<B::Param>, x: &B::Tensor) -> Result<B::Tensor> {
+        let none = Activation::Identity;
+        let n1 = b.layer_norm(x, &blk.norm1.weight, blk.norm1.bias.as_ref(), LN_EPS)?;
+        let qkv = b.conv2d(&n1, &blk.qkv, none, None)?;
+        let qkv = b.conv2d(&qkv, &blk.qkv_dwconv, none, None)?;
+        let x = b.channel_attention(&qkv, blk.heads, &blk.temperature, &blk.attn_project_out, Some(x))?;
+        let n2 = b.layer_norm(&x, &blk.norm2.weight, blk.norm2.bias.as_ref(), LN_EPS)?;
+        let hidden = b.conv2d(&n2, &blk.project_in, none, None)?;
+        let hidden = b.conv2d(&hidden, &blk.ffn_dwconv, none, None)?;
+        let gated = b.gelu_gate(&hidden)?;
+        Ok(b.conv2d(&gated, &blk.ffn_project_out, none, Some(&x))?)
+    }
+}
