@@ -1,0 +1,238 @@
+//! One loaded model version: its runners behind a batcher, its specs and statistics,
+//! and the protocol-independent request validation.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aperture_engine::{NamedTensors, Runner, TensorSpec};
+
+use crate::batcher::{Batcher, BatcherConfig};
+use crate::config::ModelConfig;
+use crate::error::{Result, ServerError};
+use crate::factory::{ModelContext, RunnerFactory};
+use crate::stats::ModelStats;
+use crate::tensor_io::kserve_datatype;
+
+/// A protocol-independent inference request.
+#[derive(Debug, Default)]
+pub struct InferRequest {
+    pub id: String,
+    pub inputs: NamedTensors,
+    /// Outputs to return, in this order (None: all, in the model's order).
+    pub outputs: Option<Vec<String>>,
+    /// 0: the model's default priority level.
+    pub priority: u64,
+    pub timeout: Option<Duration>,
+}
+
+/// A model version ready to serve.
+pub struct LoadedModel {
+    pub name: String,
+    pub version: u64,
+    pub config: ModelConfig,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    pub device: String,
+    pub instances: usize,
+    pub stats: Arc<ModelStats>,
+    batcher: Batcher,
+}
+
+/// Runners built (blocking work) but not yet attached to a batcher.
+pub struct BuiltRunners {
+    runners: Vec<Arc<dyn Runner>>,
+}
+
+impl LoadedModel {
+    /// Builds one runner per instance (per listed GPU). Blocking: weights load here.
+    pub fn build_runners(
+        name: &str,
+        version: u64,
+        dir: &Path,
+        config: &ModelConfig,
+        factory: &dyn RunnerFactory,
+    ) -> Result<BuiltRunners> {
+        let gpus: Vec<Option<i32>> = match config.instance_group.gpus.as_slice() {
+            [] => vec![None],
+            g => g.iter().map(|&x| Some(x)).collect(),
+        };
+        let mut runners = Vec::new();
+        for gpu in gpus {
+            for _ in 0..config.instance_group.count {
+                let ctx = ModelContext {
+                    name,
+                    version,
+                    version_dir: dir,
+                    config,
+                    instance: runners.len(),
+                    gpu,
+                };
+                let r = factory.create(&ctx).map_err(|e| {
+                    ServerError::invalid(format!("failed to load '{name}' version {version}: {e}"))
+                })?;
+                runners.push(r);
+            }
+        }
+        Ok(BuiltRunners { runners })
+    }
+
+    /// Attaches built runners to a new batcher. Must run inside the tokio runtime.
+    pub fn start(
+        name: &str,
+        version: u64,
+        config: ModelConfig,
+        built: BuiltRunners,
+    ) -> Result<Self> {
+        let first = built
+            .runners
+            .first()
+            .ok_or_else(|| ServerError::invalid(format!("model '{name}' has no instances")))?;
+        let inputs = first.inputs();
+        let outputs = first.outputs();
+        let device = first.device();
+        let cfg = BatcherConfig::from_model(&config, first.max_batch_size());
+        let stats = Arc::new(ModelStats::default());
+        let instances = built.runners.len();
+        let batcher = Batcher::spawn(built.runners, cfg, stats.clone());
+        Ok(Self {
+            name: name.to_string(),
+            version,
+            config,
+            inputs,
+            outputs,
+            device,
+            instances,
+            stats,
+            batcher,
+        })
+    }
+
+    pub fn max_batch_size(&self) -> usize {
+        self.batcher.config().max_batch_size
+    }
+
+    pub fn batcher_config(&self) -> &BatcherConfig {
+        self.batcher.config()
+    }
+
+    /// Checks names, datatypes and shapes against the model; returns the inputs in the
+    /// model's order and the batch size.
+    pub fn validate(&self, mut given: NamedTensors) -> Result<(NamedTensors, usize)> {
+        if given.len() != self.inputs.len() {
+            return Err(ServerError::invalid(format!(
+                "expected {} inputs but got {} inputs for model '{}' (inputs: {})",
+                self.inputs.len(),
+                given.len(),
+                self.name,
+                self.inputs
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let mut ordered = Vec::with_capacity(self.inputs.len());
+        let mut rows = None;
+        for spec in &self.inputs {
+            let pos = given
+                .iter()
+                .position(|(n, _)| n == &spec.name)
+                .ok_or_else(|| {
+                    ServerError::invalid(format!(
+                        "input '{}' is missing for model '{}'",
+                        spec.name, self.name
+                    ))
+                })?;
+            let (name, t) = given.swap_remove(pos);
+            if t.dtype() != spec.dtype {
+                return Err(ServerError::invalid(format!(
+                    "inference input '{name}' data-type is '{}', but model '{}' expects '{}'",
+                    kserve_datatype(t.dtype()),
+                    self.name,
+                    kserve_datatype(spec.dtype)
+                )));
+            }
+            let shape = t.shape();
+            let ok = shape.len() == spec.shape.len() + 1
+                && spec
+                    .shape
+                    .iter()
+                    .zip(&shape[1..])
+                    .all(|(&want, &got)| want < 0 || want as usize == got);
+            if !ok {
+                let mut expected = vec![-1i64];
+                expected.extend(&spec.shape);
+                return Err(ServerError::invalid(format!(
+                    "unexpected shape for input '{name}' for model '{}'. Expected {expected:?}, got {shape:?}",
+                    self.name
+                )));
+            }
+            let n = shape[0];
+            if *rows.get_or_insert(n) != n {
+                return Err(ServerError::invalid(format!(
+                    "input '{name}' has batch size {n} but other inputs have {}",
+                    rows.unwrap_or(0)
+                )));
+            }
+            ordered.push((name, t));
+        }
+        let rows = rows.unwrap_or(0);
+        if rows == 0 || rows > self.max_batch_size() {
+            return Err(ServerError::invalid(format!(
+                "inference request batch-size must be <= {} for '{}', got {rows}",
+                self.max_batch_size(),
+                self.name
+            )));
+        }
+        Ok((ordered, rows))
+    }
+
+    /// Checks requested output names before any work is done.
+    pub fn check_outputs(&self, wanted: Option<&[String]>) -> Result<()> {
+        for w in wanted.unwrap_or(&[]) {
+            if !self.outputs.iter().any(|o| &o.name == w) {
+                return Err(ServerError::invalid(format!(
+                    "unexpected inference output '{w}' for model '{}'",
+                    self.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates, queues, waits; records success/failure statistics.
+    pub async fn infer(&self, req: InferRequest) -> Result<NamedTensors> {
+        let start = Instant::now();
+        let result = self.infer_inner(req).await;
+        match &result {
+            Ok(_) => self.stats.record_success(start.elapsed()),
+            Err(_) => self.stats.record_failure(start.elapsed()),
+        }
+        result
+    }
+
+    async fn infer_inner(&self, req: InferRequest) -> Result<NamedTensors> {
+        self.check_outputs(req.outputs.as_deref())?;
+        let (inputs, rows) = self.validate(req.inputs)?;
+        let mut outputs = self
+            .batcher
+            .submit(inputs, rows, req.priority, req.timeout)
+            .await?;
+        match req.outputs {
+            None => Ok(outputs),
+            Some(wanted) => wanted
+                .iter()
+                .map(|w| {
+                    let pos = outputs.iter().position(|(n, _)| n == w).ok_or_else(|| {
+                        ServerError::Internal(format!(
+                            "model '{}' did not produce output '{w}'",
+                            self.name
+                        ))
+                    })?;
+                    Ok(outputs.swap_remove(pos))
+                })
+                .collect(),
+        }
+    }
+}

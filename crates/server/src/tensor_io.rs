@@ -1,0 +1,309 @@
+//! KServe tensors <-> [`HostTensor`]: datatype names, little-endian raw bytes, JSON
+//! numbers, and dtype-preserving batch concatenation / splitting.
+
+use aperture_engine::{DType, HostTensor, TensorData};
+use half::{bf16, f16};
+
+use crate::error::{Result, ServerError};
+
+/// KServe datatype string of an engine dtype ("FP32", "FP16", "BF16").
+pub fn kserve_datatype(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "FP32",
+        DType::F16 => "FP16",
+        DType::BF16 => "BF16",
+    }
+}
+
+/// Triton model-config datatype ("TYPE_FP32", ...).
+pub fn config_datatype(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "TYPE_FP32",
+        DType::F16 => "TYPE_FP16",
+        DType::BF16 => "TYPE_BF16",
+    }
+}
+
+/// Parses a KServe datatype into an engine dtype, naming the tensor on failure.
+pub fn parse_datatype(datatype: &str, tensor: &str) -> Result<DType> {
+    match datatype {
+        "FP32" => Ok(DType::F32),
+        "FP16" => Ok(DType::F16),
+        "BF16" => Ok(DType::BF16),
+        other => Err(ServerError::invalid(format!(
+            "input '{tensor}': datatype {other} is not supported (this server accepts FP32, FP16 and BF16)"
+        ))),
+    }
+}
+
+/// Converts a wire shape to tensor dims, refusing negative dims and absurd sizes.
+pub fn shape_to_dims(shape: &[i64], tensor: &str) -> Result<Vec<usize>> {
+    let mut total: usize = 1;
+    let mut dims = Vec::with_capacity(shape.len());
+    for &d in shape {
+        let d = usize::try_from(d).map_err(|_| {
+            ServerError::invalid(format!(
+                "input '{tensor}': negative dimension in shape {shape:?}"
+            ))
+        })?;
+        total = total.checked_mul(d).ok_or_else(|| {
+            ServerError::invalid(format!("input '{tensor}': shape {shape:?} is too large"))
+        })?;
+        dims.push(d);
+    }
+    Ok(dims)
+}
+
+/// Element count of `dims`, checked against `limit` bytes for `dtype`.
+pub fn byte_size(dims: &[usize], dtype: DType) -> usize {
+    dims.iter().product::<usize>() * dtype.size_bytes()
+}
+
+/// Builds a tensor from little-endian raw bytes (binary extension, raw_input_contents).
+pub fn tensor_from_bytes(
+    name: &str,
+    dims: Vec<usize>,
+    dtype: DType,
+    raw: &[u8],
+) -> Result<HostTensor> {
+    let want = byte_size(&dims, dtype);
+    if raw.len() != want {
+        return Err(ServerError::invalid(format!(
+            "input '{name}': {} bytes of data given but shape {dims:?} of {} needs {want} bytes",
+            raw.len(),
+            kserve_datatype(dtype)
+        )));
+    }
+    let data = match dtype {
+        DType::F32 => TensorData::F32(
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        DType::F16 => TensorData::F16(
+            raw.chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+        ),
+        DType::BF16 => TensorData::BF16(
+            raw.chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+        ),
+    };
+    Ok(HostTensor::new(dims, data)?)
+}
+
+/// Builds a tensor from f64 numbers (JSON data or typed gRPC contents).
+pub fn tensor_from_numbers(
+    name: &str,
+    dims: Vec<usize>,
+    dtype: DType,
+    values: Vec<f64>,
+) -> Result<HostTensor> {
+    let want: usize = dims.iter().product();
+    if values.len() != want {
+        return Err(ServerError::invalid(format!(
+            "input '{name}': {} values given but shape {dims:?} needs {want}",
+            values.len()
+        )));
+    }
+    let data = match dtype {
+        DType::F32 => TensorData::F32(values.iter().map(|&v| v as f32).collect()),
+        DType::F16 => TensorData::F16(values.iter().map(|&v| f16::from_f64(v)).collect()),
+        DType::BF16 => TensorData::BF16(values.iter().map(|&v| bf16::from_f64(v)).collect()),
+    };
+    Ok(HostTensor::new(dims, data)?)
+}
+
+/// Little-endian raw bytes of a tensor.
+pub fn tensor_to_bytes(t: &HostTensor) -> Vec<u8> {
+    match t.data() {
+        TensorData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        TensorData::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        TensorData::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+/// Flattens nested JSON arrays of numbers (KServe allows both flat and nested data).
+pub fn flatten_json_numbers(
+    name: &str,
+    value: &serde_json::Value,
+    out: &mut Vec<f64>,
+) -> Result<()> {
+    match value {
+        serde_json::Value::Array(items) => {
+            for item in items {
+                flatten_json_numbers(name, item, out)?;
+            }
+            Ok(())
+        }
+        serde_json::Value::Number(n) => {
+            let v = n.as_f64().ok_or_else(|| {
+                ServerError::invalid(format!("input '{name}': number {n} is out of range"))
+            })?;
+            out.push(v);
+            Ok(())
+        }
+        other => Err(ServerError::invalid(format!(
+            "input '{name}': data must hold numbers, found {}",
+            json_kind(other)
+        ))),
+    }
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// Tensor elements as JSON numbers (f16/bf16 widened to f32).
+pub fn tensor_to_json(t: &HostTensor) -> serde_json::Value {
+    let nums: Vec<serde_json::Value> = match t.data() {
+        TensorData::F32(v) => v.iter().map(|&x| json_f32(x)).collect(),
+        TensorData::F16(v) => v.iter().map(|x| json_f32(x.to_f32())).collect(),
+        TensorData::BF16(v) => v.iter().map(|x| json_f32(x.to_f32())).collect(),
+    };
+    serde_json::Value::Array(nums)
+}
+
+fn json_f32(x: f32) -> serde_json::Value {
+    // JSON has no NaN/inf: they become null, as Triton's JSON writer does.
+    serde_json::Number::from_f64(x as f64)
+        .map(serde_json::Value::Number)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Concatenates tensors of one dtype along axis 0, keeping the dtype.
+pub fn concat_batch(parts: &[&HostTensor]) -> Result<HostTensor> {
+    let first = parts
+        .first()
+        .ok_or_else(|| ServerError::Internal("empty batch".into()))?;
+    let inner = first.shape().get(1..).unwrap_or(&[]).to_vec();
+    let mut rows = 0;
+    for p in parts {
+        if p.shape().get(1..).unwrap_or(&[]) != inner.as_slice() || p.dtype() != first.dtype() {
+            return Err(ServerError::Internal(format!(
+                "cannot batch tensors of shapes {:?} and {:?}",
+                first.shape(),
+                p.shape()
+            )));
+        }
+        rows += p.shape().first().copied().unwrap_or(0);
+    }
+    let mut shape = vec![rows];
+    shape.extend_from_slice(&inner);
+    let data = match first.data() {
+        TensorData::F32(_) => TensorData::F32(gather(parts, |d| match d {
+            TensorData::F32(v) => Some(v.as_slice()),
+            _ => None,
+        })),
+        TensorData::F16(_) => TensorData::F16(gather(parts, |d| match d {
+            TensorData::F16(v) => Some(v.as_slice()),
+            _ => None,
+        })),
+        TensorData::BF16(_) => TensorData::BF16(gather(parts, |d| match d {
+            TensorData::BF16(v) => Some(v.as_slice()),
+            _ => None,
+        })),
+    };
+    Ok(HostTensor::new(shape, data)?)
+}
+
+fn gather<T: Copy>(parts: &[&HostTensor], pick: impl Fn(&TensorData) -> Option<&[T]>) -> Vec<T> {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.numel()).sum());
+    for p in parts {
+        if let Some(s) = pick(p.data()) {
+            out.extend_from_slice(s);
+        }
+    }
+    out
+}
+
+/// Splits a batched tensor into consecutive pieces of `rows[i]` rows each.
+pub fn split_rows(t: &HostTensor, rows: &[usize]) -> Result<Vec<HostTensor>> {
+    let total = t.shape().first().copied().unwrap_or(0);
+    if rows.iter().sum::<usize>() != total {
+        return Err(ServerError::Internal(format!(
+            "model returned {total} rows for a batch of {}",
+            rows.iter().sum::<usize>()
+        )));
+    }
+    let per_row = if total == 0 { 0 } else { t.numel() / total };
+    let mut out = Vec::with_capacity(rows.len());
+    let mut start = 0;
+    for &r in rows {
+        let mut shape = t.shape().to_vec();
+        shape[0] = r;
+        let range = start * per_row..(start + r) * per_row;
+        let data = match t.data() {
+            TensorData::F32(v) => TensorData::F32(v[range].to_vec()),
+            TensorData::F16(v) => TensorData::F16(v[range].to_vec()),
+            TensorData::BF16(v) => TensorData::BF16(v[range].to_vec()),
+        };
+        out.push(HostTensor::new(shape, data)?);
+        start += r;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_round_trip_each_dtype() {
+        let t = HostTensor::from_f32(vec![2, 2], vec![1.0, -2.0, 0.5, 3.25]).unwrap();
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let c = t.to_dtype(dt);
+            let raw = tensor_to_bytes(&c);
+            assert_eq!(raw.len(), 4 * dt.size_bytes());
+            let back = tensor_from_bytes("x", vec![2, 2], dt, &raw).unwrap();
+            assert_eq!(back, c);
+        }
+    }
+
+    #[test]
+    fn wrong_byte_count_is_a_clear_error() {
+        let err = tensor_from_bytes("IN", vec![2, 2], DType::F32, &[0u8; 12]).unwrap_err();
+        assert!(err.to_string().contains("needs 16 bytes"), "{err}");
+    }
+
+    #[test]
+    fn nested_json_flattens_and_rejects_strings() {
+        let v: serde_json::Value = serde_json::from_str("[[1, 2], [3, 4.5]]").unwrap();
+        let mut out = Vec::new();
+        flatten_json_numbers("x", &v, &mut out).unwrap();
+        assert_eq!(out, vec![1.0, 2.0, 3.0, 4.5]);
+        let v: serde_json::Value = serde_json::from_str("[1, \"a\"]").unwrap();
+        assert!(flatten_json_numbers("x", &v, &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn concat_and_split_keep_dtype_and_rows() {
+        let a = HostTensor::from_f32(vec![1, 2], vec![1.0, 2.0])
+            .unwrap()
+            .to_dtype(DType::F16);
+        let b = HostTensor::from_f32(vec![2, 2], vec![3.0, 4.0, 5.0, 6.0])
+            .unwrap()
+            .to_dtype(DType::F16);
+        let ab = concat_batch(&[&a, &b]).unwrap();
+        assert_eq!(ab.shape(), &[3, 2]);
+        assert_eq!(ab.dtype(), DType::F16);
+        let parts = split_rows(&ab, &[1, 2]).unwrap();
+        assert_eq!(parts, vec![a, b]);
+        assert!(split_rows(&ab, &[1, 1]).is_err());
+    }
+
+    #[test]
+    fn negative_and_huge_shapes_are_refused() {
+        assert!(shape_to_dims(&[-1, 3], "x").is_err());
+        assert!(shape_to_dims(&[i64::MAX, i64::MAX], "x").is_err());
+    }
+}
