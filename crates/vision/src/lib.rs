@@ -10,18 +10,25 @@
 //! ```
 
 pub mod decode;
+pub mod draw;
 pub mod encode;
 pub mod error;
+mod font;
 mod jpeg;
+pub mod pad;
 pub mod resize;
+pub mod walk;
 
 pub use decode::{
     decode_bytes, decode_file, open_rgb8, BitDepth, DecodeLimits, DecodedImage, Rgb16Image,
 };
+pub use draw::{class_color, draw_detections, DrawStyle, LabeledBox};
 pub use encode::{
     encode_rgb8, encode_rgb_f32, output_format, save_rgb8, save_rgb_f32, EncodeOptions, Layout,
     OutputFormat, PngDepth,
 };
 pub use error::VisionError;
 pub use image::RgbImage;
+pub use pad::{crop, pad_to_multiple, reflect_pad, Nchw, ReflectPolicy};
 pub use resize::{normalize_chw, pil_bilinear, to_nchw_f32, HF_RESCALE_FACTOR};
+pub use walk::{list_images, list_images_recursive};
