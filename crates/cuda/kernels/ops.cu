@@ -1,0 +1,173 @@
+// Element-wise, layout and normalisation kernels. Compiled once per precision: the
+// host prepends a preamble that defines the storage type T with ldf()/stf() converters.
+// Activations are NHWC; every index is 64-bit; all loops are grid-stride.
+
+typedef long long i64;
+
+#define GRID_LOOP(i, n) for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
+
+__device__ __forceinline__ float gelu_f(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+
+// act: 0 identity, 1 gelu (erf), 2 relu, 3 silu.
+__device__ __forceinline__ float activate(float y, int act) {
+    if (act == 1) return gelu_f(y);
+    if (act == 2) return fmaxf(y, 0.0f);
+    if (act == 3) return y / (1.0f + expf(-y));
+    return y;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+extern "C" __global__ void nchw_to_nhwc(const float* __restrict__ x, T* __restrict__ y, int N, int C, i64 HW) {
+    GRID_LOOP(i, (i64)N * C * HW) {
+        int c = (int)(i % C);
+        i64 p = (i / C) % HW;
+        i64 n = i / ((i64)C * HW);
+        y[i] = stf(x[(n * C + c) * HW + p]);
+    }
+}
+
+extern "C" __global__ void nhwc_to_nchw(const T* __restrict__ x, float* __restrict__ y, int N, int C, i64 HW) {
+    GRID_LOOP(i, (i64)N * C * HW) {
+        i64 p = i % HW;
+        int c = (int)((i / HW) % C);
+        i64 n = i / ((i64)C * HW);
+        y[i] = ldf(x[(n * HW + p) * C + c]);
+    }
+}
+
+// One warp per pixel. Two passes over the pixel's channels (mean, then variance about
+// it) so that large means do not cancel. Without a bias the mean is not subtracted
+// (Restormer's BiasFree LayerNorm), but the variance is still about the mean.
+extern "C" __global__ void layer_norm(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
+                                      const float* __restrict__ b, i64 P, int C, float eps, int has_bias) {
+    i64 pix = (blockIdx.x * (i64)blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (pix >= P) return;
+    const T* px = x + pix * C;
+    float s = 0.0f;
+    for (int c = lane; c < C; c += 32) s += ldf(px[c]);
+    float mean = warp_sum(s) / C;
+    float v = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float d = ldf(px[c]) - mean;
+        v += d * d;
+    }
+    float inv = 1.0f / sqrtf(warp_sum(v) / C + eps);
+    T* out = y + pix * C;
+    for (int c = lane; c < C; c += 32) {
+        float val = has_bias ? (ldf(px[c]) - mean) * inv * w[c] + b[c] : ldf(px[c]) * inv * w[c];
+        out[c] = stf(val);
+    }
+}
+
+// Depthwise k x k convolution (groups == channels), weights [kh][kw][C] in fp32.
+extern "C" __global__ void dwconv(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
+                                  const float* __restrict__ bias, const T* __restrict__ res, int N, int H, int W,
+                                  int C, int OH, int OW, int KH, int KW, int stride, int pad, int act) {
+    GRID_LOOP(i, (i64)N * OH * OW * C) {
+        int c = (int)(i % C);
+        i64 r = i / C;
+        int ox = (int)(r % OW);
+        int oy = (int)((r / OW) % OH);
+        i64 n = r / ((i64)OW * OH);
+        float acc = bias ? bias[c] : 0.0f;
+        for (int ky = 0; ky < KH; ky++) {
+            int iy = oy * stride + ky - pad;
+            if (iy < 0 || iy >= H) continue;
+            for (int kx = 0; kx < KW; kx++) {
+                int ix = ox * stride + kx - pad;
+                if (ix < 0 || ix >= W) continue;
+                acc += ldf(x[((n * H + iy) * W + ix) * C + c]) * w[(ky * KW + kx) * C + c];
+            }
+        }
+        acc = activate(acc, act);
+        if (res) acc += ldf(res[i]);
+        y[i] = stf(acc);
+    }
+}
+
+// Patches for a dense convolution: col[p][k], k = (ky*KW + kx)*C + c, zero-padded to Kp.
+extern "C" __global__ void im2col(const T* __restrict__ x, T* __restrict__ col, int N, int H, int W, int C, int OH,
+                                  int OW, int KH, int KW, int stride, int pad, int Kp) {
+    GRID_LOOP(i, (i64)N * OH * OW * Kp) {
+        int k = (int)(i % Kp);
+        i64 p = i / Kp;
+        float v = 0.0f;
+        if (k < KH * KW * C) {
+            int c = k % C;
+            int kx = (k / C) % KW;
+            int ky = k / (C * KW);
+            int ox = (int)(p % OW);
+            int oy = (int)((p / OW) % OH);
+            i64 n = p / ((i64)OW * OH);
+            int iy = oy * stride + ky - pad, ix = ox * stride + kx - pad;
+            if (iy >= 0 && iy < H && ix >= 0 && ix < W) v = ldf(x[((n * H + iy) * W + ix) * C + c]);
+        }
+        col[i] = stf(v);
+    }
+}
+
+// y = act(y) (+ res), in place; used after matrix products whose epilogue cannot do it.
+extern "C" __global__ void act_residual(T* __restrict__ y, const T* __restrict__ res, i64 n, int act) {
+    GRID_LOOP(i, n) {
+        float v = activate(ldf(y[i]), act);
+        if (res) v += ldf(res[i]);
+        y[i] = stf(v);
+    }
+}
+
+extern "C" __global__ void gelu_gate(const T* __restrict__ x, T* __restrict__ y, i64 P, int half) {
+    GRID_LOOP(i, P * half) {
+        i64 p = i / half;
+        int c = (int)(i % half);
+        const T* px = x + p * 2 * half;
+        y[i] = stf(gelu_f(ldf(px[c])) * ldf(px[half + c]));
+    }
+}
+
+extern "C" __global__ void add(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y, i64 n) {
+    GRID_LOOP(i, n) { y[i] = stf(ldf(a[i]) + ldf(b[i])); }
+}
+
+extern "C" __global__ void concat_channels(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y,
+                                           i64 P, int Ca, int Cb) {
+    int C = Ca + Cb;
+    GRID_LOOP(i, P * C) {
+        i64 p = i / C;
+        int c = (int)(i % C);
+        y[i] = c < Ca ? a[p * Ca + c] : b[p * Cb + (c - Ca)];
+    }
+}
+
+// out[n, y*r+i, x*r+j, c] = in[n, y, x, c*r*r + i*r + j]   (PyTorch PixelShuffle)
+extern "C" __global__ void pixel_shuffle(const T* __restrict__ x, T* __restrict__ y, int N, int H, int W, int C,
+                                         int r) {
+    int Co = C / (r * r), OH = H * r, OW = W * r;
+    GRID_LOOP(i, (i64)N * OH * OW * Co) {
+        int c = (int)(i % Co);
+        i64 q = i / Co;
+        int X = (int)(q % OW);
+        int Y = (int)((q / OW) % OH);
+        i64 n = q / ((i64)OW * OH);
+        y[i] = x[((n * H + Y / r) * W + X / r) * C + c * r * r + (Y % r) * r + (X % r)];
+    }
+}
+
+// out[n, y, x, c*r*r + i*r + j] = in[n, y*r+i, x*r+j, c]   (PyTorch PixelUnshuffle)
+extern "C" __global__ void pixel_unshuffle(const T* __restrict__ x, T* __restrict__ y, int N, int H, int W, int C,
+                                           int r) {
+    int OH = H / r, OW = W / r, Co = C * r * r;
+    GRID_LOOP(i, (i64)N * OH * OW * Co) {
+        int oc = (int)(i % Co);
+        i64 q = i / Co;
+        int ox = (int)(q % OW);
+        int oy = (int)((q / OW) % OH);
+        i64 n = q / ((i64)OW * OH);
+        int c = oc / (r * r), ij = oc % (r * r);
+        y[i] = x[((n * H + oy * r + ij / r) * W + ox * r + ij % r) * C + c];
+    }
+}

@@ -1,0 +1,412 @@
+//! [`CudaBackend`]: the engine's [`Backend`] on one NVIDIA GPU.
+
+use std::sync::Arc;
+
+use aperture_engine::backend::{Activation, Backend, ConvSpec};
+use aperture_engine::{EngineError, HostTensor, Precision, Result};
+use cudarc::driver::result;
+
+use crate::driver::{Context, Event};
+use crate::error::{CudaError, CudaResult};
+use crate::gemm::{Elem, Gemm};
+use crate::kernels::{Arg, Kernels, Storage};
+use crate::pool::{DeviceBuffer, MemStats, Pool};
+use crate::profile::Profiler;
+
+/// cuBLASLt workspace: large enough for split-K on the biggest products.
+const WORKSPACE_BYTES: usize = 64 << 20;
+
+/// An NHWC activation in device memory, in the backend's storage type.
+#[derive(Debug)]
+pub struct CudaTensor {
+    pub(crate) buf: DeviceBuffer,
+    pub(crate) dims: [usize; 4],
+}
+
+impl CudaTensor {
+    pub fn dims(&self) -> [usize; 4] {
+        self.dims
+    }
+    pub fn numel(&self) -> usize {
+        self.dims.iter().product()
+    }
+    pub(crate) fn ptr(&self) -> u64 {
+        self.buf.ptr()
+    }
+}
+
+/// Prepared convolution weights.
+#[derive(Debug)]
+pub struct ConvWeights {
+    pub(crate) spec: ConvSpec,
+    pub(crate) c_in: usize,
+    pub(crate) c_out: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    /// Dense: `[c_out][kp]` in the storage type, k = (ky*kw + kx)*c_in + ci, zero padded
+    /// to `kp`. Depthwise: `[kh][kw][c]` in fp32.
+    pub(crate) weight: DeviceBuffer,
+    pub(crate) kp: usize,
+    /// Dense: storage type; depthwise: fp32.
+    pub(crate) bias: Option<DeviceBuffer>,
+    /// 1x1 only: `[c_out][c_in]` fp32, for folding into attention maps.
+    pub(crate) weight_f32: Option<DeviceBuffer>,
+    pub(crate) depthwise: bool,
+}
+
+/// A prepared parameter.
+#[derive(Debug)]
+pub enum CudaParam {
+    Conv(ConvWeights),
+    /// fp32 on the device.
+    Vector { buf: DeviceBuffer, len: usize },
+}
+
+impl CudaParam {
+    pub(crate) fn conv(&self) -> Result<&ConvWeights> {
+        match self {
+            CudaParam::Conv(c) => Ok(c),
+            CudaParam::Vector { .. } => Err(EngineError::Invalid("expected convolution weights, got a vector".into())),
+        }
+    }
+    pub(crate) fn vector(&self) -> Result<(&DeviceBuffer, usize)> {
+        match self {
+            CudaParam::Vector { buf, len } => Ok((buf, *len)),
+            CudaParam::Conv(_) => Err(EngineError::Invalid("expected a vector parameter, got convolution weights".into())),
+        }
+    }
+}
+
+/// The CUDA backend. All work goes to one stream; activations are NHWC in fp32, fp16 or
+/// bf16 by precision, with fp32 accumulation everywhere.
+pub struct CudaBackend {
+    pub(crate) ctx: Arc<Context>,
+    pub(crate) pool: Pool,
+    pub(crate) kernels: Kernels,
+    pub(crate) gemm: Gemm,
+    _workspace: DeviceBuffer,
+    pub(crate) precision: Precision,
+    pub(crate) storage: Storage,
+    pub(crate) profiler: Profiler,
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal` and builds (or loads from the cache) the kernels for
+    /// `precision`. Fails with [`CudaError::Unavailable`] where there is no usable GPU.
+    pub fn new(ordinal: usize, precision: Precision) -> CudaResult<Self> {
+        let ctx = Arc::new(Context::new(ordinal)?);
+        let storage = match precision {
+            Precision::Fp32 | Precision::Tf32 => Storage::F32,
+            Precision::Fp16 => Storage::F16,
+            Precision::Bf16 => Storage::BF16,
+        };
+        let kernels = Kernels::load(&ctx, storage)?;
+        let pool = Pool::new(ctx.clone());
+        let workspace = pool.alloc(WORKSPACE_BYTES)?;
+        ctx.bind()?;
+        let gemm = Gemm::new(workspace.ptr(), WORKSPACE_BYTES)?;
+        Ok(Self { ctx, pool, kernels, gemm, _workspace: workspace, precision, storage, profiler: Profiler::default() })
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+    pub fn device_name(&self) -> &str {
+        &self.ctx.name
+    }
+    pub fn capability(&self) -> (i32, i32) {
+        self.ctx.capability
+    }
+    pub fn multiprocessors(&self) -> i32 {
+        self.ctx.multiprocessors
+    }
+    pub fn total_memory(&self) -> usize {
+        self.ctx.total_memory
+    }
+    /// Whether the kernels came from the on-disk cache rather than NVRTC.
+    pub fn kernels_from_cache(&self) -> bool {
+        self.kernels.from_cache
+    }
+    /// The allocator's counters (bytes held from the driver, bytes in use, peaks).
+    pub fn memory(&self) -> &MemStats {
+        &self.pool.stats
+    }
+    /// Returns cached, unused blocks to the driver.
+    pub fn trim_memory(&self) -> Result<()> {
+        Ok(self.pool.trim()?)
+    }
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.ctx.synchronize()?)
+    }
+    /// Records an event on the backend's stream (for timing).
+    pub fn record_event(&self) -> Result<Event> {
+        let e = Event::new(&self.ctx)?;
+        e.record(&self.ctx)?;
+        Ok(e)
+    }
+    /// Per-operation timing: while enabled, every operation is bracketed by events.
+    pub fn profiler(&self) -> &Profiler {
+        &self.profiler
+    }
+
+    pub(crate) fn elem(&self) -> Elem {
+        match self.storage {
+            Storage::F32 => Elem::F32,
+            Storage::F16 => Elem::F16,
+            Storage::BF16 => Elem::BF16,
+        }
+    }
+    pub(crate) fn esize(&self) -> usize {
+        self.elem().size()
+    }
+    pub(crate) fn tf32(&self) -> bool {
+        self.precision == Precision::Tf32
+    }
+
+    pub(crate) fn alloc_tensor(&self, dims: [usize; 4]) -> CudaResult<CudaTensor> {
+        let n: usize = dims.iter().product();
+        Ok(CudaTensor { buf: self.pool.alloc(n * self.esize())?, dims })
+    }
+
+    pub(crate) fn launch_1d(&self, name: &str, n: usize, args: &[Arg]) -> CudaResult<()> {
+        self.kernels.launch_1d(&self.ctx, name, n as i64, args)
+    }
+
+    /// Copies host values to a new device buffer (synchronously).
+    pub(crate) fn upload_bytes<T: Copy>(&self, data: &[T]) -> CudaResult<DeviceBuffer> {
+        let buf = self.pool.alloc(std::mem::size_of_val(data))?;
+        self.ctx.bind()?;
+        // SAFETY: `buf` holds at least as many bytes as `data`; the copy completes
+        // before `data` can go away because the stream is synchronised right after.
+        unsafe {
+            result::memcpy_htod_async(buf.ptr(), data, self.ctx.stream)?;
+            result::stream::synchronize(self.ctx.stream)?;
+        }
+        Ok(buf)
+    }
+
+    /// Converts host f32 values to the storage type on the device.
+    pub(crate) fn upload_storage(&self, data: &[f32]) -> CudaResult<DeviceBuffer> {
+        match self.storage {
+            Storage::F32 => self.upload_bytes(data),
+            Storage::F16 => self.upload_bytes(&data.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>()),
+            Storage::BF16 => self.upload_bytes(&data.iter().map(|&v| half::bf16::from_f32(v)).collect::<Vec<_>>()),
+        }
+    }
+
+    /// Fills a buffer with a byte pattern on the stream (poisoning for tests, zeroing).
+    pub fn fill_bytes(&self, t: &CudaTensor, byte: u8) -> Result<()> {
+        self.memset(t.ptr(), byte, t.numel() * self.esize())
+    }
+
+    pub(crate) fn memset(&self, ptr: u64, byte: u8, bytes: usize) -> Result<()> {
+        self.ctx.bind()?;
+        // SAFETY: the caller passes a live allocation of at least `bytes` bytes.
+        unsafe { result::memset_d8_async(ptr, byte, bytes, self.ctx.stream).map_err(CudaError::from)? };
+        Ok(())
+    }
+
+    /// NCHW f32 staging buffer -> NHWC tensor (a kernel; capturable).
+    pub(crate) fn from_staging(&self, staging: u64, dims_nchw: [usize; 4]) -> Result<CudaTensor> {
+        let [n, c, h, w] = dims_nchw;
+        let out = self.alloc_tensor([n, h, w, c])?;
+        self.launch_1d(
+            "nchw_to_nhwc",
+            n * c * h * w,
+            &[Arg::Ptr(staging), Arg::Ptr(out.ptr()), Arg::I32(n as i32), Arg::I32(c as i32), Arg::I64((h * w) as i64)],
+        )?;
+        Ok(out)
+    }
+
+    /// NHWC tensor -> NCHW f32 staging buffer (a kernel; capturable).
+    pub(crate) fn to_staging(&self, x: &CudaTensor, staging: u64) -> Result<()> {
+        let [n, h, w, c] = x.dims;
+        self.launch_1d(
+            "nhwc_to_nchw",
+            x.numel(),
+            &[Arg::Ptr(x.ptr()), Arg::Ptr(staging), Arg::I32(n as i32), Arg::I32(c as i32), Arg::I64((h * w) as i64)],
+        )?;
+        Ok(())
+    }
+}
+
+fn check_same(a: &CudaTensor, b: &CudaTensor, what: &str) -> Result<()> {
+    if a.dims != b.dims {
+        return Err(EngineError::Shape(format!("cannot {what} {:?} and {:?}", a.dims, b.dims)));
+    }
+    Ok(())
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Param = CudaParam;
+
+    fn name(&self) -> String {
+        format!("cuda:{} ({}, {})", self.ctx.ordinal, self.ctx.name, self.precision)
+    }
+
+    fn upload_nchw(&self, x: &HostTensor) -> Result<CudaTensor> {
+        let s = x.shape();
+        if s.len() != 4 {
+            return Err(EngineError::Shape(format!("expected an NCHW image tensor (4-D), got shape {s:?}")));
+        }
+        let staging = self.upload_bytes(&x.to_f32_vec())?;
+        self.from_staging(staging.ptr(), [s[0], s[1], s[2], s[3]])
+    }
+
+    fn download_nchw(&self, x: &CudaTensor) -> Result<HostTensor> {
+        let staging = self.pool.alloc(x.numel() * 4)?;
+        self.to_staging(x, staging.ptr())?;
+        let mut host = vec![0f32; x.numel()];
+        self.ctx.bind()?;
+        // SAFETY: `staging` holds numel f32 values; the stream is synchronised before
+        // `host` is read.
+        unsafe {
+            result::memcpy_dtoh_async(&mut host, staging.ptr(), self.ctx.stream).map_err(CudaError::from)?;
+            result::stream::synchronize(self.ctx.stream).map_err(CudaError::from)?;
+        }
+        let [n, h, w, c] = x.dims;
+        HostTensor::from_f32(vec![n, c, h, w], host)
+    }
+
+    fn dims(&self, x: &CudaTensor) -> [usize; 4] {
+        x.dims
+    }
+
+    fn prepare_conv(&self, weight: &HostTensor, bias: Option<&HostTensor>, spec: ConvSpec) -> Result<CudaParam> {
+        Ok(CudaParam::Conv(crate::conv::prepare(self, weight, bias, spec)?))
+    }
+
+    fn prepare_vector(&self, v: &HostTensor) -> Result<CudaParam> {
+        let data = v.to_f32_vec();
+        Ok(CudaParam::Vector { buf: self.upload_bytes(&data)?, len: data.len() })
+    }
+
+    fn conv2d(&self, x: &CudaTensor, conv: &CudaParam, act: Activation, residual: Option<&CudaTensor>) -> Result<CudaTensor> {
+        crate::conv::conv2d(self, x, conv.conv()?, act, residual)
+    }
+
+    fn layer_norm(&self, x: &CudaTensor, weight: &CudaParam, bias: Option<&CudaParam>, eps: f32) -> Result<CudaTensor> {
+        let [n, h, w, c] = x.dims;
+        let (wb, wl) = weight.vector()?;
+        let bias = bias.map(|b| b.vector()).transpose()?;
+        if wl != c || bias.is_some_and(|(_, l)| l != c) {
+            return Err(EngineError::Shape(format!("layer norm over {c} channels got parameters of another size")));
+        }
+        let p = n * h * w;
+        let bytes = 2 * x.numel() * self.esize();
+        self.profiler.op(self, "layer_norm", 8.0 * x.numel() as f64, bytes as f64, || {
+            let out = self.alloc_tensor(x.dims)?;
+            let pixels_per_block = 8usize;
+            let grid = p.div_ceil(pixels_per_block) as u32;
+            self.kernels.launch(
+                &self.ctx,
+                "layer_norm",
+                (grid.max(1), 1, 1),
+                (pixels_per_block * 32) as u32,
+                0,
+                &[
+                    Arg::Ptr(x.ptr()),
+                    Arg::Ptr(out.ptr()),
+                    Arg::Ptr(wb.ptr()),
+                    Arg::Ptr(bias.map(|(b, _)| b.ptr()).unwrap_or(0)),
+                    Arg::I64(p as i64),
+                    Arg::I32(c as i32),
+                    Arg::F32(eps),
+                    Arg::I32(bias.is_some() as i32),
+                ],
+            )?;
+            Ok(out)
+        })
+    }
+
+    fn gelu_gate(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        let [n, h, w, c] = x.dims;
+        if c % 2 != 0 {
+            return Err(EngineError::Shape(format!("gated GELU needs an even channel count, got {c}")));
+        }
+        let p = n * h * w;
+        let bytes = (x.numel() + x.numel() / 2) * self.esize();
+        self.profiler.op(self, "gelu_gate", 10.0 * (x.numel() / 2) as f64, bytes as f64, || {
+            let out = self.alloc_tensor([n, h, w, c / 2])?;
+            self.launch_1d(
+                "gelu_gate",
+                p * c / 2,
+                &[Arg::Ptr(x.ptr()), Arg::Ptr(out.ptr()), Arg::I64(p as i64), Arg::I32((c / 2) as i32)],
+            )?;
+            Ok(out)
+        })
+    }
+
+    fn channel_attention(
+        &self,
+        qkv: &CudaTensor,
+        heads: usize,
+        temperature: &CudaParam,
+        project_out: &CudaParam,
+        residual: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        crate::attention::channel_attention(self, qkv, heads, temperature, project_out.conv()?, residual)
+    }
+
+    fn pixel_shuffle(&self, x: &CudaTensor, r: usize) -> Result<CudaTensor> {
+        let [n, h, w, c] = x.dims;
+        if r == 0 || c % (r * r) != 0 {
+            return Err(EngineError::Shape(format!("pixel shuffle by {r} needs channels divisible by {}, got {c}", r * r)));
+        }
+        let bytes = 2 * x.numel() * self.esize();
+        self.profiler.op(self, "pixel_shuffle", 0.0, bytes as f64, || {
+            let out = self.alloc_tensor([n, h * r, w * r, c / (r * r)])?;
+            let dims = [n, h, w, c].map(|v| Arg::I32(v as i32));
+            let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(out.ptr())];
+            args.extend(dims);
+            args.push(Arg::I32(r as i32));
+            self.launch_1d("pixel_shuffle", x.numel(), &args)?;
+            Ok(out)
+        })
+    }
+
+    fn pixel_unshuffle(&self, x: &CudaTensor, r: usize) -> Result<CudaTensor> {
+        let [n, h, w, c] = x.dims;
+        if r == 0 || h % r != 0 || w % r != 0 {
+            return Err(EngineError::Shape(format!("pixel unshuffle by {r} needs H and W divisible by {r}, got {h}x{w}")));
+        }
+        let bytes = 2 * x.numel() * self.esize();
+        self.profiler.op(self, "pixel_unshuffle", 0.0, bytes as f64, || {
+            let out = self.alloc_tensor([n, h / r, w / r, c * r * r])?;
+            let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(out.ptr())];
+            args.extend([n, h, w, c].map(|v| Arg::I32(v as i32)));
+            args.push(Arg::I32(r as i32));
+            self.launch_1d("pixel_unshuffle", x.numel(), &args)?;
+            Ok(out)
+        })
+    }
+
+    fn concat_channels(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        let ([n, h, w, ca], [bn, bh, bw, cb]) = (a.dims, b.dims);
+        if (n, h, w) != (bn, bh, bw) {
+            return Err(EngineError::Shape(format!("cannot concatenate {:?} and {:?} along channels", a.dims, b.dims)));
+        }
+        let p = n * h * w;
+        let bytes = 2 * (a.numel() + b.numel()) * self.esize();
+        self.profiler.op(self, "concat", 0.0, bytes as f64, || {
+            let out = self.alloc_tensor([n, h, w, ca + cb])?;
+            self.launch_1d(
+                "concat_channels",
+                p * (ca + cb),
+                &[Arg::Ptr(a.ptr()), Arg::Ptr(b.ptr()), Arg::Ptr(out.ptr()), Arg::I64(p as i64), Arg::I32(ca as i32), Arg::I32(cb as i32)],
+            )?;
+            Ok(out)
+        })
+    }
+
+    fn add(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        check_same(a, b, "add")?;
+        let bytes = 3 * a.numel() * self.esize();
+        self.profiler.op(self, "add", a.numel() as f64, bytes as f64, || {
+            let out = self.alloc_tensor(a.dims)?;
+            self.launch_1d("add", a.numel(), &[Arg::Ptr(a.ptr()), Arg::Ptr(b.ptr()), Arg::Ptr(out.ptr()), Arg::I64(a.numel() as i64)])?;
+            Ok(out)
+        })
+    }
+}

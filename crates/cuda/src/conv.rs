@@ -1,0 +1,193 @@
+//! Convolutions: 1x1 as one cuBLASLt product over all pixels, dense k x k as im2col
+//! plus a product (in image chunks to bound the patch buffer), depthwise by a kernel
+//! with bias, activation and residual fused.
+
+use aperture_engine::backend::{Activation, ConvSpec};
+use aperture_engine::{EngineError, HostTensor, Result};
+
+use crate::backend::{ConvWeights, CudaBackend, CudaTensor};
+use crate::gemm::{GemmCall, Operand};
+use crate::kernels::Arg;
+
+/// Largest patch buffer for one im2col chunk.
+const IM2COL_BUDGET: usize = 1 << 30;
+
+fn act_code(a: Activation) -> i32 {
+    match a {
+        Activation::Identity => 0,
+        Activation::Gelu => 1,
+        Activation::Relu => 2,
+        Activation::Silu => 3,
+    }
+}
+
+pub(crate) fn prepare(be: &CudaBackend, weight: &HostTensor, bias: Option<&HostTensor>, spec: ConvSpec) -> Result<ConvWeights> {
+    let s = weight.shape();
+    if s.len() != 4 {
+        return Err(EngineError::Shape(format!("convolution weight must be OIHW (4-D), got {s:?}")));
+    }
+    let (c_out, cig, kh, kw) = (s[0], s[1], s[2], s[3]);
+    if spec.groups == 0 || spec.stride == 0 || c_out % spec.groups != 0 {
+        return Err(EngineError::Invalid(format!(
+            "convolution with {c_out} outputs cannot use groups={} stride={}",
+            spec.groups, spec.stride
+        )));
+    }
+    let c_in = cig * spec.groups;
+    if let Some(b) = bias {
+        if b.numel() != c_out {
+            return Err(EngineError::Shape(format!("convolution bias has {} elements, expected {c_out}", b.numel())));
+        }
+    }
+    let w = weight.to_f32_vec();
+    let bias_f32 = bias.map(|b| b.to_f32_vec());
+    if spec.groups == 1 {
+        let pointwise = kh == 1 && kw == 1 && spec.stride == 1 && spec.padding == 0;
+        let k = kh * kw * c_in;
+        // Patch rows are padded to 8 elements so the products stay 16-byte aligned.
+        let kp = if pointwise { k } else { k.div_ceil(8) * 8 };
+        let mut dense = vec![0f32; c_out * kp];
+        for o in 0..c_out {
+            for ci in 0..c_in {
+                for y in 0..kh {
+                    for x in 0..kw {
+                        dense[o * kp + (y * kw + x) * c_in + ci] = w[((o * c_in + ci) * kh + y) * kw + x];
+                    }
+                }
+            }
+        }
+        let weight_f32 = if pointwise { Some(be.upload_bytes(&w)?) } else { None };
+        let bias = bias_f32.map(|b| be.upload_storage(&b)).transpose()?;
+        Ok(ConvWeights {
+            spec,
+            c_in,
+            c_out,
+            kh,
+            kw,
+            weight: be.upload_storage(&dense)?,
+            kp,
+            bias,
+            weight_f32,
+            depthwise: false,
+        })
+    } else if cig == 1 && spec.groups == c_out {
+        let c = c_out;
+        let mut dw = vec![0f32; kh * kw * c];
+        for ch in 0..c {
+            for y in 0..kh {
+                for x in 0..kw {
+                    dw[(y * kw + x) * c + ch] = w[(ch * kh + y) * kw + x];
+                }
+            }
+        }
+        let bias = bias_f32.map(|b| be.upload_bytes(&b)).transpose()?;
+        Ok(ConvWeights { spec, c_in, c_out, kh, kw, weight: be.upload_bytes(&dw)?, kp: 0, bias, weight_f32: None, depthwise: true })
+    } else {
+        Err(EngineError::Unsupported(format!(
+            "the CUDA backend runs dense and depthwise convolutions; groups={} with {c_in} inputs and {c_out} outputs is neither",
+            spec.groups
+        )))
+    }
+}
+
+/// `out[p, :] = w x[p, :] (+ bias) (+ res[p, :])` for `p` pixels with `k` inputs each
+/// (row stride `k`), all row-major.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_rows(be: &CudaBackend, x: u64, p: usize, k: usize, w: &ConvWeights, out: u64, res: Option<u64>, with_bias: bool) -> Result<()> {
+    let elem = be.elem();
+    let call = GemmCall {
+        a: Operand { ptr: w.weight.ptr(), rows: k as u64, cols: w.c_out as u64, ld: k as i64, stride: 0, elem },
+        trans_a: true,
+        b: Operand { ptr: x, rows: k as u64, cols: p as u64, ld: k as i64, stride: 0, elem },
+        trans_b: false,
+        c: res,
+        d: Operand { ptr: out, rows: w.c_out as u64, cols: p as u64, ld: w.c_out as i64, stride: 0, elem },
+        batch: 1,
+        bias: if with_bias { w.bias.as_ref().map(|b| b.ptr()) } else { None },
+        tf32: be.tf32(),
+    };
+    be.gemm.run(&call, be.ctx.stream as _)?;
+    Ok(())
+}
+
+fn out_size(w: &ConvWeights, h: usize, wd: usize) -> Result<(usize, usize)> {
+    let p = w.spec.padding;
+    if h + 2 * p < w.kh || wd + 2 * p < w.kw {
+        return Err(EngineError::Shape(format!("input {h}x{wd} is smaller than the {}x{} kernel", w.kh, w.kw)));
+    }
+    Ok(((h + 2 * p - w.kh) / w.spec.stride + 1, (wd + 2 * p - w.kw) / w.spec.stride + 1))
+}
+
+pub(crate) fn conv2d(be: &CudaBackend, x: &CudaTensor, w: &ConvWeights, act: Activation, residual: Option<&CudaTensor>) -> Result<CudaTensor> {
+    let [n, h, wd, c] = x.dims;
+    if c != w.c_in {
+        return Err(EngineError::Shape(format!("convolution expects {} input channels, got {c}", w.c_in)));
+    }
+    let (oh, ow) = out_size(w, h, wd)?;
+    let dims = [n, oh, ow, w.c_out];
+    if let Some(r) = residual {
+        if r.dims != dims {
+            return Err(EngineError::Shape(format!("residual {:?} does not match convolution output {dims:?}", r.dims)));
+        }
+    }
+    let es = be.esize() as f64;
+    let p_out = n * oh * ow;
+    let res_bytes = residual.map(|r| r.numel()).unwrap_or(0) as f64 * es;
+    if w.depthwise {
+        let flops = 2.0 * (w.kh * w.kw * p_out * w.c_out) as f64;
+        let bytes = (x.numel() + p_out * w.c_out) as f64 * es + res_bytes;
+        return be.profiler.op(be, "conv_depthwise", flops, bytes, || {
+            let out = be.alloc_tensor(dims)?;
+            let mut args = vec![
+                Arg::Ptr(x.ptr()),
+                Arg::Ptr(out.ptr()),
+                Arg::Ptr(w.weight.ptr()),
+                Arg::Ptr(w.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
+                Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)),
+            ];
+            args.extend([n, h, wd, c, oh, ow, w.kh, w.kw, w.spec.stride, w.spec.padding].map(|v| Arg::I32(v as i32)));
+            args.push(Arg::I32(act_code(act)));
+            be.launch_1d("dwconv", out.numel(), &args)?;
+            Ok(out)
+        });
+    }
+    let fused_res = if act == Activation::Identity { residual.map(|r| r.ptr()) } else { None };
+    let k_real = w.kh * w.kw * w.c_in;
+    let flops = 2.0 * (p_out * k_real * w.c_out) as f64;
+    let pointwise = w.kp == w.c_in && w.kh == 1 && w.kw == 1;
+    let name = if pointwise { "conv1x1_gemm" } else { "conv3x3_im2col_gemm" };
+    let bytes = (x.numel() + p_out * w.c_out + w.c_out * w.kp) as f64 * es + res_bytes;
+    let out = be.profiler.op(be, name, flops, bytes, || {
+        let out = be.alloc_tensor(dims)?;
+        if pointwise {
+            gemm_rows(be, x.ptr(), p_out, w.c_in, w, out.ptr(), fused_res, true)?;
+            return Ok(out);
+        }
+        let per_image = oh * ow * w.kp * be.esize();
+        let chunk = (IM2COL_BUDGET / per_image.max(1)).clamp(1, n);
+        let col = be.pool.alloc(chunk * per_image)?;
+        let esz = be.esize() as u64;
+        let mut n0 = 0;
+        while n0 < n {
+            let nc = chunk.min(n - n0);
+            let x_off = x.ptr() + (n0 * h * wd * c) as u64 * esz;
+            let mut args = vec![Arg::Ptr(x_off), Arg::Ptr(col.ptr())];
+            args.extend([nc, h, wd, c, oh, ow, w.kh, w.kw, w.spec.stride, w.spec.padding, w.kp].map(|v| Arg::I32(v as i32)));
+            be.launch_1d("im2col", nc * oh * ow * w.kp, &args)?;
+            let o_off = (n0 * oh * ow * w.c_out) as u64 * esz;
+            let res = fused_res.map(|r| r + o_off);
+            gemm_rows(be, col.ptr(), nc * oh * ow, w.kp, w, out.ptr() + o_off, res, true)?;
+            n0 += nc;
+        }
+        Ok(out)
+    })?;
+    if act != Activation::Identity {
+        be.launch_1d(
+            "act_residual",
+            out.numel(),
+            &[Arg::Ptr(out.ptr()), Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)), Arg::I64(out.numel() as i64), Arg::I32(act_code(act))],
+        )?;
+    }
+    Ok(out)
+}
+

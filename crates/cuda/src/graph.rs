@@ -1,0 +1,243 @@
+//! CUDA graphs: capture a forward pass once per input shape, then serve each request
+//! with copy in, replay, copy out. A capture allocates from a private arena that lives
+//! as long as its graph, so replays never write into memory someone else holds.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use aperture_engine::{EngineError, HostTensor, Result};
+use cudarc::driver::{result, sys};
+
+use crate::backend::{CudaBackend, CudaTensor};
+use crate::error::CudaError;
+use crate::pool::{Arena, DeviceBuffer};
+
+/// An instantiated graph with the memory its kernels use.
+pub struct CudaGraph {
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
+    _arena: Arc<Arena>,
+}
+
+// SAFETY: graph handles are driver objects; launches are serialised on the stream.
+unsafe impl Send for CudaGraph {}
+unsafe impl Sync for CudaGraph {}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        // SAFETY: destroyed once, after which the handles are not used.
+        unsafe {
+            let _ = result::graph::exec_destroy(self.exec);
+            let _ = result::graph::destroy(self.graph);
+        }
+    }
+}
+
+impl CudaBackend {
+    /// Records everything `f` enqueues into a graph instead of running it. `f` must
+    /// only enqueue device work (no host copies, no synchronisation).
+    pub fn capture<T>(&self, f: impl FnOnce(&Self) -> Result<T>) -> Result<(CudaGraph, T)> {
+        self.ctx.bind()?;
+        let arena = self.pool.new_arena();
+        self.pool.set_capture_arena(Some(arena.clone()));
+        // SAFETY: the stream is alive; relaxed mode lets the allocator call cuMemAlloc
+        // while capturing.
+        let begun = unsafe {
+            result::stream::begin_capture(self.ctx.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        };
+        if let Err(e) = begun {
+            self.pool.set_capture_arena(None);
+            return Err(CudaError::from(e).into());
+        }
+        let out = f(self);
+        // SAFETY: ends the capture begun above, also when `f` failed.
+        let ended = unsafe { result::stream::end_capture(self.ctx.stream) };
+        self.pool.set_capture_arena(None);
+        let graph = ended.map_err(CudaError::from)?;
+        let value = match out {
+            Ok(v) => v,
+            Err(e) => {
+                // SAFETY: the graph was returned by end_capture and is not used again.
+                unsafe {
+                    let _ = result::graph::destroy(graph);
+                }
+                return Err(e);
+            }
+        };
+        // SAFETY: `graph` is a complete captured graph.
+        let exec = unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) };
+        let exec = match exec {
+            Ok(e) => e,
+            Err(e) => {
+                // SAFETY: as above.
+                unsafe {
+                    let _ = result::graph::destroy(graph);
+                }
+                return Err(CudaError::from(e).into());
+            }
+        };
+        Ok((CudaGraph { graph, exec, _arena: arena }, value))
+    }
+
+    /// Enqueues one replay of `graph` on the backend's stream.
+    pub fn replay(&self, graph: &CudaGraph) -> Result<()> {
+        self.ctx.bind()?;
+        // SAFETY: the executable graph and the stream are alive.
+        unsafe { result::graph::launch(graph.exec, self.ctx.stream).map_err(CudaError::from)? };
+        Ok(())
+    }
+}
+
+/// Page-locked host memory for fast, truly asynchronous copies.
+struct Pinned {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: plain host memory owned by this value.
+unsafe impl Send for Pinned {}
+unsafe impl Sync for Pinned {}
+
+impl Pinned {
+    fn new(len: usize) -> Result<Self> {
+        // SAFETY: allocation of `len` f32 values; freed in Drop.
+        let ptr = unsafe { result::malloc_host(len.max(1) * 4, 0).map_err(CudaError::from)? } as *mut f32;
+        Ok(Self { ptr, len })
+    }
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: `ptr` holds `len` f32 values owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: allocated by malloc_host, freed once.
+        unsafe {
+            let _ = result::free_host(self.ptr as *mut std::ffi::c_void);
+        }
+    }
+}
+
+/// One captured forward pass for one input shape, with its staging buffers.
+struct Entry {
+    graph: CudaGraph,
+    staging_in: DeviceBuffer,
+    staging_out: DeviceBuffer,
+    pinned_in: Pinned,
+    pinned_out: Pinned,
+    out_shape: Vec<usize>,
+}
+
+/// Graphs captured per input shape for one model on one backend. `infer` runs the
+/// forward pass eagerly once for a new shape (so every plan and kernel is ready), then
+/// captures it (NCHW->NHWC conversion, forward, NHWC->NCHW) and replays from then on.
+#[derive(Default)]
+pub struct GraphCache {
+    entries: Mutex<HashMap<Vec<usize>, Entry>>,
+}
+
+impl GraphCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of captured shapes.
+    pub fn len(&self) -> usize {
+        self.entries.lock().map(|e| e.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops every captured graph and its memory.
+    pub fn clear(&self) {
+        if let Ok(mut e) = self.entries.lock() {
+            e.clear();
+        }
+    }
+
+    /// Makes sure a graph for `shape` (NCHW) exists, capturing it if needed.
+    pub fn prepare<F>(&self, be: &CudaBackend, shape: &[usize], forward: F) -> Result<()>
+    where
+        F: Fn(&CudaBackend, &CudaTensor) -> Result<CudaTensor>,
+    {
+        let mut entries = self.entries.lock().map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
+        if entries.contains_key(shape) {
+            return Ok(());
+        }
+        let [n, c, h, w] = match shape {
+            [n, c, h, w] => [*n, *c, *h, *w],
+            _ => return Err(EngineError::Shape(format!("expected an NCHW input, got shape {shape:?}"))),
+        };
+        let numel = n * c * h * w;
+        let staging_in = be.pool.alloc(numel * 4)?;
+        // Warm-up: an eager pass readies cuBLASLt plans and fills the default arena.
+        {
+            be.memset(staging_in.ptr(), 0, numel * 4)?;
+            let x = be.from_staging(staging_in.ptr(), [n, c, h, w])?;
+            let y = forward(be, &x)?;
+            be.synchronize()?;
+            drop(y);
+        }
+        let out_dims = {
+            let x = be.from_staging(staging_in.ptr(), [n, c, h, w])?;
+            let y = forward(be, &x)?;
+            be.synchronize()?;
+            y.dims()
+        };
+        let [on, oh, ow, oc] = out_dims;
+        let out_numel = on * oh * ow * oc;
+        let staging_out = be.pool.alloc(out_numel * 4)?;
+        let (graph, ()) = be.capture(|b| {
+            let x = b.from_staging(staging_in.ptr(), [n, c, h, w])?;
+            let y = forward(b, &x)?;
+            b.to_staging(&y, staging_out.ptr())
+        })?;
+        // Cached blocks of the eager passes are not needed any more.
+        be.trim_memory()?;
+        let entry = Entry {
+            graph,
+            staging_in,
+            staging_out,
+            pinned_in: Pinned::new(numel)?,
+            pinned_out: Pinned::new(out_numel)?,
+            out_shape: vec![on, oc, oh, ow],
+        };
+        entries.insert(shape.to_vec(), entry);
+        Ok(())
+    }
+
+    /// Enqueues one replay for `shape` without copies (for timing the device work).
+    pub fn replay(&self, be: &CudaBackend, shape: &[usize]) -> Result<()> {
+        let entries = self.entries.lock().map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
+        let e = entries.get(shape).ok_or_else(|| EngineError::Invalid(format!("no graph captured for {shape:?}")))?;
+        be.replay(&e.graph)
+    }
+
+    /// Copy in, replay, copy out.
+    pub fn infer<F>(&self, be: &CudaBackend, x: &HostTensor, forward: F) -> Result<HostTensor>
+    where
+        F: Fn(&CudaBackend, &CudaTensor) -> Result<CudaTensor>,
+    {
+        self.prepare(be, x.shape(), forward)?;
+        let mut entries = self.entries.lock().map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
+        let e = entries.get_mut(x.shape()).ok_or_else(|| EngineError::Device("graph vanished".into()))?;
+        match x.as_f32() {
+            Some(v) => e.pinned_in.as_mut_slice().copy_from_slice(v),
+            None => e.pinned_in.as_mut_slice().copy_from_slice(&x.to_f32_vec()),
+        }
+        be.ctx.bind()?;
+        let stream = be.ctx.stream;
+        // SAFETY: pinned buffers and device staging buffers have exactly the copied
+        // sizes and outlive the stream synchronisation below.
+        unsafe {
+            result::memcpy_htod_async(e.staging_in.ptr(), e.pinned_in.as_mut_slice(), stream).map_err(CudaError::from)?;
+            result::graph::launch(e.graph.exec, stream).map_err(CudaError::from)?;
+            result::memcpy_dtoh_async(e.pinned_out.as_mut_slice(), e.staging_out.ptr(), stream).map_err(CudaError::from)?;
+            result::stream::synchronize(stream).map_err(CudaError::from)?;
+        }
+        HostTensor::from_f32(e.out_shape.clone(), e.pinned_out.as_mut_slice().to_vec())
+    }
+}

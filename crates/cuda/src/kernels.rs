@@ -1,0 +1,173 @@
+//! The NVRTC-built kernel module of one precision and a launcher for it.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+
+use cudarc::driver::{result, sys};
+
+use crate::driver::Context;
+use crate::error::{CudaError, CudaResult};
+use crate::nvrtc;
+
+pub const OPS_SOURCE: &str = include_str!("../kernels/ops.cu");
+pub const ATTENTION_SOURCE: &str = include_str!("../kernels/attention.cu");
+
+/// Every kernel entry point the backend launches.
+pub const KERNEL_NAMES: &[&str] = &[
+    "nchw_to_nhwc",
+    "nhwc_to_nchw",
+    "layer_norm",
+    "dwconv",
+    "im2col",
+    "act_residual",
+    "gelu_gate",
+    "add",
+    "concat_channels",
+    "pixel_shuffle",
+    "pixel_unshuffle",
+    "mdta_sumsq",
+    "mdta_fold",
+];
+
+/// Storage element type of the activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    F32,
+    F16,
+    BF16,
+}
+
+/// Defines `T`, `ldf` (load as float) and `stf` (store from float) for a storage type.
+pub fn preamble(s: Storage) -> &'static str {
+    match s {
+        Storage::F32 => {
+            "typedef float T;\n__device__ __forceinline__ float ldf(float v) { return v; }\n\
+             __device__ __forceinline__ float stf(float v) { return v; }\n"
+        }
+        Storage::F16 => {
+            "#include <cuda_fp16.h>\ntypedef __half T;\n\
+             __device__ __forceinline__ float ldf(__half v) { return __half2float(v); }\n\
+             __device__ __forceinline__ __half stf(float v) { return __float2half_rn(v); }\n"
+        }
+        Storage::BF16 => {
+            "#include <cuda_bf16.h>\ntypedef __nv_bfloat16 T;\n\
+             __device__ __forceinline__ float ldf(__nv_bfloat16 v) { return __bfloat162float(v); }\n\
+             __device__ __forceinline__ __nv_bfloat16 stf(float v) { return __float2bfloat16_rn(v); }\n"
+        }
+    }
+}
+
+/// The full translation unit for one storage type.
+pub fn full_source(s: Storage) -> String {
+    format!("{}\n{}\n{}\n", preamble(s), OPS_SOURCE, ATTENTION_SOURCE)
+}
+
+/// A kernel argument, stored by value so that its address stays valid for the launch.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+pub struct Kernels {
+    module: sys::CUmodule,
+    funcs: HashMap<&'static str, sys::CUfunction>,
+    /// Whether the binary came from the on-disk cache.
+    pub from_cache: bool,
+}
+
+// SAFETY: module and function handles are immutable driver objects, usable from any
+// thread with the context current.
+unsafe impl Send for Kernels {}
+unsafe impl Sync for Kernels {}
+
+impl Kernels {
+    pub fn load(ctx: &Context, storage: Storage) -> CudaResult<Self> {
+        let source = full_source(storage);
+        let (cubin, from_cache) = nvrtc::compile_cached(&source, ctx.capability)?;
+        ctx.bind()?;
+        // SAFETY: `cubin` is a complete CUBIN image for this device.
+        let module = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void)? };
+        let mut funcs = HashMap::new();
+        for &name in KERNEL_NAMES {
+            let cname = CString::new(name).map_err(|_| CudaError::Driver(format!("bad kernel name {name}")))?;
+            // SAFETY: the module is loaded; the name is NUL-terminated.
+            let f = unsafe { result::module::get_function(module, cname)? };
+            funcs.insert(name, f);
+        }
+        Ok(Self { module, funcs, from_cache })
+    }
+
+    /// Launches `name` on the context's stream and checks the launch.
+    pub fn launch(&self, ctx: &Context, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[Arg]) -> CudaResult<()> {
+        let f = *self.funcs.get(name).ok_or_else(|| CudaError::Driver(format!("kernel {name} is not loaded")))?;
+        let mut vals: Vec<Arg> = args.to_vec();
+        let mut ptrs: Vec<*mut c_void> = vals
+            .iter_mut()
+            .map(|a| match a {
+                Arg::Ptr(p) => p as *mut u64 as *mut c_void,
+                Arg::I32(v) => v as *mut i32 as *mut c_void,
+                Arg::I64(v) => v as *mut i64 as *mut c_void,
+                Arg::F32(v) => v as *mut f32 as *mut c_void,
+            })
+            .collect();
+        // SAFETY: the argument list matches the kernel's signature (each call site
+        // mirrors the .cu declaration); values live in `vals` until the call returns,
+        // and the driver copies them at launch.
+        unsafe { result::launch_kernel(f, grid, (block, 1, 1), smem, ctx.stream, &mut ptrs)? };
+        Ok(())
+    }
+
+    /// Launches an element-wise kernel over `n` items with a grid-stride loop.
+    pub fn launch_1d(&self, ctx: &Context, name: &str, n: i64, args: &[Arg]) -> CudaResult<()> {
+        let block = 256u32;
+        let blocks = ((n.max(1) as u64).div_ceil(block as u64)).min(ctx.multiprocessors.max(1) as u64 * 32) as u32;
+        self.launch(ctx, name, (blocks.max(1), 1, 1), block, 0, args)
+    }
+}
+
+impl Drop for Kernels {
+    fn drop(&mut self) {
+        // SAFETY: unloaded once; functions are not used afterwards.
+        unsafe {
+            let _ = result::module::unload(self.module);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_name_is_an_extern_c_entry_point() {
+        for name in KERNEL_NAMES {
+            let decl = format!("extern \"C\" __global__ void {name}(");
+            assert!(
+                OPS_SOURCE.contains(&decl) || ATTENTION_SOURCE.contains(&decl),
+                "{name} is not declared in the kernel sources"
+            );
+            assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        }
+    }
+
+    #[test]
+    fn sources_are_balanced_and_nul_free() {
+        for s in [Storage::F32, Storage::F16, Storage::BF16] {
+            let src = full_source(s);
+            assert!(!src.contains('\0'));
+            let opens = src.matches('{').count();
+            assert_eq!(opens, src.matches('}').count(), "unbalanced braces for {s:?}");
+            assert_eq!(src.matches('(').count(), src.matches(')').count(), "unbalanced parentheses for {s:?}");
+        }
+    }
+
+    #[test]
+    fn preambles_define_the_storage_type() {
+        assert!(preamble(Storage::F16).contains("typedef __half T;"));
+        assert!(preamble(Storage::BF16).contains("typedef __nv_bfloat16 T;"));
+        assert!(preamble(Storage::F32).contains("typedef float T;"));
+    }
+}

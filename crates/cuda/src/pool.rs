@@ -1,0 +1,228 @@
+//! A caching device allocator. Freed buffers go back to a free list of their arena and
+//! are handed out again, so a forward pass allocates nothing from the driver once it has
+//! run once. A graph capture gets a private arena so that the blocks a graph replays
+//! into are never handed to anyone else.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::result;
+
+use crate::driver::Context;
+use crate::error::{CudaError, CudaResult};
+
+/// Allocation granularity: every block is 512-byte aligned and sized.
+const SMALL: usize = 512;
+/// Blocks at least this large are rounded to 2 MiB so that similar sizes share blocks.
+const LARGE: usize = 1 << 20;
+const LARGE_ROUND: usize = 2 << 20;
+
+pub(crate) fn round_size(bytes: usize) -> usize {
+    let b = bytes.max(1);
+    if b >= LARGE {
+        b.div_ceil(LARGE_ROUND) * LARGE_ROUND
+    } else {
+        b.div_ceil(SMALL) * SMALL
+    }
+}
+
+/// Bytes held from the driver, now and at most since the last reset.
+#[derive(Default, Debug)]
+pub struct MemStats {
+    current: AtomicUsize,
+    peak: AtomicUsize,
+    in_use: AtomicUsize,
+    peak_in_use: AtomicUsize,
+}
+
+impl MemStats {
+    fn add(counter: &AtomicUsize, peak: &AtomicUsize, bytes: usize) {
+        let now = counter.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Bytes allocated from the driver (cached or in use).
+    pub fn reserved(&self) -> usize {
+        self.current.load(Ordering::Relaxed)
+    }
+    pub fn peak_reserved(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+    /// Bytes held by live tensors and workspaces.
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Relaxed)
+    }
+    pub fn peak_in_use(&self) -> usize {
+        self.peak_in_use.load(Ordering::Relaxed)
+    }
+    pub fn reset_peak(&self) {
+        self.peak.store(self.reserved(), Ordering::Relaxed);
+        self.peak_in_use.store(self.in_use(), Ordering::Relaxed);
+    }
+}
+
+/// A set of cached blocks. Dropping the last reference returns its memory to the driver.
+pub(crate) struct Arena {
+    ctx: Arc<Context>,
+    stats: Arc<MemStats>,
+    /// Free blocks by size.
+    free: Mutex<BTreeMap<usize, Vec<u64>>>,
+}
+
+impl Arena {
+    pub(crate) fn new(ctx: Arc<Context>, stats: Arc<MemStats>) -> Arc<Self> {
+        Arc::new(Self { ctx, stats, free: Mutex::new(BTreeMap::new()) })
+    }
+
+    fn take_cached(&self, size: usize) -> Option<(u64, usize)> {
+        let mut free = self.free.lock().ok()?;
+        // Best fit among blocks no more than twice the request.
+        let (&found, _) = free.range(size..=size.saturating_mul(2)).find(|(_, v)| !v.is_empty())?;
+        let list = free.get_mut(&found)?;
+        let ptr = list.pop()?;
+        if list.is_empty() {
+            free.remove(&found);
+        }
+        Some((ptr, found))
+    }
+
+    /// Returns every cached block to the driver.
+    pub(crate) fn trim(&self) -> CudaResult<()> {
+        let blocks: Vec<(usize, Vec<u64>)> = match self.free.lock() {
+            Ok(mut f) => std::mem::take(&mut *f).into_iter().collect(),
+            Err(_) => return Ok(()),
+        };
+        self.ctx.bind()?;
+        for (size, list) in blocks {
+            for ptr in list {
+                // SAFETY: the block came from cuMemAlloc and nothing references it.
+                unsafe { result::free_sync(ptr)? };
+                self.stats.current.fetch_sub(size, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&self, ptr: u64, size: usize) {
+        self.stats.in_use.fetch_sub(size, Ordering::Relaxed);
+        if let Ok(mut f) = self.free.lock() {
+            f.entry(size).or_default().push(ptr);
+        }
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        let _ = self.trim();
+    }
+}
+
+/// A device allocation owned by a tensor or workspace; returns to its arena on drop.
+pub struct DeviceBuffer {
+    ptr: u64,
+    size: usize,
+    arena: Arc<Arena>,
+}
+
+impl DeviceBuffer {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn size(&self) -> usize {
+        self.size
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        self.arena.release(self.ptr, self.size);
+    }
+}
+
+impl std::fmt::Debug for DeviceBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceBuffer({:#x}, {} bytes)", self.ptr, self.size)
+    }
+}
+
+/// The backend's allocator: a default arena plus, while a graph is being captured, the
+/// capture's private arena.
+pub(crate) struct Pool {
+    ctx: Arc<Context>,
+    pub(crate) stats: Arc<MemStats>,
+    default: Arc<Arena>,
+    capture: Mutex<Option<Arc<Arena>>>,
+}
+
+impl Pool {
+    pub(crate) fn new(ctx: Arc<Context>) -> Self {
+        let stats = Arc::new(MemStats::default());
+        let default = Arena::new(ctx.clone(), stats.clone());
+        Self { ctx, stats, default, capture: Mutex::new(None) }
+    }
+
+    pub(crate) fn new_arena(&self) -> Arc<Arena> {
+        Arena::new(self.ctx.clone(), self.stats.clone())
+    }
+
+    /// Routes allocations to `arena` (Some) or back to the default arena (None).
+    pub(crate) fn set_capture_arena(&self, arena: Option<Arc<Arena>>) {
+        if let Ok(mut c) = self.capture.lock() {
+            *c = arena;
+        }
+    }
+
+    pub(crate) fn trim(&self) -> CudaResult<()> {
+        self.default.trim()
+    }
+
+    pub(crate) fn alloc(&self, bytes: usize) -> CudaResult<DeviceBuffer> {
+        let arena = self.capture.lock().ok().and_then(|c| c.clone()).unwrap_or_else(|| self.default.clone());
+        let size = round_size(bytes);
+        if let Some((ptr, size)) = arena.take_cached(size) {
+            MemStats::add(&self.stats.in_use, &self.stats.peak_in_use, size);
+            return Ok(DeviceBuffer { ptr, size, arena });
+        }
+        self.ctx.bind()?;
+        // SAFETY: plain device allocation; the pointer is owned by the returned buffer.
+        let ptr = match unsafe { result::malloc_sync(size) } {
+            Ok(p) => p,
+            Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                // Give cached blocks back and try once more before reporting.
+                self.default.trim()?;
+                arena.trim()?;
+                // SAFETY: as above.
+                unsafe { result::malloc_sync(size) }.map_err(|_| {
+                    CudaError::OutOfMemory(format!(
+                        "could not allocate {:.1} MiB ({:.2} GiB already held); use a smaller batch",
+                        size as f64 / (1 << 20) as f64,
+                        self.stats.reserved() as f64 / (1u64 << 30) as f64
+                    ))
+                })?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        MemStats::add(&self.stats.current, &self.stats.peak, size);
+        MemStats::add(&self.stats.in_use, &self.stats.peak_in_use, size);
+        Ok(DeviceBuffer { ptr, size, arena })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_round_up_to_granularity() {
+        assert_eq!(round_size(0), 512);
+        assert_eq!(round_size(1), 512);
+        assert_eq!(round_size(513), 1024);
+        assert_eq!(round_size(LARGE), LARGE_ROUND);
+        assert_eq!(round_size(LARGE_ROUND + 1), 2 * LARGE_ROUND);
+        for b in [1usize, 700, 5000, 3 << 20, 123_456_789] {
+            let r = round_size(b);
+            assert!(r >= b && r % SMALL == 0, "{b} -> {r}");
+        }
+    }
+}
