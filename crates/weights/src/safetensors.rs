@@ -24,7 +24,7 @@ pub(crate) fn looks_like_safetensors(head: &[u8], file_len: u64) -> bool {
     let mut b = [0u8; 8];
     b.copy_from_slice(len_bytes);
     let n = u64::from_le_bytes(b);
-    n >= 2 && n <= MAX_HEADER && head.get(8) == Some(&b'{') && n <= file_len.saturating_sub(8)
+    (2..=MAX_HEADER).contains(&n) && head.get(8) == Some(&b'{') && n <= file_len.saturating_sub(8)
 }
 
 /// Parses a whole safetensors file held in memory.

@@ -75,7 +75,14 @@ pub(crate) fn read(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
         reason,
     })?;
 
-    // Several tensors may share one storage (views, tied weights): read each once.
+    // Several tensors may share one storage (views, tied weights): read each once, and
+    // drop it after its last user so peak memory stays near one copy of the weights.
+    let mut users: HashMap<String, usize> = HashMap::new();
+    for (_, t) in &entries {
+        if let Ok(t) = t.as_ref() {
+            *users.entry(t.storage.key.clone()).or_default() += 1;
+        }
+    }
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
     let mut out = BTreeMap::new();
     for (name, tensor) in entries {
@@ -97,6 +104,12 @@ pub(crate) fn read(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
         let bytes = storages.get(key).map(Vec::as_slice).unwrap_or_default();
         let host = materialise(t, bytes, big_endian).map_err(tensor_err)?;
         out.insert(name, host);
+        if let Some(n) = users.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                storages.remove(key);
+            }
+        }
     }
     Ok(out)
 }
@@ -143,7 +156,7 @@ pub(crate) fn materialise(
         .clone()
         .map_err(|class| format!("storage type {class} is not supported"))?;
     let es = elem.size();
-    if bytes.len() % es != 0 {
+    if !bytes.len().is_multiple_of(es) {
         return Err(format!(
             "storage of {} bytes is not a whole number of {es}-byte elements",
             bytes.len()

@@ -53,7 +53,10 @@ pub(crate) fn call_global(module: &str, name: &str, args: Value) -> Value {
         },
         // Tensor subclasses: `_rebuild_from_type_v2(func, new_type, args, state)` calls func(*args).
         ("torch._tensor", "_rebuild_from_type_v2") => match args.as_slice() {
-            [func, _, inner, ..] => super::vm::call(func, inner.clone()),
+            // Not itself again: a self-referencing list could otherwise recurse forever.
+            [Value::Global(f), _, inner, ..] if f.1 != "_rebuild_from_type_v2" => {
+                super::vm::call(&Value::Global(f.clone()), inner.clone())
+            }
             _ => Value::Tensor(Rc::new(Err(format!("malformed {module}.{name} arguments")))),
         },
         ("torch", "Size") => match args.into_iter().next() {

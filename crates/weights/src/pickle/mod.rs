@@ -8,3 +8,6 @@ mod vm;
 pub(crate) use value::StorageRef;
 pub(crate) use value::{TensorRef, Value};
 pub(crate) use vm::unpickle;
+
+#[cfg(test)]
+mod tests;
