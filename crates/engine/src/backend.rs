@@ -6,7 +6,7 @@
 //! trait so that a GPU backend can run them as one kernel while the CPU backend keeps a
 //! plain reference implementation with the same semantics.
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::tensor::HostTensor;
 
 /// Geometry of a 2-D convolution (PyTorch's `Conv2d` arguments).
@@ -20,11 +20,19 @@ pub struct ConvSpec {
 impl ConvSpec {
     /// Stride 1 with "same" padding for an odd kernel size.
     pub fn same(kernel: usize) -> Self {
-        Self { stride: 1, padding: kernel / 2, groups: 1 }
+        Self {
+            stride: 1,
+            padding: kernel / 2,
+            groups: 1,
+        }
     }
 
     pub fn depthwise(channels: usize, kernel: usize) -> Self {
-        Self { stride: 1, padding: kernel / 2, groups: channels }
+        Self {
+            stride: 1,
+            padding: kernel / 2,
+            groups: channels,
+        }
     }
 }
 
@@ -57,7 +65,12 @@ pub trait Backend: Send + Sync {
     fn dims(&self, x: &Self::Tensor) -> [usize; 4];
 
     /// Prepares convolution weights given as OIHW (`Conv2d.weight`) plus optional bias.
-    fn prepare_conv(&self, weight: &HostTensor, bias: Option<&HostTensor>, spec: ConvSpec) -> Result<Self::Param>;
+    fn prepare_conv(
+        &self,
+        weight: &HostTensor,
+        bias: Option<&HostTensor>,
+        spec: ConvSpec,
+    ) -> Result<Self::Param>;
     /// Prepares a 1-D parameter (normalisation scale or shift, per-head temperature).
     fn prepare_vector(&self, v: &HostTensor) -> Result<Self::Param>;
 
@@ -72,7 +85,13 @@ pub trait Backend: Send + Sync {
 
     /// LayerNorm over the channels of every pixel (biased variance). `bias` is `None`
     /// for Restormer's BiasFree variant, which also skips the mean subtraction.
-    fn layer_norm(&self, x: &Self::Tensor, weight: &Self::Param, bias: Option<&Self::Param>, eps: f32) -> Result<Self::Tensor>;
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Param,
+        bias: Option<&Self::Param>,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
 
     /// Splits channels into halves `a | b` and returns `gelu(a) * b` (Restormer's GDFN gate).
     fn gelu_gate(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
@@ -97,4 +116,175 @@ pub trait Backend: Send + Sync {
     fn concat_channels(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// Element-wise `a + b`.
     fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+
+    // ---- Detection operations (D-FINE). A sequence `[B, L, C]` travels as an NHWC
+    // tensor `[B, 1, L, C]`, so linear layers are 1x1 convolutions. Each has a default
+    // that reports the operation as unsupported, so a backend can add them one by one.
+
+    /// Copies an NHWC f32 host tensor (4-D) in as is.
+    fn upload_nhwc(&self, x: &HostTensor) -> Result<Self::Tensor> {
+        let _ = x;
+        Err(unsupported(self, "upload_nhwc"))
+    }
+    /// Copies an activation out as an NHWC f32 host tensor.
+    fn download_nhwc(&self, x: &Self::Tensor) -> Result<HostTensor> {
+        let _ = x;
+        Err(unsupported(self, "download_nhwc"))
+    }
+    /// Same elements, new `[N, H, W, C]` of equal size (e.g. `[B, H, W, C]` <-> `[B, 1, H*W, C]`).
+    fn reshape(&self, x: Self::Tensor, dims: [usize; 4]) -> Result<Self::Tensor> {
+        let _ = (x, dims);
+        Err(unsupported(self, "reshape"))
+    }
+    /// Zero padding of the spatial borders (`F.pad(x, (left, right, top, bottom))`).
+    fn pad_zeros(
+        &self,
+        x: &Self::Tensor,
+        top: usize,
+        bottom: usize,
+        left: usize,
+        right: usize,
+    ) -> Result<Self::Tensor> {
+        let _ = (x, top, bottom, left, right);
+        Err(unsupported(self, "pad_zeros"))
+    }
+    /// `nn.MaxPool2d(kernel, stride)` without padding (floor mode).
+    fn max_pool2d(&self, x: &Self::Tensor, kernel: usize, stride: usize) -> Result<Self::Tensor> {
+        let _ = (x, kernel, stride);
+        Err(unsupported(self, "max_pool2d"))
+    }
+    /// `F.interpolate(x, scale_factor=factor, mode="nearest")` for an integer factor.
+    fn upsample_nearest(&self, x: &Self::Tensor, factor: usize) -> Result<Self::Tensor> {
+        let _ = (x, factor);
+        Err(unsupported(self, "upsample_nearest"))
+    }
+    /// `scale * x + shift` with scalar scale and shift (HGNetV2's learnable affine block).
+    fn affine(&self, x: &Self::Tensor, scale: f32, shift: f32) -> Result<Self::Tensor> {
+        let _ = (x, scale, shift);
+        Err(unsupported(self, "affine"))
+    }
+    /// Channels `start..start + len`.
+    fn slice_channels(&self, x: &Self::Tensor, start: usize, len: usize) -> Result<Self::Tensor> {
+        let _ = (x, start, len);
+        Err(unsupported(self, "slice_channels"))
+    }
+    /// Concatenates any number of tensors along channels.
+    fn concat_channels_n(&self, parts: &[&Self::Tensor]) -> Result<Self::Tensor> {
+        let _ = parts;
+        Err(unsupported(self, "concat_channels_n"))
+    }
+    /// Element-wise `a * b`; `b` may have a single channel, broadcast over `a`'s channels.
+    fn mul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor> {
+        let _ = (a, b);
+        Err(unsupported(self, "mul"))
+    }
+    /// Element-wise logistic sigmoid.
+    fn sigmoid(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        let _ = x;
+        Err(unsupported(self, "sigmoid"))
+    }
+    /// Element-wise clamp to `[lo, hi]`.
+    fn clamp(&self, x: &Self::Tensor, lo: f32, hi: f32) -> Result<Self::Tensor> {
+        let _ = (x, lo, hi);
+        Err(unsupported(self, "clamp"))
+    }
+    /// Multi-head scaled dot-product attention on sequences `[B, 1, L, C]`:
+    /// per head, `softmax(q k^T * scale) v` (heads split the channels in order).
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        heads: usize,
+        scale: f32,
+    ) -> Result<Self::Tensor> {
+        let _ = (q, k, v, heads, scale);
+        Err(unsupported(self, "attention"))
+    }
+    /// D-FINE's gate: `sigmoid(g[..C]) * a + sigmoid(g[C..]) * b` with `gates` of 2C channels.
+    fn gated_sum(
+        &self,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+        gates: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        let _ = (a, b, gates);
+        Err(unsupported(self, "gated_sum"))
+    }
+    /// Multi-scale deformable attention (D-FINE's v2): see [`DeformableSpec`].
+    fn deformable_attention(
+        &self,
+        value: &Self::Tensor,
+        offsets: &Self::Tensor,
+        attention_logits: &Self::Tensor,
+        reference_boxes: &Self::Tensor,
+        spec: &DeformableSpec,
+    ) -> Result<Self::Tensor> {
+        let _ = (value, offsets, attention_logits, reference_boxes, spec);
+        Err(unsupported(self, "deformable_attention"))
+    }
+    /// For each batch item of a `[B, 1, L, C]` tensor, the indices of the `k` rows with the
+    /// largest maximum over channels, best first (ties: lower index first).
+    fn top_k_rows(&self, x: &Self::Tensor, k: usize) -> Result<Vec<Vec<usize>>> {
+        let _ = (x, k);
+        Err(unsupported(self, "top_k_rows"))
+    }
+    /// Rows of a `[B, 1, L, C]` tensor picked per batch item: `[B, 1, K, C]`.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[Vec<usize>]) -> Result<Self::Tensor> {
+        let _ = (x, rows);
+        Err(unsupported(self, "gather_rows"))
+    }
+    /// `sigmoid(delta + inverse_sigmoid(boxes))` with DETR's clamped inverse sigmoid (eps 1e-5).
+    fn refine_boxes(&self, delta: &Self::Tensor, boxes: &Self::Tensor) -> Result<Self::Tensor> {
+        let _ = (delta, boxes);
+        Err(unsupported(self, "refine_boxes"))
+    }
+    /// D-FINE's fine-grained distribution refinement: per box side, softmax over the
+    /// `project.len()` bins of `corners` and the expected value under `project`, then
+    /// `distance2bbox` around `reference` (cxcywh) with `reg_scale`. Returns cxcywh boxes.
+    fn distribution_boxes(
+        &self,
+        corners: &Self::Tensor,
+        reference: &Self::Tensor,
+        project: &[f32],
+        reg_scale: f32,
+    ) -> Result<Self::Tensor> {
+        let _ = (corners, reference, project, reg_scale);
+        Err(unsupported(self, "distribution_boxes"))
+    }
+    /// D-FINE's LQE statistics: per box side, the `top_k` largest bin probabilities
+    /// (softmax over `bins`) followed by their mean: `[B, 1, L, 4 * (top_k + 1)]`.
+    fn corner_stats(
+        &self,
+        corners: &Self::Tensor,
+        bins: usize,
+        top_k: usize,
+    ) -> Result<Self::Tensor> {
+        let _ = (corners, bins, top_k);
+        Err(unsupported(self, "corner_stats"))
+    }
+}
+
+/// Geometry of a multi-scale deformable attention call. `value` is `[B, 1, S, C]` with
+/// the levels' `H*W` rows concatenated; `offsets` `[B, 1, Q, heads * P * 2]` and
+/// `attention_logits` `[B, 1, Q, heads * P]` (P = sum of `points`, level-major);
+/// `reference_boxes` `[B, 1, Q, 4]` in normalised cxcywh. A point of a level with `n`
+/// points samples at `xy + offset / n * wh * offset_scale`, bilinearly with zero padding
+/// and `align_corners=False` (or, when `discrete`, at the nearest pixel, clamped).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeformableSpec {
+    pub heads: usize,
+    /// `(height, width)` of each level.
+    pub shapes: Vec<(usize, usize)>,
+    /// Sampling points per level and head.
+    pub points: Vec<usize>,
+    pub offset_scale: f32,
+    pub discrete: bool,
+}
+
+fn unsupported<B: Backend + ?Sized>(backend: &B, op: &str) -> EngineError {
+    EngineError::Unsupported(format!(
+        "the {} backend does not implement {op} yet",
+        backend.name()
+    ))
 }
