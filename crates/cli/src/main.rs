@@ -21,6 +21,8 @@ enum Command {
     Run(commands::run::RunArgs),
     /// Enhance an image or every image in a folder with a Restormer model.
     Enhance(commands::enhance::EnhanceArgs),
+    /// Evaluate COCO detections: the 12 standard bbox stats, identical to pycocotools.
+    Eval(commands::eval::EvalArgs),
 }
 
 fn main() {
@@ -36,6 +38,7 @@ fn main() {
         Command::Info(a) => commands::info::run(a),
         Command::Run(a) => commands::run::run(a),
         Command::Enhance(a) => commands::enhance::run(a),
+        Command::Eval(a) => commands::eval::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

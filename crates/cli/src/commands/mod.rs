@@ -2,5 +2,6 @@
 
 pub mod demo;
 pub mod enhance;
+pub mod eval;
 pub mod info;
 pub mod run;
