@@ -234,7 +234,7 @@ mod tests {
             line_width: 2,
             font_scale: 1,
         };
-        draw_detections(&mut img, &[b.clone()], &style);
+        draw_detections(&mut img, std::slice::from_ref(&b), &style);
         let c = class_color(0);
         // Left edge, 2 px thick, inside the box.
         assert_eq!(*img.get_pixel(10, 28), c);

@@ -212,7 +212,7 @@ pub fn to_nchw_f32(img: &RgbImage, scale: f32) -> Vec<f32> {
 /// In-place `(x - mean[c]) / std[c]` on one CHW image, computed in f32 like
 /// torchvision's `normalize`.
 pub fn normalize_chw(data: &mut [f32], mean: [f32; 3], std: [f32; 3]) -> Result<(), VisionError> {
-    if data.len() % 3 != 0 {
+    if !data.len().is_multiple_of(3) {
         return Err(VisionError::InvalidArgument(format!(
             "normalize: {} values is not a 3-channel image",
             data.len()
