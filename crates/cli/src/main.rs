@@ -1,6 +1,7 @@
 //! `aperture`: run vision models fast on NVIDIA GPUs (and correctly on the CPU).
 
 mod commands;
+mod device;
 
 use clap::{Parser, Subcommand};
 

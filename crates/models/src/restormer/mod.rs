@@ -3,6 +3,7 @@
 
 mod config;
 mod cost;
+pub mod enhance;
 mod model;
 mod params;
 mod runner;

@@ -1,0 +1,42 @@
+//! `--device` and `--precision`: choosing the backend a model runs on.
+
+use std::path::Path;
+
+use anyhow::bail;
+use aperture_engine::{cpu::CpuBackend, Precision, Runner};
+use clap::{Args, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// The GPU when one is usable, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct DeviceArgs {
+    /// Where to run: auto (GPU if present), cpu or cuda.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    /// Arithmetic precision: fp32, tf32, fp16, bf16 (the CPU backend computes in fp32).
+    #[arg(long)]
+    pub precision: Option<Precision>,
+}
+
+impl DeviceArgs {
+    /// Loads the model at `path` on the chosen backend.
+    pub fn load_runner(&self, path: &Path, max_batch_size: usize) -> anyhow::Result<Box<dyn Runner>> {
+        match self.device {
+            Device::Cuda => bail!("the CUDA backend is not available in this build; use --device cpu"),
+            Device::Auto | Device::Cpu => {
+                if let Some(p) = self.precision {
+                    if p != Precision::Fp32 {
+                        tracing::warn!("the CPU backend computes in fp32; --precision {p} is ignored");
+                    }
+                }
+                Ok(aperture_models::load_runner(path, CpuBackend::new(), max_batch_size)?)
+            }
+        }
+    }
+}
