@@ -107,6 +107,11 @@ impl StateDict {
         self.tensors.insert(name, t);
     }
 
+    /// Writes the tensors as a safetensors file.
+    pub fn save_safetensors(&self, path: &Path) -> std::result::Result<(), WeightsError> {
+        save_safetensors(path, &self.tensors)
+    }
+
     /// Total number of elements over all tensors.
     pub fn numel(&self) -> usize {
         self.tensors.values().map(HostTensor::numel).sum()

@@ -3,7 +3,7 @@
 //! the raw little-endian data, offsets relative to the end of the header.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use aperture_engine::HostTensor;
@@ -27,52 +27,81 @@ pub(crate) fn looks_like_safetensors(head: &[u8], file_len: u64) -> bool {
     (2..=MAX_HEADER).contains(&n) && head.get(8) == Some(&b'{') && n <= file_len.saturating_sub(8)
 }
 
-/// Parses a whole safetensors file held in memory.
-pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, HostTensor>> {
+/// Where one tensor lies in the data section, after validation.
+struct Entry {
+    name: String,
+    ty: ElemType,
+    shape: Vec<usize>,
+    begin: u64,
+    len: usize,
+}
+
+/// Reads a safetensors file one tensor at a time, so peak memory stays near the
+/// size of the decoded tensors rather than twice the file.
+pub(crate) fn read(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
     let bad = |reason: String| WeightsError::Safetensors {
         path: path.to_path_buf(),
         reason,
     };
-    if bytes.is_empty() {
+    let io = |e| WeightsError::io(path, e);
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    if file_len == 0 {
         return Err(WeightsError::Empty {
             path: path.to_path_buf(),
         });
     }
-    let Some(len_bytes) = bytes.get(..8) else {
+    if file_len < 8 {
         return Err(bad(format!(
-            "file is {} bytes, too short for the 8-byte header length (truncated?)",
-            bytes.len()
+            "file is {file_len} bytes, too short for the 8-byte header length (truncated?)"
         )));
-    };
-    let mut b = [0u8; 8];
-    b.copy_from_slice(len_bytes);
-    let header_len = u64::from_le_bytes(b);
-    let available = (bytes.len() - 8) as u64;
+    }
+    let mut len_bytes = [0u8; 8];
+    file.read_exact(&mut len_bytes).map_err(io)?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    let available = file_len - 8;
     if header_len > available {
         return Err(bad(format!(
             "header claims {header_len} bytes but only {available} follow the length field (truncated or not safetensors)"
         )));
     }
-    let header_end = 8 + header_len as usize;
-    let header_bytes = &bytes[8..header_end];
-    let header: Value = serde_json::from_slice(header_bytes)
+    if header_len > MAX_HEADER {
+        return Err(bad(format!(
+            "header of {header_len} bytes is implausibly large"
+        )));
+    }
+    let mut header_bytes = vec![0u8; header_len as usize];
+    file.read_exact(&mut header_bytes).map_err(io)?;
+    let header: Value = serde_json::from_slice(&header_bytes)
         .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
-    let Value::Object(entries) = header else {
+    let Value::Object(items) = header else {
         return Err(bad("header is not a JSON object".into()));
     };
-    let data = &bytes[header_end..];
-    let mut out = BTreeMap::new();
-    for (name, info) in &entries {
-        if name == "__metadata__" {
-            continue;
+    let data_start = 8 + header_len;
+    let data_len = available - header_len;
+    let mut entries = Vec::with_capacity(items.len());
+    for (name, info) in &items {
+        if name != "__metadata__" {
+            entries.push(parse_entry(path, name, info, data_len)?);
         }
-        let t = parse_entry(path, name, info, data)?;
-        out.insert(name.clone(), t);
+    }
+    // File order keeps the reads sequential.
+    entries.sort_by_key(|e| e.begin);
+    let mut out = BTreeMap::new();
+    let mut buf = Vec::new();
+    for e in entries {
+        buf.resize(e.len, 0);
+        file.seek(SeekFrom::Start(data_start + e.begin))
+            .map_err(io)?;
+        file.read_exact(&mut buf).map_err(io)?;
+        let t = HostTensor::new(e.shape, decode(&buf, e.ty, false))
+            .map_err(|err| bad(format!("tensor '{}': {err}", e.name)))?;
+        out.insert(e.name, t);
     }
     Ok(out)
 }
 
-fn parse_entry(path: &Path, name: &str, info: &Value, data: &[u8]) -> Result<HostTensor> {
+fn parse_entry(path: &Path, name: &str, info: &Value, data_len: u64) -> Result<Entry> {
     let bad = |reason: String| WeightsError::Safetensors {
         path: path.to_path_buf(),
         reason: format!("tensor '{name}': {reason}"),
@@ -126,20 +155,18 @@ fn parse_entry(path: &Path, name: &str, info: &Value, data: &[u8]) -> Result<Hos
             end - begin
         )));
     }
-    if end > data.len() as u64 {
+    if end > data_len {
         return Err(bad(format!(
-            "data_offsets end at byte {end} but the data section holds only {} bytes (file truncated?)",
-            data.len()
+            "data_offsets end at byte {end} but the data section holds only {data_len} bytes (file truncated?)"
         )));
     }
-    let slice = &data[begin as usize..end as usize];
-    HostTensor::new(shape, decode(slice, ty, false)).map_err(|e| bad(e.to_string()))
-}
-
-/// Reads a safetensors file.
-pub(crate) fn read(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
-    let bytes = std::fs::read(path).map_err(|e| WeightsError::io(path, e))?;
-    parse(path, &bytes)
+    Ok(Entry {
+        name: name.to_string(),
+        ty,
+        shape,
+        begin,
+        len: nbytes,
+    })
 }
 
 /// Writes tensors (in key order, each in its own dtype) as a safetensors file.

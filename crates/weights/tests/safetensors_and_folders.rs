@@ -117,6 +117,25 @@ fn truncated_data_section() {
         err.contains("cut.safetensors") && err.contains("truncated"),
         "{err}"
     );
+    // Cut inside the length field.
+    let stub = s.write("stub.safetensors", &bytes[..5]);
+    let err = load_safetensors(&stub).unwrap_err().to_string();
+    assert!(
+        err.contains("too short") && err.contains("truncated"),
+        "{err}"
+    );
+    assert!(load(&stub).is_err());
+}
+
+#[test]
+fn header_that_is_not_an_object() {
+    let s = Scratch::new("not-object");
+    let p = s.write("w.safetensors", &raw_safetensors("[1, 2, 3]  ", &[]));
+    let err = load_safetensors(&p).unwrap_err().to_string();
+    assert!(err.contains("not a JSON object"), "{err}");
+    let p = s.write("v.safetensors", &raw_safetensors("{\"a\": ", &[]));
+    let err = load(&p).unwrap_err().to_string();
+    assert!(err.contains("not valid JSON"), "{err}");
 }
 
 #[test]
