@@ -45,7 +45,7 @@ def jitter(rng, box, amount):
     ]
 
 
-def make_dataset(seed, num_images=40, first_ann_id=1):
+def make_dataset(seed, num_images=40, first_ann_id=1, duplicate_ids=False):
     rng = np.random.default_rng(seed)
     # Non-contiguous category ids; the last two never get ground truth.
     cat_ids = [1, 3, 7, 18, 44, 90]
@@ -98,6 +98,10 @@ def make_dataset(seed, num_images=40, first_ann_id=1):
     # A category the ground truth does not list: both sides must ignore it.
     results.append({"image_id": image_ids[0], "category_id": 555, "bbox": [1.0, 2.0, 30.0, 40.0], "score": 0.5})
     rng.shuffle(results)
+    if duplicate_ids:
+        # Reused annotation ids: pycocotools' loadAnns resolves an id to its last annotation.
+        for i in range(0, len(annotations) - 10, 10):
+            annotations[i + 7]["id"] = annotations[i]["id"]
     gt = {
         "images": images[::-1],  # not sorted by id: evaluation order must not depend on it
         "annotations": annotations,
@@ -139,9 +143,12 @@ def binary():
         pytest.fail(f"aperture binary not found at {BIN}: build it (cargo build -p aperture-cli) or set APERTURE_BIN")
 
 
-@pytest.mark.parametrize("seed,num_images,first_ann_id", [(0, 40, 1), (1, 60, 1), (2, 25, 1), (3, 80, 0), (4, 50, 1)])
-def test_matches_pycocotools(tmp_path, seed, num_images, first_ann_id):
-    gt, results = make_dataset(seed, num_images, first_ann_id)
+@pytest.mark.parametrize(
+    "seed,num_images,first_ann_id,duplicate_ids",
+    [(0, 40, 1, False), (1, 60, 1, False), (2, 25, 1, False), (3, 80, 0, False), (4, 50, 1, False), (5, 40, 1, True)],
+)
+def test_matches_pycocotools(tmp_path, seed, num_images, first_ann_id, duplicate_ids):
+    gt, results = make_dataset(seed, num_images, first_ann_id, duplicate_ids)
     gt_path, dt_path = tmp_path / "gt.json", tmp_path / "dt.json"
     gt_path.write_text(json.dumps(gt))
     dt_path.write_text(json.dumps(results))

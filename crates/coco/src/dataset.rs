@@ -58,6 +58,39 @@ pub struct Detection {
     pub score: f64,
 }
 
+impl Detection {
+    /// A detection from a detector's output: contiguous COCO label (0..79) and a
+    /// `[x0, y0, x1, y1]` box in original pixels. `None` for a label past 79.
+    pub fn from_label_xyxy(
+        image_id: i64,
+        label: usize,
+        xyxy: [f64; 4],
+        score: f64,
+    ) -> Option<Self> {
+        let category_id = crate::labels::category_id_of_label(label)?;
+        Some(Detection {
+            image_id,
+            category_id: i64::from(category_id),
+            bbox: [xyxy[0], xyxy[1], xyxy[2] - xyxy[0], xyxy[3] - xyxy[1]],
+            score,
+        })
+    }
+}
+
+/// Detections as a COCO results JSON array (what `load_results` reads back).
+pub fn results_to_json(dets: &[Detection]) -> serde_json::Value {
+    dets.iter()
+        .map(|d| {
+            serde_json::json!({
+                "image_id": d.image_id,
+                "category_id": d.category_id,
+                "bbox": d.bbox,
+                "score": d.score,
+            })
+        })
+        .collect()
+}
+
 #[derive(Deserialize)]
 struct RawGroundTruth {
     images: Option<Vec<RawImage>>,
@@ -208,6 +241,15 @@ impl GroundTruth {
             .iter()
             .find(|im| im.file_name.as_deref() == Some(file_name))
             .map(|im| im.id)
+    }
+
+    /// `file_name -> image id` for every image that has a file name (matching image files
+    /// of a folder to the ground truth in one pass).
+    pub fn file_name_index(&self) -> std::collections::HashMap<&str, i64> {
+        self.images
+            .iter()
+            .filter_map(|im| im.file_name.as_deref().map(|f| (f, im.id)))
+            .collect()
     }
 
     /// The name of a category id, if the ground truth lists it.

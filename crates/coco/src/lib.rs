@@ -32,7 +32,8 @@ mod summary;
 
 pub use accumulate::Accumulated;
 pub use dataset::{
-    load_results, parse_results, Category, Detection, GroundTruth, GtAnnotation, Image,
+    load_results, parse_results, results_to_json, Category, Detection, GroundTruth, GtAnnotation,
+    Image,
 };
 pub use error::{CocoError, Result};
 pub use evaluate::{evaluate, CategoryAp, EvalResult};
