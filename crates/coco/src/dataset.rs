@@ -162,7 +162,7 @@ impl GroundTruth {
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
         let raw: RawGroundTruth =
             serde_json::from_slice(bytes).map_err(|source| CocoError::Json {
-                what: "the ground truth",
+                what: "ground truth",
                 source,
             })?;
         let images = raw
@@ -290,7 +290,7 @@ pub fn parse_results(bytes: &[u8]) -> Result<Vec<Detection>> {
     }
     let raw: Vec<RawDetection> =
         serde_json::from_slice(bytes).map_err(|source| CocoError::Json {
-            what: "the results",
+            what: "results",
             source,
         })?;
     if raw.is_empty() {

@@ -5,19 +5,21 @@ use std::path::PathBuf;
 /// Everything that can go wrong while loading COCO data or evaluating it.
 #[derive(Debug, thiserror::Error)]
 pub enum CocoError {
-    #[error("cannot read {path}: {source}")]
+    // Causes are exposed through `source()`, not repeated in the message: print the chain
+    // (anyhow's `{:#}`) to see them.
+    #[error("cannot read {path}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("in {path}")]
     InFile {
         path: PathBuf,
         #[source]
         source: Box<CocoError>,
     },
-    #[error("{what} is not valid JSON of the expected shape: {source}")]
+    #[error("{what}: not valid JSON of the expected shape")]
     Json {
         what: &'static str,
         #[source]
