@@ -239,3 +239,15 @@ fn fixture_archives_store_entries_uncompressed() {
     first.read_exact(&mut head).unwrap();
     assert_eq!(head, [0x80, 0x02]);
 }
+
+#[test]
+fn every_truncation_of_an_archive_is_an_error() {
+    let s = Scratch::new("every-cut");
+    let bytes = std::fs::read(fixture("params_ema_proto4.pt")).unwrap();
+    for cut in 0..bytes.len() {
+        let p = s.write("cut.pt", &bytes[..cut]);
+        assert!(load(&p).is_err(), "cut at {cut} loaded");
+    }
+    let p = s.write("whole.pt", &bytes);
+    assert!(load(&p).is_ok());
+}

@@ -60,8 +60,8 @@ pub(crate) fn call_global(module: &str, name: &str, args: Value) -> Value {
             _ => Value::Tensor(Rc::new(Err(format!("malformed {module}.{name} arguments")))),
         },
         ("torch", "Size") => match args.into_iter().next() {
-            Some(dims) => Value::Tuple(Rc::new(dims.items().unwrap_or_default())),
-            None => Value::Tuple(Rc::new(Vec::new())),
+            Some(dims) => Value::tuple(dims.items().unwrap_or_default()),
+            None => Value::tuple(Vec::new()),
         },
         (m, n) if m.starts_with("torch") && n.starts_with("_rebuild") => {
             Value::Tensor(Rc::new(Err(format!(

@@ -27,6 +27,87 @@ pub(crate) struct TensorRef {
 
 pub(crate) type Shared<T> = Rc<RefCell<T>>;
 
+/// The items of a tuple or list. Dropping is iterative (see [`drop_iteratively`]) so a
+/// hostile pickle of deeply nested containers cannot overflow the stack.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Seq(pub Vec<Value>);
+
+/// The entries of a dict, in insertion order.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Pairs(pub Vec<(Value, Value)>);
+
+impl std::ops::Deref for Seq {
+    type Target = Vec<Value>;
+    fn deref(&self) -> &Vec<Value> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Seq {
+    fn deref_mut(&mut self) -> &mut Vec<Value> {
+        &mut self.0
+    }
+}
+
+impl std::ops::Deref for Pairs {
+    type Target = Vec<(Value, Value)>;
+    fn deref(&self) -> &Vec<(Value, Value)> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Pairs {
+    fn deref_mut(&mut self) -> &mut Vec<(Value, Value)> {
+        &mut self.0
+    }
+}
+
+impl Drop for Seq {
+    fn drop(&mut self) {
+        drop_iteratively(std::mem::take(&mut self.0));
+    }
+}
+
+impl Drop for Pairs {
+    fn drop(&mut self) {
+        let flat = std::mem::take(&mut self.0)
+            .into_iter()
+            .flat_map(|(k, v)| [k, v])
+            .collect();
+        drop_iteratively(flat);
+    }
+}
+
+/// Drops values with an explicit work list instead of recursion: containers this
+/// is the last owner of are emptied onto the list before they are freed.
+fn drop_iteratively(mut work: Vec<Value>) {
+    while let Some(v) = work.pop() {
+        match v {
+            Value::Tuple(rc) => {
+                if let Ok(mut seq) = Rc::try_unwrap(rc) {
+                    work.append(&mut seq.0);
+                }
+            }
+            Value::List(rc) => {
+                if let Ok(cell) = Rc::try_unwrap(rc) {
+                    work.append(&mut cell.into_inner().0);
+                }
+            }
+            Value::Dict(rc) => {
+                if let Ok(cell) = Rc::try_unwrap(rc) {
+                    let mut pairs = cell.into_inner();
+                    work.extend(
+                        std::mem::take(&mut pairs.0)
+                            .into_iter()
+                            .flat_map(|(k, v)| [k, v]),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// A Python value. Lists and dicts are shared and mutable because pickle fills them
 /// after memoising them, and later references (BINGET) must see the filled object.
 #[derive(Clone, Debug)]
@@ -37,10 +118,10 @@ pub(crate) enum Value {
     Float(f64),
     Str(String),
     Bytes(Rc<[u8]>),
-    Tuple(Rc<Vec<Value>>),
-    List(Shared<Vec<Value>>),
+    Tuple(Rc<Seq>),
+    List(Shared<Seq>),
     /// Insertion-ordered; a later entry with the same key overrides an earlier one.
-    Dict(Shared<Vec<(Value, Value)>>),
+    Dict(Shared<Pairs>),
     /// A class or function reference `module.name` (GLOBAL / STACK_GLOBAL).
     Global(Rc<(String, String)>),
     Storage(Rc<StorageRef>),
@@ -52,11 +133,15 @@ pub(crate) enum Value {
 
 impl Value {
     pub(crate) fn new_dict() -> Value {
-        Value::Dict(Rc::new(RefCell::new(Vec::new())))
+        Value::Dict(Rc::new(RefCell::new(Pairs::default())))
     }
 
     pub(crate) fn new_list(items: Vec<Value>) -> Value {
-        Value::List(Rc::new(RefCell::new(items)))
+        Value::List(Rc::new(RefCell::new(Seq(items))))
+    }
+
+    pub(crate) fn tuple(items: Vec<Value>) -> Value {
+        Value::Tuple(Rc::new(Seq(items)))
     }
 
     pub(crate) fn opaque(what: impl Into<String>) -> Value {
@@ -80,8 +165,8 @@ impl Value {
     /// Elements of a tuple or list.
     pub(crate) fn items(&self) -> Option<Vec<Value>> {
         match self {
-            Value::Tuple(t) => Some(t.as_ref().clone()),
-            Value::List(l) => Some(l.borrow().clone()),
+            Value::Tuple(t) => Some(t.to_vec()),
+            Value::List(l) => Some(l.borrow().to_vec()),
             _ => None,
         }
     }

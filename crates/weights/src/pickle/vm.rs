@@ -323,7 +323,7 @@ impl Machine<'_> {
             }
             b']' => self.push(Value::new_list(Vec::new())),
             b'}' => self.push(Value::new_dict()),
-            b')' => self.push(Value::Tuple(Rc::new(Vec::new()))),
+            b')' => self.push(Value::tuple(Vec::new())),
             0x8f => self.push(Value::new_list(Vec::new())), // EMPTY_SET, kept as a list
             b'l' => {
                 let items = self.pop_mark()?;
@@ -336,7 +336,7 @@ impl Machine<'_> {
             }
             b't' | 0x91 => {
                 let items = self.pop_mark()?;
-                self.push(Value::Tuple(Rc::new(items)));
+                self.push(Value::tuple(items));
             }
             0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
@@ -345,7 +345,7 @@ impl Machine<'_> {
                     items.push(self.pop()?);
                 }
                 items.reverse();
-                self.push(Value::Tuple(Rc::new(items)));
+                self.push(Value::tuple(items));
             }
             b'a' => {
                 let v = self.pop()?;
