@@ -166,15 +166,14 @@ def save(obj, path, prefix="archive", protocol=2):
             return super().persistent_id(o)
 
     Collecting(buf, protocol=protocol).dump(obj)
+    entries = [("data.pkl", buf.getvalue()), (".format_version", b"1"), (".storage_alignment", b"64"),
+               ("byteorder", b"little")]
+    entries += [(f"data/{key}", storages[key].bytes()) for key in sorted(storages)]
+    entries += [("version", b"3\n"), (".data/serialization_id", b"0123456789")]
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
-        z.writestr(f"{prefix}/data.pkl", buf.getvalue())
-        z.writestr(f"{prefix}/.format_version", "1")
-        z.writestr(f"{prefix}/.storage_alignment", "64")
-        z.writestr(f"{prefix}/byteorder", "little")
-        for key in sorted(storages):
-            z.writestr(f"{prefix}/data/{key}", storages[key].bytes())
-        z.writestr(f"{prefix}/version", "3\n")
-        z.writestr(f"{prefix}/.data/serialization_id", "0123456789")
+        for name, data in entries:
+            # A fixed timestamp keeps the fixtures byte-for-byte reproducible.
+            z.writestr(zipfile.ZipInfo(f"{prefix}/{name}", date_time=(1980, 1, 1, 0, 0, 0)), data)
 
 
 def save_twin(tensors, path):
