@@ -173,6 +173,11 @@ pub trait Backend: Send + Sync {
         let _ = parts;
         Err(unsupported(self, "concat_channels_n"))
     }
+    /// Concatenates sequences `[B, 1, L_i, C]` along their length: `[B, 1, sum L_i, C]`.
+    fn concat_rows(&self, parts: &[&Self::Tensor]) -> Result<Self::Tensor> {
+        let _ = parts;
+        Err(unsupported(self, "concat_rows"))
+    }
     /// Element-wise `a * b`; `b` may have a single channel, broadcast over `a`'s channels.
     fn mul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor> {
         let _ = (a, b);

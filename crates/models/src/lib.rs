@@ -1,6 +1,7 @@
 //! Model definitions written against the engine's [`aperture_engine::Backend`]:
 //! configuration, weight loading and mapping, and the forward graph.
 
+pub mod dfine;
 pub mod error;
 pub mod registry;
 pub mod restormer;

@@ -256,6 +256,10 @@ impl Backend for CpuBackend {
         spatial::concat_channels_n(parts)
     }
 
+    fn concat_rows(&self, parts: &[&CpuTensor]) -> Result<CpuTensor> {
+        sequence::concat_rows(parts)
+    }
+
     fn mul(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
         spatial::mul(a, b)
     }

@@ -103,6 +103,35 @@ pub fn gated_sum(a: &CpuTensor, b: &CpuTensor, gates: &CpuTensor) -> Result<CpuT
     Ok(out)
 }
 
+/// Concatenates `[B, 1, L_i, C]` sequences along L.
+pub fn concat_rows(parts: &[&CpuTensor]) -> Result<CpuTensor> {
+    let first = parts
+        .first()
+        .ok_or_else(|| EngineError::Invalid("nothing to concatenate".into()))?;
+    if let Some(p) = parts
+        .iter()
+        .find(|p| p.h != 1 || p.n != first.n || p.c != first.c)
+    {
+        return Err(EngineError::Shape(format!(
+            "cannot concatenate sequences {:?} and {:?}",
+            first.dims(),
+            p.dims()
+        )));
+    }
+    let total: usize = parts.iter().map(|p| p.w).sum();
+    let mut out = CpuTensor::zeros(first.n, 1, total, first.c);
+    let c = first.c;
+    for b in 0..first.n {
+        let mut at = b * total * c;
+        for p in parts {
+            let len = p.w * c;
+            out.data[at..at + len].copy_from_slice(&p.data[b * len..(b + 1) * len]);
+            at += len;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +183,31 @@ mod tests {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
         assert!(attention(&q, &k, &v, 3, 1.0).is_err());
+    }
+
+    #[test]
+    fn rows_concatenate_per_batch_item() {
+        let a = CpuTensor {
+            n: 2,
+            h: 1,
+            w: 1,
+            c: 2,
+            data: vec![1.0, 2.0, 3.0, 4.0],
+        };
+        let b = CpuTensor {
+            n: 2,
+            h: 1,
+            w: 2,
+            c: 2,
+            data: vec![5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0],
+        };
+        let y = concat_rows(&[&a, &b]).unwrap();
+        assert_eq!(y.dims(), [2, 1, 3, 2]);
+        assert_eq!(
+            y.data,
+            vec![1.0, 2.0, 5.0, 6.0, 7.0, 8.0, 3.0, 4.0, 9.0, 10.0, 11.0, 12.0]
+        );
+        assert!(concat_rows(&[&a, &CpuTensor::zeros(2, 1, 1, 3)]).is_err());
     }
 
     #[test]

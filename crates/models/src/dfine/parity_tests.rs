@@ -1,0 +1,157 @@
+//! Parity with transformers' `DFineForObjectDetection` (goldens written by
+//! `tools/dfine_golden.py` with seeded weights; see tests/fixtures/dfine/).
+
+use std::path::PathBuf;
+
+use aperture_engine::cpu::CpuBackend;
+use aperture_engine::{relative_l2, HostTensor};
+
+use super::*;
+
+fn fixture(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/dfine")
+        .join(case)
+}
+
+fn golden(case: &str) -> aperture_weights::StateDict {
+    aperture_weights::load(&fixture(case).join("golden.safetensors")).expect("golden outputs")
+}
+
+fn get(g: &aperture_weights::StateDict, name: &str) -> HostTensor {
+    g.get(name)
+        .unwrap_or_else(|| panic!("golden has no {name}"))
+        .clone()
+}
+
+#[test]
+fn tiny_model_matches_transformers() {
+    let snap = load_dfine(&fixture("tiny")).unwrap();
+    let g = golden("tiny");
+    let runner = DFineRunner::new(CpuBackend::new(), &snap, 0).unwrap();
+    let (logits, boxes) = runner.detect(&get(&g, "pixel_values")).unwrap();
+    let (want_l, want_b) = (get(&g, "logits"), get(&g, "pred_boxes"));
+    assert_eq!(logits.shape(), want_l.shape());
+    assert_eq!(boxes.shape(), want_b.shape());
+    let el = relative_l2(&logits.to_f32_vec(), &want_l.to_f32_vec());
+    let eb = relative_l2(&boxes.to_f32_vec(), &want_b.to_f32_vec());
+    eprintln!("tiny D-FINE vs transformers: relative L2 logits {el:.3e}, pred_boxes {eb:.3e}");
+    assert!(
+        el <= 1e-4 && eb <= 1e-4,
+        "relative L2: logits {el:e}, boxes {eb:e}"
+    );
+    // Identical top-k labels after post-processing, and the same detections.
+    let dets: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny").join("detections.json")).unwrap(),
+    )
+    .unwrap();
+    let threshold = dets["threshold"].as_f64().unwrap() as f32;
+    let (q, c) = (snap.config.num_queries, snap.config.num_labels);
+    let (lv, bv) = (logits.to_f32_vec(), boxes.to_f32_vec());
+    for (i, img) in dets["images"].as_array().unwrap().iter().enumerate() {
+        let size = &dets["target_sizes"][i];
+        let size = (
+            size[0].as_u64().unwrap() as u32,
+            size[1].as_u64().unwrap() as u32,
+        );
+        let ours = post_process(
+            &lv[i * q * c..(i + 1) * q * c],
+            &bv[i * q * 4..(i + 1) * q * 4],
+            c,
+            threshold,
+            size,
+        )
+        .unwrap();
+        let labels: Vec<usize> = img["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(
+            ours.iter().map(|d| d.label).collect::<Vec<_>>(),
+            labels,
+            "image {i}"
+        );
+        for (d, (s, bx)) in ours.iter().zip(
+            img["scores"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(img["boxes"].as_array().unwrap()),
+        ) {
+            assert!((d.score - s.as_f64().unwrap() as f32).abs() < 1e-4);
+            for (a, e) in d.bbox.iter().zip(bx.as_array().unwrap()) {
+                assert!(
+                    (a - e.as_f64().unwrap() as f32).abs()
+                        < 1e-2 * size.1.max(size.0) as f32 * 1e-2,
+                    "{a} vs {e}"
+                );
+            }
+        }
+        let names: Vec<String> = ours.iter().map(|d| snap.config.label(d.label)).collect();
+        assert_eq!(serde_json::json!(names), img["names"]);
+    }
+}
+
+#[test]
+fn config_of_another_architecture_is_refused() {
+    let dir = std::env::temp_dir().join(format!("aperture-dfine-arch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"architectures": ["RTDetrForObjectDetection"], "model_type": "rt_detr"}"#,
+    )
+    .unwrap();
+    let err = load_dfine(&dir).err().expect("must fail").to_string();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(
+        err.contains("rt_detr") && err.contains("not D-FINE"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_and_misshaped_weights_are_listed_together() {
+    let mut snap = load_dfine(&fixture("tiny")).unwrap();
+    let mut t = snap.weights.clone().into_tensors();
+    t.remove("model.enc_score_head.weight");
+    t.remove("model.decoder.up");
+    t.insert(
+        "model.decoder.layers.0.fc1.bias".into(),
+        HostTensor::zeros(vec![3]),
+    );
+    t.insert(
+        "model.some_new_head.weight".into(),
+        HostTensor::zeros(vec![2, 2]),
+    );
+    snap.weights = aperture_weights::StateDict::from_tensors(t);
+    let err = DFineRunner::new(CpuBackend::new(), &snap, 0)
+        .err()
+        .expect("must fail")
+        .to_string();
+    for part in [
+        "missing      model.enc_score_head.weight (expected shape [5, 32])",
+        "missing      model.decoder.up (expected shape [1])",
+        "model.decoder.layers.0.fc1.bias: expected [64], found [3]",
+        "unexpected   model.some_new_head.weight",
+        "4 problems",
+    ] {
+        assert!(err.contains(part), "'{part}' not in:\n{err}");
+    }
+}
+
+#[test]
+fn tiny_images_are_refused_without_panicking() {
+    let snap = load_dfine(&fixture("tiny")).unwrap();
+    let runner = DFineRunner::new(CpuBackend::new(), &snap, 0).unwrap();
+    for shape in [
+        vec![1, 3, 1, 1],
+        vec![1, 3, 40, 40],
+        vec![1, 1, 64, 64],
+        vec![3, 64, 64],
+    ] {
+        let err = runner.detect(&HostTensor::zeros(shape.clone()));
+        assert!(err.is_err(), "{shape:?} should be refused");
+    }
+}
