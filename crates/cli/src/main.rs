@@ -24,6 +24,10 @@ enum Command {
     Enhance(commands::enhance::EnhanceArgs),
     /// Evaluate COCO detections: the 12 standard bbox stats, identical to pycocotools.
     Eval(commands::eval::EvalArgs),
+    /// Serve models over KServe v2 HTTP/gRPC (Triton-compatible) with dynamic batching.
+    Serve(commands::serve::ServeArgs),
+    /// Load generator for a running server: concurrency sweep, latency percentiles.
+    Loadgen(commands::loadgen::LoadgenArgs),
 }
 
 fn main() {
@@ -40,6 +44,8 @@ fn main() {
         Command::Run(a) => commands::run::run(a),
         Command::Enhance(a) => commands::enhance::run(a),
         Command::Eval(a) => commands::eval::run(a),
+        Command::Serve(a) => commands::serve::run(a),
+        Command::Loadgen(a) => commands::loadgen::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

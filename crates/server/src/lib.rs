@@ -20,3 +20,11 @@ pub use error::{Result, ServerError};
 pub use factory::{ArchitectureRegistry, BuildError, ModelContext, RunnerFactory};
 pub use model::{InferRequest, LoadedModel};
 pub use repository::{ModelSource, Repository};
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+pub mod server;
+
+pub use metrics::GpuMetrics;
+pub use server::{run_until_signal, shutdown_signal, ServeOptions, Server, Shared};
+pub mod loadgen;

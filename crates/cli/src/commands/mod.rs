@@ -5,3 +5,5 @@ pub mod enhance;
 pub mod eval;
 pub mod info;
 pub mod run;
+pub mod serve;
+pub mod loadgen;

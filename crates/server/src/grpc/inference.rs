@@ -15,17 +15,7 @@ pub struct ModelInstanceGroup {
 /// Nested message and enum types in `ModelInstanceGroup`.
 pub mod model_instance_group {
     #[allow(clippy::all)]
-    #[derive(
-        Clone,
-        Copy,
-        Debug,
-        PartialEq,
-        Eq,
-        Hash,
-        PartialOrd,
-        Ord,
-        ::prost::Enumeration
-    )]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
     #[repr(i32)]
     pub enum Kind {
         Auto = 0,
@@ -129,17 +119,7 @@ pub struct ModelQueuePolicy {
 /// Nested message and enum types in `ModelQueuePolicy`.
 pub mod model_queue_policy {
     #[allow(clippy::all)]
-    #[derive(
-        Clone,
-        Copy,
-        Debug,
-        PartialEq,
-        Eq,
-        Hash,
-        PartialOrd,
-        Ord,
-        ::prost::Enumeration
-    )]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
     #[repr(i32)]
     pub enum TimeoutAction {
         Reject = 0,
@@ -210,10 +190,7 @@ pub struct ModelConfig {
     #[prost(message, optional, tag = "11")]
     pub dynamic_batching: ::core::option::Option<ModelDynamicBatching>,
     #[prost(map = "string, message", tag = "14")]
-    pub parameters: ::std::collections::HashMap<
-        ::prost::alloc::string::String,
-        ModelParameter,
-    >,
+    pub parameters: ::std::collections::HashMap<::prost::alloc::string::String, ModelParameter>,
     #[prost(string, tag = "17")]
     pub backend: ::prost::alloc::string::String,
 }
@@ -417,16 +394,11 @@ pub struct ModelInferRequest {
     #[prost(string, tag = "3")]
     pub id: ::prost::alloc::string::String,
     #[prost(map = "string, message", tag = "4")]
-    pub parameters: ::std::collections::HashMap<
-        ::prost::alloc::string::String,
-        InferParameter,
-    >,
+    pub parameters: ::std::collections::HashMap<::prost::alloc::string::String, InferParameter>,
     #[prost(message, repeated, tag = "5")]
     pub inputs: ::prost::alloc::vec::Vec<model_infer_request::InferInputTensor>,
     #[prost(message, repeated, tag = "6")]
-    pub outputs: ::prost::alloc::vec::Vec<
-        model_infer_request::InferRequestedOutputTensor,
-    >,
+    pub outputs: ::prost::alloc::vec::Vec<model_infer_request::InferRequestedOutputTensor>,
     #[prost(bytes = "vec", repeated, tag = "7")]
     pub raw_input_contents: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
 }
@@ -442,10 +414,8 @@ pub mod model_infer_request {
         #[prost(int64, repeated, tag = "3")]
         pub shape: ::prost::alloc::vec::Vec<i64>,
         #[prost(map = "string, message", tag = "4")]
-        pub parameters: ::std::collections::HashMap<
-            ::prost::alloc::string::String,
-            super::InferParameter,
-        >,
+        pub parameters:
+            ::std::collections::HashMap<::prost::alloc::string::String, super::InferParameter>,
         #[prost(message, optional, tag = "5")]
         pub contents: ::core::option::Option<super::InferTensorContents>,
     }
@@ -455,10 +425,8 @@ pub mod model_infer_request {
         #[prost(string, tag = "1")]
         pub name: ::prost::alloc::string::String,
         #[prost(map = "string, message", tag = "2")]
-        pub parameters: ::std::collections::HashMap<
-            ::prost::alloc::string::String,
-            super::InferParameter,
-        >,
+        pub parameters:
+            ::std::collections::HashMap<::prost::alloc::string::String, super::InferParameter>,
     }
 }
 #[allow(clippy::all)]
@@ -471,10 +439,7 @@ pub struct ModelInferResponse {
     #[prost(string, tag = "3")]
     pub id: ::prost::alloc::string::String,
     #[prost(map = "string, message", tag = "4")]
-    pub parameters: ::std::collections::HashMap<
-        ::prost::alloc::string::String,
-        InferParameter,
-    >,
+    pub parameters: ::std::collections::HashMap<::prost::alloc::string::String, InferParameter>,
     #[prost(message, repeated, tag = "5")]
     pub outputs: ::prost::alloc::vec::Vec<model_infer_response::InferOutputTensor>,
     #[prost(bytes = "vec", repeated, tag = "6")]
@@ -492,10 +457,8 @@ pub mod model_infer_response {
         #[prost(int64, repeated, tag = "3")]
         pub shape: ::prost::alloc::vec::Vec<i64>,
         #[prost(map = "string, message", tag = "4")]
-        pub parameters: ::std::collections::HashMap<
-            ::prost::alloc::string::String,
-            super::InferParameter,
-        >,
+        pub parameters:
+            ::std::collections::HashMap<::prost::alloc::string::String, super::InferParameter>,
         #[prost(message, optional, tag = "5")]
         pub contents: ::core::option::Option<super::InferTensorContents>,
     }
@@ -597,10 +560,11 @@ pub struct ModelStatisticsResponse {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ModelRepositoryParameter {
-    #[prost(oneof = "model_repository_parameter::ParameterChoice", tags = "1, 2, 3, 4")]
-    pub parameter_choice: ::core::option::Option<
-        model_repository_parameter::ParameterChoice,
-    >,
+    #[prost(
+        oneof = "model_repository_parameter::ParameterChoice",
+        tags = "1, 2, 3, 4"
+    )]
+    pub parameter_choice: ::core::option::Option<model_repository_parameter::ParameterChoice>,
 }
 /// Nested message and enum types in `ModelRepositoryParameter`.
 pub mod model_repository_parameter {
@@ -654,10 +618,8 @@ pub struct RepositoryModelLoadRequest {
     #[prost(string, tag = "2")]
     pub model_name: ::prost::alloc::string::String,
     #[prost(map = "string, message", tag = "3")]
-    pub parameters: ::std::collections::HashMap<
-        ::prost::alloc::string::String,
-        ModelRepositoryParameter,
-    >,
+    pub parameters:
+        ::std::collections::HashMap<::prost::alloc::string::String, ModelRepositoryParameter>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -670,10 +632,8 @@ pub struct RepositoryModelUnloadRequest {
     #[prost(string, tag = "2")]
     pub model_name: ::prost::alloc::string::String,
     #[prost(map = "string, message", tag = "3")]
-    pub parameters: ::std::collections::HashMap<
-        ::prost::alloc::string::String,
-        ModelRepositoryParameter,
-    >,
+    pub parameters:
+        ::std::collections::HashMap<::prost::alloc::string::String, ModelRepositoryParameter>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -685,10 +645,10 @@ pub mod grpc_inference_service_client {
         dead_code,
         missing_docs,
         clippy::wildcard_imports,
-        clippy::let_unit_value,
+        clippy::let_unit_value
     )]
-    use tonic::codegen::*;
     use tonic::codegen::http::Uri;
+    use tonic::codegen::*;
     #[derive(Debug, Clone)]
     pub struct GrpcInferenceServiceClient<T> {
         inner: tonic::client::Grpc<T>,
@@ -721,9 +681,8 @@ pub mod grpc_inference_service_client {
                     <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
                 >,
             >,
-            <T as tonic::codegen::Service<
-                http::Request<tonic::body::Body>,
-            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+            <T as tonic::codegen::Service<http::Request<tonic::body::Body>>>::Error:
+                Into<StdError> + std::marker::Send + std::marker::Sync,
         {
             GrpcInferenceServiceClient::new(InterceptedService::new(inner, interceptor))
         }
@@ -761,151 +720,111 @@ pub mod grpc_inference_service_client {
         pub async fn server_live(
             &mut self,
             request: impl tonic::IntoRequest<super::ServerLiveRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::ServerLiveResponse>,
-            tonic::Status,
-        > {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
+        ) -> std::result::Result<tonic::Response<super::ServerLiveResponse>, tonic::Status>
+        {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
             let codec = tonic_prost::ProstCodec::default();
-            let path = http::uri::PathAndQuery::from_static(
-                "/inference.GRPCInferenceService/ServerLive",
-            );
+            let path =
+                http::uri::PathAndQuery::from_static("/inference.GRPCInferenceService/ServerLive");
             let mut req = request.into_request();
-            req.extensions_mut()
-                .insert(GrpcMethod::new("inference.GRPCInferenceService", "ServerLive"));
+            req.extensions_mut().insert(GrpcMethod::new(
+                "inference.GRPCInferenceService",
+                "ServerLive",
+            ));
             self.inner.unary(req, path, codec).await
         }
         pub async fn server_ready(
             &mut self,
             request: impl tonic::IntoRequest<super::ServerReadyRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::ServerReadyResponse>,
-            tonic::Status,
-        > {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
+        ) -> std::result::Result<tonic::Response<super::ServerReadyResponse>, tonic::Status>
+        {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
             let codec = tonic_prost::ProstCodec::default();
-            let path = http::uri::PathAndQuery::from_static(
-                "/inference.GRPCInferenceService/ServerReady",
-            );
+            let path =
+                http::uri::PathAndQuery::from_static("/inference.GRPCInferenceService/ServerReady");
             let mut req = request.into_request();
-            req.extensions_mut()
-                .insert(
-                    GrpcMethod::new("inference.GRPCInferenceService", "ServerReady"),
-                );
+            req.extensions_mut().insert(GrpcMethod::new(
+                "inference.GRPCInferenceService",
+                "ServerReady",
+            ));
             self.inner.unary(req, path, codec).await
         }
         pub async fn model_ready(
             &mut self,
             request: impl tonic::IntoRequest<super::ModelReadyRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::ModelReadyResponse>,
-            tonic::Status,
-        > {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
+        ) -> std::result::Result<tonic::Response<super::ModelReadyResponse>, tonic::Status>
+        {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
             let codec = tonic_prost::ProstCodec::default();
-            let path = http::uri::PathAndQuery::from_static(
-                "/inference.GRPCInferenceService/ModelReady",
-            );
+            let path =
+                http::uri::PathAndQuery::from_static("/inference.GRPCInferenceService/ModelReady");
             let mut req = request.into_request();
-            req.extensions_mut()
-                .insert(GrpcMethod::new("inference.GRPCInferenceService", "ModelReady"));
+            req.extensions_mut().insert(GrpcMethod::new(
+                "inference.GRPCInferenceService",
+                "ModelReady",
+            ));
             self.inner.unary(req, path, codec).await
         }
         pub async fn server_metadata(
             &mut self,
             request: impl tonic::IntoRequest<super::ServerMetadataRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::ServerMetadataResponse>,
-            tonic::Status,
-        > {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
+        ) -> std::result::Result<tonic::Response<super::ServerMetadataResponse>, tonic::Status>
+        {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
             let codec = tonic_prost::ProstCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/inference.GRPCInferenceService/ServerMetadata",
             );
             let mut req = request.into_request();
-            req.extensions_mut()
-                .insert(
-                    GrpcMethod::new("inference.GRPCInferenceService", "ServerMetadata"),
-                );
+            req.extensions_mut().insert(GrpcMethod::new(
+                "inference.GRPCInferenceService",
+                "ServerMetadata",
+            ));
             self.inner.unary(req, path, codec).await
         }
         pub async fn model_metadata(
             &mut self,
             request: impl tonic::IntoRequest<super::ModelMetadataRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::ModelMetadataResponse>,
-            tonic::Status,
-        > {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
+        ) -> std::result::Result<tonic::Response<super::ModelMetadataResponse>, tonic::Status>
+        {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
             let codec = tonic_prost::ProstCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/inference.GRPCInferenceService/ModelMetadata",
             );
             let mut req = request.into_request();
-            req.extensions_mut()
-                .insert(
-                    GrpcMethod::new("inference.GRPCInferenceService", "ModelMetadata"),
-                );
+            req.extensions_mut().insert(GrpcMethod::new(
+                "inference.GRPCInferenceService",
+                "ModelMetadata",
+            ));
             self.inner.unary(req, path, codec).await
         }
         pub async fn model_infer(
             &mut self,
             request: impl tonic::IntoRequest<super::ModelInferRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::ModelInferResponse>,
-            tonic::Status,
-        > {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
+        ) -> std::result::Result<tonic::Response<super::ModelInferResponse>, tonic::Status>
+        {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
             let codec = tonic_prost::ProstCodec::default();
-            let path = http::uri::PathAndQuery::from_static(
-                "/inference.GRPCInferenceService/ModelInfer",
-            );
+            let path =
+                http::uri::PathAndQuery::from_static("/inference.GRPCInferenceService/ModelInfer");
             let mut req = request.into_request();
-            req.extensions_mut()
-                .insert(GrpcMethod::new("inference.GRPCInferenceService", "ModelInfer"));
+            req.extensions_mut().insert(GrpcMethod::new(
+                "inference.GRPCInferenceService",
+                "ModelInfer",
+            ));
             self.inner.unary(req, path, codec).await
         }
         pub async fn model_stream_infer(
@@ -915,159 +834,112 @@ pub mod grpc_inference_service_client {
             tonic::Response<tonic::codec::Streaming<super::ModelStreamInferResponse>>,
             tonic::Status,
         > {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
             let codec = tonic_prost::ProstCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/inference.GRPCInferenceService/ModelStreamInfer",
             );
             let mut req = request.into_streaming_request();
-            req.extensions_mut()
-                .insert(
-                    GrpcMethod::new("inference.GRPCInferenceService", "ModelStreamInfer"),
-                );
+            req.extensions_mut().insert(GrpcMethod::new(
+                "inference.GRPCInferenceService",
+                "ModelStreamInfer",
+            ));
             self.inner.streaming(req, path, codec).await
         }
         pub async fn model_config(
             &mut self,
             request: impl tonic::IntoRequest<super::ModelConfigRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::ModelConfigResponse>,
-            tonic::Status,
-        > {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
+        ) -> std::result::Result<tonic::Response<super::ModelConfigResponse>, tonic::Status>
+        {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
             let codec = tonic_prost::ProstCodec::default();
-            let path = http::uri::PathAndQuery::from_static(
-                "/inference.GRPCInferenceService/ModelConfig",
-            );
+            let path =
+                http::uri::PathAndQuery::from_static("/inference.GRPCInferenceService/ModelConfig");
             let mut req = request.into_request();
-            req.extensions_mut()
-                .insert(
-                    GrpcMethod::new("inference.GRPCInferenceService", "ModelConfig"),
-                );
+            req.extensions_mut().insert(GrpcMethod::new(
+                "inference.GRPCInferenceService",
+                "ModelConfig",
+            ));
             self.inner.unary(req, path, codec).await
         }
         pub async fn model_statistics(
             &mut self,
             request: impl tonic::IntoRequest<super::ModelStatisticsRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::ModelStatisticsResponse>,
-            tonic::Status,
-        > {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
+        ) -> std::result::Result<tonic::Response<super::ModelStatisticsResponse>, tonic::Status>
+        {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
             let codec = tonic_prost::ProstCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/inference.GRPCInferenceService/ModelStatistics",
             );
             let mut req = request.into_request();
-            req.extensions_mut()
-                .insert(
-                    GrpcMethod::new("inference.GRPCInferenceService", "ModelStatistics"),
-                );
+            req.extensions_mut().insert(GrpcMethod::new(
+                "inference.GRPCInferenceService",
+                "ModelStatistics",
+            ));
             self.inner.unary(req, path, codec).await
         }
         pub async fn repository_index(
             &mut self,
             request: impl tonic::IntoRequest<super::RepositoryIndexRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::RepositoryIndexResponse>,
-            tonic::Status,
-        > {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
+        ) -> std::result::Result<tonic::Response<super::RepositoryIndexResponse>, tonic::Status>
+        {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
             let codec = tonic_prost::ProstCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/inference.GRPCInferenceService/RepositoryIndex",
             );
             let mut req = request.into_request();
-            req.extensions_mut()
-                .insert(
-                    GrpcMethod::new("inference.GRPCInferenceService", "RepositoryIndex"),
-                );
+            req.extensions_mut().insert(GrpcMethod::new(
+                "inference.GRPCInferenceService",
+                "RepositoryIndex",
+            ));
             self.inner.unary(req, path, codec).await
         }
         pub async fn repository_model_load(
             &mut self,
             request: impl tonic::IntoRequest<super::RepositoryModelLoadRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::RepositoryModelLoadResponse>,
-            tonic::Status,
-        > {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
+        ) -> std::result::Result<tonic::Response<super::RepositoryModelLoadResponse>, tonic::Status>
+        {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
             let codec = tonic_prost::ProstCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/inference.GRPCInferenceService/RepositoryModelLoad",
             );
             let mut req = request.into_request();
-            req.extensions_mut()
-                .insert(
-                    GrpcMethod::new(
-                        "inference.GRPCInferenceService",
-                        "RepositoryModelLoad",
-                    ),
-                );
+            req.extensions_mut().insert(GrpcMethod::new(
+                "inference.GRPCInferenceService",
+                "RepositoryModelLoad",
+            ));
             self.inner.unary(req, path, codec).await
         }
         pub async fn repository_model_unload(
             &mut self,
             request: impl tonic::IntoRequest<super::RepositoryModelUnloadRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::RepositoryModelUnloadResponse>,
-            tonic::Status,
-        > {
-            self.inner
-                .ready()
-                .await
-                .map_err(|e| {
-                    tonic::Status::unknown(
-                        format!("Service was not ready: {}", e.into()),
-                    )
-                })?;
+        ) -> std::result::Result<tonic::Response<super::RepositoryModelUnloadResponse>, tonic::Status>
+        {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
             let codec = tonic_prost::ProstCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/inference.GRPCInferenceService/RepositoryModelUnload",
             );
             let mut req = request.into_request();
-            req.extensions_mut()
-                .insert(
-                    GrpcMethod::new(
-                        "inference.GRPCInferenceService",
-                        "RepositoryModelUnload",
-                    ),
-                );
+            req.extensions_mut().insert(GrpcMethod::new(
+                "inference.GRPCInferenceService",
+                "RepositoryModelUnload",
+            ));
             self.inner.unary(req, path, codec).await
         }
     }
@@ -1079,7 +951,7 @@ pub mod grpc_inference_service_server {
         dead_code,
         missing_docs,
         clippy::wildcard_imports,
-        clippy::let_unit_value,
+        clippy::let_unit_value
     )]
     use tonic::codegen::*;
     /// Generated trait containing gRPC methods that should be implemented for use with GrpcInferenceServiceServer.
@@ -1088,96 +960,56 @@ pub mod grpc_inference_service_server {
         async fn server_live(
             &self,
             request: tonic::Request<super::ServerLiveRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::ServerLiveResponse>,
-            tonic::Status,
-        >;
+        ) -> std::result::Result<tonic::Response<super::ServerLiveResponse>, tonic::Status>;
         async fn server_ready(
             &self,
             request: tonic::Request<super::ServerReadyRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::ServerReadyResponse>,
-            tonic::Status,
-        >;
+        ) -> std::result::Result<tonic::Response<super::ServerReadyResponse>, tonic::Status>;
         async fn model_ready(
             &self,
             request: tonic::Request<super::ModelReadyRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::ModelReadyResponse>,
-            tonic::Status,
-        >;
+        ) -> std::result::Result<tonic::Response<super::ModelReadyResponse>, tonic::Status>;
         async fn server_metadata(
             &self,
             request: tonic::Request<super::ServerMetadataRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::ServerMetadataResponse>,
-            tonic::Status,
-        >;
+        ) -> std::result::Result<tonic::Response<super::ServerMetadataResponse>, tonic::Status>;
         async fn model_metadata(
             &self,
             request: tonic::Request<super::ModelMetadataRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::ModelMetadataResponse>,
-            tonic::Status,
-        >;
+        ) -> std::result::Result<tonic::Response<super::ModelMetadataResponse>, tonic::Status>;
         async fn model_infer(
             &self,
             request: tonic::Request<super::ModelInferRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::ModelInferResponse>,
-            tonic::Status,
-        >;
+        ) -> std::result::Result<tonic::Response<super::ModelInferResponse>, tonic::Status>;
         /// Server streaming response type for the ModelStreamInfer method.
         type ModelStreamInferStream: tonic::codegen::tokio_stream::Stream<
-                Item = std::result::Result<
-                    super::ModelStreamInferResponse,
-                    tonic::Status,
-                >,
-            >
-            + std::marker::Send
+                Item = std::result::Result<super::ModelStreamInferResponse, tonic::Status>,
+            > + std::marker::Send
             + 'static;
         async fn model_stream_infer(
             &self,
             request: tonic::Request<tonic::Streaming<super::ModelInferRequest>>,
-        ) -> std::result::Result<
-            tonic::Response<Self::ModelStreamInferStream>,
-            tonic::Status,
-        >;
+        ) -> std::result::Result<tonic::Response<Self::ModelStreamInferStream>, tonic::Status>;
         async fn model_config(
             &self,
             request: tonic::Request<super::ModelConfigRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::ModelConfigResponse>,
-            tonic::Status,
-        >;
+        ) -> std::result::Result<tonic::Response<super::ModelConfigResponse>, tonic::Status>;
         async fn model_statistics(
             &self,
             request: tonic::Request<super::ModelStatisticsRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::ModelStatisticsResponse>,
-            tonic::Status,
-        >;
+        ) -> std::result::Result<tonic::Response<super::ModelStatisticsResponse>, tonic::Status>;
         async fn repository_index(
             &self,
             request: tonic::Request<super::RepositoryIndexRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::RepositoryIndexResponse>,
-            tonic::Status,
-        >;
+        ) -> std::result::Result<tonic::Response<super::RepositoryIndexResponse>, tonic::Status>;
         async fn repository_model_load(
             &self,
             request: tonic::Request<super::RepositoryModelLoadRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::RepositoryModelLoadResponse>,
-            tonic::Status,
-        >;
+        ) -> std::result::Result<tonic::Response<super::RepositoryModelLoadResponse>, tonic::Status>;
         async fn repository_model_unload(
             &self,
             request: tonic::Request<super::RepositoryModelUnloadRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::RepositoryModelUnloadResponse>,
-            tonic::Status,
-        >;
+        ) -> std::result::Result<tonic::Response<super::RepositoryModelUnloadResponse>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct GrpcInferenceServiceServer<T> {
@@ -1200,10 +1032,7 @@ pub mod grpc_inference_service_server {
                 max_encoding_message_size: None,
             }
         }
-        pub fn with_interceptor<F>(
-            inner: T,
-            interceptor: F,
-        ) -> InterceptedService<Self, F>
+        pub fn with_interceptor<F>(inner: T, interceptor: F) -> InterceptedService<Self, F>
         where
             F: tonic::service::Interceptor,
         {
@@ -1238,8 +1067,7 @@ pub mod grpc_inference_service_server {
             self
         }
     }
-    impl<T, B> tonic::codegen::Service<http::Request<B>>
-    for GrpcInferenceServiceServer<T>
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for GrpcInferenceServiceServer<T>
     where
         T: GrpcInferenceService,
         B: Body + std::marker::Send + 'static,
@@ -1259,23 +1087,18 @@ pub mod grpc_inference_service_server {
                 "/inference.GRPCInferenceService/ServerLive" => {
                     #[allow(non_camel_case_types)]
                     struct ServerLiveSvc<T: GrpcInferenceService>(pub Arc<T>);
-                    impl<
-                        T: GrpcInferenceService,
-                    > tonic::server::UnaryService<super::ServerLiveRequest>
-                    for ServerLiveSvc<T> {
+                    impl<T: GrpcInferenceService>
+                        tonic::server::UnaryService<super::ServerLiveRequest> for ServerLiveSvc<T>
+                    {
                         type Response = super::ServerLiveResponse;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::Response>,
-                            tonic::Status,
-                        >;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
                         fn call(
                             &mut self,
                             request: tonic::Request<super::ServerLiveRequest>,
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
                             let fut = async move {
-                                <T as GrpcInferenceService>::server_live(&inner, request)
-                                    .await
+                                <T as GrpcInferenceService>::server_live(&inner, request).await
                             };
                             Box::pin(fut)
                         }
@@ -1305,23 +1128,19 @@ pub mod grpc_inference_service_server {
                 "/inference.GRPCInferenceService/ServerReady" => {
                     #[allow(non_camel_case_types)]
                     struct ServerReadySvc<T: GrpcInferenceService>(pub Arc<T>);
-                    impl<
-                        T: GrpcInferenceService,
-                    > tonic::server::UnaryService<super::ServerReadyRequest>
-                    for ServerReadySvc<T> {
+                    impl<T: GrpcInferenceService>
+                        tonic::server::UnaryService<super::ServerReadyRequest>
+                        for ServerReadySvc<T>
+                    {
                         type Response = super::ServerReadyResponse;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::Response>,
-                            tonic::Status,
-                        >;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
                         fn call(
                             &mut self,
                             request: tonic::Request<super::ServerReadyRequest>,
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
                             let fut = async move {
-                                <T as GrpcInferenceService>::server_ready(&inner, request)
-                                    .await
+                                <T as GrpcInferenceService>::server_ready(&inner, request).await
                             };
                             Box::pin(fut)
                         }
@@ -1351,23 +1170,18 @@ pub mod grpc_inference_service_server {
                 "/inference.GRPCInferenceService/ModelReady" => {
                     #[allow(non_camel_case_types)]
                     struct ModelReadySvc<T: GrpcInferenceService>(pub Arc<T>);
-                    impl<
-                        T: GrpcInferenceService,
-                    > tonic::server::UnaryService<super::ModelReadyRequest>
-                    for ModelReadySvc<T> {
+                    impl<T: GrpcInferenceService>
+                        tonic::server::UnaryService<super::ModelReadyRequest> for ModelReadySvc<T>
+                    {
                         type Response = super::ModelReadyResponse;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::Response>,
-                            tonic::Status,
-                        >;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
                         fn call(
                             &mut self,
                             request: tonic::Request<super::ModelReadyRequest>,
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
                             let fut = async move {
-                                <T as GrpcInferenceService>::model_ready(&inner, request)
-                                    .await
+                                <T as GrpcInferenceService>::model_ready(&inner, request).await
                             };
                             Box::pin(fut)
                         }
@@ -1397,26 +1211,19 @@ pub mod grpc_inference_service_server {
                 "/inference.GRPCInferenceService/ServerMetadata" => {
                     #[allow(non_camel_case_types)]
                     struct ServerMetadataSvc<T: GrpcInferenceService>(pub Arc<T>);
-                    impl<
-                        T: GrpcInferenceService,
-                    > tonic::server::UnaryService<super::ServerMetadataRequest>
-                    for ServerMetadataSvc<T> {
+                    impl<T: GrpcInferenceService>
+                        tonic::server::UnaryService<super::ServerMetadataRequest>
+                        for ServerMetadataSvc<T>
+                    {
                         type Response = super::ServerMetadataResponse;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::Response>,
-                            tonic::Status,
-                        >;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
                         fn call(
                             &mut self,
                             request: tonic::Request<super::ServerMetadataRequest>,
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
                             let fut = async move {
-                                <T as GrpcInferenceService>::server_metadata(
-                                        &inner,
-                                        request,
-                                    )
-                                    .await
+                                <T as GrpcInferenceService>::server_metadata(&inner, request).await
                             };
                             Box::pin(fut)
                         }
@@ -1446,23 +1253,19 @@ pub mod grpc_inference_service_server {
                 "/inference.GRPCInferenceService/ModelMetadata" => {
                     #[allow(non_camel_case_types)]
                     struct ModelMetadataSvc<T: GrpcInferenceService>(pub Arc<T>);
-                    impl<
-                        T: GrpcInferenceService,
-                    > tonic::server::UnaryService<super::ModelMetadataRequest>
-                    for ModelMetadataSvc<T> {
+                    impl<T: GrpcInferenceService>
+                        tonic::server::UnaryService<super::ModelMetadataRequest>
+                        for ModelMetadataSvc<T>
+                    {
                         type Response = super::ModelMetadataResponse;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::Response>,
-                            tonic::Status,
-                        >;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
                         fn call(
                             &mut self,
                             request: tonic::Request<super::ModelMetadataRequest>,
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
                             let fut = async move {
-                                <T as GrpcInferenceService>::model_metadata(&inner, request)
-                                    .await
+                                <T as GrpcInferenceService>::model_metadata(&inner, request).await
                             };
                             Box::pin(fut)
                         }
@@ -1492,23 +1295,18 @@ pub mod grpc_inference_service_server {
                 "/inference.GRPCInferenceService/ModelInfer" => {
                     #[allow(non_camel_case_types)]
                     struct ModelInferSvc<T: GrpcInferenceService>(pub Arc<T>);
-                    impl<
-                        T: GrpcInferenceService,
-                    > tonic::server::UnaryService<super::ModelInferRequest>
-                    for ModelInferSvc<T> {
+                    impl<T: GrpcInferenceService>
+                        tonic::server::UnaryService<super::ModelInferRequest> for ModelInferSvc<T>
+                    {
                         type Response = super::ModelInferResponse;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::Response>,
-                            tonic::Status,
-                        >;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
                         fn call(
                             &mut self,
                             request: tonic::Request<super::ModelInferRequest>,
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
                             let fut = async move {
-                                <T as GrpcInferenceService>::model_infer(&inner, request)
-                                    .await
+                                <T as GrpcInferenceService>::model_infer(&inner, request).await
                             };
                             Box::pin(fut)
                         }
@@ -1538,28 +1336,21 @@ pub mod grpc_inference_service_server {
                 "/inference.GRPCInferenceService/ModelStreamInfer" => {
                     #[allow(non_camel_case_types)]
                     struct ModelStreamInferSvc<T: GrpcInferenceService>(pub Arc<T>);
-                    impl<
-                        T: GrpcInferenceService,
-                    > tonic::server::StreamingService<super::ModelInferRequest>
-                    for ModelStreamInferSvc<T> {
+                    impl<T: GrpcInferenceService>
+                        tonic::server::StreamingService<super::ModelInferRequest>
+                        for ModelStreamInferSvc<T>
+                    {
                         type Response = super::ModelStreamInferResponse;
                         type ResponseStream = T::ModelStreamInferStream;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::ResponseStream>,
-                            tonic::Status,
-                        >;
+                        type Future =
+                            BoxFuture<tonic::Response<Self::ResponseStream>, tonic::Status>;
                         fn call(
                             &mut self,
-                            request: tonic::Request<
-                                tonic::Streaming<super::ModelInferRequest>,
-                            >,
+                            request: tonic::Request<tonic::Streaming<super::ModelInferRequest>>,
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
                             let fut = async move {
-                                <T as GrpcInferenceService>::model_stream_infer(
-                                        &inner,
-                                        request,
-                                    )
+                                <T as GrpcInferenceService>::model_stream_infer(&inner, request)
                                     .await
                             };
                             Box::pin(fut)
@@ -1590,23 +1381,19 @@ pub mod grpc_inference_service_server {
                 "/inference.GRPCInferenceService/ModelConfig" => {
                     #[allow(non_camel_case_types)]
                     struct ModelConfigSvc<T: GrpcInferenceService>(pub Arc<T>);
-                    impl<
-                        T: GrpcInferenceService,
-                    > tonic::server::UnaryService<super::ModelConfigRequest>
-                    for ModelConfigSvc<T> {
+                    impl<T: GrpcInferenceService>
+                        tonic::server::UnaryService<super::ModelConfigRequest>
+                        for ModelConfigSvc<T>
+                    {
                         type Response = super::ModelConfigResponse;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::Response>,
-                            tonic::Status,
-                        >;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
                         fn call(
                             &mut self,
                             request: tonic::Request<super::ModelConfigRequest>,
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
                             let fut = async move {
-                                <T as GrpcInferenceService>::model_config(&inner, request)
-                                    .await
+                                <T as GrpcInferenceService>::model_config(&inner, request).await
                             };
                             Box::pin(fut)
                         }
@@ -1636,26 +1423,19 @@ pub mod grpc_inference_service_server {
                 "/inference.GRPCInferenceService/ModelStatistics" => {
                     #[allow(non_camel_case_types)]
                     struct ModelStatisticsSvc<T: GrpcInferenceService>(pub Arc<T>);
-                    impl<
-                        T: GrpcInferenceService,
-                    > tonic::server::UnaryService<super::ModelStatisticsRequest>
-                    for ModelStatisticsSvc<T> {
+                    impl<T: GrpcInferenceService>
+                        tonic::server::UnaryService<super::ModelStatisticsRequest>
+                        for ModelStatisticsSvc<T>
+                    {
                         type Response = super::ModelStatisticsResponse;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::Response>,
-                            tonic::Status,
-                        >;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
                         fn call(
                             &mut self,
                             request: tonic::Request<super::ModelStatisticsRequest>,
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
                             let fut = async move {
-                                <T as GrpcInferenceService>::model_statistics(
-                                        &inner,
-                                        request,
-                                    )
-                                    .await
+                                <T as GrpcInferenceService>::model_statistics(&inner, request).await
                             };
                             Box::pin(fut)
                         }
@@ -1685,26 +1465,19 @@ pub mod grpc_inference_service_server {
                 "/inference.GRPCInferenceService/RepositoryIndex" => {
                     #[allow(non_camel_case_types)]
                     struct RepositoryIndexSvc<T: GrpcInferenceService>(pub Arc<T>);
-                    impl<
-                        T: GrpcInferenceService,
-                    > tonic::server::UnaryService<super::RepositoryIndexRequest>
-                    for RepositoryIndexSvc<T> {
+                    impl<T: GrpcInferenceService>
+                        tonic::server::UnaryService<super::RepositoryIndexRequest>
+                        for RepositoryIndexSvc<T>
+                    {
                         type Response = super::RepositoryIndexResponse;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::Response>,
-                            tonic::Status,
-                        >;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
                         fn call(
                             &mut self,
                             request: tonic::Request<super::RepositoryIndexRequest>,
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
                             let fut = async move {
-                                <T as GrpcInferenceService>::repository_index(
-                                        &inner,
-                                        request,
-                                    )
-                                    .await
+                                <T as GrpcInferenceService>::repository_index(&inner, request).await
                             };
                             Box::pin(fut)
                         }
@@ -1734,25 +1507,19 @@ pub mod grpc_inference_service_server {
                 "/inference.GRPCInferenceService/RepositoryModelLoad" => {
                     #[allow(non_camel_case_types)]
                     struct RepositoryModelLoadSvc<T: GrpcInferenceService>(pub Arc<T>);
-                    impl<
-                        T: GrpcInferenceService,
-                    > tonic::server::UnaryService<super::RepositoryModelLoadRequest>
-                    for RepositoryModelLoadSvc<T> {
+                    impl<T: GrpcInferenceService>
+                        tonic::server::UnaryService<super::RepositoryModelLoadRequest>
+                        for RepositoryModelLoadSvc<T>
+                    {
                         type Response = super::RepositoryModelLoadResponse;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::Response>,
-                            tonic::Status,
-                        >;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
                         fn call(
                             &mut self,
                             request: tonic::Request<super::RepositoryModelLoadRequest>,
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
                             let fut = async move {
-                                <T as GrpcInferenceService>::repository_model_load(
-                                        &inner,
-                                        request,
-                                    )
+                                <T as GrpcInferenceService>::repository_model_load(&inner, request)
                                     .await
                             };
                             Box::pin(fut)
@@ -1783,15 +1550,12 @@ pub mod grpc_inference_service_server {
                 "/inference.GRPCInferenceService/RepositoryModelUnload" => {
                     #[allow(non_camel_case_types)]
                     struct RepositoryModelUnloadSvc<T: GrpcInferenceService>(pub Arc<T>);
-                    impl<
-                        T: GrpcInferenceService,
-                    > tonic::server::UnaryService<super::RepositoryModelUnloadRequest>
-                    for RepositoryModelUnloadSvc<T> {
+                    impl<T: GrpcInferenceService>
+                        tonic::server::UnaryService<super::RepositoryModelUnloadRequest>
+                        for RepositoryModelUnloadSvc<T>
+                    {
                         type Response = super::RepositoryModelUnloadResponse;
-                        type Future = BoxFuture<
-                            tonic::Response<Self::Response>,
-                            tonic::Status,
-                        >;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
                         fn call(
                             &mut self,
                             request: tonic::Request<super::RepositoryModelUnloadRequest>,
@@ -1799,10 +1563,9 @@ pub mod grpc_inference_service_server {
                             let inner = Arc::clone(&self.0);
                             let fut = async move {
                                 <T as GrpcInferenceService>::repository_model_unload(
-                                        &inner,
-                                        request,
-                                    )
-                                    .await
+                                    &inner, request,
+                                )
+                                .await
                             };
                             Box::pin(fut)
                         }
@@ -1829,25 +1592,19 @@ pub mod grpc_inference_service_server {
                     };
                     Box::pin(fut)
                 }
-                _ => {
-                    Box::pin(async move {
-                        let mut response = http::Response::new(
-                            tonic::body::Body::default(),
-                        );
-                        let headers = response.headers_mut();
-                        headers
-                            .insert(
-                                tonic::Status::GRPC_STATUS,
-                                (tonic::Code::Unimplemented as i32).into(),
-                            );
-                        headers
-                            .insert(
-                                http::header::CONTENT_TYPE,
-                                tonic::metadata::GRPC_CONTENT_TYPE,
-                            );
-                        Ok(response)
-                    })
-                }
+                _ => Box::pin(async move {
+                    let mut response = http::Response::new(tonic::body::Body::default());
+                    let headers = response.headers_mut();
+                    headers.insert(
+                        tonic::Status::GRPC_STATUS,
+                        (tonic::Code::Unimplemented as i32).into(),
+                    );
+                    headers.insert(
+                        http::header::CONTENT_TYPE,
+                        tonic::metadata::GRPC_CONTENT_TYPE,
+                    );
+                    Ok(response)
+                }),
             }
         }
     }

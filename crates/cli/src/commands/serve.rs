@@ -1,0 +1,146 @@
+//! `aperture serve`: the Triton-compatible inference server.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use aperture_server::{ArchitectureRegistry, ModelConfig, ModelSource, Repository, ServeOptions};
+use clap::Args;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Folder with one subfolder per model (config.toml + numeric version folders).
+    #[arg(long)]
+    pub model_repository: Option<PathBuf>,
+    /// Serve one model: a model folder, a weights file (with --architecture), or the
+    /// name of a built-in architecture (identity, add_sub). Repeatable.
+    #[arg(long)]
+    pub model: Vec<PathBuf>,
+    /// Architecture of the weights given with --model.
+    #[arg(long)]
+    pub architecture: Option<String>,
+    /// Name to serve a --model under (default: its file or folder name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Max batch size for --model without a config.toml.
+    #[arg(long, default_value_t = 8)]
+    pub max_batch_size: usize,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: IpAddr,
+    #[arg(long, default_value_t = 8000)]
+    pub http_port: u16,
+    /// gRPC port (0 picks a free port).
+    #[arg(long, default_value_t = 8001)]
+    pub grpc_port: u16,
+    /// Prometheus metrics port.
+    #[arg(long, default_value_t = 8002)]
+    pub metrics_port: u16,
+    /// Largest request body (HTTP) or message (gRPC) in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub max_body_mb: usize,
+    /// Longest a request may take end to end, in milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    pub request_timeout_ms: u64,
+    /// Key required for inference and metadata (Authorization: Bearer KEY or X-Api-Key).
+    #[arg(long, env = "APERTURE_API_KEY")]
+    pub api_key: Option<String>,
+    /// Key required for repository control (load / unload / index).
+    #[arg(long, env = "APERTURE_ADMIN_KEY")]
+    pub admin_key: Option<String>,
+}
+
+/// Architectures the server can load. Real models register here next to the built-ins.
+fn registry() -> ArchitectureRegistry {
+    ArchitectureRegistry::with_builtins()
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let registry = registry();
+    let known = registry.architectures();
+    let repo = Repository::new(args.model_repository.clone(), Arc::new(registry));
+    if let Some(dir) = &args.model_repository {
+        if !dir.is_dir() {
+            bail!("--model-repository {} is not a folder", dir.display());
+        }
+    }
+    if args.model_repository.is_none() && args.model.is_empty() {
+        bail!("give --model-repository DIR or --model PATH");
+    }
+    if args.name.is_some() && args.model.len() > 1 {
+        bail!("--name applies to a single --model");
+    }
+    for path in &args.model {
+        let (name, source) = model_source(path, &args, &known)?;
+        repo.add_source(&name, source);
+    }
+    let addr = |port| SocketAddr::new(args.host, port);
+    let options = ServeOptions {
+        http_addr: addr(args.http_port),
+        grpc_addr: Some(addr(args.grpc_port)),
+        metrics_addr: Some(addr(args.metrics_port)),
+        max_body_bytes: args.max_body_mb.saturating_mul(1 << 20),
+        request_timeout: Duration::from_millis(args.request_timeout_ms),
+        api_key: args.api_key.clone(),
+        admin_key: args.admin_key.clone(),
+    };
+    eprintln!(
+        "aperture serve: HTTP {} gRPC {} metrics {}",
+        options.http_addr,
+        addr(args.grpc_port),
+        addr(args.metrics_port)
+    );
+    aperture_server::run_until_signal(options, repo).context("server failed")
+}
+
+/// `--model PATH`: a model folder, a weights file, or a built-in architecture name.
+fn model_source(
+    path: &std::path::Path,
+    args: &ServeArgs,
+    known: &[String],
+) -> anyhow::Result<(String, ModelSource)> {
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("model")
+        .to_string();
+    let name = args.name.clone().unwrap_or(stem);
+    if path.is_dir() {
+        return Ok((name, ModelSource::Folder(path.to_path_buf())));
+    }
+    let (arch, weights, dir) = if path.is_file() {
+        let arch = args.architecture.clone().with_context(|| {
+            format!(
+                "--architecture is needed to serve the weights file {}",
+                path.display()
+            )
+        })?;
+        let file = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .map(str::to_string);
+        let dir = path
+            .parent()
+            .map(|p| p.to_path_buf())
+            .unwrap_or_else(|| PathBuf::from("."));
+        (arch, file, dir)
+    } else if known.iter().any(|k| k.as_str() == path.to_string_lossy()) {
+        (
+            path.to_string_lossy().into_owned(),
+            None,
+            PathBuf::from("."),
+        )
+    } else {
+        bail!(
+            "--model {}: no such file or folder, and not a built-in architecture ({})",
+            path.display(),
+            known.join(", ")
+        );
+    };
+    let mut config = ModelConfig::with_architecture(&arch);
+    config.weights = weights;
+    config.max_batch_size = args.max_batch_size.max(1);
+    Ok((name, ModelSource::Inline { config, dir }))
+}

@@ -1,0 +1,257 @@
+//! The GRPCInferenceService implementation over the shared server state.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::convert::{config_to_proto, request_from_proto, response_to_proto, stats_to_proto};
+use super::inference::{self as pb, grpc_inference_service_server::GrpcInferenceService};
+use crate::error::ServerError;
+use crate::server::{Shared, EXTENSIONS, PLATFORM, SERVER_NAME};
+use crate::tensor_io::kserve_datatype;
+
+pub struct InferenceService {
+    shared: Arc<Shared>,
+}
+
+impl InferenceService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// API-key check from `authorization: Bearer KEY` or `x-api-key` metadata.
+    fn authorize<T>(&self, req: &Request<T>, admin: bool) -> Result<(), Status> {
+        let o = &self.shared.options;
+        let needed = if admin {
+            o.admin_key.as_deref().or(o.api_key.as_deref())
+        } else {
+            o.api_key.as_deref()
+        };
+        let Some(key) = needed else { return Ok(()) };
+        let md = req.metadata();
+        let given = md
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| md.get("x-api-key").and_then(|v| v.to_str().ok()));
+        match given {
+            Some(g) if crate::http::keys_match(g, key) => Ok(()),
+            _ => Err(ServerError::Unauthorized("missing or invalid API key".into()).into()),
+        }
+    }
+}
+
+async fn infer_one(
+    shared: Arc<Shared>,
+    req: pb::ModelInferRequest,
+) -> Result<pb::ModelInferResponse, ServerError> {
+    let model = shared
+        .repository
+        .get(&req.model_name, Some(&req.model_version))?;
+    let request = request_from_proto(req)?;
+    let id = request.id.clone();
+    let outputs = shared.run_with_timeout(&model, request).await?;
+    Ok(response_to_proto(&model, id, outputs))
+}
+
+type StreamOut =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(
+        &self,
+        _: Request<pb::ServerLiveRequest>,
+    ) -> Result<Response<pb::ServerLiveResponse>, Status> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<Response<pb::ServerReadyResponse>, Status> {
+        Ok(Response::new(pb::ServerReadyResponse {
+            ready: self.shared.is_ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        req: Request<pb::ModelReadyRequest>,
+    ) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        self.authorize(&req, false)?;
+        let r = req.into_inner();
+        let ready = self
+            .shared
+            .repository
+            .get(&r.name, Some(&r.version))
+            .is_ok();
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        req: Request<pb::ServerMetadataRequest>,
+    ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        self.authorize(&req, false)?;
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: SERVER_NAME.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: EXTENSIONS.iter().map(|s| s.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        req: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        self.authorize(&req, false)?;
+        let r = req.into_inner();
+        let m = self.shared.repository.get(&r.name, Some(&r.version))?;
+        let meta = |specs: &[aperture_engine::TensorSpec]| {
+            specs
+                .iter()
+                .map(|t| pb::model_metadata_response::TensorMetadata {
+                    name: t.name.clone(),
+                    datatype: kserve_datatype(t.dtype).into(),
+                    shape: std::iter::once(-1).chain(t.shape.iter().copied()).collect(),
+                })
+                .collect()
+        };
+        Ok(Response::new(pb::ModelMetadataResponse {
+            name: m.name.clone(),
+            versions: self
+                .shared
+                .repository
+                .versions(&r.name)
+                .iter()
+                .map(|v| v.to_string())
+                .collect(),
+            platform: PLATFORM.into(),
+            inputs: meta(&m.inputs),
+            outputs: meta(&m.outputs),
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        req: Request<pb::ModelInferRequest>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        self.authorize(&req, false)?;
+        Ok(Response::new(
+            infer_one(self.shared.clone(), req.into_inner()).await?,
+        ))
+    }
+
+    type ModelStreamInferStream = StreamOut;
+
+    async fn model_stream_infer(
+        &self,
+        req: Request<tonic::Streaming<pb::ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        self.authorize(&req, false)?;
+        let mut incoming = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            // Each request runs on its own task so a stream feeds the batcher concurrently.
+            while let Ok(Some(msg)) = incoming.message().await {
+                let (tx, shared) = (tx.clone(), shared.clone());
+                tokio::spawn(async move {
+                    let out = match infer_one(shared, msg).await {
+                        Ok(r) => pb::ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(r),
+                        },
+                        Err(e) => pb::ModelStreamInferResponse {
+                            error_message: e.to_string(),
+                            infer_response: None,
+                        },
+                    };
+                    let _ = tx.send(Ok(out)).await;
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn model_config(
+        &self,
+        req: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        self.authorize(&req, false)?;
+        let r = req.into_inner();
+        let m = self.shared.repository.get(&r.name, Some(&r.version))?;
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(config_to_proto(&m)),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        req: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        self.authorize(&req, false)?;
+        let r = req.into_inner();
+        if !r.name.is_empty() {
+            self.shared.repository.get(&r.name, Some(&r.version))?;
+        }
+        let model_stats = self
+            .shared
+            .repository
+            .loaded()
+            .iter()
+            .filter(|m| r.name.is_empty() || m.name == r.name)
+            .filter(|m| r.version.is_empty() || m.version.to_string() == r.version)
+            .map(|m| stats_to_proto(&m.name, m.version, &m.stats.snapshot()))
+            .collect();
+        Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn repository_index(
+        &self,
+        req: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        self.authorize(&req, true)?;
+        let ready = req.into_inner().ready;
+        let models = self
+            .shared
+            .repository
+            .index(ready)
+            .into_iter()
+            .map(|e| pb::repository_index_response::ModelIndex {
+                name: e.name,
+                version: e.version,
+                state: e.state,
+                reason: e.reason,
+            })
+            .collect();
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        req: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        self.authorize(&req, true)?;
+        self.shared
+            .repository
+            .load(&req.into_inner().model_name)
+            .await?;
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        req: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        self.authorize(&req, true)?;
+        self.shared
+            .repository
+            .unload(&req.into_inner().model_name)
+            .await?;
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
+    }
+}

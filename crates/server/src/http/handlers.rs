@@ -1,0 +1,352 @@
+//! One function per KServe v2 HTTP endpoint.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use super::codec::{decode_request, encode_response, HEADER_LENGTH};
+use crate::error::{Result, ServerError};
+use crate::model::LoadedModel;
+use crate::server::{Shared, EXTENSIONS, SERVER_NAME};
+use crate::tensor_io::{config_datatype, kserve_datatype};
+
+type S = State<Arc<Shared>>;
+
+pub async fn server_metadata() -> Json<Value> {
+    Json(
+        json!({ "name": SERVER_NAME, "version": env!("CARGO_PKG_VERSION"), "extensions": EXTENSIONS }),
+    )
+}
+
+pub async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+pub async fn ready(State(s): S) -> StatusCode {
+    if s.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    }
+}
+
+pub async fn not_found() -> ServerError {
+    ServerError::NotFound("Not Found".into())
+}
+
+pub async fn model_metadata(State(s): S, Path(m): Path<String>) -> Result<Json<Value>> {
+    metadata(&s, &m, None)
+}
+
+pub async fn model_metadata_v(
+    State(s): S,
+    Path((m, v)): Path<(String, String)>,
+) -> Result<Json<Value>> {
+    metadata(&s, &m, Some(&v))
+}
+
+fn metadata(s: &Shared, name: &str, version: Option<&str>) -> Result<Json<Value>> {
+    let model = s.repository.get(name, version)?;
+    let specs = |specs: &[aperture_engine::TensorSpec]| -> Vec<Value> {
+        specs
+            .iter()
+            .map(|t| {
+                let mut shape = vec![-1i64];
+                shape.extend(&t.shape);
+                json!({ "name": t.name, "datatype": kserve_datatype(t.dtype), "shape": shape })
+            })
+            .collect()
+    };
+    let versions: Vec<String> = s
+        .repository
+        .versions(name)
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    Ok(Json(json!({
+        "name": model.name,
+        "versions": versions,
+        "platform": crate::server::PLATFORM,
+        "inputs": specs(&model.inputs),
+        "outputs": specs(&model.outputs),
+    })))
+}
+
+pub async fn model_ready(State(s): S, Path(m): Path<String>) -> StatusCode {
+    ready_status(&s, &m, None)
+}
+
+pub async fn model_ready_v(State(s): S, Path((m, v)): Path<(String, String)>) -> StatusCode {
+    ready_status(&s, &m, Some(&v))
+}
+
+fn ready_status(s: &Shared, name: &str, version: Option<&str>) -> StatusCode {
+    match s.repository.get(name, version) {
+        Ok(_) => StatusCode::OK,
+        Err(_) => StatusCode::BAD_REQUEST,
+    }
+}
+
+pub async fn model_config(State(s): S, Path(m): Path<String>) -> Result<Json<Value>> {
+    Ok(Json(config_json(&*s.repository.get(&m, None)?)))
+}
+
+pub async fn model_config_v(
+    State(s): S,
+    Path((m, v)): Path<(String, String)>,
+) -> Result<Json<Value>> {
+    Ok(Json(config_json(&*s.repository.get(&m, Some(&v))?)))
+}
+
+/// Triton's JSON model configuration.
+pub fn config_json(m: &LoadedModel) -> Value {
+    let b = m.batcher_config();
+    let inputs: Vec<Value> = m
+        .inputs
+        .iter()
+        .map(|t| {
+            json!({
+                "name": t.name, "data_type": config_datatype(t.dtype), "format": "FORMAT_NONE",
+                "dims": t.shape, "is_shape_tensor": false, "allow_ragged_batch": false, "optional": false,
+            })
+        })
+        .collect();
+    let outputs: Vec<Value> = m
+        .outputs
+        .iter()
+        .map(|t| {
+            json!({
+                "name": t.name, "data_type": config_datatype(t.dtype), "dims": t.shape,
+                "label_filename": m.config.labels.clone().unwrap_or_default(), "is_shape_tensor": false,
+            })
+        })
+        .collect();
+    let policy = match &m.config.version_policy {
+        crate::config::VersionPolicy::Latest(n) => json!({ "latest": { "num_versions": n } }),
+        crate::config::VersionPolicy::All => json!({ "all": {} }),
+        crate::config::VersionPolicy::Specific(v) => json!({ "specific": { "versions": v } }),
+    };
+    let kind = match m.config.instance_group.kind.as_deref() {
+        Some("gpu") | Some("GPU") => "KIND_GPU",
+        Some("auto") | Some("AUTO") => "KIND_AUTO",
+        _ if m.device.starts_with("cuda") => "KIND_GPU",
+        _ => "KIND_CPU",
+    };
+    json!({
+        "name": m.name,
+        "platform": crate::server::PLATFORM,
+        "backend": crate::server::BACKEND,
+        "version_policy": policy,
+        "max_batch_size": b.max_batch_size,
+        "input": inputs,
+        "output": outputs,
+        "batch_input": [],
+        "batch_output": [],
+        "dynamic_batching": {
+            "preferred_batch_size": b.preferred_batch_sizes,
+            "max_queue_delay_microseconds": b.max_queue_delay.as_micros() as u64,
+            "preserve_ordering": b.preserve_ordering,
+            "priority_levels": b.priority_levels,
+            "default_priority_level": b.default_priority,
+            "default_queue_policy": {
+                "timeout_action": if b.timeout_action == crate::config::TimeoutAction::Delay { "DELAY" } else { "REJECT" },
+                "default_timeout_microseconds": b.default_timeout.map(|d| d.as_micros() as u64).unwrap_or(0),
+                "allow_timeout_override": b.allow_timeout_override,
+                "max_queue_size": b.max_queue_size,
+            },
+            "priority_queue_policy": {},
+        },
+        "instance_group": [{
+            "name": format!("{}_0", m.name), "kind": kind, "count": m.instances,
+            "gpus": m.config.instance_group.gpus, "secondary_devices": [], "profile": [],
+            "passive": false, "host_policy": "",
+        }],
+        "default_model_filename": m.config.weights.clone().unwrap_or_default(),
+        "cc_model_filenames": {},
+        "metric_tags": {},
+        "parameters": {},
+        "model_warmup": [],
+    })
+}
+
+pub async fn all_stats(State(s): S) -> Json<Value> {
+    let stats: Vec<Value> = s
+        .repository
+        .loaded()
+        .iter()
+        .map(|m| m.stats.snapshot().to_json(&m.name, &m.version.to_string()))
+        .collect();
+    Json(json!({ "model_stats": stats }))
+}
+
+pub async fn model_stats(State(s): S, Path(m): Path<String>) -> Result<Json<Value>> {
+    s.repository.get(&m, None)?;
+    let stats: Vec<Value> = s
+        .repository
+        .loaded()
+        .iter()
+        .filter(|x| x.name == m)
+        .map(|x| x.stats.snapshot().to_json(&x.name, &x.version.to_string()))
+        .collect();
+    Ok(Json(json!({ "model_stats": stats })))
+}
+
+pub async fn model_stats_v(
+    State(s): S,
+    Path((m, v)): Path<(String, String)>,
+) -> Result<Json<Value>> {
+    let x = s.repository.get(&m, Some(&v))?;
+    Ok(Json(
+        json!({ "model_stats": [x.stats.snapshot().to_json(&x.name, &x.version.to_string())] }),
+    ))
+}
+
+pub async fn infer(
+    State(s): S,
+    Path(m): Path<String>,
+    headers: HeaderMap,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Response {
+    run_infer(&s, &m, None, &headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn infer_v(
+    State(s): S,
+    Path((m, v)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Response {
+    run_infer(&s, &m, Some(&v), &headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Maps a body-read failure: over the limit is 413 with the limit in the message.
+pub fn body_or_error(
+    body: std::result::Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<Bytes> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ServerError::PayloadTooLarge(format!(
+                "request body exceeds the limit of {limit} bytes (--max-body-mb)"
+            ))
+        } else {
+            ServerError::invalid(format!(
+                "failed to read the request body: {}",
+                e.body_text()
+            ))
+        }
+    })
+}
+
+async fn run_infer(
+    s: &Shared,
+    name: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Response> {
+    let body = body_or_error(body, s.options.max_body_bytes)?;
+    if let Some(enc) = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+    {
+        if enc != "identity" {
+            return Err(ServerError::Unsupported(format!(
+                "Content-Encoding '{enc}' is not supported; send the body uncompressed"
+            )));
+        }
+    }
+    let header_len = match headers.get(HEADER_LENGTH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    ServerError::invalid(
+                        "Inference-Header-Content-Length must be a non-negative integer",
+                    )
+                })?,
+        ),
+    };
+    let model = s.repository.get(name, version)?;
+    let decoded = decode_request(&body, header_len)?;
+    drop(body);
+    let id = decoded.request.id.clone();
+    let outputs = s.run_with_timeout(&model, decoded.request).await?;
+    let binary: Vec<bool> = match decoded.output_binary {
+        Some(flags) => flags,
+        None => vec![decoded.binary_default; outputs.len()],
+    };
+    let enc = encode_response(&model.name, model.version, &id, &outputs, &binary)?;
+    let mut resp = Response::new(Body::from(enc.body));
+    let h = resp.headers_mut();
+    match enc.header_len {
+        Some(n) => {
+            h.insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/octet-stream"),
+            );
+            h.insert(HEADER_LENGTH, header::HeaderValue::from(n));
+        }
+        None => {
+            h.insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+        }
+    }
+    Ok(resp)
+}
+
+#[derive(serde::Deserialize, Default)]
+struct IndexBody {
+    #[serde(default)]
+    ready: bool,
+}
+
+pub async fn repository_index(State(s): S, body: Bytes) -> Result<Json<Value>> {
+    let req: IndexBody = if body.iter().all(|b| b.is_ascii_whitespace()) {
+        IndexBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ServerError::invalid(format!("failed to parse the request JSON: {e}")))?
+    };
+    let rows: Vec<Value> = s
+        .repository
+        .index(req.ready)
+        .into_iter()
+        .map(|e| {
+            let mut v = json!({ "name": e.name, "state": e.state });
+            if !e.version.is_empty() {
+                v["version"] = json!(e.version);
+            }
+            if !e.reason.is_empty() {
+                v["reason"] = json!(e.reason);
+            }
+            v
+        })
+        .collect();
+    Ok(Json(Value::Array(rows)))
+}
+
+pub async fn repository_load(State(s): S, Path(m): Path<String>) -> Result<StatusCode> {
+    s.repository.load(&m).await?;
+    Ok(StatusCode::OK)
+}
+
+pub async fn repository_unload(State(s): S, Path(m): Path<String>) -> Result<StatusCode> {
+    s.repository.unload(&m).await?;
+    Ok(StatusCode::OK)
+}

@@ -1,0 +1,121 @@
+//! KServe v2 over HTTP/REST as Triton speaks it (axum).
+
+mod codec;
+mod handlers;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use axum::Router;
+
+use crate::error::ServerError;
+use crate::server::Shared;
+
+pub use codec::{decode_request, encode_response, DecodedRequest, EncodedResponse, HEADER_LENGTH};
+
+/// The HTTP router over the shared server state.
+pub fn router(shared: Arc<Shared>) -> Router {
+    let limit = shared.options.max_body_bytes;
+    Router::new()
+        .route("/v2", get(handlers::server_metadata))
+        .route("/v2/health/live", get(handlers::live))
+        .route("/v2/health/ready", get(handlers::ready))
+        .route("/v2/models/stats", get(handlers::all_stats))
+        .route("/v2/models/{model}", get(handlers::model_metadata))
+        .route("/v2/models/{model}/ready", get(handlers::model_ready))
+        .route("/v2/models/{model}/config", get(handlers::model_config))
+        .route("/v2/models/{model}/stats", get(handlers::model_stats))
+        .route("/v2/models/{model}/infer", post(handlers::infer))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(handlers::model_metadata_v),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(handlers::model_ready_v),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(handlers::model_config_v),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/stats",
+            get(handlers::model_stats_v),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(handlers::infer_v),
+        )
+        .route("/v2/repository/index", post(handlers::repository_index))
+        .route(
+            "/v2/repository/models/{model}/load",
+            post(handlers::repository_load),
+        )
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(handlers::repository_unload),
+        )
+        .fallback(handlers::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            authorize,
+        ))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(shared)
+}
+
+/// API keys: `--api-key` guards everything but health, `--admin-key` guards repository
+/// control. Accepted as `Authorization: Bearer KEY` or `X-Api-Key: KEY`.
+async fn authorize(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let needed = if path.starts_with("/v2/health") {
+        None
+    } else if path.starts_with("/v2/repository") {
+        shared
+            .options
+            .admin_key
+            .as_deref()
+            .or(shared.options.api_key.as_deref())
+    } else {
+        shared.options.api_key.as_deref()
+    };
+    if let Some(key) = needed {
+        let given = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok()));
+        if !given.is_some_and(|g| keys_match(g, key)) {
+            return ServerError::Unauthorized("missing or invalid API key".into()).into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Compares without an early exit, so timing does not reveal the key's prefix.
+pub(crate) fn keys_match(given: &str, key: &str) -> bool {
+    let (a, b) = (given.as_bytes(), key.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves HTTP on `listener` until `shutdown` resolves, then finishes in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY");
+        }
+    });
+    axum::serve(listener, router(shared))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,410 @@
+//! A perf_analyzer-like load generator: closed-loop workers per concurrency level,
+//! throughput and latency percentiles, and the server-side queue/compute split from
+//! the model's statistics.
+
+mod client;
+
+use std::time::{Duration, Instant};
+
+use half::{bf16, f16};
+use serde_json::Value;
+
+pub use client::{http_infer_body, Encoding, GrpcClient, HttpClient, WireInput};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Grpc,
+}
+
+#[derive(Clone, Debug)]
+pub struct LoadgenOptions {
+    /// host:port of the HTTP or gRPC endpoint.
+    pub addr: String,
+    pub protocol: Protocol,
+    pub model: String,
+    pub concurrency: Vec<usize>,
+    pub warmup: Duration,
+    /// Measurement window per concurrency level.
+    pub measure: Duration,
+    pub encoding: Encoding,
+    pub batch_size: usize,
+    /// Non-batch dims for inputs with variable dims (-1).
+    pub shape: Option<Vec<i64>>,
+    pub api_key: Option<String>,
+}
+
+/// Server-side averages per request, in microseconds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ServerSplit {
+    pub queue_us: f64,
+    pub compute_input_us: f64,
+    pub compute_infer_us: f64,
+    pub compute_output_us: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct LevelReport {
+    pub concurrency: usize,
+    pub requests: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub infer_per_sec: f64,
+    pub avg_us: f64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p95_us: u64,
+    pub p99_us: u64,
+    pub server: ServerSplit,
+}
+
+enum Conn {
+    Http(HttpClient, String, bytes::Bytes, Option<usize>),
+    Grpc(GrpcClient, String, Vec<WireInput>),
+}
+
+impl Conn {
+    async fn infer(&mut self) -> Result<(), String> {
+        match self {
+            Conn::Http(c, path, body, hl) => {
+                let (status, resp) = c.send("POST", path, body.clone(), *hl).await?;
+                if status == 200 {
+                    Ok(())
+                } else {
+                    Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&resp)))
+                }
+            }
+            Conn::Grpc(c, model, inputs) => c.infer(model, inputs).await,
+        }
+    }
+}
+
+/// Runs the sweep on its own runtime.
+pub fn run(opts: &LoadgenOptions) -> Result<Vec<LevelReport>, String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(sweep(opts))
+}
+
+pub async fn sweep(opts: &LoadgenOptions) -> Result<Vec<LevelReport>, String> {
+    let inputs = discover_inputs(opts).await?;
+    let mut reports = Vec::new();
+    for &c in &opts.concurrency {
+        reports.push(level(opts, &inputs, c.max(1)).await?);
+    }
+    Ok(reports)
+}
+
+async fn connect(opts: &LoadgenOptions, inputs: &[WireInput]) -> Result<Conn, String> {
+    Ok(match opts.protocol {
+        Protocol::Http => {
+            let (body, hl) = http_infer_body(inputs, opts.encoding);
+            let path = format!("/v2/models/{}/infer", opts.model);
+            Conn::Http(
+                HttpClient::connect(&opts.addr, opts.api_key.clone()).await?,
+                path,
+                body,
+                hl,
+            )
+        }
+        Protocol::Grpc => Conn::Grpc(
+            GrpcClient::connect(&opts.addr, opts.api_key.clone()).await?,
+            opts.model.clone(),
+            inputs.to_vec(),
+        ),
+    })
+}
+
+async fn level(
+    opts: &LoadgenOptions,
+    inputs: &[WireInput],
+    concurrency: usize,
+) -> Result<LevelReport, String> {
+    let mut conns = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        conns.push(connect(opts, inputs).await?);
+    }
+    let warm_end = Instant::now() + opts.warmup;
+    let end = warm_end + opts.measure;
+    let mut before = None;
+    let mut workers = Vec::new();
+    for mut conn in conns {
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let (mut errors, mut first_error) = (0u64, None);
+            loop {
+                let t0 = Instant::now();
+                if t0 >= end {
+                    break;
+                }
+                let r = conn.infer().await;
+                if t0 < warm_end {
+                    continue;
+                }
+                match r {
+                    Ok(()) => lat.push(t0.elapsed().as_micros() as u64),
+                    Err(e) => {
+                        errors += 1;
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            (lat, errors, first_error)
+        }));
+    }
+    tokio::time::sleep_until(warm_end.into()).await;
+    if let Ok(s) = server_stats(opts).await {
+        before = Some(s);
+    }
+    let mut lat = Vec::new();
+    let (mut errors, mut first_error) = (0, None);
+    for w in workers {
+        let (l, e, f) = w.await.map_err(|e| e.to_string())?;
+        lat.extend(l);
+        errors += e;
+        if first_error.is_none() {
+            first_error = f;
+        }
+    }
+    let after = server_stats(opts).await.ok();
+    let server = match (before, after) {
+        (Some(b), Some(a)) => split(&b, &a),
+        _ => ServerSplit::default(),
+    };
+    lat.sort_unstable();
+    let pct = |p: f64| -> u64 {
+        if lat.is_empty() {
+            return 0;
+        }
+        let idx = ((p / 100.0) * lat.len() as f64).ceil() as usize;
+        lat.get(idx.saturating_sub(1).min(lat.len() - 1))
+            .copied()
+            .unwrap_or(0)
+    };
+    let n = lat.len() as u64;
+    Ok(LevelReport {
+        concurrency,
+        requests: n,
+        errors,
+        first_error,
+        infer_per_sec: (n * opts.batch_size as u64) as f64 / opts.measure.as_secs_f64(),
+        avg_us: if n == 0 {
+            0.0
+        } else {
+            lat.iter().sum::<u64>() as f64 / n as f64
+        },
+        p50_us: pct(50.0),
+        p90_us: pct(90.0),
+        p95_us: pct(95.0),
+        p99_us: pct(99.0),
+        server,
+    })
+}
+
+/// Cumulative (count, ns) of queue, compute input/infer/output over the model's versions.
+type Cumulative = [(u64, u64); 4];
+
+async fn server_stats(opts: &LoadgenOptions) -> Result<Cumulative, String> {
+    let mut out = [(0, 0); 4];
+    match opts.protocol {
+        Protocol::Http => {
+            let mut c = HttpClient::connect(&opts.addr, opts.api_key.clone()).await?;
+            let v = c
+                .get_json(&format!("/v2/models/{}/stats", opts.model))
+                .await?;
+            for m in v["model_stats"].as_array().cloned().unwrap_or_default() {
+                for (k, key) in ["queue", "compute_input", "compute_infer", "compute_output"]
+                    .iter()
+                    .enumerate()
+                {
+                    let s = &m["inference_stats"][key];
+                    out[k].0 += s["count"].as_u64().unwrap_or(0);
+                    out[k].1 += s["ns"].as_u64().unwrap_or(0);
+                }
+            }
+        }
+        Protocol::Grpc => {
+            let mut c = GrpcClient::connect(&opts.addr, opts.api_key.clone()).await?;
+            for m in c.stats(&opts.model).await? {
+                let Some(s) = m.inference_stats else { continue };
+                for (k, d) in [s.queue, s.compute_input, s.compute_infer, s.compute_output]
+                    .iter()
+                    .enumerate()
+                {
+                    if let Some(d) = d {
+                        out[k].0 += d.count;
+                        out[k].1 += d.ns;
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn split(before: &Cumulative, after: &Cumulative) -> ServerSplit {
+    let avg = |k: usize| {
+        let (c, ns) = (
+            after[k].0.saturating_sub(before[k].0),
+            after[k].1.saturating_sub(before[k].1),
+        );
+        if c == 0 {
+            0.0
+        } else {
+            ns as f64 / c as f64 / 1000.0
+        }
+    };
+    ServerSplit {
+        queue_us: avg(0),
+        compute_input_us: avg(1),
+        compute_infer_us: avg(2),
+        compute_output_us: avg(3),
+    }
+}
+
+/// Reads the model's inputs from its metadata and makes deterministic data for them.
+async fn discover_inputs(opts: &LoadgenOptions) -> Result<Vec<WireInput>, String> {
+    let specs: Vec<(String, String, Vec<i64>)> = match opts.protocol {
+        Protocol::Http => {
+            let mut c = HttpClient::connect(&opts.addr, opts.api_key.clone()).await?;
+            let v = c.get_json(&format!("/v2/models/{}", opts.model)).await?;
+            v["inputs"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|i| {
+                    let shape = i["shape"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(Value::as_i64).collect())
+                        .unwrap_or_default();
+                    (
+                        i["name"].as_str().unwrap_or("").to_string(),
+                        i["datatype"].as_str().unwrap_or("").to_string(),
+                        shape,
+                    )
+                })
+                .collect()
+        }
+        Protocol::Grpc => {
+            let mut c = GrpcClient::connect(&opts.addr, opts.api_key.clone()).await?;
+            let m = c.metadata(&opts.model).await?;
+            m.inputs
+                .into_iter()
+                .map(|t| (t.name, t.datatype, t.shape))
+                .collect()
+        }
+    };
+    if specs.is_empty() {
+        return Err(format!("model '{}' reports no inputs", opts.model));
+    }
+    let mut seed = 0x2545_f491_u32;
+    specs
+        .into_iter()
+        .map(|(name, datatype, meta_shape)| {
+            let mut shape = vec![opts.batch_size as i64];
+            let dims = meta_shape.get(1..).unwrap_or(&[]);
+            match &opts.shape {
+                Some(s) if dims.iter().any(|&d| d < 0) || s.len() == dims.len() => shape.extend(s),
+                _ => shape.extend(dims.iter().map(|&d| d.max(1))),
+            }
+            let n: usize = shape.iter().map(|&d| d.max(0) as usize).product();
+            let values: Vec<f32> = (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (seed >> 8) as f32 / (1u32 << 24) as f32
+                })
+                .collect();
+            let raw = match datatype.as_str() {
+                "FP32" => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                "FP16" => values
+                    .iter()
+                    .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+                    .collect(),
+                "BF16" => values
+                    .iter()
+                    .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+                    .collect(),
+                other => {
+                    return Err(format!(
+                        "input '{name}': datatype {other} is not supported by loadgen"
+                    ))
+                }
+            };
+            Ok(WireInput {
+                name,
+                datatype,
+                shape,
+                raw,
+                values,
+            })
+        })
+        .collect()
+}
+
+/// perf_analyzer's CSV layout (latencies and splits in microseconds).
+pub fn csv(reports: &[LevelReport]) -> String {
+    let mut out = String::from(
+        "Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,\
+         Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency\n",
+    );
+    for r in reports {
+        let s = &r.server;
+        let server_total =
+            s.queue_us + s.compute_input_us + s.compute_infer_us + s.compute_output_us;
+        let network = (r.avg_us - server_total).max(0.0);
+        out.push_str(&format!(
+            "{},{:.2},0,{:.0},{:.0},{:.0},{:.0},{:.0},0,{},{},{},{}\n",
+            r.concurrency,
+            r.infer_per_sec,
+            network,
+            s.queue_us,
+            s.compute_input_us,
+            s.compute_infer_us,
+            s.compute_output_us,
+            r.p50_us,
+            r.p90_us,
+            r.p95_us,
+            r.p99_us
+        ));
+    }
+    out
+}
+
+/// A human-readable table.
+pub fn table(reports: &[LevelReport]) -> String {
+    let mut out = format!(
+        "{:>5} {:>10} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        "conc",
+        "infer/s",
+        "reqs",
+        "errors",
+        "p50 us",
+        "p90 us",
+        "p95 us",
+        "p99 us",
+        "queue us",
+        "infer us"
+    );
+    for r in reports {
+        out.push_str(&format!(
+            "{:>5} {:>10.1} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9.0} {:>9.0}\n",
+            r.concurrency,
+            r.infer_per_sec,
+            r.requests,
+            r.errors,
+            r.p50_us,
+            r.p90_us,
+            r.p95_us,
+            r.p99_us,
+            r.server.queue_us,
+            r.server.compute_infer_us
+        ));
+        if let Some(e) = &r.first_error {
+            out.push_str(&format!("      first error: {e}\n"));
+        }
+    }
+    out
+}

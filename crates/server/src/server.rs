@@ -1,0 +1,219 @@
+//! Starting and stopping the server: HTTP, gRPC and metrics listeners over one shared
+//! state, graceful shutdown on SIGTERM / ctrl-c.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use aperture_server::{ArchitectureRegistry, Repository, ServeOptions, Server};
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let repo = Repository::new(Some("models".into()), Arc::new(ArchitectureRegistry::with_builtins()));
+//! let server = Server::new(ServeOptions::default(), repo);
+//! server.run(aperture_server::shutdown_signal()).await?;
+//! # Ok(()) }
+//! ```
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aperture_engine::NamedTensors;
+
+use crate::error::{Result, ServerError};
+use crate::metrics::GpuMetrics;
+use crate::model::{InferRequest, LoadedModel};
+use crate::repository::Repository;
+
+pub const SERVER_NAME: &str = "aperture";
+pub const PLATFORM: &str = "aperture";
+pub const BACKEND: &str = "aperture";
+/// KServe / Triton protocol extensions this server implements.
+pub const EXTENSIONS: &[&str] = &[
+    "binary_tensor_data",
+    "model_configuration",
+    "model_repository",
+    "schedule_policy",
+    "statistics",
+];
+
+/// Listener addresses and limits.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub http_addr: SocketAddr,
+    /// None: no gRPC endpoint.
+    pub grpc_addr: Option<SocketAddr>,
+    /// None: no metrics endpoint.
+    pub metrics_addr: Option<SocketAddr>,
+    pub max_body_bytes: usize,
+    /// Longest a request may take end to end (queue + compute).
+    pub request_timeout: Duration,
+    /// Required for inference and metadata (health stays open).
+    pub api_key: Option<String>,
+    /// Required for repository load/unload/index (falls back to `api_key`).
+    pub admin_key: Option<String>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            http_addr: SocketAddr::from(([0, 0, 0, 0], 8000)),
+            grpc_addr: Some(SocketAddr::from(([0, 0, 0, 0], 8001))),
+            metrics_addr: Some(SocketAddr::from(([0, 0, 0, 0], 8002))),
+            max_body_bytes: 64 << 20,
+            request_timeout: Duration::from_secs(60),
+            api_key: None,
+            admin_key: None,
+        }
+    }
+}
+
+/// State every endpoint shares.
+pub struct Shared {
+    pub repository: Repository,
+    pub options: ServeOptions,
+    pub gpu_metrics: Option<Arc<dyn GpuMetrics>>,
+    shutting_down: AtomicBool,
+}
+
+impl Shared {
+    pub fn is_ready(&self) -> bool {
+        !self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Runs a request under the server-wide timeout.
+    pub async fn run_with_timeout(
+        &self,
+        model: &LoadedModel,
+        req: InferRequest,
+    ) -> Result<NamedTensors> {
+        let limit = self.options.request_timeout;
+        tokio::time::timeout(limit, model.infer(req))
+            .await
+            .map_err(|_| {
+                ServerError::Timeout(format!(
+                    "request did not finish within {} ms (--request-timeout-ms)",
+                    limit.as_millis()
+                ))
+            })?
+    }
+}
+
+/// The server: build with [`Server::new`], then [`Server::run`].
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    pub fn new(options: ServeOptions, repository: Repository) -> Self {
+        Self::with_gpu_metrics(options, repository, None)
+    }
+
+    /// Like [`Server::new`], with a source of GPU metrics (NVML) for `/metrics`.
+    pub fn with_gpu_metrics(
+        options: ServeOptions,
+        repository: Repository,
+        gpu: Option<Arc<dyn GpuMetrics>>,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                repository,
+                options,
+                gpu_metrics: gpu,
+                shutting_down: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Loads every model, serves until `shutdown` resolves, then drains in-flight work.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let shared = self.shared;
+        for (name, err) in shared.repository.load_all().await {
+            tracing::warn!(model = %name, error = %err, "model not loaded; fix it and load it through the repository API");
+        }
+        let opts = shared.options.clone();
+        let http = tokio::net::TcpListener::bind(opts.http_addr).await?;
+        tracing::info!(addr = %http.local_addr()?, "HTTP listening");
+        let grpc = match opts.grpc_addr {
+            Some(a) => Some(tokio::net::TcpListener::bind(a).await?),
+            None => None,
+        };
+        let metrics = match opts.metrics_addr {
+            Some(a) => Some(tokio::net::TcpListener::bind(a).await?),
+            None => None,
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|&s| s).await;
+            }
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(crate::http::serve(http, shared.clone(), stopped()));
+        if let Some(l) = grpc {
+            tracing::info!(addr = %l.local_addr()?, "gRPC listening");
+            tasks.spawn(crate::grpc::serve(l, shared.clone(), stopped()));
+        }
+        if let Some(l) = metrics {
+            tracing::info!(addr = %l.local_addr()?, "metrics listening");
+            tasks.spawn(crate::metrics::serve(l, shared.clone(), stopped()));
+        }
+        let sh = shared.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            sh.shutting_down.store(true, Ordering::Relaxed);
+            let _ = stop_tx.send(true);
+        });
+        let mut result = Ok(());
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "listener failed");
+                    result = Err(e);
+                }
+                Err(e) => tracing::error!(error = %e, "listener task panicked"),
+                Ok(Ok(())) => {}
+            }
+        }
+        result
+    }
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Runs the server on a new multi-threaded runtime until SIGTERM / ctrl-c (for the CLI).
+pub fn run_until_signal(options: ServeOptions, repository: Repository) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("aperture-serve")
+        .build()?;
+    rt.block_on(Server::new(options, repository).run(shutdown_signal()))
+}

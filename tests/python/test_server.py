@@ -1,0 +1,435 @@
+"""`aperture serve` against the stock Triton clients (tritonclient http + grpc).
+
+Starts the server binary (env APERTURE_BIN, default target/debug/aperture) on free
+loopback ports with a generated model repository of built-in models.
+"""
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tritonclient = pytest.importorskip("tritonclient")
+import tritonclient.grpc as grpcclient  # noqa: E402
+import tritonclient.http as httpclient  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(os.environ.get("APERTURE_BIN", REPO_ROOT / "target" / "debug" / "aperture"))
+
+MODELS = {
+    # Triton's "simple" model: OUTPUT0 = a + b, OUTPUT1 = a - b.
+    "simple": 'architecture = "add_sub"\nmax_batch_size = 8\ninput_size = [16]\n',
+    # A slow identity that batches: 64 clients must share executions.
+    "ident": (
+        'architecture = "identity"\nmax_batch_size = 32\ninput_size = [4]\n'
+        "[dynamic_batching]\nmax_queue_delay_microseconds = 2000\n"
+        "[parameters]\ndelay_us = 3000\n"
+    ),
+    # One item per 30 ms and room for 4 queued requests: bursts overflow.
+    "tiny_queue": (
+        'architecture = "identity"\nmax_batch_size = 1\ninput_size = [4]\n'
+        "[dynamic_batching.default_queue_policy]\nmax_queue_size = 4\n"
+        "[parameters]\ndelay_us = 30000\n"
+    ),
+    "versioned": 'architecture = "identity"\nmax_batch_size = 4\ninput_size = [2]\nversion_policy = { latest = 2 }\n',
+    "spare": 'architecture = "identity"\nmax_batch_size = 4\ninput_size = [3]\n',
+    "slow": 'architecture = "identity"\nmax_batch_size = 4\ninput_size = [2]\n[parameters]\ndelay_us = 400000\n',
+}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_repo(root: Path):
+    for name, cfg in MODELS.items():
+        d = root / name
+        d.mkdir(parents=True)
+        (d / "config.toml").write_text(cfg)
+        for v in (1, 2, 3) if name == "versioned" else (1,):
+            (d / str(v)).mkdir()
+    return root
+
+
+class Server:
+    def __init__(self, repo: Path, *extra):
+        if not BIN.exists():
+            pytest.skip(f"server binary {BIN} not built (cargo build -p aperture-cli)")
+        self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
+        cmd = [
+            str(BIN), "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
+            "--http-port", str(self.http), "--grpc-port", str(self.grpc),
+            "--metrics-port", str(self.metrics), "--max-body-mb", "1", *extra,
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()}")
+            try:
+                if self.request("GET", "/v2/health/ready")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("server did not become ready in 30 s")
+
+    @property
+    def http_url(self):
+        return f"127.0.0.1:{self.http}"
+
+    @property
+    def grpc_url(self):
+        return f"127.0.0.1:{self.grpc}"
+
+    def request(self, method, path, body=None, headers=None, port=None):
+        conn = http.client.HTTPConnection("127.0.0.1", port or self.http, timeout=10)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, r.read(), dict(r.getheaders())
+        finally:
+            conn.close()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(make_repo(tmp_path_factory.mktemp("repo")))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def hc(server):
+    c = httpclient.InferenceServerClient(server.http_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def gc(server):
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    yield c
+    c.close()
+
+
+def simple_inputs(mod, binary=True, batch=1, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((batch, 16)).astype(np.float32)
+    b = rng.standard_normal((batch, 16)).astype(np.float32)
+    ins = [mod.InferInput("INPUT0", [batch, 16], "FP32"), mod.InferInput("INPUT1", [batch, 16], "FP32")]
+    if mod is httpclient:
+        ins[0].set_data_from_numpy(a, binary_data=binary)
+        ins[1].set_data_from_numpy(b, binary_data=binary)
+    else:
+        ins[0].set_data_from_numpy(a)
+        ins[1].set_data_from_numpy(b)
+    return ins, a, b
+
+
+def test_server_and_model_metadata(hc, gc):
+    assert hc.is_server_live() and hc.is_server_ready()
+    assert gc.is_server_live() and gc.is_server_ready()
+    meta = hc.get_server_metadata()
+    assert meta["name"] == "aperture"
+    assert {"binary_tensor_data", "statistics", "model_repository"} <= set(meta["extensions"])
+    assert "statistics" in gc.get_server_metadata().extensions
+
+    m = hc.get_model_metadata("simple")
+    assert [i["name"] for i in m["inputs"]] == ["INPUT0", "INPUT1"]
+    assert m["inputs"][0]["datatype"] == "FP32" and m["inputs"][0]["shape"] == [-1, 16]
+    assert m["versions"] == ["1"]
+    gm = gc.get_model_metadata("simple")
+    assert [o.name for o in gm.outputs] == ["OUTPUT0", "OUTPUT1"]
+    assert list(gm.outputs[1].shape) == [-1, 16]
+    assert hc.is_model_ready("simple") and gc.is_model_ready("simple")
+    assert not hc.is_model_ready("nope")
+
+
+def test_model_config(hc, gc):
+    cfg = hc.get_model_config("ident")
+    assert cfg["name"] == "ident" and cfg["max_batch_size"] == 32
+    assert cfg["input"][0] == {**cfg["input"][0], "name": "INPUT0", "data_type": "TYPE_FP32", "dims": [4]}
+    assert cfg["output"][0]["name"] == "OUTPUT0"
+    assert cfg["dynamic_batching"]["max_queue_delay_microseconds"] == 2000
+    assert cfg["instance_group"][0]["count"] == 1
+    g = gc.get_model_config("tiny_queue").config
+    assert g.name == "tiny_queue" and g.max_batch_size == 1
+    assert g.dynamic_batching.default_queue_policy.max_queue_size == 4
+    assert list(g.input[0].dims) == [4]
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_http_infer(hc, binary):
+    ins, a, b = simple_inputs(httpclient, binary=binary, batch=3, seed=int(binary))
+    outs = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary),
+            httpclient.InferRequestedOutput("OUTPUT1", binary_data=binary)]
+    r = hc.infer("simple", ins, outputs=outs, request_id="req-7")
+    np.testing.assert_allclose(r.as_numpy("OUTPUT0"), a + b, rtol=1e-6)
+    np.testing.assert_allclose(r.as_numpy("OUTPUT1"), a - b, rtol=1e-6)
+    assert r.get_response()["id"] == "req-7"
+    # No outputs named: all come back.
+    r = hc.infer("simple", ins)
+    np.testing.assert_allclose(r.as_numpy("OUTPUT1"), a - b, rtol=1e-6)
+
+
+def test_grpc_infer_async_and_stream(gc, hc):
+    ins, a, b = simple_inputs(grpcclient, seed=3)
+    r = gc.infer("simple", ins, outputs=[grpcclient.InferRequestedOutput("OUTPUT1")])
+    np.testing.assert_allclose(r.as_numpy("OUTPUT1"), a - b, rtol=1e-6)
+    assert r.as_numpy("OUTPUT0") is None
+
+    done = threading.Event()
+    box = {}
+
+    def cb(result, error):
+        box["r"], box["e"] = result, error
+        done.set()
+
+    gc.async_infer("simple", ins, cb)
+    assert done.wait(10)
+    assert box["e"] is None
+    np.testing.assert_allclose(box["r"].as_numpy("OUTPUT0"), a + b, rtol=1e-6)
+
+    # HTTP async (gevent pool inside tritonclient).
+    hins, ha, hb = simple_inputs(httpclient, seed=4)
+    np.testing.assert_allclose(hc.async_infer("simple", hins).get_result().as_numpy("OUTPUT0"), ha + hb, rtol=1e-6)
+
+    # Streaming: each response matches its request id.
+    got = {}
+    all_in = threading.Event()
+
+    def scb(result, error):
+        if error is None:
+            got[result.get_response().id] = result.as_numpy("OUTPUT0")
+        else:
+            got[f"err{len(got)}"] = error
+        if len(got) == 5:
+            all_in.set()
+
+    gc.start_stream(callback=scb)
+    expected = {}
+    for i in range(5):
+        sins, sa, sb = simple_inputs(grpcclient, seed=10 + i)
+        expected[str(i)] = sa + sb
+        gc.async_stream_infer("simple", sins, request_id=str(i))
+    assert all_in.wait(10)
+    gc.stop_stream()
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-6)
+
+
+def test_statistics(hc, gc):
+    ins, _, _ = simple_inputs(httpclient)
+    hc.infer("simple", ins)
+    s = hc.get_inference_statistics("simple")["model_stats"][0]
+    assert s["name"] == "simple" and s["version"] == "1"
+    assert s["inference_count"] >= 1 and s["execution_count"] >= 1
+    for f in ["success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss"]:
+        assert set(s["inference_stats"][f]) == {"count", "ns"}, f
+    assert s["inference_stats"]["success"]["count"] >= 1
+    assert s["batch_stats"] and s["batch_stats"][0]["batch_size"] >= 1
+    g = gc.get_inference_statistics("simple").model_stats[0]
+    assert g.inference_stats.success.count >= 1 and g.execution_count >= 1
+    names = {m["name"] for m in hc.get_inference_statistics()["model_stats"]}
+    assert {"simple", "ident"} <= names
+
+
+def test_versions(hc, gc):
+    assert hc.get_model_metadata("versioned")["versions"] == ["2", "3"]
+    assert hc.is_model_ready("versioned", "2") and not hc.is_model_ready("versioned", "1")
+    x = np.array([[1.5, -2.0]], dtype=np.float32)
+    inp = httpclient.InferInput("INPUT0", [1, 2], "FP32")
+    inp.set_data_from_numpy(x)
+    r = hc.infer("versioned", [inp], model_version="2")
+    assert r.get_response()["model_version"] == "2"
+    np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), x)
+    with pytest.raises(InferenceServerException, match="version 1"):
+        hc.infer("versioned", [inp], model_version="1")
+    with pytest.raises(InferenceServerException, match="not found"):
+        gc.get_model_metadata("versioned", "9")
+
+
+def test_repository_load_unload(hc, gc):
+    index = {m["name"]: m for m in hc.get_model_repository_index()}
+    assert index["spare"]["state"] == "READY"
+    hc.unload_model("spare")
+    assert not hc.is_model_ready("spare")
+    assert hc.is_model_ready("simple"), "unloading one model must not touch another"
+    states = {m.name: m.state for m in gc.get_model_repository_index().models}
+    assert states["spare"] == "UNAVAILABLE"
+    gc.load_model("spare")
+    assert gc.is_model_ready("spare")
+    gc.unload_model("spare")
+    assert not gc.is_model_ready("spare")
+    hc.load_model("spare")
+    assert hc.is_model_ready("spare")
+    with pytest.raises(InferenceServerException):
+        hc.load_model("does_not_exist")
+
+
+def test_64_concurrent_clients_get_their_own_answers(server):
+    def client(i):
+        c = httpclient.InferenceServerClient(server.http_url)
+        try:
+            out = []
+            for k in range(3):
+                x = np.full((1, 4), i * 10 + k, dtype=np.float32) + np.arange(4, dtype=np.float32) / 8
+                inp = httpclient.InferInput("INPUT0", [1, 4], "FP32")
+                inp.set_data_from_numpy(x)
+                r = c.infer("ident", [inp])
+                out.append((x, r.as_numpy("OUTPUT0")))
+            return out
+        finally:
+            c.close()
+
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(client, range(64)))
+    for per_client in results:
+        for sent, got in per_client:
+            np.testing.assert_array_equal(got, sent)
+    c = httpclient.InferenceServerClient(server.http_url)
+    s = c.get_inference_statistics("ident")["model_stats"][0]
+    c.close()
+    assert s["inference_count"] == 64 * 3
+    assert s["execution_count"] < 64 * 3
+    assert max(b["batch_size"] for b in s["batch_stats"]) > 1
+
+
+def raw_infer_body(values):
+    return json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": values}]})
+
+
+def test_overload_gets_429_then_recovers(server):
+    def one(i):
+        return server.request("POST", "/v2/models/tiny_queue/infer", raw_infer_body([i, i, i, i]))
+
+    with ThreadPoolExecutor(40) as pool:
+        results = list(pool.map(one, range(40)))
+    codes = [r[0] for r in results]
+    assert codes.count(429) >= 10, codes
+    assert codes.count(200) >= 4, codes
+    assert set(codes) <= {200, 429}
+    busy = next(r for r in results if r[0] == 429)
+    assert "queue" in json.loads(busy[1])["error"]
+    status, body, _ = one(7)
+    assert status == 200 and json.loads(body)["outputs"][0]["data"] == [7, 7, 7, 7]
+    g = grpcclient.InferenceServerClient(server.grpc_url)
+    assert g.is_server_ready()
+    g.close()
+
+
+@pytest.mark.parametrize(
+    "path,body,headers,status,needle",
+    [
+        ("/v2/models/simple/infer", "{oops", {}, 400, "parse"),
+        ("/v2/models/ident/infer",
+         json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "INT32", "data": [1, 2, 3, 4]}]}),
+         {}, 400, "INT32"),
+        ("/v2/models/ident/infer",
+         json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 5], "datatype": "FP32", "data": [1, 2, 3, 4, 5]}]}),
+         {}, 400, "shape"),
+        ("/v2/models/ident/infer",
+         json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32",
+                                 "parameters": {"binary_data_size": 16}}]}).encode() + b"\0" * 8,
+         "HEADER", 400, "end of binary data"),
+        ("/v2/models/ident/infer", raw_infer_body([1, 2, 3, 4]),
+         {"Inference-Header-Content-Length": "100000"}, 400, "Inference-Header-Content-Length"),
+        ("/v2/models/nope/infer", raw_infer_body([1, 2, 3, 4]), {}, 404, "unknown model"),
+        ("/v2/models/ident/versions/7/infer", raw_infer_body([1, 2, 3, 4]), {}, 404, "version 7"),
+        ("/v2/models/ident/infer", b"x" * (2 << 20), {}, 413, "limit"),
+        ("/v2/models/ident/infer",
+         json.dumps({"inputs": [{"name": "WRONG", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}),
+         {}, 400, "INPUT0"),
+    ],
+)
+def test_malformed_requests_get_clear_4xx(server, path, body, headers, status, needle):
+    if headers == "HEADER":
+        head_len = body.index(b"}]}") + 3
+        headers = {"Inference-Header-Content-Length": str(head_len)}
+    got, resp, _ = server.request("POST", path, body, headers)
+    assert got == status, resp
+    err = json.loads(resp)["error"]
+    assert needle.lower() in err.lower(), err
+    # The server keeps serving.
+    assert server.request("GET", "/v2/health/live")[0] == 200
+
+
+def test_grpc_errors_have_triton_codes(gc):
+    with pytest.raises(InferenceServerException) as e:
+        gc.get_model_metadata("nope")
+    assert "NOT_FOUND" in str(e.value.status())
+    inp = grpcclient.InferInput("INPUT0", [1, 3], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, 3), np.float32))
+    with pytest.raises(InferenceServerException) as e:
+        gc.infer("ident", [inp])
+    assert "INVALID_ARGUMENT" in str(e.value.status())
+
+
+def test_metrics(server):
+    c = httpclient.InferenceServerClient(server.http_url)
+    ins, _, _ = simple_inputs(httpclient)
+    c.infer("simple", ins)
+    c.close()
+    status, body, _ = server.request("GET", "/metrics", port=server.metrics)
+    text = body.decode()
+    assert status == 200
+    for name in ["nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
+                 "nv_inference_exec_count", "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
+                 "nv_inference_compute_infer_duration_us", "nv_inference_pending_request_count",
+                 "aperture_batch_size_bucket"]:
+        assert f'{name}{{model="simple",version="1"' in text, name
+    line = next(l for l in text.splitlines() if l.startswith('nv_inference_request_success{model="simple"'))
+    assert int(line.split()[-1]) >= 1
+
+
+def test_api_keys_and_graceful_shutdown(tmp_path):
+    s = Server(make_repo(tmp_path / "repo"), "--api-key", "sesame", "--admin-key", "root")
+    try:
+        assert s.request("GET", "/v2/health/live")[0] == 200
+        assert s.request("GET", "/v2/models/simple")[0] == 401
+        assert s.request("GET", "/v2/models/simple", headers={"Authorization": "Bearer sesame"})[0] == 200
+        assert s.request("POST", "/v2/repository/index", b"{}", {"Authorization": "Bearer sesame"})[0] == 401
+        assert s.request("POST", "/v2/repository/index", b"{}", {"X-Api-Key": "root"})[0] == 200
+        g = grpcclient.InferenceServerClient(s.grpc_url)
+        with pytest.raises(InferenceServerException):
+            g.get_model_metadata("simple")
+        assert g.get_model_metadata("simple", headers={"authorization": "Bearer sesame"}).name == "simple"
+        g.close()
+
+        # SIGTERM while a slow request runs: it still gets its answer, then the process exits 0.
+        box = {}
+        body = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 2], "datatype": "FP32", "data": [3, 4]}]})
+        t = threading.Thread(target=lambda: box.update(r=s.request(
+            "POST", "/v2/models/slow/infer", body, {"Authorization": "Bearer sesame"})))
+        t.start()
+        time.sleep(0.15)
+        s.proc.send_signal(signal.SIGTERM)
+        t.join(10)
+        assert box["r"][0] == 200 and json.loads(box["r"][1])["outputs"][0]["data"] == [3, 4]
+        assert s.proc.wait(timeout=10) == 0
+    finally:
+        s.stop()
