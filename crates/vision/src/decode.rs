@@ -8,9 +8,11 @@
 //! - CMYK JPEGs are converted to RGB as PIL does (`R = (255 - C) * (255 - K) / 255`
 //!   on Adobe-inverted samples), to within 1/255 (checked against Pillow by
 //!   `tests/python/test_vision.py`).
-//! - JPEG: the decoder (zune-jpeg) is not bit-identical to libjpeg-turbo, which PIL
-//!   uses: its IDCT, chroma upsampling and YCbCr conversion round differently, so
-//!   colour JPEGs differ from PIL by a few levels on some pixels (grayscale by <= 1).
+//! - JPEG: decoded by this crate's own decoder, which reproduces libjpeg-turbo (what
+//!   PIL uses: islow IDCT, fancy upsampling, its YCbCr tables) bit for bit, for
+//!   8-bit Huffman baseline/progressive files with 1, 3 or 4 components. Other
+//!   JPEGs (arithmetic coding, 12-bit, lossless) go through zune-jpeg, which can
+//!   differ from PIL by a few levels.
 //! - A JPEG whose data ends before its end-of-image marker is refused as truncated,
 //!   as PIL does (the decoder alone would fill the missing part with gray).
 //! - EXIF orientation is NOT applied: PIL does not apply it on open and neither do
@@ -271,6 +273,18 @@ fn decode_named(
     let decoder = reader.into_decoder().map_err(|e| classify(path, e))?;
     let (w, h) = decoder.dimensions();
     check_dimensions(path, w, h, limits)?;
+    if format == ImageFormat::Jpeg {
+        // Exact libjpeg-turbo (PIL) output for the JPEG variants photos use; the
+        // general decoder handles the rest (and files this one finds corrupt).
+        if let Ok(Some((w, h, rgb))) = crate::jpeg::decode_pil_exact(bytes) {
+            if let Some(img) = RgbImage::from_raw(w as u32, h as u32, rgb) {
+                return Ok(DecodedImage {
+                    pixels: Pixels::U8(img),
+                    had_alpha: false,
+                });
+            }
+        }
+    }
     let img = DynamicImage::from_decoder(decoder).map_err(|e| classify(path, e))?;
     to_rgb(img, path)
 }

@@ -1,4 +1,4 @@
-//! JPEG structure check the decoder does not make.
+//! JPEG structure check: is the end-of-image marker there?
 //!
 //! zune-jpeg (like libjpeg) fills the missing part of a truncated file with gray
 //! and reports success. PIL refuses such files ("image file is truncated"), and a

@@ -1,0 +1,143 @@
+//! libjpeg's "islow" integer inverse DCT (`jidctint.c`), the method PIL uses,
+//! with the same fixed-point constants, rounding and range limiting, so the
+//! output samples are identical to libjpeg-turbo's.
+
+const CONST_BITS: u32 = 13;
+const PASS1_BITS: u32 = 2;
+
+const FIX_0_298631336: i64 = 2446;
+const FIX_0_390180644: i64 = 3196;
+const FIX_0_541196100: i64 = 4433;
+const FIX_0_765366865: i64 = 6270;
+const FIX_0_899976223: i64 = 7373;
+const FIX_1_175875602: i64 = 9633;
+const FIX_1_501321110: i64 = 12299;
+const FIX_1_847759065: i64 = 15137;
+const FIX_1_961570560: i64 = 16069;
+const FIX_2_053119869: i64 = 16819;
+const FIX_2_562915447: i64 = 20995;
+const FIX_3_072711026: i64 = 25172;
+
+#[inline]
+fn descale(x: i64, n: u32) -> i64 {
+    (x + (1 << (n - 1))) >> n
+}
+
+/// libjpeg's post-IDCT range limit: `x + 128` clamped to 0..=255 for sane values,
+/// with the same wrap-around (`& 1023`) as libjpeg's table for wild ones.
+#[inline]
+fn range_limit(x: i64) -> u8 {
+    let i = (x & 1023) as u32;
+    match i {
+        0..=127 => (i + 128) as u8,
+        128..=511 => 255,
+        512..=895 => 0,
+        _ => (i - 896) as u8,
+    }
+}
+
+/// One 1-D pass of the islow butterfly on 8 inputs; returns the 8 outputs before
+/// the final descale (`tmp10 + tmp3`, ...), in output order.
+#[inline]
+fn butterfly(v: [i64; 8]) -> [i64; 8] {
+    // Even part.
+    let (z2, z3) = (v[2], v[6]);
+    let z1 = (z2 + z3) * FIX_0_541196100;
+    let tmp2 = z1 + z3 * -FIX_1_847759065;
+    let tmp3 = z1 + z2 * FIX_0_765366865;
+    let tmp0 = (v[0] + v[4]) << CONST_BITS;
+    let tmp1 = (v[0] - v[4]) << CONST_BITS;
+    let tmp10 = tmp0 + tmp3;
+    let tmp13 = tmp0 - tmp3;
+    let tmp11 = tmp1 + tmp2;
+    let tmp12 = tmp1 - tmp2;
+
+    // Odd part.
+    let (t0, t1, t2, t3) = (v[7], v[5], v[3], v[1]);
+    let z1 = t0 + t3;
+    let z2 = t1 + t2;
+    let z3 = t0 + t2;
+    let z4 = t1 + t3;
+    let z5 = (z3 + z4) * FIX_1_175875602;
+    let t0 = t0 * FIX_0_298631336;
+    let t1 = t1 * FIX_2_053119869;
+    let t2 = t2 * FIX_3_072711026;
+    let t3 = t3 * FIX_1_501321110;
+    let z1 = z1 * -FIX_0_899976223;
+    let z2 = z2 * -FIX_2_562915447;
+    let z3 = z3 * -FIX_1_961570560 + z5;
+    let z4 = z4 * -FIX_0_390180644 + z5;
+    let t0 = t0 + z1 + z3;
+    let t1 = t1 + z2 + z4;
+    let t2 = t2 + z2 + z3;
+    let t3 = t3 + z1 + z4;
+
+    [
+        tmp10 + t3,
+        tmp11 + t2,
+        tmp12 + t1,
+        tmp13 + t0,
+        tmp13 - t0,
+        tmp12 - t1,
+        tmp11 - t2,
+        tmp10 - t3,
+    ]
+}
+
+/// Inverse DCT of one block of coefficients (natural order) with its
+/// quantisation table (natural order), writing 8x8 samples at `out[y * stride + x]`.
+pub(crate) fn idct_islow(coef: &[i16; 64], quant: &[u16; 64], out: &mut [u8], stride: usize) {
+    let mut ws = [0i32; 64];
+    for col in 0..8 {
+        let deq = |row: usize| i64::from(coef[row * 8 + col]) * i64::from(quant[row * 8 + col]);
+        if (1..8).all(|row| coef[row * 8 + col] == 0) {
+            // Same result as the full pass (libjpeg takes this shortcut too).
+            let dc = (deq(0) << PASS1_BITS) as i32;
+            for row in 0..8 {
+                ws[row * 8 + col] = dc;
+            }
+            continue;
+        }
+        let r = butterfly(std::array::from_fn(deq));
+        for (row, v) in r.iter().enumerate() {
+            ws[row * 8 + col] = descale(*v, CONST_BITS - PASS1_BITS) as i32;
+        }
+    }
+    for (row, w) in ws.chunks_exact(8).enumerate() {
+        let line = &mut out[row * stride..row * stride + 8];
+        if w[1..].iter().all(|&v| v == 0) {
+            let v = range_limit(descale(i64::from(w[0]), PASS1_BITS + 3));
+            line.fill(v);
+            continue;
+        }
+        let r = butterfly(std::array::from_fn(|i| i64::from(w[i])));
+        for (o, v) in line.iter_mut().zip(r) {
+            *o = range_limit(descale(v, CONST_BITS + PASS1_BITS + 3));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dc_only_block_is_flat() {
+        let mut coef = [0i16; 64];
+        coef[0] = 10; // DC 10 * quant 8 = 80 -> 80 / 8 = 10 above mid-gray
+        let quant = [8u16; 64];
+        let mut out = [0u8; 64];
+        idct_islow(&coef, &quant, &mut out, 8);
+        assert!(out.iter().all(|&v| v == 138));
+    }
+
+    #[test]
+    fn range_limit_clamps() {
+        assert_eq!(range_limit(0), 128);
+        assert_eq!(range_limit(127), 255);
+        assert_eq!(range_limit(300), 255);
+        assert_eq!(range_limit(-128), 0);
+        assert_eq!(range_limit(-300), 0);
+        assert_eq!(range_limit(-1), 127);
+    }
+}
