@@ -216,6 +216,15 @@ pub(crate) fn is_marker(b: &[u8], i: usize) -> bool {
     b.get(i) == Some(&0xFF) && b.get(i + 1).is_some_and(|&m| m != 0x00 && m != 0xFF)
 }
 
+/// A DC difference: a magnitude category, then that many bits.
+fn dc_diff(r: &mut BitReader, dc: &Huffman) -> Result<i32, String> {
+    let t = r.decode(dc)?;
+    if t > 16 {
+        return Err("corrupt JPEG data: bad DC difference".into());
+    }
+    Ok(r.receive_extend(u32::from(t)))
+}
+
 /// Sequential (baseline/extended) block: DC difference then run-length ACs.
 pub(crate) fn decode_block_baseline(
     r: &mut BitReader,
@@ -224,8 +233,8 @@ pub(crate) fn decode_block_baseline(
     dc: &Huffman,
     ac: &Huffman,
 ) -> Result<(), String> {
-    let t = r.decode(dc)?;
-    *pred += r.receive_extend(u32::from(t));
+    let diff = dc_diff(r, dc)?;
+    *pred = pred.wrapping_add(diff);
     block[0] = *pred as i16;
     let mut k = 1usize;
     while k < 64 {
@@ -255,9 +264,9 @@ pub(crate) fn decode_dc_first(
     dc: &Huffman,
     al: u32,
 ) -> Result<(), String> {
-    let t = r.decode(dc)?;
-    *pred += r.receive_extend(u32::from(t));
-    block[0] = (*pred << al) as i16;
+    let diff = dc_diff(r, dc)?;
+    *pred = pred.wrapping_add(diff);
+    block[0] = pred.wrapping_shl(al) as i16;
     Ok(())
 }
 

@@ -18,6 +18,10 @@ pub(crate) use structure::check_complete;
 use entropy::{BitReader, Huffman};
 use output::Plane;
 
+/// Progressive files use ~10 scans; a cap stops files crafted to make the decoder
+/// walk the whole image thousands of times.
+const MAX_SCANS: usize = 1000;
+
 struct Component {
     id: u8,
     h: usize,
@@ -77,6 +81,7 @@ pub(crate) fn decode_pil_exact(b: &[u8]) -> Result<Option<(usize, usize, Vec<u8>
     }
     let mut t = Tables::default();
     let mut frame: Option<Frame> = None;
+    let mut scans = 0usize;
     let mut i = 2usize;
     loop {
         while i < b.len() && b[i] != 0xFF {
@@ -120,6 +125,10 @@ pub(crate) fn decode_pil_exact(b: &[u8]) -> Result<Option<(usize, usize, Vec<u8>
                 t.adobe_transform = Some(seg[11])
             }
             0xDA => {
+                scans += 1;
+                if scans > MAX_SCANS {
+                    return Err(format!("more than {MAX_SCANS} scans"));
+                }
                 let f = frame.as_mut().ok_or("JPEG scan before frame header")?;
                 i = decode_scan(b, i + 2 + len, seg, f, &t)?;
                 continue;
