@@ -5,6 +5,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use aperture_engine::cpu::CpuBackend;
+use aperture_engine::HostTensor;
+use aperture_weights::StateDict;
 use aperture_models::restormer::{enhance::enhance_chw, parameter_count, random_state_dict, RestormerConfig, RestormerRunner};
 use aperture_vision::{save_rgb_f32, EncodeOptions, Layout};
 use clap::Args;
@@ -27,7 +29,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("Aperture demo: Restormer base ({} parameters) with SEEDED RANDOM weights.", parameter_count(&config));
     println!("The output shows the pipeline working, not a trained enhancement: pass your own");
     println!("weights with `aperture enhance IMAGE -o OUT --model model.pth` for real results.\n");
-    let sd = random_state_dict(&config, args.seed)?;
+    let sd = gentle(random_state_dict(&config, args.seed)?)?;
     let runner = RestormerRunner::new(CpuBackend::new(), config, &sd, 1)?;
     let (h, w) = (args.size, args.size);
     let image = synthetic_image(h, w);
@@ -45,6 +47,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("mean absolute change {mean_change:.4}");
     println!("wrote {} and {}", input_path.display(), output_path.display());
     Ok(())
+}
+
+/// Scales the last convolution down so the random network adds a small correction to
+/// the image (the global residual) instead of drowning it.
+fn gentle(sd: StateDict) -> anyhow::Result<StateDict> {
+    let mut tensors = sd.into_tensors();
+    if let Some(w) = tensors.get_mut("output.weight") {
+        let scaled = w.to_f32_vec().iter().map(|v| v * 0.02).collect();
+        *w = HostTensor::from_f32(w.shape().to_vec(), scaled)?;
+    }
+    Ok(StateDict::from_tensors(tensors))
 }
 
 /// A test card: colour gradients, a bright disc and fine stripes, in CHW [0, 1].
