@@ -8,6 +8,7 @@
 pub mod batcher;
 pub mod builtin;
 pub mod config;
+pub mod echo;
 pub mod error;
 pub mod factory;
 pub mod model;

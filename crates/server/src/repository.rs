@@ -16,7 +16,10 @@ pub enum ModelSource {
     /// A folder with `config.toml` and numeric version subfolders (or none: version 1).
     Folder(PathBuf),
     /// A config given in code (e.g. `--model weights.safetensors`), files resolved in `dir`.
-    Inline { config: ModelConfig, dir: PathBuf },
+    Inline {
+        config: Box<ModelConfig>,
+        dir: PathBuf,
+    },
 }
 
 /// One row of the repository index.
@@ -101,7 +104,7 @@ impl Repository {
         })?;
         let (config, base) = match &source {
             ModelSource::Folder(dir) => (ModelConfig::load(&dir.join("config.toml"))?, dir.clone()),
-            ModelSource::Inline { config, dir } => (config.clone(), dir.clone()),
+            ModelSource::Inline { config, dir } => ((**config).clone(), dir.clone()),
         };
         let versions = select_versions(&base, &config)?;
         let mut loaded = BTreeMap::new();

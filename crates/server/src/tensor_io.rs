@@ -235,7 +235,7 @@ pub fn split_rows(t: &HostTensor, rows: &[usize]) -> Result<Vec<HostTensor>> {
             rows.iter().sum::<usize>()
         )));
     }
-    let per_row = if total == 0 { 0 } else { t.numel() / total };
+    let per_row = t.numel().checked_div(total).unwrap_or(0);
     let mut out = Vec::with_capacity(rows.len());
     let mut start = 0;
     for &r in rows {

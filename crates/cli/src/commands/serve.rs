@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// Key required for repository control (load / unload / index).
     #[arg(long, env = "APERTURE_ADMIN_KEY")]
     pub admin_key: Option<String>,
+    /// Run a bare echo peer (same routes, no parsing or model) instead of the server,
+    /// to measure the server's own overhead with `aperture loadgen`.
+    #[arg(long)]
+    pub echo: bool,
 }
 
 /// Architectures the server can load. Real models register here next to the built-ins.
@@ -77,6 +81,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         repo.add_source(&name, source);
     }
     let addr = |port| SocketAddr::new(args.host, port);
+    if args.echo {
+        return run_echo(&args, &repo, addr(args.http_port), addr(args.grpc_port));
+    }
     let options = ServeOptions {
         http_addr: addr(args.http_port),
         grpc_addr: Some(addr(args.grpc_port)),
@@ -142,5 +149,48 @@ fn model_source(
     let mut config = ModelConfig::with_architecture(&arch);
     config.weights = weights;
     config.max_batch_size = args.max_batch_size.max(1);
-    Ok((name, ModelSource::Inline { config, dir }))
+    Ok((
+        name,
+        ModelSource::Inline {
+            config: Box::new(config),
+            dir,
+        },
+    ))
+}
+
+/// `--echo`: advertise the first --model's inputs, answer every infer with its own data.
+fn run_echo(
+    args: &ServeArgs,
+    repo: &Repository,
+    http: SocketAddr,
+    grpc: SocketAddr,
+) -> anyhow::Result<()> {
+    let (name, source) = repo
+        .discover()
+        .into_iter()
+        .next()
+        .context("--echo needs a --model")?;
+    let ModelSource::Inline { config, dir } = source else {
+        bail!("--echo needs --model with a built-in architecture or a weights file");
+    };
+    let ctx = aperture_server::ModelContext {
+        name: &name,
+        version: 1,
+        version_dir: &dir,
+        config: &config,
+        instance: 0,
+        gpu: None,
+    };
+    let runner = registry()
+        .build(&config.architecture, &ctx)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let spec = aperture_server::echo::EchoSpec {
+        model: name,
+        inputs: runner.inputs(),
+    };
+    eprintln!(
+        "aperture serve --echo: HTTP {http} gRPC {grpc} (max body {} MiB ignored)",
+        args.max_body_mb
+    );
+    aperture_server::echo::run_until_signal(http, grpc, spec).context("echo peer failed")
 }

@@ -35,10 +35,12 @@ pub fn request_from_proto(req: pb::ModelInferRequest) -> Result<InferRequest> {
             None => {
                 let values: Vec<f64> = match (&input.contents, dtype) {
                     (Some(c), DType::F32) => c.fp32_contents.iter().map(|&v| v as f64).collect(),
-                    _ => return Err(ServerError::invalid(format!(
+                    _ => {
+                        return Err(ServerError::invalid(format!(
                         "input '{}': no data; send raw_input_contents (or fp32_contents for FP32)",
                         input.name
-                    ))),
+                    )))
+                    }
                 };
                 tensor_from_numbers(&input.name, dims, dtype, values)?
             }
