@@ -8,7 +8,7 @@ Used to make the fixtures in crates/weights/tests/fixtures/ (re-run to regenerat
 The pickles come from CPython's own pickler with stand-in `torch._utils` / `torch`
 globals registered under their real names, so the byte stream has the same GLOBAL,
 BINPERSID, REDUCE and BUILD opcodes torch writes. Every `<name>.pt` gets a twin
-`<name>.safetensors` holding the tensors a loader must produce (views materialised,
+`<name>.safetensors` (`legacy_<name>.pt`, in the pre-1.6 format, shares `<name>`'s) holding the tensors a loader must produce (views materialised,
 `module.` stripped), written here with `struct` so it is independent of the Rust writer.
 Only the standard library is needed.
 """
@@ -176,6 +176,32 @@ def save(obj, path, prefix="archive", protocol=2):
             z.writestr(zipfile.ZipInfo(f"{prefix}/{name}", date_time=(1980, 1, 1, 0, 0, 0)), data)
 
 
+def save_legacy(obj, path, protocol=2):
+    """The pre-1.6 layout: magic, version, sys info, object, storage keys, then each
+    storage as an int64 element count and its raw elements."""
+    buf = io.BytesIO()
+    pickle.dump(0x1950A86A20F9469CFC6C, buf, protocol=protocol)
+    pickle.dump(1001, buf, protocol=protocol)
+    sys_info = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    pickle.dump(sys_info, buf, protocol=protocol)
+    storages = {}
+
+    class Legacy(pickle.Pickler):
+        def persistent_id(self, o):
+            if isinstance(o, Storage):
+                storages[o.key] = o
+                return ("storage", STORAGE_CLASSES[o.kind], o.key, "cpu", len(o.values), None)
+            return None
+
+    Legacy(buf, protocol=protocol).dump(obj)
+    keys = sorted(storages)
+    pickle.dump(keys, buf, protocol=protocol)
+    for key in keys:
+        buf.write(struct.pack("<q", len(storages[key].values)))
+        buf.write(storages[key].bytes())
+    Path(path).write_bytes(buf.getvalue())
+
+
 def save_twin(tensors, path):
     """A safetensors file of the expected tensors (name -> (dtype, shape, values))."""
     header, data = {}, b""
@@ -216,6 +242,7 @@ def main(out_dir):
     sd["pixels"] = Tensor(Storage("ByteStorage", "8", [0, 128, 255]), (3,))
     sd._metadata = collections.OrderedDict({"": {"version": 1}, "conv": {"version": 1}})
     save(sd, out / "bare.pt")
+    save_legacy(sd, out / "legacy_bare.pt")  # twin: bare.safetensors
     save_twin({k: expected(v) for k, v in sd.items()}, out / "bare.safetensors")
 
     # 2. Nested under model_state_dict, DataParallel prefix, optimizer state (with a
@@ -236,6 +263,7 @@ def main(out_dir):
         "note": b"bytes value",
     }
     save(ckpt, out / "nested_module.pt")
+    save_legacy(ckpt, out / "legacy_nested_module.pt")  # twin: nested_module.safetensors
     save_twin({k[len("module."):]: expected(v) for k, v in model.items()}, out / "nested_module.safetensors")
 
     # 3. Protocol 4 (STACK_GLOBAL, MEMOIZE, FRAME), a custom archive folder name,

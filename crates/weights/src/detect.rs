@@ -5,11 +5,13 @@ use std::path::Path;
 
 use crate::error::{Result, WeightsError};
 use crate::safetensors::looks_like_safetensors;
+use crate::torch_legacy::is_legacy;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Format {
     Safetensors,
     TorchZip,
+    TorchLegacy,
 }
 
 pub(crate) fn detect(path: &Path) -> Result<Format> {
@@ -21,11 +23,14 @@ pub(crate) fn detect(path: &Path) -> Result<Format> {
             path: path.to_path_buf(),
         });
     }
-    let mut head = Vec::with_capacity(16);
-    file.by_ref().take(16).read_to_end(&mut head).map_err(io)?;
+    let mut head = Vec::with_capacity(32);
+    file.by_ref().take(32).read_to_end(&mut head).map_err(io)?;
 
     if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
         return Ok(Format::TorchZip);
+    }
+    if is_legacy(&head) {
+        return Ok(Format::TorchLegacy);
     }
     // A '{' after the length field is safetensors even when the length is wrong: the
     // parser then reports the truncation precisely.
@@ -48,10 +53,6 @@ fn describe(head: &[u8], len: u64) -> String {
         "it is a WebP image".to_string()
     } else if head.starts_with(b"GIF8") {
         "it is a GIF image".to_string()
-    } else if head.starts_with(&[0x80, 0x02, 0x8a, 0x0a]) {
-        "it is a legacy PyTorch checkpoint (torch < 1.6 or _use_new_zipfile_serialization=False); \
-         re-save it with a current torch.save, or convert it to safetensors"
-            .to_string()
     } else if head.first() == Some(&0x80) && head.get(1).is_some_and(|&p| p <= 5) {
         "it is a plain Python pickle, not a torch.save archive".to_string()
     } else if head.starts_with(b"\x1f\x8b") {

@@ -30,9 +30,11 @@ pub enum WeightsError {
     #[error("{path}: invalid PyTorch checkpoint archive: {reason}")]
     Zip { path: PathBuf, reason: String },
 
-    #[error("{path}: cannot unpickle data.pkl at byte {offset}: {reason}")]
+    /// `part` is the pickle's container: `data.pkl` in zip archives, the file itself in legacy ones.
+    #[error("{path}: cannot unpickle {part} at byte {offset}: {reason}")]
     Pickle {
         path: PathBuf,
+        part: &'static str,
         offset: usize,
         reason: String,
     },

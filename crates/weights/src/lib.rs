@@ -5,7 +5,8 @@
 //!
 //! - **safetensors**: F32/F16/BF16 tensors keep their type; F64, integer and bool
 //!   tensors become f32; other types (F8, complex) are an error naming the tensor.
-//! - **`torch.save` archives** (zip, torch >= 1.6), read natively: a small pickle
+//! - **`torch.save` checkpoints**, read natively: the zip format (torch >= 1.6) and
+//!   the older flat format (`_use_new_zipfile_serialization=False`). A small pickle
 //!   machine rebuilds the object graph without running any Python. The weights are the
 //!   bare state dict, or the dict found under the first of [`WRAPPER_KEYS`]
 //!   (`model_state_dict`, `state_dict`, `params_ema`, `params`, `model`, `ema`).
@@ -36,6 +37,7 @@ mod pickle;
 mod safetensors;
 mod snapshot;
 mod torch;
+mod torch_legacy;
 mod unwrap;
 
 use std::collections::BTreeMap;
@@ -142,9 +144,13 @@ pub fn load_safetensors(path: &Path) -> std::result::Result<StateDict, WeightsEr
     finish(path, safetensors::read(path)?)
 }
 
-/// Loads a `torch.save` checkpoint (zip format).
+/// Loads a `torch.save` checkpoint: the zip format (torch >= 1.6) or the legacy one.
 pub fn load_torch(path: &Path) -> std::result::Result<StateDict, WeightsError> {
-    finish(path, torch::read(path)?)
+    let raw = match detect(path) {
+        Ok(Format::TorchLegacy) => torch_legacy::read(path)?,
+        _ => torch::read(path)?,
+    };
+    finish(path, raw)
 }
 
 /// One file, format by magic bytes, names as stored.
@@ -152,6 +158,7 @@ pub(crate) fn load_file_raw(path: &Path) -> Result<BTreeMap<String, HostTensor>>
     match detect(path)? {
         Format::Safetensors => safetensors::read(path),
         Format::TorchZip => torch::read(path),
+        Format::TorchLegacy => torch_legacy::read(path),
     }
 }
 

@@ -67,6 +67,7 @@ pub(crate) fn read(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
     let pickle_bytes = read_entry(&mut zip, &pkl).map_err(|e| zip_err(e.to_string()))?;
     let root = unpickle(&pickle_bytes).map_err(|e| WeightsError::Pickle {
         path: path.to_path_buf(),
+        part: "data.pkl",
         offset: e.offset,
         reason: e.reason,
     })?;
@@ -162,6 +163,10 @@ pub(crate) fn materialise(
             bytes.len()
         ));
     }
+    // Legacy storage views start part-way into their root storage.
+    let bytes = bytes
+        .get(t.storage.offset.saturating_mul(es)..)
+        .unwrap_or_default();
     let storage_len = bytes.len() / es;
     let numel = t
         .size
@@ -239,6 +244,7 @@ mod tests {
             storage: StorageRef {
                 elem: Ok(ElemType::F32),
                 key: "0".into(),
+                offset: 0,
             },
             offset,
             size,

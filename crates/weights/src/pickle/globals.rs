@@ -16,9 +16,16 @@ pub(crate) fn persistent_load(pid: &Value) -> Value {
                 Value::Global(g) => storage_elem(&g.0, &g.1),
                 other => Err(other.kind()),
             };
+            // Legacy files add view metadata `(view_key, offset, size)` for storage views.
+            let offset = items
+                .get(5)
+                .and_then(Value::items)
+                .and_then(|v| v.get(1).and_then(Value::as_usize))
+                .unwrap_or(0);
             Value::Storage(Rc::new(StorageRef {
                 elem,
                 key: key.clone(),
+                offset,
             }))
         }
         _ => Value::opaque("persistent id that is not a storage"),

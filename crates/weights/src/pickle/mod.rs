@@ -7,7 +7,7 @@ mod vm;
 #[cfg(test)]
 pub(crate) use value::StorageRef;
 pub(crate) use value::{TensorRef, Value};
-pub(crate) use vm::unpickle;
+pub(crate) use vm::{unpickle, unpickle_at, Unpickled};
 
 #[cfg(test)]
 mod tests;

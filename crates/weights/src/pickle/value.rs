@@ -12,6 +12,8 @@ pub(crate) struct StorageRef {
     pub elem: Result<ElemType, String>,
     /// Name of the archive entry under `data/` holding the bytes.
     pub key: String,
+    /// Elements to skip at the start of that storage (legacy files' storage views).
+    pub offset: usize,
 }
 
 /// A tensor view on a storage, as `torch._utils._rebuild_tensor_v2` describes it.

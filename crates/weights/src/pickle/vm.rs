@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use super::globals::{call_global, persistent_load};
-use super::value::Value;
+use super::value::{StorageRef, Value};
 
 #[derive(Debug)]
 pub(crate) struct PickleError {
@@ -24,21 +24,43 @@ struct Machine<'a> {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: HashMap<usize, Value>,
+    storages: Vec<StorageRef>,
+}
+
+/// The result of one pickle in a byte stream.
+pub(crate) struct Unpickled {
+    pub value: Value,
+    /// Offset just past the STOP opcode (legacy files chain several pickles).
+    pub end: usize,
+    /// Every storage the pickle referred to, needed to walk legacy files' data.
+    pub storages: Vec<StorageRef>,
 }
 
 /// Runs `data` to its STOP opcode and returns the unpickled value.
 pub(crate) fn unpickle(data: &[u8]) -> Result<Value, PickleError> {
+    unpickle_at(data, 0).map(|u| u.value)
+}
+
+/// Runs the pickle starting at `start`.
+pub(crate) fn unpickle_at(data: &[u8], start: usize) -> Result<Unpickled, PickleError> {
     let mut m = Machine {
         data,
-        pos: 0,
+        pos: start,
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        storages: Vec::new(),
     };
     loop {
         let at = m.pos;
         match m.step() {
-            Ok(Some(v)) => return Ok(v),
+            Ok(Some(value)) => {
+                return Ok(Unpickled {
+                    value,
+                    end: m.pos,
+                    storages: m.storages,
+                })
+            }
             Ok(None) => {}
             Err(reason) => return Err(PickleError { offset: at, reason }),
         }
@@ -101,6 +123,14 @@ impl Machine<'_> {
 
     fn bytes(&mut self, n: usize) -> Res<Value> {
         Ok(Value::Bytes(Rc::from(self.take(n)?)))
+    }
+
+    /// Pushes a persistent_load result, remembering storages.
+    fn push_loaded(&mut self, v: Value) {
+        if let Value::Storage(s) = &v {
+            self.storages.push(s.as_ref().clone());
+        }
+        self.push(v);
     }
 
     fn push(&mut self, v: Value) {
@@ -453,11 +483,13 @@ impl Machine<'_> {
             }
             b'P' => {
                 let s = self.line()?;
-                self.push(persistent_load(&Value::Str(s)));
+                let v = persistent_load(&Value::Str(s));
+                self.push_loaded(v);
             }
             b'Q' => {
                 let pid = self.pop()?;
-                self.push(persistent_load(&pid));
+                let v = persistent_load(&pid);
+                self.push_loaded(v);
             }
             other => {
                 return Err(format!(
