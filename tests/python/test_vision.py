@@ -147,6 +147,26 @@ def test_decode_matches_pillow_convert_rgb(tmp_path, name, img, kwargs, suffix, 
     assert diff.max() <= tol, f"{name}: max abs diff {diff.max()} > {tol}"
 
 
+def test_16bit_png_high_byte(tmp_path):
+    """16-bit RGB: PIL keeps the high byte, and so do we. 16-bit gray: PIL clips to 255
+    (a quirk we do not copy); we keep the high byte as for RGB."""
+    png = pytest.importorskip("png")
+    rgb16 = tmp_path / "rgb16.png"
+    rows = [[0, 1, 255, 256, 1000, 2000], [40000, 50000, 65535, 65280, 32767, 32768]]
+    png.Writer(2, 2, greyscale=False, bitdepth=16).write(rgb16.open("wb"), rows)
+    with Image.open(rgb16) as im:
+        want = np.asarray(im.convert("RGB")).astype(np.int16)
+    assert np.array_equal(rust_rgb(tmp_path, rgb16), want)
+    assert np.array_equal(want.reshape(-1), np.array(rows).reshape(-1) >> 8)
+
+    gray16 = tmp_path / "gray16.png"
+    values = [[0, 255, 256, 1000], [40000, 65535, 65280, 511]]
+    png.Writer(4, 2, greyscale=True, bitdepth=16).write(gray16.open("wb"), values)
+    got = rust_rgb(tmp_path, gray16)
+    for c in range(3):
+        assert np.array_equal(got[:, :, c], np.array(values) >> 8)
+
+
 def test_truncated_jpeg_is_refused_like_pillow(tmp_path):
     path = tmp_path / "t.jpg"
     textured(64, 64, 13).save(path, quality=90)

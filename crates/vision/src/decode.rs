@@ -19,7 +19,9 @@
 //!   HF image processors, so boxes stay in the stored pixel frame.
 //! - 16-bit PNGs keep their 16 bits: [`DecodedImage::to_f32_planar`] and
 //!   [`DecodedImage::to_f32_interleaved`] return full precision; [`DecodedImage::to_rgb8`]
-//!   keeps the high byte as PIL does for 16-bit RGB.
+//!   keeps the high byte as PIL does for 16-bit RGB. (For 16-bit *grayscale* PIL's
+//!   `convert('RGB')` clips values above 255 to white, which destroys the image;
+//!   we keep the high byte there too, deliberately differing from PIL.)
 //!
 //! Size limits are checked against the header before any pixel buffer is allocated.
 
