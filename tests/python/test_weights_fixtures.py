@@ -97,6 +97,59 @@ def torch_load(path):
             return MiniTorchUnpickler(f, z, pkl[: -len("data.pkl")]).load()
 
 
+class LegacyUnpickler(MiniTorchUnpickler):
+    """The pre-1.6 layout: the storages follow the pickles, so tensors are deferred."""
+
+    def __init__(self, file):
+        pickle.Unpickler.__init__(self, file)
+        self.storage_classes = {}
+
+    def persistent_load(self, pid):
+        tag, storage_class, key, _location, _numel, _view = pid
+        assert tag == "storage"
+        self.storage_classes[key] = storage_class
+        return key
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return DeferredTensor
+        return super().find_class(module, name)
+
+
+class DeferredTensor:
+    def __init__(self, key, offset, size, stride, *_):
+        self.key, self.view = key, (offset, size, stride)
+
+
+def legacy_torch_load(path):
+    with open(path, "rb") as f:
+        assert pickle.load(f) == 0x1950A86A20F9469CFC6C
+        assert pickle.load(f) == 1001
+        assert pickle.load(f)["little_endian"]
+        u = LegacyUnpickler(f)
+        obj = u.load()
+        storages = {}
+        for key in pickle.load(f):
+            (numel,) = struct.unpack("<q", f.read(8))
+            dtype = STORAGE_DTYPES.get(u.storage_classes[key])
+            if dtype is None:  # complex: 8 bytes an element, never needed
+                f.read(numel * 8)
+            elif dtype == "bf16":
+                storages[key] = bf16_to_f32(f.read(numel * 2))
+            else:
+                storages[key] = np.frombuffer(f.read(numel * np.dtype(dtype).itemsize), dtype=dtype)
+        assert f.read() == b""
+
+    def resolve(v):
+        if isinstance(v, DeferredTensor):
+            return rebuild_tensor(storages.get(v.key), *v.view)
+        if isinstance(v, dict):
+            return {k: resolve(x) for k, x in v.items()}
+        return v
+
+    return resolve(obj)
+
+
 def twin(path):
     """The twin via the reference library; BF16 (unknown to numpy) via its header."""
     out = {}
@@ -144,6 +197,13 @@ def test_params_ema_is_the_twin():
     assert ckpt["also_ema"] is ckpt["params_ema"]
     assert_same(ckpt["params_ema"], twin(FIXTURES / "params_ema_proto4.safetensors"))
     assert not np.array_equal(ckpt["params"]["body.0.weight"], ckpt["params_ema"]["body.0.weight"])
+
+
+def test_legacy_files_match_twins():
+    assert_same(legacy_torch_load(FIXTURES / "legacy_bare.pt"), twin(FIXTURES / "bare.safetensors"))
+    ckpt = legacy_torch_load(FIXTURES / "legacy_nested_module.pt")
+    model = {k.removeprefix("module."): v for k, v in ckpt["model_state_dict"].items()}
+    assert_same(model, twin(FIXTURES / "nested_module.safetensors"))
 
 
 @pytest.mark.parametrize("protocol_name,first_bytes", [("bare.pt", b"\x80\x02"), ("params_ema_proto4.pt", b"\x80\x04")])
