@@ -26,11 +26,13 @@ mod weights;
 
 #[cfg(test)]
 mod parity_tests;
+#[cfg(test)]
+mod x_tests;
 
 pub use config::{BackboneConfig, DFineConfig};
 pub use decoder::weighting_function;
 pub use encoder::position_embedding;
 pub use model::{anchors, DFine};
-pub use postprocess::{post_process, Detection, ImageProcessorConfig};
+pub use postprocess::{coco_category_id, post_process, Detection, ImageProcessorConfig};
 pub use runner::{load_dfine, load_dfine_runner, DFineRunner, DFineSnapshot};
 pub use weights::{fold_batch_norm, merge_repvgg};

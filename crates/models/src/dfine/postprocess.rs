@@ -63,6 +63,24 @@ pub fn post_process(
         .collect())
 }
 
+/// COCO category id of contiguous label `0..80` (the ids skip 12, 26, 29, 30, 45, 66,
+/// 68, 69, 71 and 83), as needed for COCO evaluation of 80-class detectors.
+pub fn coco_category_id(label: usize) -> Option<u32> {
+    const SKIPPED: [u32; 10] = [12, 26, 29, 30, 45, 66, 68, 69, 71, 83];
+    if label >= 80 {
+        return None;
+    }
+    let mut id = 0u32;
+    let mut left = label + 1;
+    while left > 0 {
+        id += 1;
+        if !SKIPPED.contains(&id) {
+            left -= 1;
+        }
+    }
+    Some(id)
+}
+
 /// The image processor settings D-FINE checkpoints ship in `preprocessor_config.json`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImageProcessorConfig {
@@ -179,6 +197,15 @@ mod tests {
         );
         assert!(close(d[1].bbox, [0.0, 0.0, 100.0, 50.0]), "{:?}", d[1].bbox);
         assert!(post_process(&logits, &boxes[..4], 2, 0.5, (1, 1)).is_err());
+    }
+
+    #[test]
+    fn coco_ids_skip_the_unused_categories() {
+        assert_eq!(coco_category_id(0), Some(1));
+        assert_eq!(coco_category_id(11), Some(13));
+        assert_eq!(coco_category_id(15), Some(17)); // cat
+        assert_eq!(coco_category_id(79), Some(90));
+        assert_eq!(coco_category_id(80), None);
     }
 
     #[test]
