@@ -23,11 +23,11 @@ extern "C" __global__ void mdta_sumsq(const T* __restrict__ qkv, float* __restri
 
 // Grid (heads, N), dynamic shared memory d*d floats.
 // gram: [N][chunks][heads][d*d] partial Gram maps, column-major per map (entry (i, j)
-// at i + j*d), summed here over chunks. temp: [heads]. w: project_out [Cout][C] fp32.
-// Writes folded[n][o][h*d + j] = sum_i softmax_j(G_ij / (|q_i| |k_j|) * t_h) * w[o][h*d + i].
-extern "C" __global__ void mdta_fold(const float* __restrict__ gram, const float* __restrict__ nrm,
-                                     const float* __restrict__ temp, const float* __restrict__ w,
-                                     T* __restrict__ folded, int chunks, int heads, int d, int C, int Cout) {
+// at i + j*d), summed here over chunks. Writes attn[n][h][i][j] =
+// softmax_j(G_ij / (max(|q_i|, eps) max(|k_j|, eps)) * t_h), row-major.
+extern "C" __global__ void mdta_softmax(const float* __restrict__ gram, const float* __restrict__ nrm,
+                                        const float* __restrict__ temp, float* __restrict__ attn, int chunks,
+                                        int heads, int d, int C) {
     extern __shared__ float a[];
     int h = blockIdx.x;
     i64 n = blockIdx.y;
@@ -39,27 +39,37 @@ extern "C" __global__ void mdta_fold(const float* __restrict__ gram, const float
         float s = 0.0f;
         for (int k = 0; k < chunks; k++) s += gram[((n * chunks + k) * heads + h) * (i64)d * d + e];
         float qn = fmaxf(sqrtf(nq[i]), 1e-12f), kn = fmaxf(sqrtf(nk[j]), 1e-12f);
-        a[i * d + j] = s / (qn * kn) * t;  // row-major from here on
+        a[i * d + j] = s / (qn * kn) * t;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float* row = a + i * d;
+    // One warp per row.
+    int lane = threadIdx.x & 31;
+    float* out = attn + (n * heads + h) * (i64)d * d;
+    for (int i = threadIdx.x >> 5; i < d; i += blockDim.x >> 5) {
+        const float* row = a + i * d;
         float m = -3.402823466e38f;
-        for (int j = 0; j < d; j++) m = fmaxf(m, row[j]);
+        for (int j = lane; j < d; j += 32) m = fmaxf(m, row[j]);
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
         float z = 0.0f;
-        for (int j = 0; j < d; j++) {
-            row[j] = expf(row[j] - m);
-            z += row[j];
-        }
+        for (int j = lane; j < d; j += 32) z += expf(row[j] - m);
+        z = warp_sum(z);
         float inv = 1.0f / z;
-        for (int j = 0; j < d; j++) row[j] *= inv;
+        for (int j = lane; j < d; j += 32) out[i * d + j] = expf(row[j] - m) * inv;
     }
-    __syncthreads();
-    for (int e = threadIdx.x; e < Cout * d; e += blockDim.x) {
-        int o = e / d, j = e % d;
-        const float* wr = w + (i64)o * C + h * d;
-        float s = 0.0f;
-        for (int i = 0; i < d; i++) s += a[i * d + j] * wr[i];
-        folded[(n * Cout + o) * C + h * d + j] = stf(s);
-    }
+}
+
+// Grid (ceil(Cout*d / blockDim), heads, N). w: project_out [Cout][C] fp32.
+// folded[n][o][h*d + j] = sum_i attn[n][h][i][j] * w[o][h*d + i].
+extern "C" __global__ void mdta_fold(const float* __restrict__ attn, const float* __restrict__ w,
+                                     T* __restrict__ folded, int heads, int d, int C, int Cout) {
+    int h = blockIdx.y;
+    i64 n = blockIdx.z;
+    int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= Cout * d) return;
+    int o = e / d, j = e - (e / d) * d;
+    const float* a = attn + (n * heads + h) * (i64)d * d;
+    const float* wr = w + (i64)o * C + h * d;
+    float s = 0.0f;
+    for (int i = 0; i < d; i++) s += a[i * d + j] * wr[i];
+    folded[(n * Cout + o) * C + h * d + j] = stf(s);
 }

@@ -171,3 +171,108 @@ extern "C" __global__ void pixel_unshuffle(const T* __restrict__ x, T* __restric
         y[i] = x[((n * H + oy * r + ij / r) * W + ox * r + ij % r) * C + c];
     }
 }
+
+// Depthwise 3x3, stride 1, padding 1, two channels per thread (C even). Grid: x over
+// (column, channel pair) of one output row, y over rows (n*H + y). 32-bit index math
+// except for the final offsets: 64-bit division was what made the generic kernel slow.
+extern "C" __global__ void dwconv3x3(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
+                                     const float* __restrict__ bias, const T* __restrict__ res, int H, int W,
+                                     int C, int act) {
+    int row = blockIdx.y;
+    int oy = row % H;
+    int C2 = C >> 1;
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= W * C2) return;
+    int ox = t / C2;
+    int c = (t - ox * C2) * 2;
+    const T* img = x + (i64)(row - oy) * W * C;
+    float2 acc = bias ? make_float2(bias[c], bias[c + 1]) : make_float2(0.0f, 0.0f);
+#pragma unroll
+    for (int ky = 0; ky < 3; ky++) {
+        int iy = oy + ky - 1;
+        if (iy < 0 || iy >= H) continue;
+        const T* xr = img + (i64)iy * W * C;
+#pragma unroll
+        for (int kx = 0; kx < 3; kx++) {
+            int ix = ox + kx - 1;
+            if (ix < 0 || ix >= W) continue;
+            float2 v = ld2(xr + ix * C + c);
+            float2 wv = *reinterpret_cast<const float2*>(w + (ky * 3 + kx) * C + c);
+            acc.x += v.x * wv.x;
+            acc.y += v.y * wv.y;
+        }
+    }
+    acc.x = activate(acc.x, act);
+    acc.y = activate(acc.y, act);
+    i64 o = ((i64)row * W + ox) * C + c;
+    if (res) {
+        float2 r = ld2(res + o);
+        acc.x += r.x;
+        acc.y += r.y;
+    }
+    st2(y + o, acc);
+}
+
+// im2col with one output row per blockIdx.y (n*OH + oy) and 32-bit index math.
+extern "C" __global__ void im2col_rows(const T* __restrict__ x, T* __restrict__ col, int H, int W, int C, int OH,
+                                       int OW, int KH, int KW, int stride, int pad, int Kp) {
+    int row = blockIdx.y;
+    int oy = row % OH;
+    const T* img = x + (i64)(row / OH) * H * W * C;
+    T* dst = col + (i64)row * OW * Kp;
+    for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < OW * Kp; t += gridDim.x * blockDim.x) {
+        int ox = t / Kp;
+        int k = t - ox * Kp;
+        float v = 0.0f;
+        if (k < KH * KW * C) {
+            int c = k % C;
+            int kk = k / C;
+            int kx = kk % KW, ky = kk / KW;
+            int iy = oy * stride + ky - pad, ix = ox * stride + kx - pad;
+            if (iy >= 0 && iy < H && ix >= 0 && ix < W) v = ldf(img[(iy * W + ix) * C + c]);
+        }
+        dst[t] = stf(v);
+    }
+}
+
+// LayerNorm for even C <= 512: one warp per pixel, two channels per lane, the pixel
+// held in registers so global memory is read once.
+extern "C" __global__ void layer_norm2(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
+                                       const float* __restrict__ b, i64 P, int C, float eps, int has_bias) {
+    i64 pix = (blockIdx.x * (i64)blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (pix >= P) return;
+    const T* px = x + pix * C;
+    float2 v[8];
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        int c = (lane + 32 * k) * 2;
+        v[k] = c < C ? ld2(px + c) : make_float2(0.0f, 0.0f);
+        s += v[k].x + v[k].y;
+    }
+    float mean = warp_sum(s) / C;
+    float q = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        int c = (lane + 32 * k) * 2;
+        if (c < C) q += (v[k].x - mean) * (v[k].x - mean) + (v[k].y - mean) * (v[k].y - mean);
+    }
+    float inv = 1.0f / sqrtf(warp_sum(q) / C + eps);
+    T* out = y + pix * C;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        int c = (lane + 32 * k) * 2;
+        if (c < C) {
+            float2 r;
+            if (has_bias) {
+                r.x = (v[k].x - mean) * inv * w[c] + b[c];
+                r.y = (v[k].y - mean) * inv * w[c + 1] + b[c + 1];
+            } else {
+                r.x = v[k].x * inv * w[c];
+                r.y = v[k].y * inv * w[c + 1];
+            }
+            st2(out + c, r);
+        }
+    }
+}

@@ -122,13 +122,14 @@ pub(crate) fn channel_attention(
         Ok(nrm)
     })?;
 
-    // (2) Softmax and fold into the projection: folded[n][o][c] in the storage type.
+    // (2) Softmax of the normalised maps, then the fold into the projection:
+    // folded[n][o][c] in the storage type.
     let fold_flops = 2.0 * (n * heads * c_out * d * d) as f64;
-    let folded = be.profiler.op(be, "mdta_fold", fold_flops, (n * chunks * heads * d * d * 4) as f64, || {
-        let folded = be.pool.alloc(n * c_out * c * es as usize)?;
+    let folded = be.profiler.op(be, "mdta_softmax_fold", fold_flops, (n * chunks * heads * d * d * 4) as f64, || {
+        let attn = be.pool.alloc(n * heads * d * d * 4)?;
         be.kernels.launch(
             &be.ctx,
-            "mdta_fold",
+            "mdta_softmax",
             (heads as u32, n as u32, 1),
             256,
             (d * d * 4) as u32,
@@ -136,9 +137,24 @@ pub(crate) fn channel_attention(
                 Arg::Ptr(gram.ptr()),
                 Arg::Ptr(nrm.ptr()),
                 Arg::Ptr(temp.ptr()),
+                Arg::Ptr(attn.ptr()),
+                Arg::I32(chunks as i32),
+                Arg::I32(heads as i32),
+                Arg::I32(d as i32),
+                Arg::I32(c as i32),
+            ],
+        )?;
+        let folded = be.pool.alloc(n * c_out * c * es as usize)?;
+        be.kernels.launch(
+            &be.ctx,
+            "mdta_fold",
+            ((c_out * d).div_ceil(128) as u32, heads as u32, n as u32),
+            128,
+            0,
+            &[
+                Arg::Ptr(attn.ptr()),
                 Arg::Ptr(w_f32.ptr()),
                 Arg::Ptr(folded.ptr()),
-                Arg::I32(chunks as i32),
                 Arg::I32(heads as i32),
                 Arg::I32(d as i32),
                 Arg::I32(c as i32),

@@ -145,6 +145,14 @@ pub(crate) fn conv2d(be: &CudaBackend, x: &CudaTensor, w: &ConvWeights, act: Act
                 Arg::Ptr(w.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
                 Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)),
             ];
+            let fast = w.kh == 3 && w.kw == 3 && w.spec.stride == 1 && w.spec.padding == 1 && c % 2 == 0 && n * oh <= 65_535;
+            if fast {
+                args.extend([h, wd, c].map(|v| Arg::I32(v as i32)));
+                args.push(Arg::I32(act_code(act)));
+                let per_row = (wd * c / 2).div_ceil(256) as u32;
+                be.kernels.launch(&be.ctx, "dwconv3x3", (per_row, (n * oh) as u32, 1), 256, 0, &args)?;
+                return Ok(out);
+            }
             args.extend([n, h, wd, c, oh, ow, w.kh, w.kw, w.spec.stride, w.spec.padding].map(|v| Arg::I32(v as i32)));
             args.push(Arg::I32(act_code(act)));
             be.launch_1d("dwconv", out.numel(), &args)?;
@@ -172,8 +180,14 @@ pub(crate) fn conv2d(be: &CudaBackend, x: &CudaTensor, w: &ConvWeights, act: Act
             let nc = chunk.min(n - n0);
             let x_off = x.ptr() + (n0 * h * wd * c) as u64 * esz;
             let mut args = vec![Arg::Ptr(x_off), Arg::Ptr(col.ptr())];
-            args.extend([nc, h, wd, c, oh, ow, w.kh, w.kw, w.spec.stride, w.spec.padding, w.kp].map(|v| Arg::I32(v as i32)));
-            be.launch_1d("im2col", nc * oh * ow * w.kp, &args)?;
+            if nc * oh <= 65_535 {
+                args.extend([h, wd, c, oh, ow, w.kh, w.kw, w.spec.stride, w.spec.padding, w.kp].map(|v| Arg::I32(v as i32)));
+                let per_row = (ow * w.kp).div_ceil(256).min(64) as u32;
+                be.kernels.launch(&be.ctx, "im2col_rows", (per_row, (nc * oh) as u32, 1), 256, 0, &args)?;
+            } else {
+                args.extend([nc, h, wd, c, oh, ow, w.kh, w.kw, w.spec.stride, w.spec.padding, w.kp].map(|v| Arg::I32(v as i32)));
+                be.launch_1d("im2col", nc * oh * ow * w.kp, &args)?;
+            }
             let o_off = (n0 * oh * ow * w.c_out) as u64 * esz;
             let res = fused_res.map(|r| r + o_off);
             gemm_rows(be, col.ptr(), nc * oh * ow, w.kp, w, out.ptr() + o_off, res, true)?;

@@ -173,20 +173,16 @@ impl GraphCache {
         };
         let numel = n * c * h * w;
         let staging_in = be.pool.alloc(numel * 4)?;
-        // Warm-up: an eager pass readies cuBLASLt plans and fills the default arena.
-        {
-            be.memset(staging_in.ptr(), 0, numel * 4)?;
-            let x = be.from_staging(staging_in.ptr(), [n, c, h, w])?;
-            let y = forward(be, &x)?;
-            be.synchronize()?;
-            drop(y);
-        }
+        // Warm-up: one eager pass readies every cuBLASLt plan and tells the output
+        // shape; its blocks go back to the driver before the capture allocates its own.
         let out_dims = {
+            be.memset(staging_in.ptr(), 0, numel * 4)?;
             let x = be.from_staging(staging_in.ptr(), [n, c, h, w])?;
             let y = forward(be, &x)?;
             be.synchronize()?;
             y.dims()
         };
+        be.trim_memory()?;
         let [on, oh, ow, oc] = out_dims;
         let out_numel = on * oh * ow * oc;
         let staging_out = be.pool.alloc(out_numel * 4)?;
@@ -195,8 +191,6 @@ impl GraphCache {
             let y = forward(b, &x)?;
             b.to_staging(&y, staging_out.ptr())
         })?;
-        // Cached blocks of the eager passes are not needed any more.
-        be.trim_memory()?;
         let entry = Entry {
             graph,
             staging_in,

@@ -17,8 +17,11 @@ pub const KERNEL_NAMES: &[&str] = &[
     "nchw_to_nhwc",
     "nhwc_to_nchw",
     "layer_norm",
+    "layer_norm2",
     "dwconv",
+    "dwconv3x3",
     "im2col",
+    "im2col_rows",
     "act_residual",
     "gelu_gate",
     "add",
@@ -26,6 +29,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "pixel_shuffle",
     "pixel_unshuffle",
     "mdta_sumsq",
+    "mdta_softmax",
     "mdta_fold",
 ];
 
@@ -42,17 +46,23 @@ pub fn preamble(s: Storage) -> &'static str {
     match s {
         Storage::F32 => {
             "typedef float T;\n__device__ __forceinline__ float ldf(float v) { return v; }\n\
-             __device__ __forceinline__ float stf(float v) { return v; }\n"
+             __device__ __forceinline__ float stf(float v) { return v; }\n\
+             __device__ __forceinline__ float2 ld2(const float* p) { return *reinterpret_cast<const float2*>(p); }\n\
+             __device__ __forceinline__ void st2(float* p, float2 v) { *reinterpret_cast<float2*>(p) = v; }\n"
         }
         Storage::F16 => {
             "#include <cuda_fp16.h>\ntypedef __half T;\n\
              __device__ __forceinline__ float ldf(__half v) { return __half2float(v); }\n\
-             __device__ __forceinline__ __half stf(float v) { return __float2half_rn(v); }\n"
+             __device__ __forceinline__ __half stf(float v) { return __float2half_rn(v); }\n\
+             __device__ __forceinline__ float2 ld2(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }\n\
+             __device__ __forceinline__ void st2(__half* p, float2 v) { *reinterpret_cast<__half2*>(p) = __floats2half2_rn(v.x, v.y); }\n"
         }
         Storage::BF16 => {
             "#include <cuda_bf16.h>\ntypedef __nv_bfloat16 T;\n\
              __device__ __forceinline__ float ldf(__nv_bfloat16 v) { return __bfloat162float(v); }\n\
-             __device__ __forceinline__ __nv_bfloat16 stf(float v) { return __float2bfloat16_rn(v); }\n"
+             __device__ __forceinline__ __nv_bfloat16 stf(float v) { return __float2bfloat16_rn(v); }\n\
+             __device__ __forceinline__ float2 ld2(const __nv_bfloat16* p) { return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p)); }\n\
+             __device__ __forceinline__ void st2(__nv_bfloat16* p, float2 v) { *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v.x, v.y); }\n"
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod kernels;
 pub mod nvrtc;
 mod pool;
 mod profile;
+pub mod selftest;
 
 pub use backend::{ConvWeights, CudaBackend, CudaParam, CudaTensor};
 pub use driver::{device_count, Event};

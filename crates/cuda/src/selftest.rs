@@ -1,0 +1,202 @@
+//! Operation-level parity of the CUDA backend against the CPU reference backend on
+//! fresh random data, with every GPU output poisoned (NaN) before its kernel runs.
+
+use aperture_engine::backend::{Activation, Backend, ConvSpec};
+use aperture_engine::cpu::CpuBackend;
+use aperture_engine::{relative_l2, HostTensor, Precision, Result};
+
+use crate::backend::CudaBackend;
+
+/// One compared operation.
+#[derive(Clone, Debug)]
+pub struct ParityRow {
+    pub case: String,
+    pub rel_l2: f64,
+    pub tolerance: f64,
+}
+
+impl ParityRow {
+    /// NaN (an unwritten or broken output) never passes.
+    pub fn passed(&self) -> bool {
+        self.rel_l2 <= self.tolerance
+    }
+}
+
+/// Tolerance for one operation's output at a precision (the inputs are rounded to the
+/// storage type too, so this is looser than the model-level bound for fp32 only by
+/// accumulation order).
+pub fn op_tolerance(p: Precision) -> f64 {
+    match p {
+        Precision::Fp32 => 1e-5,
+        Precision::Tf32 => 2e-3,
+        Precision::Fp16 => 2e-3,
+        Precision::Bf16 => 1.6e-2,
+    }
+}
+
+/// Model-level tolerance from the issue: relative L2 against an fp32 reference.
+pub fn model_tolerance(p: Precision) -> f64 {
+    match p {
+        Precision::Fp32 => 1e-5,
+        Precision::Tf32 => 5e-3,
+        Precision::Fp16 => 1e-3,
+        Precision::Bf16 => 1e-2,
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        // Uniform in [-1, 1).
+        ((z >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+    }
+    fn tensor(&mut self, shape: Vec<usize>, scale: f32) -> HostTensor {
+        let n = shape.iter().product();
+        let data = (0..n).map(|_| self.next() * scale).collect();
+        HostTensor::from_f32(shape, data).unwrap_or_else(|_| HostTensor::zeros(vec![0]))
+    }
+}
+
+enum Op {
+    Conv { w: HostTensor, b: Option<HostTensor>, spec: ConvSpec, act: Activation, residual: bool },
+    Norm { w: HostTensor, b: Option<HostTensor> },
+    GeluGate,
+    Attention { heads: usize, temp: HostTensor, w: HostTensor, b: Option<HostTensor>, residual: bool },
+    Shuffle(usize),
+    Unshuffle(usize),
+    Concat,
+    Add,
+}
+
+/// Runs one operation on any backend; inputs and output are NCHW host tensors.
+fn run<B: Backend>(be: &B, op: &Op, xs: &[HostTensor]) -> Result<HostTensor> {
+    let t = xs.iter().map(|x| be.upload_nchw(x)).collect::<Result<Vec<_>>>()?;
+    let first = || t.first().ok_or_else(|| aperture_engine::EngineError::Invalid("case without input".into()));
+    let second = || t.get(1).ok_or_else(|| aperture_engine::EngineError::Invalid("case without second input".into()));
+    let y = match op {
+        Op::Conv { w, b, spec, act, residual } => {
+            let p = be.prepare_conv(w, b.as_ref(), *spec)?;
+            let r = if *residual { Some(second()?) } else { None };
+            be.conv2d(first()?, &p, *act, r)?
+        }
+        Op::Norm { w, b } => {
+            let wp = be.prepare_vector(w)?;
+            let bp = b.as_ref().map(|b| be.prepare_vector(b)).transpose()?;
+            be.layer_norm(first()?, &wp, bp.as_ref(), 1e-5)?
+        }
+        Op::GeluGate => be.gelu_gate(first()?)?,
+        Op::Attention { heads, temp, w, b, residual } => {
+            let tp = be.prepare_vector(temp)?;
+            let pp = be.prepare_conv(w, b.as_ref(), ConvSpec::same(1))?;
+            let r = if *residual { Some(second()?) } else { None };
+            be.channel_attention(first()?, *heads, &tp, &pp, r)?
+        }
+        Op::Shuffle(r) => be.pixel_shuffle(first()?, *r)?,
+        Op::Unshuffle(r) => be.pixel_unshuffle(first()?, *r)?,
+        Op::Concat => be.concat_channels(first()?, second()?)?,
+        Op::Add => be.add(first()?, second()?)?,
+    };
+    be.download_nchw(&y)
+}
+
+/// Compares every operation the Restormer uses, at awkward sizes (odd widths,
+/// channel counts that are not multiples of 8, several pixel chunks in attention).
+pub fn op_parity(gpu: &CudaBackend, seed: u64) -> Result<Vec<ParityRow>> {
+    let cpu = CpuBackend::new();
+    let mut rng = Rng(seed);
+    let tol = op_tolerance(gpu.precision());
+    let (n, h, w) = (2usize, 12usize, 20usize);
+    let mut cases: Vec<(String, Op, Vec<HostTensor>)> = Vec::new();
+    let conv = |rng: &mut Rng, co: usize, ci: usize, k: usize| rng.tensor(vec![co, ci, k, k], 1.0 / ((ci * k * k) as f32).sqrt());
+    let mut add_conv = |name: &str, ci: usize, co: usize, k: usize, groups: usize, bias: bool, act: Activation, residual: bool, rng: &mut Rng| {
+        let wt = conv(rng, co, ci / groups, k);
+        let b = if bias { Some(rng.tensor(vec![co], 0.5)) } else { None };
+        let spec = ConvSpec { stride: 1, padding: k / 2, groups };
+        let mut xs = vec![rng.tensor(vec![n, ci, h, w], 1.0)];
+        if residual {
+            xs.push(rng.tensor(vec![n, co, h, w], 1.0));
+        }
+        cases.push((name.to_string(), Op::Conv { w: wt, b, spec, act, residual }, xs));
+    };
+    add_conv("conv1x1 48->144 bias", 48, 144, 1, 1, true, Activation::Identity, false, &mut rng);
+    add_conv("conv1x1 127->48 +residual", 127, 48, 1, 1, false, Activation::Identity, true, &mut rng);
+    add_conv("conv3x3 3->48 bias", 3, 48, 3, 1, true, Activation::Identity, false, &mut rng);
+    add_conv("conv3x3 96->192", 96, 192, 3, 1, false, Activation::Identity, false, &mut rng);
+    add_conv("conv3x3 48->24 gelu +residual", 48, 24, 3, 1, true, Activation::Gelu, true, &mut rng);
+    add_conv("depthwise3x3 144 bias", 144, 144, 3, 144, true, Activation::Identity, false, &mut rng);
+    add_conv("depthwise3x3 254 +residual", 254, 254, 3, 254, false, Activation::Identity, true, &mut rng);
+    add_conv("depthwise5x5 45 (generic kernel) relu", 45, 45, 5, 45, true, Activation::Relu, false, &mut rng);
+    cases.push((
+        "layer_norm 96 with bias".into(),
+        Op::Norm { w: rng.tensor(vec![96], 1.0), b: Some(rng.tensor(vec![96], 1.0)) },
+        vec![rng.tensor(vec![n, 96, h, w], 3.0)],
+    ));
+    cases.push(("layer_norm 600 (generic kernel)".into(), Op::Norm { w: rng.tensor(vec![600], 1.0), b: Some(rng.tensor(vec![600], 1.0)) }, vec![rng.tensor(vec![n, 600, 4, 6], 3.0)]));
+    cases.push(("layer_norm 48 bias-free".into(), Op::Norm { w: rng.tensor(vec![48], 1.0), b: None }, vec![rng.tensor(vec![n, 48, h, w], 3.0)]));
+    cases.push(("gelu_gate 254".into(), Op::GeluGate, vec![rng.tensor(vec![n, 254, h, w], 2.0)]));
+    for (c, heads, hh, ww, bias) in [(48usize, 1usize, 12usize, 20usize, false), (96, 2, 64, 72, true), (96, 1, 16, 24, false), (192, 4, 8, 8, true)] {
+        let temp = HostTensor::from_f32(vec![heads], (0..heads).map(|i| 0.5 + 0.3 * i as f32).collect())?;
+        let wt = conv(&mut rng, c, c, 1);
+        let b = if bias { Some(rng.tensor(vec![c], 0.5)) } else { None };
+        let xs = vec![rng.tensor(vec![n, 3 * c, hh, ww], 1.0), rng.tensor(vec![n, c, hh, ww], 1.0)];
+        let name = format!("attention c={c} heads={heads} {hh}x{ww}{} +residual", if bias { " bias" } else { "" });
+        cases.push((name, Op::Attention { heads, temp, w: wt, b, residual: true }, xs));
+    }
+    cases.push(("pixel_shuffle 2 (192ch)".into(), Op::Shuffle(2), vec![rng.tensor(vec![n, 192, h, w], 1.0)]));
+    cases.push(("pixel_unshuffle 2 (24ch)".into(), Op::Unshuffle(2), vec![rng.tensor(vec![n, 24, h, w], 1.0)]));
+    cases.push(("concat 48+96".into(), Op::Concat, vec![rng.tensor(vec![n, 48, h, w], 1.0), rng.tensor(vec![n, 96, h, w], 1.0)]));
+    cases.push(("add 48".into(), Op::Add, vec![rng.tensor(vec![n, 48, h, w], 1.0), rng.tensor(vec![n, 48, h, w], 1.0)]));
+
+    gpu.set_poison(true);
+    let mut rows = Vec::new();
+    for (name, op, xs) in &cases {
+        let want = run(&cpu, op, xs)?;
+        let got = run(gpu, op, xs);
+        let rel_l2 = match got {
+            Ok(g) if g.shape() == want.shape() => relative_l2(&g.to_f32_vec(), &want.to_f32_vec()),
+            Ok(_) => f64::INFINITY,
+            Err(e) => {
+                gpu.set_poison(false);
+                return Err(e);
+            }
+        };
+        rows.push(ParityRow { case: name.clone(), rel_l2, tolerance: tol });
+    }
+    gpu.set_poison(false);
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_values_span_the_interval() {
+        let mut r = Rng(7);
+        let v: Vec<f32> = (0..10_000).map(|_| r.next()).collect();
+        assert!(v.iter().all(|x| (-1.0..1.0).contains(x)));
+        let mean = v.iter().sum::<f32>() / v.len() as f32;
+        assert!(mean.abs() < 0.05, "{mean}");
+        assert!(v.iter().any(|&x| x < -0.9) && v.iter().any(|&x| x > 0.9));
+    }
+
+    #[test]
+    fn nan_never_passes() {
+        let row = ParityRow { case: "x".into(), rel_l2: f64::NAN, tolerance: 1.0 };
+        assert!(!row.passed());
+        assert!(ParityRow { case: "y".into(), rel_l2: 1e-6, tolerance: 1e-5 }.passed());
+    }
+
+    #[test]
+    fn tolerances_follow_precision() {
+        assert!(model_tolerance(Precision::Fp32) < model_tolerance(Precision::Fp16));
+        assert!(model_tolerance(Precision::Fp16) < model_tolerance(Precision::Bf16));
+        assert_eq!(model_tolerance(Precision::Fp16), 1e-3);
+    }
+}
