@@ -22,6 +22,8 @@ enum Command {
     Run(commands::run::RunArgs),
     /// Enhance an image or every image in a folder with a Restormer model.
     Enhance(commands::enhance::EnhanceArgs),
+    /// Latency/throughput sweep over batch sizes and precisions; --check runs GPU parity first.
+    Bench(commands::bench::BenchArgs),
     /// Evaluate COCO detections: the 12 standard bbox stats, identical to pycocotools.
     Eval(commands::eval::EvalArgs),
     /// Serve models over KServe v2 HTTP/gRPC (Triton-compatible) with dynamic batching.
@@ -43,6 +45,7 @@ fn main() {
         Command::Info(a) => commands::info::run(a),
         Command::Run(a) => commands::run::run(a),
         Command::Enhance(a) => commands::enhance::run(a),
+        Command::Bench(a) => commands::bench::run(a),
         Command::Eval(a) => commands::eval::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::Loadgen(a) => commands::loadgen::run(a),

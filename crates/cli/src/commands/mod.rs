@@ -1,5 +1,6 @@
 //! One module per subcommand: each has an `Args` struct and a `run` function.
 
+pub mod bench;
 pub mod demo;
 pub mod enhance;
 pub mod eval;
