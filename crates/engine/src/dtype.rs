@@ -43,7 +43,12 @@ pub enum Precision {
 }
 
 impl Precision {
-    pub const ALL: [Precision; 4] = [Precision::Fp32, Precision::Tf32, Precision::Fp16, Precision::Bf16];
+    pub const ALL: [Precision; 4] = [
+        Precision::Fp32,
+        Precision::Tf32,
+        Precision::Fp16,
+        Precision::Bf16,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -69,7 +74,9 @@ impl FromStr for Precision {
             "tf32" => Ok(Precision::Tf32),
             "fp16" | "f16" | "half" | "float16" => Ok(Precision::Fp16),
             "bf16" | "bfloat16" => Ok(Precision::Bf16),
-            other => Err(format!("unknown precision '{other}' (expected fp32, tf32, fp16 or bf16)")),
+            other => Err(format!(
+                "unknown precision '{other}' (expected fp32, tf32, fp16 or bf16)"
+            )),
         }
     }
 }

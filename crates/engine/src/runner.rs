@@ -16,7 +16,11 @@ pub struct TensorSpec {
 
 impl TensorSpec {
     pub fn new(name: &str, dtype: DType, shape: &[i64]) -> Self {
-        Self { name: name.to_string(), dtype, shape: shape.to_vec() }
+        Self {
+            name: name.to_string(),
+            dtype,
+            shape: shape.to_vec(),
+        }
     }
 }
 

@@ -59,7 +59,10 @@ impl HostTensor {
 
     pub fn zeros(shape: Vec<usize>) -> Self {
         let n = shape.iter().product();
-        Self { shape, data: TensorData::F32(vec![0.0; n]) }
+        Self {
+            shape,
+            data: TensorData::F32(vec![0.0; n]),
+        }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -97,7 +100,10 @@ impl HostTensor {
 
     /// Returns an f32 copy of this tensor.
     pub fn to_f32(&self) -> HostTensor {
-        HostTensor { shape: self.shape.clone(), data: TensorData::F32(self.to_f32_vec()) }
+        HostTensor {
+            shape: self.shape.clone(),
+            data: TensorData::F32(self.to_f32_vec()),
+        }
     }
 
     /// Converts to the given dtype (round to nearest even).
@@ -108,7 +114,10 @@ impl HostTensor {
             DType::F16 => TensorData::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
             DType::BF16 => TensorData::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
         };
-        HostTensor { shape: self.shape.clone(), data }
+        HostTensor {
+            shape: self.shape.clone(),
+            data,
+        }
     }
 
     /// Same elements, new shape of equal size.
@@ -128,7 +137,9 @@ impl HostTensor {
     /// Concatenates tensors along axis 0 (e.g. NCHW images into one batch); the
     /// other axes must agree.
     pub fn concat_batch(parts: &[HostTensor]) -> Result<HostTensor> {
-        let first = parts.first().ok_or_else(|| EngineError::Invalid("nothing to concatenate".into()))?;
+        let first = parts
+            .first()
+            .ok_or_else(|| EngineError::Invalid("nothing to concatenate".into()))?;
         let inner = &first.shape[1..];
         let mut data = Vec::new();
         let mut n = 0;
@@ -158,7 +169,10 @@ impl HostTensor {
         let mut shape = self.shape.clone();
         shape[0] = 1;
         v.chunks(per.max(1))
-            .map(|c| HostTensor { shape: shape.clone(), data: TensorData::F32(c.to_vec()) })
+            .map(|c| HostTensor {
+                shape: shape.clone(),
+                data: TensorData::F32(c.to_vec()),
+            })
             .collect()
     }
 }

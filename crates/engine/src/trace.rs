@@ -15,7 +15,14 @@ pub struct TraceTensor(pub [usize; 4]);
 
 #[derive(Clone, Debug)]
 pub enum TraceParam {
-    Conv { c_in: usize, c_out: usize, kh: usize, kw: usize, spec: ConvSpec, bias: bool },
+    Conv {
+        c_in: usize,
+        c_out: usize,
+        kh: usize,
+        kw: usize,
+        spec: ConvSpec,
+        bias: bool,
+    },
     Vector(usize),
 }
 
@@ -37,7 +44,10 @@ pub struct TraceBackend {
 
 impl TraceBackend {
     pub fn new(elem_bytes: u64) -> Self {
-        Self { elem_bytes, ops: Mutex::new(BTreeMap::new()) }
+        Self {
+            elem_bytes,
+            ops: Mutex::new(BTreeMap::new()),
+        }
     }
 
     /// Per-operation totals so far.
@@ -94,10 +104,24 @@ impl Backend for TraceBackend {
         x.0
     }
 
-    fn prepare_conv(&self, weight: &HostTensor, bias: Option<&HostTensor>, spec: ConvSpec) -> Result<TraceParam> {
+    fn prepare_conv(
+        &self,
+        weight: &HostTensor,
+        bias: Option<&HostTensor>,
+        spec: ConvSpec,
+    ) -> Result<TraceParam> {
         match *weight.shape() {
-            [o, i, kh, kw] => Ok(TraceParam::Conv { c_in: i * spec.groups, c_out: o, kh, kw, spec, bias: bias.is_some() }),
-            ref s => Err(EngineError::Shape(format!("convolution weight must be OIHW, got {s:?}"))),
+            [o, i, kh, kw] => Ok(TraceParam::Conv {
+                c_in: i * spec.groups,
+                c_out: o,
+                kh,
+                kw,
+                spec,
+                bias: bias.is_some(),
+            }),
+            ref s => Err(EngineError::Shape(format!(
+                "convolution weight must be OIHW, got {s:?}"
+            ))),
         }
     }
 
@@ -105,9 +129,25 @@ impl Backend for TraceBackend {
         Ok(TraceParam::Vector(v.numel()))
     }
 
-    fn conv2d(&self, x: &TraceTensor, conv: &TraceParam, _act: Activation, residual: Option<&TraceTensor>) -> Result<TraceTensor> {
-        let TraceParam::Conv { c_in, c_out, kh, kw, spec, bias } = conv else {
-            return Err(EngineError::Invalid("conv2d needs convolution weights".into()));
+    fn conv2d(
+        &self,
+        x: &TraceTensor,
+        conv: &TraceParam,
+        _act: Activation,
+        residual: Option<&TraceTensor>,
+    ) -> Result<TraceTensor> {
+        let TraceParam::Conv {
+            c_in,
+            c_out,
+            kh,
+            kw,
+            spec,
+            bias,
+        } = conv
+        else {
+            return Err(EngineError::Invalid(
+                "conv2d needs convolution weights".into(),
+            ));
         };
         let [n, h, w, _] = x.0;
         let oh = (h + 2 * spec.padding - kh) / spec.stride + 1;
@@ -127,7 +167,13 @@ impl Backend for TraceBackend {
         Ok(out)
     }
 
-    fn layer_norm(&self, x: &TraceTensor, _w: &TraceParam, _b: Option<&TraceParam>, _eps: f32) -> Result<TraceTensor> {
+    fn layer_norm(
+        &self,
+        x: &TraceTensor,
+        _w: &TraceParam,
+        _b: Option<&TraceParam>,
+        _eps: f32,
+    ) -> Result<TraceTensor> {
         self.record("layer_norm", 0, 2 * numel(x), 0);
         Ok(*x)
     }
@@ -151,14 +197,23 @@ impl Backend for TraceBackend {
         let c = c3 / 3;
         let c_out = match project_out {
             TraceParam::Conv { c_out, .. } => *c_out,
-            TraceParam::Vector(_) => return Err(EngineError::Invalid("project_out must be a convolution".into())),
+            TraceParam::Vector(_) => {
+                return Err(EngineError::Invalid(
+                    "project_out must be a convolution".into(),
+                ))
+            }
         };
         let d = c / heads.max(1);
         let px = (n * h * w) as u64;
         let out = TraceTensor([n, h, w, c_out]);
         // Counted as the reference computes it: q k^T, attn v, then the projection.
         let macs = px * (2 * c * d + c * c_out) as u64;
-        self.record("channel_attention", macs, numel(qkv) + numel(&out) + residual.map_or(0, numel), (c * c_out) as u64);
+        self.record(
+            "channel_attention",
+            macs,
+            numel(qkv) + numel(&out) + residual.map_or(0, numel),
+            (c * c_out) as u64,
+        );
         Ok(out)
     }
 

@@ -7,18 +7,39 @@ use thiserror::Error;
 /// One problem found while matching a checkpoint against a model's parameters.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WeightIssue {
-    Missing { name: String, expected: Vec<usize> },
-    Unexpected { name: String, found: Vec<usize> },
-    WrongShape { name: String, expected: Vec<usize>, found: Vec<usize> },
+    Missing {
+        name: String,
+        expected: Vec<usize>,
+    },
+    Unexpected {
+        name: String,
+        found: Vec<usize>,
+    },
+    WrongShape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
 }
 
 impl fmt::Display for WeightIssue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            WeightIssue::Missing { name, expected } => write!(f, "missing      {name} (expected shape {expected:?})"),
-            WeightIssue::Unexpected { name, found } => write!(f, "unexpected   {name} (shape {found:?})"),
-            WeightIssue::WrongShape { name, expected, found } => {
-                write!(f, "wrong shape  {name}: expected {expected:?}, found {found:?}")
+            WeightIssue::Missing { name, expected } => {
+                write!(f, "missing      {name} (expected shape {expected:?})")
+            }
+            WeightIssue::Unexpected { name, found } => {
+                write!(f, "unexpected   {name} (shape {found:?})")
+            }
+            WeightIssue::WrongShape {
+                name,
+                expected,
+                found,
+            } => {
+                write!(
+                    f,
+                    "wrong shape  {name}: expected {expected:?}, found {found:?}"
+                )
             }
         }
     }
@@ -33,13 +54,19 @@ pub enum ModelError {
     #[error("invalid model configuration: {0}")]
     Config(String),
     #[error("{}", format_issues(.model, .issues))]
-    WeightMismatch { model: String, issues: Vec<WeightIssue> },
+    WeightMismatch {
+        model: String,
+        issues: Vec<WeightIssue>,
+    },
     #[error("{0}")]
     Input(String),
 }
 
 fn format_issues(model: &str, issues: &[WeightIssue]) -> String {
-    let mut s = format!("the weights do not match the {model} model ({} problems):", issues.len());
+    let mut s = format!(
+        "the weights do not match the {model} model ({} problems):",
+        issues.len()
+    );
     for i in issues {
         s.push_str("\n  ");
         s.push_str(&i.to_string());

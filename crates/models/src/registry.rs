@@ -27,11 +27,15 @@ impl Architecture {
 /// `architecture` / `architectures` / `model_type` entry; without one, recognises
 /// Restormer by its parameter names.
 pub fn detect_architecture(path: &Path) -> Result<Architecture> {
-    let dir = if path.is_dir() { path } else { path.parent().unwrap_or(Path::new(".")) };
+    let dir = if path.is_dir() {
+        path
+    } else {
+        path.parent().unwrap_or(Path::new("."))
+    };
     let config = dir.join("config.json");
     if let Ok(text) = std::fs::read_to_string(&config) {
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::Config(format!("{}: {e}", config.display())))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Config(format!("{}: {e}", config.display())))?;
         let mut names: Vec<String> = Vec::new();
         for key in ["architecture", "model_type"] {
             if let Some(s) = v.get(key).and_then(|a| a.as_str()) {
@@ -39,12 +43,19 @@ pub fn detect_architecture(path: &Path) -> Result<Architecture> {
             }
         }
         if let Some(list) = v.get("architectures").and_then(|a| a.as_array()) {
-            names.extend(list.iter().filter_map(|a| a.as_str()).map(str::to_ascii_lowercase));
+            names.extend(
+                list.iter()
+                    .filter_map(|a| a.as_str())
+                    .map(str::to_ascii_lowercase),
+            );
         }
         if names.iter().any(|n| n.contains("restormer")) {
             return Ok(Architecture::Restormer);
         }
-        if names.iter().any(|n| n.contains("d_fine") || n.contains("dfine")) {
+        if names
+            .iter()
+            .any(|n| n.contains("d_fine") || n.contains("dfine"))
+        {
             return Ok(Architecture::DFine);
         }
         if !names.is_empty() {
@@ -66,12 +77,23 @@ pub fn detect_architecture(path: &Path) -> Result<Architecture> {
 }
 
 /// Loads the model at `path` onto `backend`.
-pub fn load_runner<B: Backend + 'static>(path: &Path, backend: B, max_batch_size: usize) -> Result<Box<dyn Runner>> {
+pub fn load_runner<B: Backend + 'static>(
+    path: &Path,
+    backend: B,
+    max_batch_size: usize,
+) -> Result<Box<dyn Runner>> {
     match detect_architecture(path)? {
         Architecture::Restormer => {
             let (config, sd) = load_restormer(path)?;
-            Ok(Box::new(RestormerRunner::new(backend, config, &sd, max_batch_size)?))
+            Ok(Box::new(RestormerRunner::new(
+                backend,
+                config,
+                &sd,
+                max_batch_size,
+            )?))
         }
-        Architecture::DFine => Err(ModelError::Config("D-FINE models are not supported on this backend yet".into())),
+        Architecture::DFine => Err(ModelError::Config(
+            "D-FINE models are not supported on this backend yet".into(),
+        )),
     }
 }

@@ -12,12 +12,18 @@ use aperture_weights::StateDict;
 const TOL_F32: f64 = 1e-5;
 
 fn fixture(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/restormer").join(case)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/restormer")
+        .join(case)
 }
 
 fn io(case: &str) -> (HostTensor, HostTensor, HostTensor) {
     let sd = aperture_weights::load(&fixture(case).join("io.safetensors")).expect("io fixture");
-    let get = |n: &str| sd.get(n).unwrap_or_else(|| panic!("io.safetensors lacks {n}")).clone();
+    let get = |n: &str| {
+        sd.get(n)
+            .unwrap_or_else(|| panic!("io.safetensors lacks {n}"))
+            .clone()
+    };
     (get("x"), get("y"), get("y_f64"))
 }
 
@@ -35,7 +41,10 @@ fn check_case(case: &str) {
     let err64 = relative_l2(&out.to_f32_vec(), &y64.to_f32_vec());
     println!("{case}: rel L2 vs torch fp32 {err:.3e}, vs torch fp64 {err64:.3e}");
     assert!(err <= TOL_F32, "{case}: relative L2 {err:e} > {TOL_F32:e}");
-    assert!(err64 <= TOL_F32, "{case}: relative L2 vs fp64 {err64:e} > {TOL_F32:e}");
+    assert!(
+        err64 <= TOL_F32,
+        "{case}: relative L2 vs fp64 {err64:e} > {TOL_F32:e}"
+    );
 }
 
 #[test]
@@ -56,7 +65,8 @@ fn conv_bias_config_matches_pytorch() {
 #[test]
 fn config_inferred_from_weights_equals_config_json() {
     for case in ["withbias", "biasfree", "conv_bias"] {
-        let (from_json, sd) = load_restormer(&fixture(case).join("model.safetensors")).expect("load");
+        let (from_json, sd) =
+            load_restormer(&fixture(case).join("model.safetensors")).expect("load");
         let inferred = RestormerConfig::infer_from_weights(&sd).expect("infer");
         assert_eq!(inferred, from_json, "{case}");
     }
@@ -65,7 +75,8 @@ fn config_inferred_from_weights_equals_config_json() {
 #[test]
 fn torch_checkpoint_nested_under_model_state_dict_gives_same_output() {
     let dir = fixture("withbias");
-    let (config, from_safetensors) = load_restormer(&dir.join("model.safetensors")).expect("safetensors");
+    let (config, from_safetensors) =
+        load_restormer(&dir.join("model.safetensors")).expect("safetensors");
     let (_, from_torch) = load_restormer(&dir.join("checkpoint.pt")).expect("checkpoint.pt");
     assert_eq!(from_torch.len(), from_safetensors.len());
     let (x, _, _) = io("withbias");
@@ -82,8 +93,10 @@ fn fp16_torch_checkpoint_equals_fp16_rounded_weights() {
     for (name, t) in sd16.iter() {
         assert_eq!(t.dtype(), DType::F16, "{name}");
     }
-    let rounded: BTreeMap<String, HostTensor> =
-        sd32.iter().map(|(k, v)| (k.clone(), v.to_dtype(DType::F16))).collect();
+    let rounded: BTreeMap<String, HostTensor> = sd32
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_dtype(DType::F16)))
+        .collect();
     let (x, y, _) = io("withbias");
     let a = run(config.clone(), &sd16, &x);
     let b = run(config, &StateDict::from_tensors(rounded), &x);

@@ -68,7 +68,7 @@ fn synthetic_image(h: usize, w: usize) -> Vec<f32> {
             let (fy, fx) = (y as f32 / h as f32, x as f32 / w as f32);
             let (dy, dx) = (fy - 0.5, fx - 0.6);
             let disc = if dy * dy + dx * dx < 0.04 { 0.35 } else { 0.0 };
-            let stripes = if fy > 0.75 && (x / 3) % 2 == 0 { 0.2 } else { 0.0 };
+            let stripes = if fy > 0.75 && (x / 3).is_multiple_of(2) { 0.2 } else { 0.0 };
             let rgb = [0.2 + 0.6 * fx + disc, 0.15 + 0.5 * fy + disc + stripes, 0.5 - 0.3 * fx + stripes];
             for (c, v) in rgb.iter().enumerate() {
                 img[(c * h + y) * w + x] = v.clamp(0.0, 1.0);

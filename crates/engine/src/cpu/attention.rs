@@ -21,50 +21,78 @@ pub fn channel_attention(
     residual: Option<&CpuTensor>,
 ) -> Result<CpuTensor> {
     let c3 = qkv.c;
-    if c3 % 3 != 0 || heads == 0 || (c3 / 3) % heads != 0 {
-        return Err(EngineError::Shape(format!("attention over {c3} qkv channels cannot split into {heads} heads")));
+    if !c3.is_multiple_of(3) || heads == 0 || !(c3 / 3).is_multiple_of(heads) {
+        return Err(EngineError::Shape(format!(
+            "attention over {c3} qkv channels cannot split into {heads} heads"
+        )));
     }
     let c = c3 / 3;
     let d = c / heads;
     if temperature.len() != heads {
-        return Err(EngineError::Shape(format!("temperature has {} entries for {heads} heads", temperature.len())));
+        return Err(EngineError::Shape(format!(
+            "temperature has {} entries for {heads} heads",
+            temperature.len()
+        )));
     }
-    if project_out.c_in != c || project_out.kh != 1 || project_out.kw != 1 || project_out.spec.groups != 1 {
-        return Err(EngineError::Shape(format!("project_out must be a 1x1 convolution from {c} channels")));
+    if project_out.c_in != c
+        || project_out.kh != 1
+        || project_out.kw != 1
+        || project_out.spec.groups != 1
+    {
+        return Err(EngineError::Shape(format!(
+            "project_out must be a 1x1 convolution from {c} channels"
+        )));
     }
     let hw = qkv.h * qkv.w;
     let c_out = project_out.c_out;
     let mut out = CpuTensor::zeros(qkv.n, qkv.h, qkv.w, c_out);
     if let Some(r) = residual {
         if r.dims() != out.dims() {
-            return Err(EngineError::Shape(format!("residual {:?} does not match attention output {:?}", r.dims(), out.dims())));
+            return Err(EngineError::Shape(format!(
+                "residual {:?} does not match attention output {:?}",
+                r.dims(),
+                out.dims()
+            )));
         }
     }
     for b in 0..qkv.n {
         let img = &qkv.data[b * hw * c3..(b + 1) * hw * c3];
         let folded = folded_projection(img, c, heads, d, temperature, project_out);
         // y[p, :] = v[p, :] * folded  ([hw, c] x [c, c_out]); v is strided inside qkv.
-        let v: Vec<f32> = img.chunks(c3).flat_map(|px| px[2 * c..].iter().copied()).collect();
+        let v: Vec<f32> = img
+            .chunks(c3)
+            .flat_map(|px| px[2 * c..].iter().copied())
+            .collect();
         let dst = &mut out.data[b * hw * c_out..(b + 1) * hw * c_out];
         matmul(&v, &folded, dst, hw, c, c_out, false);
     }
     let bias = project_out.bias.as_deref();
-    out.data.par_chunks_mut(c_out).enumerate().for_each(|(p, px)| {
-        for (o, y) in px.iter_mut().enumerate() {
-            if let Some(bb) = bias {
-                *y += bb[o];
+    out.data
+        .par_chunks_mut(c_out)
+        .enumerate()
+        .for_each(|(p, px)| {
+            for (o, y) in px.iter_mut().enumerate() {
+                if let Some(bb) = bias {
+                    *y += bb[o];
+                }
+                if let Some(r) = residual {
+                    *y += r.data[p * c_out + o];
+                }
             }
-            if let Some(r) = residual {
-                *y += r.data[p * c_out + o];
-            }
-        }
-    });
+        });
     Ok(out)
 }
 
 /// Returns `M[j, o] = sum_i A_h[i, j] * W[o, h*d + i]` for every head, i.e. the
 /// `[c, c_out]` matrix that maps v directly to the projected output.
-fn folded_projection(img: &[f32], c: usize, heads: usize, d: usize, temperature: &[f32], proj: &CpuConv) -> Vec<f32> {
+fn folded_projection(
+    img: &[f32],
+    c: usize,
+    heads: usize,
+    d: usize,
+    temperature: &[f32],
+    proj: &CpuConv,
+) -> Vec<f32> {
     let c3 = 3 * c;
     // Partial sums per pixel block: Gram q.k^T per head plus squared norms of q and k.
     let stats = img

@@ -15,11 +15,13 @@ pub fn matmul(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize,
         return;
     }
     let beta = if accumulate { 1.0 } else { 0.0 };
-    c.par_chunks_mut(ROW_BLOCK * n).enumerate().for_each(|(blk, c_blk)| {
-        let rows = c_blk.len() / n;
-        let a_blk = &a[blk * ROW_BLOCK * k..(blk * ROW_BLOCK + rows) * k];
-        matmul_serial(a_blk, b, c_blk, rows, k, n, beta);
-    });
+    c.par_chunks_mut(ROW_BLOCK * n)
+        .enumerate()
+        .for_each(|(blk, c_blk)| {
+            let rows = c_blk.len() / n;
+            let a_blk = &a[blk * ROW_BLOCK * k..(blk * ROW_BLOCK + rows) * k];
+            matmul_serial(a_blk, b, c_blk, rows, k, n, beta);
+        });
 }
 
 /// Single-threaded `c = a * b + beta * c` (row-major, contiguous).

@@ -8,7 +8,9 @@ use crate::tensor::HostTensor;
 pub fn nchw_to_nhwc(x: &HostTensor) -> Result<CpuTensor> {
     let s = x.shape();
     if s.len() != 4 {
-        return Err(EngineError::Shape(format!("expected an NCHW image tensor (4-D), got shape {s:?}")));
+        return Err(EngineError::Shape(format!(
+            "expected an NCHW image tensor (4-D), got shape {s:?}"
+        )));
     }
     let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
     let src = x.to_f32_vec();
@@ -40,8 +42,12 @@ pub fn nhwc_to_nchw(x: &CpuTensor) -> Result<HostTensor> {
 
 /// `PixelShuffle(r)`: out[c, y*r+i, x*r+j] = in[c*r*r + i*r + j, y, x].
 pub fn pixel_shuffle(x: &CpuTensor, r: usize) -> Result<CpuTensor> {
-    if r == 0 || x.c % (r * r) != 0 {
-        return Err(EngineError::Shape(format!("pixel shuffle by {r} needs channels divisible by {}, got {}", r * r, x.c)));
+    if r == 0 || !x.c.is_multiple_of(r * r) {
+        return Err(EngineError::Shape(format!(
+            "pixel shuffle by {r} needs channels divisible by {}, got {}",
+            r * r,
+            x.c
+        )));
     }
     let co = x.c / (r * r);
     let mut out = CpuTensor::zeros(x.n, x.h * r, x.w * r, co);
@@ -65,8 +71,11 @@ pub fn pixel_shuffle(x: &CpuTensor, r: usize) -> Result<CpuTensor> {
 
 /// `PixelUnshuffle(r)`: out[c*r*r + i*r + j, y, x] = in[c, y*r+i, x*r+j].
 pub fn pixel_unshuffle(x: &CpuTensor, r: usize) -> Result<CpuTensor> {
-    if r == 0 || x.h % r != 0 || x.w % r != 0 {
-        return Err(EngineError::Shape(format!("pixel unshuffle by {r} needs H and W divisible by {r}, got {}x{}", x.h, x.w)));
+    if r == 0 || !x.h.is_multiple_of(r) || !x.w.is_multiple_of(r) {
+        return Err(EngineError::Shape(format!(
+            "pixel unshuffle by {r} needs H and W divisible by {r}, got {}x{}",
+            x.h, x.w
+        )));
     }
     let mut out = CpuTensor::zeros(x.n, x.h / r, x.w / r, x.c * r * r);
     for b in 0..x.n {
@@ -89,7 +98,11 @@ pub fn pixel_unshuffle(x: &CpuTensor, r: usize) -> Result<CpuTensor> {
 
 pub fn concat_channels(a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
     if (a.n, a.h, a.w) != (b.n, b.h, b.w) {
-        return Err(EngineError::Shape(format!("cannot concatenate {:?} and {:?} along channels", a.dims(), b.dims())));
+        return Err(EngineError::Shape(format!(
+            "cannot concatenate {:?} and {:?} along channels",
+            a.dims(),
+            b.dims()
+        )));
     }
     let mut out = CpuTensor::zeros(a.n, a.h, a.w, a.c + b.c);
     for p in 0..a.n * a.h * a.w {
@@ -105,7 +118,13 @@ mod tests {
     use super::*;
 
     fn ramp(n: usize, h: usize, w: usize, c: usize) -> CpuTensor {
-        CpuTensor { n, h, w, c, data: (0..n * h * w * c).map(|v| v as f32).collect() }
+        CpuTensor {
+            n,
+            h,
+            w,
+            c,
+            data: (0..n * h * w * c).map(|v| v as f32).collect(),
+        }
     }
 
     #[test]
@@ -126,7 +145,8 @@ mod tests {
 
     #[test]
     fn layout_round_trip() {
-        let t = HostTensor::from_f32(vec![2, 3, 4, 5], (0..120).map(|v| v as f32).collect()).unwrap();
+        let t =
+            HostTensor::from_f32(vec![2, 3, 4, 5], (0..120).map(|v| v as f32).collect()).unwrap();
         let back = nhwc_to_nchw(&nchw_to_nhwc(&t).unwrap()).unwrap();
         assert_eq!(back, t);
     }

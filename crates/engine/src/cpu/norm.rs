@@ -7,10 +7,17 @@ use crate::error::{EngineError, Result};
 
 /// LayerNorm over channels at each pixel, biased variance, accumulated in f64.
 /// Without `bias` (Restormer's BiasFree) the mean is not subtracted.
-pub fn layer_norm(x: &CpuTensor, weight: &[f32], bias: Option<&[f32]>, eps: f32) -> Result<CpuTensor> {
+pub fn layer_norm(
+    x: &CpuTensor,
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    eps: f32,
+) -> Result<CpuTensor> {
     let c = x.c;
     if weight.len() != c || bias.is_some_and(|b| b.len() != c) {
-        return Err(EngineError::Shape(format!("layer norm over {c} channels got parameters of another size")));
+        return Err(EngineError::Shape(format!(
+            "layer norm over {c} channels got parameters of another size"
+        )));
     }
     let mut out = x.clone();
     out.data.par_chunks_mut(c).for_each(|px| {
@@ -35,16 +42,22 @@ pub fn layer_norm(x: &CpuTensor, weight: &[f32], bias: Option<&[f32]>, eps: f32)
 
 /// `gelu(a) * b` where `a | b` are the two channel halves.
 pub fn gelu_gate(x: &CpuTensor) -> Result<CpuTensor> {
-    if x.c % 2 != 0 {
-        return Err(EngineError::Shape(format!("gated GELU needs an even channel count, got {}", x.c)));
+    if !x.c.is_multiple_of(2) {
+        return Err(EngineError::Shape(format!(
+            "gated GELU needs an even channel count, got {}",
+            x.c
+        )));
     }
     let half = x.c / 2;
     let mut out = CpuTensor::zeros(x.n, x.h, x.w, half);
-    out.data.par_chunks_mut(half).zip(x.data.par_chunks(x.c)).for_each(|(dst, src)| {
-        for (i, d) in dst.iter_mut().enumerate() {
-            *d = gelu(src[i]) * src[half + i];
-        }
-    });
+    out.data
+        .par_chunks_mut(half)
+        .zip(x.data.par_chunks(x.c))
+        .for_each(|(dst, src)| {
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = gelu(src[i]) * src[half + i];
+            }
+        });
     Ok(out)
 }
 
@@ -54,7 +67,13 @@ mod tests {
 
     #[test]
     fn layer_norm_normalises_each_pixel() {
-        let x = CpuTensor { n: 1, h: 1, w: 2, c: 3, data: vec![1.0, 2.0, 3.0, -4.0, 0.0, 4.0] };
+        let x = CpuTensor {
+            n: 1,
+            h: 1,
+            w: 2,
+            c: 3,
+            data: vec![1.0, 2.0, 3.0, -4.0, 0.0, 4.0],
+        };
         let y = layer_norm(&x, &[1.0; 3], Some(&[0.0; 3]), 1e-5).unwrap();
         for px in y.data.chunks(3) {
             let mean: f32 = px.iter().sum::<f32>() / 3.0;

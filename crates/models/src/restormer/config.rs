@@ -53,7 +53,8 @@ impl Default for RestormerConfig {
 impl RestormerConfig {
     /// Parses `config.json` (extra keys such as `architecture` are ignored).
     pub fn from_json(text: &str) -> Result<Self> {
-        let cfg: Self = serde_json::from_str(text).map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
+        let cfg: Self = serde_json::from_str(text)
+            .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -70,8 +71,11 @@ impl RestormerConfig {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Config(m));
-        if self.dim == 0 || self.dim % 2 != 0 {
-            return bad(format!("dim must be a positive even number, got {}", self.dim));
+        if self.dim == 0 || !self.dim.is_multiple_of(2) {
+            return bad(format!(
+                "dim must be a positive even number, got {}",
+                self.dim
+            ));
         }
         if self.inp_channels == 0 || self.inp_channels != self.out_channels {
             return bad(format!(
@@ -80,16 +84,25 @@ impl RestormerConfig {
             ));
         }
         if !(self.ffn_expansion_factor > 0.0 && self.ffn_expansion_factor.is_finite()) {
-            return bad(format!("ffn_expansion_factor must be positive, got {}", self.ffn_expansion_factor));
+            return bad(format!(
+                "ffn_expansion_factor must be positive, got {}",
+                self.ffn_expansion_factor
+            ));
         }
         for (level, (&d, &h)) in self.level_dims().iter().zip(&self.heads).enumerate() {
-            if h == 0 || d % h != 0 {
-                return bad(format!("level {} has {d} channels, not divisible by {h} heads", level + 1));
+            if h == 0 || !d.is_multiple_of(h) {
+                return bad(format!(
+                    "level {} has {d} channels, not divisible by {h} heads",
+                    level + 1
+                ));
             }
         }
         let d1 = self.dim * 2;
-        if d1 % self.heads[0] != 0 {
-            return bad(format!("decoder level 1 has {d1} channels, not divisible by {} heads", self.heads[0]));
+        if !d1.is_multiple_of(self.heads[0]) {
+            return bad(format!(
+                "decoder level 1 has {d1} channels, not divisible by {} heads",
+                self.heads[0]
+            ));
         }
         if self.ffn_hidden(self.dim) == 0 {
             return bad("ffn_expansion_factor gives an empty hidden layer".into());
@@ -109,7 +122,9 @@ impl RestormerConfig {
         let patch = shape("patch_embed.proj.weight")?;
         let output = shape("output.weight")?;
         if patch.len() != 4 || output.len() != 4 {
-            return Err(ModelError::Config("patch_embed.proj.weight and output.weight must be 4-D".into()));
+            return Err(ModelError::Config(
+                "patch_embed.proj.weight and output.weight must be 4-D".into(),
+            ));
         }
         let dim = patch[0];
         let count = |prefix: &str| {
@@ -121,7 +136,12 @@ impl RestormerConfig {
             idx.dedup();
             idx.len()
         };
-        let levels = ["encoder_level1.", "encoder_level2.", "encoder_level3.", "latent."];
+        let levels = [
+            "encoder_level1.",
+            "encoder_level2.",
+            "encoder_level3.",
+            "latent.",
+        ];
         let mut num_blocks = [0; 4];
         let mut heads = [0; 4];
         for (i, p) in levels.iter().enumerate() {
@@ -180,7 +200,11 @@ mod tests {
     #[test]
     fn factor_recovers_published_value() {
         let cfg = RestormerConfig::default();
-        let levels: Vec<_> = cfg.level_dims().iter().map(|&d| (d, cfg.ffn_hidden(d))).collect();
+        let levels: Vec<_> = cfg
+            .level_dims()
+            .iter()
+            .map(|&d| (d, cfg.ffn_hidden(d)))
+            .collect();
         assert_eq!(levels[0], (48, 127));
         assert_eq!(factor_for_hidden(&levels).unwrap(), 2.66);
     }
@@ -196,7 +220,10 @@ mod tests {
 
     #[test]
     fn rejects_heads_that_do_not_divide() {
-        let cfg = RestormerConfig { heads: [1, 2, 5, 8], ..Default::default() };
+        let cfg = RestormerConfig {
+            heads: [1, 2, 5, 8],
+            ..Default::default()
+        };
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("not divisible by 5 heads"), "{err}");
     }

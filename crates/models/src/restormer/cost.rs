@@ -22,15 +22,35 @@ pub struct RestormerCost {
     pub io_bytes: u64,
 }
 
-pub fn forward_cost(cfg: &RestormerConfig, batch: usize, height: usize, width: usize, elem_bytes: u64) -> Result<RestormerCost> {
-    let tensors = parameter_shapes(cfg).into_iter().map(|(name, shape)| (name, HostTensor::zeros(shape))).collect();
+pub fn forward_cost(
+    cfg: &RestormerConfig,
+    batch: usize,
+    height: usize,
+    width: usize,
+    elem_bytes: u64,
+) -> Result<RestormerCost> {
+    let tensors = parameter_shapes(cfg)
+        .into_iter()
+        .map(|(name, shape)| (name, HostTensor::zeros(shape)))
+        .collect();
     let trace = TraceBackend::new(elem_bytes);
     let model = Restormer::prepare(&trace, cfg.clone(), &StateDict::from_tensors(tensors))?;
-    let x = trace.upload_nchw(&HostTensor::zeros(vec![batch, cfg.inp_channels, height, width]))?;
+    let x = trace.upload_nchw(&HostTensor::zeros(vec![
+        batch,
+        cfg.inp_channels,
+        height,
+        width,
+    ]))?;
     model.forward(&trace, &x)?;
     let weight_bytes = super::params::parameter_count(cfg) as u64 * elem_bytes;
-    let io_bytes = (batch * height * width * (cfg.inp_channels + cfg.out_channels)) as u64 * elem_bytes;
-    Ok(RestormerCost { per_op: trace.costs(), total: trace.total(), weight_bytes, io_bytes })
+    let io_bytes =
+        (batch * height * width * (cfg.inp_channels + cfg.out_channels)) as u64 * elem_bytes;
+    Ok(RestormerCost {
+        per_op: trace.costs(),
+        total: trace.total(),
+        weight_bytes,
+        io_bytes,
+    })
 }
 
 #[cfg(test)]

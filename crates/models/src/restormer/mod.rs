@@ -8,8 +8,8 @@ mod model;
 mod params;
 mod runner;
 
-pub use cost::{forward_cost, RestormerCost};
 pub use config::{LayerNormType, RestormerConfig};
+pub use cost::{forward_cost, RestormerCost};
 pub use model::Restormer;
 pub use params::{check_weights, parameter_count, parameter_shapes, random_state_dict};
 pub use runner::{load_restormer, RestormerRunner};

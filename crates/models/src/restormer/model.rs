@@ -61,7 +61,11 @@ impl<B: Backend> Loader<'_, B> {
 
     fn conv(&self, name: &str, spec: ConvSpec, has_bias: bool) -> Result<B::Param> {
         let w = self.tensor(&format!("{name}.weight"))?;
-        let b = if has_bias { Some(self.tensor(&format!("{name}.bias"))?) } else { None };
+        let b = if has_bias {
+            Some(self.tensor(&format!("{name}.bias"))?)
+        } else {
+            None
+        };
         Ok(self.backend.prepare_conv(w, b, spec)?)
     }
 
@@ -72,22 +76,41 @@ impl<B: Backend> Loader<'_, B> {
     fn norm(&self, prefix: &str, with_bias: bool) -> Result<Norm<B::Param>> {
         Ok(Norm {
             weight: self.vector(&format!("{prefix}.body.weight"))?,
-            bias: if with_bias { Some(self.vector(&format!("{prefix}.body.bias"))?) } else { None },
+            bias: if with_bias {
+                Some(self.vector(&format!("{prefix}.body.bias"))?)
+            } else {
+                None
+            },
         })
     }
 
-    fn block(&self, p: &str, dim: usize, hidden: usize, heads: usize, ln_bias: bool) -> Result<Block<B::Param>> {
+    fn block(
+        &self,
+        p: &str,
+        dim: usize,
+        hidden: usize,
+        heads: usize,
+        ln_bias: bool,
+    ) -> Result<Block<B::Param>> {
         let b = self.bias;
         Ok(Block {
             heads,
             norm1: self.norm(&format!("{p}.norm1"), ln_bias)?,
             temperature: self.vector(&format!("{p}.attn.temperature"))?,
             qkv: self.conv(&format!("{p}.attn.qkv"), ConvSpec::same(1), b)?,
-            qkv_dwconv: self.conv(&format!("{p}.attn.qkv_dwconv"), ConvSpec::depthwise(3 * dim, 3), b)?,
+            qkv_dwconv: self.conv(
+                &format!("{p}.attn.qkv_dwconv"),
+                ConvSpec::depthwise(3 * dim, 3),
+                b,
+            )?,
             attn_project_out: self.conv(&format!("{p}.attn.project_out"), ConvSpec::same(1), b)?,
             norm2: self.norm(&format!("{p}.norm2"), ln_bias)?,
             project_in: self.conv(&format!("{p}.ffn.project_in"), ConvSpec::same(1), b)?,
-            ffn_dwconv: self.conv(&format!("{p}.ffn.dwconv"), ConvSpec::depthwise(2 * hidden, 3), b)?,
+            ffn_dwconv: self.conv(
+                &format!("{p}.ffn.dwconv"),
+                ConvSpec::depthwise(2 * hidden, 3),
+                b,
+            )?,
             ffn_project_out: self.conv(&format!("{p}.ffn.project_out"), ConvSpec::same(1), b)?,
         })
     }
@@ -98,13 +121,25 @@ impl<B: Backend> Restormer<B> {
     pub fn prepare(backend: &B, config: RestormerConfig, sd: &StateDict) -> Result<Self> {
         config.validate()?;
         check_weights(&config, sd)?;
-        let ld = Loader { backend, sd, bias: config.bias };
+        let ld = Loader {
+            backend,
+            sd,
+            bias: config.bias,
+        };
         let ln_bias = config.layer_norm_type == LayerNormType::WithBias;
         let mut all_levels = Vec::new();
         for l in levels(&config) {
             let hidden = config.ffn_hidden(l.dim);
             let blocks = (0..l.blocks)
-                .map(|i| ld.block(&format!("{}.{i}", l.prefix), l.dim, hidden, l.heads, ln_bias))
+                .map(|i| {
+                    ld.block(
+                        &format!("{}.{i}", l.prefix),
+                        l.dim,
+                        hidden,
+                        l.heads,
+                        ln_bias,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
             all_levels.push(blocks);
         }
@@ -134,7 +169,7 @@ impl<B: Backend> Restormer<B> {
     /// Runs the network on an NHWC image batch whose height and width are multiples of 8.
     pub fn forward(&self, b: &B, img: &B::Tensor) -> Result<B::Tensor> {
         let [_, h, w, c] = b.dims(img);
-        if h % 8 != 0 || w % 8 != 0 || h == 0 || w == 0 {
+        if !h.is_multiple_of(8) || !w.is_multiple_of(8) || h == 0 || w == 0 {
             return Err(ModelError::Input(format!(
                 "Restormer needs height and width that are multiples of 8, got {h}x{w} (pad the image first)"
             )));
@@ -148,14 +183,33 @@ impl<B: Backend> Restormer<B> {
         let level = |i: usize, x: B::Tensor| self.run_level(b, &self.levels[i], x);
         let none = Activation::Identity;
         let e1 = level(0, b.conv2d(img, &self.patch_embed, none, None)?)?;
-        let e2 = level(1, b.pixel_unshuffle(&b.conv2d(&e1, &self.down1_2, none, None)?, 2)?)?;
-        let e3 = level(2, b.pixel_unshuffle(&b.conv2d(&e2, &self.down2_3, none, None)?, 2)?)?;
-        let lat = level(3, b.pixel_unshuffle(&b.conv2d(&e3, &self.down3_4, none, None)?, 2)?)?;
+        let e2 = level(
+            1,
+            b.pixel_unshuffle(&b.conv2d(&e1, &self.down1_2, none, None)?, 2)?,
+        )?;
+        let e3 = level(
+            2,
+            b.pixel_unshuffle(&b.conv2d(&e2, &self.down2_3, none, None)?, 2)?,
+        )?;
+        let lat = level(
+            3,
+            b.pixel_unshuffle(&b.conv2d(&e3, &self.down3_4, none, None)?, 2)?,
+        )?;
         let up3 = b.pixel_shuffle(&b.conv2d(&lat, &self.up4_3, none, None)?, 2)?;
-        let d3 = b.conv2d(&b.concat_channels(&up3, &e3)?, &self.reduce_chan_level3, none, None)?;
+        let d3 = b.conv2d(
+            &b.concat_channels(&up3, &e3)?,
+            &self.reduce_chan_level3,
+            none,
+            None,
+        )?;
         let d3 = level(4, d3)?;
         let up2 = b.pixel_shuffle(&b.conv2d(&d3, &self.up3_2, none, None)?, 2)?;
-        let d2 = b.conv2d(&b.concat_channels(&up2, &e2)?, &self.reduce_chan_level2, none, None)?;
+        let d2 = b.conv2d(
+            &b.concat_channels(&up2, &e2)?,
+            &self.reduce_chan_level2,
+            none,
+            None,
+        )?;
         let d2 = level(5, d2)?;
         let up1 = b.pixel_shuffle(&b.conv2d(&d2, &self.up2_1, none, None)?, 2)?;
         let d1 = level(6, b.concat_channels(&up1, &e1)?)?;
@@ -176,7 +230,13 @@ impl<B: Backend> Restormer<B> {
         let n1 = b.layer_norm(x, &blk.norm1.weight, blk.norm1.bias.as_ref(), LN_EPS)?;
         let qkv = b.conv2d(&n1, &blk.qkv, none, None)?;
         let qkv = b.conv2d(&qkv, &blk.qkv_dwconv, none, None)?;
-        let x = b.channel_attention(&qkv, blk.heads, &blk.temperature, &blk.attn_project_out, Some(x))?;
+        let x = b.channel_attention(
+            &qkv,
+            blk.heads,
+            &blk.temperature,
+            &blk.attn_project_out,
+            Some(x),
+        )?;
         let n2 = b.layer_norm(&x, &blk.norm2.weight, blk.norm2.bias.as_ref(), LN_EPS)?;
         let hidden = b.conv2d(&n2, &blk.project_in, none, None)?;
         let hidden = b.conv2d(&hidden, &blk.ffn_dwconv, none, None)?;

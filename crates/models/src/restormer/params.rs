@@ -24,22 +24,67 @@ pub fn levels(cfg: &RestormerConfig) -> [Level; 8] {
     let [h1, h2, h3, h4] = cfg.heads;
     let [b1, b2, b3, b4] = cfg.num_blocks;
     [
-        Level { prefix: "encoder_level1", dim: d1, heads: h1, blocks: b1 },
-        Level { prefix: "encoder_level2", dim: d2, heads: h2, blocks: b2 },
-        Level { prefix: "encoder_level3", dim: d3, heads: h3, blocks: b3 },
-        Level { prefix: "latent", dim: d4, heads: h4, blocks: b4 },
-        Level { prefix: "decoder_level3", dim: d3, heads: h3, blocks: b3 },
-        Level { prefix: "decoder_level2", dim: d2, heads: h2, blocks: b2 },
+        Level {
+            prefix: "encoder_level1",
+            dim: d1,
+            heads: h1,
+            blocks: b1,
+        },
+        Level {
+            prefix: "encoder_level2",
+            dim: d2,
+            heads: h2,
+            blocks: b2,
+        },
+        Level {
+            prefix: "encoder_level3",
+            dim: d3,
+            heads: h3,
+            blocks: b3,
+        },
+        Level {
+            prefix: "latent",
+            dim: d4,
+            heads: h4,
+            blocks: b4,
+        },
+        Level {
+            prefix: "decoder_level3",
+            dim: d3,
+            heads: h3,
+            blocks: b3,
+        },
+        Level {
+            prefix: "decoder_level2",
+            dim: d2,
+            heads: h2,
+            blocks: b2,
+        },
         // The decoder's level 1 keeps the concatenated 2*dim channels (no reduction).
-        Level { prefix: "decoder_level1", dim: d2, heads: h1, blocks: b1 },
-        Level { prefix: "refinement", dim: d2, heads: h1, blocks: cfg.num_refinement_blocks },
+        Level {
+            prefix: "decoder_level1",
+            dim: d2,
+            heads: h1,
+            blocks: b1,
+        },
+        Level {
+            prefix: "refinement",
+            dim: d2,
+            heads: h1,
+            blocks: cfg.num_refinement_blocks,
+        },
     ]
 }
 
 /// `(name, shape)` for every parameter, in the order of the published `state_dict()`.
 pub fn parameter_shapes(cfg: &RestormerConfig) -> Vec<(String, Vec<usize>)> {
     let mut out = Vec::new();
-    let conv = |out: &mut Vec<(String, Vec<usize>)>, name: &str, o: usize, i: usize, k: usize, bias: bool| {
+    let conv = |out: &mut Vec<(String, Vec<usize>)>,
+                name: &str,
+                o: usize,
+                i: usize,
+                k: usize,
+                bias: bool| {
         out.push((format!("{name}.weight"), vec![o, i, k, k]));
         if bias {
             out.push((format!("{name}.bias"), vec![o]));
@@ -92,7 +137,10 @@ pub fn parameter_shapes(cfg: &RestormerConfig) -> Vec<(String, Vec<usize>)> {
 }
 
 pub fn parameter_count(cfg: &RestormerConfig) -> usize {
-    parameter_shapes(cfg).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+    parameter_shapes(cfg)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum()
 }
 
 /// Checks names and shapes; returns one error listing every problem.
@@ -101,7 +149,10 @@ pub fn check_weights(cfg: &RestormerConfig, sd: &StateDict) -> Result<()> {
     let mut issues = Vec::new();
     for (name, shape) in &expected {
         match sd.get(name) {
-            None => issues.push(WeightIssue::Missing { name: name.clone(), expected: shape.clone() }),
+            None => issues.push(WeightIssue::Missing {
+                name: name.clone(),
+                expected: shape.clone(),
+            }),
             Some(t) if t.shape() != shape.as_slice() => issues.push(WeightIssue::WrongShape {
                 name: name.clone(),
                 expected: shape.clone(),
@@ -112,13 +163,19 @@ pub fn check_weights(cfg: &RestormerConfig, sd: &StateDict) -> Result<()> {
     }
     for (name, t) in sd.iter() {
         if !expected.contains_key(name) {
-            issues.push(WeightIssue::Unexpected { name: name.clone(), found: t.shape().to_vec() });
+            issues.push(WeightIssue::Unexpected {
+                name: name.clone(),
+                found: t.shape().to_vec(),
+            });
         }
     }
     if issues.is_empty() {
         Ok(())
     } else {
-        Err(ModelError::WeightMismatch { model: "Restormer".into(), issues })
+        Err(ModelError::WeightMismatch {
+            model: "Restormer".into(),
+            issues,
+        })
     }
 }
 
@@ -154,7 +211,12 @@ mod tests {
 
     #[test]
     fn random_weights_pass_the_check_and_infer_the_config() {
-        let cfg = RestormerConfig { dim: 8, num_blocks: [1, 2, 1, 1], heads: [1, 2, 2, 4], ..Default::default() };
+        let cfg = RestormerConfig {
+            dim: 8,
+            num_blocks: [1, 2, 1, 1],
+            heads: [1, 2, 2, 4],
+            ..Default::default()
+        };
         let sd = random_state_dict(&cfg, 7).unwrap();
         check_weights(&cfg, &sd).unwrap();
         assert_eq!(RestormerConfig::infer_from_weights(&sd).unwrap(), cfg);
@@ -162,15 +224,31 @@ mod tests {
 
     #[test]
     fn mismatch_lists_every_problem() {
-        let cfg = RestormerConfig { dim: 8, num_blocks: [1, 1, 1, 1], num_refinement_blocks: 1, ..Default::default() };
+        let cfg = RestormerConfig {
+            dim: 8,
+            num_blocks: [1, 1, 1, 1],
+            num_refinement_blocks: 1,
+            ..Default::default()
+        };
         let mut tensors = random_state_dict(&cfg, 1).unwrap().into_tensors();
         tensors.remove("output.weight");
-        tensors.insert("latent.0.attn.temperature".into(), HostTensor::zeros(vec![3, 1, 1]));
+        tensors.insert(
+            "latent.0.attn.temperature".into(),
+            HostTensor::zeros(vec![3, 1, 1]),
+        );
         tensors.insert("extra.weight".into(), HostTensor::zeros(vec![2]));
-        let err = check_weights(&cfg, &StateDict::from_tensors(tensors)).unwrap_err().to_string();
+        let err = check_weights(&cfg, &StateDict::from_tensors(tensors))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("3 problems"), "{err}");
-        assert!(err.contains("missing      output.weight (expected shape [3, 16, 3, 3])"), "{err}");
-        assert!(err.contains("latent.0.attn.temperature: expected [8, 1, 1], found [3, 1, 1]"), "{err}");
+        assert!(
+            err.contains("missing      output.weight (expected shape [3, 16, 3, 3])"),
+            "{err}"
+        );
+        assert!(
+            err.contains("latent.0.attn.temperature: expected [8, 1, 1], found [3, 1, 1]"),
+            "{err}"
+        );
         assert!(err.contains("unexpected   extra.weight"), "{err}");
     }
 }

@@ -14,13 +14,19 @@ use crate::error::{ModelError, Result};
 /// the weight shapes.
 pub fn load_restormer(path: &Path) -> Result<(RestormerConfig, StateDict)> {
     let sd = aperture_weights::load(path)?;
-    let dir: PathBuf = if path.is_dir() { path.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).to_path_buf() };
+    let dir: PathBuf = if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
     let config_path = dir.join("config.json");
     let config = if config_path.is_file() {
-        let text = std::fs::read_to_string(&config_path)
-            .map_err(|e| ModelError::Config(format!("cannot read {}: {e}", config_path.display())))?;
+        let text = std::fs::read_to_string(&config_path).map_err(|e| {
+            ModelError::Config(format!("cannot read {}: {e}", config_path.display()))
+        })?;
         check_architecture(&text, &config_path)?;
-        RestormerConfig::from_json(&text).map_err(|e| ModelError::Config(format!("{}: {e}", config_path.display())))?
+        RestormerConfig::from_json(&text)
+            .map_err(|e| ModelError::Config(format!("{}: {e}", config_path.display())))?
     } else {
         RestormerConfig::infer_from_weights(&sd)?
     };
@@ -29,16 +35,26 @@ pub fn load_restormer(path: &Path) -> Result<(RestormerConfig, StateDict)> {
 
 /// Refuses a `config.json` that names another architecture.
 fn check_architecture(text: &str, path: &Path) -> Result<()> {
-    let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))?;
-    let named = v.get("architecture").and_then(|a| a.as_str()).map(str::to_string).or_else(|| {
-        v.get("architectures")?.as_array()?.first()?.as_str().map(str::to_string)
-    });
+    let v: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))?;
+    let named = v
+        .get("architecture")
+        .and_then(|a| a.as_str())
+        .map(str::to_string)
+        .or_else(|| {
+            v.get("architectures")?
+                .as_array()?
+                .first()?
+                .as_str()
+                .map(str::to_string)
+        });
     match named {
-        Some(a) if !a.to_ascii_lowercase().contains("restormer") => Err(ModelError::Config(format!(
-            "{} describes a '{a}' model, not a Restormer",
-            path.display()
-        ))),
+        Some(a) if !a.to_ascii_lowercase().contains("restormer") => {
+            Err(ModelError::Config(format!(
+                "{} describes a '{a}' model, not a Restormer",
+                path.display()
+            )))
+        }
         _ => Ok(()),
     }
 }
@@ -51,9 +67,18 @@ pub struct RestormerRunner<B: Backend> {
 }
 
 impl<B: Backend> RestormerRunner<B> {
-    pub fn new(backend: B, config: RestormerConfig, sd: &StateDict, max_batch_size: usize) -> Result<Self> {
+    pub fn new(
+        backend: B,
+        config: RestormerConfig,
+        sd: &StateDict,
+        max_batch_size: usize,
+    ) -> Result<Self> {
         let model = Restormer::prepare(&backend, config, sd)?;
-        Ok(Self { backend, model, max_batch_size })
+        Ok(Self {
+            backend,
+            model,
+            max_batch_size,
+        })
     }
 
     pub fn config(&self) -> &RestormerConfig {
@@ -78,11 +103,19 @@ impl<B: Backend> Runner for RestormerRunner<B> {
     }
 
     fn inputs(&self) -> Vec<TensorSpec> {
-        vec![TensorSpec::new("x", DType::F32, &[self.config().inp_channels as i64, -1, -1])]
+        vec![TensorSpec::new(
+            "x",
+            DType::F32,
+            &[self.config().inp_channels as i64, -1, -1],
+        )]
     }
 
     fn outputs(&self) -> Vec<TensorSpec> {
-        vec![TensorSpec::new("y", DType::F32, &[self.config().out_channels as i64, -1, -1])]
+        vec![TensorSpec::new(
+            "y",
+            DType::F32,
+            &[self.config().out_channels as i64, -1, -1],
+        )]
     }
 
     fn max_batch_size(&self) -> usize {
