@@ -43,6 +43,8 @@ MODELS = {
     ),
     "versioned": 'architecture = "identity"\nmax_batch_size = 4\ninput_size = [2]\nversion_policy = { latest = 2 }\n',
     "spare": 'architecture = "identity"\nmax_batch_size = 4\ninput_size = [3]\n',
+    # Image-to-image: RGB planes of any size.
+    "img": 'architecture = "identity"\nmax_batch_size = 4\ninput_size = [3, -1, -1]\n',
     "slow": 'architecture = "identity"\nmax_batch_size = 4\ninput_size = [2]\n[parameters]\ndelay_us = 400000\n',
 }
 
@@ -433,3 +435,74 @@ def test_api_keys_and_graceful_shutdown(tmp_path):
         assert s.proc.wait(timeout=10) == 0
     finally:
         s.stop()
+
+
+def png_bytes(arr):
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bomb_png(width, height):
+    """A PNG whose header declares width x height pixels (the data is not there)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_image_enhance_round_trip(server):
+    from PIL import Image
+    import io
+
+    rng = np.random.default_rng(5)
+    arr = rng.integers(0, 256, size=(16, 24, 3), dtype=np.uint8)
+    status, body, headers = server.request("POST", "/v1/models/img/enhance", png_bytes(arr))
+    assert status == 200, body
+    assert headers.get("content-type") == "image/png"
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body)).convert("RGB")), arr)
+    status, body, headers = server.request("POST", "/v1/models/img/enhance?format=jpeg", png_bytes(arr))
+    assert status == 200 and headers.get("content-type") == "image/jpeg" and body[:2] == b"\xff\xd8"
+
+
+@pytest.mark.parametrize(
+    "path,body,status,needle",
+    [
+        ("/v1/models/img/enhance", b"definitely not an image", 400, "image"),
+        ("/v1/models/img/enhance", bomb_png(100_000, 100_000), 413, "pixels"),
+        ("/v1/models/img/detect", png_bytes(np.zeros((4, 4, 3), np.uint8)), 400, "does not detect"),
+        ("/v1/models/simple/enhance", png_bytes(np.zeros((4, 4, 3), np.uint8)), 400, "no image pipeline"),
+        ("/v1/models/nope/detect", png_bytes(np.zeros((4, 4, 3), np.uint8)), 404, "unknown model"),
+    ],
+)
+def test_image_endpoint_errors(server, path, body, status, needle):
+    got, resp, _ = server.request("POST", path, body)
+    assert got == status, resp
+    err = json.loads(resp)["error"]
+    assert needle in err.lower(), err
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_loadgen_csv(server, tmp_path, protocol):
+    url = server.http_url if protocol == "http" else server.grpc_url
+    csv = tmp_path / "out.csv"
+    r = subprocess.run(
+        [str(BIN), "loadgen", "-m", "simple", "-u", url, "-i", protocol, "--concurrency-range", "1,4",
+         "--measurement-interval", "300", "--warmup-ms", "50", "--csv", str(csv)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = csv.read_text().splitlines()
+    assert lines[0].split(",")[:2] == ["Concurrency", "Inferences/Second"]
+    assert lines[0].split(",")[-4:] == ["p50 latency", "p90 latency", "p95 latency", "p99 latency"]
+    rows = [l.split(",") for l in lines[1:]]
+    assert [r[0] for r in rows] == ["1", "4"]
+    assert all(float(r[1]) > 0 for r in rows)
+    assert all(int(r[9]) <= int(r[12]) for r in rows), "p50 must not exceed p99"

@@ -18,6 +18,7 @@ use aperture_engine::{DType, Precision, Runner};
 
 use crate::builtin::{AddSubRunner, IdentityRunner};
 use crate::config::ModelConfig;
+use crate::image::{ImageAdapter, PlanarImageAdapter};
 
 /// Error a builder returns (anything that converts, e.g. `anyhow::Error` via `.into()`).
 pub type BuildError = Box<dyn std::error::Error + Send + Sync>;
@@ -56,6 +57,11 @@ impl ModelContext<'_> {
 /// Builds runners for model versions; the server calls it once per instance.
 pub trait RunnerFactory: Send + Sync {
     fn create(&self, ctx: &ModelContext) -> Result<Arc<dyn Runner>, BuildError>;
+
+    /// Image pre/post-processing for the `/v1` image endpoints, if the architecture has it.
+    fn image_adapter(&self, _architecture: &str) -> Option<Arc<dyn ImageAdapter>> {
+        None
+    }
 }
 
 type Builder = Box<dyn Fn(&ModelContext) -> Result<Arc<dyn Runner>, BuildError> + Send + Sync>;
@@ -64,12 +70,14 @@ type Builder = Box<dyn Fn(&ModelContext) -> Result<Arc<dyn Runner>, BuildError> 
 /// `identity` and `add_sub`; real models register themselves on top.
 pub struct ArchitectureRegistry {
     builders: BTreeMap<String, Builder>,
+    images: BTreeMap<String, Arc<dyn ImageAdapter>>,
 }
 
 impl ArchitectureRegistry {
     pub fn empty() -> Self {
         Self {
             builders: BTreeMap::new(),
+            images: BTreeMap::new(),
         }
     }
 
@@ -77,7 +85,18 @@ impl ArchitectureRegistry {
         let mut r = Self::empty();
         r.register("identity", build_identity);
         r.register("add_sub", build_add_sub);
+        r.register_image_adapter("identity", Arc::new(PlanarImageAdapter));
         r
+    }
+
+    /// Adds (or replaces) the image pre/post-processing of `architecture`.
+    pub fn register_image_adapter(
+        &mut self,
+        architecture: &str,
+        adapter: Arc<dyn ImageAdapter>,
+    ) -> &mut Self {
+        self.images.insert(architecture.to_string(), adapter);
+        self
     }
 
     /// Adds (or replaces) the builder for `architecture`.
@@ -112,6 +131,10 @@ impl ArchitectureRegistry {
 impl RunnerFactory for ArchitectureRegistry {
     fn create(&self, ctx: &ModelContext) -> Result<Arc<dyn Runner>, BuildError> {
         self.build(&ctx.config.architecture, ctx)
+    }
+
+    fn image_adapter(&self, architecture: &str) -> Option<Arc<dyn ImageAdapter>> {
+        self.images.get(architecture).cloned()
     }
 }
 

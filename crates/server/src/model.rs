@@ -11,6 +11,7 @@ use crate::batcher::{Batcher, BatcherConfig};
 use crate::config::ModelConfig;
 use crate::error::{Result, ServerError};
 use crate::factory::{ModelContext, RunnerFactory};
+use crate::image::ImageAdapter;
 use crate::stats::ModelStats;
 use crate::tensor_io::kserve_datatype;
 
@@ -36,12 +37,15 @@ pub struct LoadedModel {
     pub device: String,
     pub instances: usize,
     pub stats: Arc<ModelStats>,
+    /// Pre/post-processing for the image endpoints, if the architecture has it.
+    pub images: Option<Arc<dyn ImageAdapter>>,
     batcher: Batcher,
 }
 
 /// Runners built (blocking work) but not yet attached to a batcher.
 pub struct BuiltRunners {
     runners: Vec<Arc<dyn Runner>>,
+    images: Option<Arc<dyn ImageAdapter>>,
 }
 
 impl LoadedModel {
@@ -74,7 +78,10 @@ impl LoadedModel {
                 runners.push(r);
             }
         }
-        Ok(BuiltRunners { runners })
+        Ok(BuiltRunners {
+            runners,
+            images: factory.image_adapter(&config.architecture),
+        })
     }
 
     /// Attaches built runners to a new batcher. Must run inside the tokio runtime.
@@ -94,6 +101,7 @@ impl LoadedModel {
         let cfg = BatcherConfig::from_model(&config, first.max_batch_size());
         let stats = Arc::new(ModelStats::default());
         let instances = built.runners.len();
+        let images = built.images;
         let batcher = Batcher::spawn(built.runners, cfg, stats.clone());
         Ok(Self {
             name: name.to_string(),
@@ -104,6 +112,7 @@ impl LoadedModel {
             device,
             instances,
             stats,
+            images,
             batcher,
         })
     }

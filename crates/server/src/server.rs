@@ -45,6 +45,8 @@ pub struct ServeOptions {
     /// None: no metrics endpoint.
     pub metrics_addr: Option<SocketAddr>,
     pub max_body_bytes: usize,
+    /// Largest image (width x height) the image endpoints decode.
+    pub max_image_pixels: u64,
     /// Longest a request may take end to end (queue + compute).
     pub request_timeout: Duration,
     /// Required for inference and metadata (health stays open).
@@ -60,6 +62,7 @@ impl Default for ServeOptions {
             grpc_addr: Some(SocketAddr::from(([0, 0, 0, 0], 8001))),
             metrics_addr: Some(SocketAddr::from(([0, 0, 0, 0], 8002))),
             max_body_bytes: 64 << 20,
+            max_image_pixels: 50_000_000,
             request_timeout: Duration::from_secs(60),
             api_key: None,
             admin_key: None,

@@ -41,6 +41,9 @@ pub struct ServeArgs {
     /// Largest request body (HTTP) or message (gRPC) in MiB.
     #[arg(long, default_value_t = 64)]
     pub max_body_mb: usize,
+    /// Largest image (width x height, in megapixels) the image endpoints decode.
+    #[arg(long, default_value_t = 50)]
+    pub max_image_megapixels: u64,
     /// Longest a request may take end to end, in milliseconds.
     #[arg(long, default_value_t = 60_000)]
     pub request_timeout_ms: u64,
@@ -89,6 +92,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         grpc_addr: Some(addr(args.grpc_port)),
         metrics_addr: Some(addr(args.metrics_port)),
         max_body_bytes: args.max_body_mb.saturating_mul(1 << 20),
+        max_image_pixels: args.max_image_megapixels.saturating_mul(1_000_000),
         request_timeout: Duration::from_millis(args.request_timeout_ms),
         api_key: args.api_key.clone(),
         admin_key: args.admin_key.clone(),

@@ -2,6 +2,7 @@
 
 mod codec;
 mod handlers;
+mod image;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -60,6 +61,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/v2/repository/models/{model}/unload",
             post(handlers::repository_unload),
         )
+        .route("/v1/models/{model}/detect", post(image::detect))
+        .route("/v1/models/{model}/enhance", post(image::enhance))
         .fallback(handlers::not_found)
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),

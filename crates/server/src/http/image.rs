@@ -1,0 +1,142 @@
+//! `POST /v1/models/{model}/detect|enhance`: an encoded image (PNG, JPEG, WebP) in the
+//! body, decoded and preprocessed on the blocking pool, then batched like any request.
+
+use std::sync::Arc;
+
+use aperture_vision::{DecodeLimits, EncodeOptions, Layout, OutputFormat, VisionError};
+use axum::body::Body;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::Response;
+use axum::Json;
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use super::handlers::body_or_error;
+use crate::error::{Result, ServerError};
+use crate::image::ImageAdapter;
+use crate::model::{InferRequest, LoadedModel};
+use crate::server::Shared;
+
+#[derive(serde::Deserialize, Default)]
+pub struct ImageQuery {
+    /// Output format for /enhance: png (default) or jpeg.
+    #[serde(default)]
+    format: Option<String>,
+}
+
+fn vision_error(e: VisionError) -> ServerError {
+    match e {
+        VisionError::TooManyPixels { .. } | VisionError::FileTooLarge { .. } => {
+            ServerError::PayloadTooLarge(e.to_string())
+        }
+        other => ServerError::invalid(other.to_string()),
+    }
+}
+
+/// Decodes, preprocesses and runs one image; returns the outputs and the image size.
+async fn run_image(
+    s: &Shared,
+    model: &Arc<LoadedModel>,
+    body: Bytes,
+) -> Result<(
+    Arc<dyn ImageAdapter>,
+    aperture_engine::NamedTensors,
+    u32,
+    u32,
+)> {
+    let adapter = model.images.clone().ok_or_else(|| {
+        ServerError::invalid(format!(
+            "model '{}' (architecture {}) has no image pipeline; use /v2/models/{}/infer",
+            model.name, model.config.architecture, model.name
+        ))
+    })?;
+    let limits = DecodeLimits {
+        max_pixels: s.options.max_image_pixels,
+        max_file_bytes: s.options.max_body_bytes as u64,
+    };
+    let (a, specs) = (adapter.clone(), model.inputs.clone());
+    let (inputs, w, h) = tokio::task::spawn_blocking(move || {
+        // The decoder reads the header first and refuses oversized images before decoding.
+        let img = aperture_vision::decode_bytes(&body, &limits).map_err(vision_error)?;
+        let inputs = a
+            .preprocess(&img, &specs)
+            .map_err(|e| ServerError::invalid(e.to_string()))?;
+        Ok::<_, ServerError>((inputs, img.width(), img.height()))
+    })
+    .await
+    .map_err(|e| ServerError::Internal(format!("image decoding failed: {e}")))??;
+    let req = InferRequest {
+        inputs,
+        ..Default::default()
+    };
+    let outputs = s.run_with_timeout(model, req).await?;
+    Ok((adapter, outputs, w, h))
+}
+
+pub async fn detect(
+    State(s): State<Arc<Shared>>,
+    Path(m): Path<String>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>> {
+    let body = body_or_error(body, s.options.max_body_bytes)?;
+    let model = s.repository.get(&m, None)?;
+    let (adapter, outputs, w, h) = run_image(&s, &model, body).await?;
+    let dets = adapter
+        .detections(&outputs, w, h)
+        .ok_or_else(|| {
+            ServerError::invalid(format!("model '{m}' does not detect objects; try /enhance"))
+        })?
+        .map_err(|e| ServerError::Internal(e.to_string()))?;
+    Ok(Json(json!({
+        "model_name": model.name,
+        "model_version": model.version.to_string(),
+        "width": w,
+        "height": h,
+        "detections": dets,
+    })))
+}
+
+pub async fn enhance(
+    State(s): State<Arc<Shared>>,
+    Path(m): Path<String>,
+    Query(q): Query<ImageQuery>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Response> {
+    let body = body_or_error(body, s.options.max_body_bytes)?;
+    let (format, mime) = match q.format.as_deref() {
+        None | Some("png") => (OutputFormat::Png, "image/png"),
+        Some("jpeg") | Some("jpg") => (OutputFormat::Jpeg, "image/jpeg"),
+        Some(other) => {
+            return Err(ServerError::invalid(format!(
+                "format '{other}': expected png or jpeg"
+            )))
+        }
+    };
+    let model = s.repository.get(&m, None)?;
+    let (adapter, outputs, w, h) = run_image(&s, &model, body).await?;
+    let img = adapter
+        .enhanced(&outputs, w, h)
+        .ok_or_else(|| {
+            ServerError::invalid(format!("model '{m}' does not produce images; try /detect"))
+        })?
+        .map_err(|e| ServerError::Internal(e.to_string()))?;
+    let encoded = tokio::task::spawn_blocking(move || {
+        aperture_vision::encode_rgb_f32(
+            &img.data,
+            img.width,
+            img.height,
+            Layout::Planar,
+            format,
+            &EncodeOptions::default(),
+        )
+    })
+    .await
+    .map_err(|e| ServerError::Internal(format!("image encoding failed: {e}")))?
+    .map_err(|e| ServerError::Internal(e.to_string()))?;
+    let mut resp = Response::new(Body::from(encoded));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(mime));
+    Ok(resp)
+}
