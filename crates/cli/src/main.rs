@@ -26,6 +26,8 @@ enum Command {
     Bench(commands::bench::BenchArgs),
     /// Evaluate COCO detections: the 12 standard bbox stats, identical to pycocotools.
     Eval(commands::eval::EvalArgs),
+    /// Detect objects with a D-FINE model in images and folders (JSON and drawn boxes).
+    Detect(commands::detect::DetectArgs),
     /// Serve models over KServe v2 HTTP/gRPC (Triton-compatible) with dynamic batching.
     Serve(commands::serve::ServeArgs),
     /// Load generator for a running server: concurrency sweep, latency percentiles.
@@ -47,6 +49,7 @@ fn main() {
         Command::Enhance(a) => commands::enhance::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Eval(a) => commands::eval::run(a),
+        Command::Detect(a) => commands::detect::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::Loadgen(a) => commands::loadgen::run(a),
     };

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod detect;
 pub mod enhance;
 pub mod eval;
 pub mod info;

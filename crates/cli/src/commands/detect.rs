@@ -1,0 +1,198 @@
+//! `aperture detect`: a D-FINE model over images and folders; JSON results and images
+//! with labelled boxes.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use aperture_engine::cpu::CpuBackend;
+use aperture_engine::HostTensor;
+use aperture_models::dfine::{
+    coco_category_id, load_dfine, post_process, DFineRunner, Detection, ImageProcessorConfig,
+};
+use aperture_vision::{
+    decode_file, draw_detections, list_images, normalize_chw, pil_bilinear, save_rgb8, to_nchw_f32,
+    DecodeLimits, DrawStyle, EncodeOptions, LabeledBox, RgbImage,
+};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+
+#[derive(Args)]
+pub struct DetectArgs {
+    /// Images (JPEG, PNG, WebP) and/or folders of images.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// D-FINE model folder as HF ships it (config.json, model.safetensors, preprocessor_config.json).
+    #[arg(long, env = "APERTURE_DETECT_MODEL")]
+    model: PathBuf,
+    /// Keep detections scoring above this.
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f32,
+    /// Write all detections to this JSON file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write each image with its boxes drawn into this folder (created if missing).
+    #[arg(long)]
+    draw: Option<PathBuf>,
+}
+
+pub fn run(args: DetectArgs) -> anyhow::Result<()> {
+    if !(0.0..=1.0).contains(&args.threshold) {
+        bail!("--threshold must be between 0 and 1");
+    }
+    let mut files = Vec::new();
+    for input in &args.inputs {
+        let found =
+            list_images(input).with_context(|| format!("cannot list {}", input.display()))?;
+        if found.is_empty() && input.is_dir() {
+            eprintln!("warning: no images in {}", input.display());
+        }
+        files.extend(found);
+    }
+    if files.is_empty() {
+        bail!("no images to process");
+    }
+    let snap = load_dfine(&args.model)
+        .with_context(|| format!("cannot load the D-FINE model at {}", args.model.display()))?;
+    let runner = DFineRunner::new(CpuBackend::new(), &snap, 1)?;
+    if let Some(dir) = &args.draw {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let bar = ProgressBar::new(files.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed_precise} eta {eta} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut results = Vec::new();
+    let mut failures = 0;
+    for file in &files {
+        bar.set_message(
+            file.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+        match detect_one(&runner, &snap.processor, file, args.threshold) {
+            Ok((img, dets)) => {
+                let names: Vec<String> = dets
+                    .iter()
+                    .map(|d| runner.config().label(d.label))
+                    .collect();
+                if let Some(dir) = &args.draw {
+                    let out = drawn_path(dir, file);
+                    let mut canvas = img;
+                    let boxes: Vec<LabeledBox> = dets
+                        .iter()
+                        .zip(&names)
+                        .map(|(d, n)| LabeledBox {
+                            bbox: d.bbox,
+                            class_id: d.label,
+                            label: n.clone(),
+                            score: d.score,
+                        })
+                        .collect();
+                    draw_detections(&mut canvas, &boxes, &DrawStyle::default());
+                    if let Err(e) = save_rgb8(&out, &canvas, &EncodeOptions::default()) {
+                        bar.suspend(|| eprintln!("error: {}: {e}", out.display()));
+                        failures += 1;
+                    }
+                }
+                if args.json.is_none() {
+                    let summary: Vec<String> = dets
+                        .iter()
+                        .zip(&names)
+                        .map(|(d, n)| format!("{n} {:.2}", d.score))
+                        .collect();
+                    bar.suspend(|| {
+                        println!(
+                            "{}: {} detections [{}]",
+                            file.display(),
+                            dets.len(),
+                            summary.join(", ")
+                        )
+                    });
+                }
+                results.push(image_json(file, &dets, &names, snap.config.num_labels));
+            }
+            Err(e) => {
+                bar.suspend(|| eprintln!("error: {}: {e:#}", file.display()));
+                failures += 1;
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if let Some(path) = &args.json {
+        let doc = json!({ "model": args.model.display().to_string(), "threshold": args.threshold, "images": results });
+        let text = serde_json::to_string_pretty(&doc)?;
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if failures > 0 {
+        bail!("{failures} of {} images failed", files.len());
+    }
+    Ok(())
+}
+
+/// Decodes, preprocesses as the HF image processor does, runs the model and
+/// post-processes. Returns the decoded image (for drawing) and its detections.
+fn detect_one(
+    runner: &DFineRunner<CpuBackend>,
+    proc: &ImageProcessorConfig,
+    file: &Path,
+    threshold: f32,
+) -> anyhow::Result<(RgbImage, Vec<Detection>)> {
+    let img = decode_file(file, &DecodeLimits::default())?.into_rgb8();
+    let (w, h) = (img.width(), img.height());
+    let pixels = preprocess(&img, proc)?;
+    let (logits, boxes) = runner.detect(&pixels)?;
+    let dets = post_process(
+        &logits.to_f32_vec(),
+        &boxes.to_f32_vec(),
+        runner.config().num_labels,
+        threshold,
+        (h, w),
+    )?;
+    Ok((img, dets))
+}
+
+/// Resize (PIL bilinear), rescale and optionally normalise into a `[1, 3, H, W]` tensor.
+pub fn preprocess(img: &RgbImage, proc: &ImageProcessorConfig) -> anyhow::Result<HostTensor> {
+    let resized;
+    let src = match proc.size {
+        Some((h, w)) if (h, w) != (img.height(), img.width()) => {
+            resized = pil_bilinear(img, w, h)?;
+            &resized
+        }
+        _ => img,
+    };
+    let mut data = to_nchw_f32(src, proc.rescale.unwrap_or(1.0));
+    if let Some((mean, std)) = proc.normalize {
+        normalize_chw(&mut data, mean, std)?;
+    }
+    Ok(HostTensor::from_f32(
+        vec![1, 3, src.height() as usize, src.width() as usize],
+        data,
+    )?)
+}
+
+fn drawn_path(dir: &Path, file: &Path) -> PathBuf {
+    let stem = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    dir.join(format!("{stem}.png"))
+}
+
+fn image_json(file: &Path, dets: &[Detection], names: &[String], classes: usize) -> Value {
+    let list: Vec<Value> = dets
+        .iter()
+        .zip(names)
+        .map(|(d, n)| {
+            let mut v = json!({ "label": d.label, "name": n, "score": d.score, "box": d.bbox });
+            if classes == 80 {
+                v["category_id"] = json!(coco_category_id(d.label));
+            }
+            v
+        })
+        .collect();
+    json!({ "file": file.display().to_string(), "detections": list })
+}
