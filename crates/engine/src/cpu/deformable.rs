@@ -49,7 +49,7 @@ pub fn deformable_attention(
     // Level of each point and the start row of each level in `value`.
     let mut level_of = Vec::with_capacity(p_total);
     for (l, &n) in spec.points.iter().enumerate() {
-        level_of.extend(std::iter::repeat(l).take(n));
+        level_of.resize(level_of.len() + n, l);
     }
     let mut starts = Vec::with_capacity(spec.shapes.len());
     let mut acc = 0;

@@ -17,7 +17,7 @@ pub fn attention(
     scale: f32,
 ) -> Result<CpuTensor> {
     let c = q.c;
-    if heads == 0 || c % heads != 0 {
+    if heads == 0 || !c.is_multiple_of(heads) {
         return Err(EngineError::Shape(format!(
             "{c} channels cannot split into {heads} heads"
         )));

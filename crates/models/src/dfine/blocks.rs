@@ -287,7 +287,7 @@ pub fn copy<B: Backend>(b: &B, x: &B::Tensor) -> Result<B::Tensor> {
 /// Layer widths of HF's `DFineMLP(input, hidden, output, num_layers)`.
 pub fn mlp_dims(input: usize, hidden: usize, output: usize, layers: usize) -> Vec<usize> {
     let mut d = vec![input];
-    d.extend(std::iter::repeat(hidden).take(layers.saturating_sub(1)));
+    d.extend(std::iter::repeat_n(hidden, layers.saturating_sub(1)));
     d.push(output);
     d
 }

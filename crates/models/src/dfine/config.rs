@@ -370,7 +370,7 @@ impl DFineConfig {
                 ));
             }
         }
-        if self.encoder_hidden_dim % 4 != 0 {
+        if !self.encoder_hidden_dim.is_multiple_of(4) {
             return bad(
                 "encoder_hidden_dim must be divisible by 4 (2-D sin-cos position embedding)".into(),
             );
@@ -381,7 +381,7 @@ impl DFineConfig {
                 self.eval_idx, self.decoder_layers
             ));
         }
-        if self.max_num_bins < 4 || self.max_num_bins % 2 != 0 {
+        if self.max_num_bins < 4 || !self.max_num_bins.is_multiple_of(2) {
             return bad(format!(
                 "max_num_bins must be an even number >= 4, got {}",
                 self.max_num_bins

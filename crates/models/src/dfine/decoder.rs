@@ -277,7 +277,7 @@ fn no_layers() -> crate::error::ModelError {
 fn replicate_rows(w: &HostTensor, bias: &HostTensor, n: usize) -> Result<(HostTensor, HostTensor)> {
     let row = w.to_f32_vec();
     let k = row.len();
-    let wd: Vec<f32> = std::iter::repeat(row).take(n).flatten().collect();
+    let wd: Vec<f32> = std::iter::repeat_n(row, n).flatten().collect();
     let bd = vec![bias.to_f32_vec().first().copied().unwrap_or(0.0); n];
     Ok((
         HostTensor::from_f32(vec![n, k], wd)?,

@@ -395,6 +395,6 @@ pub fn position_embedding(
             }
         }
     }
-    let data: Vec<f32> = std::iter::repeat(one).take(n).flatten().collect();
+    let data: Vec<f32> = std::iter::repeat_n(one, n).flatten().collect();
     Ok(HostTensor::from_f32(vec![n, 1, h * w, dim], data)?)
 }

@@ -180,10 +180,7 @@ impl<B: Backend> DFine<B> {
         let ref_unact = b.gather_rows(&coords, &top)?;
         let target = match &self.query_embedding {
             Some(q) => {
-                let data: Vec<f32> = std::iter::repeat(q.to_f32_vec())
-                    .take(n)
-                    .flatten()
-                    .collect();
+                let data: Vec<f32> = std::iter::repeat_n(q.to_f32_vec(), n).flatten().collect();
                 b.upload_nhwc(&HostTensor::from_f32(
                     vec![n, 1, c.num_queries, c.d_model],
                     data,
@@ -229,8 +226,8 @@ pub fn anchors(shapes: &[(usize, usize)], n: usize) -> (HostTensor, HostTensor) 
         }
     }
     let s = m.len();
-    let a: Vec<f32> = std::iter::repeat(a).take(n).flatten().collect();
-    let m: Vec<f32> = std::iter::repeat(m).take(n).flatten().collect();
+    let a: Vec<f32> = std::iter::repeat_n(a, n).flatten().collect();
+    let m: Vec<f32> = std::iter::repeat_n(m, n).flatten().collect();
     // Lengths match the shapes by construction.
     let at = HostTensor::from_f32(vec![n, 1, s, 4], a)
         .unwrap_or_else(|_| HostTensor::zeros(vec![n, 1, s, 4]));
@@ -252,7 +249,7 @@ mod tests {
         assert_eq!((m[0], m[1], m[59], m[60]), (0.0, 1.0, 0.0, 0.0));
         let a = a.to_f32_vec();
         assert_eq!(a[0], f32::MAX);
-        assert!((a[4 * 1] - ((1.5f32 / 60.0) / (1.0 - 1.5 / 60.0)).ln()).abs() < 1e-6);
+        assert!((a[4] - ((1.5f32 / 60.0) / (1.0 - 1.5 / 60.0)).ln()).abs() < 1e-6);
         // The 1x1 level: centre 0.5, size 0.1.
         assert_eq!(m[120], 1.0);
         assert!((a[480] - 0.0).abs() < 1e-7 && (a[482] - (0.1f32 / 0.9).ln()).abs() < 1e-6);

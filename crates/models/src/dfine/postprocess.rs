@@ -25,7 +25,10 @@ pub fn post_process(
     threshold: f32,
     size: (u32, u32),
 ) -> Result<Vec<Detection>> {
-    if classes == 0 || logits.len() % classes != 0 || boxes.len() != logits.len() / classes * 4 {
+    if classes == 0
+        || !logits.len().is_multiple_of(classes)
+        || boxes.len() != logits.len() / classes * 4
+    {
         return Err(ModelError::Input(format!(
             "post-processing: {} logits and {} box values do not fit {classes} classes",
             logits.len(),

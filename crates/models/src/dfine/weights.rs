@@ -202,7 +202,7 @@ mod tests {
         let n: usize = shape.iter().product();
         HostTensor::from_f32(
             shape.to_vec(),
-            (0..n).map(|i| ((i as f32 * k).sin() * 0.7)).collect(),
+            (0..n).map(|i| (i as f32 * k).sin() * 0.7).collect(),
         )
         .unwrap()
     }
