@@ -199,7 +199,13 @@ impl LoadedModel {
 
     /// Checks requested output names before any work is done.
     pub fn check_outputs(&self, wanted: Option<&[String]>) -> Result<()> {
-        for w in wanted.unwrap_or(&[]) {
+        let wanted = wanted.unwrap_or(&[]);
+        for (i, w) in wanted.iter().enumerate() {
+            if wanted[..i].contains(w) {
+                return Err(ServerError::invalid(format!(
+                    "output '{w}' is requested twice"
+                )));
+            }
             if !self.outputs.iter().any(|o| &o.name == w) {
                 return Err(ServerError::invalid(format!(
                     "unexpected inference output '{w}' for model '{}'",
@@ -243,5 +249,92 @@ impl LoadedModel {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::factory::ArchitectureRegistry;
+    use aperture_engine::{DType, HostTensor};
+
+    fn t(shape: &[usize]) -> HostTensor {
+        HostTensor::from_f32(shape.to_vec(), vec![1.0; shape.iter().product()]).unwrap()
+    }
+
+    fn add_sub() -> LoadedModel {
+        let mut cfg = ModelConfig::with_architecture("add_sub");
+        cfg.max_batch_size = 4;
+        cfg.input_size = Some(vec![3]);
+        let reg = ArchitectureRegistry::with_builtins();
+        let built = LoadedModel::build_runners("m", 1, Path::new("."), &cfg, &reg).unwrap();
+        LoadedModel::start("m", 1, cfg, built).unwrap()
+    }
+
+    fn err(m: &LoadedModel, inputs: NamedTensors) -> String {
+        let e = m.validate(inputs).unwrap_err();
+        assert_eq!(e.http_status(), 400, "{e}");
+        e.to_string()
+    }
+
+    #[tokio::test]
+    async fn validation_names_the_problem() {
+        let m = add_sub();
+        let ok = m.validate(vec![
+            ("INPUT1".into(), t(&[2, 3])),
+            ("INPUT0".into(), t(&[2, 3])),
+        ]);
+        let (ordered, rows) = ok.unwrap();
+        assert_eq!(rows, 2);
+        assert_eq!(ordered[0].0, "INPUT0");
+        assert!(err(&m, vec![("INPUT0".into(), t(&[1, 3]))]).contains("expected 2 inputs"));
+        assert!(err(
+            &m,
+            vec![("INPUT0".into(), t(&[1, 3])), ("X".into(), t(&[1, 3]))]
+        )
+        .contains("'INPUT1' is missing"));
+        assert!(err(
+            &m,
+            vec![("INPUT0".into(), t(&[1, 4])), ("INPUT1".into(), t(&[1, 4]))]
+        )
+        .contains("Expected [-1, 3]"));
+        assert!(err(
+            &m,
+            vec![("INPUT0".into(), t(&[1, 3])), ("INPUT1".into(), t(&[2, 3]))]
+        )
+        .contains("batch size"));
+        assert!(err(
+            &m,
+            vec![("INPUT0".into(), t(&[5, 3])), ("INPUT1".into(), t(&[5, 3]))]
+        )
+        .contains("<= 4"));
+        let half = t(&[1, 3]).to_dtype(DType::F16);
+        assert!(err(
+            &m,
+            vec![("INPUT0".into(), half), ("INPUT1".into(), t(&[1, 3]))]
+        )
+        .contains("'FP16'"));
+        assert!(m
+            .check_outputs(Some(&["OUTPUT1".into(), "OUTPUT1".into()]))
+            .is_err());
+        assert!(m.check_outputs(Some(&["NOPE".into()])).is_err());
+        assert!(m
+            .check_outputs(Some(&["OUTPUT1".into(), "OUTPUT0".into()]))
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn requested_outputs_come_back_in_request_order() {
+        let m = add_sub();
+        let req = InferRequest {
+            inputs: vec![("INPUT0".into(), t(&[1, 3])), ("INPUT1".into(), t(&[1, 3]))],
+            outputs: Some(vec!["OUTPUT1".into(), "OUTPUT0".into()]),
+            ..Default::default()
+        };
+        let out = m.infer(req).await.unwrap();
+        assert_eq!(out[0].0, "OUTPUT1");
+        assert_eq!(out[0].1.to_f32_vec(), vec![0.0; 3]);
+        assert_eq!(out[1].1.to_f32_vec(), vec![2.0; 3]);
+        assert_eq!(m.stats.snapshot().success.count, 1);
     }
 }

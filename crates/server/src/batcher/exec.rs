@@ -1,7 +1,7 @@
 //! Runs one batch on a blocking thread: concatenate, infer, split, answer.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use aperture_engine::{NamedTensors, Runner};
 
@@ -21,14 +21,18 @@ pub(super) struct Job {
 impl Job {
     pub fn run(self) -> Vec<(Reply, Result<NamedTensors>)> {
         let started = Instant::now();
-        let queued: Vec<Duration> = self
-            .works
-            .iter()
-            .map(|w| started.duration_since(w.enqueued))
-            .collect();
-        let rows: Vec<usize> = self.works.iter().map(|w| w.rows).collect();
+        let mut inputs = Vec::with_capacity(self.works.len());
+        let mut replies = Vec::with_capacity(self.works.len());
+        let mut queued = Vec::with_capacity(self.works.len());
+        let mut rows = Vec::with_capacity(self.works.len());
+        for w in self.works {
+            queued.push(started.duration_since(w.enqueued));
+            rows.push(w.rows);
+            inputs.push(w.inputs);
+            replies.push(w.reply);
+        }
         let mut timings = BatchTimings::default();
-        let results = match run_batch(self.runner.as_ref(), &self.works, &rows, &mut timings) {
+        let results = match run_batch(self.runner.as_ref(), inputs, &rows, &mut timings) {
             Ok(per_request) => per_request.into_iter().map(Ok).collect::<Vec<_>>(),
             Err(e) => {
                 tracing::warn!(error = %e, batch = rows.len(), "batch failed");
@@ -40,59 +44,62 @@ impl Job {
         };
         self.stats.record_batch(rows.iter().sum(), &queued, timings);
         let mut held = Vec::new();
-        for (work, result) in self.works.into_iter().zip(results) {
+        for (reply, result) in replies.into_iter().zip(results) {
             if self.hold_replies {
-                held.push((work.reply, result));
+                held.push((reply, result));
             } else {
-                let _ = work.reply.send(result);
+                let _ = reply.send(result);
             }
         }
         held
     }
 }
 
+/// Concatenates the requests' inputs, runs the model, splits the outputs by rows.
+/// A batch of one request moves its tensors instead of copying them.
 fn run_batch(
     runner: &dyn Runner,
-    works: &[Work],
+    mut inputs: Vec<NamedTensors>,
     rows: &[usize],
     t: &mut BatchTimings,
 ) -> Result<Vec<NamedTensors>> {
     let start = Instant::now();
-    let first = works
-        .first()
-        .ok_or_else(|| ServerError::Internal("empty batch".into()))?;
-    let mut batch: NamedTensors = Vec::with_capacity(first.inputs.len());
-    for (i, (name, _)) in first.inputs.iter().enumerate() {
-        let parts: Vec<_> = works
-            .iter()
-            .filter_map(|w| w.inputs.get(i).map(|(_, t)| t))
-            .collect();
-        let tensor = if parts.len() == 1 {
-            parts[0].clone()
-        } else {
-            concat_batch(&parts)?
-        };
-        batch.push((name.clone(), tensor));
-    }
+    let batch: NamedTensors = if inputs.len() == 1 {
+        inputs.pop().unwrap_or_default()
+    } else {
+        let first = inputs
+            .first()
+            .ok_or_else(|| ServerError::Internal("empty batch".into()))?;
+        let mut batch = Vec::with_capacity(first.len());
+        for (i, (name, _)) in first.iter().enumerate() {
+            let parts: Vec<_> = inputs
+                .iter()
+                .filter_map(|r| r.get(i).map(|(_, t)| t))
+                .collect();
+            batch.push((name.clone(), concat_batch(&parts)?));
+        }
+        batch
+    };
     let infer_start = Instant::now();
     t.compute_input = infer_start - start;
     let outputs = runner.infer(&batch)?;
+    drop(batch);
     let out_start = Instant::now();
     t.compute_infer = out_start - infer_start;
-    let mut per_request: Vec<NamedTensors> = rows
-        .iter()
-        .map(|_| Vec::with_capacity(outputs.len()))
-        .collect();
-    for (name, tensor) in &outputs {
-        let pieces = if rows.len() == 1 {
-            vec![tensor.clone()]
-        } else {
-            split_rows(tensor, rows)?
-        };
-        for (dst, piece) in per_request.iter_mut().zip(pieces) {
-            dst.push((name.clone(), piece));
+    let per_request = if rows.len() == 1 {
+        vec![outputs]
+    } else {
+        let mut per_request: Vec<NamedTensors> = rows
+            .iter()
+            .map(|_| Vec::with_capacity(outputs.len()))
+            .collect();
+        for (name, tensor) in &outputs {
+            for (dst, piece) in per_request.iter_mut().zip(split_rows(tensor, rows)?) {
+                dst.push((name.clone(), piece));
+            }
         }
-    }
+        per_request
+    };
     t.compute_output = out_start.elapsed();
     Ok(per_request)
 }
