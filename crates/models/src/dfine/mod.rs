@@ -20,6 +20,7 @@ pub mod config;
 mod decoder;
 mod encoder;
 mod model;
+pub mod original;
 pub mod postprocess;
 mod runner;
 mod weights;

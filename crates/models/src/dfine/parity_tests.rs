@@ -155,3 +155,116 @@ fn tiny_images_are_refused_without_panicking() {
         assert!(err.is_err(), "{shape:?} should be refused");
     }
 }
+
+/// The official repository's name for a transformers name (inverse of the conversion
+/// table in transformers' convert script), for the tiny fixture's keys.
+fn original_name(k: &str) -> String {
+    let reps: &[(&str, &str)] = &[
+        ("model.backbone.model.embedder.", "backbone.stem."),
+        ("model.backbone.model.encoder.stages.", "backbone.stages."),
+        ("model.encoder_input_proj.", "encoder.input_proj."),
+        ("model.decoder_input_proj.", "decoder.input_proj."),
+        ("model.encoder.encoder.", "encoder.encoder."),
+        ("model.encoder.", "encoder."),
+        ("model.decoder.layers.", "decoder.decoder.layers."),
+        ("model.decoder.lqe_layers.", "decoder.decoder.lqe_layers."),
+        ("model.decoder.class_embed.", "decoder.dec_score_head."),
+        ("model.decoder.bbox_embed.", "decoder.dec_bbox_head."),
+        ("model.decoder.", "decoder."),
+        ("model.enc_output.0.", "decoder.enc_output.proj."),
+        ("model.enc_output.1.", "decoder.enc_output.norm."),
+        ("model.", "decoder."),
+    ];
+    let (from, to) = reps
+        .iter()
+        .find(|(f, _)| k.starts_with(f))
+        .copied()
+        .unwrap_or(("", ""));
+    let mut s = format!("{to}{}", &k[from.len()..]);
+    for (a, b) in [
+        (".convolution.weight", ".conv.weight"),
+        (".normalization.", ".bn."),
+        (".fc1.", ".linear1."),
+        (".fc2.", ".linear2."),
+        (".encoder_attn.", ".cross_attn."),
+        ("csp_rep1.", "cv2.0."),
+        ("csp_rep2.", "cv3.0."),
+    ] {
+        s = s.replace(a, b);
+    }
+    if s.starts_with("encoder.encoder.") {
+        s = s
+            .replace(".self_attn_layer_norm.", ".norm1.")
+            .replace(".final_layer_norm.", ".norm2.");
+    } else {
+        s = s
+            .replace(".self_attn_layer_norm.", ".norm1.")
+            .replace(".final_layer_norm.", ".norm3.");
+    }
+    if s.starts_with("encoder.fpn_blocks.") || s.starts_with("encoder.pan_blocks.") {
+        let (head, tail) = s.split_at(s.find("_blocks.").unwrap() + 8);
+        let (i, rest) = tail.split_once('.').unwrap();
+        let rest = ["conv1.", "conv2.", "conv3.", "conv4."]
+            .iter()
+            .zip(["cv1.", "cv2.1.", "cv3.1.", "cv4."])
+            .find(|(f, _)| rest.starts_with(**f))
+            .map_or(rest.to_string(), |(f, t)| {
+                format!("{t}{}", &rest[f.len()..])
+            });
+        s = format!("{head}{i}.{rest}");
+    }
+    if let Some(rest) = s.strip_prefix("encoder.downsample_convs.") {
+        let (i, r) = rest.split_once('.').unwrap();
+        s = format!(
+            "encoder.downsample_convs.{i}.0.{}",
+            r.replacen("conv", "cv", 1)
+        );
+    }
+    for p in ["encoder.input_proj.", "decoder.input_proj."] {
+        if let Some(rest) = s.strip_prefix(p) {
+            let (i, r) = rest.split_once('.').unwrap();
+            let r = r.replacen("0.", "conv.", 1).replacen("1.", "norm.", 1);
+            s = format!("{p}{i}.{r}");
+        }
+    }
+    s
+}
+
+#[test]
+fn official_checkpoint_names_load_and_match() {
+    let snap = load_dfine(&fixture("tiny")).unwrap();
+    let mut orig = std::collections::BTreeMap::new();
+    let hf = snap.weights.tensors();
+    for (k, t) in hf {
+        if k.contains("self_attn.k_proj") || k.contains("self_attn.v_proj") {
+            continue;
+        }
+        if let Some(pre) = k.split_once("self_attn.q_proj.") {
+            let leaf = pre.1;
+            let parts: Vec<f32> = ["q", "k", "v"]
+                .iter()
+                .flat_map(|p| hf[&format!("{}self_attn.{p}_proj.{leaf}", pre.0)].to_f32_vec())
+                .collect();
+            let mut shape = t.shape().to_vec();
+            shape[0] *= 3;
+            let name = original_name(&format!("{}self_attn.in_proj_{leaf}", pre.0));
+            orig.insert(name, HostTensor::from_f32(shape, parts).unwrap());
+            continue;
+        }
+        orig.insert(original_name(k), t.clone());
+    }
+    let orig = aperture_weights::StateDict::from_tensors(orig);
+    assert!(original::is_original(&orig));
+    let converted = original::to_hf_names(orig).unwrap();
+    let snap2 = DFineSnapshot {
+        config: snap.config.clone(),
+        processor: snap.processor.clone(),
+        weights: converted,
+    };
+    let g = golden("tiny");
+    let (logits, _) = DFineRunner::new(CpuBackend::new(), &snap2, 0)
+        .unwrap()
+        .detect(&get(&g, "pixel_values"))
+        .unwrap();
+    assert!(relative_l2(&logits.to_f32_vec(), &get(&g, "logits").to_f32_vec()) <= 1e-4);
+}

@@ -29,7 +29,8 @@ fn folder_of(path: &Path) -> PathBuf {
 }
 
 /// Reads `config.json` (required), `preprocessor_config.json` (defaults when absent)
-/// and the weights from a folder or a weights file beside them.
+/// and the weights from a folder or a weights file beside them. Official D-FINE
+/// checkpoints (`.pth` with the original repository's names) are renamed on the fly.
 pub fn load_dfine(path: &Path) -> Result<DFineSnapshot> {
     let dir = folder_of(path);
     let cfg_path = dir.join("config.json");
@@ -47,7 +48,10 @@ pub fn load_dfine(path: &Path) -> Result<DFineSnapshot> {
             .map_err(|e| ModelError::Config(format!("{}: {e}", pp.display())))?,
         Err(_) => ImageProcessorConfig::default(),
     };
-    let weights = aperture_weights::load(path)?;
+    let mut weights = aperture_weights::load(path)?;
+    if super::original::is_original(&weights) {
+        weights = super::original::to_hf_names(weights)?;
+    }
     Ok(DFineSnapshot {
         config,
         processor,
