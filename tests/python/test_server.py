@@ -506,3 +506,16 @@ def test_loadgen_csv(server, tmp_path, protocol):
     assert [r[0] for r in rows] == ["1", "4"]
     assert all(float(r[1]) > 0 for r in rows)
     assert all(int(r[9]) <= int(r[12]) for r in rows), "p50 must not exceed p99"
+
+
+def test_loadgen_image_bodies(server, tmp_path):
+    img = tmp_path / "in.png"
+    img.write_bytes(png_bytes(np.full((8, 8, 3), 200, np.uint8)))
+    r = subprocess.run(
+        [str(BIN), "loadgen", "-m", "img", "-u", server.http_url, "--image", str(img), "--task", "enhance",
+         "--concurrency-range", "2", "--measurement-interval", "300", "--warmup-ms", "50"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    row = r.stdout.splitlines()[1].split()
+    assert row[0] == "2" and float(row[1]) > 0 and row[3] == "0", r.stdout

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail};
-use aperture_server::loadgen::{self, Encoding, LoadgenOptions, Protocol};
+use anyhow::{anyhow, bail, Context};
+use aperture_server::loadgen::{self, Encoding, ImageLoad, LoadgenOptions, Protocol};
 use clap::Args;
 
 #[derive(Args, Debug)]
@@ -37,6 +37,12 @@ pub struct LoadgenArgs {
     /// Send HTTP tensors as JSON instead of binary.
     #[arg(long)]
     pub json: bool,
+    /// Send this image file to /v1/models/{model}/{--task} instead of tensors (HTTP).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Image endpoint for --image: detect or enhance.
+    #[arg(long, default_value = "detect")]
+    pub task: String,
     /// Write perf_analyzer-style CSV here.
     #[arg(long)]
     pub csv: Option<PathBuf>,
@@ -108,6 +114,19 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         batch_size: args.batch_size.max(1),
         shape: args.shape.clone(),
         api_key: args.api_key.clone(),
+        image: match &args.image {
+            None => None,
+            Some(p) => {
+                if args.task != "detect" && args.task != "enhance" {
+                    bail!("--task {}: expected detect or enhance", args.task);
+                }
+                let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                Some(ImageLoad {
+                    task: args.task.clone(),
+                    bytes: bytes.into(),
+                })
+            }
+        },
     };
     let reports = loadgen::run(&opts).map_err(|e| anyhow!(e))?;
     print!("{}", loadgen::table(&reports));

@@ -32,6 +32,16 @@ pub struct LoadgenOptions {
     /// Non-batch dims for inputs with variable dims (-1).
     pub shape: Option<Vec<i64>>,
     pub api_key: Option<String>,
+    /// Send this encoded image to `/v1/models/{model}/{task}` instead of tensors.
+    pub image: Option<ImageLoad>,
+}
+
+/// An image-body workload for the `/v1` image endpoints (HTTP only).
+#[derive(Clone, Debug)]
+pub struct ImageLoad {
+    /// "detect" or "enhance".
+    pub task: String,
+    pub bytes: bytes::Bytes,
 }
 
 /// Server-side averages per request, in microseconds.
@@ -89,7 +99,13 @@ pub fn run(opts: &LoadgenOptions) -> Result<Vec<LevelReport>, String> {
 }
 
 pub async fn sweep(opts: &LoadgenOptions) -> Result<Vec<LevelReport>, String> {
-    let inputs = discover_inputs(opts).await?;
+    let inputs = match (&opts.image, opts.protocol) {
+        (None, _) => discover_inputs(opts).await?,
+        (Some(_), Protocol::Http) => Vec::new(),
+        (Some(_), Protocol::Grpc) => {
+            return Err("image bodies go over HTTP; use --protocol http".into())
+        }
+    };
     let mut reports = Vec::new();
     for &c in &opts.concurrency {
         reports.push(level(opts, &inputs, c.max(1)).await?);
@@ -100,8 +116,17 @@ pub async fn sweep(opts: &LoadgenOptions) -> Result<Vec<LevelReport>, String> {
 async fn connect(opts: &LoadgenOptions, inputs: &[WireInput]) -> Result<Conn, String> {
     Ok(match opts.protocol {
         Protocol::Http => {
-            let (body, hl) = http_infer_body(inputs, opts.encoding);
-            let path = format!("/v2/models/{}/infer", opts.model);
+            let (body, hl, path) = match &opts.image {
+                Some(img) => (
+                    img.bytes.clone(),
+                    None,
+                    format!("/v1/models/{}/{}", opts.model, img.task),
+                ),
+                None => {
+                    let (body, hl) = http_infer_body(inputs, opts.encoding);
+                    (body, hl, format!("/v2/models/{}/infer", opts.model))
+                }
+            };
             Conn::Http(
                 HttpClient::connect(&opts.addr, opts.api_key.clone()).await?,
                 path,
