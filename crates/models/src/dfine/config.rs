@@ -317,6 +317,14 @@ impl DFineConfig {
         if stages == 0 || lens.iter().any(|&l| l != stages) {
             return bad("backbone_config: every stage_* list must have one entry per stage".into());
         }
+        if b.stage_in_channels[0] != b.stem_channels[2]
+            || (1..stages).any(|s| b.stage_in_channels[s] != b.stage_out_channels[s - 1])
+        {
+            return bad(format!(
+                "backbone_config: each stage must take the previous one's channels (stem {:?}, stage_in_channels {:?}, stage_out_channels {:?})",
+                b.stem_channels, b.stage_in_channels, b.stage_out_channels
+            ));
+        }
         if b.out_indices.iter().any(|&i| i == 0 || i > stages) {
             return bad(format!(
                 "backbone_config.out_indices {:?} must name stages 1..={stages}",

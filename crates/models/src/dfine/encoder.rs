@@ -53,6 +53,8 @@ pub struct HybridEncoder<B: Backend> {
     dim: usize,
     temperature: f64,
     position_embedding: bool,
+    /// Coarsest stride: input sizes must be multiples of it.
+    max_stride: usize,
 }
 
 impl<B: Backend> EncoderLayer<B> {
@@ -304,6 +306,7 @@ impl<B: Backend> HybridEncoder<B> {
             dim: hd,
             temperature: c.positional_encoding_temperature,
             position_embedding: !c.eval_size_set,
+            max_stride: c.feat_strides.iter().copied().max().unwrap_or(32),
         })
     }
 
@@ -347,7 +350,7 @@ impl<B: Backend> HybridEncoder<B> {
                     "feature maps {:?} and {:?} do not line up: the input height and width must be multiples of {}",
                     b.dims(&up),
                     b.dims(fine),
-                    1usize << (stages + 3)
+                    self.max_stride
                 )));
             }
             fpn.push(self.fpn[idx].forward(b, &b.concat_channels(&up, fine)?)?);

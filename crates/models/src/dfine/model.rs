@@ -176,6 +176,13 @@ impl<B: Backend> DFine<B> {
         let coords = self
             .enc_bbox
             .forward(b, &out_mem, Some(&b.upload_nhwc(&anchors)?))?;
+        let positions = b.dims(&scores)[2];
+        if positions < c.num_queries {
+            return Err(ModelError::Input(format!(
+                "a {w}x{h} input gives {positions} feature positions, fewer than the {} queries; use a larger input",
+                c.num_queries
+            )));
+        }
         let top = b.top_k_rows(&scores, c.num_queries)?;
         let ref_unact = b.gather_rows(&coords, &top)?;
         let target = match &self.query_embedding {
