@@ -223,6 +223,13 @@ mod tests {
     }
 
     #[test]
+    fn map_applies_affine_and_clamp() {
+        let x = t(1, 1, 1, 3, vec![-2.0, 0.5, 3.0]);
+        assert_eq!(map(&x, |v| 2.0 * v + 1.0).data, vec![-3.0, 2.0, 7.0]);
+        assert_eq!(map(&x, |v| v.clamp(-1.0, 1.0)).data, vec![-1.0, 0.5, 1.0]);
+    }
+
+    #[test]
     fn sigmoid_and_reshape() {
         assert_eq!(sigmoid(0.0), 0.5);
         assert!((sigmoid(2.0) - 0.880_797_1).abs() < 1e-6);

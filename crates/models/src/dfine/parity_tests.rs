@@ -145,6 +145,11 @@ fn missing_and_misshaped_weights_are_listed_together() {
 fn tiny_images_are_refused_without_panicking() {
     let snap = load_dfine(&fixture("tiny")).unwrap();
     let runner = DFineRunner::new(CpuBackend::new(), &snap, 0).unwrap();
+    let err = runner
+        .detect(&HostTensor::zeros(vec![1, 3, 96, 100]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("multiples of 32"), "{err}");
     for shape in [
         vec![1, 3, 1, 1],
         vec![1, 3, 40, 40],
