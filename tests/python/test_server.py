@@ -519,3 +519,19 @@ def test_loadgen_image_bodies(server, tmp_path):
     assert r.returncode == 0, r.stderr
     row = r.stdout.splitlines()[1].split()
     assert row[0] == "2" and float(row[1]) > 0 and row[3] == "0", r.stdout
+
+
+def test_loadgen_request_rate_mode(server, tmp_path):
+    csv = tmp_path / "rate.csv"
+    r = subprocess.run(
+        [str(BIN), "loadgen", "-m", "simple", "-u", server.http_url, "--request-rate-range", "100,200",
+         "--concurrency-range", "4", "--measurement-interval", "500", "--warmup-ms", "50", "--csv", str(csv)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = csv.read_text().splitlines()
+    assert lines[0].startswith("Request Rate,Inferences/Second")
+    rows = [l.split(",") for l in lines[1:]]
+    assert [float(x[0]) for x in rows] == [100.0, 200.0]
+    for rate, row in zip([100, 200], rows):
+        assert 0.6 * rate <= float(row[1]) <= 1.2 * rate, row

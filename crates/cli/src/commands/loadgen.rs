@@ -22,6 +22,10 @@ pub struct LoadgenArgs {
     /// Concurrency levels: "1:16:2" (start:end:step, doubling if step is "x2") or "1,4,16".
     #[arg(long, default_value = "1")]
     pub concurrency_range: String,
+    /// Request-rate mode instead of a concurrency sweep: requests per second per level,
+    /// e.g. "100,200,400"; the connection pool has max(--concurrency-range) connections.
+    #[arg(long, value_delimiter = ',')]
+    pub request_rate_range: Vec<f64>,
     /// Measurement window per level, in milliseconds.
     #[arg(long, default_value_t = 3000)]
     pub measurement_interval: u64,
@@ -114,6 +118,16 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         batch_size: args.batch_size.max(1),
         shape: args.shape.clone(),
         api_key: args.api_key.clone(),
+        request_rates: {
+            if args
+                .request_rate_range
+                .iter()
+                .any(|&r| !(r > 0.0 && r <= 1e6))
+            {
+                bail!("--request-rate-range: each rate must lie in (0, 1000000]");
+            }
+            args.request_rate_range.clone()
+        },
         image: match &args.image {
             None => None,
             Some(p) => {

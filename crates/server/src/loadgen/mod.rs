@@ -32,6 +32,9 @@ pub struct LoadgenOptions {
     /// Non-batch dims for inputs with variable dims (-1).
     pub shape: Option<Vec<i64>>,
     pub api_key: Option<String>,
+    /// Request-rate mode: requests per second per level (empty: concurrency sweep). The
+    /// connection pool then has `max(concurrency)` connections.
+    pub request_rates: Vec<f64>,
     /// Send this encoded image to `/v1/models/{model}/{task}` instead of tensors.
     pub image: Option<ImageLoad>,
 }
@@ -56,6 +59,8 @@ pub struct ServerSplit {
 #[derive(Clone, Debug)]
 pub struct LevelReport {
     pub concurrency: usize,
+    /// Set in request-rate mode.
+    pub request_rate: Option<f64>,
     pub requests: u64,
     pub errors: u64,
     pub first_error: Option<String>,
@@ -107,8 +112,14 @@ pub async fn sweep(opts: &LoadgenOptions) -> Result<Vec<LevelReport>, String> {
         }
     };
     let mut reports = Vec::new();
-    for &c in &opts.concurrency {
-        reports.push(level(opts, &inputs, c.max(1)).await?);
+    if opts.request_rates.is_empty() {
+        for &c in &opts.concurrency {
+            reports.push(level(opts, &inputs, Load::Concurrency(c.max(1))).await?);
+        }
+    } else {
+        for &r in &opts.request_rates {
+            reports.push(level(opts, &inputs, Load::Rate(r)).await?);
+        }
     }
     Ok(reports)
 }
@@ -142,18 +153,79 @@ async fn connect(opts: &LoadgenOptions, inputs: &[WireInput]) -> Result<Conn, St
     })
 }
 
+/// Latencies (us) of successful requests, error count, first error.
+type Samples = (Vec<u64>, u64, Option<String>);
+
 async fn level(
     opts: &LoadgenOptions,
     inputs: &[WireInput],
-    concurrency: usize,
+    load: Load,
 ) -> Result<LevelReport, String> {
-    let mut conns = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
+    let pool = match load {
+        Load::Concurrency(c) => c,
+        Load::Rate(_) => opts.concurrency.iter().copied().max().unwrap_or(1).max(1),
+    };
+    let mut conns = Vec::with_capacity(pool);
+    for _ in 0..pool {
         conns.push(connect(opts, inputs).await?);
     }
     let warm_end = Instant::now() + opts.warmup;
     let end = warm_end + opts.measure;
-    let mut before = None;
+    let run = tokio::spawn(match load {
+        Load::Concurrency(_) => Box::pin(closed_loop(conns, warm_end, end)) as BoxedRun,
+        Load::Rate(r) => Box::pin(open_loop(conns, r, warm_end, end)),
+    });
+    tokio::time::sleep_until(warm_end.into()).await;
+    let before = server_stats(opts).await.ok();
+    let (mut lat, errors, first_error) = run.await.map_err(|e| e.to_string())?;
+    let after = server_stats(opts).await.ok();
+    let server = match (before, after) {
+        (Some(b), Some(a)) => split(&b, &a),
+        _ => ServerSplit::default(),
+    };
+    lat.sort_unstable();
+    let pct = |p: f64| -> u64 {
+        let idx = ((p / 100.0) * lat.len() as f64).ceil() as usize;
+        lat.get(idx.saturating_sub(1).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    let n = lat.len() as u64;
+    Ok(LevelReport {
+        concurrency: pool,
+        request_rate: match load {
+            Load::Rate(r) => Some(r),
+            Load::Concurrency(_) => None,
+        },
+        requests: n,
+        errors,
+        first_error,
+        infer_per_sec: (n * opts.batch_size as u64) as f64 / opts.measure.as_secs_f64(),
+        avg_us: if n == 0 {
+            0.0
+        } else {
+            lat.iter().sum::<u64>() as f64 / n as f64
+        },
+        p50_us: pct(50.0),
+        p90_us: pct(90.0),
+        p95_us: pct(95.0),
+        p99_us: pct(99.0),
+        server,
+    })
+}
+
+type BoxedRun = std::pin::Pin<Box<dyn std::future::Future<Output = Samples> + Send>>;
+
+/// What one level holds constant.
+#[derive(Clone, Copy, Debug)]
+enum Load {
+    Concurrency(usize),
+    /// Requests per second, sent on schedule over a pool of connections.
+    Rate(f64),
+}
+
+/// Each connection sends its next request as soon as the previous one is answered.
+async fn closed_loop(conns: Vec<Conn>, warm_end: Instant, end: Instant) -> Samples {
     let mut workers = Vec::new();
     for mut conn in conns {
         workers.push(tokio::spawn(async move {
@@ -179,53 +251,57 @@ async fn level(
             (lat, errors, first_error)
         }));
     }
-    tokio::time::sleep_until(warm_end.into()).await;
-    if let Ok(s) = server_stats(opts).await {
-        before = Some(s);
-    }
-    let mut lat = Vec::new();
-    let (mut errors, mut first_error) = (0, None);
+    let mut all: Samples = (Vec::new(), 0, None);
     for w in workers {
-        let (l, e, f) = w.await.map_err(|e| e.to_string())?;
-        lat.extend(l);
-        errors += e;
-        if first_error.is_none() {
-            first_error = f;
+        if let Ok((l, e, f)) = w.await {
+            merge(&mut all, l, e, f);
         }
     }
-    let after = server_stats(opts).await.ok();
-    let server = match (before, after) {
-        (Some(b), Some(a)) => split(&b, &a),
-        _ => ServerSplit::default(),
-    };
-    lat.sort_unstable();
-    let pct = |p: f64| -> u64 {
-        if lat.is_empty() {
-            return 0;
+    all
+}
+
+/// Requests leave on a fixed schedule; latency counts from the scheduled time, so a
+/// server (or pool) that falls behind shows up in the percentiles.
+async fn open_loop(conns: Vec<Conn>, rate: f64, warm_end: Instant, end: Instant) -> Samples {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(conns.len().max(1));
+    for c in conns {
+        let _ = tx.send(c).await;
+    }
+    let interval = Duration::from_secs_f64(1.0 / rate.clamp(0.001, 1e6));
+    let mut next = Instant::now();
+    let mut inflight = Vec::new();
+    while next < end {
+        tokio::time::sleep_until(next.into()).await;
+        let scheduled = next;
+        next += interval;
+        let Some(mut conn) = rx.recv().await else {
+            break;
+        };
+        let tx = tx.clone();
+        inflight.push(tokio::spawn(async move {
+            let r = conn.infer().await;
+            let lat = scheduled.elapsed().as_micros() as u64;
+            let _ = tx.send(conn).await;
+            (scheduled >= warm_end, r.map(|_| lat))
+        }));
+    }
+    let mut all: Samples = (Vec::new(), 0, None);
+    for h in inflight {
+        match h.await {
+            Ok((true, Ok(l))) => all.0.push(l),
+            Ok((true, Err(e))) => merge(&mut all, Vec::new(), 1, Some(e)),
+            _ => {}
         }
-        let idx = ((p / 100.0) * lat.len() as f64).ceil() as usize;
-        lat.get(idx.saturating_sub(1).min(lat.len() - 1))
-            .copied()
-            .unwrap_or(0)
-    };
-    let n = lat.len() as u64;
-    Ok(LevelReport {
-        concurrency,
-        requests: n,
-        errors,
-        first_error,
-        infer_per_sec: (n * opts.batch_size as u64) as f64 / opts.measure.as_secs_f64(),
-        avg_us: if n == 0 {
-            0.0
-        } else {
-            lat.iter().sum::<u64>() as f64 / n as f64
-        },
-        p50_us: pct(50.0),
-        p90_us: pct(90.0),
-        p95_us: pct(95.0),
-        p99_us: pct(99.0),
-        server,
-    })
+    }
+    all
+}
+
+fn merge(all: &mut Samples, lat: Vec<u64>, errors: u64, first: Option<String>) {
+    all.0.extend(lat);
+    all.1 += errors;
+    if all.2.is_none() {
+        all.2 = first;
+    }
 }
 
 /// Cumulative (count, ns) of queue, compute input/infer/output over the model's versions.
@@ -371,8 +447,14 @@ async fn discover_inputs(opts: &LoadgenOptions) -> Result<Vec<WireInput>, String
 
 /// perf_analyzer's CSV layout (latencies and splits in microseconds).
 pub fn csv(reports: &[LevelReport]) -> String {
-    let mut out = String::from(
-        "Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,\
+    let rate_mode = reports.iter().any(|r| r.request_rate.is_some());
+    let mut out = String::from(if rate_mode {
+        "Request Rate"
+    } else {
+        "Concurrency"
+    });
+    out.push_str(
+        ",Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,\
          Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency\n",
     );
     for r in reports {
@@ -382,7 +464,9 @@ pub fn csv(reports: &[LevelReport]) -> String {
         let network = (r.avg_us - server_total).max(0.0);
         out.push_str(&format!(
             "{},{:.2},0,{:.0},{:.0},{:.0},{:.0},{:.0},0,{},{},{},{}\n",
-            r.concurrency,
+            r.request_rate
+                .map(|x| format!("{x}"))
+                .unwrap_or_else(|| r.concurrency.to_string()),
             r.infer_per_sec,
             network,
             s.queue_us,
@@ -401,8 +485,12 @@ pub fn csv(reports: &[LevelReport]) -> String {
 /// A human-readable table.
 pub fn table(reports: &[LevelReport]) -> String {
     let mut out = format!(
-        "{:>5} {:>10} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
-        "conc",
+        "{:>7} {:>10} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        if reports.iter().any(|r| r.request_rate.is_some()) {
+            "rate/s"
+        } else {
+            "conc"
+        },
         "infer/s",
         "reqs",
         "errors",
@@ -415,8 +503,10 @@ pub fn table(reports: &[LevelReport]) -> String {
     );
     for r in reports {
         out.push_str(&format!(
-            "{:>5} {:>10.1} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9.0} {:>9.0}\n",
-            r.concurrency,
+            "{:>7} {:>10.1} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9.0} {:>9.0}\n",
+            r.request_rate
+                .map(|x| format!("{x}"))
+                .unwrap_or_else(|| r.concurrency.to_string()),
             r.infer_per_sec,
             r.requests,
             r.errors,
