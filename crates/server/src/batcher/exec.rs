@@ -82,7 +82,11 @@ fn run_batch(
     };
     let infer_start = Instant::now();
     t.compute_input = infer_start - start;
-    let outputs = runner.infer(&batch)?;
+    // A panicking runner must not take the instance (and so the model) down with it.
+    let outputs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.infer(&batch)))
+        .map_err(|_| {
+            ServerError::Internal("the model panicked while running this batch".into())
+        })??;
     drop(batch);
     let out_start = Instant::now();
     t.compute_infer = out_start - infer_start;

@@ -215,3 +215,44 @@ async fn delay_collects_a_batch_and_priorities_are_checked() {
     let err = b.submit(row(0.0), 1, 3, None).await.unwrap_err();
     assert!(err.to_string().contains("priority 3"), "{err}");
 }
+
+struct Panicky;
+
+impl Runner for Panicky {
+    fn architecture(&self) -> &str {
+        "panicky"
+    }
+    fn device(&self) -> String {
+        "cpu".into()
+    }
+    fn inputs(&self) -> Vec<aperture_engine::TensorSpec> {
+        vec![aperture_engine::TensorSpec::new("INPUT0", DType::F32, &[4])]
+    }
+    fn outputs(&self) -> Vec<aperture_engine::TensorSpec> {
+        self.inputs()
+    }
+    fn max_batch_size(&self) -> usize {
+        0
+    }
+    fn infer(
+        &self,
+        inputs: &aperture_engine::NamedTensors,
+    ) -> aperture_engine::Result<aperture_engine::NamedTensors> {
+        if inputs[0].1.to_f32_vec()[0] < 0.0 {
+            panic!("negative input");
+        }
+        Ok(inputs.clone())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_runner_fails_the_batch_but_keeps_serving() {
+    let stats = Arc::new(ModelStats::default());
+    let b = Batcher::spawn(vec![Arc::new(Panicky)], cfg(4), stats);
+    for _ in 0..3 {
+        let err = b.submit(row(-1.0), 1, 0, None).await.unwrap_err();
+        assert!(err.to_string().contains("panicked"), "{err}");
+    }
+    let out = b.submit(row(2.0), 1, 0, None).await.unwrap();
+    assert_eq!(out[0].1.to_f32_vec()[0], 2.0);
+}
