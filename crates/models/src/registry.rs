@@ -92,8 +92,13 @@ pub fn load_runner<B: Backend + 'static>(
                 max_batch_size,
             )?))
         }
-        Architecture::DFine => Err(ModelError::Config(
-            "D-FINE models are not supported on this backend yet".into(),
-        )),
+        Architecture::DFine => {
+            let snapshot = crate::dfine::load_dfine(path)?;
+            Ok(Box::new(crate::dfine::DFineRunner::new(
+                backend,
+                &snapshot,
+                max_batch_size,
+            )?))
+        }
     }
 }

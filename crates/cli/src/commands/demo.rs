@@ -22,6 +22,10 @@ pub struct DemoArgs {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also write the random model (model.safetensors + config.json) into this folder,
+    /// e.g. to try `aperture enhance`, `info` or `bench` on the base configuration.
+    #[arg(long)]
+    export_model: Option<PathBuf>,
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -30,6 +34,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("The output shows the pipeline working, not a trained enhancement: pass your own");
     println!("weights with `aperture enhance IMAGE -o OUT --model model.pth` for real results.\n");
     let sd = gentle(random_state_dict(&config, args.seed)?)?;
+    if let Some(dir) = &args.export_model {
+        export_model(dir, &config, &sd)?;
+    }
     let runner = RestormerRunner::new(CpuBackend::new(), config, &sd, 1)?;
     let (h, w) = (args.size, args.size);
     let image = synthetic_image(h, w);
@@ -46,6 +53,16 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("enhanced a {w}x{h} image on {} in {:.2} s", aperture_engine::Backend::name(&CpuBackend::new()), secs);
     println!("mean absolute change {mean_change:.4}");
     println!("wrote {} and {}", input_path.display(), output_path.display());
+    Ok(())
+}
+
+fn export_model(dir: &std::path::Path, config: &RestormerConfig, sd: &StateDict) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    sd.save_safetensors(&dir.join("model.safetensors"))?;
+    let mut json = serde_json::to_value(config)?;
+    json["architecture"] = "Restormer".into();
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&json)?)?;
+    println!("wrote the random model to {}", dir.display());
     Ok(())
 }
 
