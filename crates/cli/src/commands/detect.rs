@@ -132,6 +132,61 @@ pub fn run(args: DetectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs the detector over every ground-truth image found in `dir` (by `file_name`) and
+/// returns COCO results; labels map to COCO category ids, so the model must have the
+/// 80 COCO classes.
+pub fn detect_coco_images(
+    gt: &aperture_coco::GroundTruth,
+    dir: &Path,
+    model: &Path,
+) -> anyhow::Result<Vec<aperture_coco::Detection>> {
+    let snap = load_dfine(model)
+        .with_context(|| format!("cannot load the D-FINE model at {}", model.display()))?;
+    if snap.config.num_labels != 80 {
+        bail!(
+            "COCO evaluation needs a model with the 80 COCO classes; {} has {}",
+            model.display(),
+            snap.config.num_labels
+        );
+    }
+    let runner = DFineRunner::new(CpuBackend::new(), &snap, 1)?;
+    let present: Vec<(i64, PathBuf)> = gt
+        .images
+        .iter()
+        .filter_map(|im| Some((im.id, dir.join(im.file_name.as_ref()?))))
+        .filter(|(_, path)| path.is_file())
+        .collect();
+    if present.is_empty() {
+        bail!(
+            "none of the ground truth's {} images is in {}",
+            gt.images.len(),
+            dir.display()
+        );
+    }
+    if present.len() < gt.images.len() {
+        eprintln!(
+            "warning: {} of {} ground-truth images are missing from {}; they count as images without detections",
+            gt.images.len() - present.len(),
+            gt.images.len(),
+            dir.display()
+        );
+    }
+    let bar = ProgressBar::new(present.len() as u64);
+    let mut out = Vec::new();
+    for (image_id, path) in present {
+        // Every detection counts for mAP: no score threshold, top-k as post-processing gives.
+        let (_, dets) = detect_one(&runner, &snap.processor, &path, 0.0)
+            .with_context(|| format!("detecting in {}", path.display()))?;
+        out.extend(dets.iter().filter_map(|d| {
+            let b = d.bbox.map(f64::from);
+            aperture_coco::Detection::from_label_xyxy(image_id, d.label, b, f64::from(d.score))
+        }));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
 /// Decodes, preprocesses as the HF image processor does, runs the model and
 /// post-processes. Returns the decoded image (for drawing) and its detections.
 fn detect_one(

@@ -4,7 +4,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use aperture_coco::{evaluate, load_results, Detection, EvalResult, GroundTruth, Params};
+use aperture_coco::{
+    evaluate, load_results, results_to_json, Detection, EvalResult, GroundTruth, Params,
+};
 use clap::Args;
 
 #[derive(Args)]
@@ -13,8 +15,17 @@ pub struct EvalArgs {
     #[arg(long)]
     pub gt: PathBuf,
     /// Detections in the COCO results format: `[{image_id, category_id, bbox: [x, y, w, h], score}]`.
-    #[arg(long)]
-    pub dt: PathBuf,
+    #[arg(long, required_unless_present = "images", conflicts_with = "images")]
+    pub dt: Option<PathBuf>,
+    /// Instead of --dt: run a detector over this folder of the ground truth's images.
+    #[arg(long, requires = "model")]
+    pub images: Option<PathBuf>,
+    /// D-FINE model folder (80 COCO classes) for --images.
+    #[arg(long, requires = "images")]
+    pub model: Option<PathBuf>,
+    /// Write the detections made with --images here (COCO results format).
+    #[arg(long, requires = "images")]
+    pub save_dt: Option<PathBuf>,
     /// Also write the stats and per-class AP as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -25,7 +36,19 @@ pub struct EvalArgs {
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let gt = GroundTruth::from_path(&args.gt).context("loading the ground truth")?;
-    let dets = load_results(&args.dt).context("loading the detections")?;
+    let dets = match (&args.dt, &args.images, &args.model) {
+        (Some(dt), _, _) => load_results(dt).context("loading the detections")?,
+        (None, Some(images), Some(model)) => {
+            let dets = super::detect::detect_coco_images(&gt, images, model)?;
+            if let Some(path) = &args.save_dt {
+                let text = serde_json::to_string(&results_to_json(&dets))?;
+                std::fs::write(path, text)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            dets
+        }
+        _ => anyhow::bail!("give --dt, or --images with --model"),
+    };
     report(&gt, &dets, args.json.as_deref(), args.per_class)?;
     Ok(())
 }
