@@ -26,16 +26,28 @@ pub struct DeviceArgs {
 
 impl DeviceArgs {
     /// Loads the model at `path` on the chosen backend.
-    pub fn load_runner(&self, path: &Path, max_batch_size: usize) -> anyhow::Result<Box<dyn Runner>> {
+    pub fn load_runner(
+        &self,
+        path: &Path,
+        max_batch_size: usize,
+    ) -> anyhow::Result<Box<dyn Runner>> {
         match self.device {
-            Device::Cuda => bail!("the CUDA backend is not available in this build; use --device cpu"),
+            Device::Cuda => {
+                bail!("the CUDA backend is not available in this build; use --device cpu")
+            }
             Device::Auto | Device::Cpu => {
                 if let Some(p) = self.precision {
                     if p != Precision::Fp32 {
-                        tracing::warn!("the CPU backend computes in fp32; --precision {p} is ignored");
+                        tracing::warn!(
+                            "the CPU backend computes in fp32; --precision {p} is ignored"
+                        );
                     }
                 }
-                Ok(aperture_models::load_runner(path, CpuBackend::new(), max_batch_size)?)
+                Ok(aperture_models::load_runner(
+                    path,
+                    CpuBackend::new(),
+                    max_batch_size,
+                )?)
             }
         }
     }

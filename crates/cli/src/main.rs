@@ -6,7 +6,11 @@ mod device;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "aperture", version, about = "Inference engine and server for vision models")]
+#[command(
+    name = "aperture",
+    version,
+    about = "Inference engine and server for vision models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

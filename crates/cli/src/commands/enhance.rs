@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use aperture_engine::Runner;
 use aperture_models::restormer::enhance::enhance_chw;
-use aperture_vision::{decode_file, save_rgb_f32, BitDepth, DecodeLimits, EncodeOptions, Layout, PngDepth};
+use aperture_vision::{
+    decode_file, save_rgb_f32, BitDepth, DecodeLimits, EncodeOptions, Layout, PngDepth,
+};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -51,7 +53,11 @@ pub fn run(args: EnhanceArgs) -> anyhow::Result<()> {
     let jobs = plan_jobs(&args.input, &args.output, &args.format)?;
     let runner = args.device.load_runner(&args.model, 1)?;
     if runner.architecture() != "restormer" {
-        bail!("'aperture enhance' needs a Restormer model; {} holds a {} model", args.model.display(), runner.architecture());
+        bail!(
+            "'aperture enhance' needs a Restormer model; {} holds a {} model",
+            args.model.display(),
+            runner.architecture()
+        );
     }
     let bar = ProgressBar::new(jobs.len() as u64);
     bar.set_style(
@@ -60,7 +66,11 @@ pub fn run(args: EnhanceArgs) -> anyhow::Result<()> {
     );
     let mut failures = 0;
     for (src, dst) in &jobs {
-        bar.set_message(src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        bar.set_message(
+            src.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
         if let Err(e) = enhance_file(runner.as_ref(), src, dst, &args) {
             failures += 1;
             // println on a hidden bar (no terminal) prints nothing: suspend and use stderr.
@@ -69,7 +79,12 @@ pub fn run(args: EnhanceArgs) -> anyhow::Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    println!("enhanced {} of {} images on {}", jobs.len() - failures, jobs.len(), runner.device());
+    println!(
+        "enhanced {} of {} images on {}",
+        jobs.len() - failures,
+        jobs.len(),
+        runner.device()
+    );
     if failures > 0 {
         bail!("{failures} image(s) failed");
     }
@@ -88,7 +103,8 @@ fn plan_jobs(input: &Path, output: &Path, format: &str) -> anyhow::Result<Vec<(P
         if images.is_empty() {
             bail!("no images (jpg, jpeg, png, webp) in {}", input.display());
         }
-        std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
+        std::fs::create_dir_all(output)
+            .with_context(|| format!("creating {}", output.display()))?;
         Ok(images
             .into_iter()
             .map(|p| {
@@ -105,15 +121,24 @@ fn plan_jobs(input: &Path, output: &Path, format: &str) -> anyhow::Result<Vec<(P
     }
 }
 
-fn enhance_file(runner: &dyn Runner, src: &Path, dst: &Path, args: &EnhanceArgs) -> anyhow::Result<()> {
+fn enhance_file(
+    runner: &dyn Runner,
+    src: &Path,
+    dst: &Path,
+    args: &EnhanceArgs,
+) -> anyhow::Result<()> {
     let img = decode_file(src, &DecodeLimits::default())?;
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let out = enhance_chw(runner, &img.to_f32_planar(), 3, h, w).with_context(|| src.display().to_string())?;
+    let out = enhance_chw(runner, &img.to_f32_planar(), 3, h, w)
+        .with_context(|| src.display().to_string())?;
     let depth = match (args.png_depth, img.source_bit_depth()) {
         (Depth::Sixteen, _) | (Depth::Auto, BitDepth::Sixteen) => PngDepth::Sixteen,
         _ => PngDepth::Eight,
     };
-    let opts = EncodeOptions { png_depth: depth, jpeg_quality: args.jpeg_quality };
+    let opts = EncodeOptions {
+        png_depth: depth,
+        jpeg_quality: args.jpeg_quality,
+    };
     save_rgb_f32(dst, &out, w as u32, h as u32, Layout::Planar, &opts)?;
     Ok(())
 }

@@ -30,7 +30,11 @@ pub struct InfoArgs {
 
 /// Parses "512" or "520x776" into (height, width).
 pub fn parse_size(s: &str) -> anyhow::Result<(usize, usize)> {
-    let parse = |v: &str| v.trim().parse::<usize>().with_context(|| format!("invalid size '{s}' (use 512 or HxW)"));
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .with_context(|| format!("invalid size '{s}' (use 512 or HxW)"))
+    };
     let (h, w) = match s.split_once(['x', 'X']) {
         Some((h, w)) => (parse(h)?, parse(w)?),
         None => (parse(s)?, parse(s)?),
@@ -47,7 +51,10 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         None => RestormerConfig::default(),
         Some(path) => match detect_architecture(path)? {
             Architecture::Restormer => load_restormer(path)?.0,
-            other => bail!("'aperture info' does not describe {} models yet", other.name()),
+            other => bail!(
+                "'aperture info' does not describe {} models yet",
+                other.name()
+            ),
         },
     };
     // The network works on sizes padded to a multiple of 8.
@@ -73,11 +80,30 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         config.bias,
         config.layer_norm_type
     );
-    println!("parameters     {} ({:.1} MiB at {})", group(params as u64), (params * elem as usize) as f64 / 1048576.0, args.precision);
-    println!("input          {}x{}x{}x{} (padded to {ph}x{pw})", args.batch, config.inp_channels, h, w);
-    println!("compute        {:.1} GMAC = {:.3} TFLOP", cost.total.macs as f64 / 1e9, flop / 1e12);
-    println!("min bytes      {:.1} MB (weights + input + output, {} each once)", min_bytes / 1e6, args.precision);
-    println!("op traffic     {:.2} GB (every operation reads its inputs and writes its output once)", plan_bytes / 1e9);
+    println!(
+        "parameters     {} ({:.1} MiB at {})",
+        group(params as u64),
+        (params * elem as usize) as f64 / 1048576.0,
+        args.precision
+    );
+    println!(
+        "input          {}x{}x{}x{} (padded to {ph}x{pw})",
+        args.batch, config.inp_channels, h, w
+    );
+    println!(
+        "compute        {:.1} GMAC = {:.3} TFLOP",
+        cost.total.macs as f64 / 1e9,
+        flop / 1e12
+    );
+    println!(
+        "min bytes      {:.1} MB (weights + input + output, {} each once)",
+        min_bytes / 1e6,
+        args.precision
+    );
+    println!(
+        "op traffic     {:.2} GB (every operation reads its inputs and writes its output once)",
+        plan_bytes / 1e9
+    );
     println!(
         "floors         compute {:.3} ms at {} TFLOP/s; memory {:.3} ms (min bytes), {:.3} ms (op traffic) at {} GB/s",
         ms(flop / (args.peak_tflops * 1e12)),
@@ -87,11 +113,24 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         args.bandwidth_gbs
     );
     println!();
-    println!("{:<18} {:>6} {:>10} {:>10} {:>8}", "operation", "calls", "GMAC", "GB", "AI");
+    println!(
+        "{:<18} {:>6} {:>10} {:>10} {:>8}",
+        "operation", "calls", "GMAC", "GB", "AI"
+    );
     for (op, c) in &cost.per_op {
         let gb = (c.bytes + c.weight_bytes) as f64 / 1e9;
-        let ai = if gb > 0.0 { 2.0 * c.macs as f64 / (gb * 1e9) } else { 0.0 };
-        println!("{op:<18} {:>6} {:>10.2} {:>10.3} {:>8.1}", c.calls, c.macs as f64 / 1e9, gb, ai);
+        let ai = if gb > 0.0 {
+            2.0 * c.macs as f64 / (gb * 1e9)
+        } else {
+            0.0
+        };
+        println!(
+            "{op:<18} {:>6} {:>10.2} {:>10.3} {:>8.1}",
+            c.calls,
+            c.macs as f64 / 1e9,
+            gb,
+            ai
+        );
     }
     println!("(AI: arithmetic intensity, FLOP per byte)");
     Ok(())

@@ -6,6 +6,6 @@ pub mod detect;
 pub mod enhance;
 pub mod eval;
 pub mod info;
+pub mod loadgen;
 pub mod run;
 pub mod serve;
-pub mod loadgen;

@@ -29,8 +29,13 @@ pub struct RunArgs {
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let runner = args.device.load_runner(&args.model, 0)?;
-    let file = aperture_weights::load(&args.input).with_context(|| format!("reading inputs from {}", args.input.display()))?;
-    let inputs = select_inputs(runner.inputs().iter().map(|s| s.name.clone()).collect(), file.into_tensors(), args.input_name.as_deref())?;
+    let file = aperture_weights::load(&args.input)
+        .with_context(|| format!("reading inputs from {}", args.input.display()))?;
+    let inputs = select_inputs(
+        runner.inputs().iter().map(|s| s.name.clone()).collect(),
+        file.into_tensors(),
+        args.input_name.as_deref(),
+    )?;
     let started = std::time::Instant::now();
     let outputs = runner.infer(&inputs)?;
     let elapsed = started.elapsed();
@@ -39,23 +44,41 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         println!("{name}: {:?} {}", t.shape(), t.dtype());
         out.insert(name, t.to_f32());
     }
-    aperture_weights::save_safetensors(&args.output, &out).with_context(|| format!("writing {}", args.output.display()))?;
-    println!("ran on {} in {:.1} ms; wrote {}", runner.device(), elapsed.as_secs_f64() * 1e3, args.output.display());
+    aperture_weights::save_safetensors(&args.output, &out)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    println!(
+        "ran on {} in {:.1} ms; wrote {}",
+        runner.device(),
+        elapsed.as_secs_f64() * 1e3,
+        args.output.display()
+    );
     Ok(())
 }
 
 /// Matches file tensors to the model's inputs: by name, by `--input-name`, or, for a
 /// single-input model, the file's only tensor.
-fn select_inputs(wanted: Vec<String>, mut file: BTreeMap<String, HostTensor>, chosen: Option<&str>) -> anyhow::Result<NamedTensors> {
+fn select_inputs(
+    wanted: Vec<String>,
+    mut file: BTreeMap<String, HostTensor>,
+    chosen: Option<&str>,
+) -> anyhow::Result<NamedTensors> {
     if let Some(name) = chosen {
         let Some(t) = file.remove(name) else {
-            bail!("the input file has no tensor '{name}' (it has: {})", file.keys().cloned().collect::<Vec<_>>().join(", "));
+            bail!(
+                "the input file has no tensor '{name}' (it has: {})",
+                file.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
         };
-        let Some(first) = wanted.first() else { bail!("the model declares no inputs") };
+        let Some(first) = wanted.first() else {
+            bail!("the model declares no inputs")
+        };
         return Ok(vec![(first.clone(), t.to_f32())]);
     }
     if wanted.iter().all(|w| file.contains_key(w)) {
-        return Ok(wanted.iter().filter_map(|w| file.remove(w).map(|t| (w.clone(), t.to_f32()))).collect());
+        return Ok(wanted
+            .iter()
+            .filter_map(|w| file.remove(w).map(|t| (w.clone(), t.to_f32())))
+            .collect());
     }
     if let ([only], 1) = (wanted.as_slice(), file.len()) {
         if let Some((_, t)) = file.pop_first() {
@@ -87,7 +110,9 @@ mod tests {
     #[test]
     fn ambiguous_file_needs_input_name() {
         let file = BTreeMap::from([("a".to_string(), t()), ("b".to_string(), t())]);
-        let err = select_inputs(vec!["x".into()], file.clone(), None).unwrap_err().to_string();
+        let err = select_inputs(vec!["x".into()], file.clone(), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--input-name"), "{err}");
         assert!(select_inputs(vec!["x".into()], file, Some("b")).is_ok());
     }
