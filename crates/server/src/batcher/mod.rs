@@ -7,6 +7,7 @@
 
 mod exec;
 mod queue;
+mod timer;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -75,6 +76,8 @@ impl BatcherConfig {
 
 enum Msg {
     Enqueue(u64, Work),
+    /// The wake-up time the task asked its timer for has come.
+    Tick,
     Done {
         instance: usize,
         seq: u64,
@@ -97,7 +100,10 @@ impl Batcher {
         stats: Arc<ModelStats>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
+        let timer = timer::spawn(tx.downgrade());
         let task = BatcherTask {
+            timer,
+            armed: None,
             cfg: cfg.clone(),
             idle: (0..runners.len()).rev().collect(),
             runners,
@@ -177,6 +183,10 @@ impl Batcher {
 }
 
 struct BatcherTask {
+    /// Precise wake-ups (tokio's timer has millisecond granularity, batch delays are
+    /// often 100 us); `None` if the thread could not start: tokio's timer then.
+    timer: Option<std::sync::mpsc::Sender<Option<Instant>>>,
+    armed: Option<Instant>,
     cfg: BatcherConfig,
     runners: Vec<Arc<dyn Runner>>,
     idle: Vec<usize>,
@@ -192,12 +202,20 @@ struct BatcherTask {
 impl BatcherTask {
     async fn run(mut self) {
         loop {
-            let msg = match self.next_wake() {
-                Some(at) => tokio::select! {
+            let wake = self.next_wake();
+            let msg = match (&self.timer, wake) {
+                (Some(timer), _) => {
+                    if wake != self.armed {
+                        let _ = timer.send(wake);
+                        self.armed = wake;
+                    }
+                    self.rx.recv().await.map(Some)
+                }
+                (None, Some(at)) => tokio::select! {
                     m = self.rx.recv() => m.map(Some),
                     _ = tokio::time::sleep_until(at.into()) => Some(None),
                 },
-                None => self.rx.recv().await.map(Some),
+                (None, None) => self.rx.recv().await.map(Some),
             };
             let Some(msg) = msg else { break };
             if let Some(m) = msg {
@@ -215,6 +233,7 @@ impl BatcherTask {
     fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Enqueue(level, work) => self.queue.push(level, work),
+            Msg::Tick => self.armed = None,
             Msg::Done {
                 instance,
                 seq,
