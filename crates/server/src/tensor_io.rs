@@ -51,12 +51,24 @@ pub fn shape_to_dims(shape: &[i64], tensor: &str) -> Result<Vec<usize>> {
         })?;
         dims.push(d);
     }
+    // No tensor this large fits in memory; refusing here keeps every later size
+    // computation (elements x bytes per element) free of overflow.
+    if total > MAX_ELEMENTS {
+        return Err(ServerError::invalid(format!(
+            "input '{tensor}': shape {shape:?} declares {total} elements, more than the {MAX_ELEMENTS} allowed"
+        )));
+    }
     Ok(dims)
 }
 
-/// Element count of `dims`, checked against `limit` bytes for `dtype`.
+/// Largest element count a request tensor may declare (16 GiB of f32).
+pub const MAX_ELEMENTS: usize = 1 << 32;
+
+/// Bytes of a tensor of `dims` (dims already bounded by [`shape_to_dims`]).
 pub fn byte_size(dims: &[usize], dtype: DType) -> usize {
-    dims.iter().product::<usize>() * dtype.size_bytes()
+    dims.iter()
+        .product::<usize>()
+        .saturating_mul(dtype.size_bytes())
 }
 
 /// Builds a tensor from little-endian raw bytes (binary extension, raw_input_contents).
@@ -305,5 +317,7 @@ mod tests {
     fn negative_and_huge_shapes_are_refused() {
         assert!(shape_to_dims(&[-1, 3], "x").is_err());
         assert!(shape_to_dims(&[i64::MAX, i64::MAX], "x").is_err());
+        let err = shape_to_dims(&[1 << 20, 1 << 20], "x").unwrap_err();
+        assert!(err.to_string().contains("more than"), "{err}");
     }
 }
