@@ -4,7 +4,7 @@
 use thiserror::Error;
 
 /// A failed request or repository action; the message is shown to the client as is.
-#[derive(Debug, Error)]
+#[derive(Clone, Debug, Error)]
 pub enum ServerError {
     /// Malformed request: bad JSON, wrong datatype or shape, truncated binary data.
     #[error("{0}")]

@@ -85,7 +85,7 @@ impl ArchitectureRegistry {
         let mut r = Self::empty();
         r.register("identity", build_identity);
         r.register("add_sub", build_add_sub);
-        r.register_image_adapter("identity", Arc::new(PlanarImageAdapter));
+        r.register_image_adapter("identity", Arc::new(PlanarImageAdapter::new()));
         r
     }
 

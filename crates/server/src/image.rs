@@ -5,7 +5,7 @@
 //! planes in [0, 1] (`[N, 3, H, W]`), e.g. Restormer or the built-in identity.
 
 use aperture_engine::{HostTensor, NamedTensors, TensorSpec};
-use aperture_vision::DecodedImage;
+use aperture_vision::{crop, pad_to_multiple, DecodedImage, Nchw};
 use serde_json::Value;
 
 use crate::factory::BuildError;
@@ -26,13 +26,14 @@ pub trait ImageAdapter: Send + Sync {
         inputs: &[TensorSpec],
     ) -> Result<NamedTensors, BuildError>;
 
-    /// Detections as JSON for `/detect`, in original image pixels; `None` if this
-    /// architecture does not detect.
+    /// Detections as JSON for `/detect`, in original image pixels, keeping scores above
+    /// `threshold`; `None` if this architecture does not detect.
     fn detections(
         &self,
         _outputs: &NamedTensors,
         _width: u32,
         _height: u32,
+        _threshold: f32,
     ) -> Option<Result<Value, BuildError>> {
         None
     }
@@ -48,8 +49,30 @@ pub trait ImageAdapter: Send + Sync {
     }
 }
 
-/// RGB planes in, RGB planes out (first input / first output), at the image's size.
-pub struct PlanarImageAdapter;
+/// RGB planes in, RGB planes out (first input / first output) at the image's size;
+/// with `multiple > 1` the image is reflect-padded to a multiple of it on the way in
+/// (e.g. 8 for Restormer's three downsamplings) and cropped back on the way out.
+pub struct PlanarImageAdapter {
+    multiple: usize,
+}
+
+impl PlanarImageAdapter {
+    pub fn new() -> Self {
+        Self { multiple: 1 }
+    }
+
+    pub fn padded(multiple: usize) -> Self {
+        Self {
+            multiple: multiple.max(1),
+        }
+    }
+}
+
+impl Default for PlanarImageAdapter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl ImageAdapter for PlanarImageAdapter {
     fn preprocess(
@@ -58,32 +81,56 @@ impl ImageAdapter for PlanarImageAdapter {
         inputs: &[TensorSpec],
     ) -> Result<NamedTensors, BuildError> {
         let spec = inputs.first().ok_or("model has no inputs")?;
-        let (w, h) = (image.width() as usize, image.height() as usize);
-        let t = HostTensor::from_f32(vec![1, 3, h, w], image.to_f32_planar())?.to_dtype(spec.dtype);
+        let shape = Nchw {
+            n: 1,
+            c: 3,
+            h: image.height() as usize,
+            w: image.width() as usize,
+        };
+        let mut data = image.to_f32_planar();
+        let mut padded = shape;
+        if self.multiple > 1 {
+            (data, padded) = pad_to_multiple(&data, shape, self.multiple)?;
+        }
+        let t = HostTensor::from_f32(vec![1, 3, padded.h, padded.w], data)?.to_dtype(spec.dtype);
         Ok(vec![(spec.name.clone(), t)])
     }
 
     fn enhanced(
         &self,
         outputs: &NamedTensors,
-        _width: u32,
-        _height: u32,
+        width: u32,
+        height: u32,
     ) -> Option<Result<PlanarImage, BuildError>> {
-        Some(planar_output(outputs))
+        Some(planar_output(outputs, width, height))
     }
 }
 
-fn planar_output(outputs: &NamedTensors) -> Result<PlanarImage, BuildError> {
+/// The first output as an image, cropped to the original size if it was padded.
+fn planar_output(
+    outputs: &NamedTensors,
+    width: u32,
+    height: u32,
+) -> Result<PlanarImage, BuildError> {
     let (name, t) = outputs.first().ok_or("model returned no outputs")?;
-    match t.shape() {
-        [1, 3, h, w] => Ok(PlanarImage {
-            data: t.to_f32_vec(),
-            width: u32::try_from(*w)?,
-            height: u32::try_from(*h)?,
-        }),
-        other => Err(format!(
-            "output '{name}' has shape {other:?}, expected [1, 3, H, W] for an image"
-        )
-        .into()),
-    }
+    let (h, w) = match t.shape() {
+        [1, 3, h, w] => (*h, *w),
+        other => {
+            return Err(format!(
+                "output '{name}' has shape {other:?}, expected [1, 3, H, W] for an image"
+            )
+            .into())
+        }
+    };
+    let (oh, ow) = (height as usize, width as usize);
+    let data = if (h, w) == (oh, ow) {
+        t.to_f32_vec()
+    } else {
+        crop(&t.to_f32_vec(), Nchw { n: 1, c: 3, h, w }, oh, ow)?
+    };
+    Ok(PlanarImage {
+        data,
+        width,
+        height,
+    })
 }

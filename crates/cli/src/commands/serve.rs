@@ -6,8 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use aperture_server::{ArchitectureRegistry, ModelConfig, ModelSource, Repository, ServeOptions};
+use aperture_engine::{HostTensor, NamedTensors, TensorSpec};
+use aperture_models::dfine::{coco_category_id, post_process};
+use aperture_server::{
+    ArchitectureRegistry, BuildError, ImageAdapter, ModelConfig, ModelContext, ModelSource,
+    PlanarImageAdapter, Repository, ServeOptions,
+};
+use aperture_vision::{pil_bilinear, to_nchw_f32, DecodedImage, HF_RESCALE_FACTOR};
 use clap::Args;
+
+use crate::device::DeviceArgs;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -57,15 +65,104 @@ pub struct ServeArgs {
     /// to measure the server's own overhead with `aperture loadgen`.
     #[arg(long)]
     pub echo: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 /// Architectures the server can load. Real models register here next to the built-ins.
-fn registry() -> ArchitectureRegistry {
-    ArchitectureRegistry::with_builtins()
+fn registry(device: &DeviceArgs) -> ArchitectureRegistry {
+    let mut r = ArchitectureRegistry::with_builtins();
+    for arch in ["restormer", "dfine"] {
+        let device = device.clone();
+        r.register(arch, move |ctx: &ModelContext| {
+            // `weights` names a file in the version folder; without it the folder itself
+            // is the model (an HF snapshot: config.json, model.safetensors, ...).
+            let path = ctx
+                .weights_path()
+                .unwrap_or_else(|| ctx.version_dir.to_path_buf());
+            let runner = device
+                .load_runner(&path, ctx.config.max_batch_size)
+                .map_err(|e| -> BuildError { format!("{e:#}").into() })?;
+            if runner.architecture() != arch {
+                return Err(format!(
+                    "{} holds a {} model but config.toml says architecture = \"{arch}\"",
+                    path.display(),
+                    runner.architecture()
+                )
+                .into());
+            }
+            Ok(Arc::from(runner))
+        });
+    }
+    // Restormer downsamples three times: pad to a multiple of 8, crop back.
+    r.register_image_adapter("restormer", Arc::new(PlanarImageAdapter::padded(8)));
+    r.register_image_adapter("dfine", Arc::new(DetrImages));
+    r
+}
+
+/// D-FINE / RT-DETR images: PIL-bilinear resize to the model's input size, rescale
+/// 1/255 (no mean/std), and HF's focal-loss post-processing in original pixels.
+struct DetrImages;
+
+impl ImageAdapter for DetrImages {
+    fn preprocess(
+        &self,
+        image: &DecodedImage,
+        inputs: &[TensorSpec],
+    ) -> Result<NamedTensors, BuildError> {
+        let spec = inputs.first().ok_or("model has no inputs")?;
+        let rgb = image.to_rgb8();
+        let (h, w) = match spec.shape.as_slice() {
+            [3, h, w] if *h > 0 && *w > 0 => (*h as u32, *w as u32),
+            _ => (rgb.height(), rgb.width()),
+        };
+        let resized = if (h, w) == (rgb.height(), rgb.width()) {
+            rgb
+        } else {
+            pil_bilinear(&rgb, w, h)?
+        };
+        let data = to_nchw_f32(&resized, HF_RESCALE_FACTOR);
+        let t = HostTensor::from_f32(vec![1, 3, h as usize, w as usize], data)?;
+        Ok(vec![(spec.name.clone(), t)])
+    }
+
+    fn detections(
+        &self,
+        outputs: &NamedTensors,
+        width: u32,
+        height: u32,
+        threshold: f32,
+    ) -> Option<Result<serde_json::Value, BuildError>> {
+        Some((|| {
+            let get = |n: &str| outputs.iter().find(|(k, _)| k == n).map(|(_, t)| t);
+            let logits = get("logits").ok_or("model returned no 'logits'")?;
+            let boxes = get("pred_boxes").ok_or("model returned no 'pred_boxes'")?;
+            let classes = *logits.shape().last().ok_or("empty logits")?;
+            let dets = post_process(
+                &logits.to_f32_vec(),
+                &boxes.to_f32_vec(),
+                classes,
+                threshold,
+                (height, width),
+            )?;
+            let rows: Vec<serde_json::Value> = dets
+                .iter()
+                .map(|d| {
+                    serde_json::json!({
+                        "label": d.label,
+                        "category_id": coco_category_id(d.label),
+                        "score": d.score,
+                        "bbox": d.bbox,
+                    })
+                })
+                .collect();
+            Ok(serde_json::Value::Array(rows))
+        })())
+    }
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let registry = registry();
+    let registry = registry(&args.device);
     let known = registry.architectures();
     let repo = Repository::new(args.model_repository.clone(), Arc::new(registry));
     if let Some(dir) = &args.model_repository {
@@ -118,10 +215,16 @@ fn model_source(
         .unwrap_or("model")
         .to_string();
     let name = args.name.clone().unwrap_or(stem);
-    if path.is_dir() {
+    if path.join("config.toml").is_file() {
         return Ok((name, ModelSource::Folder(path.to_path_buf())));
     }
-    let (arch, weights, dir) = if path.is_file() {
+    let (arch, weights, dir) = if path.is_dir() {
+        // A model folder without config.toml (e.g. an HF snapshot): the folder is the model.
+        let arch = args.architecture.clone().with_context(|| {
+            format!("{} has no config.toml: give --architecture", path.display())
+        })?;
+        (arch, None, path.to_path_buf())
+    } else if path.is_file() {
         let arch = args.architecture.clone().with_context(|| {
             format!(
                 "--architecture is needed to serve the weights file {}",
@@ -185,7 +288,7 @@ fn run_echo(
         instance: 0,
         gpu: None,
     };
-    let runner = registry()
+    let runner = registry(&args.device)
         .build(&config.architecture, &ctx)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let spec = aperture_server::echo::EchoSpec {

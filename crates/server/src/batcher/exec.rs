@@ -36,10 +36,7 @@ impl Job {
             Ok(per_request) => per_request.into_iter().map(Ok).collect::<Vec<_>>(),
             Err(e) => {
                 tracing::warn!(error = %e, batch = rows.len(), "batch failed");
-                let msg = e.to_string();
-                rows.iter()
-                    .map(|_| Err(ServerError::Internal(msg.clone())))
-                    .collect()
+                rows.iter().map(|_| Err(e.clone())).collect()
             }
         };
         self.stats.record_batch(rows.iter().sum(), &queued, timings);

@@ -24,6 +24,9 @@ pub struct ImageQuery {
     /// Output format for /enhance: png (default) or jpeg.
     #[serde(default)]
     format: Option<String>,
+    /// Score threshold for /detect (default 0.5).
+    #[serde(default)]
+    threshold: Option<f32>,
 }
 
 fn vision_error(e: VisionError) -> ServerError {
@@ -78,13 +81,20 @@ async fn run_image(
 pub async fn detect(
     State(s): State<Arc<Shared>>,
     Path(m): Path<String>,
+    Query(q): Query<ImageQuery>,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>> {
     let body = body_or_error(body, s.options.max_body_bytes)?;
+    let threshold = q.threshold.unwrap_or(0.5);
+    if !(0.0..=1.0).contains(&threshold) {
+        return Err(ServerError::invalid(format!(
+            "threshold {threshold} must lie in [0, 1]"
+        )));
+    }
     let model = s.repository.get(&m, None)?;
     let (adapter, outputs, w, h) = run_image(&s, &model, body).await?;
     let dets = adapter
-        .detections(&outputs, w, h)
+        .detections(&outputs, w, h, threshold)
         .ok_or_else(|| {
             ServerError::invalid(format!("model '{m}' does not detect objects; try /enhance"))
         })?
