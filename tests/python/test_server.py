@@ -356,8 +356,25 @@ def test_overload_gets_429_then_recovers(server):
     assert "queue" in json.loads(busy[1])["error"]
     status, body, _ = one(7)
     assert status == 200 and json.loads(body)["outputs"][0]["data"] == [7, 7, 7, 7]
+
+    # The same burst over gRPC: RESOURCE_EXHAUSTED, then normal service.
     g = grpcclient.InferenceServerClient(server.grpc_url)
-    assert g.is_server_ready()
+    results, done = [], threading.Event()
+
+    def cb(result, error):
+        results.append(error)
+        if len(results) == 40:
+            done.set()
+
+    inp = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+    for _ in range(40):
+        g.async_infer("tiny_queue", [inp], cb)
+    assert done.wait(20)
+    errors = [e for e in results if e is not None]
+    assert len(errors) >= 10
+    assert all("RESOURCE_EXHAUSTED" in str(e.status()) for e in errors), errors[0]
+    np.testing.assert_array_equal(g.infer("tiny_queue", [inp]).as_numpy("OUTPUT0"), np.ones((1, 4), np.float32))
     g.close()
 
 
