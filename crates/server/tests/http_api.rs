@@ -1,0 +1,358 @@
+//! The HTTP API in process (no sockets): status codes and messages of the KServe v2
+//! endpoints, including every malformed-request case.
+
+use std::sync::Arc;
+
+use aperture_server::{
+    ArchitectureRegistry, ModelConfig, ModelSource, Repository, ServeOptions, Server, Shared,
+};
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+async fn shared(options: ServeOptions) -> Arc<Shared> {
+    let repo = Repository::new(None, Arc::new(ArchitectureRegistry::with_builtins()));
+    let mut simple = ModelConfig::with_architecture("add_sub");
+    simple.input_size = Some(vec![4]);
+    repo.add_source(
+        "simple",
+        ModelSource::Inline {
+            config: Box::new(simple),
+            dir: ".".into(),
+        },
+    );
+    let server = Server::new(options, repo);
+    let shared = server.shared();
+    assert!(shared.repository.load_all().await.is_empty());
+    shared
+}
+
+async fn call(s: &Arc<Shared>, req: Request<Body>) -> (StatusCode, Vec<u8>, Option<String>) {
+    let resp = aperture_server::http::router(s.clone())
+        .oneshot(req)
+        .await
+        .unwrap();
+    let status = resp.status();
+    let hl = resp
+        .headers()
+        .get("inference-header-content-length")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    (status, body, hl)
+}
+
+fn post(path: &str, body: impl Into<Body>) -> Request<Body> {
+    Request::post(path).body(body.into()).unwrap()
+}
+
+fn get(path: &str) -> Request<Body> {
+    Request::get(path).body(Body::empty()).unwrap()
+}
+
+fn f32s(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+async fn error_of(s: &Arc<Shared>, req: Request<Body>, status: StatusCode) -> String {
+    let (got, body, _) = call(s, req).await;
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(got, status, "{v}");
+    v["error"].as_str().unwrap().to_string()
+}
+
+fn simple_json(a: &[f32], b: &[f32], datatype: &str) -> String {
+    json!({"inputs": [
+        {"name": "INPUT0", "shape": [1, a.len()], "datatype": datatype, "data": a},
+        {"name": "INPUT1", "shape": [1, b.len()], "datatype": datatype, "data": b},
+    ]})
+    .to_string()
+}
+
+#[tokio::test]
+async fn json_and_binary_inference() {
+    let s = shared(ServeOptions::default()).await;
+    let (st, body, hl) = call(
+        &s,
+        post(
+            "/v2/models/simple/infer",
+            simple_json(&[1., 2., 3., 4.], &[1., 1., 1., 1.], "FP32"),
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(hl.is_none());
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["outputs"][0]["name"], "OUTPUT0");
+    assert_eq!(v["outputs"][0]["data"], json!([2.0, 3.0, 4.0, 5.0]));
+    assert_eq!(v["outputs"][1]["data"], json!([0.0, 1.0, 2.0, 3.0]));
+
+    let head = json!({
+        "inputs": [
+            {"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": 16}},
+            {"name": "INPUT1", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": 16}},
+        ],
+        "outputs": [{"name": "OUTPUT1", "parameters": {"binary_data": true}}],
+    })
+    .to_string();
+    let mut body = head.clone().into_bytes();
+    body.extend(f32s(&[5., 6., 7., 8.]));
+    body.extend(f32s(&[1., 2., 3., 4.]));
+    let req = Request::post("/v2/models/simple/infer")
+        .header("Inference-Header-Content-Length", head.len())
+        .body(Body::from(body))
+        .unwrap();
+    let (st, body, hl) = call(&s, req).await;
+    assert_eq!(st, StatusCode::OK);
+    let n: usize = hl.unwrap().parse().unwrap();
+    let v: Value = serde_json::from_slice(&body[..n]).unwrap();
+    assert_eq!(v["outputs"].as_array().unwrap().len(), 1);
+    assert_eq!(v["outputs"][0]["parameters"]["binary_data_size"], 16);
+    assert_eq!(&body[n..], f32s(&[4., 4., 4., 4.]).as_slice());
+}
+
+#[tokio::test]
+async fn malformed_requests_are_4xx_with_a_message() {
+    let s = shared(ServeOptions {
+        max_body_bytes: 4096,
+        ..Default::default()
+    })
+    .await;
+    let bad = StatusCode::BAD_REQUEST;
+    let e = error_of(&s, post("/v2/models/simple/infer", "{\"inputs\": ["), bad).await;
+    assert!(e.contains("failed to parse the request JSON"), "{e}");
+    let e = error_of(
+        &s,
+        post(
+            "/v2/models/simple/infer",
+            simple_json(&[1.; 4], &[1.; 4], "INT32"),
+        ),
+        bad,
+    )
+    .await;
+    assert!(e.contains("INT32"), "{e}");
+    let e = error_of(
+        &s,
+        post(
+            "/v2/models/simple/infer",
+            simple_json(&[1.; 3], &[1.; 3], "FP32"),
+        ),
+        bad,
+    )
+    .await;
+    assert!(e.contains("unexpected shape for input 'INPUT0'"), "{e}");
+    let e = error_of(
+        &s,
+        post(
+            "/v2/models/simple/infer",
+            simple_json(&[1.; 4], &[1.; 3], "FP32"),
+        ),
+        bad,
+    )
+    .await;
+    assert!(e.contains("INPUT1"), "{e}");
+
+    let head = json!({"inputs": [
+        {"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": 16}},
+        {"name": "INPUT1", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": 16}},
+    ]})
+    .to_string();
+    let mut truncated = head.clone().into_bytes();
+    truncated.extend(f32s(&[1.; 6]));
+    let req = Request::post("/v2/models/simple/infer")
+        .header("Inference-Header-Content-Length", head.len())
+        .body(Body::from(truncated))
+        .unwrap();
+    let e = error_of(&s, req, bad).await;
+    assert!(
+        e.contains("unexpected end of binary data for input 'INPUT1'"),
+        "{e}"
+    );
+
+    let req = Request::post("/v2/models/simple/infer")
+        .header("Inference-Header-Content-Length", "99999")
+        .body(Body::from(head.clone()))
+        .unwrap();
+    let e = error_of(&s, req, bad).await;
+    assert!(
+        e.contains("Inference-Header-Content-Length is 99999"),
+        "{e}"
+    );
+
+    let req = Request::post("/v2/models/simple/infer")
+        .header("Inference-Header-Content-Length", "twelve")
+        .body(Body::from(head))
+        .unwrap();
+    assert!(error_of(&s, req, bad)
+        .await
+        .contains("non-negative integer"));
+
+    let e = error_of(
+        &s,
+        post("/v2/models/nope/infer", "{}"),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    assert!(e.contains("unknown model: 'nope'"), "{e}");
+    let e = error_of(
+        &s,
+        post("/v2/models/simple/versions/3/infer", "{}"),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    assert!(e.contains("version 3"), "{e}");
+    let e = error_of(
+        &s,
+        post("/v2/models/simple/infer", vec![b' '; 5000]),
+        StatusCode::PAYLOAD_TOO_LARGE,
+    )
+    .await;
+    assert!(e.contains("4096 bytes"), "{e}");
+    let req = Request::post("/v2/models/simple/infer")
+        .header("content-encoding", "gzip")
+        .body(Body::from("x"))
+        .unwrap();
+    assert!(error_of(&s, req, bad).await.contains("Content-Encoding"));
+    assert!(error_of(&s, get("/v2/nothing/here"), StatusCode::NOT_FOUND)
+        .await
+        .contains("Not Found"));
+
+    // Still serving.
+    let (st, _, _) = call(
+        &s,
+        post(
+            "/v2/models/simple/infer",
+            simple_json(&[1.; 4], &[1.; 4], "FP32"),
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn metadata_config_stats_and_repository() {
+    let s = shared(ServeOptions::default()).await;
+    let (st, body, _) = call(&s, get("/v2")).await;
+    assert_eq!(st, StatusCode::OK);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert!(v["extensions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e == "binary_tensor_data"));
+
+    let (_, body, _) = call(&s, get("/v2/models/simple/config")).await;
+    let cfg: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(cfg["max_batch_size"], 8);
+    assert_eq!(cfg["input"][1]["name"], "INPUT1");
+    assert_eq!(cfg["input"][1]["data_type"], "TYPE_FP32");
+    assert_eq!(cfg["input"][1]["dims"], json!([4]));
+    assert_eq!(
+        cfg["dynamic_batching"]["default_queue_policy"]["max_queue_size"],
+        1024
+    );
+
+    call(
+        &s,
+        post(
+            "/v2/models/simple/infer",
+            simple_json(&[1.; 4], &[1.; 4], "FP32"),
+        ),
+    )
+    .await;
+    let (_, body, _) = call(&s, get("/v2/models/simple/versions/1/stats")).await;
+    let st: Value = serde_json::from_slice(&body).unwrap();
+    let inf = &st["model_stats"][0]["inference_stats"];
+    for k in [
+        "success",
+        "fail",
+        "queue",
+        "compute_input",
+        "compute_infer",
+        "compute_output",
+        "cache_hit",
+        "cache_miss",
+    ] {
+        assert!(inf[k]["count"].is_u64() && inf[k]["ns"].is_u64(), "{k}");
+    }
+    assert_eq!(inf["success"]["count"], 1);
+
+    assert_eq!(
+        call(&s, get("/v2/models/simple/ready")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&s, post("/v2/repository/models/simple/unload", ""))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&s, get("/v2/models/simple/ready")).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    let (_, body, _) = call(&s, post("/v2/repository/index", "")).await;
+    let idx: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(idx[0]["state"], "UNAVAILABLE");
+    assert_eq!(
+        call(&s, post("/v2/repository/models/simple/load", "{}"))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&s, get("/v2/models/simple/ready")).await.0,
+        StatusCode::OK
+    );
+    let e = error_of(
+        &s,
+        post("/v2/repository/models/ghost/load", ""),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    assert!(e.contains("ghost"), "{e}");
+}
+
+#[tokio::test]
+async fn api_keys_guard_inference_and_repository_separately() {
+    let s = shared(ServeOptions {
+        api_key: Some("k1".into()),
+        admin_key: Some("k2".into()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(call(&s, get("/v2/health/ready")).await.0, StatusCode::OK);
+    assert_eq!(
+        call(&s, get("/v2/models/simple")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let with = |path: &str, key: &str| {
+        Request::get(path)
+            .header("authorization", format!("Bearer {key}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    assert_eq!(
+        call(&s, with("/v2/models/simple", "k1")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&s, with("/v2/models/simple", "k2")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let idx = |key: &str| {
+        Request::post("/v2/repository/index")
+            .header("x-api-key", key)
+            .body(Body::empty())
+            .unwrap()
+    };
+    assert_eq!(call(&s, idx("k1")).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&s, idx("k2")).await.0, StatusCode::OK);
+}
