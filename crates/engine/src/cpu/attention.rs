@@ -59,12 +59,13 @@ pub fn channel_attention(
         let img = &qkv.data[b * hw * c3..(b + 1) * hw * c3];
         let folded = folded_projection(img, c, heads, d, temperature, project_out);
         // y[p, :] = v[p, :] * folded  ([hw, c] x [c, c_out]); v is strided inside qkv.
-        let v: Vec<f32> = img
-            .chunks(c3)
-            .flat_map(|px| px[2 * c..].iter().copied())
-            .collect();
+        let mut v = super::pool::zeroed(hw * c);
+        for (dst, px) in v.chunks_mut(c).zip(img.chunks(c3)) {
+            dst.copy_from_slice(&px[2 * c..]);
+        }
         let dst = &mut out.data[b * hw * c_out..(b + 1) * hw * c_out];
         matmul(&v, &folded, dst, hw, c, c_out, false);
+        super::pool::recycle(v);
     }
     let bias = project_out.bias.as_deref();
     out.data

@@ -9,6 +9,7 @@ mod detection;
 pub mod gemm;
 mod layout;
 mod norm;
+mod pool;
 mod sequence;
 mod spatial;
 
@@ -35,7 +36,7 @@ impl CpuTensor {
             h,
             w,
             c,
-            data: vec![0.0; n * h * w * c],
+            data: pool::zeroed(n * h * w * c),
         }
     }
 
@@ -47,6 +48,12 @@ impl CpuTensor {
     #[inline]
     pub fn offset(&self, n: usize, y: usize, x: usize) -> usize {
         ((n * self.h + y) * self.w + x) * self.c
+    }
+}
+
+impl Drop for CpuTensor {
+    fn drop(&mut self) {
+        pool::recycle(std::mem::take(&mut self.data));
     }
 }
 

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use super::CpuTensor;
 use crate::error::{EngineError, Result};
 
-pub fn reshape(x: CpuTensor, dims: [usize; 4]) -> Result<CpuTensor> {
+pub fn reshape(mut x: CpuTensor, dims: [usize; 4]) -> Result<CpuTensor> {
     if dims.iter().product::<usize>() != x.data.len() {
         return Err(EngineError::Shape(format!(
             "cannot reshape {:?} to {dims:?}",
@@ -20,7 +20,7 @@ pub fn reshape(x: CpuTensor, dims: [usize; 4]) -> Result<CpuTensor> {
         h,
         w,
         c,
-        data: x.data,
+        data: std::mem::take(&mut x.data),
     })
 }
 
