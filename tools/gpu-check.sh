@@ -8,7 +8,7 @@
 #
 # Environment: APERTURE_BIN (default .carry/aperture), OUT (default ./out),
 # BATCHES and ITERS (the fp16 sweep), OTHER_PRECISIONS and OTHER_BATCHES (a shorter
-# sweep), PROFILE=1 for per-operation tables, PEERS=0 to skip PyTorch.
+# sweep), PROFILE_BATCHES=1,32 for per-operation tables, PEERS=0 to skip PyTorch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${APERTURE_BIN:-.carry/aperture}
@@ -25,17 +25,17 @@ if [ "${QUICK:-0}" = 1 ]; then
 else
   BATCHES=${BATCHES:-1,2,4,8,16,32,64}; ITERS=${ITERS:-30}
   OTHER_PRECISIONS=${OTHER_PRECISIONS:-bf16,tf32,fp32}; OTHER_BATCHES=${OTHER_BATCHES:-1,8}
-  PEER_ARGS="--eager-fp32 1,8 --eager-fp16 1,8,32 --compile-fp16 1,8 --iters 20"
+  PEER_ARGS=${PEER_ARGS:-"--eager-fp32 1,8 --eager-fp16 1,8,32 --compile-fp16 1,8 --iters 20"}
 fi
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 
 step "device"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed 's/NVIDIA //; s/[^A-Za-z0-9]\+/-/g; s/-$//' | tr A-Z a-z)
 "$BIN" --version
 
 step "weights and PyTorch references"
-python3 tools/restormer_ref.py "$WORK/base" --size 64 > "$OUT/weights.log" 2>&1 || { cat "$OUT/weights.log"; exit 1; }
+python3 tools/restormer_ref.py "$WORK/base" --size 64 > "$WORK/weights.log" 2>&1 || { cat "$WORK/weights.log"; exit 1; }
 python3 tools/torch_peers.py reference --weights "$WORK/base" --height 512 --width 512 --out "$WORK/io_512x512.safetensors"
 python3 tools/torch_peers.py reference --weights "$WORK/base" --height 520 --width 776 --out "$WORK/io_520x776.safetensors"
 
@@ -47,7 +47,11 @@ PARITY=$?
 
 step "benchmark"
 "$BIN" bench --model "$WORK/base" --precision fp16 --batch "$BATCHES" --iters "$ITERS" \
-  --out "$WORK/aperture.json" ${PROFILE:+--profile} 2>&1 | tee "$OUT/bench.log"
+  --out "$WORK/aperture.json" 2>&1 | tee "$OUT/bench.log"
+if [ -n "${PROFILE_BATCHES:-}" ]; then
+  "$BIN" bench --model "$WORK/base" --precision fp16 --batch "$PROFILE_BATCHES" --iters 1 --warmup 1 \
+    --no-accuracy --profile 2>&1 | tee "$OUT/profile.log"
+fi
 if [ -n "$OTHER_PRECISIONS" ]; then
   "$BIN" bench --model "$WORK/base" --precision "$OTHER_PRECISIONS" --batch "$OTHER_BATCHES" --iters "$ITERS" \
     --out "$WORK/aperture-other.json" 2>&1 | tee "$OUT/bench-other.log"
@@ -62,7 +66,7 @@ fi
 if [ "${PEERS:-1}" = 1 ]; then
   step "PyTorch peers"
   # shellcheck disable=SC2086
-  python3 tools/torch_peers.py bench --weights "$WORK/base" --json "$WORK/torch.json" $PEER_ARGS 2>&1 | tee "$OUT/peers.log"
+  timeout "${PEERS_TIMEOUT:-330}" python3 tools/torch_peers.py bench --weights "$WORK/base" --json "$WORK/torch.json" $PEER_ARGS 2>&1 | tee "$OUT/peers.log"
 fi
 
 step "results"

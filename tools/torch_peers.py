@@ -98,6 +98,13 @@ def cmd_bench(a):
     with torch.no_grad():
         ref = base(x1).float()
     rows = []
+
+    def save(rows):  # after every row, so a run cut short still leaves its numbers
+        doc = dict(device=torch.cuda.get_device_name(0), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   model=f"restormer {a.size}x{a.size}", rows=rows,
+                   versions=dict(torch=torch.__version__, cuda=torch.version.cuda))
+        json.dump(doc, open(a.json, "w"), indent=1)
+
     variants = [
         ("torch-eager", "fp32", batches(a.eager_fp32), lambda: base, torch.float32),
         ("torch-eager", "fp16", batches(a.eager_fp16), lambda: load_model(a.weights).cuda().half(), torch.float16),
@@ -127,14 +134,12 @@ def cmd_bench(a):
                 row = dict(engine=engine, precision=prec, batch=b, images_per_s=b / (st["mean"] / 1e3),
                            p50_ms=st["p50"], p99_ms=st["p99"], peak_gib=peak, rel_l2_vs_fp32=rel)
                 rows.append(row)
+                save(rows)
                 print(f"{engine:<13} {prec:>5} {b:>5} mean {st['mean']:9.3f} std {st['std']:7.3f} p50 {st['p50']:9.3f} "
                       f"p95 {st['p95']:9.3f} p99 {st['p99']:9.3f} ms  {row['images_per_s']:8.1f} img/s  "
                       f"peak {peak:6.2f} GiB  relL2 {rel:.2e}  ({time.time() - t0:.0f} s since start)", flush=True)
         del model
-    doc = dict(device=torch.cuda.get_device_name(0), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               model=f"restormer {a.size}x{a.size}", rows=rows,
-               versions=dict(torch=torch.__version__, cuda=torch.version.cuda))
-    json.dump(doc, open(a.json, "w"), indent=1)
+    save(rows)
 
 
 def cmd_merge(a):

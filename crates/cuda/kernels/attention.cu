@@ -25,6 +25,19 @@ extern "C" __global__ void mdta_sumsq(const T* __restrict__ qkv, float* __restri
 // gram: [N][chunks][heads][d*d] partial Gram maps, column-major per map (entry (i, j)
 // at i + j*d), summed here over chunks. Writes attn[n][h][i][j] =
 // softmax_j(G_ij / (max(|q_i|, eps) max(|k_j|, eps)) * t_h), row-major.
+// Sums the per-chunk partial maps: gram[n][k][h][e] -> sum[n][h][e]. Grid
+// (ceil(heads*d*d / blockDim), N); consecutive threads read consecutive entries.
+extern "C" __global__ void mdta_gram_sum(const float* __restrict__ gram, float* __restrict__ sum, int chunks,
+                                         int per_image) {
+    i64 n = blockIdx.y;
+    int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= per_image) return;
+    const float* p = gram + n * chunks * (i64)per_image + e;
+    float s = 0.0f;
+    for (int k = 0; k < chunks; k++) s += p[(i64)k * per_image];
+    sum[n * per_image + e] = s;
+}
+
 extern "C" __global__ void mdta_softmax(const float* __restrict__ gram, const float* __restrict__ nrm,
                                         const float* __restrict__ temp, float* __restrict__ attn, int chunks,
                                         int heads, int d, int C) {

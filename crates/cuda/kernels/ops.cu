@@ -172,45 +172,64 @@ extern "C" __global__ void pixel_unshuffle(const T* __restrict__ x, T* __restric
     }
 }
 
-// Depthwise 3x3, stride 1, padding 1, two channels per thread (C even). Grid: x over
-// (column, channel pair) of one output row, y over rows (n*H + y). 32-bit index math
-// except for the final offsets: 64-bit division was what made the generic kernel slow.
+// Depthwise 3x3, stride 1, padding 1: each thread computes two channels at four
+// consecutive columns, so each input value and weight it loads serves several outputs.
+// Grid: x over (column group, channel pair) of one output row, y over rows (n*H + y).
+// 32-bit index math except for the final offsets: 64-bit division made the generic
+// kernel slow. Requires even C.
+#define DW_XT 4
 extern "C" __global__ void dwconv3x3(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
                                      const float* __restrict__ bias, const T* __restrict__ res, int H, int W,
                                      int C, int act) {
     int row = blockIdx.y;
     int oy = row % H;
     int C2 = C >> 1;
+    int groups = (W + DW_XT - 1) / DW_XT;
     int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= W * C2) return;
-    int ox = t / C2;
-    int c = (t - ox * C2) * 2;
+    if (t >= groups * C2) return;
+    int g = t / C2;
+    int c = (t - g * C2) * 2;
+    int x0 = g * DW_XT;
     const T* img = x + (i64)(row - oy) * W * C;
-    float2 acc = bias ? make_float2(bias[c], bias[c + 1]) : make_float2(0.0f, 0.0f);
+    float2 b = bias ? make_float2(bias[c], bias[c + 1]) : make_float2(0.0f, 0.0f);
+    float2 acc[DW_XT];
+#pragma unroll
+    for (int j = 0; j < DW_XT; j++) acc[j] = b;
 #pragma unroll
     for (int ky = 0; ky < 3; ky++) {
         int iy = oy + ky - 1;
         if (iy < 0 || iy >= H) continue;
-        const T* xr = img + (i64)iy * W * C;
+        const T* xr = img + (i64)iy * W * C + c;
+        float2 in[DW_XT + 2];
+#pragma unroll
+        for (int k = 0; k < DW_XT + 2; k++) {
+            int ix = x0 - 1 + k;
+            in[k] = (ix >= 0 && ix < W) ? ld2(xr + ix * C) : make_float2(0.0f, 0.0f);
+        }
 #pragma unroll
         for (int kx = 0; kx < 3; kx++) {
-            int ix = ox + kx - 1;
-            if (ix < 0 || ix >= W) continue;
-            float2 v = ld2(xr + ix * C + c);
             float2 wv = *reinterpret_cast<const float2*>(w + (ky * 3 + kx) * C + c);
-            acc.x += v.x * wv.x;
-            acc.y += v.y * wv.y;
+#pragma unroll
+            for (int j = 0; j < DW_XT; j++) {
+                acc[j].x += in[j + kx].x * wv.x;
+                acc[j].y += in[j + kx].y * wv.y;
+            }
         }
     }
-    acc.x = activate(acc.x, act);
-    acc.y = activate(acc.y, act);
-    i64 o = ((i64)row * W + ox) * C + c;
-    if (res) {
-        float2 r = ld2(res + o);
-        acc.x += r.x;
-        acc.y += r.y;
+#pragma unroll
+    for (int j = 0; j < DW_XT; j++) {
+        if (x0 + j >= W) break;
+        float2 a = acc[j];
+        a.x = activate(a.x, act);
+        a.y = activate(a.y, act);
+        i64 o = ((i64)row * W + x0 + j) * C + c;
+        if (res) {
+            float2 r = ld2(res + o);
+            a.x += r.x;
+            a.y += r.y;
+        }
+        st2(y + o, a);
     }
-    st2(y + o, acc);
 }
 
 // im2col with one output row per blockIdx.y (n*OH + oy) and 32-bit index math.

@@ -60,20 +60,27 @@ pub struct ConvWeights {
 pub enum CudaParam {
     Conv(ConvWeights),
     /// fp32 on the device.
-    Vector { buf: DeviceBuffer, len: usize },
+    Vector {
+        buf: DeviceBuffer,
+        len: usize,
+    },
 }
 
 impl CudaParam {
     pub(crate) fn conv(&self) -> Result<&ConvWeights> {
         match self {
             CudaParam::Conv(c) => Ok(c),
-            CudaParam::Vector { .. } => Err(EngineError::Invalid("expected convolution weights, got a vector".into())),
+            CudaParam::Vector { .. } => Err(EngineError::Invalid(
+                "expected convolution weights, got a vector".into(),
+            )),
         }
     }
     pub(crate) fn vector(&self) -> Result<(&DeviceBuffer, usize)> {
         match self {
             CudaParam::Vector { buf, len } => Ok((buf, *len)),
-            CudaParam::Conv(_) => Err(EngineError::Invalid("expected a vector parameter, got convolution weights".into())),
+            CudaParam::Conv(_) => Err(EngineError::Invalid(
+                "expected a vector parameter, got convolution weights".into(),
+            )),
         }
     }
 }
@@ -107,7 +114,17 @@ impl CudaBackend {
         let workspace = pool.alloc(WORKSPACE_BYTES)?;
         ctx.bind()?;
         let gemm = Gemm::new(workspace.ptr(), WORKSPACE_BYTES)?;
-        Ok(Self { ctx, pool, kernels, gemm, _workspace: workspace, precision, storage, profiler: Profiler::default(), poison: AtomicBool::new(false) })
+        Ok(Self {
+            ctx,
+            pool,
+            kernels,
+            gemm,
+            _workspace: workspace,
+            precision,
+            storage,
+            profiler: Profiler::default(),
+            poison: AtomicBool::new(false),
+        })
     }
 
     pub fn precision(&self) -> Precision {
@@ -172,10 +189,14 @@ impl CudaBackend {
 
     pub(crate) fn alloc_tensor(&self, dims: [usize; 4]) -> CudaResult<CudaTensor> {
         let n: usize = dims.iter().product();
-        let t = CudaTensor { buf: self.pool.alloc(n * self.esize())?, dims };
+        let t = CudaTensor {
+            buf: self.pool.alloc(n * self.esize())?,
+            dims,
+        };
         if self.poison.load(Ordering::Relaxed) {
             // All-ones bytes are NaN in fp32, fp16 and bf16: unwritten outputs show.
-            self.memset(t.ptr(), 0xff, n * self.esize()).map_err(|e| CudaError::Driver(e.to_string()))?;
+            self.memset(t.ptr(), 0xff, n * self.esize())
+                .map_err(|e| CudaError::Driver(e.to_string()))?;
         }
         Ok(t)
     }
@@ -201,8 +222,18 @@ impl CudaBackend {
     pub(crate) fn upload_storage(&self, data: &[f32]) -> CudaResult<DeviceBuffer> {
         match self.storage {
             Storage::F32 => self.upload_bytes(data),
-            Storage::F16 => self.upload_bytes(&data.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>()),
-            Storage::BF16 => self.upload_bytes(&data.iter().map(|&v| half::bf16::from_f32(v)).collect::<Vec<_>>()),
+            Storage::F16 => self.upload_bytes(
+                &data
+                    .iter()
+                    .map(|&v| half::f16::from_f32(v))
+                    .collect::<Vec<_>>(),
+            ),
+            Storage::BF16 => self.upload_bytes(
+                &data
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v))
+                    .collect::<Vec<_>>(),
+            ),
         }
     }
 
@@ -214,18 +245,30 @@ impl CudaBackend {
     pub(crate) fn memset(&self, ptr: u64, byte: u8, bytes: usize) -> Result<()> {
         self.ctx.bind()?;
         // SAFETY: the caller passes a live allocation of at least `bytes` bytes.
-        unsafe { result::memset_d8_async(ptr, byte, bytes, self.ctx.stream).map_err(CudaError::from)? };
+        unsafe {
+            result::memset_d8_async(ptr, byte, bytes, self.ctx.stream).map_err(CudaError::from)?
+        };
         Ok(())
     }
 
     /// NCHW f32 staging buffer -> NHWC tensor (a kernel; capturable).
-    pub(crate) fn from_staging(&self, staging: u64, dims_nchw: [usize; 4]) -> Result<CudaTensor> {
+    pub(crate) fn tensor_from_staging(
+        &self,
+        staging: u64,
+        dims_nchw: [usize; 4],
+    ) -> Result<CudaTensor> {
         let [n, c, h, w] = dims_nchw;
         let out = self.alloc_tensor([n, h, w, c])?;
         self.launch_1d(
             "nchw_to_nhwc",
             n * c * h * w,
-            &[Arg::Ptr(staging), Arg::Ptr(out.ptr()), Arg::I32(n as i32), Arg::I32(c as i32), Arg::I64((h * w) as i64)],
+            &[
+                Arg::Ptr(staging),
+                Arg::Ptr(out.ptr()),
+                Arg::I32(n as i32),
+                Arg::I32(c as i32),
+                Arg::I64((h * w) as i64),
+            ],
         )?;
         Ok(out)
     }
@@ -236,7 +279,13 @@ impl CudaBackend {
         self.launch_1d(
             "nhwc_to_nchw",
             x.numel(),
-            &[Arg::Ptr(x.ptr()), Arg::Ptr(staging), Arg::I32(n as i32), Arg::I32(c as i32), Arg::I64((h * w) as i64)],
+            &[
+                Arg::Ptr(x.ptr()),
+                Arg::Ptr(staging),
+                Arg::I32(n as i32),
+                Arg::I32(c as i32),
+                Arg::I64((h * w) as i64),
+            ],
         )?;
         Ok(())
     }
@@ -244,7 +293,10 @@ impl CudaBackend {
 
 fn check_same(a: &CudaTensor, b: &CudaTensor, what: &str) -> Result<()> {
     if a.dims != b.dims {
-        return Err(EngineError::Shape(format!("cannot {what} {:?} and {:?}", a.dims, b.dims)));
+        return Err(EngineError::Shape(format!(
+            "cannot {what} {:?} and {:?}",
+            a.dims, b.dims
+        )));
     }
     Ok(())
 }
@@ -254,16 +306,21 @@ impl Backend for CudaBackend {
     type Param = CudaParam;
 
     fn name(&self) -> String {
-        format!("cuda:{} ({}, {})", self.ctx.ordinal, self.ctx.name, self.precision)
+        format!(
+            "cuda:{} ({}, {})",
+            self.ctx.ordinal, self.ctx.name, self.precision
+        )
     }
 
     fn upload_nchw(&self, x: &HostTensor) -> Result<CudaTensor> {
         let s = x.shape();
         if s.len() != 4 {
-            return Err(EngineError::Shape(format!("expected an NCHW image tensor (4-D), got shape {s:?}")));
+            return Err(EngineError::Shape(format!(
+                "expected an NCHW image tensor (4-D), got shape {s:?}"
+            )));
         }
         let staging = self.upload_bytes(&x.to_f32_vec())?;
-        self.from_staging(staging.ptr(), [s[0], s[1], s[2], s[3]])
+        self.tensor_from_staging(staging.ptr(), [s[0], s[1], s[2], s[3]])
     }
 
     fn download_nchw(&self, x: &CudaTensor) -> Result<HostTensor> {
@@ -274,7 +331,8 @@ impl Backend for CudaBackend {
         // SAFETY: `staging` holds numel f32 values; the stream is synchronised before
         // `host` is read.
         unsafe {
-            result::memcpy_dtoh_async(&mut host, staging.ptr(), self.ctx.stream).map_err(CudaError::from)?;
+            result::memcpy_dtoh_async(&mut host, staging.ptr(), self.ctx.stream)
+                .map_err(CudaError::from)?;
             result::stream::synchronize(self.ctx.stream).map_err(CudaError::from)?;
         }
         let [n, h, w, c] = x.dims;
@@ -285,70 +343,117 @@ impl Backend for CudaBackend {
         x.dims
     }
 
-    fn prepare_conv(&self, weight: &HostTensor, bias: Option<&HostTensor>, spec: ConvSpec) -> Result<CudaParam> {
-        Ok(CudaParam::Conv(crate::conv::prepare(self, weight, bias, spec)?))
+    fn prepare_conv(
+        &self,
+        weight: &HostTensor,
+        bias: Option<&HostTensor>,
+        spec: ConvSpec,
+    ) -> Result<CudaParam> {
+        Ok(CudaParam::Conv(crate::conv::prepare(
+            self, weight, bias, spec,
+        )?))
     }
 
     fn prepare_vector(&self, v: &HostTensor) -> Result<CudaParam> {
         let data = v.to_f32_vec();
-        Ok(CudaParam::Vector { buf: self.upload_bytes(&data)?, len: data.len() })
+        Ok(CudaParam::Vector {
+            buf: self.upload_bytes(&data)?,
+            len: data.len(),
+        })
     }
 
-    fn conv2d(&self, x: &CudaTensor, conv: &CudaParam, act: Activation, residual: Option<&CudaTensor>) -> Result<CudaTensor> {
+    fn conv2d(
+        &self,
+        x: &CudaTensor,
+        conv: &CudaParam,
+        act: Activation,
+        residual: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
         crate::conv::conv2d(self, x, conv.conv()?, act, residual)
     }
 
-    fn layer_norm(&self, x: &CudaTensor, weight: &CudaParam, bias: Option<&CudaParam>, eps: f32) -> Result<CudaTensor> {
+    fn layer_norm(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaParam,
+        bias: Option<&CudaParam>,
+        eps: f32,
+    ) -> Result<CudaTensor> {
         let [n, h, w, c] = x.dims;
         let (wb, wl) = weight.vector()?;
         let bias = bias.map(|b| b.vector()).transpose()?;
         if wl != c || bias.is_some_and(|(_, l)| l != c) {
-            return Err(EngineError::Shape(format!("layer norm over {c} channels got parameters of another size")));
+            return Err(EngineError::Shape(format!(
+                "layer norm over {c} channels got parameters of another size"
+            )));
         }
         let p = n * h * w;
         let bytes = 2 * x.numel() * self.esize();
-        self.profiler.op(self, "layer_norm", 8.0 * x.numel() as f64, bytes as f64, || {
-            let out = self.alloc_tensor(x.dims)?;
-            let pixels_per_block = 8usize;
-            let grid = p.div_ceil(pixels_per_block) as u32;
-            let kernel = if c % 2 == 0 && c <= 512 { "layer_norm2" } else { "layer_norm" };
-            self.kernels.launch(
-                &self.ctx,
-                kernel,
-                (grid.max(1), 1, 1),
-                (pixels_per_block * 32) as u32,
-                0,
-                &[
-                    Arg::Ptr(x.ptr()),
-                    Arg::Ptr(out.ptr()),
-                    Arg::Ptr(wb.ptr()),
-                    Arg::Ptr(bias.map(|(b, _)| b.ptr()).unwrap_or(0)),
-                    Arg::I64(p as i64),
-                    Arg::I32(c as i32),
-                    Arg::F32(eps),
-                    Arg::I32(bias.is_some() as i32),
-                ],
-            )?;
-            Ok(out)
-        })
+        self.profiler.op(
+            self,
+            "layer_norm",
+            8.0 * x.numel() as f64,
+            bytes as f64,
+            || {
+                let out = self.alloc_tensor(x.dims)?;
+                let pixels_per_block = 8usize;
+                let grid = p.div_ceil(pixels_per_block) as u32;
+                let kernel = if c % 2 == 0 && c <= 512 {
+                    "layer_norm2"
+                } else {
+                    "layer_norm"
+                };
+                self.kernels.launch(
+                    &self.ctx,
+                    kernel,
+                    (grid.max(1), 1, 1),
+                    (pixels_per_block * 32) as u32,
+                    0,
+                    &[
+                        Arg::Ptr(x.ptr()),
+                        Arg::Ptr(out.ptr()),
+                        Arg::Ptr(wb.ptr()),
+                        Arg::Ptr(bias.map(|(b, _)| b.ptr()).unwrap_or(0)),
+                        Arg::I64(p as i64),
+                        Arg::I32(c as i32),
+                        Arg::F32(eps),
+                        Arg::I32(bias.is_some() as i32),
+                    ],
+                )?;
+                Ok(out)
+            },
+        )
     }
 
     fn gelu_gate(&self, x: &CudaTensor) -> Result<CudaTensor> {
         let [n, h, w, c] = x.dims;
         if c % 2 != 0 {
-            return Err(EngineError::Shape(format!("gated GELU needs an even channel count, got {c}")));
+            return Err(EngineError::Shape(format!(
+                "gated GELU needs an even channel count, got {c}"
+            )));
         }
         let p = n * h * w;
         let bytes = (x.numel() + x.numel() / 2) * self.esize();
-        self.profiler.op(self, "gelu_gate", 10.0 * (x.numel() / 2) as f64, bytes as f64, || {
-            let out = self.alloc_tensor([n, h, w, c / 2])?;
-            self.launch_1d(
-                "gelu_gate",
-                p * c / 2,
-                &[Arg::Ptr(x.ptr()), Arg::Ptr(out.ptr()), Arg::I64(p as i64), Arg::I32((c / 2) as i32)],
-            )?;
-            Ok(out)
-        })
+        self.profiler.op(
+            self,
+            "gelu_gate",
+            10.0 * (x.numel() / 2) as f64,
+            bytes as f64,
+            || {
+                let out = self.alloc_tensor([n, h, w, c / 2])?;
+                self.launch_1d(
+                    "gelu_gate",
+                    p * c / 2,
+                    &[
+                        Arg::Ptr(x.ptr()),
+                        Arg::Ptr(out.ptr()),
+                        Arg::I64(p as i64),
+                        Arg::I32((c / 2) as i32),
+                    ],
+                )?;
+                Ok(out)
+            },
+        )
     }
 
     fn channel_attention(
@@ -359,46 +464,63 @@ impl Backend for CudaBackend {
         project_out: &CudaParam,
         residual: Option<&CudaTensor>,
     ) -> Result<CudaTensor> {
-        crate::attention::channel_attention(self, qkv, heads, temperature, project_out.conv()?, residual)
+        crate::attention::channel_attention(
+            self,
+            qkv,
+            heads,
+            temperature,
+            project_out.conv()?,
+            residual,
+        )
     }
 
     fn pixel_shuffle(&self, x: &CudaTensor, r: usize) -> Result<CudaTensor> {
         let [n, h, w, c] = x.dims;
         if r == 0 || c % (r * r) != 0 {
-            return Err(EngineError::Shape(format!("pixel shuffle by {r} needs channels divisible by {}, got {c}", r * r)));
+            return Err(EngineError::Shape(format!(
+                "pixel shuffle by {r} needs channels divisible by {}, got {c}",
+                r * r
+            )));
         }
         let bytes = 2 * x.numel() * self.esize();
-        self.profiler.op(self, "pixel_shuffle", 0.0, bytes as f64, || {
-            let out = self.alloc_tensor([n, h * r, w * r, c / (r * r)])?;
-            let dims = [n, h, w, c].map(|v| Arg::I32(v as i32));
-            let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(out.ptr())];
-            args.extend(dims);
-            args.push(Arg::I32(r as i32));
-            self.launch_1d("pixel_shuffle", x.numel(), &args)?;
-            Ok(out)
-        })
+        self.profiler
+            .op(self, "pixel_shuffle", 0.0, bytes as f64, || {
+                let out = self.alloc_tensor([n, h * r, w * r, c / (r * r)])?;
+                let dims = [n, h, w, c].map(|v| Arg::I32(v as i32));
+                let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(out.ptr())];
+                args.extend(dims);
+                args.push(Arg::I32(r as i32));
+                self.launch_1d("pixel_shuffle", x.numel(), &args)?;
+                Ok(out)
+            })
     }
 
     fn pixel_unshuffle(&self, x: &CudaTensor, r: usize) -> Result<CudaTensor> {
         let [n, h, w, c] = x.dims;
         if r == 0 || h % r != 0 || w % r != 0 {
-            return Err(EngineError::Shape(format!("pixel unshuffle by {r} needs H and W divisible by {r}, got {h}x{w}")));
+            return Err(EngineError::Shape(format!(
+                "pixel unshuffle by {r} needs H and W divisible by {r}, got {h}x{w}"
+            )));
         }
         let bytes = 2 * x.numel() * self.esize();
-        self.profiler.op(self, "pixel_unshuffle", 0.0, bytes as f64, || {
-            let out = self.alloc_tensor([n, h / r, w / r, c * r * r])?;
-            let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(out.ptr())];
-            args.extend([n, h, w, c].map(|v| Arg::I32(v as i32)));
-            args.push(Arg::I32(r as i32));
-            self.launch_1d("pixel_unshuffle", x.numel(), &args)?;
-            Ok(out)
-        })
+        self.profiler
+            .op(self, "pixel_unshuffle", 0.0, bytes as f64, || {
+                let out = self.alloc_tensor([n, h / r, w / r, c * r * r])?;
+                let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(out.ptr())];
+                args.extend([n, h, w, c].map(|v| Arg::I32(v as i32)));
+                args.push(Arg::I32(r as i32));
+                self.launch_1d("pixel_unshuffle", x.numel(), &args)?;
+                Ok(out)
+            })
     }
 
     fn concat_channels(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
         let ([n, h, w, ca], [bn, bh, bw, cb]) = (a.dims, b.dims);
         if (n, h, w) != (bn, bh, bw) {
-            return Err(EngineError::Shape(format!("cannot concatenate {:?} and {:?} along channels", a.dims, b.dims)));
+            return Err(EngineError::Shape(format!(
+                "cannot concatenate {:?} and {:?} along channels",
+                a.dims, b.dims
+            )));
         }
         let p = n * h * w;
         let bytes = 2 * (a.numel() + b.numel()) * self.esize();
@@ -407,7 +529,14 @@ impl Backend for CudaBackend {
             self.launch_1d(
                 "concat_channels",
                 p * (ca + cb),
-                &[Arg::Ptr(a.ptr()), Arg::Ptr(b.ptr()), Arg::Ptr(out.ptr()), Arg::I64(p as i64), Arg::I32(ca as i32), Arg::I32(cb as i32)],
+                &[
+                    Arg::Ptr(a.ptr()),
+                    Arg::Ptr(b.ptr()),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I64(p as i64),
+                    Arg::I32(ca as i32),
+                    Arg::I32(cb as i32),
+                ],
             )?;
             Ok(out)
         })
@@ -416,10 +545,20 @@ impl Backend for CudaBackend {
     fn add(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
         check_same(a, b, "add")?;
         let bytes = 3 * a.numel() * self.esize();
-        self.profiler.op(self, "add", a.numel() as f64, bytes as f64, || {
-            let out = self.alloc_tensor(a.dims)?;
-            self.launch_1d("add", a.numel(), &[Arg::Ptr(a.ptr()), Arg::Ptr(b.ptr()), Arg::Ptr(out.ptr()), Arg::I64(a.numel() as i64)])?;
-            Ok(out)
-        })
+        self.profiler
+            .op(self, "add", a.numel() as f64, bytes as f64, || {
+                let out = self.alloc_tensor(a.dims)?;
+                self.launch_1d(
+                    "add",
+                    a.numel(),
+                    &[
+                        Arg::Ptr(a.ptr()),
+                        Arg::Ptr(b.ptr()),
+                        Arg::Ptr(out.ptr()),
+                        Arg::I64(a.numel() as i64),
+                    ],
+                )?;
+                Ok(out)
+            })
     }
 }

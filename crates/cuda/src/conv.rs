@@ -21,10 +21,17 @@ fn act_code(a: Activation) -> i32 {
     }
 }
 
-pub(crate) fn prepare(be: &CudaBackend, weight: &HostTensor, bias: Option<&HostTensor>, spec: ConvSpec) -> Result<ConvWeights> {
+pub(crate) fn prepare(
+    be: &CudaBackend,
+    weight: &HostTensor,
+    bias: Option<&HostTensor>,
+    spec: ConvSpec,
+) -> Result<ConvWeights> {
     let s = weight.shape();
     if s.len() != 4 {
-        return Err(EngineError::Shape(format!("convolution weight must be OIHW (4-D), got {s:?}")));
+        return Err(EngineError::Shape(format!(
+            "convolution weight must be OIHW (4-D), got {s:?}"
+        )));
     }
     let (c_out, cig, kh, kw) = (s[0], s[1], s[2], s[3]);
     if spec.groups == 0 || spec.stride == 0 || c_out % spec.groups != 0 {
@@ -36,7 +43,10 @@ pub(crate) fn prepare(be: &CudaBackend, weight: &HostTensor, bias: Option<&HostT
     let c_in = cig * spec.groups;
     if let Some(b) = bias {
         if b.numel() != c_out {
-            return Err(EngineError::Shape(format!("convolution bias has {} elements, expected {c_out}", b.numel())));
+            return Err(EngineError::Shape(format!(
+                "convolution bias has {} elements, expected {c_out}",
+                b.numel()
+            )));
         }
     }
     let w = weight.to_f32_vec();
@@ -51,12 +61,17 @@ pub(crate) fn prepare(be: &CudaBackend, weight: &HostTensor, bias: Option<&HostT
             for ci in 0..c_in {
                 for y in 0..kh {
                     for x in 0..kw {
-                        dense[o * kp + (y * kw + x) * c_in + ci] = w[((o * c_in + ci) * kh + y) * kw + x];
+                        dense[o * kp + (y * kw + x) * c_in + ci] =
+                            w[((o * c_in + ci) * kh + y) * kw + x];
                     }
                 }
             }
         }
-        let weight_f32 = if pointwise { Some(be.upload_bytes(&w)?) } else { None };
+        let weight_f32 = if pointwise {
+            Some(be.upload_bytes(&w)?)
+        } else {
+            None
+        };
         let bias = bias_f32.map(|b| be.upload_storage(&b)).transpose()?;
         Ok(ConvWeights {
             spec,
@@ -81,7 +96,18 @@ pub(crate) fn prepare(be: &CudaBackend, weight: &HostTensor, bias: Option<&HostT
             }
         }
         let bias = bias_f32.map(|b| be.upload_bytes(&b)).transpose()?;
-        Ok(ConvWeights { spec, c_in, c_out, kh, kw, weight: be.upload_bytes(&dw)?, kp: 0, bias, weight_f32: None, depthwise: true })
+        Ok(ConvWeights {
+            spec,
+            c_in,
+            c_out,
+            kh,
+            kw,
+            weight: be.upload_bytes(&dw)?,
+            kp: 0,
+            bias,
+            weight_f32: None,
+            depthwise: true,
+        })
     } else {
         Err(EngineError::Unsupported(format!(
             "the CUDA backend runs dense and depthwise convolutions; groups={} with {c_in} inputs and {c_out} outputs is neither",
@@ -93,17 +119,51 @@ pub(crate) fn prepare(be: &CudaBackend, weight: &HostTensor, bias: Option<&HostT
 /// `out[p, :] = w x[p, :] (+ bias) (+ res[p, :])` for `p` pixels with `k` inputs each
 /// (row stride `k`), all row-major.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_rows(be: &CudaBackend, x: u64, p: usize, k: usize, w: &ConvWeights, out: u64, res: Option<u64>, with_bias: bool) -> Result<()> {
+pub(crate) fn gemm_rows(
+    be: &CudaBackend,
+    x: u64,
+    p: usize,
+    k: usize,
+    w: &ConvWeights,
+    out: u64,
+    res: Option<u64>,
+    with_bias: bool,
+) -> Result<()> {
     let elem = be.elem();
     let call = GemmCall {
-        a: Operand { ptr: w.weight.ptr(), rows: k as u64, cols: w.c_out as u64, ld: k as i64, stride: 0, elem },
+        a: Operand {
+            ptr: w.weight.ptr(),
+            rows: k as u64,
+            cols: w.c_out as u64,
+            ld: k as i64,
+            stride: 0,
+            elem,
+        },
         trans_a: true,
-        b: Operand { ptr: x, rows: k as u64, cols: p as u64, ld: k as i64, stride: 0, elem },
+        b: Operand {
+            ptr: x,
+            rows: k as u64,
+            cols: p as u64,
+            ld: k as i64,
+            stride: 0,
+            elem,
+        },
         trans_b: false,
         c: res,
-        d: Operand { ptr: out, rows: w.c_out as u64, cols: p as u64, ld: w.c_out as i64, stride: 0, elem },
+        d: Operand {
+            ptr: out,
+            rows: w.c_out as u64,
+            cols: p as u64,
+            ld: w.c_out as i64,
+            stride: 0,
+            elem,
+        },
         batch: 1,
-        bias: if with_bias { w.bias.as_ref().map(|b| b.ptr()) } else { None },
+        bias: if with_bias {
+            w.bias.as_ref().map(|b| b.ptr())
+        } else {
+            None
+        },
         tf32: be.tf32(),
     };
     be.gemm.run(&call, be.ctx.stream as _)?;
@@ -113,21 +173,39 @@ pub(crate) fn gemm_rows(be: &CudaBackend, x: u64, p: usize, k: usize, w: &ConvWe
 fn out_size(w: &ConvWeights, h: usize, wd: usize) -> Result<(usize, usize)> {
     let p = w.spec.padding;
     if h + 2 * p < w.kh || wd + 2 * p < w.kw {
-        return Err(EngineError::Shape(format!("input {h}x{wd} is smaller than the {}x{} kernel", w.kh, w.kw)));
+        return Err(EngineError::Shape(format!(
+            "input {h}x{wd} is smaller than the {}x{} kernel",
+            w.kh, w.kw
+        )));
     }
-    Ok(((h + 2 * p - w.kh) / w.spec.stride + 1, (wd + 2 * p - w.kw) / w.spec.stride + 1))
+    Ok((
+        (h + 2 * p - w.kh) / w.spec.stride + 1,
+        (wd + 2 * p - w.kw) / w.spec.stride + 1,
+    ))
 }
 
-pub(crate) fn conv2d(be: &CudaBackend, x: &CudaTensor, w: &ConvWeights, act: Activation, residual: Option<&CudaTensor>) -> Result<CudaTensor> {
+pub(crate) fn conv2d(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    w: &ConvWeights,
+    act: Activation,
+    residual: Option<&CudaTensor>,
+) -> Result<CudaTensor> {
     let [n, h, wd, c] = x.dims;
     if c != w.c_in {
-        return Err(EngineError::Shape(format!("convolution expects {} input channels, got {c}", w.c_in)));
+        return Err(EngineError::Shape(format!(
+            "convolution expects {} input channels, got {c}",
+            w.c_in
+        )));
     }
     let (oh, ow) = out_size(w, h, wd)?;
     let dims = [n, oh, ow, w.c_out];
     if let Some(r) = residual {
         if r.dims != dims {
-            return Err(EngineError::Shape(format!("residual {:?} does not match convolution output {dims:?}", r.dims)));
+            return Err(EngineError::Shape(format!(
+                "residual {:?} does not match convolution output {dims:?}",
+                r.dims
+            )));
         }
     }
     let es = be.esize() as f64;
@@ -145,25 +223,60 @@ pub(crate) fn conv2d(be: &CudaBackend, x: &CudaTensor, w: &ConvWeights, act: Act
                 Arg::Ptr(w.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
                 Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)),
             ];
-            let fast = w.kh == 3 && w.kw == 3 && w.spec.stride == 1 && w.spec.padding == 1 && c % 2 == 0 && n * oh <= 65_535;
+            let fast = w.kh == 3
+                && w.kw == 3
+                && w.spec.stride == 1
+                && w.spec.padding == 1
+                && c % 2 == 0
+                && n * oh <= 65_535;
             if fast {
                 args.extend([h, wd, c].map(|v| Arg::I32(v as i32)));
                 args.push(Arg::I32(act_code(act)));
-                let per_row = (wd * c / 2).div_ceil(256) as u32;
-                be.kernels.launch(&be.ctx, "dwconv3x3", (per_row, (n * oh) as u32, 1), 256, 0, &args)?;
+                // Four columns and two channels per thread (DW_XT in ops.cu).
+                let per_row = (wd.div_ceil(4) * c / 2).div_ceil(256) as u32;
+                be.kernels.launch(
+                    &be.ctx,
+                    "dwconv3x3",
+                    (per_row, (n * oh) as u32, 1),
+                    256,
+                    0,
+                    &args,
+                )?;
                 return Ok(out);
             }
-            args.extend([n, h, wd, c, oh, ow, w.kh, w.kw, w.spec.stride, w.spec.padding].map(|v| Arg::I32(v as i32)));
+            args.extend(
+                [
+                    n,
+                    h,
+                    wd,
+                    c,
+                    oh,
+                    ow,
+                    w.kh,
+                    w.kw,
+                    w.spec.stride,
+                    w.spec.padding,
+                ]
+                .map(|v| Arg::I32(v as i32)),
+            );
             args.push(Arg::I32(act_code(act)));
             be.launch_1d("dwconv", out.numel(), &args)?;
             Ok(out)
         });
     }
-    let fused_res = if act == Activation::Identity { residual.map(|r| r.ptr()) } else { None };
+    let fused_res = if act == Activation::Identity {
+        residual.map(|r| r.ptr())
+    } else {
+        None
+    };
     let k_real = w.kh * w.kw * w.c_in;
     let flops = 2.0 * (p_out * k_real * w.c_out) as f64;
     let pointwise = w.kp == w.c_in && w.kh == 1 && w.kw == 1;
-    let name = if pointwise { "conv1x1_gemm" } else { "conv3x3_im2col_gemm" };
+    let name = if pointwise {
+        "conv1x1_gemm"
+    } else {
+        "conv3x3_im2col_gemm"
+    };
     let bytes = (x.numel() + p_out * w.c_out + w.c_out * w.kp) as f64 * es + res_bytes;
     let out = be.profiler.op(be, name, flops, bytes, || {
         let out = be.alloc_tensor(dims)?;
@@ -181,16 +294,61 @@ pub(crate) fn conv2d(be: &CudaBackend, x: &CudaTensor, w: &ConvWeights, act: Act
             let x_off = x.ptr() + (n0 * h * wd * c) as u64 * esz;
             let mut args = vec![Arg::Ptr(x_off), Arg::Ptr(col.ptr())];
             if nc * oh <= 65_535 {
-                args.extend([h, wd, c, oh, ow, w.kh, w.kw, w.spec.stride, w.spec.padding, w.kp].map(|v| Arg::I32(v as i32)));
+                args.extend(
+                    [
+                        h,
+                        wd,
+                        c,
+                        oh,
+                        ow,
+                        w.kh,
+                        w.kw,
+                        w.spec.stride,
+                        w.spec.padding,
+                        w.kp,
+                    ]
+                    .map(|v| Arg::I32(v as i32)),
+                );
                 let per_row = (ow * w.kp).div_ceil(256).min(64) as u32;
-                be.kernels.launch(&be.ctx, "im2col_rows", (per_row, (nc * oh) as u32, 1), 256, 0, &args)?;
+                be.kernels.launch(
+                    &be.ctx,
+                    "im2col_rows",
+                    (per_row, (nc * oh) as u32, 1),
+                    256,
+                    0,
+                    &args,
+                )?;
             } else {
-                args.extend([nc, h, wd, c, oh, ow, w.kh, w.kw, w.spec.stride, w.spec.padding, w.kp].map(|v| Arg::I32(v as i32)));
+                args.extend(
+                    [
+                        nc,
+                        h,
+                        wd,
+                        c,
+                        oh,
+                        ow,
+                        w.kh,
+                        w.kw,
+                        w.spec.stride,
+                        w.spec.padding,
+                        w.kp,
+                    ]
+                    .map(|v| Arg::I32(v as i32)),
+                );
                 be.launch_1d("im2col", nc * oh * ow * w.kp, &args)?;
             }
             let o_off = (n0 * oh * ow * w.c_out) as u64 * esz;
             let res = fused_res.map(|r| r + o_off);
-            gemm_rows(be, col.ptr(), nc * oh * ow, w.kp, w, out.ptr() + o_off, res, true)?;
+            gemm_rows(
+                be,
+                col.ptr(),
+                nc * oh * ow,
+                w.kp,
+                w,
+                out.ptr() + o_off,
+                res,
+                true,
+            )?;
             n0 += nc;
         }
         Ok(out)
@@ -199,9 +357,13 @@ pub(crate) fn conv2d(be: &CudaBackend, x: &CudaTensor, w: &ConvWeights, act: Act
         be.launch_1d(
             "act_residual",
             out.numel(),
-            &[Arg::Ptr(out.ptr()), Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)), Arg::I64(out.numel() as i64), Arg::I32(act_code(act))],
+            &[
+                Arg::Ptr(out.ptr()),
+                Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)),
+                Arg::I64(out.numel() as i64),
+                Arg::I32(act_code(act)),
+            ],
         )?;
     }
     Ok(out)
 }
-

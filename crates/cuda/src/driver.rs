@@ -13,7 +13,9 @@ pub fn probe() -> CudaResult<()> {
     // SAFETY: the presence probes only try to dlopen candidate library names.
     let present = |f: unsafe fn() -> bool| catch_unwind(|| unsafe { f() }).unwrap_or(false);
     if !present(sys::is_culib_present) {
-        return Err(CudaError::Unavailable("no NVIDIA driver found (libcuda.so.1)".into()));
+        return Err(CudaError::Unavailable(
+            "no NVIDIA driver found (libcuda.so.1)".into(),
+        ));
     }
     if !present(cudarc::nvrtc::sys::is_culib_present) {
         return Err(CudaError::Unavailable(
@@ -32,7 +34,9 @@ pub fn probe() -> CudaResult<()> {
     })
     .map_err(|_| CudaError::Unavailable("the CUDA driver library could not be loaded".into()))??;
     if count == 0 {
-        return Err(CudaError::Unavailable("the NVIDIA driver reports no CUDA device".into()));
+        return Err(CudaError::Unavailable(
+            "the NVIDIA driver reports no CUDA device".into(),
+        ));
     }
     Ok(())
 }
@@ -84,7 +88,15 @@ impl Context {
             let total_memory = result::device::total_mem(dev)?;
             let name = result::device::get_name(dev)?;
             let stream = result::stream::create(result::stream::StreamKind::NonBlocking)?;
-            Ok(Self { ctx, stream, name, ordinal, capability, multiprocessors, total_memory })
+            Ok(Self {
+                ctx,
+                stream,
+                name,
+                ordinal,
+                capability,
+                multiprocessors,
+                total_memory,
+            })
         }
     }
 
@@ -121,7 +133,9 @@ unsafe impl Sync for Event {}
 impl Event {
     pub(crate) fn new(ctx: &Context) -> CudaResult<Self> {
         ctx.bind()?;
-        Ok(Self { ev: result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)? })
+        Ok(Self {
+            ev: result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)?,
+        })
     }
 
     pub(crate) fn record(&self, ctx: &Context) -> CudaResult<()> {

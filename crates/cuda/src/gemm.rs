@@ -123,7 +123,12 @@ fn layout(op: &Operand, batch: i32) -> CudaResult<sys::cublasLtMatrixLayout_t> {
 impl Gemm {
     /// `workspace` must stay allocated as long as this object lives.
     pub(crate) fn new(workspace: u64, workspace_size: usize) -> CudaResult<Self> {
-        Ok(Self { handle: result::create_handle()?, workspace, workspace_size, plans: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            handle: result::create_handle()?,
+            workspace,
+            workspace_size,
+            plans: Mutex::new(HashMap::new()),
+        })
     }
 
     fn plan(&self, call: &GemmCall) -> CudaResult<Plan> {
@@ -139,11 +144,23 @@ impl Gemm {
             Ok(())
         };
         let (ta, tb) = (call.trans_a as i32, call.trans_b as i32);
-        set(A::CUBLASLT_MATMUL_DESC_TRANSA, &ta as *const i32 as *const c_void, 4)?;
-        set(A::CUBLASLT_MATMUL_DESC_TRANSB, &tb as *const i32 as *const c_void, 4)?;
+        set(
+            A::CUBLASLT_MATMUL_DESC_TRANSA,
+            &ta as *const i32 as *const c_void,
+            4,
+        )?;
+        set(
+            A::CUBLASLT_MATMUL_DESC_TRANSB,
+            &tb as *const i32 as *const c_void,
+            4,
+        )?;
         if call.bias.is_some() {
             let epi = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
-            set(A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi as *const _ as *const c_void, std::mem::size_of_val(&epi))?;
+            set(
+                A::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                &epi as *const _ as *const c_void,
+                std::mem::size_of_val(&epi),
+            )?;
         }
         let la = layout(&call.a, call.batch)?;
         let lb = layout(&call.b, call.batch)?;
@@ -154,41 +171,94 @@ impl Gemm {
         unsafe {
             use sys::cublasLtMatmulPreferenceAttributes_t as P;
             let ws = self.workspace_size as u64;
-            result::set_matmul_pref_attribute(pref, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const u64 as *const c_void, 8)?;
+            result::set_matmul_pref_attribute(
+                pref,
+                P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const u64 as *const c_void,
+                8,
+            )?;
             let aligns = [
-                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment(call.a.ptr)),
-                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment(call.b.ptr)),
-                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment(call.c.unwrap_or(call.d.ptr))),
-                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment(call.d.ptr)),
+                (
+                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                    alignment(call.a.ptr),
+                ),
+                (
+                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                    alignment(call.b.ptr),
+                ),
+                (
+                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                    alignment(call.c.unwrap_or(call.d.ptr)),
+                ),
+                (
+                    P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                    alignment(call.d.ptr),
+                ),
             ];
             for (attr, v) in aligns {
-                result::set_matmul_pref_attribute(pref, attr, &v as *const u32 as *const c_void, 4)?;
+                result::set_matmul_pref_attribute(
+                    pref,
+                    attr,
+                    &v as *const u32 as *const c_void,
+                    4,
+                )?;
             }
             let heur = result::get_matmul_algo_heuristic(self.handle, desc, la, lb, lc, ld, pref);
             let _ = result::destroy_matmul_pref(pref);
             let heur = heur.map_err(|e| {
                 CudaError::Blas(format!("no cuBLASLt algorithm for {call:?}: {e:?}"))
             })?;
-            Ok(Plan { desc, layouts: [la, lb, lc, ld], algo: heur.algo })
+            Ok(Plan {
+                desc,
+                layouts: [la, lb, lc, ld],
+                algo: heur.algo,
+            })
         }
     }
 
     pub(crate) fn run(&self, call: &GemmCall, stream: sys::cudaStream_t) -> CudaResult<()> {
         let key = Key {
-            a: (call.a.rows, call.a.cols, call.a.ld, call.a.stride, call.a.elem, call.trans_a, alignment(call.a.ptr)),
-            b: (call.b.rows, call.b.cols, call.b.ld, call.b.stride, call.b.elem, call.trans_b, alignment(call.b.ptr)),
-            d: (call.d.rows, call.d.cols, call.d.ld, call.d.stride, call.d.elem, alignment(call.d.ptr).min(alignment(call.c.unwrap_or(call.d.ptr)))),
+            a: (
+                call.a.rows,
+                call.a.cols,
+                call.a.ld,
+                call.a.stride,
+                call.a.elem,
+                call.trans_a,
+                alignment(call.a.ptr),
+            ),
+            b: (
+                call.b.rows,
+                call.b.cols,
+                call.b.ld,
+                call.b.stride,
+                call.b.elem,
+                call.trans_b,
+                alignment(call.b.ptr),
+            ),
+            d: (
+                call.d.rows,
+                call.d.cols,
+                call.d.ld,
+                call.d.stride,
+                call.d.elem,
+                alignment(call.d.ptr).min(alignment(call.c.unwrap_or(call.d.ptr))),
+            ),
             with_c: call.c.is_some(),
             batch: call.batch,
             bias: call.bias.is_some(),
             tf32: call.tf32,
         };
-        let mut plans = self.plans.lock().map_err(|_| CudaError::Blas("plan cache poisoned".into()))?;
-        if !plans.contains_key(&key) {
-            let p = self.plan(call)?;
-            plans.insert(key, p);
+        let mut plans = self
+            .plans
+            .lock()
+            .map_err(|_| CudaError::Blas("plan cache poisoned".into()))?;
+        if let std::collections::hash_map::Entry::Vacant(slot) = plans.entry(key) {
+            slot.insert(self.plan(call)?);
         }
-        let plan = plans.get(&key).ok_or_else(|| CudaError::Blas("plan cache lost an entry".into()))?;
+        let plan = plans
+            .get(&key)
+            .ok_or_else(|| CudaError::Blas("plan cache lost an entry".into()))?;
         if let Some(bias) = call.bias {
             // SAFETY: the descriptor is alive; the pointer value is copied.
             unsafe {

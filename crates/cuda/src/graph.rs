@@ -37,13 +37,23 @@ impl CudaBackend {
     /// Records everything `f` enqueues into a graph instead of running it. `f` must
     /// only enqueue device work (no host copies, no synchronisation).
     pub fn capture<T>(&self, f: impl FnOnce(&Self) -> Result<T>) -> Result<(CudaGraph, T)> {
+        self.capture_in(self.pool.new_arena(), f)
+    }
+
+    fn capture_in<T>(
+        &self,
+        arena: Arc<Arena>,
+        f: impl FnOnce(&Self) -> Result<T>,
+    ) -> Result<(CudaGraph, T)> {
         self.ctx.bind()?;
-        let arena = self.pool.new_arena();
         self.pool.set_capture_arena(Some(arena.clone()));
         // SAFETY: the stream is alive; relaxed mode lets the allocator call cuMemAlloc
         // while capturing.
         let begun = unsafe {
-            result::stream::begin_capture(self.ctx.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            result::stream::begin_capture(
+                self.ctx.stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+            )
         };
         if let Err(e) = begun {
             self.pool.set_capture_arena(None);
@@ -76,7 +86,14 @@ impl CudaBackend {
                 return Err(CudaError::from(e).into());
             }
         };
-        Ok((CudaGraph { graph, exec, _arena: arena }, value))
+        Ok((
+            CudaGraph {
+                graph,
+                exec,
+                _arena: arena,
+            },
+            value,
+        ))
     }
 
     /// Enqueues one replay of `graph` on the backend's stream.
@@ -101,7 +118,8 @@ unsafe impl Sync for Pinned {}
 impl Pinned {
     fn new(len: usize) -> Result<Self> {
         // SAFETY: allocation of `len` f32 values; freed in Drop.
-        let ptr = unsafe { result::malloc_host(len.max(1) * 4, 0).map_err(CudaError::from)? } as *mut f32;
+        let ptr =
+            unsafe { result::malloc_host(len.max(1) * 4, 0).map_err(CudaError::from)? } as *mut f32;
         Ok(Self { ptr, len })
     }
     fn as_mut_slice(&mut self) -> &mut [f32] {
@@ -163,31 +181,44 @@ impl GraphCache {
     where
         F: Fn(&CudaBackend, &CudaTensor) -> Result<CudaTensor>,
     {
-        let mut entries = self.entries.lock().map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
+        let mut entries = self
+            .entries
+            .lock()
+            .map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
         if entries.contains_key(shape) {
             return Ok(());
         }
         let [n, c, h, w] = match shape {
             [n, c, h, w] => [*n, *c, *h, *w],
-            _ => return Err(EngineError::Shape(format!("expected an NCHW input, got shape {shape:?}"))),
+            _ => {
+                return Err(EngineError::Shape(format!(
+                    "expected an NCHW input, got shape {shape:?}"
+                )))
+            }
         };
         let numel = n * c * h * w;
         let staging_in = be.pool.alloc(numel * 4)?;
         // Warm-up: one eager pass readies every cuBLASLt plan and tells the output
         // shape; its blocks go back to the driver before the capture allocates its own.
-        let out_dims = {
-            be.memset(staging_in.ptr(), 0, numel * 4)?;
-            let x = be.from_staging(staging_in.ptr(), [n, c, h, w])?;
+        // The pass is recorded; the capture then cuts its buffers out of one block at
+        // the offsets planned from that record (about the largest live set).
+        be.memset(staging_in.ptr(), 0, numel * 4)?;
+        be.pool.record(true);
+        let eager = (|| -> Result<[usize; 4]> {
+            let x = be.tensor_from_staging(staging_in.ptr(), [n, c, h, w])?;
             let y = forward(be, &x)?;
             be.synchronize()?;
-            y.dims()
-        };
+            Ok(y.dims())
+        })();
+        let events = be.pool.record(false);
+        let out_dims = eager?;
         be.trim_memory()?;
+        let arena = be.pool.planned_arena(crate::plan::plan(&events))?;
         let [on, oh, ow, oc] = out_dims;
         let out_numel = on * oh * ow * oc;
         let staging_out = be.pool.alloc(out_numel * 4)?;
-        let (graph, ()) = be.capture(|b| {
-            let x = b.from_staging(staging_in.ptr(), [n, c, h, w])?;
+        let (graph, ()) = be.capture_in(arena, |b| {
+            let x = b.tensor_from_staging(staging_in.ptr(), [n, c, h, w])?;
             let y = forward(b, &x)?;
             b.to_staging(&y, staging_out.ptr())
         })?;
@@ -205,8 +236,13 @@ impl GraphCache {
 
     /// Enqueues one replay for `shape` without copies (for timing the device work).
     pub fn replay(&self, be: &CudaBackend, shape: &[usize]) -> Result<()> {
-        let entries = self.entries.lock().map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
-        let e = entries.get(shape).ok_or_else(|| EngineError::Invalid(format!("no graph captured for {shape:?}")))?;
+        let entries = self
+            .entries
+            .lock()
+            .map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
+        let e = entries
+            .get(shape)
+            .ok_or_else(|| EngineError::Invalid(format!("no graph captured for {shape:?}")))?;
         be.replay(&e.graph)
     }
 
@@ -216,8 +252,13 @@ impl GraphCache {
         F: Fn(&CudaBackend, &CudaTensor) -> Result<CudaTensor>,
     {
         self.prepare(be, x.shape(), forward)?;
-        let mut entries = self.entries.lock().map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
-        let e = entries.get_mut(x.shape()).ok_or_else(|| EngineError::Device("graph vanished".into()))?;
+        let mut entries = self
+            .entries
+            .lock()
+            .map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
+        let e = entries
+            .get_mut(x.shape())
+            .ok_or_else(|| EngineError::Device("graph vanished".into()))?;
         match x.as_f32() {
             Some(v) => e.pinned_in.as_mut_slice().copy_from_slice(v),
             None => e.pinned_in.as_mut_slice().copy_from_slice(&x.to_f32_vec()),
@@ -227,9 +268,11 @@ impl GraphCache {
         // SAFETY: pinned buffers and device staging buffers have exactly the copied
         // sizes and outlive the stream synchronisation below.
         unsafe {
-            result::memcpy_htod_async(e.staging_in.ptr(), e.pinned_in.as_mut_slice(), stream).map_err(CudaError::from)?;
+            result::memcpy_htod_async(e.staging_in.ptr(), e.pinned_in.as_mut_slice(), stream)
+                .map_err(CudaError::from)?;
             result::graph::launch(e.graph.exec, stream).map_err(CudaError::from)?;
-            result::memcpy_dtoh_async(e.pinned_out.as_mut_slice(), e.staging_out.ptr(), stream).map_err(CudaError::from)?;
+            result::memcpy_dtoh_async(e.pinned_out.as_mut_slice(), e.staging_out.ptr(), stream)
+                .map_err(CudaError::from)?;
             result::stream::synchronize(stream).map_err(CudaError::from)?;
         }
         HostTensor::from_f32(e.out_shape.clone(), e.pinned_out.as_mut_slice().to_vec())

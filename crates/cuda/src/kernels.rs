@@ -29,6 +29,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "pixel_shuffle",
     "pixel_unshuffle",
     "mdta_sumsq",
+    "mdta_gram_sum",
     "mdta_softmax",
     "mdta_fold",
 ];
@@ -102,17 +103,33 @@ impl Kernels {
         let module = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void)? };
         let mut funcs = HashMap::new();
         for &name in KERNEL_NAMES {
-            let cname = CString::new(name).map_err(|_| CudaError::Driver(format!("bad kernel name {name}")))?;
+            let cname = CString::new(name)
+                .map_err(|_| CudaError::Driver(format!("bad kernel name {name}")))?;
             // SAFETY: the module is loaded; the name is NUL-terminated.
             let f = unsafe { result::module::get_function(module, cname)? };
             funcs.insert(name, f);
         }
-        Ok(Self { module, funcs, from_cache })
+        Ok(Self {
+            module,
+            funcs,
+            from_cache,
+        })
     }
 
     /// Launches `name` on the context's stream and checks the launch.
-    pub fn launch(&self, ctx: &Context, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[Arg]) -> CudaResult<()> {
-        let f = *self.funcs.get(name).ok_or_else(|| CudaError::Driver(format!("kernel {name} is not loaded")))?;
+    pub fn launch(
+        &self,
+        ctx: &Context,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> CudaResult<()> {
+        let f = *self
+            .funcs
+            .get(name)
+            .ok_or_else(|| CudaError::Driver(format!("kernel {name} is not loaded")))?;
         let mut vals: Vec<Arg> = args.to_vec();
         let mut ptrs: Vec<*mut c_void> = vals
             .iter_mut()
@@ -133,7 +150,8 @@ impl Kernels {
     /// Launches an element-wise kernel over `n` items with a grid-stride loop.
     pub fn launch_1d(&self, ctx: &Context, name: &str, n: i64, args: &[Arg]) -> CudaResult<()> {
         let block = 256u32;
-        let blocks = ((n.max(1) as u64).div_ceil(block as u64)).min(ctx.multiprocessors.max(1) as u64 * 32) as u32;
+        let blocks = ((n.max(1) as u64).div_ceil(block as u64))
+            .min(ctx.multiprocessors.max(1) as u64 * 32) as u32;
         self.launch(ctx, name, (blocks.max(1), 1, 1), block, 0, args)
     }
 }
@@ -169,8 +187,16 @@ mod tests {
             let src = full_source(s);
             assert!(!src.contains('\0'));
             let opens = src.matches('{').count();
-            assert_eq!(opens, src.matches('}').count(), "unbalanced braces for {s:?}");
-            assert_eq!(src.matches('(').count(), src.matches(')').count(), "unbalanced parentheses for {s:?}");
+            assert_eq!(
+                opens,
+                src.matches('}').count(),
+                "unbalanced braces for {s:?}"
+            );
+            assert_eq!(
+                src.matches('(').count(),
+                src.matches(')').count(),
+                "unbalanced parentheses for {s:?}"
+            );
         }
     }
 

@@ -23,6 +23,7 @@ mod gemm;
 mod graph;
 pub mod kernels;
 pub mod nvrtc;
+mod plan;
 mod pool;
 mod profile;
 pub mod selftest;
@@ -57,7 +58,10 @@ mod tests {
             Ok(_) => assert!(cuda_available()),
             Err(e) => {
                 let msg = e.to_string();
-                assert!(!cuda_available() || msg.contains("NVRTC") || msg.contains("CUDA"), "{msg}");
+                assert!(
+                    !cuda_available() || msg.contains("NVRTC") || msg.contains("CUDA"),
+                    "{msg}"
+                );
                 if !cuda_available() {
                     assert!(msg.contains("falling back to CPU"), "{msg}");
                 }

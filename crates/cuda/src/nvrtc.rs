@@ -28,7 +28,9 @@ pub fn cache_dir() -> Option<PathBuf> {
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
         return Some(PathBuf::from(x).join("aperture"));
     }
-    std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| PathBuf::from(h).join(".cache").join("aperture"))
+    std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .map(|h| PathBuf::from(h).join(".cache").join("aperture"))
 }
 
 /// File name of the cached binary for a source, its options and the compiler version.
@@ -57,13 +59,21 @@ fn include_options() -> Vec<String> {
         }
     }
     dirs.push(PathBuf::from("/usr/local/cuda/include"));
-    dirs.into_iter().filter(|d| d.join("cuda_fp16.h").exists()).map(|d| format!("-I{}", d.display())).collect()
+    dirs.into_iter()
+        .filter(|d| d.join("cuda_fp16.h").exists())
+        .map(|d| format!("-I{}", d.display()))
+        .collect()
 }
 
 fn compile(source: &str, options: &[String], arch: &str) -> CudaResult<Vec<u8>> {
-    let src = CString::new(source).map_err(|_| CudaError::Compile { arch: arch.into(), log: "source holds a NUL byte".into() })?;
-    let prog = result::create_program(&src, None)
-        .map_err(|e| CudaError::Compile { arch: arch.into(), log: format!("{e:?}") })?;
+    let src = CString::new(source).map_err(|_| CudaError::Compile {
+        arch: arch.into(),
+        log: "source holds a NUL byte".into(),
+    })?;
+    let prog = result::create_program(&src, None).map_err(|e| CudaError::Compile {
+        arch: arch.into(),
+        log: format!("{e:?}"),
+    })?;
     // SAFETY: `prog` is a live program until destroyed at the end of this block.
     unsafe {
         let compiled = result::compile_program(prog, options);
@@ -74,13 +84,22 @@ fn compile(source: &str, options: &[String], arch: &str) -> CudaResult<Vec<u8>> 
                 let mut buf = vec![0u8; size];
                 r.and_then(|_| sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut _).result())
                     .map(|_| buf)
-                    .map_err(|e| CudaError::Compile { arch: arch.into(), log: format!("no CUBIN: {e:?}") })
+                    .map_err(|e| CudaError::Compile {
+                        arch: arch.into(),
+                        log: format!("no CUBIN: {e:?}"),
+                    })
             }
             Err(e) => {
                 let log = result::get_program_log(prog)
-                    .map(|l| String::from_utf8_lossy(&l.iter().map(|&c| c as u8).collect::<Vec<u8>>()).into_owned())
+                    .map(|l| {
+                        String::from_utf8_lossy(&l.iter().map(|&c| c as u8).collect::<Vec<u8>>())
+                            .into_owned()
+                    })
                     .unwrap_or_default();
-                Err(CudaError::Compile { arch: arch.into(), log: format!("{e:?}\n{log}") })
+                Err(CudaError::Compile {
+                    arch: arch.into(),
+                    log: format!("{e:?}\n{log}"),
+                })
             }
         };
         let _ = result::destroy_program(prog);
@@ -101,7 +120,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Returns the binary and whether it came from the cache.
 pub fn compile_cached(source: &str, capability: (i32, i32)) -> CudaResult<(Vec<u8>, bool)> {
     let arch = format!("sm_{}{}", capability.0, capability.1);
-    let mut options = vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string()];
+    let mut options = vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+    ];
     options.extend(include_options());
     let version = nvrtc_version()?;
     let path = cache_dir().map(|d| d.join(cache_file_name(source, &options, version)));
@@ -140,7 +162,10 @@ mod tests {
         let base = cache_file_name("src", &o, (13, 0));
         assert_eq!(base, cache_file_name("src", &o, (13, 0)));
         assert_ne!(base, cache_file_name("src2", &o, (13, 0)));
-        assert_ne!(base, cache_file_name("src", &["--gpu-architecture=sm_80".to_string()], (13, 0)));
+        assert_ne!(
+            base,
+            cache_file_name("src", &["--gpu-architecture=sm_80".to_string()], (13, 0))
+        );
         assert_ne!(base, cache_file_name("src", &o, (13, 1)));
         assert!(base.starts_with("kernels-") && base.ends_with(".cubin"));
     }

@@ -55,7 +55,13 @@ impl Profiler {
         let r = f()?;
         let end = backend.record_event()?;
         if let Ok(mut recs) = self.records.lock() {
-            recs.push(Record { name, flops, bytes, start, end });
+            recs.push(Record {
+                name,
+                flops,
+                bytes,
+                start,
+                end,
+            });
         }
         Ok(r)
     }
@@ -76,7 +82,13 @@ impl Profiler {
                     s.flops += r.flops;
                     s.bytes += r.bytes;
                 }
-                None => stats.push(OpStat { name: r.name.to_string(), calls: 1, ms, flops: r.flops, bytes: r.bytes }),
+                None => stats.push(OpStat {
+                    name: r.name.to_string(),
+                    calls: 1,
+                    ms,
+                    flops: r.flops,
+                    bytes: r.bytes,
+                }),
             }
         }
         stats.sort_by(|a, b| b.ms.total_cmp(&a.ms));

@@ -64,10 +64,25 @@ impl Rng {
 }
 
 enum Op {
-    Conv { w: HostTensor, b: Option<HostTensor>, spec: ConvSpec, act: Activation, residual: bool },
-    Norm { w: HostTensor, b: Option<HostTensor> },
+    Conv {
+        w: HostTensor,
+        b: Option<HostTensor>,
+        spec: ConvSpec,
+        act: Activation,
+        residual: bool,
+    },
+    Norm {
+        w: HostTensor,
+        b: Option<HostTensor>,
+    },
     GeluGate,
-    Attention { heads: usize, temp: HostTensor, w: HostTensor, b: Option<HostTensor>, residual: bool },
+    Attention {
+        heads: usize,
+        temp: HostTensor,
+        w: HostTensor,
+        b: Option<HostTensor>,
+        residual: bool,
+    },
     Shuffle(usize),
     Unshuffle(usize),
     Concat,
@@ -76,11 +91,27 @@ enum Op {
 
 /// Runs one operation on any backend; inputs and output are NCHW host tensors.
 fn run<B: Backend>(be: &B, op: &Op, xs: &[HostTensor]) -> Result<HostTensor> {
-    let t = xs.iter().map(|x| be.upload_nchw(x)).collect::<Result<Vec<_>>>()?;
-    let first = || t.first().ok_or_else(|| aperture_engine::EngineError::Invalid("case without input".into()));
-    let second = || t.get(1).ok_or_else(|| aperture_engine::EngineError::Invalid("case without second input".into()));
+    let t = xs
+        .iter()
+        .map(|x| be.upload_nchw(x))
+        .collect::<Result<Vec<_>>>()?;
+    let first = || {
+        t.first()
+            .ok_or_else(|| aperture_engine::EngineError::Invalid("case without input".into()))
+    };
+    let second = || {
+        t.get(1).ok_or_else(|| {
+            aperture_engine::EngineError::Invalid("case without second input".into())
+        })
+    };
     let y = match op {
-        Op::Conv { w, b, spec, act, residual } => {
+        Op::Conv {
+            w,
+            b,
+            spec,
+            act,
+            residual,
+        } => {
             let p = be.prepare_conv(w, b.as_ref(), *spec)?;
             let r = if *residual { Some(second()?) } else { None };
             be.conv2d(first()?, &p, *act, r)?
@@ -91,7 +122,13 @@ fn run<B: Backend>(be: &B, op: &Op, xs: &[HostTensor]) -> Result<HostTensor> {
             be.layer_norm(first()?, &wp, bp.as_ref(), 1e-5)?
         }
         Op::GeluGate => be.gelu_gate(first()?)?,
-        Op::Attention { heads, temp, w, b, residual } => {
+        Op::Attention {
+            heads,
+            temp,
+            w,
+            b,
+            residual,
+        } => {
             let tp = be.prepare_vector(temp)?;
             let pp = be.prepare_conv(w, b.as_ref(), ConvSpec::same(1))?;
             let r = if *residual { Some(second()?) } else { None };
@@ -113,45 +150,224 @@ pub fn op_parity(gpu: &CudaBackend, seed: u64) -> Result<Vec<ParityRow>> {
     let tol = op_tolerance(gpu.precision());
     let (n, h, w) = (2usize, 12usize, 20usize);
     let mut cases: Vec<(String, Op, Vec<HostTensor>)> = Vec::new();
-    let conv = |rng: &mut Rng, co: usize, ci: usize, k: usize| rng.tensor(vec![co, ci, k, k], 1.0 / ((ci * k * k) as f32).sqrt());
-    let mut add_conv = |name: &str, ci: usize, co: usize, k: usize, groups: usize, bias: bool, act: Activation, residual: bool, rng: &mut Rng| {
+    let conv = |rng: &mut Rng, co: usize, ci: usize, k: usize| {
+        rng.tensor(vec![co, ci, k, k], 1.0 / ((ci * k * k) as f32).sqrt())
+    };
+    let mut add_conv = |name: &str,
+                        ci: usize,
+                        co: usize,
+                        k: usize,
+                        groups: usize,
+                        bias: bool,
+                        act: Activation,
+                        residual: bool,
+                        rng: &mut Rng| {
         let wt = conv(rng, co, ci / groups, k);
-        let b = if bias { Some(rng.tensor(vec![co], 0.5)) } else { None };
-        let spec = ConvSpec { stride: 1, padding: k / 2, groups };
+        let b = if bias {
+            Some(rng.tensor(vec![co], 0.5))
+        } else {
+            None
+        };
+        let spec = ConvSpec {
+            stride: 1,
+            padding: k / 2,
+            groups,
+        };
         let mut xs = vec![rng.tensor(vec![n, ci, h, w], 1.0)];
         if residual {
             xs.push(rng.tensor(vec![n, co, h, w], 1.0));
         }
-        cases.push((name.to_string(), Op::Conv { w: wt, b, spec, act, residual }, xs));
+        cases.push((
+            name.to_string(),
+            Op::Conv {
+                w: wt,
+                b,
+                spec,
+                act,
+                residual,
+            },
+            xs,
+        ));
     };
-    add_conv("conv1x1 48->144 bias", 48, 144, 1, 1, true, Activation::Identity, false, &mut rng);
-    add_conv("conv1x1 127->48 +residual", 127, 48, 1, 1, false, Activation::Identity, true, &mut rng);
-    add_conv("conv3x3 3->48 bias", 3, 48, 3, 1, true, Activation::Identity, false, &mut rng);
-    add_conv("conv3x3 96->192", 96, 192, 3, 1, false, Activation::Identity, false, &mut rng);
-    add_conv("conv3x3 48->24 gelu +residual", 48, 24, 3, 1, true, Activation::Gelu, true, &mut rng);
-    add_conv("depthwise3x3 144 bias", 144, 144, 3, 144, true, Activation::Identity, false, &mut rng);
-    add_conv("depthwise3x3 254 +residual", 254, 254, 3, 254, false, Activation::Identity, true, &mut rng);
-    add_conv("depthwise5x5 45 (generic kernel) relu", 45, 45, 5, 45, true, Activation::Relu, false, &mut rng);
+    add_conv(
+        "conv1x1 48->144 bias",
+        48,
+        144,
+        1,
+        1,
+        true,
+        Activation::Identity,
+        false,
+        &mut rng,
+    );
+    add_conv(
+        "conv1x1 127->48 +residual",
+        127,
+        48,
+        1,
+        1,
+        false,
+        Activation::Identity,
+        true,
+        &mut rng,
+    );
+    add_conv(
+        "conv3x3 3->48 bias",
+        3,
+        48,
+        3,
+        1,
+        true,
+        Activation::Identity,
+        false,
+        &mut rng,
+    );
+    add_conv(
+        "conv3x3 96->192",
+        96,
+        192,
+        3,
+        1,
+        false,
+        Activation::Identity,
+        false,
+        &mut rng,
+    );
+    add_conv(
+        "conv3x3 48->24 gelu +residual",
+        48,
+        24,
+        3,
+        1,
+        true,
+        Activation::Gelu,
+        true,
+        &mut rng,
+    );
+    add_conv(
+        "depthwise3x3 144 bias",
+        144,
+        144,
+        3,
+        144,
+        true,
+        Activation::Identity,
+        false,
+        &mut rng,
+    );
+    add_conv(
+        "depthwise3x3 254 +residual",
+        254,
+        254,
+        3,
+        254,
+        false,
+        Activation::Identity,
+        true,
+        &mut rng,
+    );
+    add_conv(
+        "depthwise5x5 45 (generic kernel) relu",
+        45,
+        45,
+        5,
+        45,
+        true,
+        Activation::Relu,
+        false,
+        &mut rng,
+    );
     cases.push((
         "layer_norm 96 with bias".into(),
-        Op::Norm { w: rng.tensor(vec![96], 1.0), b: Some(rng.tensor(vec![96], 1.0)) },
+        Op::Norm {
+            w: rng.tensor(vec![96], 1.0),
+            b: Some(rng.tensor(vec![96], 1.0)),
+        },
         vec![rng.tensor(vec![n, 96, h, w], 3.0)],
     ));
-    cases.push(("layer_norm 600 (generic kernel)".into(), Op::Norm { w: rng.tensor(vec![600], 1.0), b: Some(rng.tensor(vec![600], 1.0)) }, vec![rng.tensor(vec![n, 600, 4, 6], 3.0)]));
-    cases.push(("layer_norm 48 bias-free".into(), Op::Norm { w: rng.tensor(vec![48], 1.0), b: None }, vec![rng.tensor(vec![n, 48, h, w], 3.0)]));
-    cases.push(("gelu_gate 254".into(), Op::GeluGate, vec![rng.tensor(vec![n, 254, h, w], 2.0)]));
-    for (c, heads, hh, ww, bias) in [(48usize, 1usize, 12usize, 20usize, false), (96, 2, 64, 72, true), (96, 1, 16, 24, false), (192, 4, 8, 8, true)] {
-        let temp = HostTensor::from_f32(vec![heads], (0..heads).map(|i| 0.5 + 0.3 * i as f32).collect())?;
+    cases.push((
+        "layer_norm 600 (generic kernel)".into(),
+        Op::Norm {
+            w: rng.tensor(vec![600], 1.0),
+            b: Some(rng.tensor(vec![600], 1.0)),
+        },
+        vec![rng.tensor(vec![n, 600, 4, 6], 3.0)],
+    ));
+    cases.push((
+        "layer_norm 48 bias-free".into(),
+        Op::Norm {
+            w: rng.tensor(vec![48], 1.0),
+            b: None,
+        },
+        vec![rng.tensor(vec![n, 48, h, w], 3.0)],
+    ));
+    cases.push((
+        "gelu_gate 254".into(),
+        Op::GeluGate,
+        vec![rng.tensor(vec![n, 254, h, w], 2.0)],
+    ));
+    for (c, heads, hh, ww, bias) in [
+        (48usize, 1usize, 12usize, 20usize, false),
+        (96, 2, 64, 72, true),
+        (96, 1, 16, 24, false),
+        (192, 4, 8, 8, true),
+    ] {
+        let temp = HostTensor::from_f32(
+            vec![heads],
+            (0..heads).map(|i| 0.5 + 0.3 * i as f32).collect(),
+        )?;
         let wt = conv(&mut rng, c, c, 1);
-        let b = if bias { Some(rng.tensor(vec![c], 0.5)) } else { None };
-        let xs = vec![rng.tensor(vec![n, 3 * c, hh, ww], 1.0), rng.tensor(vec![n, c, hh, ww], 1.0)];
-        let name = format!("attention c={c} heads={heads} {hh}x{ww}{} +residual", if bias { " bias" } else { "" });
-        cases.push((name, Op::Attention { heads, temp, w: wt, b, residual: true }, xs));
+        let b = if bias {
+            Some(rng.tensor(vec![c], 0.5))
+        } else {
+            None
+        };
+        let xs = vec![
+            rng.tensor(vec![n, 3 * c, hh, ww], 1.0),
+            rng.tensor(vec![n, c, hh, ww], 1.0),
+        ];
+        let name = format!(
+            "attention c={c} heads={heads} {hh}x{ww}{} +residual",
+            if bias { " bias" } else { "" }
+        );
+        cases.push((
+            name,
+            Op::Attention {
+                heads,
+                temp,
+                w: wt,
+                b,
+                residual: true,
+            },
+            xs,
+        ));
     }
-    cases.push(("pixel_shuffle 2 (192ch)".into(), Op::Shuffle(2), vec![rng.tensor(vec![n, 192, h, w], 1.0)]));
-    cases.push(("pixel_unshuffle 2 (24ch)".into(), Op::Unshuffle(2), vec![rng.tensor(vec![n, 24, h, w], 1.0)]));
-    cases.push(("concat 48+96".into(), Op::Concat, vec![rng.tensor(vec![n, 48, h, w], 1.0), rng.tensor(vec![n, 96, h, w], 1.0)]));
-    cases.push(("add 48".into(), Op::Add, vec![rng.tensor(vec![n, 48, h, w], 1.0), rng.tensor(vec![n, 48, h, w], 1.0)]));
+    cases.push((
+        "pixel_shuffle 2 (192ch)".into(),
+        Op::Shuffle(2),
+        vec![rng.tensor(vec![n, 192, h, w], 1.0)],
+    ));
+    cases.push((
+        "pixel_unshuffle 2 (24ch)".into(),
+        Op::Unshuffle(2),
+        vec![rng.tensor(vec![n, 24, h, w], 1.0)],
+    ));
+    cases.push((
+        "concat 48+96".into(),
+        Op::Concat,
+        vec![
+            rng.tensor(vec![n, 48, h, w], 1.0),
+            rng.tensor(vec![n, 96, h, w], 1.0),
+        ],
+    ));
+    cases.push((
+        "add 48".into(),
+        Op::Add,
+        vec![
+            rng.tensor(vec![n, 48, h, w], 1.0),
+            rng.tensor(vec![n, 48, h, w], 1.0),
+        ],
+    ));
 
     gpu.set_poison(true);
     let mut rows = Vec::new();
@@ -166,7 +382,11 @@ pub fn op_parity(gpu: &CudaBackend, seed: u64) -> Result<Vec<ParityRow>> {
                 return Err(e);
             }
         };
-        rows.push(ParityRow { case: name.clone(), rel_l2, tolerance: tol });
+        rows.push(ParityRow {
+            case: name.clone(),
+            rel_l2,
+            tolerance: tol,
+        });
     }
     gpu.set_poison(false);
     Ok(rows)
@@ -188,9 +408,18 @@ mod tests {
 
     #[test]
     fn nan_never_passes() {
-        let row = ParityRow { case: "x".into(), rel_l2: f64::NAN, tolerance: 1.0 };
+        let row = ParityRow {
+            case: "x".into(),
+            rel_l2: f64::NAN,
+            tolerance: 1.0,
+        };
         assert!(!row.passed());
-        assert!(ParityRow { case: "y".into(), rel_l2: 1e-6, tolerance: 1e-5 }.passed());
+        assert!(ParityRow {
+            case: "y".into(),
+            rel_l2: 1e-6,
+            tolerance: 1e-5
+        }
+        .passed());
     }
 
     #[test]

@@ -79,7 +79,8 @@ fn engine_err(e: ModelError) -> EngineError {
 
 fn load_model(args: &BenchArgs) -> anyhow::Result<(String, RestormerConfig, StateDict)> {
     if let Some(path) = &args.model {
-        let (cfg, sd) = load_restormer(path).with_context(|| format!("loading {}", path.display()))?;
+        let (cfg, sd) =
+            load_restormer(path).with_context(|| format!("loading {}", path.display()))?;
         return Ok((format!("restormer ({})", path.display()), cfg, sd));
     }
     match args.demo_config.as_deref().unwrap_or("base") {
@@ -106,7 +107,11 @@ fn input(batch: usize, c: usize, h: usize, w: usize, seed: u64) -> anyhow::Resul
     Ok(HostTensor::from_f32(vec![batch, c, h, w], data)?)
 }
 
-fn cpu_forward(cfg: &RestormerConfig, sd: &StateDict, x: &HostTensor) -> anyhow::Result<HostTensor> {
+fn cpu_forward(
+    cfg: &RestormerConfig,
+    sd: &StateDict,
+    x: &HostTensor,
+) -> anyhow::Result<HostTensor> {
     let cpu = CpuBackend::new();
     let model = Restormer::prepare(&cpu, cfg.clone(), sd)?;
     let t = cpu.upload_nchw(x)?;
@@ -133,12 +138,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         other => bail!("unknown --device '{other}' (cpu or cuda)"),
     };
     let device = match args.device.as_str() {
-        "cuda" => CudaBackend::new(args.gpu, Precision::Fp32).map(|b| b.device_name().to_string()).unwrap_or_else(|_| "cuda".into()),
+        "cuda" => CudaBackend::new(args.gpu, Precision::Fp32)
+            .map(|b| b.device_name().to_string())
+            .unwrap_or_else(|_| "cuda".into()),
         _ => CpuBackend::new().name(),
     };
     let doc = report::to_json(&device, &utc_now(), &format!("{model_name} {h}x{w}"), &rows);
     if let Some(path) = &args.out {
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -152,7 +160,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench_cpu(args: &BenchArgs, cfg: &RestormerConfig, sd: &StateDict, h: usize, w: usize) -> anyhow::Result<Vec<Row>> {
+fn bench_cpu(
+    args: &BenchArgs,
+    cfg: &RestormerConfig,
+    sd: &StateDict,
+    h: usize,
+    w: usize,
+) -> anyhow::Result<Vec<Row>> {
     let cpu = CpuBackend::new();
     let model = Restormer::prepare(&cpu, cfg.clone(), sd)?;
     let mut rows = Vec::new();
@@ -173,7 +187,13 @@ fn bench_cpu(args: &BenchArgs, cfg: &RestormerConfig, sd: &StateDict, h: usize, 
     Ok(rows)
 }
 
-fn bench_cuda(args: &BenchArgs, cfg: &RestormerConfig, sd: &StateDict, h: usize, w: usize) -> anyhow::Result<Vec<Row>> {
+fn bench_cuda(
+    args: &BenchArgs,
+    cfg: &RestormerConfig,
+    sd: &StateDict,
+    h: usize,
+    w: usize,
+) -> anyhow::Result<Vec<Row>> {
     if let Some(reason) = aperture_cuda::unavailable_reason() {
         bail!("--device cuda: {reason}");
     }
@@ -198,7 +218,12 @@ fn bench_cuda(args: &BenchArgs, cfg: &RestormerConfig, sd: &StateDict, h: usize,
                 // The first infer captures the graph and leaves real data in its input.
                 let y = cache.infer(&be, &x, fwd)?;
                 let r = match (&reference, rel) {
-                    (Some(r), None) => Some(relative_l2(&first_image(&y).map_err(|e| EngineError::Invalid(e.to_string()))?.to_f32_vec(), &r.to_f32_vec())),
+                    (Some(r), None) => Some(relative_l2(
+                        &first_image(&y)
+                            .map_err(|e| EngineError::Invalid(e.to_string()))?
+                            .to_f32_vec(),
+                        &r.to_f32_vec(),
+                    )),
                     _ => rel,
                 };
                 for _ in 0..args.warmup {
@@ -235,7 +260,13 @@ fn bench_cuda(args: &BenchArgs, cfg: &RestormerConfig, sd: &StateDict, h: usize,
     Ok(rows)
 }
 
-fn profile(be: &CudaBackend, model: &Restormer<CudaBackend>, x: &HostTensor, p: Precision, batch: usize) -> anyhow::Result<()> {
+fn profile(
+    be: &CudaBackend,
+    model: &Restormer<CudaBackend>,
+    x: &HostTensor,
+    p: Precision,
+    batch: usize,
+) -> anyhow::Result<()> {
     let t = be.upload_nchw(x)?;
     model.forward(be, &t)?; // warm
     be.synchronize()?;
@@ -247,7 +278,11 @@ fn profile(be: &CudaBackend, model: &Restormer<CudaBackend>, x: &HostTensor, p: 
     let stats = be.profiler().take()?;
     y?;
     let total = end.elapsed_ms(&start)? as f64;
-    print_profile(&format!("{p} batch {batch}, one eager pass: {total:.2} ms"), &stats, p);
+    print_profile(
+        &format!("{p} batch {batch}, one eager pass: {total:.2} ms"),
+        &stats,
+        p,
+    );
     be.trim_memory()?;
     Ok(())
 }
@@ -258,16 +293,30 @@ fn check(args: &BenchArgs, cfg: &RestormerConfig, sd: &StateDict) -> anyhow::Res
     let mut failures = 0;
     let mut inputs: Vec<(String, HostTensor, Option<HostTensor>)> = Vec::new();
     for path in &args.reference {
-        let io = aperture_weights::load(path).with_context(|| format!("loading {}", path.display()))?;
-        let x = io.get("x").context("reference file has no tensor 'x'")?.to_f32();
-        let y = io.get("y").context("reference file has no tensor 'y'")?.to_f32();
+        let io =
+            aperture_weights::load(path).with_context(|| format!("loading {}", path.display()))?;
+        let x = io
+            .get("x")
+            .context("reference file has no tensor 'x'")?
+            .to_f32();
+        let y = io
+            .get("y")
+            .context("reference file has no tensor 'y'")?
+            .to_f32();
         inputs.push((format!("{}", path.display()), x, Some(y)));
     }
     if inputs.is_empty() {
         let (h, w) = (args.size, args.width.unwrap_or(args.size));
-        inputs.push((format!("random {h}x{w}"), input(1, cfg.inp_channels, h, w, args.seed + 1)?, None));
+        inputs.push((
+            format!("random {h}x{w}"),
+            input(1, cfg.inp_channels, h, w, args.seed + 1)?,
+            None,
+        ));
     }
-    println!("{:<52} {:>6} {:>12} {:>10}  result", "parity case", "prec", "rel L2", "tolerance");
+    println!(
+        "{:<52} {:>6} {:>12} {:>10}  result",
+        "parity case", "prec", "rel L2", "tolerance"
+    );
     let mut cpu_out = Vec::new();
     for (name, x, _) in &inputs {
         eprintln!("CPU backend on {name}...");
@@ -287,16 +336,47 @@ fn check(args: &BenchArgs, cfg: &RestormerConfig, sd: &StateDict) -> anyhow::Res
             let eager = be.download_nchw(&model.forward(&be, &t)?)?;
             be.set_poison(false);
             let cache = GraphCache::new();
-            let graph = cache.infer(&be, x, |b: &CudaBackend, x: &CudaTensor| model.forward(b, x).map_err(engine_err))?;
-            let replay = cache.infer(&be, x, |b: &CudaBackend, x: &CudaTensor| model.forward(b, x).map_err(engine_err))?;
-            let short = name.rsplit('/').take(2).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("/");
-            failures += print_check(&format!("model eager vs CPU ({short})"), p, relative_l2(&eager.to_f32_vec(), &cpu.to_f32_vec()), tol);
-            failures += print_check(&format!("model graph vs CPU ({short})"), p, relative_l2(&graph.to_f32_vec(), &cpu.to_f32_vec()), tol);
+            let graph = cache.infer(&be, x, |b: &CudaBackend, x: &CudaTensor| {
+                model.forward(b, x).map_err(engine_err)
+            })?;
+            let replay = cache.infer(&be, x, |b: &CudaBackend, x: &CudaTensor| {
+                model.forward(b, x).map_err(engine_err)
+            })?;
+            let short = name
+                .rsplit('/')
+                .take(2)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("/");
+            failures += print_check(
+                &format!("model eager vs CPU ({short})"),
+                p,
+                relative_l2(&eager.to_f32_vec(), &cpu.to_f32_vec()),
+                tol,
+            );
+            failures += print_check(
+                &format!("model graph vs CPU ({short})"),
+                p,
+                relative_l2(&graph.to_f32_vec(), &cpu.to_f32_vec()),
+                tol,
+            );
             // Replays differ only by the order of atomic additions (norms), amplified by
             // the network; a race would show as a difference far above that.
-            failures += print_check(&format!("graph replay vs replay ({short})"), p, relative_l2(&replay.to_f32_vec(), &graph.to_f32_vec()), tol);
+            failures += print_check(
+                &format!("graph replay vs replay ({short})"),
+                p,
+                relative_l2(&replay.to_f32_vec(), &graph.to_f32_vec()),
+                tol,
+            );
             if let Some(y) = y {
-                failures += print_check(&format!("model vs PyTorch ({short})"), p, relative_l2(&graph.to_f32_vec(), &y.to_f32_vec()), tol);
+                failures += print_check(
+                    &format!("model vs PyTorch ({short})"),
+                    p,
+                    relative_l2(&graph.to_f32_vec(), &y.to_f32_vec()),
+                    tol,
+                );
             }
         }
     }
@@ -305,6 +385,10 @@ fn check(args: &BenchArgs, cfg: &RestormerConfig, sd: &StateDict) -> anyhow::Res
 
 fn print_check(case: &str, p: Precision, rel: f64, tol: f64) -> usize {
     let ok = rel <= tol;
-    println!("{case:<52} {:>6} {rel:>12.3e} {tol:>10.1e}  {}", p.as_str(), if ok { "ok" } else { "FAIL" });
+    println!(
+        "{case:<52} {:>6} {rel:>12.3e} {tol:>10.1e}  {}",
+        p.as_str(),
+        if ok { "ok" } else { "FAIL" }
+    );
     usize::from(!ok)
 }

@@ -26,7 +26,13 @@ impl Stats {
         s.sort_by(f64::total_cmp);
         // Nearest-rank percentiles.
         let pct = |p: f64| s[((p / 100.0 * n).ceil() as usize).clamp(1, s.len()) - 1];
-        Stats { mean, std, p50: pct(50.0), p95: pct(95.0), p99: pct(99.0) }
+        Stats {
+            mean,
+            std,
+            p50: pct(50.0),
+            p95: pct(95.0),
+            p99: pct(99.0),
+        }
     }
 }
 
@@ -41,12 +47,35 @@ pub struct Row {
 }
 
 impl Row {
-    pub fn new(engine: &str, precision: &str, batch: usize, stats: Stats, peak_gib: f64, rel_l2: Option<f64>) -> Row {
-        Row { engine: engine.into(), precision: precision.into(), batch, stats, peak_gib, rel_l2, error: None }
+    pub fn new(
+        engine: &str,
+        precision: &str,
+        batch: usize,
+        stats: Stats,
+        peak_gib: f64,
+        rel_l2: Option<f64>,
+    ) -> Row {
+        Row {
+            engine: engine.into(),
+            precision: precision.into(),
+            batch,
+            stats,
+            peak_gib,
+            rel_l2,
+            error: None,
+        }
     }
 
     pub fn failed(engine: &str, precision: &str, batch: usize, error: String) -> Row {
-        Row { engine: engine.into(), precision: precision.into(), batch, stats: Stats::default(), peak_gib: 0.0, rel_l2: None, error: Some(error) }
+        Row {
+            engine: engine.into(),
+            precision: precision.into(),
+            batch,
+            stats: Stats::default(),
+            peak_gib: 0.0,
+            rel_l2: None,
+            error: Some(error),
+        }
     }
 
     pub fn images_per_s(&self) -> f64 {
@@ -61,18 +90,44 @@ impl Row {
 pub fn print_table(rows: &[Row]) {
     println!(
         "{:<9} {:>5} {:>5} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8} {:>10}",
-        "engine", "prec", "batch", "mean ms", "std", "p50 ms", "p95 ms", "p99 ms", "images/s", "peak GiB", "relL2/fp32"
+        "engine",
+        "prec",
+        "batch",
+        "mean ms",
+        "std",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "images/s",
+        "peak GiB",
+        "relL2/fp32"
     );
     for r in rows {
         if let Some(e) = &r.error {
-            println!("{:<9} {:>5} {:>5}  failed: {e}", r.engine, r.precision, r.batch);
+            println!(
+                "{:<9} {:>5} {:>5}  failed: {e}",
+                r.engine, r.precision, r.batch
+            );
             continue;
         }
         let s = &r.stats;
-        let rel = r.rel_l2.map(|v| format!("{v:.2e}")).unwrap_or_else(|| "-".into());
+        let rel = r
+            .rel_l2
+            .map(|v| format!("{v:.2e}"))
+            .unwrap_or_else(|| "-".into());
         println!(
             "{:<9} {:>5} {:>5} {:>9.3} {:>7.3} {:>9.3} {:>9.3} {:>9.3} {:>9.1} {:>8.2} {:>10}",
-            r.engine, r.precision, r.batch, s.mean, s.std, s.p50, s.p95, s.p99, r.images_per_s(), r.peak_gib, rel
+            r.engine,
+            r.precision,
+            r.batch,
+            s.mean,
+            s.std,
+            s.p50,
+            s.p95,
+            s.p99,
+            r.images_per_s(),
+            r.peak_gib,
+            rel
         );
     }
 }
@@ -119,8 +174,16 @@ pub fn print_profile(title: &str, stats: &[OpStat], p: Precision) {
     );
     for s in stats {
         let secs = s.ms / 1e3;
-        let tf = if secs > 0.0 { s.flops / secs / 1e12 } else { 0.0 };
-        let gbs = if secs > 0.0 { s.bytes / secs / 1e9 } else { 0.0 };
+        let tf = if secs > 0.0 {
+            s.flops / secs / 1e12
+        } else {
+            0.0
+        };
+        let gbs = if secs > 0.0 {
+            s.bytes / secs / 1e9
+        } else {
+            0.0
+        };
         println!(
             "{:<22} {:>6} {:>9.3} {:>6.1}% {:>9.1} {:>6.1}% {:>9.0} {:>6.1}%",
             s.name,
@@ -133,12 +196,20 @@ pub fn print_profile(title: &str, stats: &[OpStat], p: Precision) {
             100.0 * gbs / peak_gbs
         );
     }
-    println!("{:<22} {:>6} {:>9.3}", "sum of operations", stats.iter().map(|s| s.calls).sum::<usize>(), total);
+    println!(
+        "{:<22} {:>6} {:>9.3}",
+        "sum of operations",
+        stats.iter().map(|s| s.calls).sum::<usize>(),
+        total
+    );
 }
 
 /// "YYYY-MM-DD HH:MM UTC" from the system clock.
 pub fn utc_now() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -150,7 +221,11 @@ pub fn utc_now() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", rem / 3600, (rem % 3600) / 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
 }
 
 #[cfg(test)]
@@ -167,11 +242,27 @@ mod tests {
 
     #[test]
     fn json_has_the_issue_layout() {
-        let rows = vec![Row::new("aperture", "fp16", 4, Stats::of(&[2.0, 2.0]), 1.5, Some(1e-4))];
+        let rows = vec![Row::new(
+            "aperture",
+            "fp16",
+            4,
+            Stats::of(&[2.0, 2.0]),
+            1.5,
+            Some(1e-4),
+        )];
         let v = to_json("GPU", "2026-01-01 00:00 UTC", "m", &rows);
         let r = &v["rows"][0];
         assert_eq!(r["images_per_s"].as_f64(), Some(2000.0));
-        for key in ["engine", "precision", "batch", "images_per_s", "p50_ms", "p99_ms", "peak_gib", "rel_l2_vs_fp32"] {
+        for key in [
+            "engine",
+            "precision",
+            "batch",
+            "images_per_s",
+            "p50_ms",
+            "p99_ms",
+            "peak_gib",
+            "rel_l2_vs_fp32",
+        ] {
             assert!(r.get(key).is_some(), "{key}");
         }
         for key in ["device", "date", "model", "rows"] {
