@@ -5,10 +5,53 @@ use std::time::Instant;
 
 use aperture_engine::{NamedTensors, Runner};
 
+use tokio::sync::mpsc::WeakUnboundedSender;
+
 use super::queue::{Reply, Work};
+use super::Msg;
 use crate::error::{Result, ServerError};
 use crate::stats::{BatchTimings, ModelStats};
 use crate::tensor_io::{concat_batch, split_rows};
+
+/// Runs a job and tells the batcher the instance is free again.
+pub(super) fn run_and_report(
+    job: Job,
+    instance: usize,
+    seq: u64,
+    batcher: &WeakUnboundedSender<Msg>,
+) {
+    let held = job.run();
+    if let Some(tx) = batcher.upgrade() {
+        let _ = tx.send(Msg::Done {
+            instance,
+            seq,
+            held,
+        });
+    }
+}
+
+/// A dedicated thread for one model instance: batches arrive over a channel (cheaper
+/// than a blocking-pool task per batch). Exits when the batcher drops its sender.
+pub(super) fn spawn_worker(
+    instance: usize,
+    batcher: WeakUnboundedSender<Msg>,
+) -> Option<std::sync::mpsc::Sender<(Job, u64)>> {
+    let (tx, rx) = std::sync::mpsc::channel::<(Job, u64)>();
+    let spawned = std::thread::Builder::new()
+        .name(format!("aperture-instance-{instance}"))
+        .spawn(move || {
+            while let Ok((job, seq)) = rx.recv() {
+                run_and_report(job, instance, seq, &batcher);
+            }
+        });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::warn!(error = %e, "no instance thread; batches run on the blocking pool");
+            None
+        }
+    }
+}
 
 pub(super) struct Job {
     pub runner: Arc<dyn Runner>,

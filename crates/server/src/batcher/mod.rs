@@ -101,6 +101,9 @@ impl Batcher {
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let timer = timer::spawn(tx.downgrade());
+        let workers = (0..runners.len())
+            .map(|i| exec::spawn_worker(i, tx.downgrade()))
+            .collect();
         let task = BatcherTask {
             timer,
             armed: None,
@@ -108,8 +111,9 @@ impl Batcher {
             idle: (0..runners.len()).rev().collect(),
             runners,
             queue: Queue::default(),
+            workers,
             rx,
-            tx: tx.clone(),
+            tx: tx.downgrade(),
             stats: stats.clone(),
             next_seq: 0,
             next_deliver: 0,
@@ -192,7 +196,10 @@ struct BatcherTask {
     idle: Vec<usize>,
     queue: Queue,
     rx: mpsc::UnboundedReceiver<Msg>,
-    tx: mpsc::UnboundedSender<Msg>,
+    /// Weak, so the task ends once the [`Batcher`] handle is dropped.
+    tx: mpsc::WeakUnboundedSender<Msg>,
+    /// One thread per instance (`None`: run on tokio's blocking pool instead).
+    workers: Vec<Option<std::sync::mpsc::Sender<(exec::Job, u64)>>>,
     stats: Arc<ModelStats>,
     next_seq: u64,
     next_deliver: u64,
@@ -295,26 +302,28 @@ impl BatcherTask {
             let Some(instance) = self.idle.pop() else {
                 return;
             };
+            let seq = self.next_seq;
+            self.next_seq += 1;
             let Some(runner) = self.runners.get(instance).cloned() else {
                 return;
             };
-            let seq = self.next_seq;
-            self.next_seq += 1;
             let job = exec::Job {
                 runner,
                 works,
                 stats: self.stats.clone(),
                 hold_replies: self.cfg.preserve_ordering,
             };
-            let tx = self.tx.clone();
-            tokio::task::spawn_blocking(move || {
-                let held = job.run();
-                let _ = tx.send(Msg::Done {
-                    instance,
-                    seq,
-                    held,
-                });
-            });
+            match self.workers.get(instance) {
+                Some(Some(worker)) => {
+                    let _ = worker.send((job, seq));
+                }
+                _ => {
+                    let tx = self.tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        exec::run_and_report(job, instance, seq, &tx)
+                    });
+                }
+            }
         }
     }
 

@@ -256,3 +256,20 @@ async fn a_panicking_runner_fails_the_batch_but_keeps_serving() {
     let out = b.submit(row(2.0), 1, 0, None).await.unwrap();
     assert_eq!(out[0].1.to_f32_vec()[0], 2.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_batcher_releases_the_model() {
+    let runner: Arc<dyn Runner> =
+        Arc::new(IdentityRunner::new(vec![4], DType::F32, Duration::ZERO));
+    let weak = Arc::downgrade(&runner);
+    let b = Batcher::spawn(vec![runner], cfg(4), Arc::new(ModelStats::default()));
+    b.submit(row(1.0), 1, 0, None).await.unwrap();
+    drop(b);
+    for _ in 0..100 {
+        if weak.upgrade().is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the batcher task still holds the runner after its handle was dropped");
+}
