@@ -273,7 +273,12 @@ impl BatcherTask {
     }
 
     fn expire(&mut self) {
-        let gone = self.queue.expire(Instant::now(), self.cfg.timeout_action);
+        let now = Instant::now();
+        // Cheap scan first: rebuilding the queue only when something did time out.
+        if !self.queue.next_deadline().is_some_and(|d| d <= now) {
+            return;
+        }
+        let gone = self.queue.expire(now, self.cfg.timeout_action);
         self.stats
             .pending
             .fetch_sub(gone.len() as i64, Ordering::AcqRel);
