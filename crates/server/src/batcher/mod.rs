@@ -275,8 +275,9 @@ impl BatcherTask {
     fn expire(&mut self) {
         let now = Instant::now();
         // Cheap scan first: rebuilding the queue only when something did time out.
-        if !self.queue.next_deadline().is_some_and(|d| d <= now) {
-            return;
+        match self.queue.next_deadline() {
+            Some(d) if d <= now => {}
+            _ => return,
         }
         let gone = self.queue.expire(now, self.cfg.timeout_action);
         self.stats
