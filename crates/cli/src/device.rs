@@ -52,3 +52,28 @@ impl DeviceArgs {
         }
     }
 }
+
+impl DeviceArgs {
+    /// The CUDA backend this choice asks for: `Some` for `cuda` (an error when no GPU is
+    /// usable) and for `auto` when a GPU is usable, `None` for the CPU. `default` is the
+    /// precision used when `--precision` is not given.
+    pub fn cuda_backend(
+        &self,
+        default: Precision,
+    ) -> anyhow::Result<Option<aperture_cuda::CudaBackend>> {
+        let precision = self.precision.unwrap_or(default);
+        match self.device {
+            Device::Cpu => Ok(None),
+            Device::Cuda => aperture_cuda::CudaBackend::new(0, precision)
+                .map(Some)
+                .map_err(|e| anyhow::anyhow!("--device cuda: {e}")),
+            Device::Auto => match aperture_cuda::CudaBackend::new(0, precision) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) => {
+                    tracing::info!("running on the CPU: {e}");
+                    Ok(None)
+                }
+            },
+        }
+    }
+}

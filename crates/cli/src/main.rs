@@ -32,6 +32,8 @@ enum Command {
     Eval(commands::eval::EvalArgs),
     /// Detect objects with a D-FINE model in images and folders (JSON and drawn boxes).
     Detect(commands::detect::DetectArgs),
+    /// Check D-FINE on the GPU against the CPU backend and transformers; time it.
+    CheckDfine(commands::check_dfine::CheckDfineArgs),
     /// Serve models over KServe v2 HTTP/gRPC (Triton-compatible) with dynamic batching.
     Serve(commands::serve::ServeArgs),
     /// Load generator for a running server: concurrency sweep, latency percentiles.
@@ -54,6 +56,7 @@ fn main() {
         Command::Bench(a) => commands::bench::run(a),
         Command::Eval(a) => commands::eval::run(a),
         Command::Detect(a) => commands::detect::run(a),
+        Command::CheckDfine(a) => commands::check_dfine::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::Loadgen(a) => commands::loadgen::run(a),
     };

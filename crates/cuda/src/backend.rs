@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use aperture_engine::backend::{Activation, Backend, ConvSpec};
+use aperture_engine::backend::{Activation, Backend, ConvSpec, DeformableSpec};
 use aperture_engine::{EngineError, HostTensor, Precision, Result};
 use cudarc::driver::result;
 
@@ -97,6 +97,8 @@ pub struct CudaBackend {
     pub(crate) storage: Storage,
     pub(crate) profiler: Profiler,
     poison: AtomicBool,
+    /// D-FINE's kernels and constants (crate::detection).
+    pub(crate) detection: crate::detection::DetectionState,
 }
 
 impl CudaBackend {
@@ -124,6 +126,7 @@ impl CudaBackend {
             storage,
             profiler: Profiler::default(),
             poison: AtomicBool::new(false),
+            detection: Default::default(),
         })
     }
 
@@ -560,5 +563,98 @@ impl Backend for CudaBackend {
                 )?;
                 Ok(out)
             })
+    }
+
+    // ---- Detection operations: crate::detection.
+
+    fn upload_nhwc(&self, x: &HostTensor) -> Result<CudaTensor> {
+        self.det_upload_nhwc(x)
+    }
+    fn download_nhwc(&self, x: &CudaTensor) -> Result<HostTensor> {
+        self.det_download_nhwc(x)
+    }
+    fn reshape(&self, x: CudaTensor, dims: [usize; 4]) -> Result<CudaTensor> {
+        self.det_reshape(x, dims)
+    }
+    fn pad_zeros(
+        &self,
+        x: &CudaTensor,
+        top: usize,
+        bottom: usize,
+        left: usize,
+        right: usize,
+    ) -> Result<CudaTensor> {
+        self.det_pad_zeros(x, top, bottom, left, right)
+    }
+    fn max_pool2d(&self, x: &CudaTensor, kernel: usize, stride: usize) -> Result<CudaTensor> {
+        self.det_max_pool2d(x, kernel, stride)
+    }
+    fn upsample_nearest(&self, x: &CudaTensor, factor: usize) -> Result<CudaTensor> {
+        self.det_upsample_nearest(x, factor)
+    }
+    fn affine(&self, x: &CudaTensor, scale: f32, shift: f32) -> Result<CudaTensor> {
+        self.det_affine(x, scale, shift)
+    }
+    fn slice_channels(&self, x: &CudaTensor, start: usize, len: usize) -> Result<CudaTensor> {
+        self.det_slice_channels(x, start, len)
+    }
+    fn concat_channels_n(&self, parts: &[&CudaTensor]) -> Result<CudaTensor> {
+        self.det_concat_channels_n(parts)
+    }
+    fn concat_rows(&self, parts: &[&CudaTensor]) -> Result<CudaTensor> {
+        self.det_concat_rows(parts)
+    }
+    fn mul(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        self.det_mul(a, b)
+    }
+    fn sigmoid(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        self.det_sigmoid(x)
+    }
+    fn clamp(&self, x: &CudaTensor, lo: f32, hi: f32) -> Result<CudaTensor> {
+        self.det_clamp(x, lo, hi)
+    }
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        heads: usize,
+        scale: f32,
+    ) -> Result<CudaTensor> {
+        self.det_attention(q, k, v, heads, scale)
+    }
+    fn gated_sum(&self, a: &CudaTensor, b: &CudaTensor, gates: &CudaTensor) -> Result<CudaTensor> {
+        self.det_gated_sum(a, b, gates)
+    }
+    fn deformable_attention(
+        &self,
+        value: &CudaTensor,
+        offsets: &CudaTensor,
+        attention_logits: &CudaTensor,
+        reference_boxes: &CudaTensor,
+        spec: &DeformableSpec,
+    ) -> Result<CudaTensor> {
+        self.det_deformable(value, offsets, attention_logits, reference_boxes, spec)
+    }
+    fn top_k_rows(&self, x: &CudaTensor, k: usize) -> Result<Vec<Vec<usize>>> {
+        self.det_top_k_rows(x, k)
+    }
+    fn gather_rows(&self, x: &CudaTensor, rows: &[Vec<usize>]) -> Result<CudaTensor> {
+        self.det_gather_rows(x, rows)
+    }
+    fn refine_boxes(&self, delta: &CudaTensor, boxes: &CudaTensor) -> Result<CudaTensor> {
+        self.det_refine_boxes(delta, boxes)
+    }
+    fn distribution_boxes(
+        &self,
+        corners: &CudaTensor,
+        reference: &CudaTensor,
+        project: &[f32],
+        reg_scale: f32,
+    ) -> Result<CudaTensor> {
+        self.det_distribution_boxes(corners, reference, project, reg_scale)
+    }
+    fn corner_stats(&self, corners: &CudaTensor, bins: usize, top_k: usize) -> Result<CudaTensor> {
+        self.det_corner_stats(corners, bins, top_k)
     }
 }

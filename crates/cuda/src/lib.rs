@@ -17,6 +17,7 @@
 mod attention;
 mod backend;
 mod conv;
+pub mod detection;
 mod driver;
 mod error;
 mod gemm;

@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use aperture_engine::cpu::CpuBackend;
-use aperture_engine::HostTensor;
+use aperture_engine::{Backend, HostTensor, Precision};
 use aperture_models::dfine::{
-    coco_category_id, load_dfine, post_process, DFineRunner, Detection, ImageProcessorConfig,
+    coco_category_id, load_dfine, post_process, DFineRunner, DFineSnapshot, Detection,
+    ImageProcessorConfig,
 };
 use aperture_vision::{
     decode_file, draw_detections, list_images, normalize_chw, pil_bilinear, save_rgb8, to_nchw_f32,
@@ -16,6 +17,8 @@ use aperture_vision::{
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
+
+use crate::device::DeviceArgs;
 
 #[derive(Args)]
 pub struct DetectArgs {
@@ -34,6 +37,8 @@ pub struct DetectArgs {
     /// Write each image with its boxes drawn into this folder (created if missing).
     #[arg(long)]
     draw: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 pub fn run(args: DetectArgs) -> anyhow::Result<()> {
@@ -54,7 +59,24 @@ pub fn run(args: DetectArgs) -> anyhow::Result<()> {
     }
     let snap = load_dfine(&args.model)
         .with_context(|| format!("cannot load the D-FINE model at {}", args.model.display()))?;
-    let runner = DFineRunner::new(CpuBackend::new(), &snap, 1)?;
+    // fp32 on the GPU unless asked otherwise: see docs/dfine-gpu.md for fp16/bf16.
+    match args.device.cuda_backend(Precision::Fp32)? {
+        Some(gpu) => run_on(&args, &files, &snap, DFineRunner::new(gpu, &snap, 1)?),
+        None => run_on(
+            &args,
+            &files,
+            &snap,
+            DFineRunner::new(CpuBackend::new(), &snap, 1)?,
+        ),
+    }
+}
+
+fn run_on<B: Backend>(
+    args: &DetectArgs,
+    files: &[PathBuf],
+    snap: &DFineSnapshot,
+    runner: DFineRunner<B>,
+) -> anyhow::Result<()> {
     if let Some(dir) = &args.draw {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -65,7 +87,7 @@ pub fn run(args: DetectArgs) -> anyhow::Result<()> {
     );
     let mut results = Vec::new();
     let mut failures = 0;
-    for file in &files {
+    for file in files {
         bar.set_message(
             file.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -189,8 +211,8 @@ pub fn detect_coco_images(
 
 /// Decodes, preprocesses as the HF image processor does, runs the model and
 /// post-processes. Returns the decoded image (for drawing) and its detections.
-fn detect_one(
-    runner: &DFineRunner<CpuBackend>,
+fn detect_one<B: Backend>(
+    runner: &DFineRunner<B>,
     proc: &ImageProcessorConfig,
     file: &Path,
     threshold: f32,

@@ -1,6 +1,7 @@
 //! One module per subcommand: each has an `Args` struct and a `run` function.
 
 pub mod bench;
+pub mod check_dfine;
 pub mod demo;
 pub mod detect;
 pub mod enhance;

@@ -82,6 +82,11 @@ impl<B: Backend> DFineRunner<B> {
         self.model.config()
     }
 
+    /// The backend the model runs on (for timing, profiling and memory counters).
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
     pub fn processor(&self) -> &ImageProcessorConfig {
         &self.processor
     }
@@ -148,7 +153,7 @@ impl<B: Backend> Runner for DFineRunner<B> {
             None => {
                 return Err(EngineError::Invalid(
                     "D-FINE needs an input named 'pixel_values'".into(),
-                ))
+                ));
             }
         };
         let (logits, boxes) = self.detect(x).map_err(|e| match e {

@@ -1,0 +1,270 @@
+//! The whole D-FINE model on the GPU: against transformers' golden outputs (batch 1),
+//! against the CPU backend (random batches), eager timings and a per-operation profile.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use aperture_cuda::CudaBackend;
+use aperture_engine::cpu::CpuBackend;
+use aperture_engine::{relative_l2, Backend, HostTensor, Precision};
+use aperture_models::dfine::{load_dfine, DFineRunner, DFineSnapshot};
+use serde_json::{json, Value};
+
+use super::{ops::random, CheckDfineArgs};
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// `tools/dfine_golden.py`'s `fill(name, n, lo, hi)` (the golden's pixel values).
+fn golden_fill(name: &str, n: usize, lo: f64, hi: f64) -> Vec<f32> {
+    let seed =
+        ((crc32(name.as_bytes()) as u128 * 2_654_435_761 + 12_345) & u64::MAX as u128) as u64;
+    random(seed, n, 0.0, 1.0)
+        .into_iter()
+        .map(|u| (lo + (hi - lo) * u as f64) as f32)
+        .collect()
+}
+
+/// Query selection is a top-k over scores; near-tied scores can swap rows between two
+/// implementations. Rows of `got` are matched to `want`'s within +-3 places by box
+/// distance; returns the aligned logits and boxes and how many rows moved.
+fn align(
+    got: (&[f32], &[f32]),
+    want_boxes: &[f32],
+    queries: usize,
+    classes: usize,
+) -> (Vec<f32>, Vec<f32>, usize) {
+    let (gl, gb) = got;
+    let per_image = queries;
+    let images = gb.len() / (4 * per_image.max(1));
+    let (mut al, mut ab, mut moved) = (
+        Vec::with_capacity(gl.len()),
+        Vec::with_capacity(gb.len()),
+        0,
+    );
+    for img in 0..images {
+        let base = img * per_image;
+        for i in 0..per_image {
+            let dist = |j: usize| {
+                (0..4)
+                    .map(|k| (gb[(base + j) * 4 + k] - want_boxes[(base + i) * 4 + k]).abs())
+                    .fold(0f32, f32::max)
+            };
+            let j = (i.saturating_sub(3)..(i + 4).min(per_image))
+                .min_by(|&a, &b| dist(a).total_cmp(&dist(b)))
+                .unwrap_or(i);
+            moved += usize::from(j != i);
+            al.extend_from_slice(&gl[(base + j) * classes..(base + j + 1) * classes]);
+            ab.extend_from_slice(&gb[(base + j) * 4..(base + j + 1) * 4]);
+        }
+    }
+    (al, ab, moved)
+}
+
+struct Outputs {
+    logits: Vec<f32>,
+    boxes: Vec<f32>,
+}
+
+fn detect<B: Backend>(r: &DFineRunner<B>, x: &HostTensor) -> anyhow::Result<Outputs> {
+    let (l, b) = r.detect(x)?;
+    Ok(Outputs {
+        logits: l.to_f32_vec(),
+        boxes: b.to_f32_vec(),
+    })
+}
+
+fn compare(got: &Outputs, want: &Outputs, q: usize, c: usize) -> (f64, f64, usize) {
+    let (al, ab, moved) = align((&got.logits, &got.boxes), &want.boxes, q, c);
+    (
+        relative_l2(&al, &want.logits),
+        relative_l2(&ab, &want.boxes),
+        moved,
+    )
+}
+
+fn pixels(n: usize, size: usize, seed: u64) -> anyhow::Result<HostTensor> {
+    Ok(HostTensor::from_f32(
+        vec![n, 3, size, size],
+        random(seed, n * 3 * size * size, 0.0, 1.0),
+    )?)
+}
+
+pub fn check_model(
+    args: &CheckDfineArgs,
+    dir: &Path,
+    failures: &mut Vec<String>,
+) -> anyhow::Result<Value> {
+    let snap: DFineSnapshot =
+        load_dfine(dir).with_context(|| format!("cannot load {}", dir.display()))?;
+    let (q, c) = (snap.config.num_queries, snap.config.num_labels);
+    let t = Instant::now();
+    let cpu = DFineRunner::new(CpuBackend::new(), &snap, 0)?;
+    println!(
+        "== model {} ({} queries, {} classes), CPU prepared in {:.2?} ==",
+        dir.display(),
+        q,
+        c,
+        t.elapsed()
+    );
+    let golden = match &args.golden {
+        Some(path) => {
+            let g = aperture_weights::load(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let get = |k: &str| {
+                g.get(k)
+                    .map(|t| t.to_f32_vec())
+                    .with_context(|| format!("{} has no {k}", path.display()))
+            };
+            let x = HostTensor::from_f32(
+                vec![1, 3, 640, 640],
+                golden_fill("pixel_values", 3 * 640 * 640, 0.0, 1.0),
+            )?;
+            Some((
+                x,
+                Outputs {
+                    logits: get("logits")?,
+                    boxes: get("pred_boxes")?,
+                },
+            ))
+        }
+        None => None,
+    };
+    let mut rows = Vec::new();
+    let mut cpu_refs = Vec::new();
+    if let Some((x, want)) = &golden {
+        let t = Instant::now();
+        let got = detect(&cpu, x)?;
+        let (el, eb, moved) = compare(&got, want, q, c);
+        println!(
+            "cpu   vs transformers, batch 1: logits {el:.3e} boxes {eb:.3e} ({moved} rows moved) in {:.2?}",
+            t.elapsed()
+        );
+        rows.push(json!({"engine": "cpu", "against": "transformers-fp32", "precision": "fp32", "batch": 1, "rel_l2_logits": el, "rel_l2_boxes": eb, "moved": moved}));
+    }
+    for &n in &args.batches {
+        let x = pixels(n, args.size, 1000 + n as u64)?;
+        let t = Instant::now();
+        let out = detect(&cpu, &x)?;
+        println!("cpu   batch {n}: {:.2?}", t.elapsed());
+        cpu_refs.push((n, x, out));
+    }
+    let mut timings = Vec::new();
+    let mut profile = Value::Null;
+    for &p in &args.precisions {
+        let gpu = CudaBackend::new(0, p).context("cannot open the GPU")?;
+        let t = Instant::now();
+        let runner = DFineRunner::new(gpu, &snap, 0)?;
+        println!(
+            "-- {p}: {} prepared in {:.2?}",
+            runner.backend().name(),
+            t.elapsed()
+        );
+        if let Some((x, want)) = &golden {
+            let got = detect(&runner, x)?;
+            let (el, eb, moved) = compare(&got, want, q, c);
+            let tol = if p == Precision::Fp32 {
+                args.fp32_tolerance
+            } else {
+                1e-2
+            };
+            let pass = el <= tol && eb <= tol;
+            if !pass {
+                failures.push(format!(
+                    "model {p} vs transformers: logits {el:.3e}, boxes {eb:.3e} (limit {tol:e})"
+                ));
+            }
+            println!(
+                "{p:>5} vs transformers, batch 1: logits {el:.3e} boxes {eb:.3e} ({moved} rows moved) {}",
+                if pass { "ok" } else { "FAIL" }
+            );
+            rows.push(json!({"engine": "aperture-cuda", "against": "transformers-fp32", "precision": p.to_string(), "batch": 1, "rel_l2_logits": el, "rel_l2_boxes": eb, "moved": moved, "pass": pass}));
+        }
+        for (n, x, want) in &cpu_refs {
+            let got = detect(&runner, x)?;
+            let (el, eb, moved) = compare(&got, want, q, c);
+            let tol = if p == Precision::Fp32 {
+                args.fp32_tolerance
+            } else {
+                1e-2
+            };
+            let pass = el <= tol && eb <= tol;
+            if !pass {
+                failures.push(format!(
+                    "model {p} batch {n} vs CPU: logits {el:.3e}, boxes {eb:.3e} (limit {tol:e})"
+                ));
+            }
+            println!(
+                "{p:>5} vs cpu, batch {n}: logits {el:.3e} boxes {eb:.3e} ({moved} rows moved) {}",
+                if pass { "ok" } else { "FAIL" }
+            );
+            rows.push(json!({"engine": "aperture-cuda", "against": "cpu-fp32", "precision": p.to_string(), "batch": n, "rel_l2_logits": el, "rel_l2_boxes": eb, "moved": moved, "pass": pass}));
+        }
+        for &n in &args.time_batches {
+            let x = pixels(n, args.size, 7)?;
+            let mut ms = Vec::new();
+            for i in 0..args.iters + 2 {
+                let t = Instant::now();
+                runner.detect(&x)?;
+                if i >= 2 {
+                    ms.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            ms.sort_by(f64::total_cmp);
+            let p50 = ms.get(ms.len() / 2).copied().unwrap_or(f64::NAN);
+            let gib = runner.backend().memory().peak_reserved() as f64 / (1u64 << 30) as f64;
+            println!(
+                "{p:>5} eager batch {n:>3}: p50 {p50:8.2} ms, {:8.1} images/s, peak {gib:.2} GiB",
+                n as f64 * 1e3 / p50
+            );
+            timings.push(json!({"precision": p.to_string(), "batch": n, "mode": "eager", "p50_ms": p50, "images_per_s": n as f64 * 1e3 / p50, "peak_gib": gib}));
+        }
+        if let Some(&n) = args.time_batches.iter().max() {
+            let be = runner.backend();
+            be.profiler().set_enabled(true);
+            let x = pixels(n, args.size, 7)?;
+            runner.detect(&x)?;
+            be.profiler().set_enabled(false);
+            let stats = be.profiler().take()?;
+            let total: f64 = stats.iter().map(|s| s.ms).sum();
+            println!("   profile {p} batch {n}: {total:.2} ms in operations");
+            println!(
+                "   {:<26} {:>6} {:>9} {:>6} {:>8} {:>8}",
+                "op", "calls", "ms", "share", "TFLOP/s", "GB/s"
+            );
+            let mut prof = Vec::new();
+            for s in &stats {
+                let (tf, gb) = (s.flops / s.ms / 1e9, s.bytes / s.ms / 1e6);
+                println!(
+                    "   {:<26} {:>6} {:>9.3} {:>5.1}% {:>8.2} {:>8.1}",
+                    s.name,
+                    s.calls,
+                    s.ms,
+                    100.0 * s.ms / total,
+                    tf,
+                    gb
+                );
+                prof.push(
+                    json!({"op": s.name, "calls": s.calls, "ms": s.ms, "tflops": tf, "gbps": gb}),
+                );
+            }
+            if p == Precision::Fp16 || profile.is_null() {
+                profile = json!({"precision": p.to_string(), "batch": n, "ops": prof});
+            }
+        }
+    }
+    Ok(json!({"accuracy": rows, "timings": timings, "profile": profile}))
+}

@@ -1,0 +1,194 @@
+//! Every D-FINE backend operation on random inputs, run on two backends and compared.
+
+use aperture_engine::backend::DeformableSpec;
+use aperture_engine::{Backend, HostTensor, Result};
+
+/// Deterministic pseudo-random values in `[lo, hi)` (SplitMix64).
+pub fn random(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (1..=n as u64)
+        .map(|i| {
+            let mut z = seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            lo + (hi - lo) * ((z >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect()
+}
+
+fn tensor(seed: u64, dims: [usize; 4], lo: f32, hi: f32) -> Result<HostTensor> {
+    HostTensor::from_f32(dims.to_vec(), random(seed, dims.iter().product(), lo, hi))
+}
+
+/// Runs each operation once on `b`; returns `(name, output)` pairs in a fixed order.
+/// Top-k indices come back as a tensor of f32 indices.
+pub fn run_ops<B: Backend>(b: &B) -> Result<Vec<(String, HostTensor)>> {
+    let mut out = Vec::new();
+    let up = |t: &HostTensor| b.upload_nhwc(t);
+    let img = up(&tensor(1, [2, 17, 19, 24], -2.0, 2.0)?)?;
+    let padded = b.pad_zeros(&img, 0, 1, 2, 1)?;
+    out.push(("pad_zeros".into(), b.download_nhwc(&padded)?));
+    out.push((
+        "max_pool2d k2 s1".into(),
+        b.download_nhwc(&b.max_pool2d(&padded, 2, 1)?)?,
+    ));
+    out.push((
+        "max_pool2d k3 s2".into(),
+        b.download_nhwc(&b.max_pool2d(&img, 3, 2)?)?,
+    ));
+    out.push((
+        "upsample_nearest x2".into(),
+        b.download_nhwc(&b.upsample_nearest(&img, 2)?)?,
+    ));
+    out.push((
+        "affine".into(),
+        b.download_nhwc(&b.affine(&img, 1.37, -0.21)?)?,
+    ));
+    out.push(("sigmoid".into(), b.download_nhwc(&b.sigmoid(&img)?)?));
+    out.push((
+        "clamp".into(),
+        b.download_nhwc(&b.clamp(&img, -0.5, 0.75)?)?,
+    ));
+    let s1 = b.slice_channels(&img, 3, 10)?;
+    out.push(("slice_channels".into(), b.download_nhwc(&s1)?));
+    let s2 = b.slice_channels(&img, 0, 7)?;
+    out.push((
+        "concat_channels_n".into(),
+        b.download_nhwc(&b.concat_channels_n(&[&s1, &img, &s2])?)?,
+    ));
+    let mask = up(&tensor(2, [2, 17, 19, 1], 0.0, 1.0)?)?;
+    out.push((
+        "mul broadcast".into(),
+        b.download_nhwc(&b.mul(&img, &mask)?)?,
+    ));
+    out.push((
+        "mul".into(),
+        b.download_nhwc(&b.mul(&img, &padded_like(b, &img)?)?)?,
+    ));
+
+    // Sequences: the decoder's self-attention (300 x 256, 8 heads) and the encoder's
+    // (400 x 384, 8 heads).
+    for (i, (l, c)) in [(300usize, 256usize), (400, 384)].into_iter().enumerate() {
+        let s = 10 + 3 * i as u64;
+        let q = up(&tensor(s, [2, 1, l, c], -1.5, 1.5)?)?;
+        let k = up(&tensor(s + 1, [2, 1, l, c], -1.5, 1.5)?)?;
+        let v = up(&tensor(s + 2, [2, 1, l, c], -1.0, 1.0)?)?;
+        let y = b.attention(&q, &k, &v, 8, 1.0 / ((c / 8) as f32).sqrt())?;
+        out.push((format!("attention {l}x{c}"), b.download_nhwc(&y)?));
+    }
+    let a = up(&tensor(20, [2, 1, 300, 256], -1.0, 1.0)?)?;
+    let a2 = up(&tensor(21, [2, 1, 300, 256], -1.0, 1.0)?)?;
+    let g = up(&tensor(22, [2, 1, 300, 512], -3.0, 3.0)?)?;
+    out.push((
+        "gated_sum".into(),
+        b.download_nhwc(&b.gated_sum(&a, &a2, &g)?)?,
+    ));
+    let r = up(&tensor(23, [2, 1, 7, 256], -1.0, 1.0)?)?;
+    out.push((
+        "concat_rows".into(),
+        b.download_nhwc(&b.concat_rows(&[&a, &r, &a2])?)?,
+    ));
+
+    // Deformable attention over three levels of a 640x640 input (stride 8, 16, 32).
+    let shapes = vec![(80, 80), (40, 40), (20, 20)];
+    let s_total: usize = shapes.iter().map(|(h, w)| h * w).sum();
+    let value = up(&tensor(30, [2, 1, s_total, 256], -1.0, 1.0)?)?;
+    let offsets = up(&tensor(31, [2, 1, 300, 8 * 12 * 2], -3.0, 3.0)?)?;
+    let logits = up(&tensor(32, [2, 1, 300, 8 * 12], -2.0, 2.0)?)?;
+    let mut boxes = random(33, 2 * 300 * 4, 0.02, 0.98);
+    // Some boxes hang over the border so that zero padding is exercised.
+    boxes
+        .iter_mut()
+        .step_by(7)
+        .for_each(|v| *v = *v * 1.4 - 0.2);
+    let boxes = up(&HostTensor::from_f32(vec![2, 1, 300, 4], boxes)?)?;
+    for discrete in [false, true] {
+        let spec = DeformableSpec {
+            heads: 8,
+            shapes: shapes.clone(),
+            points: vec![3, 6, 3],
+            offset_scale: 0.5,
+            discrete,
+        };
+        let y = b.deformable_attention(&value, &offsets, &logits, &boxes, &spec)?;
+        out.push((
+            format!("deformable_attention discrete={discrete}"),
+            b.download_nhwc(&y)?,
+        ));
+    }
+
+    // Query selection and boxes.
+    let scores = up(&tensor(40, [2, 1, 8400, 80], -6.0, 2.0)?)?;
+    let top = b.top_k_rows(&scores, 300)?;
+    let flat: Vec<f32> = top.iter().flatten().map(|&i| i as f32).collect();
+    out.push((
+        "top_k_rows".into(),
+        HostTensor::from_f32(vec![2, 1, 300, 1], flat)?,
+    ));
+    let feats = up(&tensor(41, [2, 1, 8400, 256], -1.0, 1.0)?)?;
+    out.push((
+        "gather_rows".into(),
+        b.download_nhwc(&b.gather_rows(&feats, &top)?)?,
+    ));
+    let delta = up(&tensor(42, [2, 1, 300, 4], -2.0, 2.0)?)?;
+    let mut bx = random(43, 2 * 300 * 4, -0.1, 1.1);
+    bx[0] = 0.0;
+    bx[1] = 1.0;
+    let bx = up(&HostTensor::from_f32(vec![2, 1, 300, 4], bx)?)?;
+    out.push((
+        "refine_boxes".into(),
+        b.download_nhwc(&b.refine_boxes(&delta, &bx)?)?,
+    ));
+    let project = aperture_models::dfine::weighting_function(32, 0.5, 4.0);
+    let bins = project.len();
+    let corners = up(&tensor(44, [2, 1, 300, 4 * bins], -4.0, 4.0)?)?;
+    let reference = up(&tensor(45, [2, 1, 300, 4], 0.1, 0.9)?)?;
+    out.push((
+        "distribution_boxes".into(),
+        b.download_nhwc(&b.distribution_boxes(&corners, &reference, &project, 4.0)?)?,
+    ));
+    out.push((
+        "corner_stats".into(),
+        b.download_nhwc(&b.corner_stats(&corners, bins, 4)?)?,
+    ));
+    let back = b.reshape(
+        b.upload_nhwc(&tensor(46, [2, 4, 5, 6], 0.0, 1.0)?)?,
+        [2, 1, 20, 6],
+    )?;
+    out.push(("reshape + download".into(), b.download_nhwc(&back)?));
+    Ok(out)
+}
+
+fn padded_like<B: Backend>(b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+    let [n, h, w, c] = b.dims(x);
+    b.upload_nhwc(&tensor(3, [n, h, w, c], -1.0, 1.0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aperture_engine::cpu::CpuBackend;
+
+    #[test]
+    fn every_operation_runs_on_the_cpu_and_gives_finite_values() {
+        let outs = run_ops(&CpuBackend::new()).unwrap();
+        assert!(outs.len() >= 23, "{} operations", outs.len());
+        for (name, t) in &outs {
+            let v = t.to_f32_vec();
+            assert!(!v.is_empty() && v.iter().all(|x| x.is_finite()), "{name}");
+        }
+        // Top-k indices are distinct rows of the 8400.
+        let (_, top) = outs.iter().find(|(n, _)| n == "top_k_rows").unwrap();
+        let mut idx: Vec<u32> = top.to_f32_vec()[..300].iter().map(|&v| v as u32).collect();
+        idx.sort_unstable();
+        idx.dedup();
+        assert_eq!(idx.len(), 300);
+    }
+
+    #[test]
+    fn random_values_stay_in_range_and_differ_by_seed() {
+        let a = random(1, 1000, -2.0, 3.0);
+        assert!(a.iter().all(|&v| (-2.0..3.0).contains(&v)));
+        assert_ne!(a, random(2, 1000, -2.0, 3.0));
+    }
+}

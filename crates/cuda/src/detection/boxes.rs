@@ -1,0 +1,238 @@
+//! Query selection and box arithmetic (CPU twins: `cpu::detection`).
+
+use std::cmp::Ordering;
+
+use aperture_engine::{EngineError, Result};
+
+use super::DArg;
+use crate::backend::{CudaBackend, CudaTensor};
+
+/// Largest bin count the distribution kernels hold per thread.
+const MAX_BINS: usize = 128;
+
+fn check_seq(x: &CudaTensor, what: &str) -> Result<()> {
+    if x.dims[1] != 1 {
+        return Err(EngineError::Shape(format!(
+            "{what} expects a sequence [B, 1, L, C], got {:?}",
+            x.dims
+        )));
+    }
+    Ok(())
+}
+
+/// Indices of the `k` largest scores, best first; NaN ranks first and ties keep index
+/// order (the CPU backend's and `torch.topk`'s order).
+pub(crate) fn rank(scores: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&i, &j| match (scores[i].is_nan(), scores[j].is_nan()) {
+        (true, false) => Ordering::Less,
+        (false, true) => Ordering::Greater,
+        _ => scores[j]
+            .partial_cmp(&scores[i])
+            .unwrap_or(Ordering::Equal)
+            .then(i.cmp(&j)),
+    });
+    idx.truncate(k);
+    idx
+}
+
+impl CudaBackend {
+    /// Row maxima on the device, ranking on the host (a synchronisation point).
+    pub(crate) fn det_top_k_rows(&self, x: &CudaTensor, k: usize) -> Result<Vec<Vec<usize>>> {
+        check_seq(x, "top-k")?;
+        let [n, _, l, c] = x.dims;
+        if k > l || c == 0 {
+            return Err(EngineError::Shape(format!(
+                "cannot pick {k} of {l} rows with {c} channels"
+            )));
+        }
+        let rows = n * l;
+        let best = self.pool.alloc(rows.max(1) * 4)?;
+        self.det_launch_1d(
+            "det_row_max",
+            rows,
+            &[
+                DArg::Ptr(x.ptr()),
+                DArg::Ptr(best.ptr()),
+                DArg::I64(rows as i64),
+                DArg::I32(c as i32),
+            ],
+        )?;
+        let scores = self.det_read_f32(best.ptr(), rows)?;
+        Ok(scores
+            .chunks(l.max(1))
+            .take(n)
+            .map(|s| rank(s, k))
+            .collect())
+    }
+
+    pub(crate) fn det_gather_rows(
+        &self,
+        x: &CudaTensor,
+        rows: &[Vec<usize>],
+    ) -> Result<CudaTensor> {
+        check_seq(x, "gather")?;
+        let [n, _, l, c] = x.dims;
+        let k = rows.first().map_or(0, Vec::len);
+        if rows.len() != n
+            || rows
+                .iter()
+                .any(|r| r.len() != k || r.iter().any(|&i| i >= l))
+        {
+            return Err(EngineError::Shape(format!(
+                "row indices do not fit a {:?} tensor",
+                x.dims
+            )));
+        }
+        let idx: Vec<i32> = rows.iter().flatten().map(|&i| i as i32).collect();
+        let idx_buf = self.upload_bytes(&idx)?;
+        self.profiler.op(
+            self,
+            "gather_rows",
+            0.0,
+            ((2 * n * k * c) * self.esize()) as f64,
+            || {
+                let out = self.alloc_tensor([n, 1, k, c])?;
+                let args = [
+                    DArg::Ptr(x.ptr()),
+                    DArg::Ptr(idx_buf.ptr()),
+                    DArg::Ptr(out.ptr()),
+                    DArg::I32(n as i32),
+                    DArg::I32(l as i32),
+                    DArg::I32(k as i32),
+                    DArg::I32(c as i32),
+                ];
+                self.det_launch_1d("det_gather", n * k * c, &args)?;
+                Ok(out)
+            },
+        )
+    }
+
+    pub(crate) fn det_refine_boxes(
+        &self,
+        delta: &CudaTensor,
+        boxes: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        if delta.dims != boxes.dims {
+            return Err(EngineError::Shape(format!(
+                "box deltas {:?} vs boxes {:?}",
+                delta.dims, boxes.dims
+            )));
+        }
+        let n = boxes.numel();
+        self.profiler.op(
+            self,
+            "refine_boxes",
+            8.0 * n as f64,
+            ((3 * n) * self.esize()) as f64,
+            || {
+                let out = self.alloc_tensor(boxes.dims)?;
+                let args = [
+                    DArg::Ptr(delta.ptr()),
+                    DArg::Ptr(boxes.ptr()),
+                    DArg::Ptr(out.ptr()),
+                    DArg::I64(n as i64),
+                ];
+                self.det_launch_1d("det_refine", n, &args)?;
+                Ok(out)
+            },
+        )
+    }
+
+    pub(crate) fn det_distribution_boxes(
+        &self,
+        corners: &CudaTensor,
+        reference: &CudaTensor,
+        project: &[f32],
+        reg_scale: f32,
+    ) -> Result<CudaTensor> {
+        let bins = project.len();
+        check_seq(corners, "distribution boxes")?;
+        let [n, _, l, c] = corners.dims;
+        if bins == 0 || c != 4 * bins || reference.dims != [n, 1, l, 4] {
+            return Err(EngineError::Shape(format!(
+                "distribution boxes: corners {:?} with {bins} bins, reference {:?}",
+                corners.dims, reference.dims
+            )));
+        }
+        if bins > MAX_BINS {
+            return Err(EngineError::Unsupported(format!(
+                "the CUDA distribution kernel takes up to {MAX_BINS} bins, got {bins}"
+            )));
+        }
+        let proj = self.det_constant(project, true)?;
+        let rows = n * l;
+        self.profiler.op(
+            self,
+            "distribution_boxes",
+            (rows * 4 * bins * 4) as f64,
+            ((corners.numel() + 8 * rows) * self.esize()) as f64,
+            || {
+                let out = self.alloc_tensor(reference.dims)?;
+                let args = [
+                    DArg::Ptr(corners.ptr()),
+                    DArg::Ptr(reference.ptr()),
+                    DArg::Ptr(proj.ptr()),
+                    DArg::Ptr(out.ptr()),
+                    DArg::I64(rows as i64),
+                    DArg::I32(bins as i32),
+                    DArg::F32(reg_scale),
+                ];
+                self.det_launch("det_distribution", rows, 128, 0, &args)?;
+                Ok(out)
+            },
+        )
+    }
+
+    pub(crate) fn det_corner_stats(
+        &self,
+        corners: &CudaTensor,
+        bins: usize,
+        top_k: usize,
+    ) -> Result<CudaTensor> {
+        check_seq(corners, "corner statistics")?;
+        let [n, _, l, c] = corners.dims;
+        if bins == 0 || top_k == 0 || top_k > bins || c != 4 * bins {
+            return Err(EngineError::Shape(format!(
+                "corner statistics: {c} channels for 4 x {bins} bins, top {top_k}"
+            )));
+        }
+        if bins > MAX_BINS {
+            return Err(EngineError::Unsupported(format!(
+                "the CUDA corner statistics take up to {MAX_BINS} bins, got {bins}"
+            )));
+        }
+        let rows = n * l;
+        let per = top_k + 1;
+        self.profiler.op(
+            self,
+            "corner_stats",
+            (rows * 4 * bins * (4 + top_k)) as f64,
+            ((corners.numel() + rows * 4 * per) * self.esize()) as f64,
+            || {
+                let out = self.alloc_tensor([n, 1, l, 4 * per])?;
+                let args = [
+                    DArg::Ptr(corners.ptr()),
+                    DArg::Ptr(out.ptr()),
+                    DArg::I64(rows as i64),
+                    DArg::I32(bins as i32),
+                    DArg::I32(top_k as i32),
+                ];
+                self.det_launch("det_corner_stats", rows * 4, 128, 0, &args)?;
+                Ok(out)
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranking_puts_nan_first_and_keeps_ties_in_index_order() {
+        assert_eq!(rank(&[0.2, 0.9, 0.5, 0.9], 3), vec![1, 3, 2]);
+        assert_eq!(rank(&[0.2, f32::NAN, 0.5], 2), vec![1, 2]);
+        assert_eq!(rank(&[1.0, 2.0], 0), Vec::<usize>::new());
+    }
+}

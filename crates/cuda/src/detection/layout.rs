@@ -1,0 +1,286 @@
+//! Spatial and channel rearrangements and element-wise maps (the CPU twins are in
+//! `aperture_engine::cpu::spatial` and `cpu::sequence::concat_rows`).
+
+use aperture_engine::{EngineError, Result};
+
+use super::DArg;
+use crate::backend::{CudaBackend, CudaTensor};
+
+/// `det_unary`'s operation codes.
+const AFFINE: i32 = 0;
+const SIGMOID: i32 = 1;
+const CLAMP: i32 = 2;
+
+fn i32s(v: &[usize]) -> Vec<DArg> {
+    v.iter().map(|&x| DArg::I32(x as i32)).collect()
+}
+
+impl CudaBackend {
+    fn bytes(&self, elems: usize) -> f64 {
+        (elems * self.esize()) as f64
+    }
+
+    pub(crate) fn det_reshape(&self, x: CudaTensor, dims: [usize; 4]) -> Result<CudaTensor> {
+        if dims.iter().product::<usize>() != x.numel() {
+            return Err(EngineError::Shape(format!(
+                "cannot reshape {:?} to {dims:?}",
+                x.dims
+            )));
+        }
+        Ok(CudaTensor { buf: x.buf, dims })
+    }
+
+    pub(crate) fn det_pad_zeros(
+        &self,
+        x: &CudaTensor,
+        top: usize,
+        bottom: usize,
+        left: usize,
+        right: usize,
+    ) -> Result<CudaTensor> {
+        let [n, h, w, c] = x.dims;
+        let (oh, ow) = (h + top + bottom, w + left + right);
+        let out_n = n * oh * ow * c;
+        self.profiler.op(
+            self,
+            "pad_zeros",
+            0.0,
+            self.bytes(x.numel() + out_n),
+            || {
+                let out = self.alloc_tensor([n, oh, ow, c])?;
+                let mut args = vec![DArg::Ptr(x.ptr()), DArg::Ptr(out.ptr())];
+                args.extend(i32s(&[n, h, w, c, top, left, oh, ow]));
+                self.det_launch_1d("det_pad", out_n, &args)?;
+                Ok(out)
+            },
+        )
+    }
+
+    pub(crate) fn det_max_pool2d(
+        &self,
+        x: &CudaTensor,
+        kernel: usize,
+        stride: usize,
+    ) -> Result<CudaTensor> {
+        let [n, h, w, c] = x.dims;
+        if kernel == 0 || stride == 0 || h < kernel || w < kernel {
+            return Err(EngineError::Shape(format!(
+                "max pool {kernel}x{kernel} stride {stride} does not fit a {h}x{w} input"
+            )));
+        }
+        let (oh, ow) = ((h - kernel) / stride + 1, (w - kernel) / stride + 1);
+        let out_n = n * oh * ow * c;
+        self.profiler.op(
+            self,
+            "max_pool",
+            (out_n * kernel * kernel) as f64,
+            self.bytes(x.numel() + out_n),
+            || {
+                let out = self.alloc_tensor([n, oh, ow, c])?;
+                let mut args = vec![DArg::Ptr(x.ptr()), DArg::Ptr(out.ptr())];
+                args.extend(i32s(&[n, h, w, c, oh, ow, kernel, stride]));
+                self.det_launch_1d("det_max_pool", out_n, &args)?;
+                Ok(out)
+            },
+        )
+    }
+
+    pub(crate) fn det_upsample_nearest(&self, x: &CudaTensor, factor: usize) -> Result<CudaTensor> {
+        if factor == 0 {
+            return Err(EngineError::Invalid(
+                "upsampling factor must be at least 1".into(),
+            ));
+        }
+        let [n, h, w, c] = x.dims;
+        let out_n = x.numel() * factor * factor;
+        self.profiler
+            .op(self, "upsample", 0.0, self.bytes(x.numel() + out_n), || {
+                let out = self.alloc_tensor([n, h * factor, w * factor, c])?;
+                let mut args = vec![DArg::Ptr(x.ptr()), DArg::Ptr(out.ptr())];
+                args.extend(i32s(&[n, h, w, c, factor]));
+                self.det_launch_1d("det_upsample", out_n, &args)?;
+                Ok(out)
+            })
+    }
+
+    fn det_unary(
+        &self,
+        name: &'static str,
+        x: &CudaTensor,
+        op: i32,
+        a: f32,
+        b: f32,
+    ) -> Result<CudaTensor> {
+        let n = x.numel();
+        self.profiler
+            .op(self, name, n as f64, self.bytes(2 * n), || {
+                let out = self.alloc_tensor(x.dims)?;
+                let args = [
+                    DArg::Ptr(x.ptr()),
+                    DArg::Ptr(out.ptr()),
+                    DArg::I64(n as i64),
+                    DArg::I32(op),
+                    DArg::F32(a),
+                    DArg::F32(b),
+                ];
+                self.det_launch_1d("det_unary", n, &args)?;
+                Ok(out)
+            })
+    }
+
+    pub(crate) fn det_affine(&self, x: &CudaTensor, scale: f32, shift: f32) -> Result<CudaTensor> {
+        self.det_unary("affine", x, AFFINE, scale, shift)
+    }
+
+    pub(crate) fn det_sigmoid(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        self.det_unary("sigmoid", x, SIGMOID, 0.0, 0.0)
+    }
+
+    pub(crate) fn det_clamp(&self, x: &CudaTensor, lo: f32, hi: f32) -> Result<CudaTensor> {
+        self.det_unary("clamp", x, CLAMP, lo, hi)
+    }
+
+    /// `rows` blocks of `len` elements from `src` (stride, offset) to `dst` (stride, offset).
+    #[allow(clippy::too_many_arguments)]
+    fn copy_block(
+        &self,
+        src: u64,
+        dst: u64,
+        rows: usize,
+        len: usize,
+        src_stride: usize,
+        src_off: usize,
+        dst_stride: usize,
+        dst_off: usize,
+    ) -> Result<()> {
+        let args = [
+            DArg::Ptr(src),
+            DArg::Ptr(dst),
+            DArg::I64(rows as i64),
+            DArg::I64(len as i64),
+            DArg::I64(src_stride as i64),
+            DArg::I64(src_off as i64),
+            DArg::I64(dst_stride as i64),
+            DArg::I64(dst_off as i64),
+        ];
+        self.det_launch_1d("det_copy_block", rows * len, &args)
+    }
+
+    pub(crate) fn det_slice_channels(
+        &self,
+        x: &CudaTensor,
+        start: usize,
+        len: usize,
+    ) -> Result<CudaTensor> {
+        let [n, h, w, c] = x.dims;
+        if start + len > c {
+            return Err(EngineError::Shape(format!(
+                "channels {start}..{} of a {c}-channel tensor",
+                start + len
+            )));
+        }
+        let p = n * h * w;
+        self.profiler
+            .op(self, "slice_channels", 0.0, self.bytes(2 * p * len), || {
+                let out = self.alloc_tensor([n, h, w, len])?;
+                if len > 0 {
+                    self.copy_block(x.ptr(), out.ptr(), p, len, c, start, len, 0)?;
+                }
+                Ok(out)
+            })
+    }
+
+    pub(crate) fn det_concat_channels_n(&self, parts: &[&CudaTensor]) -> Result<CudaTensor> {
+        let first = parts
+            .first()
+            .ok_or_else(|| EngineError::Invalid("nothing to concatenate".into()))?;
+        let [n, h, w, _] = first.dims;
+        if let Some(p) = parts.iter().find(|p| p.dims[..3] != first.dims[..3]) {
+            return Err(EngineError::Shape(format!(
+                "cannot concatenate {:?} and {:?} along channels",
+                first.dims, p.dims
+            )));
+        }
+        let c: usize = parts.iter().map(|p| p.dims[3]).sum();
+        let px = n * h * w;
+        self.profiler
+            .op(self, "concat_channels", 0.0, self.bytes(2 * px * c), || {
+                let out = self.alloc_tensor([n, h, w, c])?;
+                let mut at = 0;
+                for p in parts {
+                    let pc = p.dims[3];
+                    if pc > 0 {
+                        self.copy_block(p.ptr(), out.ptr(), px, pc, pc, 0, c, at)?;
+                    }
+                    at += pc;
+                }
+                Ok(out)
+            })
+    }
+
+    pub(crate) fn det_concat_rows(&self, parts: &[&CudaTensor]) -> Result<CudaTensor> {
+        let first = parts
+            .first()
+            .ok_or_else(|| EngineError::Invalid("nothing to concatenate".into()))?;
+        let [n, _, _, c] = first.dims;
+        if let Some(p) = parts
+            .iter()
+            .find(|p| p.dims[1] != 1 || p.dims[0] != n || p.dims[3] != c)
+        {
+            return Err(EngineError::Shape(format!(
+                "cannot concatenate sequences {:?} and {:?}",
+                first.dims, p.dims
+            )));
+        }
+        let total: usize = parts.iter().map(|p| p.dims[2]).sum();
+        self.profiler.op(
+            self,
+            "concat_rows",
+            0.0,
+            self.bytes(2 * n * total * c),
+            || {
+                let out = self.alloc_tensor([n, 1, total, c])?;
+                let mut at = 0;
+                for p in parts {
+                    let len = p.dims[2] * c;
+                    if len > 0 {
+                        self.copy_block(p.ptr(), out.ptr(), n, len, len, 0, total * c, at * c)?;
+                    }
+                    at += p.dims[2];
+                }
+                Ok(out)
+            },
+        )
+    }
+
+    pub(crate) fn det_mul(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        let [n, h, w, c] = a.dims;
+        let bc = b.dims[3];
+        if a.dims[..3] != b.dims[..3] || (bc != c && bc != 1) {
+            return Err(EngineError::Shape(format!(
+                "cannot multiply {:?} by {:?}",
+                a.dims, b.dims
+            )));
+        }
+        let p = n * h * w;
+        self.profiler.op(
+            self,
+            "mul",
+            a.numel() as f64,
+            self.bytes(2 * a.numel() + b.numel()),
+            || {
+                let out = self.alloc_tensor(a.dims)?;
+                let args = [
+                    DArg::Ptr(a.ptr()),
+                    DArg::Ptr(b.ptr()),
+                    DArg::Ptr(out.ptr()),
+                    DArg::I64(p as i64),
+                    DArg::I32(c as i32),
+                    DArg::I32(bc as i32),
+                ];
+                self.det_launch_1d("det_mul", a.numel(), &args)?;
+                Ok(out)
+            },
+        )
+    }
+}

@@ -1,0 +1,286 @@
+//! D-FINE's detection operations on the GPU: their own NVRTC module (compiled on first
+//! use, so Restormer-only processes never pay for it), a launcher, and a cache of small
+//! constant buffers (projection weights, fixed embeddings) so that a forward pass
+//! uploads each constant once and stays capturable in a CUDA graph.
+
+mod boxes;
+mod layout;
+mod sequence;
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{result, sys};
+
+use crate::backend::{CudaBackend, CudaTensor};
+use crate::driver::Context;
+use crate::error::{CudaError, CudaResult};
+use crate::kernels::{preamble, Storage};
+use crate::nvrtc;
+use crate::pool::DeviceBuffer;
+use aperture_engine::{EngineError, HostTensor, Result};
+
+pub const DETECTION_SOURCE: &str = include_str!("../../kernels/detection.cu");
+
+/// Every entry point of `detection.cu`.
+pub const DETECTION_KERNELS: &[&str] = &[
+    "det_pad",
+    "det_max_pool",
+    "det_upsample",
+    "det_unary",
+    "det_copy_block",
+    "det_mul",
+    "det_gated_sum",
+    "det_attention",
+    "det_deformable",
+    "det_row_max",
+    "det_gather",
+    "det_refine",
+    "det_distribution",
+    "det_corner_stats",
+    "det_to_f32",
+];
+
+/// Most levels a deformable attention call takes (the kernel's parameter block).
+pub(crate) const MAX_LEVELS: usize = 4;
+
+/// The translation unit for one storage type.
+pub fn detection_source(s: Storage) -> String {
+    format!("{}\n{}\n", preamble(s), DETECTION_SOURCE)
+}
+
+/// A kernel argument, kept by value until the launch returns.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum DArg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+    /// The `DetLevels` struct: (height, width, first row, points) per level.
+    Levels([i32; 4 * MAX_LEVELS]),
+}
+
+pub(crate) struct DetKernels {
+    module: sys::CUmodule,
+    funcs: HashMap<&'static str, sys::CUfunction>,
+}
+
+// SAFETY: module and function handles are immutable driver objects, usable from any
+// thread with the context current.
+unsafe impl Send for DetKernels {}
+unsafe impl Sync for DetKernels {}
+
+impl DetKernels {
+    fn load(ctx: &Context, storage: Storage) -> CudaResult<Self> {
+        let (cubin, _) = nvrtc::compile_cached(&detection_source(storage), ctx.capability)?;
+        ctx.bind()?;
+        // SAFETY: `cubin` is a complete CUBIN image for this device.
+        let module = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void)? };
+        let mut funcs = HashMap::new();
+        for &name in DETECTION_KERNELS {
+            let cname = CString::new(name)
+                .map_err(|_| CudaError::Driver(format!("bad kernel name {name}")))?;
+            // SAFETY: the module is loaded; the name is NUL-terminated.
+            let f = unsafe { result::module::get_function(module, cname)? };
+            funcs.insert(name, f);
+        }
+        Ok(Self { module, funcs })
+    }
+
+    fn launch(
+        &self,
+        ctx: &Context,
+        name: &str,
+        grid: u32,
+        block: u32,
+        smem: u32,
+        args: &[DArg],
+    ) -> CudaResult<()> {
+        let f = *self
+            .funcs
+            .get(name)
+            .ok_or_else(|| CudaError::Driver(format!("kernel {name} is not loaded")))?;
+        let mut vals: Vec<DArg> = args.to_vec();
+        let mut ptrs: Vec<*mut c_void> = vals
+            .iter_mut()
+            .map(|a| match a {
+                DArg::Ptr(p) => p as *mut u64 as *mut c_void,
+                DArg::I32(v) => v as *mut i32 as *mut c_void,
+                DArg::I64(v) => v as *mut i64 as *mut c_void,
+                DArg::F32(v) => v as *mut f32 as *mut c_void,
+                DArg::Levels(v) => v.as_mut_ptr() as *mut c_void,
+            })
+            .collect();
+        // SAFETY: each call site mirrors the kernel's declaration in detection.cu; the
+        // values live in `vals` until the call returns and the driver copies them.
+        unsafe {
+            result::launch_kernel(
+                f,
+                (grid.max(1), 1, 1),
+                (block, 1, 1),
+                smem,
+                ctx.stream,
+                &mut ptrs,
+            )?
+        };
+        Ok(())
+    }
+}
+
+impl Drop for DetKernels {
+    fn drop(&mut self) {
+        // SAFETY: unloaded once; the functions are not used afterwards.
+        unsafe {
+            let _ = result::module::unload(self.module);
+        }
+    }
+}
+
+/// Per-backend state of the detection operations.
+#[derive(Default)]
+pub struct DetectionState {
+    kernels: Mutex<Option<Arc<DetKernels>>>,
+    /// Constant buffers by content (f32 bit patterns, tagged by kind).
+    consts: Mutex<HashMap<(u8, Vec<u32>), Arc<DeviceBuffer>>>,
+}
+
+impl CudaBackend {
+    fn det_kernels(&self) -> Result<Arc<DetKernels>> {
+        let mut k = self
+            .detection
+            .kernels
+            .lock()
+            .map_err(|_| EngineError::Device("detection kernels poisoned".into()))?;
+        if let Some(k) = k.as_ref() {
+            return Ok(k.clone());
+        }
+        let loaded = Arc::new(DetKernels::load(&self.ctx, self.storage)?);
+        *k = Some(loaded.clone());
+        Ok(loaded)
+    }
+
+    /// Launches `name` with `threads` threads in blocks of `block`.
+    pub(crate) fn det_launch(
+        &self,
+        name: &str,
+        threads: usize,
+        block: u32,
+        smem: u32,
+        args: &[DArg],
+    ) -> Result<()> {
+        let k = self.det_kernels()?;
+        let blocks = threads.div_ceil(block as usize).max(1);
+        if blocks > i32::MAX as usize {
+            return Err(EngineError::Invalid(format!(
+                "{name}: {threads} threads are too many for one launch"
+            )));
+        }
+        k.launch(&self.ctx, name, blocks as u32, block, smem, args)?;
+        Ok(())
+    }
+
+    /// Grid-stride element-wise launch over `n` items.
+    pub(crate) fn det_launch_1d(&self, name: &str, n: usize, args: &[DArg]) -> Result<()> {
+        let cap = self.ctx.multiprocessors.max(1) as usize * 32 * 256;
+        self.det_launch(name, n.clamp(1, cap), 256, 0, args)
+    }
+
+    /// A device copy of constant f32 values in the storage type (`fp32 == false`) or in
+    /// fp32, uploaded once per content and reused (so graph captures see no upload).
+    pub(crate) fn det_constant(&self, data: &[f32], fp32: bool) -> Result<Arc<DeviceBuffer>> {
+        let key = (
+            fp32 as u8,
+            data.iter().map(|v| v.to_bits()).collect::<Vec<u32>>(),
+        );
+        let mut consts = self
+            .detection
+            .consts
+            .lock()
+            .map_err(|_| EngineError::Device("constant cache poisoned".into()))?;
+        if let Some(b) = consts.get(&key) {
+            return Ok(b.clone());
+        }
+        let buf = Arc::new(if fp32 {
+            self.upload_bytes(data)?
+        } else {
+            self.upload_storage(data)?
+        });
+        consts.insert(key, buf.clone());
+        Ok(buf)
+    }
+
+    /// Uploads an NHWC host tensor as is.
+    pub(crate) fn det_upload_nhwc(&self, x: &HostTensor) -> Result<CudaTensor> {
+        let s = x.shape();
+        let dims: [usize; 4] = s.try_into().map_err(|_| {
+            EngineError::Shape(format!("expected an NHWC tensor (4-D), got shape {s:?}"))
+        })?;
+        let buf = self.upload_storage(&x.to_f32_vec())?;
+        Ok(CudaTensor { buf, dims })
+    }
+
+    /// Copies an activation out as an NHWC f32 host tensor.
+    pub(crate) fn det_download_nhwc(&self, x: &CudaTensor) -> Result<HostTensor> {
+        let n = x.numel();
+        let staging = self.pool.alloc(n.max(1) * 4)?;
+        self.det_launch_1d(
+            "det_to_f32",
+            n,
+            &[
+                DArg::Ptr(x.ptr()),
+                DArg::Ptr(staging.ptr()),
+                DArg::I64(n as i64),
+            ],
+        )?;
+        let host = self.det_read_f32(staging.ptr(), n)?;
+        HostTensor::from_f32(x.dims.to_vec(), host)
+    }
+
+    /// Reads `n` f32 values from the device (synchronises the stream).
+    pub(crate) fn det_read_f32(&self, ptr: u64, n: usize) -> Result<Vec<f32>> {
+        let mut host = vec![0f32; n];
+        self.ctx.bind()?;
+        // SAFETY: `ptr` holds at least `n` f32 values; the stream is synchronised
+        // before `host` is read.
+        unsafe {
+            result::memcpy_dtoh_async(&mut host, ptr, self.ctx.stream).map_err(CudaError::from)?;
+            result::stream::synchronize(self.ctx.stream).map_err(CudaError::from)?;
+        }
+        Ok(host)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_detection_kernel_is_an_extern_c_entry_point() {
+        for name in DETECTION_KERNELS {
+            let decl = format!("extern \"C\" __global__ void {name}(");
+            assert!(
+                DETECTION_SOURCE.contains(&decl),
+                "{name} is not declared in detection.cu"
+            );
+        }
+        let declared = DETECTION_SOURCE
+            .matches("extern \"C\" __global__ void ")
+            .count();
+        assert_eq!(
+            declared,
+            DETECTION_KERNELS.len(),
+            "a kernel of detection.cu is not registered"
+        );
+    }
+
+    #[test]
+    fn detection_source_is_balanced_for_every_storage() {
+        for s in [Storage::F32, Storage::F16, Storage::BF16] {
+            let src = detection_source(s);
+            assert!(!src.contains('\0'));
+            assert_eq!(src.matches('{').count(), src.matches('}').count(), "{s:?}");
+            assert_eq!(src.matches('(').count(), src.matches(')').count(), "{s:?}");
+        }
+    }
+}

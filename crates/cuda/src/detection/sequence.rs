@@ -1,0 +1,202 @@
+//! Sequence operations on `[B, 1, L, C]` tensors: multi-head attention, D-FINE's gated
+//! residual and multi-scale deformable attention (CPU twins: `cpu::sequence`,
+//! `cpu::deformable`).
+
+use aperture_engine::backend::DeformableSpec;
+use aperture_engine::{EngineError, Result};
+
+use super::{DArg, MAX_LEVELS};
+use crate::backend::{CudaBackend, CudaTensor};
+
+/// Warps per block of the attention kernels (one query row per warp).
+const WARPS: usize = 4;
+/// Shared memory the attention kernel may use per block without opting in.
+const SMEM_LIMIT: usize = 48 * 1024;
+/// Channels per head the deformable kernel holds per lane (4 x 32).
+const MAX_HEAD_DIM: usize = 128;
+
+impl CudaBackend {
+    pub(crate) fn det_attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        heads: usize,
+        scale: f32,
+    ) -> Result<CudaTensor> {
+        let [b, qh, lq, c] = q.dims;
+        if heads == 0 || c % heads != 0 {
+            return Err(EngineError::Shape(format!(
+                "{c} channels cannot split into {heads} heads"
+            )));
+        }
+        if qh != 1 || k.dims[1] != 1 || k.dims != v.dims || k.dims[3] != c || k.dims[0] != b {
+            return Err(EngineError::Shape(format!(
+                "attention needs sequences [B, 1, L, C]: q {:?}, k {:?}, v {:?}",
+                q.dims, k.dims, v.dims
+            )));
+        }
+        let lk = k.dims[2];
+        let d = c / heads;
+        let smem = WARPS * (d + lk) * 4;
+        if smem > SMEM_LIMIT {
+            return Err(EngineError::Unsupported(format!(
+                "the CUDA attention kernel takes up to {} keys of head size {d}; got {lk}",
+                SMEM_LIMIT / (4 * WARPS) - d
+            )));
+        }
+        let flops = 4.0 * (b * heads * lq * lk * d) as f64;
+        let bytes = ((2 * q.numel() + 2 * k.numel()) * self.esize()) as f64;
+        self.profiler.op(self, "attention", flops, bytes, || {
+            let out = self.alloc_tensor(q.dims)?;
+            let args = [
+                DArg::Ptr(q.ptr()),
+                DArg::Ptr(k.ptr()),
+                DArg::Ptr(v.ptr()),
+                DArg::Ptr(out.ptr()),
+                DArg::I32(b as i32),
+                DArg::I32(lq as i32),
+                DArg::I32(lk as i32),
+                DArg::I32(c as i32),
+                DArg::I32(heads as i32),
+                DArg::F32(scale),
+            ];
+            self.det_launch(
+                "det_attention",
+                b * heads * lq * 32,
+                (WARPS * 32) as u32,
+                smem as u32,
+                &args,
+            )?;
+            Ok(out)
+        })
+    }
+
+    pub(crate) fn det_gated_sum(
+        &self,
+        a: &CudaTensor,
+        b: &CudaTensor,
+        gates: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        let [n, h, w, c] = a.dims;
+        if a.dims != b.dims || gates.dims != [n, h, w, 2 * c] {
+            return Err(EngineError::Shape(format!(
+                "gate over {:?} and {:?} needs gates of {} channels, got {:?}",
+                a.dims,
+                b.dims,
+                2 * c,
+                gates.dims
+            )));
+        }
+        let p = n * h * w;
+        self.profiler.op(
+            self,
+            "gated_sum",
+            10.0 * a.numel() as f64,
+            ((5 * a.numel()) * self.esize()) as f64,
+            || {
+                let out = self.alloc_tensor(a.dims)?;
+                let args = [
+                    DArg::Ptr(a.ptr()),
+                    DArg::Ptr(b.ptr()),
+                    DArg::Ptr(gates.ptr()),
+                    DArg::Ptr(out.ptr()),
+                    DArg::I64(p as i64),
+                    DArg::I32(c as i32),
+                ];
+                self.det_launch_1d("det_gated_sum", a.numel(), &args)?;
+                Ok(out)
+            },
+        )
+    }
+
+    pub(crate) fn det_deformable(
+        &self,
+        value: &CudaTensor,
+        offsets: &CudaTensor,
+        logits: &CudaTensor,
+        boxes: &CudaTensor,
+        spec: &DeformableSpec,
+    ) -> Result<CudaTensor> {
+        let [b, _, _, c] = value.dims;
+        let heads = spec.heads;
+        let p_total: usize = spec.points.iter().sum();
+        let s_total: usize = spec.shapes.iter().map(|(h, w)| h * w).sum();
+        let q = offsets.dims[2];
+        if heads == 0
+            || c % heads != 0
+            || spec.points.len() != spec.shapes.len()
+            || spec.points.contains(&0)
+        {
+            return Err(EngineError::Shape(format!(
+                "deformable attention: {c} channels, {heads} heads, {} levels, points {:?}",
+                spec.shapes.len(),
+                spec.points
+            )));
+        }
+        if spec.shapes.len() > MAX_LEVELS || c / heads > MAX_HEAD_DIM {
+            return Err(EngineError::Unsupported(format!(
+                "the CUDA deformable attention takes up to {MAX_LEVELS} levels and heads of up to {MAX_HEAD_DIM} channels; got {} levels of {} channels",
+                spec.shapes.len(),
+                c / heads
+            )));
+        }
+        let want = [
+            (value, [b, 1, s_total, c]),
+            (offsets, [b, 1, q, heads * p_total * 2]),
+            (logits, [b, 1, q, heads * p_total]),
+            (boxes, [b, 1, q, 4]),
+        ];
+        for (t, dims) in want {
+            if t.dims != dims {
+                return Err(EngineError::Shape(format!(
+                    "deformable attention: expected {dims:?}, got {:?}",
+                    t.dims
+                )));
+            }
+        }
+        let mut levels = [0i32; 4 * MAX_LEVELS];
+        let mut start = 0;
+        for (l, (&(h, w), &np)) in spec.shapes.iter().zip(&spec.points).enumerate() {
+            levels[4 * l..4 * l + 4].copy_from_slice(&[
+                h as i32,
+                w as i32,
+                start as i32,
+                np as i32,
+            ]);
+            start += h * w;
+        }
+        let d = c / heads;
+        let flops = 8.0 * (b * q * heads * p_total * d) as f64;
+        let bytes = ((b * q * (c + heads * p_total * 3 + 4) + b * q * heads * p_total * 4 * d)
+            * self.esize()) as f64;
+        self.profiler
+            .op(self, "deformable_attention", flops, bytes, || {
+                let out = self.alloc_tensor([b, 1, q, c])?;
+                let args = [
+                    DArg::Ptr(value.ptr()),
+                    DArg::Ptr(offsets.ptr()),
+                    DArg::Ptr(logits.ptr()),
+                    DArg::Ptr(boxes.ptr()),
+                    DArg::Ptr(out.ptr()),
+                    DArg::I32(b as i32),
+                    DArg::I32(q as i32),
+                    DArg::I32(c as i32),
+                    DArg::I32(heads as i32),
+                    DArg::I32(s_total as i32),
+                    DArg::I32(spec.shapes.len() as i32),
+                    DArg::F32(spec.offset_scale),
+                    DArg::I32(spec.discrete as i32),
+                    DArg::Levels(levels),
+                ];
+                self.det_launch(
+                    "det_deformable",
+                    b * q * heads * 32,
+                    (WARPS * 32) as u32,
+                    0,
+                    &args,
+                )?;
+                Ok(out)
+            })
+    }
+}

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# D-FINE on the GPU in one device call: rebuilds the X-shaped weights from the fixture's
+# manifest, runs `aperture check-dfine` (every operation and the whole model against the
+# CPU backend and transformers' golden, fp32/bf16/fp16, eager timings, a per-operation
+# profile), a `detect --device cuda` smoke test, then the PyTorch peers (precision
+# study, activation ranges, eager and torch.compile timings). Logs and JSON go to $OUT.
+#
+#   tools/dfine_gpu_check.sh
+#
+# Environment: APERTURE_BIN (default .carry/dfine/aperture), OUT (default ./out),
+# CHECK_ARGS (extra check-dfine arguments), PEERS=0 to skip PyTorch, PEER_ARGS
+# (default "--compile"), PEER_TIMEOUT seconds (default 300).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=${APERTURE_BIN:-.carry/dfine/aperture}
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+export PYTHONUNBUFFERED=1
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export XDG_CACHE_HOME=${XDG_CACHE_HOME:-$WORK/cache}
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+
+step "device"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+
+step "X-shaped weights"
+mkdir -p "$WORK/x"
+python3 tools/dfine_golden.py "$WORK/x/model.safetensors" --materialize tests/fixtures/dfine/x/manifest.json || exit 1
+cp tests/fixtures/dfine/x/config.json tests/fixtures/dfine/x/preprocessor_config.json "$WORK/x/"
+
+step "check-dfine"
+# shellcheck disable=SC2086
+"$BIN" check-dfine --model "$WORK/x" --golden tests/fixtures/dfine/x/golden.safetensors \
+  --json "$OUT/dfine-check.json" ${CHECK_ARGS:-} 2>&1 | tee "$OUT/dfine-check.log"
+CHECK=${PIPESTATUS[0]}
+
+step "detect --device cuda"
+python3 -c "
+import numpy as np, zlib, struct
+h, w = 480, 640
+img = (np.indices((h, w)).sum(0) % 256).astype(np.uint8)
+rgb = np.stack([img, img[::-1], 255 - img], -1)
+raw = b''.join(b'\x00' + rgb[y].tobytes() for y in range(h))
+def chunk(t, d): return struct.pack('>I', len(d)) + t + d + struct.pack('>I', zlib.crc32(t + d) & 0xffffffff)
+open('$WORK/img.png', 'wb').write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 2, 0, 0, 0)) + chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+"
+"$BIN" detect "$WORK/img.png" --model "$WORK/x" --device cuda --threshold 0.3 --json "$OUT/detect-cuda.json" 2>&1 | tail -3
+"$BIN" detect "$WORK/img.png" --model "$WORK/x" --device cpu --threshold 0.3 --json "$WORK/detect-cpu.json" 2>&1 | tail -3
+python3 - "$OUT/detect-cuda.json" "$WORK/detect-cpu.json" <<'PY'
+import json, sys
+a, b = (json.load(open(p))["images"][0] for p in sys.argv[1:3])
+print("detect: cuda", len(a.get("detections", a)), "cpu", len(b.get("detections", b)), "identical JSON:" , a == b)
+PY
+
+if [ "${PEERS:-1}" != 0 ]; then
+  step "PyTorch peers"
+  # shellcheck disable=SC2086
+  timeout "${PEER_TIMEOUT:-300}" python3 tools/dfine_torch_peers.py "$WORK/x" --out "$OUT/dfine-peers.json" \
+    ${PEER_ARGS:---compile} 2>&1 | tee "$OUT/dfine-peers.log"
+fi
+step "done (check-dfine exit $CHECK)"
+exit "$CHECK"

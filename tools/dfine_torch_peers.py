@@ -1,0 +1,167 @@
+"""PyTorch peers for D-FINE on the GPU (run where torch + transformers are).
+
+    python3 tools/dfine_torch_peers.py MODEL_DIR --out peers.json [--compile] [--batches 1,32]
+
+MODEL_DIR holds config.json + model.safetensors (e.g. rebuilt by
+`tools/dfine_golden.py DIR/model.safetensors --materialize tests/fixtures/dfine/x/manifest.json`).
+Reports, on the golden's pixel values (tools/dfine_golden.py's generator):
+  * fp16 and bf16 against fp32 (relative L2 of logits and boxes, after autocast-free casts);
+  * the fp32 activation range per module (forward hooks): which modules leave the fp16
+    range (|x| > 65504) or come close, and the first module whose fp16 output is not finite;
+  * eager timings (fp32, fp16) and optionally torch.compile (reduce-overhead, fp16), each the
+    median of CUDA-event-timed iterations.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dfine_golden import name_seed, uniform  # noqa: E402
+
+FP16_MAX = 65504.0
+
+
+def rel_l2(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def timed(fn, iters, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ms = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        ms.append(s.elapsed_time(e))
+    ms.sort()
+    return ms[len(ms) // 2]
+
+
+def tensors_of(o):
+    if isinstance(o, torch.Tensor):
+        yield o
+    elif isinstance(o, (list, tuple)):
+        for x in o:
+            yield from tensors_of(x)
+    elif hasattr(o, "values"):
+        for x in o.values():
+            yield from tensors_of(x)
+
+
+def activation_ranges(model, pix):
+    """Largest |value| of every module's outputs (fp32), in call order."""
+    ranges, handles = [], []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+
+        def hook(m, i, o, name=name):
+            vals = [t.detach().float().abs().max().item() for t in tensors_of(o) if t.is_floating_point() and t.numel()]
+            if vals:
+                ranges.append((name, type(m).__name__, max(vals)))
+
+        handles.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        model(pixel_values=pix)
+    for h in handles:
+        h.remove()
+    return ranges
+
+
+def first_non_finite(model, pix):
+    found, handles = [], []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+
+        def hook(m, i, o, name=name):
+            if not found:
+                for t in tensors_of(o):
+                    if t.is_floating_point() and not torch.isfinite(t).all():
+                        found.append((name, type(m).__name__))
+                        break
+
+        handles.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        model(pixel_values=pix)
+    for h in handles:
+        h.remove()
+    return found[0] if found else None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--compile", action="store_true")
+    a = ap.parse_args()
+    from transformers import DFineForObjectDetection
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = torch.device("cuda")
+    model = DFineForObjectDetection.from_pretrained(a.model).eval().to(dev)
+    pix = torch.from_numpy(uniform(name_seed("pixel_values"), 3 * 640 * 640).reshape(1, 3, 640, 640)).to(dev)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    with torch.no_grad():
+        ref = model(pixel_values=pix)
+    ranges = activation_ranges(model, pix)
+    over = [r for r in ranges if r[2] > FP16_MAX]
+    near = [r for r in ranges if FP16_MAX / 16 < r[2] <= FP16_MAX]
+    res["fp32_max_abs"] = max(r[2] for r in ranges)
+    res["over_fp16"] = over[:200]
+    res["near_fp16"] = near[:200]
+    print(f"fp32 activations: max |x| {res['fp32_max_abs']:.3e}; {len(over)} module outputs exceed fp16, {len(near)} within 16x")
+    for r in over[:40]:
+        print(f"  over  {r[2]:11.4e}  {r[1]:<28} {r[0]}")
+    for r in near[:15]:
+        print(f"  near  {r[2]:11.4e}  {r[1]:<28} {r[0]}")
+    for name, dt in [("fp16", torch.float16), ("bf16", torch.bfloat16)]:
+        m = DFineForObjectDetection.from_pretrained(a.model).eval().to(dev).to(dt)
+        with torch.no_grad():
+            o = m(pixel_values=pix.to(dt))
+        el, eb = rel_l2(o.logits.float(), ref.logits), rel_l2(o.pred_boxes.float(), ref.pred_boxes)
+        bad = first_non_finite(m, pix.to(dt))
+        print(f"torch {name} vs fp32: logits {el:.3e} boxes {eb:.3e}; first non-finite output: {bad}")
+        res["rows"].append({"engine": "torch-eager", "precision": name, "batch": 1, "rel_l2_logits": el,
+                            "rel_l2_boxes": eb, "first_non_finite": bad})
+        del m
+    batches = [int(b) for b in a.batches.split(",")]
+    for name, dt in [("fp32", torch.float32), ("fp16", torch.float16)]:
+        m = DFineForObjectDetection.from_pretrained(a.model).eval().to(dev).to(dt)
+        for b in batches:
+            x = torch.rand(b, 3, 640, 640, device=dev, dtype=dt)
+            with torch.no_grad():
+                ms = timed(lambda: m(pixel_values=x), a.iters)
+            print(f"torch-eager {name} batch {b}: {ms:.2f} ms, {b * 1e3 / ms:.1f} images/s")
+            res["rows"].append({"engine": "torch-eager", "precision": name, "batch": b, "p50_ms": ms,
+                                "images_per_s": b * 1e3 / ms})
+        if a.compile and dt == torch.float16:
+            cm = torch.compile(m, mode="reduce-overhead")
+            for b in batches:
+                x = torch.rand(b, 3, 640, 640, device=dev, dtype=dt)
+                t0 = time.time()
+                with torch.no_grad():
+                    ms = timed(lambda: cm(pixel_values=x), a.iters)
+                print(f"torch-compile fp16 batch {b}: {ms:.2f} ms, {b * 1e3 / ms:.1f} images/s (compile+run {time.time() - t0:.0f} s)")
+                res["rows"].append({"engine": "torch-compile", "precision": "fp16", "batch": b, "p50_ms": ms,
+                                    "images_per_s": b * 1e3 / ms})
+                json.dump(res, open(a.out, "w"), indent=1)
+        del m
+    json.dump(res, open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
