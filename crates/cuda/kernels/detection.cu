@@ -336,3 +336,38 @@ extern "C" __global__ void det_corner_stats(const T* __restrict__ corners, T* __
 extern "C" __global__ void det_to_f32(const T* __restrict__ x, float* __restrict__ y, i64 n) {
     DET_LOOP(i, n) { y[i] = ldf(x[i]); }
 }
+
+// Whether score a (index ia) ranks before score b (index ib): larger first, NaN first,
+// ties by lower index (the CPU backend's stable sort and torch.topk's order).
+__device__ __forceinline__ bool det_before(float a, int ia, float b, int ib) {
+    bool na = isnan(a), nb = isnan(b);
+    if (na != nb) return na;
+    if (!na && a != b) return a > b;
+    return ia < ib;
+}
+
+// Top-k by ranking: each thread counts the rows ranked before its own; rows with rank
+// below k write their index at that rank. grid (ceil(L / blockDim), B), the image's
+// scores staged in shared memory (L floats).
+extern "C" __global__ void det_topk_rank(const float* __restrict__ scores, int* __restrict__ idx, int L, int K) {
+    extern __shared__ float det_scores[];
+    const float* s = scores + (i64)blockIdx.y * L;
+    for (int j = threadIdx.x; j < L; j += blockDim.x) det_scores[j] = s[j];
+    __syncthreads();
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= L) return;
+    float v = det_scores[i];
+    int rank = 0;
+    for (int j = 0; j < L; j++) rank += det_before(det_scores[j], j, v, i);
+    if (rank < K) idx[(i64)blockIdx.y * K + rank] = i;
+}
+
+// NCHW f32 (graph input staging) -> NHWC storage type.
+extern "C" __global__ void det_from_nchw(const float* __restrict__ x, T* __restrict__ y, int N, int C, i64 HW) {
+    DET_LOOP(i, (i64)N * C * HW) {
+        int c = (int)(i % C);
+        i64 p = (i / C) % HW;
+        i64 n = i / ((i64)C * HW);
+        y[i] = stf(x[(n * C + c) * HW + p]);
+    }
+}

@@ -639,6 +639,14 @@ impl Backend for CudaBackend {
     fn top_k_rows(&self, x: &CudaTensor, k: usize) -> Result<Vec<Vec<usize>>> {
         self.det_top_k_rows(x, k)
     }
+    fn select_rows(
+        &self,
+        scores: &CudaTensor,
+        k: usize,
+        sources: &[&CudaTensor],
+    ) -> Result<Vec<CudaTensor>> {
+        self.det_select_rows(scores, k, sources)
+    }
     fn gather_rows(&self, x: &CudaTensor, rows: &[Vec<usize>]) -> Result<CudaTensor> {
         self.det_gather_rows(x, rows)
     }

@@ -239,6 +239,19 @@ pub trait Backend: Send + Sync {
         let _ = (x, rows);
         Err(unsupported(self, "gather_rows"))
     }
+    /// Query selection: the rows [`Backend::top_k_rows`] picks from `scores`, gathered
+    /// from each of `sources` (`[B, 1, L, C_i]` -> `[B, 1, k, C_i]`). The default goes
+    /// through host indices; a GPU backend keeps them on the device (no synchronisation,
+    /// so the forward pass can be captured in a graph).
+    fn select_rows(
+        &self,
+        scores: &Self::Tensor,
+        k: usize,
+        sources: &[&Self::Tensor],
+    ) -> Result<Vec<Self::Tensor>> {
+        let top = self.top_k_rows(scores, k)?;
+        sources.iter().map(|s| self.gather_rows(s, &top)).collect()
+    }
     /// `sigmoid(delta + inverse_sigmoid(boxes))` with DETR's clamped inverse sigmoid (eps 1e-5).
     fn refine_boxes(&self, delta: &Self::Tensor, boxes: &Self::Tensor) -> Result<Self::Tensor> {
         let _ = (delta, boxes);

@@ -9,6 +9,10 @@ use crate::backend::{CudaBackend, CudaTensor};
 
 /// Largest bin count the distribution kernels hold per thread.
 const MAX_BINS: usize = 128;
+/// Shared memory for one image's scores in the ranking top-k (more rows: host path).
+const RANK_SMEM: usize = 48 * 1024;
+/// Rows ranked per block.
+const RANK_BLOCK: usize = 256;
 
 fn check_seq(x: &CudaTensor, what: &str) -> Result<()> {
     if x.dims[1] != 1 {
@@ -64,6 +68,104 @@ impl CudaBackend {
             .take(n)
             .map(|s| rank(s, k))
             .collect())
+    }
+
+    /// Top-k on the device (a ranking kernel over the row maxima) and gathers by the
+    /// device indices: no synchronisation, so a forward pass stays capturable.
+    pub(crate) fn det_select_rows(
+        &self,
+        scores: &CudaTensor,
+        k: usize,
+        sources: &[&CudaTensor],
+    ) -> Result<Vec<CudaTensor>> {
+        check_seq(scores, "top-k")?;
+        let [n, _, l, c] = scores.dims;
+        if k > l || c == 0 {
+            return Err(EngineError::Shape(format!(
+                "cannot pick {k} of {l} rows with {c} channels"
+            )));
+        }
+        if let Some(s) = sources
+            .iter()
+            .find(|s| s.dims[0] != n || s.dims[1] != 1 || s.dims[2] != l)
+        {
+            return Err(EngineError::Shape(format!(
+                "cannot gather rows of {:?} by scores {:?}",
+                s.dims, scores.dims
+            )));
+        }
+        if l * 4 > RANK_SMEM {
+            let top = self.det_top_k_rows(scores, k)?;
+            return sources
+                .iter()
+                .map(|s| self.det_gather_rows(s, &top))
+                .collect();
+        }
+        let rows = n * l;
+        let idx = self.profiler.op(
+            self,
+            "top_k",
+            (rows * l) as f64,
+            (scores.numel() * self.esize()) as f64,
+            || {
+                let best = self.pool.alloc(rows.max(1) * 4)?;
+                self.det_launch_1d(
+                    "det_row_max",
+                    rows,
+                    &[
+                        DArg::Ptr(scores.ptr()),
+                        DArg::Ptr(best.ptr()),
+                        DArg::I64(rows as i64),
+                        DArg::I32(c as i32),
+                    ],
+                )?;
+                let idx = self.pool.alloc((n * k).max(1) * 4)?;
+                let blocks = l.div_ceil(RANK_BLOCK);
+                let args = [
+                    DArg::Ptr(best.ptr()),
+                    DArg::Ptr(idx.ptr()),
+                    DArg::I32(l as i32),
+                    DArg::I32(k as i32),
+                ];
+                self.det_launch_grid(
+                    "det_topk_rank",
+                    (blocks as u32, n as u32),
+                    RANK_BLOCK as u32,
+                    (l * 4) as u32,
+                    &args,
+                )?;
+                Ok(idx)
+            },
+        )?;
+        sources
+            .iter()
+            .map(|s| self.det_gather_device(s, idx.ptr(), k))
+            .collect()
+    }
+
+    /// `x[b, idx[b, j], :]` with `k` device indices per batch item.
+    fn det_gather_device(&self, x: &CudaTensor, idx: u64, k: usize) -> Result<CudaTensor> {
+        let [n, _, l, c] = x.dims;
+        self.profiler.op(
+            self,
+            "gather_rows",
+            0.0,
+            ((2 * n * k * c) * self.esize()) as f64,
+            || {
+                let out = self.alloc_tensor([n, 1, k, c])?;
+                let args = [
+                    DArg::Ptr(x.ptr()),
+                    DArg::Ptr(idx),
+                    DArg::Ptr(out.ptr()),
+                    DArg::I32(n as i32),
+                    DArg::I32(l as i32),
+                    DArg::I32(k as i32),
+                    DArg::I32(c as i32),
+                ];
+                self.det_launch_1d("det_gather", n * k * c, &args)?;
+                Ok(out)
+            },
+        )
     }
 
     pub(crate) fn det_gather_rows(

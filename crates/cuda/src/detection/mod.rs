@@ -4,8 +4,11 @@
 //! uploads each constant once and stays capturable in a CUDA graph.
 
 mod boxes;
+mod graph;
 mod layout;
 mod sequence;
+
+pub use graph::MultiGraphCache;
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -40,7 +43,14 @@ pub const DETECTION_KERNELS: &[&str] = &[
     "det_distribution",
     "det_corner_stats",
     "det_to_f32",
+    "det_topk_rank",
+    "det_from_nchw",
 ];
+
+/// Largest upload (elements) kept in the constant cache.
+const CACHED_UPLOAD_MAX: usize = 1 << 22;
+/// Most constants cached.
+const MAX_CONSTANTS: usize = 256;
 
 /// Most levels a deformable attention call takes (the kernel's parameter block).
 pub(crate) const MAX_LEVELS: usize = 4;
@@ -92,7 +102,7 @@ impl DetKernels {
         &self,
         ctx: &Context,
         name: &str,
-        grid: u32,
+        grid: (u32, u32, u32),
         block: u32,
         smem: u32,
         args: &[DArg],
@@ -114,16 +124,7 @@ impl DetKernels {
             .collect();
         // SAFETY: each call site mirrors the kernel's declaration in detection.cu; the
         // values live in `vals` until the call returns and the driver copies them.
-        unsafe {
-            result::launch_kernel(
-                f,
-                (grid.max(1), 1, 1),
-                (block, 1, 1),
-                smem,
-                ctx.stream,
-                &mut ptrs,
-            )?
-        };
+        unsafe { result::launch_kernel(f, grid, (block, 1, 1), smem, ctx.stream, &mut ptrs)? };
         Ok(())
     }
 }
@@ -176,7 +177,28 @@ impl CudaBackend {
                 "{name}: {threads} threads are too many for one launch"
             )));
         }
-        k.launch(&self.ctx, name, blocks as u32, block, smem, args)?;
+        k.launch(&self.ctx, name, (blocks as u32, 1, 1), block, smem, args)?;
+        Ok(())
+    }
+
+    /// Launches `name` on a 2-D grid.
+    pub(crate) fn det_launch_grid(
+        &self,
+        name: &str,
+        grid: (u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[DArg],
+    ) -> Result<()> {
+        let k = self.det_kernels()?;
+        k.launch(
+            &self.ctx,
+            name,
+            (grid.0.max(1), grid.1.max(1), 1),
+            block,
+            smem,
+            args,
+        )?;
         Ok(())
     }
 
@@ -206,18 +228,43 @@ impl CudaBackend {
         } else {
             self.upload_storage(data)?
         });
-        consts.insert(key, buf.clone());
+        // Cached buffers live as long as the backend: graphs replay from them. Past the
+        // limit a constant is uploaded afresh each time (correct, not capturable).
+        if consts.len() < MAX_CONSTANTS {
+            consts.insert(key, buf.clone());
+        }
         Ok(buf)
     }
 
-    /// Uploads an NHWC host tensor as is.
+    /// Uploads an NHWC host tensor as is. D-FINE uploads only shape-derived constants
+    /// (position embeddings, anchors, masks, learnt queries) during a forward pass, so
+    /// small tensors come from a per-content cache through a device copy: a repeated
+    /// forward pass does no host transfer and can be captured in a graph.
     pub(crate) fn det_upload_nhwc(&self, x: &HostTensor) -> Result<CudaTensor> {
         let s = x.shape();
         let dims: [usize; 4] = s.try_into().map_err(|_| {
             EngineError::Shape(format!("expected an NHWC tensor (4-D), got shape {s:?}"))
         })?;
-        let buf = self.upload_storage(&x.to_f32_vec())?;
-        Ok(CudaTensor { buf, dims })
+        let data = x.to_f32_vec();
+        if data.len() > CACHED_UPLOAD_MAX {
+            let buf = self.upload_storage(&data)?;
+            return Ok(CudaTensor { buf, dims });
+        }
+        let cached = self.det_constant(&data, false)?;
+        let out = self.alloc_tensor(dims)?;
+        let n = data.len() as i64;
+        let args = [
+            DArg::Ptr(cached.ptr()),
+            DArg::Ptr(out.ptr()),
+            DArg::I64(1),
+            DArg::I64(n),
+            DArg::I64(n),
+            DArg::I64(0),
+            DArg::I64(n),
+            DArg::I64(0),
+        ];
+        self.det_launch_1d("det_copy_block", data.len(), &args)?;
+        Ok(out)
     }
 
     /// Copies an activation out as an NHWC f32 host tensor.

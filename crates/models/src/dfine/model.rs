@@ -183,8 +183,12 @@ impl<B: Backend> DFine<B> {
                 c.num_queries
             )));
         }
-        let top = b.top_k_rows(&scores, c.num_queries)?;
-        let ref_unact = b.gather_rows(&coords, &top)?;
+        // One selection for the boxes and (without a learnt query) the targets, so that
+        // a GPU backend keeps the indices on the device.
+        let mut picked = match &self.query_embedding {
+            Some(_) => b.select_rows(&scores, c.num_queries, &[&coords])?,
+            None => b.select_rows(&scores, c.num_queries, &[&coords, &out_mem])?,
+        };
         let target = match &self.query_embedding {
             Some(q) => {
                 let data: Vec<f32> = std::iter::repeat_n(q.to_f32_vec(), n).flatten().collect();
@@ -193,8 +197,13 @@ impl<B: Backend> DFine<B> {
                     data,
                 )?)?
             }
-            None => b.gather_rows(&out_mem, &top)?,
+            None => picked.pop().ok_or_else(|| {
+                ModelError::Input("query selection returned no targets".into())
+            })?,
         };
+        let ref_unact = picked.pop().ok_or_else(|| {
+            ModelError::Input("query selection returned no boxes".into())
+        })?;
         let spec = DeformableSpec {
             heads: c.decoder_attention_heads,
             shapes,

@@ -82,6 +82,11 @@ impl<B: Backend> DFineRunner<B> {
         self.model.config()
     }
 
+    /// The prepared model (e.g. to capture its forward pass in a CUDA graph).
+    pub fn model(&self) -> &DFine<B> {
+        &self.model
+    }
+
     /// The backend the model runs on (for timing, profiling and memory counters).
     pub fn backend(&self) -> &B {
         &self.backend

@@ -5,9 +5,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
-use aperture_cuda::CudaBackend;
+use aperture_cuda::detection::MultiGraphCache;
+use aperture_cuda::{CudaBackend, CudaTensor};
 use aperture_engine::cpu::CpuBackend;
-use aperture_engine::{relative_l2, Backend, HostTensor, Precision};
+use aperture_engine::{relative_l2, Backend, EngineError, HostTensor, Precision};
 use aperture_models::dfine::{load_dfine, DFineRunner, DFineSnapshot};
 use serde_json::{json, Value};
 
@@ -165,105 +166,164 @@ pub fn check_model(
     let mut timings = Vec::new();
     let mut profile = Value::Null;
     for &p in &args.precisions {
-        let gpu = CudaBackend::new(0, p).context("cannot open the GPU")?;
-        let t = Instant::now();
-        let runner = DFineRunner::new(gpu, &snap, 0)?;
-        println!(
-            "-- {p}: {} prepared in {:.2?}",
-            runner.backend().name(),
-            t.elapsed()
-        );
-        if let Some((x, want)) = &golden {
-            let got = detect(&runner, x)?;
-            let (el, eb, moved) = compare(&got, want, q, c);
-            let tol = if p == Precision::Fp32 {
-                args.fp32_tolerance
-            } else {
-                1e-2
-            };
-            let pass = el <= tol && eb <= tol;
-            if !pass {
-                failures.push(format!(
+        // A failure in one precision is reported and the others still run.
+        let result = (|| -> anyhow::Result<()> {
+            let gpu = CudaBackend::new(0, p).context("cannot open the GPU")?;
+            let t = Instant::now();
+            let runner = DFineRunner::new(gpu, &snap, 0)?;
+            println!(
+                "-- {p}: {} prepared in {:.2?}",
+                runner.backend().name(),
+                t.elapsed()
+            );
+            if let Some((x, want)) = &golden {
+                let got = detect(&runner, x)?;
+                let (el, eb, moved) = compare(&got, want, q, c);
+                let tol = if p == Precision::Fp32 {
+                    args.fp32_tolerance
+                } else {
+                    1e-2
+                };
+                let pass = el <= tol && eb <= tol;
+                if !pass {
+                    failures.push(format!(
                     "model {p} vs transformers: logits {el:.3e}, boxes {eb:.3e} (limit {tol:e})"
                 ));
-            }
-            println!(
+                }
+                println!(
                 "{p:>5} vs transformers, batch 1: logits {el:.3e} boxes {eb:.3e} ({moved} rows moved) {}",
                 if pass { "ok" } else { "FAIL" }
             );
-            rows.push(json!({"engine": "aperture-cuda", "against": "transformers-fp32", "precision": p.to_string(), "batch": 1, "rel_l2_logits": el, "rel_l2_boxes": eb, "moved": moved, "pass": pass}));
-        }
-        for (n, x, want) in &cpu_refs {
-            let got = detect(&runner, x)?;
-            let (el, eb, moved) = compare(&got, want, q, c);
-            let tol = if p == Precision::Fp32 {
-                args.fp32_tolerance
-            } else {
-                1e-2
-            };
-            let pass = el <= tol && eb <= tol;
-            if !pass {
-                failures.push(format!(
+                rows.push(json!({"engine": "aperture-cuda", "against": "transformers-fp32", "precision": p.to_string(), "batch": 1, "rel_l2_logits": el, "rel_l2_boxes": eb, "moved": moved, "pass": pass}));
+            }
+            for (n, x, want) in &cpu_refs {
+                let got = detect(&runner, x)?;
+                let (el, eb, moved) = compare(&got, want, q, c);
+                let tol = if p == Precision::Fp32 {
+                    args.fp32_tolerance
+                } else {
+                    1e-2
+                };
+                let pass = el <= tol && eb <= tol;
+                if !pass {
+                    failures.push(format!(
                     "model {p} batch {n} vs CPU: logits {el:.3e}, boxes {eb:.3e} (limit {tol:e})"
                 ));
-            }
-            println!(
+                }
+                println!(
                 "{p:>5} vs cpu, batch {n}: logits {el:.3e} boxes {eb:.3e} ({moved} rows moved) {}",
                 if pass { "ok" } else { "FAIL" }
             );
-            rows.push(json!({"engine": "aperture-cuda", "against": "cpu-fp32", "precision": p.to_string(), "batch": n, "rel_l2_logits": el, "rel_l2_boxes": eb, "moved": moved, "pass": pass}));
-        }
-        for &n in &args.time_batches {
-            let x = pixels(n, args.size, 7)?;
-            let mut ms = Vec::new();
-            for i in 0..args.iters + 2 {
-                let t = Instant::now();
-                runner.detect(&x)?;
-                if i >= 2 {
-                    ms.push(t.elapsed().as_secs_f64() * 1e3);
-                }
+                rows.push(json!({"engine": "aperture-cuda", "against": "cpu-fp32", "precision": p.to_string(), "batch": n, "rel_l2_logits": el, "rel_l2_boxes": eb, "moved": moved, "pass": pass}));
             }
-            ms.sort_by(f64::total_cmp);
-            let p50 = ms.get(ms.len() / 2).copied().unwrap_or(f64::NAN);
-            let gib = runner.backend().memory().peak_reserved() as f64 / (1u64 << 30) as f64;
-            println!(
+            for &n in &args.time_batches {
+                let x = pixels(n, args.size, 7)?;
+                let mut ms = Vec::new();
+                for i in 0..args.iters + 2 {
+                    let t = Instant::now();
+                    runner.detect(&x)?;
+                    if i >= 2 {
+                        ms.push(t.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+                ms.sort_by(f64::total_cmp);
+                let p50 = ms.get(ms.len() / 2).copied().unwrap_or(f64::NAN);
+                let gib = runner.backend().memory().peak_reserved() as f64 / (1u64 << 30) as f64;
+                println!(
                 "{p:>5} eager batch {n:>3}: p50 {p50:8.2} ms, {:8.1} images/s, peak {gib:.2} GiB",
                 n as f64 * 1e3 / p50
             );
-            timings.push(json!({"precision": p.to_string(), "batch": n, "mode": "eager", "p50_ms": p50, "images_per_s": n as f64 * 1e3 / p50, "peak_gib": gib}));
-        }
-        if let Some(&n) = args.time_batches.iter().max() {
+                timings.push(json!({"precision": p.to_string(), "batch": n, "mode": "eager", "p50_ms": p50, "images_per_s": n as f64 * 1e3 / p50, "peak_gib": gib}));
+            }
+            // The whole forward pass as one CUDA graph per batch size.
+            let graphs = MultiGraphCache::new();
             let be = runner.backend();
-            be.profiler().set_enabled(true);
-            let x = pixels(n, args.size, 7)?;
-            runner.detect(&x)?;
-            be.profiler().set_enabled(false);
-            let stats = be.profiler().take()?;
-            let total: f64 = stats.iter().map(|s| s.ms).sum();
-            println!("   profile {p} batch {n}: {total:.2} ms in operations");
-            println!(
-                "   {:<26} {:>6} {:>9} {:>6} {:>8} {:>8}",
-                "op", "calls", "ms", "share", "TFLOP/s", "GB/s"
-            );
-            let mut prof = Vec::new();
-            for s in &stats {
-                let (tf, gb) = (s.flops / s.ms / 1e9, s.bytes / s.ms / 1e6);
-                println!(
-                    "   {:<26} {:>6} {:>9.3} {:>5.1}% {:>8.2} {:>8.1}",
-                    s.name,
-                    s.calls,
-                    s.ms,
-                    100.0 * s.ms / total,
-                    tf,
-                    gb
+            let fwd =
+                |b: &CudaBackend, x: &CudaTensor| -> aperture_engine::Result<Vec<CudaTensor>> {
+                    let o = runner
+                        .model()
+                        .forward(b, x)
+                        .map_err(|e| EngineError::Invalid(e.to_string()))?;
+                    Ok(vec![o.logits, o.boxes])
+                };
+            if let Some((x, _)) = &golden {
+                let eager = detect(&runner, x)?;
+                let g = graphs.infer(be, x, fwd)?;
+                let (gl, gb) = (g[0].to_f32_vec(), g[1].to_f32_vec());
+                let (el, eb) = (
+                    relative_l2(&gl, &eager.logits),
+                    relative_l2(&gb, &eager.boxes),
                 );
-                prof.push(
+                let pass = el <= 1e-6 && eb <= 1e-6;
+                if !pass {
+                    failures.push(format!("{p}: graph replay differs from the eager pass: logits {el:.3e}, boxes {eb:.3e}"));
+                }
+                println!(
+                    "{p:>5} graph vs eager, batch 1: logits {el:.3e} boxes {eb:.3e} {}",
+                    if pass { "ok" } else { "FAIL" }
+                );
+            }
+            for &n in &args.time_batches {
+                let x = pixels(n, args.size, 7)?;
+                let t = Instant::now();
+                graphs.prepare(be, x.shape(), fwd)?;
+                let capture_s = t.elapsed().as_secs_f64();
+                for _ in 0..3 {
+                    graphs.replay(be, x.shape())?;
+                }
+                let mut ms = Vec::new();
+                for _ in 0..args.iters.max(1) {
+                    let s = be.record_event()?;
+                    graphs.replay(be, x.shape())?;
+                    let e = be.record_event()?;
+                    ms.push(e.elapsed_ms(&s)? as f64);
+                }
+                ms.sort_by(f64::total_cmp);
+                let p50 = ms[ms.len() / 2];
+                let p99 = ms[(ms.len() * 99 / 100).min(ms.len() - 1)];
+                let gib = be.memory().peak_reserved() as f64 / (1u64 << 30) as f64;
+                println!("{p:>5} graph batch {n:>3}: p50 {p50:8.3} ms, p99 {p99:8.3} ms, {:8.1} images/s (device time, capture {capture_s:.1} s), peak {gib:.2} GiB", n as f64 * 1e3 / p50);
+                timings.push(json!({"precision": p.to_string(), "batch": n, "mode": "graph", "p50_ms": p50, "p99_ms": p99, "images_per_s": n as f64 * 1e3 / p50, "peak_gib": gib}));
+            }
+            drop(graphs);
+            if let Some(&n) = args.time_batches.iter().max() {
+                let be = runner.backend();
+                be.profiler().set_enabled(true);
+                let x = pixels(n, args.size, 7)?;
+                runner.detect(&x)?;
+                be.profiler().set_enabled(false);
+                let stats = be.profiler().take()?;
+                let total: f64 = stats.iter().map(|s| s.ms).sum();
+                println!("   profile {p} batch {n}: {total:.2} ms in operations");
+                println!(
+                    "   {:<26} {:>6} {:>9} {:>6} {:>8} {:>8}",
+                    "op", "calls", "ms", "share", "TFLOP/s", "GB/s"
+                );
+                let mut prof = Vec::new();
+                for s in &stats {
+                    let (tf, gb) = (s.flops / s.ms / 1e9, s.bytes / s.ms / 1e6);
+                    println!(
+                        "   {:<26} {:>6} {:>9.3} {:>5.1}% {:>8.2} {:>8.1}",
+                        s.name,
+                        s.calls,
+                        s.ms,
+                        100.0 * s.ms / total,
+                        tf,
+                        gb
+                    );
+                    prof.push(
                     json!({"op": s.name, "calls": s.calls, "ms": s.ms, "tflops": tf, "gbps": gb}),
                 );
+                }
+                if p == Precision::Fp16 || profile.is_null() {
+                    profile = json!({"precision": p.to_string(), "batch": n, "ops": prof});
+                }
             }
-            if p == Precision::Fp16 || profile.is_null() {
-                profile = json!({"precision": p.to_string(), "batch": n, "ops": prof});
-            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            println!("{p:>5} FAILED: {e:#}");
+            failures.push(format!("model in {p}: {e:#}"));
         }
     }
     Ok(json!({"accuracy": rows, "timings": timings, "profile": profile}))

@@ -130,6 +130,10 @@ pub fn run_ops<B: Backend>(b: &B) -> Result<Vec<(String, HostTensor)>> {
         "gather_rows".into(),
         b.download_nhwc(&b.gather_rows(&feats, &top)?)?,
     ));
+    let picked = b.select_rows(&scores, 300, &[&feats, &scores])?;
+    for (i, t) in picked.iter().enumerate() {
+        out.push((format!("select_rows source {i}"), b.download_nhwc(t)?));
+    }
     let delta = up(&tensor(42, [2, 1, 300, 4], -2.0, 2.0)?)?;
     let mut bx = random(43, 2 * 300 * 4, -0.1, 1.1);
     bx[0] = 0.0;
@@ -172,7 +176,7 @@ mod tests {
     #[test]
     fn every_operation_runs_on_the_cpu_and_gives_finite_values() {
         let outs = run_ops(&CpuBackend::new()).unwrap();
-        assert!(outs.len() >= 23, "{} operations", outs.len());
+        assert!(outs.len() >= 25, "{} operations", outs.len());
         for (name, t) in &outs {
             let v = t.to_f32_vec();
             assert!(!v.is_empty() && v.iter().all(|x| x.is_finite()), "{name}");

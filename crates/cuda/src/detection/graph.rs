@@ -1,0 +1,167 @@
+//! CUDA graphs for forward passes with several outputs (D-FINE: logits and boxes):
+//! one graph per input shape, input from an NCHW f32 staging buffer, every output
+//! converted to NHWC f32 staging buffers inside the graph.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use aperture_engine::{EngineError, HostTensor, Result};
+use cudarc::driver::result;
+
+use super::DArg;
+use crate::backend::{CudaBackend, CudaTensor};
+use crate::error::CudaError;
+use crate::graph::CudaGraph;
+use crate::pool::DeviceBuffer;
+
+struct Entry {
+    graph: CudaGraph,
+    staging_in: DeviceBuffer,
+    outs: Vec<(DeviceBuffer, [usize; 4])>,
+}
+
+/// NCHW f32 staging buffer -> NHWC activation (a kernel, so capturable).
+fn from_nchw(be: &CudaBackend, staging: u64, [n, c, h, w]: [usize; 4]) -> Result<CudaTensor> {
+    let out = be.alloc_tensor([n, h, w, c])?;
+    let args = [
+        DArg::Ptr(staging),
+        DArg::Ptr(out.ptr()),
+        DArg::I32(n as i32),
+        DArg::I32(c as i32),
+        DArg::I64((h * w) as i64),
+    ];
+    be.det_launch_1d("det_from_nchw", n * c * h * w, &args)?;
+    Ok(out)
+}
+
+/// Captured forward passes per input shape (NCHW).
+#[derive(Default)]
+pub struct MultiGraphCache {
+    entries: Mutex<HashMap<Vec<usize>, Entry>>,
+}
+
+impl MultiGraphCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of captured shapes.
+    pub fn len(&self) -> usize {
+        self.entries.lock().map(|e| e.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Captures a graph for `shape` unless one exists. `forward` runs once eagerly first
+    /// (kernels, matrix plans and constants get ready), then under capture; it must only
+    /// enqueue device work.
+    pub fn prepare<F>(&self, be: &CudaBackend, shape: &[usize], forward: F) -> Result<()>
+    where
+        F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<CudaTensor>>,
+    {
+        let mut entries = self
+            .entries
+            .lock()
+            .map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
+        if entries.contains_key(shape) {
+            return Ok(());
+        }
+        let dims: [usize; 4] = shape.try_into().map_err(|_| {
+            EngineError::Shape(format!("expected an NCHW input, got shape {shape:?}"))
+        })?;
+        let numel: usize = dims.iter().product();
+        let staging_in = be.pool.alloc(numel.max(1) * 4)?;
+        be.memset(staging_in.ptr(), 0, numel * 4)?;
+        let out_dims: Vec<[usize; 4]> = {
+            let x = from_nchw(be, staging_in.ptr(), dims)?;
+            let ys = forward(be, &x)?;
+            be.synchronize()?;
+            ys.iter().map(|y| y.dims).collect()
+        };
+        be.trim_memory()?;
+        let outs = out_dims
+            .iter()
+            .map(|d| Ok((be.pool.alloc(d.iter().product::<usize>().max(1) * 4)?, *d)))
+            .collect::<Result<Vec<_>>>()?;
+        let (graph, ()) = be.capture(|b| {
+            let x = from_nchw(b, staging_in.ptr(), dims)?;
+            let ys = forward(b, &x)?;
+            if ys.len() != outs.len() {
+                return Err(EngineError::Invalid(
+                    "the forward pass changed its outputs under capture".into(),
+                ));
+            }
+            for (y, (buf, d)) in ys.iter().zip(&outs) {
+                if y.dims != *d {
+                    return Err(EngineError::Invalid(
+                        "the forward pass changed its output shapes under capture".into(),
+                    ));
+                }
+                let n = y.numel();
+                b.det_launch_1d(
+                    "det_to_f32",
+                    n,
+                    &[
+                        DArg::Ptr(y.ptr()),
+                        DArg::Ptr(buf.ptr()),
+                        DArg::I64(n as i64),
+                    ],
+                )?;
+            }
+            Ok(())
+        })?;
+        entries.insert(
+            shape.to_vec(),
+            Entry {
+                graph,
+                staging_in,
+                outs,
+            },
+        );
+        Ok(())
+    }
+
+    /// Enqueues one replay for `shape` (no copies; for timing device work).
+    pub fn replay(&self, be: &CudaBackend, shape: &[usize]) -> Result<()> {
+        let entries = self
+            .entries
+            .lock()
+            .map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
+        let e = entries
+            .get(shape)
+            .ok_or_else(|| EngineError::Invalid(format!("no graph captured for {shape:?}")))?;
+        be.replay(&e.graph)
+    }
+
+    /// Copy in, replay, copy every output out (NHWC f32).
+    pub fn infer<F>(&self, be: &CudaBackend, x: &HostTensor, forward: F) -> Result<Vec<HostTensor>>
+    where
+        F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<CudaTensor>>,
+    {
+        self.prepare(be, x.shape(), forward)?;
+        let entries = self
+            .entries
+            .lock()
+            .map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
+        let e = entries
+            .get(x.shape())
+            .ok_or_else(|| EngineError::Device("graph vanished".into()))?;
+        let input = x.to_f32_vec();
+        be.ctx.bind()?;
+        // SAFETY: the staging buffer holds exactly the input's f32 values; the copy is
+        // complete before `input` goes away (the stream is synchronised below).
+        unsafe {
+            result::memcpy_htod_async(e.staging_in.ptr(), &input[..], be.ctx.stream)
+                .map_err(CudaError::from)?;
+        }
+        be.replay(&e.graph)?;
+        let mut out = Vec::with_capacity(e.outs.len());
+        for (buf, d) in &e.outs {
+            let host = be.det_read_f32(buf.ptr(), d.iter().product())?;
+            out.push(HostTensor::from_f32(d.to_vec(), host)?);
+        }
+        Ok(out)
+    }
+}
