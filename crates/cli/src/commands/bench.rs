@@ -81,7 +81,11 @@ fn load_model(args: &BenchArgs) -> anyhow::Result<(String, RestormerConfig, Stat
     if let Some(path) = &args.model {
         let (cfg, sd) =
             load_restormer(path).with_context(|| format!("loading {}", path.display()))?;
-        return Ok((format!("restormer ({})", path.display()), cfg, sd));
+        let label = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        return Ok((format!("restormer ({label})"), cfg, sd));
     }
     match args.demo_config.as_deref().unwrap_or("base") {
         "base" => {
