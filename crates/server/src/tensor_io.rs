@@ -175,23 +175,6 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
-/// Tensor elements as JSON numbers (f16/bf16 widened to f32).
-pub fn tensor_to_json(t: &HostTensor) -> serde_json::Value {
-    let nums: Vec<serde_json::Value> = match t.data() {
-        TensorData::F32(v) => v.iter().map(|&x| json_f32(x)).collect(),
-        TensorData::F16(v) => v.iter().map(|x| json_f32(x.to_f32())).collect(),
-        TensorData::BF16(v) => v.iter().map(|x| json_f32(x.to_f32())).collect(),
-    };
-    serde_json::Value::Array(nums)
-}
-
-fn json_f32(x: f32) -> serde_json::Value {
-    // JSON has no NaN/inf: they become null, as Triton's JSON writer does.
-    serde_json::Number::from_f64(x as f64)
-        .map(serde_json::Value::Number)
-        .unwrap_or(serde_json::Value::Null)
-}
-
 /// Concatenates tensors of one dtype along axis 0, keeping the dtype.
 pub fn concat_batch(parts: &[&HostTensor]) -> Result<HostTensor> {
     let first = parts

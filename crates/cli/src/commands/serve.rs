@@ -35,6 +35,10 @@ pub struct ServeArgs {
     /// Max batch size for --model without a config.toml.
     #[arg(long, default_value_t = 8)]
     pub max_batch_size: usize,
+    /// Model instances (runners running batches in parallel) for --model without a
+    /// config.toml.
+    #[arg(long, default_value_t = 1)]
+    pub instances: usize,
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0")]
     pub host: IpAddr,
@@ -256,6 +260,7 @@ fn model_source(
     let mut config = ModelConfig::with_architecture(&arch);
     config.weights = weights;
     config.max_batch_size = args.max_batch_size.max(1);
+    config.instance_group.count = args.instances.max(1);
     Ok((
         name,
         ModelSource::Inline {

@@ -6,13 +6,13 @@ use std::time::Duration;
 use aperture_engine::NamedTensors;
 use bytes::Bytes;
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use crate::error::{Result, ServerError};
 use crate::model::InferRequest;
 use crate::tensor_io::{
     flatten_json_numbers, kserve_datatype, parse_datatype, shape_to_dims, tensor_from_bytes,
-    tensor_from_numbers, tensor_to_bytes, tensor_to_json,
+    tensor_from_numbers, tensor_to_bytes,
 };
 
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -182,37 +182,52 @@ pub fn encode_response(
     outputs: &NamedTensors,
     binary: &[bool],
 ) -> Result<EncodedResponse> {
-    let mut blobs: Vec<Vec<u8>> = Vec::new();
-    let mut outs = Vec::with_capacity(outputs.len());
-    for (i, (name, t)) in outputs.iter().enumerate() {
-        let shape: Vec<usize> = t.shape().to_vec();
-        let mut o = json!({ "name": name, "datatype": kserve_datatype(t.dtype()), "shape": shape });
-        if binary.get(i).copied().unwrap_or(false) {
-            let raw = tensor_to_bytes(t);
-            o["parameters"] = json!({ "binary_data_size": raw.len() });
-            blobs.push(raw);
-        } else {
-            o["data"] = tensor_to_json(t);
-        }
-        outs.push(o);
-    }
-    let mut head =
-        json!({ "model_name": model, "model_version": version.to_string(), "outputs": outs });
-    if !id.is_empty() {
-        head["id"] = json!(id);
-    }
-    let head = serde_json::to_vec(&head)
+    let is_binary = |i: usize| binary.get(i).copied().unwrap_or(false);
+    let widened: Vec<Option<Vec<f32>>> = outputs
+        .iter()
+        .enumerate()
+        .map(|(i, (_, t))| match (is_binary(i), t.as_f32()) {
+            (false, None) => Some(t.to_f32_vec()),
+            _ => None,
+        })
+        .collect();
+    let outs: Vec<OutputHead> = outputs
+        .iter()
+        .zip(&widened)
+        .enumerate()
+        .map(|(i, ((name, t), wide))| OutputHead {
+            name,
+            datatype: kserve_datatype(t.dtype()),
+            shape: t.shape(),
+            parameters: is_binary(i).then(|| BinaryParams {
+                binary_data_size: t.numel() * t.dtype().size_bytes(),
+            }),
+            data: if is_binary(i) {
+                None
+            } else {
+                wide.as_deref().or_else(|| t.as_f32())
+            },
+        })
+        .collect();
+    let head = ResponseHead {
+        model_name: model,
+        model_version: version.to_string(),
+        id,
+        outputs: outs,
+    };
+    let mut body = serde_json::to_vec(&head)
         .map_err(|e| ServerError::Internal(format!("encoding response: {e}")))?;
-    if blobs.is_empty() {
+    if !(0..outputs.len()).any(is_binary) {
         return Ok(EncodedResponse {
-            body: Bytes::from(head),
+            body: Bytes::from(body),
             header_len: None,
         });
     }
-    let header_len = head.len();
-    let mut body = head;
-    for b in blobs {
-        body.extend_from_slice(&b);
+    let header_len = body.len();
+    for (i, (_, t)) in outputs.iter().enumerate() {
+        if is_binary(i) {
+            body.extend_from_slice(&tensor_to_bytes(t));
+        }
     }
     Ok(EncodedResponse {
         body: Bytes::from(body),
@@ -220,9 +235,37 @@ pub fn encode_response(
     })
 }
 
+/// The JSON part of a response, serialised without building a `Value` tree
+/// (non-finite numbers become null, as Triton writes them).
+#[derive(serde::Serialize)]
+struct ResponseHead<'a> {
+    model_name: &'a str,
+    model_version: String,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    id: &'a str,
+    outputs: Vec<OutputHead<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct OutputHead<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [usize],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<BinaryParams>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a [f32]>,
+}
+
+#[derive(serde::Serialize)]
+struct BinaryParams {
+    binary_data_size: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn f32_bytes(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()

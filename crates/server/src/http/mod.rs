@@ -22,7 +22,7 @@ pub use codec::{decode_request, encode_response, DecodedRequest, EncodedResponse
 /// The HTTP router over the shared server state.
 pub fn router(shared: Arc<Shared>) -> Router {
     let limit = shared.options.max_body_bytes;
-    Router::new()
+    let router = Router::new()
         .route("/v2", get(handlers::server_metadata))
         .route("/v2/health/live", get(handlers::live))
         .route("/v2/health/ready", get(handlers::ready))
@@ -63,11 +63,17 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/v1/models/{model}/detect", post(image::detect))
         .route("/v1/models/{model}/enhance", post(image::enhance))
-        .fallback(handlers::not_found)
-        .layer(axum::middleware::from_fn_with_state(
+        .fallback(handlers::not_found);
+    // Without keys there is nothing to check: no middleware on the hot path.
+    let router = if shared.options.api_key.is_some() || shared.options.admin_key.is_some() {
+        router.layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             authorize,
         ))
+    } else {
+        router
+    };
+    router
         .layer(DefaultBodyLimit::max(limit))
         .with_state(shared)
 }
