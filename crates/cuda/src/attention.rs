@@ -127,7 +127,7 @@ pub(crate) fn channel_attention(
                     bias: None,
                     tf32: be.tf32(),
                 };
-                be.gemm.run(&call, be.ctx.stream as _)?;
+                be.run_gemm(&call)?;
             }
             Ok(gram)
         },
@@ -268,7 +268,7 @@ pub(crate) fn channel_attention(
                 bias: proj.bias.as_ref().map(|b| b.ptr()),
                 tf32: be.tf32(),
             };
-            be.gemm.run(&call, be.ctx.stream as _)?;
+            be.run_gemm(&call)?;
             Ok(out)
         })
 }

@@ -204,6 +204,14 @@ impl CudaBackend {
         Ok(t)
     }
 
+    /// A cuBLASLt product on the backend's stream (skipped in a dry run).
+    pub(crate) fn run_gemm(&self, call: &crate::gemm::GemmCall) -> CudaResult<()> {
+        if self.ctx.is_dry() {
+            return Ok(());
+        }
+        self.gemm.run(call, self.ctx.stream as _)
+    }
+
     pub(crate) fn launch_1d(&self, name: &str, n: usize, args: &[Arg]) -> CudaResult<()> {
         self.kernels.launch_1d(&self.ctx, name, n as i64, args)
     }
@@ -246,6 +254,9 @@ impl CudaBackend {
     }
 
     pub(crate) fn memset(&self, ptr: u64, byte: u8, bytes: usize) -> Result<()> {
+        if self.ctx.is_dry() {
+            return Ok(());
+        }
         self.ctx.bind()?;
         // SAFETY: the caller passes a live allocation of at least `bytes` bytes.
         unsafe {

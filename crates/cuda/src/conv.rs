@@ -166,7 +166,7 @@ pub(crate) fn gemm_rows(
         },
         tf32: be.tf32(),
     };
-    be.gemm.run(&call, be.ctx.stream as _)?;
+    be.run_gemm(&call)?;
     Ok(())
 }
 

@@ -59,6 +59,10 @@ pub struct Context {
     pub capability: (i32, i32),
     pub multiprocessors: i32,
     pub total_memory: usize,
+    /// While set, launches, products and memsets are skipped and allocations get
+    /// addresses that are never dereferenced: a forward pass only reports what it
+    /// would allocate (see `GraphCache`).
+    pub(crate) dry: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: a CUcontext and a CUstream are handles usable from any thread once the
@@ -96,8 +100,13 @@ impl Context {
                 capability,
                 multiprocessors,
                 total_memory,
+                dry: std::sync::atomic::AtomicBool::new(false),
             })
         }
+    }
+
+    pub(crate) fn is_dry(&self) -> bool {
+        self.dry.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Makes the context current on the calling thread.

@@ -150,14 +150,29 @@ struct Entry {
 /// Graphs captured per input shape for one model on one backend. `infer` runs the
 /// forward pass eagerly once for a new shape (so every plan and kernel is ready), then
 /// captures it (NCHW->NHWC conversion, forward, NHWC->NCHW) and replays from then on.
+///
+/// With [`GraphCache::dry_planned`] the recorded pass is a dry run instead: no kernel
+/// runs and no memory is touched, so the only activation memory ever allocated is the
+/// planned block (the pass's live set) rather than the caching allocator's high-water
+/// mark of a real pass.
 #[derive(Default)]
 pub struct GraphCache {
     entries: Mutex<HashMap<Vec<usize>, Entry>>,
+    dry: bool,
 }
 
 impl GraphCache {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Plans the graph's memory from a dry run of the forward pass (see above). The
+    /// forward pass must not read device data back to the host.
+    pub fn dry_planned() -> Self {
+        Self {
+            entries: Mutex::new(HashMap::new()),
+            dry: true,
+        }
     }
 
     /// Number of captured shapes.
@@ -204,12 +219,18 @@ impl GraphCache {
         // the offsets planned from that record (about the largest live set).
         be.memset(staging_in.ptr(), 0, numel * 4)?;
         be.pool.record(true);
+        if self.dry {
+            be.ctx.dry.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let eager = (|| -> Result<[usize; 4]> {
             let x = be.tensor_from_staging(staging_in.ptr(), [n, c, h, w])?;
             let y = forward(be, &x)?;
             be.synchronize()?;
             Ok(y.dims())
         })();
+        be.ctx
+            .dry
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let events = be.pool.record(false);
         let out_dims = eager?;
         be.trim_memory()?;

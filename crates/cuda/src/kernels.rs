@@ -107,6 +107,11 @@ impl Kernels {
                 .map_err(|_| CudaError::Driver(format!("bad kernel name {name}")))?;
             // SAFETY: the module is loaded; the name is NUL-terminated.
             let f = unsafe { result::module::get_function(module, cname)? };
+            // Load now rather than at the first launch (lazy loading), which may fall
+            // inside a graph capture.
+            // Best effort: without it the first launch loads the function.
+            // SAFETY: `f` is a function of the loaded module.
+            let _ = unsafe { sys::cuFuncLoad(f) };
             funcs.insert(name, f);
         }
         Ok(Self {
@@ -130,6 +135,9 @@ impl Kernels {
             .funcs
             .get(name)
             .ok_or_else(|| CudaError::Driver(format!("kernel {name} is not loaded")))?;
+        if ctx.is_dry() {
+            return Ok(());
+        }
         let mut vals: Vec<Arg> = args.to_vec();
         let mut ptrs: Vec<*mut c_void> = vals
             .iter_mut()

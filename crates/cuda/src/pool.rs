@@ -84,6 +84,8 @@ pub(crate) struct Arena {
     keep: bool,
     planned: Option<Planned>,
     recorder: Recorder,
+    /// Addresses handed out in a dry run: never dereferenced, never freed.
+    fake: bool,
 }
 
 impl Arena {
@@ -95,6 +97,7 @@ impl Arena {
             keep,
             planned: None,
             recorder,
+            fake: false,
         })
     }
 
@@ -164,6 +167,9 @@ impl Arena {
 
     /// Returns every cached block to the driver.
     pub(crate) fn trim(&self) -> CudaResult<()> {
+        if self.fake {
+            return Ok(());
+        }
         let blocks: Vec<(usize, Vec<u64>)> = match self.free.lock() {
             Ok(mut f) => std::mem::take(&mut *f).into_iter().collect(),
             Err(_) => return Ok(()),
@@ -184,6 +190,9 @@ impl Arena {
             if let Some(ev) = r.as_mut() {
                 ev.push(AllocEvent::Free { id });
             }
+        }
+        if self.fake {
+            return;
         }
         self.stats.in_use.fetch_sub(size, Ordering::Relaxed);
         if self.planned.is_some() {
@@ -251,6 +260,9 @@ pub(crate) struct Pool {
     capture: Mutex<Option<Arc<Arena>>>,
     recorder: Recorder,
     next_id: AtomicU64,
+    /// Serves dry runs (`Context::dry`).
+    fake: Arc<Arena>,
+    fake_next: AtomicU64,
 }
 
 impl Pool {
@@ -258,6 +270,15 @@ impl Pool {
         let stats = Arc::new(MemStats::default());
         let recorder: Recorder = Arc::new(Mutex::new(None));
         let default = Arena::new(ctx.clone(), stats.clone(), false, recorder.clone());
+        let fake = Arc::new(Arena {
+            ctx: ctx.clone(),
+            stats: stats.clone(),
+            free: Mutex::new(BTreeMap::new()),
+            keep: true,
+            planned: None,
+            recorder: recorder.clone(),
+            fake: true,
+        });
         Self {
             ctx,
             stats,
@@ -265,6 +286,9 @@ impl Pool {
             capture: Mutex::new(None),
             recorder,
             next_id: AtomicU64::new(1),
+            fake,
+            // Far above any real device address; multiples of 512 like real blocks.
+            fake_next: AtomicU64::new(1 << 52),
         }
     }
 
@@ -304,6 +328,7 @@ impl Pool {
             keep: true,
             planned: Some(planned),
             recorder: self.recorder.clone(),
+            fake: false,
         }))
     }
 
@@ -345,6 +370,15 @@ impl Pool {
             if let Some(ev) = r.as_mut() {
                 ev.push(AllocEvent::Alloc { id, size });
             }
+        }
+        if self.ctx.is_dry() {
+            let ptr = self.fake_next.fetch_add(size as u64, Ordering::Relaxed);
+            return Ok(DeviceBuffer {
+                ptr,
+                size,
+                id,
+                arena: self.fake.clone(),
+            });
         }
         if let Some(p) = &arena.planned {
             let mut cur = p

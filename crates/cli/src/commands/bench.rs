@@ -63,6 +63,10 @@ pub struct BenchArgs {
     /// safetensors files holding an input "x" (NCHW) and a reference output "y".
     #[arg(long)]
     reference: Vec<PathBuf>,
+    /// Plan each graph's memory from a dry run of the forward pass instead of an eager
+    /// one (lower peak memory).
+    #[arg(long)]
+    dry_plan: bool,
     /// Skip the accuracy column (it runs the CPU backend once).
     #[arg(long)]
     no_accuracy: bool,
@@ -215,7 +219,11 @@ fn bench_cuda(
         let fwd = |b: &CudaBackend, x: &CudaTensor| model.forward(b, x).map_err(engine_err);
         let mut rel: Option<f64> = None;
         for &batch in &args.batch {
-            let cache = GraphCache::new();
+            let cache = if args.dry_plan {
+                GraphCache::dry_planned()
+            } else {
+                GraphCache::new()
+            };
             be.memory().reset_peak();
             let x = input(batch, cfg.inp_channels, h, w, args.seed)?;
             let result = (|| -> aperture_engine::Result<(Stats, Option<f64>)> {
