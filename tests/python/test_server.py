@@ -514,6 +514,24 @@ def test_image_enhance_round_trip(server):
     assert status == 200 and headers.get("content-type") == "image/jpeg" and body[:2] == b"\xff\xd8"
 
 
+def test_image_enhance_multipart(server):
+    """`curl -F image=@photo.png` style uploads work like raw bodies."""
+    from PIL import Image
+    import io
+
+    arr = np.random.default_rng(6).integers(0, 256, size=(8, 12, 3), dtype=np.uint8)
+    boundary = "----aperture-test"
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n"
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
+        "Content-Type: image/png\r\n\r\n"
+    ).encode() + png_bytes(arr) + f"\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    status, resp, _ = server.request("POST", "/v1/models/img/enhance", body, headers)
+    assert status == 200, resp
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(resp)).convert("RGB")), arr)
+
+
 @pytest.mark.parametrize(
     "path,body,status,needle",
     [

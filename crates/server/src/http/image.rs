@@ -7,13 +7,14 @@ use aperture_vision::{DecodeLimits, EncodeOptions, Layout, OutputFormat, VisionE
 use axum::body::Body;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::response::Response;
 use axum::Json;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
 use super::handlers::body_or_error;
+use super::multipart::image_body;
 use crate::error::{Result, ServerError};
 use crate::image::ImageAdapter;
 use crate::model::{InferRequest, LoadedModel};
@@ -27,6 +28,12 @@ pub struct ImageQuery {
     /// Score threshold for /detect (default 0.5).
     #[serde(default)]
     threshold: Option<f32>,
+}
+
+fn content_type(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
 }
 
 fn vision_error(e: VisionError) -> ServerError {
@@ -82,9 +89,13 @@ pub async fn detect(
     State(s): State<Arc<Shared>>,
     Path(m): Path<String>,
     Query(q): Query<ImageQuery>,
+    headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>> {
-    let body = body_or_error(body, s.options.max_body_bytes)?;
+    let body = image_body(
+        content_type(&headers),
+        body_or_error(body, s.options.max_body_bytes)?,
+    )?;
     let threshold = q.threshold.unwrap_or(0.5);
     if !(0.0..=1.0).contains(&threshold) {
         return Err(ServerError::invalid(format!(
@@ -112,9 +123,13 @@ pub async fn enhance(
     State(s): State<Arc<Shared>>,
     Path(m): Path<String>,
     Query(q): Query<ImageQuery>,
+    headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Result<Response> {
-    let body = body_or_error(body, s.options.max_body_bytes)?;
+    let body = image_body(
+        content_type(&headers),
+        body_or_error(body, s.options.max_body_bytes)?,
+    )?;
     let (format, mime) = match q.format.as_deref() {
         None | Some("png") => (OutputFormat::Png, "image/png"),
         Some("jpeg") | Some("jpg") => (OutputFormat::Jpeg, "image/jpeg"),

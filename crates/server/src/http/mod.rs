@@ -3,6 +3,7 @@
 mod codec;
 mod handlers;
 mod image;
+mod multipart;
 
 use std::future::Future;
 use std::sync::Arc;
