@@ -49,8 +49,13 @@ open('$WORK/img.png', 'wb').write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.p
 "$BIN" detect "$WORK/img.png" --model "$WORK/x" --device cpu --threshold 0.3 --json "$WORK/detect-cpu.json" 2>&1 | tail -3
 python3 - "$OUT/detect-cuda.json" "$WORK/detect-cpu.json" <<'PY'
 import json, sys
-a, b = (json.load(open(p))["images"][0] for p in sys.argv[1:3])
-print("detect: cuda", len(a.get("detections", a)), "cpu", len(b.get("detections", b)), "identical JSON:" , a == b)
+a, b = (json.load(open(p))["images"][0]["detections"] for p in sys.argv[1:3])
+key = lambda d: (d["label"], round(d["score"], 3))
+sa, sb = sorted(a, key=key), sorted(b, key=key)
+dbox = max((abs(x - y) for p, q in zip(sa, sb) for x, y in zip(p["box"], q["box"])), default=0.0)
+dscore = max((abs(p["score"] - q["score"]) for p, q in zip(sa, sb)), default=0.0)
+same = len(a) == len(b) and [d["label"] for d in sa] == [d["label"] for d in sb]
+print(f"detect: cuda {len(a)} detections, cpu {len(b)}; same labels: {same}; max |score diff| {dscore:.2e}, max |box diff| {dbox:.2e} px")
 PY
 
 if [ "${PEERS:-1}" != 0 ]; then

@@ -3,19 +3,101 @@
 //! converted to NHWC f32 staging buffers inside the graph.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use aperture_engine::{EngineError, HostTensor, Result};
-use cudarc::driver::result;
+use cudarc::driver::{result, sys};
 
 use super::DArg;
 use crate::backend::{CudaBackend, CudaTensor};
 use crate::error::CudaError;
-use crate::graph::CudaGraph;
-use crate::pool::DeviceBuffer;
+use crate::pool::{Arena, DeviceBuffer};
+
+/// An instantiated graph and the arena its kernels read and write.
+struct DetGraph {
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
+    _arena: Arc<Arena>,
+}
+
+// SAFETY: graph handles are driver objects; launches are serialised on the stream.
+unsafe impl Send for DetGraph {}
+unsafe impl Sync for DetGraph {}
+
+impl Drop for DetGraph {
+    fn drop(&mut self) {
+        // SAFETY: destroyed once, after which the handles are not used.
+        unsafe {
+            let _ = result::graph::exec_destroy(self.exec);
+            let _ = result::graph::destroy(self.graph);
+        }
+    }
+}
+
+impl DetGraph {
+    fn replay(&self, be: &CudaBackend) -> Result<()> {
+        be.ctx.bind()?;
+        // SAFETY: the executable graph and the stream are alive.
+        unsafe { result::graph::launch(self.exec, be.ctx.stream).map_err(CudaError::from)? };
+        Ok(())
+    }
+}
+
+/// Captures `f` into a graph over a private arena. `f` runs once eagerly into the same
+/// arena first, so that under capture every allocation is served from the arena's
+/// cache: no cuMemAlloc, and above all no cuMemFree (which would invalidate the capture
+/// when the allocator makes room), whatever the batch size.
+fn capture_warm(be: &CudaBackend, f: impl Fn(&CudaBackend) -> Result<()>) -> Result<DetGraph> {
+    let arena = be.pool.new_arena();
+    be.pool.set_capture_arena(Some(arena.clone()));
+    let warm = f(be).and_then(|()| be.synchronize());
+    if let Err(e) = warm {
+        be.pool.set_capture_arena(None);
+        return Err(e);
+    }
+    be.ctx.bind()?;
+    // SAFETY: the stream is alive; relaxed mode tolerates the allocator's calls.
+    let begun = unsafe {
+        result::stream::begin_capture(
+            be.ctx.stream,
+            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+        )
+    };
+    if let Err(e) = begun {
+        be.pool.set_capture_arena(None);
+        return Err(CudaError::from(e).into());
+    }
+    let out = f(be);
+    // SAFETY: ends the capture begun above, also when `f` failed.
+    let ended = unsafe { result::stream::end_capture(be.ctx.stream) };
+    be.pool.set_capture_arena(None);
+    let graph = ended.map_err(CudaError::from)?;
+    let destroy = |g| {
+        // SAFETY: the graph came from end_capture and is not used again.
+        unsafe {
+            let _ = result::graph::destroy(g);
+        }
+    };
+    if let Err(e) = out {
+        destroy(graph);
+        return Err(e);
+    }
+    // SAFETY: `graph` is a complete captured graph.
+    match unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) } {
+        Ok(exec) => Ok(DetGraph {
+            graph,
+            exec,
+            _arena: arena,
+        }),
+        Err(e) => {
+            destroy(graph);
+            Err(CudaError::from(e).into())
+        }
+    }
+}
 
 struct Entry {
-    graph: CudaGraph,
+    graph: DetGraph,
     staging_in: DeviceBuffer,
     outs: Vec<(DeviceBuffer, [usize; 4])>,
 }
@@ -85,7 +167,7 @@ impl MultiGraphCache {
             .iter()
             .map(|d| Ok((be.pool.alloc(d.iter().product::<usize>().max(1) * 4)?, *d)))
             .collect::<Result<Vec<_>>>()?;
-        let (graph, ()) = be.capture(|b| {
+        let graph = capture_warm(be, |b| {
             let x = from_nchw(b, staging_in.ptr(), dims)?;
             let ys = forward(b, &x)?;
             if ys.len() != outs.len() {
@@ -132,7 +214,7 @@ impl MultiGraphCache {
         let e = entries
             .get(shape)
             .ok_or_else(|| EngineError::Invalid(format!("no graph captured for {shape:?}")))?;
-        be.replay(&e.graph)
+        e.graph.replay(be)
     }
 
     /// Copy in, replay, copy every output out (NHWC f32).
@@ -156,7 +238,7 @@ impl MultiGraphCache {
             result::memcpy_htod_async(e.staging_in.ptr(), &input[..], be.ctx.stream)
                 .map_err(CudaError::from)?;
         }
-        be.replay(&e.graph)?;
+        e.graph.replay(be)?;
         let mut out = Vec::with_capacity(e.outs.len());
         for (buf, d) in &e.outs {
             let host = be.det_read_f32(buf.ptr(), d.iter().product())?;

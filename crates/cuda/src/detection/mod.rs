@@ -48,7 +48,7 @@ pub const DETECTION_KERNELS: &[&str] = &[
 ];
 
 /// Largest upload (elements) kept in the constant cache.
-const CACHED_UPLOAD_MAX: usize = 1 << 22;
+const CACHED_UPLOAD_MAX: usize = 1 << 25;
 /// Most constants cached.
 const MAX_CONSTANTS: usize = 256;
 
@@ -138,12 +138,15 @@ impl Drop for DetKernels {
     }
 }
 
+/// A constant's cache key: (1 for fp32, 0 for the storage type; f32 bit patterns).
+type ConstKey = (u8, Vec<u32>);
+
 /// Per-backend state of the detection operations.
 #[derive(Default)]
 pub struct DetectionState {
     kernels: Mutex<Option<Arc<DetKernels>>>,
     /// Constant buffers by content (f32 bit patterns, tagged by kind).
-    consts: Mutex<HashMap<(u8, Vec<u32>), Arc<DeviceBuffer>>>,
+    consts: Mutex<HashMap<ConstKey, Arc<DeviceBuffer>>>,
 }
 
 impl CudaBackend {

@@ -197,13 +197,13 @@ impl<B: Backend> DFine<B> {
                     data,
                 )?)?
             }
-            None => picked.pop().ok_or_else(|| {
-                ModelError::Input("query selection returned no targets".into())
-            })?,
+            None => picked
+                .pop()
+                .ok_or_else(|| ModelError::Input("query selection returned no targets".into()))?,
         };
-        let ref_unact = picked.pop().ok_or_else(|| {
-            ModelError::Input("query selection returned no boxes".into())
-        })?;
+        let ref_unact = picked
+            .pop()
+            .ok_or_else(|| ModelError::Input("query selection returned no boxes".into()))?;
         let spec = DeformableSpec {
             heads: c.decoder_attention_heads,
             shapes,

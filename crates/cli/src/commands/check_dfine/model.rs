@@ -39,9 +39,11 @@ fn golden_fill(name: &str, n: usize, lo: f64, hi: f64) -> Vec<f32> {
         .collect()
 }
 
-/// Query selection is a top-k over scores; near-tied scores can swap rows between two
-/// implementations. Rows of `got` are matched to `want`'s within +-3 places by box
-/// distance; returns the aligned logits and boxes and how many rows moved.
+/// Query selection is a top-k over scores: near-tied scores swap rows between two
+/// implementations (in fp16/bf16 many do). Each of `want`'s rows is matched, greedily
+/// in order, to the unused row of `got` in the same image with the nearest box (L-inf);
+/// returns the aligned logits and boxes and how many rows moved. Rows whose anchor left
+/// the top-k altogether match a poor partner and still count in the error.
 fn align(
     got: (&[f32], &[f32]),
     want_boxes: &[f32],
@@ -49,24 +51,26 @@ fn align(
     classes: usize,
 ) -> (Vec<f32>, Vec<f32>, usize) {
     let (gl, gb) = got;
-    let per_image = queries;
-    let images = gb.len() / (4 * per_image.max(1));
+    let images = gb.len() / (4 * queries.max(1));
     let (mut al, mut ab, mut moved) = (
         Vec::with_capacity(gl.len()),
         Vec::with_capacity(gb.len()),
         0,
     );
     for img in 0..images {
-        let base = img * per_image;
-        for i in 0..per_image {
+        let base = img * queries;
+        let mut used = vec![false; queries];
+        for i in 0..queries {
             let dist = |j: usize| {
                 (0..4)
                     .map(|k| (gb[(base + j) * 4 + k] - want_boxes[(base + i) * 4 + k]).abs())
                     .fold(0f32, f32::max)
             };
-            let j = (i.saturating_sub(3)..(i + 4).min(per_image))
+            let j = (0..queries)
+                .filter(|&j| !used[j])
                 .min_by(|&a, &b| dist(a).total_cmp(&dist(b)))
                 .unwrap_or(i);
+            used[j] = true;
             moved += usize::from(j != i);
             al.extend_from_slice(&gl[(base + j) * classes..(base + j + 1) * classes]);
             ab.extend_from_slice(&gb[(base + j) * 4..(base + j + 1) * 4]);
