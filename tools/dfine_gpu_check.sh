@@ -3,7 +3,8 @@
 # manifest, runs `aperture check-dfine` (every operation and the whole model against the
 # CPU backend and transformers' golden, fp32/bf16/fp16, eager timings, a per-operation
 # profile), a `detect --device cuda` smoke test, then the PyTorch peers (precision
-# study, activation ranges, eager and torch.compile timings). Logs and JSON go to $OUT.
+# study, activation ranges, eager and torch.compile timings). Logs and JSON go to $OUT;
+# bench/results/<gpu>-dfine.{json,md} combine them (tools/dfine_report.py).
 #
 #   tools/dfine_gpu_check.sh
 #
@@ -64,5 +65,9 @@ if [ "${PEERS:-1}" != 0 ]; then
   timeout "${PEER_TIMEOUT:-300}" python3 tools/dfine_torch_peers.py "$WORK/x" --out "$OUT/dfine-peers.json" \
     ${PEER_ARGS:---compile} 2>&1 | tee "$OUT/dfine-peers.log"
 fi
+step "results"
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+python3 tools/dfine_report.py "$OUT/dfine-check.json" "$OUT/dfine-peers.json" --device "$GPU_NAME" --out-dir bench/results \
+  && cp bench/results/*-dfine.json bench/results/*-dfine.md "$OUT/" 2>/dev/null
 step "done (check-dfine exit $CHECK)"
 exit "$CHECK"
