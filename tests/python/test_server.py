@@ -637,3 +637,25 @@ def test_detect_matches_aperture_detect(server, tmp_path):
         assert abs(g["score"] - w["score"]) < 1e-6
         np.testing.assert_allclose(g["bbox"], w["box"], rtol=1e-5, atol=1e-3)
     assert got["width"] > 0 and got["height"] > 0
+
+
+def test_shutdown_does_not_wait_forever_for_open_streams(tmp_path):
+    s = Server(make_repo(tmp_path / "repo"), "--shutdown-grace-s", "1")
+    try:
+        g = grpcclient.InferenceServerClient(s.grpc_url)
+        got = threading.Event()
+        g.start_stream(callback=lambda result, error: got.set())
+        ins, _, _ = simple_inputs(grpcclient)
+        g.async_stream_infer("simple", ins)
+        assert got.wait(10)
+        start = time.time()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=10) == 0
+        assert time.time() - start < 6
+        try:
+            g.stop_stream()
+            g.close()
+        except Exception:  # the server is gone; closing may complain
+            pass
+    finally:
+        s.stop()

@@ -53,6 +53,8 @@ pub struct ServeOptions {
     pub api_key: Option<String>,
     /// Required for repository load/unload/index (falls back to `api_key`).
     pub admin_key: Option<String>,
+    /// How long shutdown waits for open connections before closing them.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServeOptions {
@@ -66,6 +68,7 @@ impl Default for ServeOptions {
             request_timeout: Duration::from_secs(60),
             api_key: None,
             admin_key: None,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -169,21 +172,48 @@ impl Server {
             tasks.spawn(crate::metrics::serve(l, shared.clone(), stopped()));
         }
         let sh = shared.clone();
+        let grace = opts.shutdown_grace;
+        let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             shutdown.await;
-            tracing::info!("shutting down: finishing in-flight requests");
+            tracing::info!(
+                grace_s = grace.as_secs(),
+                "shutting down: finishing in-flight requests"
+            );
             sh.shutting_down.store(true, Ordering::Relaxed);
             let _ = stop_tx.send(true);
+            let _ = stopping_tx.send(true);
         });
         let mut result = Ok(());
-        while let Some(r) = tasks.join_next().await {
-            match r {
-                Ok(Err(e)) => {
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match deadline {
+                // Connections that stay open (an idle gRPC stream) must not hold the
+                // process forever: after the grace period the rest are dropped.
+                Some(d) => match tokio::time::timeout_at(d, tasks.join_next()).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        tracing::warn!("grace period over; closing the remaining connections");
+                        tasks.abort_all();
+                        break;
+                    }
+                },
+                None => tokio::select! {
+                    n = tasks.join_next() => n,
+                    _ = stopping.wait_for(|&s| s) => {
+                        deadline = Some(tokio::time::Instant::now() + grace);
+                        continue;
+                    }
+                },
+            };
+            match next {
+                None => break,
+                Some(Ok(Err(e))) => {
                     tracing::error!(error = %e, "listener failed");
                     result = Err(e);
                 }
-                Err(e) => tracing::error!(error = %e, "listener task panicked"),
-                Ok(Ok(())) => {}
+                Some(Err(e)) => tracing::error!(error = %e, "listener task panicked"),
+                Some(Ok(Ok(()))) => {}
             }
         }
         result

@@ -65,6 +65,9 @@ pub struct ServeArgs {
     /// Key required for repository control (load / unload / index).
     #[arg(long, env = "APERTURE_ADMIN_KEY")]
     pub admin_key: Option<String>,
+    /// On SIGTERM / ctrl-c, how long to let open requests and streams finish (seconds).
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace_s: u64,
     /// Run a bare echo peer (same routes, no parsing or model) instead of the server,
     /// to measure the server's own overhead with `aperture loadgen`.
     #[arg(long)]
@@ -197,6 +200,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         request_timeout: Duration::from_millis(args.request_timeout_ms),
         api_key: args.api_key.clone(),
         admin_key: args.admin_key.clone(),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
     };
     eprintln!(
         "aperture serve: HTTP {} gRPC {} metrics {}",
