@@ -37,6 +37,10 @@ pub struct DetectArgs {
     /// Write each image with its boxes drawn into this folder (created if missing).
     #[arg(long)]
     draw: Option<PathBuf>,
+    /// Keep only this many queries after query selection (fewer: faster decoder, fewer
+    /// candidates); default: the model's num_queries.
+    #[arg(long)]
+    queries: Option<usize>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -75,8 +79,11 @@ fn run_on<B: Backend>(
     args: &DetectArgs,
     files: &[PathBuf],
     snap: &DFineSnapshot,
-    runner: DFineRunner<B>,
+    mut runner: DFineRunner<B>,
 ) -> anyhow::Result<()> {
+    if let Some(q) = args.queries {
+        runner.set_num_queries(q)?;
+    }
     if let Some(dir) = &args.draw {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }

@@ -26,6 +26,8 @@ pub struct DFine<B: Backend> {
     /// `learn_initial_query`: a fixed `[Q, d]` query embedding.
     query_embedding: Option<HostTensor>,
     decoder: Decoder<B>,
+    /// Queries kept by query selection (`num_queries` unless reduced at run time).
+    queries: usize,
 }
 
 impl<B: Backend> DFine<B> {
@@ -101,7 +103,9 @@ impl<B: Backend> DFine<B> {
         };
         let decoder = Decoder::load(b, &mut l, c)?;
         l.finish("D-FINE")?;
+        let queries = config.num_queries;
         Ok(Self {
+            queries,
             config,
             backbone,
             encoder,
@@ -117,6 +121,24 @@ impl<B: Backend> DFine<B> {
 
     pub fn config(&self) -> &DFineConfig {
         &self.config
+    }
+
+    /// Queries the decoder refines (and the outputs have).
+    pub fn num_queries(&self) -> usize {
+        self.queries
+    }
+
+    /// Keeps only the `queries` best-scoring queries of query selection (the model's
+    /// `num_queries` at most): less decoder work, fewer candidate detections.
+    pub fn set_num_queries(&mut self, queries: usize) -> Result<()> {
+        if queries == 0 || queries > self.config.num_queries {
+            return Err(ModelError::Config(format!(
+                "queries must be between 1 and the model's num_queries ({}), got {queries}",
+                self.config.num_queries
+            )));
+        }
+        self.queries = queries;
+        Ok(())
     }
 
     /// `pixels`: NHWC images. Returns `logits [B, 1, Q, classes]` and cxcywh
@@ -176,26 +198,29 @@ impl<B: Backend> DFine<B> {
         let coords = self
             .enc_bbox
             .forward(b, &out_mem, Some(&b.upload_nhwc(&anchors)?))?;
+        let q = self.queries;
         let positions = b.dims(&scores)[2];
-        if positions < c.num_queries {
+        if positions < q {
             return Err(ModelError::Input(format!(
                 "a {w}x{h} input gives {positions} feature positions, fewer than the {} queries; use a larger input",
-                c.num_queries
+                q
             )));
         }
         // One selection for the boxes and (without a learnt query) the targets, so that
         // a GPU backend keeps the indices on the device.
         let mut picked = match &self.query_embedding {
-            Some(_) => b.select_rows(&scores, c.num_queries, &[&coords])?,
-            None => b.select_rows(&scores, c.num_queries, &[&coords, &out_mem])?,
+            Some(_) => b.select_rows(&scores, q, &[&coords])?,
+            None => b.select_rows(&scores, q, &[&coords, &out_mem])?,
         };
         let target = match &self.query_embedding {
-            Some(q) => {
-                let data: Vec<f32> = std::iter::repeat_n(q.to_f32_vec(), n).flatten().collect();
-                b.upload_nhwc(&HostTensor::from_f32(
-                    vec![n, 1, c.num_queries, c.d_model],
-                    data,
-                )?)?
+            Some(emb) => {
+                // The first q learnt queries go with the q best-ranked anchors.
+                let rows = emb.to_f32_vec();
+                let first = rows.get(..q * c.d_model).ok_or_else(|| {
+                    ModelError::Config("query embedding smaller than num_queries".into())
+                })?;
+                let data: Vec<f32> = std::iter::repeat_n(first, n).flatten().copied().collect();
+                b.upload_nhwc(&HostTensor::from_f32(vec![n, 1, q, c.d_model], data)?)?
             }
             None => picked
                 .pop()

@@ -273,3 +273,26 @@ fn official_checkpoint_names_load_and_match() {
         .unwrap();
     assert!(relative_l2(&logits.to_f32_vec(), &get(&g, "logits").to_f32_vec()) <= 1e-4);
 }
+
+#[test]
+fn query_selection_can_keep_fewer_queries() {
+    let snap = load_dfine(&fixture("tiny")).unwrap();
+    let g = golden("tiny");
+    let pixels = get(&g, "pixel_values");
+    let mut runner = DFineRunner::new(CpuBackend::new(), &snap, 0).unwrap();
+    let (full_l, full_b) = runner.detect(&pixels).unwrap();
+    let (q, c) = (snap.config.num_queries, snap.config.num_labels);
+    assert!(runner.set_num_queries(0).is_err());
+    assert!(runner.set_num_queries(q + 1).is_err());
+    runner.set_num_queries(q / 2).unwrap();
+    let (l, b) = runner.detect(&pixels).unwrap();
+    let n = pixels.shape()[0];
+    assert_eq!(l.shape(), &[n, q / 2, c]);
+    assert_eq!(b.shape(), &[n, q / 2, 4]);
+    assert!(l.to_f32_vec().iter().chain(&b.to_f32_vec()).all(|v| v.is_finite()));
+    // Back to all queries: the full model's outputs, exactly.
+    runner.set_num_queries(q).unwrap();
+    let (l, b) = runner.detect(&pixels).unwrap();
+    assert_eq!(l.to_f32_vec(), full_l.to_f32_vec());
+    assert_eq!(b.to_f32_vec(), full_b.to_f32_vec());
+}

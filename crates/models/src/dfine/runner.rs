@@ -82,6 +82,12 @@ impl<B: Backend> DFineRunner<B> {
         self.model.config()
     }
 
+    /// Reduces query selection to the `queries` best queries (see
+    /// [`DFine::set_num_queries`]).
+    pub fn set_num_queries(&mut self, queries: usize) -> Result<()> {
+        self.model.set_num_queries(queries)
+    }
+
     /// The prepared model (e.g. to capture its forward pass in a CUDA graph).
     pub fn model(&self) -> &DFine<B> {
         &self.model
@@ -106,7 +112,7 @@ impl<B: Backend> DFineRunner<B> {
         }
         let b = &self.backend;
         let out = self.model.forward(b, &b.upload_nchw(pixel_values)?)?;
-        let (n, q, c) = (s[0], self.config().num_queries, self.config().num_labels);
+        let (n, q, c) = (s[0], self.model.num_queries(), self.config().num_labels);
         let logits = b.download_nhwc(&out.logits)?.reshape(vec![n, q, c])?;
         let boxes = b.download_nhwc(&out.boxes)?.reshape(vec![n, q, 4])?;
         Ok((logits, boxes))
@@ -138,7 +144,7 @@ impl<B: Backend> Runner for DFineRunner<B> {
 
     fn outputs(&self) -> Vec<TensorSpec> {
         let (q, c) = (
-            self.config().num_queries as i64,
+            self.model.num_queries() as i64,
             self.config().num_labels as i64,
         );
         vec![
