@@ -289,7 +289,11 @@ fn query_selection_can_keep_fewer_queries() {
     let n = pixels.shape()[0];
     assert_eq!(l.shape(), &[n, q / 2, c]);
     assert_eq!(b.shape(), &[n, q / 2, 4]);
-    assert!(l.to_f32_vec().iter().chain(&b.to_f32_vec()).all(|v| v.is_finite()));
+    assert!(l
+        .to_f32_vec()
+        .iter()
+        .chain(&b.to_f32_vec())
+        .all(|v| v.is_finite()));
     // Back to all queries: the full model's outputs, exactly.
     runner.set_num_queries(q).unwrap();
     let (l, b) = runner.detect(&pixels).unwrap();
