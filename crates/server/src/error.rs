@@ -87,6 +87,9 @@ impl From<ServerError> for tonic::Status {
 
 impl axum::response::IntoResponse for ServerError {
     fn into_response(self) -> axum::response::Response {
+        if self.http_status() >= 500 {
+            tracing::warn!(error = %self, status = self.http_status(), "request failed");
+        }
         let status = axum::http::StatusCode::from_u16(self.http_status())
             .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::json!({ "error": self.to_string() });

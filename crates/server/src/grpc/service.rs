@@ -47,6 +47,27 @@ async fn infer_one(
     shared: Arc<Shared>,
     req: pb::ModelInferRequest,
 ) -> Result<pb::ModelInferResponse, ServerError> {
+    let start = std::time::Instant::now();
+    let model = req.model_name.clone();
+    let result = infer_inner(shared, req).await;
+    tracing::debug!(
+        model = %model,
+        ok = result.is_ok(),
+        elapsed_us = start.elapsed().as_micros() as u64,
+        "grpc infer"
+    );
+    if let Err(e) = &result {
+        if e.http_status() >= 500 {
+            tracing::warn!(error = %e, "request failed");
+        }
+    }
+    result
+}
+
+async fn infer_inner(
+    shared: Arc<Shared>,
+    req: pb::ModelInferRequest,
+) -> Result<pb::ModelInferResponse, ServerError> {
     let model = shared
         .repository
         .get(&req.model_name, Some(&req.model_version))?;

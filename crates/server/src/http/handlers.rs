@@ -214,9 +214,12 @@ pub async fn infer(
     headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Response {
-    run_infer(&s, &m, None, &headers, body)
+    let start = std::time::Instant::now();
+    let resp = run_infer(&s, &m, None, &headers, body)
         .await
-        .unwrap_or_else(IntoResponse::into_response)
+        .unwrap_or_else(IntoResponse::into_response);
+    log_infer(&m, &resp, start);
+    resp
 }
 
 pub async fn infer_v(
@@ -225,9 +228,22 @@ pub async fn infer_v(
     headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Response {
-    run_infer(&s, &m, Some(&v), &headers, body)
+    let start = std::time::Instant::now();
+    let resp = run_infer(&s, &m, Some(&v), &headers, body)
         .await
-        .unwrap_or_else(IntoResponse::into_response)
+        .unwrap_or_else(IntoResponse::into_response);
+    log_infer(&m, &resp, start);
+    resp
+}
+
+/// One structured line per request (`RUST_LOG=aperture_server=debug`).
+fn log_infer(model: &str, resp: &Response, start: std::time::Instant) {
+    tracing::debug!(
+        model,
+        status = resp.status().as_u16(),
+        elapsed_us = start.elapsed().as_micros() as u64,
+        "http infer"
+    );
 }
 
 /// Maps a body-read failure: over the limit is 413 with the limit in the message.
