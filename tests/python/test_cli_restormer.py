@@ -144,3 +144,13 @@ def test_info_prints_roofline_numbers():
     p = aperture("info", "--size", "512")
     assert "26,126,644" in p.stdout
     assert "619.5 GMAC" in p.stdout
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    p = aperture("run", "--model", MODEL, "--input", FIX / "withbias" / "io.safetensors", "--input-name", "x",
+                 "--output", tmp_path / "o.safetensors", "--device", "cuda", check=False)
+    if p.returncode == 0:  # a machine with a usable GPU: the output must still match
+        ref = load_file(FIX / "withbias" / "io.safetensors")["y"]
+        assert rel_l2(load_file(tmp_path / "o.safetensors")["y"], ref) < 1e-2
+    else:
+        assert "--device cuda" in p.stderr and "panicked" not in p.stderr

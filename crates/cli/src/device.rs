@@ -2,9 +2,12 @@
 
 use std::path::Path;
 
-use anyhow::bail;
 use aperture_engine::{cpu::CpuBackend, Precision, Runner};
+use aperture_models::restormer::load_restormer;
+use aperture_models::Architecture;
 use clap::{Args, ValueEnum};
+
+use crate::gpu_runner::GraphRestormer;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Device {
@@ -25,35 +28,34 @@ pub struct DeviceArgs {
 }
 
 impl DeviceArgs {
-    /// Loads the model at `path` on the chosen backend.
+    /// Loads the model at `path` on the chosen backend: the GPU for `cuda` (an error
+    /// when none is usable) and for `auto` when one is, else the CPU.
     pub fn load_runner(
         &self,
         path: &Path,
         max_batch_size: usize,
     ) -> anyhow::Result<Box<dyn Runner>> {
-        match self.device {
-            Device::Cuda => {
-                bail!("the CUDA backend is not available in this build; use --device cpu")
-            }
-            Device::Auto | Device::Cpu => {
-                if let Some(p) = self.precision {
-                    if p != Precision::Fp32 {
-                        tracing::warn!(
-                            "the CPU backend computes in fp32; --precision {p} is ignored"
-                        );
-                    }
+        if let Some(gpu) = self.cuda_backend(Precision::Fp16)? {
+            return Ok(match aperture_models::detect_architecture(path)? {
+                Architecture::Restormer => {
+                    let (config, sd) = load_restormer(path)?;
+                    Box::new(GraphRestormer::new(gpu, config, &sd, max_batch_size)?)
                 }
-                Ok(aperture_models::load_runner(
-                    path,
-                    CpuBackend::new(),
-                    max_batch_size,
-                )?)
+                Architecture::DFine => aperture_models::load_runner(path, gpu, max_batch_size)?,
+            });
+        }
+        if let Some(p) = self.precision {
+            if p != Precision::Fp32 {
+                tracing::warn!("the CPU backend computes in fp32; --precision {p} is ignored");
             }
         }
+        Ok(aperture_models::load_runner(
+            path,
+            CpuBackend::new(),
+            max_batch_size,
+        )?)
     }
-}
 
-impl DeviceArgs {
     /// The CUDA backend this choice asks for: `Some` for `cuda` (an error when no GPU is
     /// usable) and for `auto` when a GPU is usable, `None` for the CPU. `default` is the
     /// precision used when `--precision` is not given.

@@ -2,6 +2,7 @@
 
 mod commands;
 mod device;
+mod gpu_runner;
 
 use clap::{Parser, Subcommand};
 

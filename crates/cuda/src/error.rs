@@ -4,8 +4,8 @@ use thiserror::Error;
 /// Errors of the CUDA backend. Each message says what failed and what to do about it.
 #[derive(Debug, Error)]
 pub enum CudaError {
-    /// A CUDA library could not be found or loaded; the caller should fall back to CPU.
-    #[error("{0}: falling back to CPU")]
+    /// A CUDA library could not be found or loaded (the caller may fall back to CPU).
+    #[error("no usable GPU: {0}")]
     Unavailable(String),
     #[error("CUDA driver call failed: {0}")]
     Driver(String),

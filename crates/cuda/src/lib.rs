@@ -64,7 +64,7 @@ mod tests {
                     "{msg}"
                 );
                 if !cuda_available() {
-                    assert!(msg.contains("falling back to CPU"), "{msg}");
+                    assert!(msg.contains("no usable GPU"), "{msg}");
                 }
             }
         }
