@@ -2,12 +2,15 @@
 //! with labelled boxes.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context};
+use aperture_cuda::detection::MultiGraphCache;
+use aperture_cuda::{CudaBackend, CudaTensor};
 use aperture_engine::cpu::CpuBackend;
-use aperture_engine::{Backend, HostTensor, Precision};
+use aperture_engine::{Backend, EngineError, HostTensor, Precision};
 use aperture_models::dfine::{
-    coco_category_id, load_dfine, post_process, DFineRunner, DFineSnapshot, Detection,
+    coco_category_id, load_dfine, post_process, DFineConfig, DFineRunner, Detection,
     ImageProcessorConfig,
 };
 use aperture_vision::{
@@ -65,25 +68,103 @@ pub fn run(args: DetectArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot load the D-FINE model at {}", args.model.display()))?;
     // fp16 on the GPU unless asked otherwise (within 1.2e-3 of fp32: docs/dfine-gpu.md).
     match args.device.cuda_backend(Precision::Fp16)? {
-        Some(gpu) => run_on(&args, &files, &snap, DFineRunner::new(gpu, &snap, 1)?),
-        None => run_on(
-            &args,
-            &files,
-            &snap,
-            DFineRunner::new(CpuBackend::new(), &snap, 1)?,
-        ),
+        Some(gpu) => {
+            let mut runner = DFineRunner::new(gpu, &snap, 1)?;
+            if let Some(q) = args.queries {
+                runner.set_num_queries(q)?;
+            }
+            run_on(&args, &files, &snap.processor, &GraphDetector::new(runner))
+        }
+        None => {
+            let mut runner = DFineRunner::new(CpuBackend::new(), &snap, 1)?;
+            if let Some(q) = args.queries {
+                runner.set_num_queries(q)?;
+            }
+            run_on(&args, &files, &snap.processor, &runner)
+        }
     }
 }
 
-fn run_on<B: Backend>(
+/// A prepared D-FINE model: eager passes on any backend, or CUDA graphs.
+trait Detector {
+    /// NCHW pixels -> (`logits [B, Q, C]`, `pred_boxes [B, Q, 4]`).
+    fn detect(&self, pixels: &HostTensor) -> anyhow::Result<(HostTensor, HostTensor)>;
+    fn config(&self) -> &DFineConfig;
+}
+
+impl<B: Backend> Detector for DFineRunner<B> {
+    fn detect(&self, pixels: &HostTensor) -> anyhow::Result<(HostTensor, HostTensor)> {
+        Ok(DFineRunner::detect(self, pixels)?)
+    }
+    fn config(&self) -> &DFineConfig {
+        DFineRunner::config(self)
+    }
+}
+
+/// D-FINE on the GPU through one CUDA graph per input shape, captured on first use (the
+/// whole forward pass; `aperture check-dfine` checks replays against eager passes).
+/// Falls back to eager passes if a capture fails.
+struct GraphDetector {
+    runner: DFineRunner<CudaBackend>,
+    graphs: MultiGraphCache,
+    eager: AtomicBool,
+}
+
+impl GraphDetector {
+    fn new(runner: DFineRunner<CudaBackend>) -> Self {
+        Self {
+            runner,
+            graphs: MultiGraphCache::new(),
+            eager: AtomicBool::new(false),
+        }
+    }
+
+    fn replay(&self, pixels: &HostTensor) -> anyhow::Result<(HostTensor, HostTensor)> {
+        let model = self.runner.model();
+        let forward =
+            |b: &CudaBackend, x: &CudaTensor| -> aperture_engine::Result<Vec<CudaTensor>> {
+                let o = model
+                    .forward(b, x)
+                    .map_err(|e| EngineError::Invalid(e.to_string()))?;
+                Ok(vec![o.logits, o.boxes])
+            };
+        let outs = self.graphs.infer(self.runner.backend(), pixels, forward)?;
+        let [logits, boxes] = <[HostTensor; 2]>::try_from(outs)
+            .map_err(|_| anyhow::anyhow!("the captured forward pass gave other outputs"))?;
+        let (n, q) = (pixels.shape()[0], model.num_queries());
+        let c = self.config().num_labels;
+        Ok((
+            logits.reshape(vec![n, q, c])?,
+            boxes.reshape(vec![n, q, 4])?,
+        ))
+    }
+}
+
+impl Detector for GraphDetector {
+    fn detect(&self, pixels: &HostTensor) -> anyhow::Result<(HostTensor, HostTensor)> {
+        let s = pixels.shape();
+        if !self.eager.load(Ordering::Relaxed) && s.len() == 4 && s[1] == 3 {
+            match self.replay(pixels) {
+                Ok(out) => return Ok(out),
+                Err(e) => {
+                    tracing::warn!("CUDA graph capture failed ({e:#}); running eagerly");
+                    self.eager.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(self.runner.detect(pixels)?)
+    }
+    fn config(&self) -> &DFineConfig {
+        self.runner.config()
+    }
+}
+
+fn run_on(
     args: &DetectArgs,
     files: &[PathBuf],
-    snap: &DFineSnapshot,
-    mut runner: DFineRunner<B>,
+    proc: &ImageProcessorConfig,
+    runner: &dyn Detector,
 ) -> anyhow::Result<()> {
-    if let Some(q) = args.queries {
-        runner.set_num_queries(q)?;
-    }
     if let Some(dir) = &args.draw {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -100,7 +181,7 @@ fn run_on<B: Backend>(
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
         );
-        match detect_one(&runner, &snap.processor, file, args.threshold) {
+        match detect_one(runner, proc, file, args.threshold) {
             Ok((img, dets)) => {
                 let names: Vec<String> = dets
                     .iter()
@@ -140,7 +221,7 @@ fn run_on<B: Backend>(
                         )
                     });
                 }
-                results.push(image_json(file, &dets, &names, snap.config.num_labels));
+                results.push(image_json(file, &dets, &names, runner.config().num_labels));
             }
             Err(e) => {
                 bar.suspend(|| eprintln!("error: {}: {e:#}", file.display()));
@@ -218,8 +299,8 @@ pub fn detect_coco_images(
 
 /// Decodes, preprocesses as the HF image processor does, runs the model and
 /// post-processes. Returns the decoded image (for drawing) and its detections.
-fn detect_one<B: Backend>(
-    runner: &DFineRunner<B>,
+fn detect_one(
+    runner: &dyn Detector,
     proc: &ImageProcessorConfig,
     file: &Path,
     threshold: f32,
