@@ -332,3 +332,37 @@ pub fn check_model(
     }
     Ok(json!({"accuracy": rows, "timings": timings, "profile": profile}))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn golden_fill_matches_the_python_generator() {
+        // tools/dfine_golden.py: fill("pixel_values", (3,), 0, 1)
+        let v = golden_fill("pixel_values", 3, 0.0, 1.0);
+        assert_eq!(v, vec![0.148_040_3, 0.423_079_43, 0.054_527_46]);
+    }
+
+    #[test]
+    fn alignment_undoes_a_row_permutation_within_each_image() {
+        // Two images of three queries, two classes; image 1's rows come back rotated.
+        let want_boxes: Vec<f32> = (0..6)
+            .flat_map(|i| [0.1 * i as f32, 0.2, 0.3, 0.4])
+            .collect();
+        let want_logits: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let order = [0usize, 1, 2, 4, 5, 3];
+        let got_boxes: Vec<f32> = order
+            .iter()
+            .flat_map(|&i| want_boxes[i * 4..i * 4 + 4].to_vec())
+            .collect();
+        let got_logits: Vec<f32> = order
+            .iter()
+            .flat_map(|&i| want_logits[i * 2..i * 2 + 2].to_vec())
+            .collect();
+        let (l, b, moved) = align((&got_logits, &got_boxes), &want_boxes, 3, 2);
+        assert_eq!(l, want_logits);
+        assert_eq!(b, want_boxes);
+        assert_eq!(moved, 3);
+    }
+}
