@@ -326,6 +326,11 @@ impl Backend for CudaBackend {
         )
     }
 
+    /// Eight 2-byte elements: rows of 16 bytes for the tensor-core products.
+    fn preferred_channel_multiple(&self) -> usize {
+        8
+    }
+
     fn upload_nchw(&self, x: &HostTensor) -> Result<CudaTensor> {
         let s = x.shape();
         if s.len() != 4 {

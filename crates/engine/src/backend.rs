@@ -57,6 +57,12 @@ pub trait Backend: Send + Sync {
     /// Human-readable name, e.g. "cpu" or "cuda:0 (NVIDIA H100)".
     fn name(&self) -> String;
 
+    /// Channel counts this backend runs fastest at multiples of (matrix units want
+    /// 16-byte aligned rows). Models may pad internal widths with zero channels to it.
+    fn preferred_channel_multiple(&self) -> usize {
+        1
+    }
+
     /// Copies an NCHW f32 host tensor in, as NHWC.
     fn upload_nchw(&self, x: &HostTensor) -> Result<Self::Tensor>;
     /// Copies an NHWC activation out, as an NCHW f32 host tensor.

@@ -105,3 +105,27 @@ fn fp16_torch_checkpoint_equals_fp16_rounded_weights() {
     let err = relative_l2(&a.to_f32_vec(), &y.to_f32_vec());
     assert!(err < 1e-2, "fp16 weights: relative L2 {err:e}");
 }
+
+#[test]
+fn zero_padded_hidden_width_gives_the_same_output() {
+    use aperture_engine::Backend;
+    use aperture_models::restormer::Restormer;
+    // dim 8 * 2.66 -> hidden 21 at level 1: padding to 8 and 16 adds zero channels.
+    let (config, sd) =
+        load_restormer(&fixture("withbias").join("model.safetensors")).expect("load");
+    let (x, y, _) = io("withbias");
+    let cpu = CpuBackend::new();
+    for multiple in [8, 16] {
+        let model = Restormer::prepare_with_width_multiple(&cpu, config.clone(), &sd, multiple)
+            .expect("prepare");
+        let t = cpu.upload_nchw(&x).expect("upload");
+        let out = cpu
+            .download_nchw(&model.forward(&cpu, &t).expect("forward"))
+            .expect("download");
+        let err = relative_l2(&out.to_f32_vec(), &y.to_f32_vec());
+        assert!(
+            err <= TOL_F32,
+            "width multiple {multiple}: relative L2 {err:e}"
+        );
+    }
+}

@@ -7,6 +7,7 @@ pub mod enhance;
 mod model;
 mod params;
 mod runner;
+mod widen;
 
 pub use config::{LayerNormType, RestormerConfig};
 pub use cost::{forward_cost, RestormerCost};

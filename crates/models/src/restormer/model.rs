@@ -5,6 +5,7 @@ use aperture_weights::StateDict;
 
 use super::config::{LayerNormType, RestormerConfig};
 use super::params::{check_weights, levels};
+use super::widen::{pad_gate_halves, pad_input_channels};
 use crate::error::{ModelError, Result};
 
 const LN_EPS: f32 = 1e-5;
@@ -50,6 +51,8 @@ struct Loader<'a, B: Backend> {
     backend: &'a B,
     sd: &'a StateDict,
     bias: bool,
+    /// Feed-forward hidden widths are padded with zero channels to a multiple of this.
+    width_multiple: usize,
 }
 
 impl<B: Backend> Loader<'_, B> {
@@ -60,13 +63,25 @@ impl<B: Backend> Loader<'_, B> {
     }
 
     fn conv(&self, name: &str, spec: ConvSpec, has_bias: bool) -> Result<B::Param> {
-        let w = self.tensor(&format!("{name}.weight"))?;
+        self.conv_reshaped(name, spec, has_bias, |t| Ok(t.clone()), |t| Ok(t.clone()))
+    }
+
+    /// Like [`Loader::conv`], with the weight and bias passed through transforms first.
+    fn conv_reshaped(
+        &self,
+        name: &str,
+        spec: ConvSpec,
+        has_bias: bool,
+        weight: impl Fn(&HostTensor) -> Result<HostTensor>,
+        bias: impl Fn(&HostTensor) -> Result<HostTensor>,
+    ) -> Result<B::Param> {
+        let w = weight(self.tensor(&format!("{name}.weight"))?)?;
         let b = if has_bias {
-            Some(self.tensor(&format!("{name}.bias"))?)
+            Some(bias(self.tensor(&format!("{name}.bias"))?)?)
         } else {
             None
         };
-        Ok(self.backend.prepare_conv(w, b, spec)?)
+        Ok(self.backend.prepare_conv(&w, b.as_ref(), spec)?)
     }
 
     fn vector(&self, name: &str) -> Result<B::Param> {
@@ -93,6 +108,9 @@ impl<B: Backend> Loader<'_, B> {
         ln_bias: bool,
     ) -> Result<Block<B::Param>> {
         let b = self.bias;
+        let padded = hidden.div_ceil(self.width_multiple) * self.width_multiple;
+        let halves = |t: &HostTensor| pad_gate_halves(t, hidden, padded);
+        let ffn_in = |name: &str, spec| self.conv_reshaped(name, spec, b, halves, halves);
         Ok(Block {
             heads,
             norm1: self.norm(&format!("{p}.norm1"), ln_bias)?,
@@ -105,13 +123,18 @@ impl<B: Backend> Loader<'_, B> {
             )?,
             attn_project_out: self.conv(&format!("{p}.attn.project_out"), ConvSpec::same(1), b)?,
             norm2: self.norm(&format!("{p}.norm2"), ln_bias)?,
-            project_in: self.conv(&format!("{p}.ffn.project_in"), ConvSpec::same(1), b)?,
-            ffn_dwconv: self.conv(
+            project_in: ffn_in(&format!("{p}.ffn.project_in"), ConvSpec::same(1))?,
+            ffn_dwconv: ffn_in(
                 &format!("{p}.ffn.dwconv"),
-                ConvSpec::depthwise(2 * hidden, 3),
-                b,
+                ConvSpec::depthwise(2 * padded, 3),
             )?,
-            ffn_project_out: self.conv(&format!("{p}.ffn.project_out"), ConvSpec::same(1), b)?,
+            ffn_project_out: self.conv_reshaped(
+                &format!("{p}.ffn.project_out"),
+                ConvSpec::same(1),
+                b,
+                |t| pad_input_channels(t, hidden, padded),
+                |t| Ok(t.clone()),
+            )?,
         })
     }
 }
@@ -119,12 +142,24 @@ impl<B: Backend> Loader<'_, B> {
 impl<B: Backend> Restormer<B> {
     /// Checks the weights against the configuration, then prepares them on `backend`.
     pub fn prepare(backend: &B, config: RestormerConfig, sd: &StateDict) -> Result<Self> {
+        Self::prepare_with_width_multiple(backend, config, sd, backend.preferred_channel_multiple())
+    }
+
+    /// [`Restormer::prepare`] with the feed-forward hidden width padded (with exact zero
+    /// channels) to a multiple of `width_multiple` instead of the backend's preference.
+    pub fn prepare_with_width_multiple(
+        backend: &B,
+        config: RestormerConfig,
+        sd: &StateDict,
+        width_multiple: usize,
+    ) -> Result<Self> {
         config.validate()?;
         check_weights(&config, sd)?;
         let ld = Loader {
             backend,
             sd,
             bias: config.bias,
+            width_multiple: width_multiple.max(1),
         };
         let ln_bias = config.layer_norm_type == LayerNormType::WithBias;
         let mut all_levels = Vec::new();
