@@ -659,3 +659,22 @@ def test_shutdown_does_not_wait_forever_for_open_streams(tmp_path):
             pass
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bytes_input_of_encoded_images(server, protocol):
+    """A KServe BYTES input of PNG files: decoded and preprocessed in the server."""
+    mod = httpclient if protocol == "http" else grpcclient
+    c = mod.InferenceServerClient(server.http_url if protocol == "http" else server.grpc_url)
+    rng = np.random.default_rng(11)
+    arrs = [rng.integers(0, 256, size=(6, 10, 3), dtype=np.uint8) for _ in range(2)]
+    data = np.array([png_bytes(a) for a in arrs], dtype=np.object_)
+    inp = mod.InferInput("IMAGE", [2], "BYTES")
+    inp.set_data_from_numpy(data)
+    out = c.infer("img", [inp]).as_numpy("OUTPUT0")
+    assert out.shape == (2, 3, 6, 10)
+    for got, arr in zip(out, arrs):
+        np.testing.assert_allclose(got, arr.transpose(2, 0, 1) / 255.0, atol=1e-6)
+    with pytest.raises(InferenceServerException, match="image pipeline"):
+        c.infer("simple", [inp])
+    c.close()

@@ -25,6 +25,9 @@ pub struct InferRequest {
     /// 0: the model's default priority level.
     pub priority: u64,
     pub timeout: Option<Duration>,
+    /// Encoded images from a KServe BYTES input, decoded and preprocessed by the model's
+    /// image adapter into `inputs` before the request is queued.
+    pub encoded_images: Vec<bytes::Bytes>,
 }
 
 /// A model version ready to serve.

@@ -86,21 +86,45 @@ impl Shared {
         !self.shutting_down.load(Ordering::Relaxed)
     }
 
-    /// Runs a request under the server-wide timeout.
+    /// Runs a request under the server-wide timeout; encoded images (a KServe BYTES
+    /// input) are decoded and preprocessed by the model's image pipeline first.
     pub async fn run_with_timeout(
         &self,
         model: &LoadedModel,
-        req: InferRequest,
+        mut req: InferRequest,
     ) -> Result<NamedTensors> {
         let limit = self.options.request_timeout;
-        tokio::time::timeout(limit, model.infer(req))
-            .await
-            .map_err(|_| {
-                ServerError::Timeout(format!(
-                    "request did not finish within {} ms (--request-timeout-ms)",
-                    limit.as_millis()
-                ))
-            })?
+        let work = async {
+            if !req.encoded_images.is_empty() {
+                let adapter = model.images.clone().ok_or_else(|| {
+                    ServerError::invalid(format!(
+                        "model '{}' has no image pipeline, so it cannot take a BYTES input of encoded images",
+                        model.name
+                    ))
+                })?;
+                if !req.inputs.is_empty() {
+                    return Err(ServerError::invalid(
+                        "send either a BYTES input of encoded images or the model's tensors, not both",
+                    ));
+                }
+                let limits = aperture_vision::DecodeLimits {
+                    max_pixels: self.options.max_image_pixels,
+                    max_file_bytes: self.options.max_body_bytes as u64,
+                };
+                let images = std::mem::take(&mut req.encoded_images);
+                let (inputs, _, _) =
+                    crate::image::decode_to_inputs(adapter, model.inputs.clone(), images, limits)
+                        .await?;
+                req.inputs = inputs;
+            }
+            model.infer(req).await
+        };
+        tokio::time::timeout(limit, work).await.map_err(|_| {
+            ServerError::Timeout(format!(
+                "request did not finish within {} ms (--request-timeout-ms)",
+                limit.as_millis()
+            ))
+        })?
     }
 }
 

@@ -9,6 +9,7 @@ use super::inference::{
     self as pb, infer_parameter::ParameterChoice, model_infer_response::InferOutputTensor,
 };
 use crate::error::{Result, ServerError};
+use crate::image::split_bytes_elements;
 use crate::model::{InferRequest, LoadedModel};
 use crate::stats::{StatsSnapshot, Tally};
 use crate::tensor_io::{
@@ -27,7 +28,32 @@ pub fn request_from_proto(req: pb::ModelInferRequest) -> Result<InferRequest> {
         )));
     }
     let mut inputs: NamedTensors = Vec::with_capacity(req.inputs.len());
+    let mut encoded_images = Vec::new();
     for (i, input) in req.inputs.into_iter().enumerate() {
+        if input.datatype == "BYTES" {
+            if !encoded_images.is_empty() {
+                return Err(ServerError::invalid(
+                    "only one BYTES input (of encoded images) is supported",
+                ));
+            }
+            encoded_images = match (raw.get(i), &input.contents) {
+                (Some(bytes), _) => {
+                    split_bytes_elements(&input.name, &bytes::Bytes::copy_from_slice(bytes))?
+                }
+                (None, Some(c)) => c
+                    .bytes_contents
+                    .iter()
+                    .map(|b| bytes::Bytes::copy_from_slice(b))
+                    .collect(),
+                (None, None) => {
+                    return Err(ServerError::invalid(format!(
+                        "input '{}': no data; send raw_input_contents or bytes_contents",
+                        input.name
+                    )))
+                }
+            };
+            continue;
+        }
         let dtype = parse_datatype(&input.datatype, &input.name)?;
         let dims = shape_to_dims(&input.shape, &input.name)?;
         let tensor = match raw.get(i) {
@@ -59,6 +85,7 @@ pub fn request_from_proto(req: pb::ModelInferRequest) -> Result<InferRequest> {
         Some(req.outputs.into_iter().map(|o| o.name).collect())
     };
     Ok(InferRequest {
+        encoded_images,
         id: req.id,
         inputs,
         outputs,

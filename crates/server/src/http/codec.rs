@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::{Result, ServerError};
+use crate::image::split_bytes_elements;
 use crate::model::InferRequest;
 use crate::tensor_io::{
     flatten_json_numbers, kserve_datatype, parse_datatype, shape_to_dims, tensor_from_bytes,
@@ -70,7 +71,39 @@ pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<DecodedR
     let req: RequestJson = serde_json::from_slice(head)
         .map_err(|e| ServerError::invalid(format!("failed to parse the request JSON: {e}")))?;
     let mut inputs: NamedTensors = Vec::with_capacity(req.inputs.len());
+    let mut encoded_images: Vec<Bytes> = Vec::new();
     for input in req.inputs {
+        if input.datatype == "BYTES" {
+            // Encoded images for a model with an image pipeline (preprocessed server-side).
+            if !encoded_images.is_empty() {
+                return Err(ServerError::invalid(
+                    "only one BYTES input (of encoded images) is supported",
+                ));
+            }
+            encoded_images = match (input.parameters.get("binary_data_size"), &input.data) {
+                (Some(size), _) => {
+                    let size = size.as_u64().unwrap_or(u64::MAX) as usize;
+                    if size > binary.len() {
+                        return Err(ServerError::invalid(format!(
+                            "unexpected end of binary data for input '{}': {size} bytes declared, {} remain",
+                            input.name,
+                            binary.len()
+                        )));
+                    }
+                    let (mine, rest) = binary.split_at(size);
+                    binary = rest;
+                    split_bytes_elements(&input.name, &Bytes::copy_from_slice(mine))?
+                }
+                (None, Some(data)) => json_strings(&input.name, data)?,
+                (None, None) => {
+                    return Err(ServerError::invalid(format!(
+                        "input '{}' has neither 'data' nor a 'binary_data_size' parameter",
+                        input.name
+                    )))
+                }
+            };
+            continue;
+        }
         let dtype = parse_datatype(&input.datatype, &input.name)?;
         let dims = shape_to_dims(&input.shape, &input.name)?;
         let tensor = match (input.parameters.get("binary_data_size"), &input.data) {
@@ -136,6 +169,7 @@ pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<DecodedR
     let timeout = uint_param(&req.parameters, "timeout")?.map(Duration::from_micros);
     Ok(DecodedRequest {
         request: InferRequest {
+            encoded_images,
             id: req.id.unwrap_or_default(),
             inputs,
             outputs: names,
@@ -145,6 +179,23 @@ pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<DecodedR
         output_binary,
         binary_default,
     })
+}
+
+/// BYTES elements given as JSON strings.
+fn json_strings(name: &str, data: &Value) -> Result<Vec<Bytes>> {
+    let items = match data {
+        Value::Array(items) => items.as_slice(),
+        other => std::slice::from_ref(other),
+    };
+    items
+        .iter()
+        .map(|v| match v {
+            Value::String(s) => Ok(Bytes::from(s.clone().into_bytes())),
+            _ => Err(ServerError::invalid(format!(
+                "input '{name}': BYTES data must be strings"
+            ))),
+        })
+        .collect()
 }
 
 fn bool_param(params: &Map<String, Value>, key: &str) -> Result<Option<bool>> {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use aperture_vision::{DecodeLimits, EncodeOptions, Layout, OutputFormat, VisionError};
+use aperture_vision::{DecodeLimits, EncodeOptions, Layout, OutputFormat};
 use axum::body::Body;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
@@ -36,15 +36,6 @@ fn content_type(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
-fn vision_error(e: VisionError) -> ServerError {
-    match e {
-        VisionError::TooManyPixels { .. } | VisionError::FileTooLarge { .. } => {
-            ServerError::PayloadTooLarge(e.to_string())
-        }
-        other => ServerError::invalid(other.to_string()),
-    }
-}
-
 /// Decodes, preprocesses and runs one image; returns the outputs and the image size.
 async fn run_image(
     s: &Shared,
@@ -66,17 +57,9 @@ async fn run_image(
         max_pixels: s.options.max_image_pixels,
         max_file_bytes: s.options.max_body_bytes as u64,
     };
-    let (a, specs) = (adapter.clone(), model.inputs.clone());
-    let (inputs, w, h) = tokio::task::spawn_blocking(move || {
-        // The decoder reads the header first and refuses oversized images before decoding.
-        let img = aperture_vision::decode_bytes(&body, &limits).map_err(vision_error)?;
-        let inputs = a
-            .preprocess(&img, &specs)
-            .map_err(|e| ServerError::invalid(e.to_string()))?;
-        Ok::<_, ServerError>((inputs, img.width(), img.height()))
-    })
-    .await
-    .map_err(|e| ServerError::Internal(format!("image decoding failed: {e}")))??;
+    let (inputs, w, h) =
+        crate::image::decode_to_inputs(adapter.clone(), model.inputs.clone(), vec![body], limits)
+            .await?;
     let req = InferRequest {
         inputs,
         ..Default::default()
