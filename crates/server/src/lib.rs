@@ -4,6 +4,32 @@
 //! (usually an [`ArchitectureRegistry`]) turns a model folder's `config.toml` into
 //! runners. The server speaks KServe v2 over HTTP/REST (axum) and gRPC (tonic), batches
 //! requests dynamically per model, and exports Prometheus metrics.
+//!
+//! The repository and batcher work without the network layers too:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use aperture_engine::HostTensor;
+//! use aperture_server::{ArchitectureRegistry, InferRequest, ModelConfig, ModelSource, Repository};
+//!
+//! let rt = tokio::runtime::Runtime::new().unwrap();
+//! rt.block_on(async {
+//!     let repo = Repository::new(None, Arc::new(ArchitectureRegistry::with_builtins()));
+//!     let mut cfg = ModelConfig::with_architecture("add_sub");
+//!     cfg.input_size = Some(vec![2]);
+//!     repo.add_source("simple", ModelSource::Inline { config: Box::new(cfg), dir: ".".into() });
+//!     repo.load("simple").await.unwrap();
+//!
+//!     let x = HostTensor::from_f32(vec![1, 2], vec![1.0, 2.0]).unwrap();
+//!     let req = InferRequest {
+//!         inputs: vec![("INPUT0".into(), x.clone()), ("INPUT1".into(), x)],
+//!         ..Default::default()
+//!     };
+//!     let out = repo.get("simple", None).unwrap().infer(req).await.unwrap();
+//!     assert_eq!(out[0].0, "OUTPUT0");
+//!     assert_eq!(out[0].1.to_f32_vec(), vec![2.0, 4.0]);
+//! });
+//! ```
 
 pub mod batcher;
 pub mod builtin;
