@@ -3,11 +3,12 @@
 use std::path::Path;
 
 use aperture_engine::{cpu::CpuBackend, Precision, Runner};
+use aperture_models::dfine::DFineRunner;
 use aperture_models::restormer::load_restormer;
 use aperture_models::Architecture;
 use clap::{Args, ValueEnum};
 
-use crate::gpu_runner::GraphRestormer;
+use crate::gpu_runner::{GraphDFine, GraphRestormer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Device {
@@ -41,7 +42,11 @@ impl DeviceArgs {
                     let (config, sd) = load_restormer(path)?;
                     Box::new(GraphRestormer::new(gpu, config, &sd, max_batch_size)?)
                 }
-                Architecture::DFine => aperture_models::load_runner(path, gpu, max_batch_size)?,
+                Architecture::DFine => {
+                    let snapshot = aperture_models::dfine::load_dfine(path)?;
+                    let runner = DFineRunner::new(gpu, &snapshot, max_batch_size)?;
+                    Box::new(GraphDFine::new(runner))
+                }
             });
         }
         if let Some(p) = self.precision {

@@ -2,13 +2,10 @@
 //! with labelled boxes.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context};
-use aperture_cuda::detection::MultiGraphCache;
-use aperture_cuda::{CudaBackend, CudaTensor};
 use aperture_engine::cpu::CpuBackend;
-use aperture_engine::{Backend, EngineError, HostTensor, Precision};
+use aperture_engine::{Backend, HostTensor, Precision};
 use aperture_models::dfine::{
     coco_category_id, load_dfine, post_process, DFineConfig, DFineRunner, Detection,
     ImageProcessorConfig,
@@ -22,6 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
 use crate::device::DeviceArgs;
+use crate::gpu_runner::GraphDFine;
 
 #[derive(Args)]
 pub struct DetectArgs {
@@ -73,7 +71,7 @@ pub fn run(args: DetectArgs) -> anyhow::Result<()> {
             if let Some(q) = args.queries {
                 runner.set_num_queries(q)?;
             }
-            run_on(&args, &files, &snap.processor, &GraphDetector::new(runner))
+            run_on(&args, &files, &snap.processor, &GraphDFine::new(runner))
         }
         None => {
             let mut runner = DFineRunner::new(CpuBackend::new(), &snap, 1)?;
@@ -101,61 +99,12 @@ impl<B: Backend> Detector for DFineRunner<B> {
     }
 }
 
-/// D-FINE on the GPU through one CUDA graph per input shape, captured on first use (the
-/// whole forward pass; `aperture check-dfine` checks replays against eager passes).
-/// Falls back to eager passes if a capture fails.
-struct GraphDetector {
-    runner: DFineRunner<CudaBackend>,
-    graphs: MultiGraphCache,
-    eager: AtomicBool,
-}
-
-impl GraphDetector {
-    fn new(runner: DFineRunner<CudaBackend>) -> Self {
-        Self {
-            runner,
-            graphs: MultiGraphCache::new(),
-            eager: AtomicBool::new(false),
-        }
-    }
-
-    fn replay(&self, pixels: &HostTensor) -> anyhow::Result<(HostTensor, HostTensor)> {
-        let model = self.runner.model();
-        let forward =
-            |b: &CudaBackend, x: &CudaTensor| -> aperture_engine::Result<Vec<CudaTensor>> {
-                let o = model
-                    .forward(b, x)
-                    .map_err(|e| EngineError::Invalid(e.to_string()))?;
-                Ok(vec![o.logits, o.boxes])
-            };
-        let outs = self.graphs.infer(self.runner.backend(), pixels, forward)?;
-        let [logits, boxes] = <[HostTensor; 2]>::try_from(outs)
-            .map_err(|_| anyhow::anyhow!("the captured forward pass gave other outputs"))?;
-        let (n, q) = (pixels.shape()[0], model.num_queries());
-        let c = self.config().num_labels;
-        Ok((
-            logits.reshape(vec![n, q, c])?,
-            boxes.reshape(vec![n, q, 4])?,
-        ))
-    }
-}
-
-impl Detector for GraphDetector {
+impl Detector for GraphDFine {
     fn detect(&self, pixels: &HostTensor) -> anyhow::Result<(HostTensor, HostTensor)> {
-        let s = pixels.shape();
-        if !self.eager.load(Ordering::Relaxed) && s.len() == 4 && s[1] == 3 {
-            match self.replay(pixels) {
-                Ok(out) => return Ok(out),
-                Err(e) => {
-                    tracing::warn!("CUDA graph capture failed ({e:#}); running eagerly");
-                    self.eager.store(true, Ordering::Relaxed);
-                }
-            }
-        }
-        Ok(self.runner.detect(pixels)?)
+        GraphDFine::detect(self, pixels)
     }
     fn config(&self) -> &DFineConfig {
-        self.runner.config()
+        self.runner().config()
     }
 }
 
