@@ -26,6 +26,9 @@ pub struct DeviceArgs {
     /// Arithmetic precision: fp32, tf32, fp16, bf16 (the CPU backend computes in fp32).
     #[arg(long)]
     pub precision: Option<Precision>,
+    /// Which GPU (CUDA device ordinal) to use.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
 }
 
 impl DeviceArgs {
@@ -71,10 +74,10 @@ impl DeviceArgs {
         let precision = self.precision.unwrap_or(default);
         match self.device {
             Device::Cpu => Ok(None),
-            Device::Cuda => aperture_cuda::CudaBackend::new(0, precision)
+            Device::Cuda => aperture_cuda::CudaBackend::new(self.gpu, precision)
                 .map(Some)
                 .map_err(|e| anyhow::anyhow!("--device cuda: {e}")),
-            Device::Auto => match aperture_cuda::CudaBackend::new(0, precision) {
+            Device::Auto => match aperture_cuda::CudaBackend::new(self.gpu, precision) {
                 Ok(b) => Ok(Some(b)),
                 Err(e) => {
                     tracing::info!("running on the CPU: {e}");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use aperture_engine::{HostTensor, NamedTensors, TensorSpec};
+use aperture_engine::{HostTensor, NamedTensors, Precision, TensorSpec};
 use aperture_models::dfine::{coco_category_id, post_process};
 use aperture_server::{
     ArchitectureRegistry, BuildError, ImageAdapter, ModelConfig, ModelContext, ModelSource,
@@ -82,6 +82,15 @@ fn registry(device: &DeviceArgs) -> ArchitectureRegistry {
     for arch in ["restormer", "dfine"] {
         let device = device.clone();
         r.register(arch, move |ctx: &ModelContext| {
+            // config.toml's precision and instance GPU override the command line.
+            let mut device = device.clone();
+            if let Some(p) = &ctx.config.precision {
+                device.precision = Some(p.parse::<Precision>()?);
+            }
+            if let Some(gpu) = ctx.gpu {
+                device.gpu =
+                    usize::try_from(gpu).map_err(|_| format!("invalid GPU index {gpu}"))?;
+            }
             // `weights` names a file in the version folder; without it the folder itself
             // is the model (an HF snapshot: config.json, model.safetensors, ...).
             let path = ctx
