@@ -19,6 +19,7 @@ mod blocks;
 pub mod config;
 mod decoder;
 mod encoder;
+pub mod golden;
 mod model;
 pub mod original;
 pub mod postprocess;

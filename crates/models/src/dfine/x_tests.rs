@@ -14,74 +14,6 @@ use serde_json::Value;
 
 use super::*;
 
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-/// `dfine_golden.uniform(name_seed(name), n)` scaled to `[lo, hi)` in f64, then f32.
-fn fill(name: &str, n: usize, lo: f64, hi: f64) -> Vec<f32> {
-    let seed =
-        ((crc32(name.as_bytes()) as u128 * 2_654_435_761 + 12_345) & u64::MAX as u128) as u64;
-    (1..=n as u64)
-        .map(|i| {
-            let mut z = seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            let u = (z >> 40) as f64 / (1u64 << 24) as f64;
-            (lo + (hi - lo) * u) as f32
-        })
-        .collect()
-}
-
-fn materialize(manifest: &Value) -> aperture_weights::StateDict {
-    let mut out = BTreeMap::new();
-    for (key, e) in manifest["tensors"].as_object().expect("tensors") {
-        let shape: Vec<usize> = e["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
-        let n = shape.iter().product();
-        let data = if let Some(f) = e.get("fill") {
-            fill(
-                f[0].as_str().unwrap(),
-                n,
-                f[1].as_f64().unwrap(),
-                f[2].as_f64().unwrap(),
-            )
-        } else {
-            e["values"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-                .collect()
-        };
-        out.insert(key.clone(), HostTensor::from_f32(shape, data).unwrap());
-    }
-    aperture_weights::StateDict::from_tensors(out)
-}
-
-#[test]
-fn fill_matches_the_python_generator() {
-    // dfine_golden.uniform(dfine_golden.name_seed("pixel_values"), 3)
-    let v = fill("pixel_values", 3, 0.0, 1.0);
-    assert_eq!(v, vec![0.148_040_3, 0.423_079_43, 0.054_527_46]);
-}
-
 #[test]
 fn dfine_x_matches_transformers() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/dfine/x");
@@ -93,13 +25,13 @@ fn dfine_x_matches_transformers() {
     let snap = DFineSnapshot {
         config,
         processor: ImageProcessorConfig::default(),
-        weights: materialize(&manifest),
+        weights: golden::materialize(&manifest).unwrap(),
     };
     let runner = DFineRunner::new(CpuBackend::new(), &snap, 0).unwrap();
     eprintln!("weights rebuilt and prepared in {:.2?}", t.elapsed());
     let pixels = HostTensor::from_f32(
         vec![1, 3, 640, 640],
-        fill("pixel_values", 3 * 640 * 640, 0.0, 1.0),
+        golden::fill("pixel_values", 3 * 640 * 640, 0.0, 1.0),
     )
     .unwrap();
     let g = aperture_weights::load(&dir.join("golden.safetensors")).unwrap();

@@ -9,35 +9,10 @@ use aperture_cuda::detection::MultiGraphCache;
 use aperture_cuda::{CudaBackend, CudaTensor};
 use aperture_engine::cpu::CpuBackend;
 use aperture_engine::{relative_l2, Backend, EngineError, HostTensor, Precision};
-use aperture_models::dfine::{load_dfine, DFineRunner, DFineSnapshot};
+use aperture_models::dfine::{golden, load_dfine, DFineRunner, DFineSnapshot};
 use serde_json::{json, Value};
 
 use super::{ops::random, CheckDfineArgs};
-
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-/// `tools/dfine_golden.py`'s `fill(name, n, lo, hi)` (the golden's pixel values).
-fn golden_fill(name: &str, n: usize, lo: f64, hi: f64) -> Vec<f32> {
-    let seed =
-        ((crc32(name.as_bytes()) as u128 * 2_654_435_761 + 12_345) & u64::MAX as u128) as u64;
-    random(seed, n, 0.0, 1.0)
-        .into_iter()
-        .map(|u| (lo + (hi - lo) * u as f64) as f32)
-        .collect()
-}
 
 /// Query selection is a top-k over scores: near-tied scores swap rows between two
 /// implementations (in fp16/bf16 many do). Each of `want`'s rows is matched, greedily
@@ -136,7 +111,7 @@ pub fn check_model(
             };
             let x = HostTensor::from_f32(
                 vec![1, 3, 640, 640],
-                golden_fill("pixel_values", 3 * 640 * 640, 0.0, 1.0),
+                golden::fill("pixel_values", 3 * 640 * 640, 0.0, 1.0),
             )?;
             Some((
                 x,
@@ -336,13 +311,6 @@ pub fn check_model(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn golden_fill_matches_the_python_generator() {
-        // tools/dfine_golden.py: fill("pixel_values", (3,), 0, 1)
-        let v = golden_fill("pixel_values", 3, 0.0, 1.0);
-        assert_eq!(v, vec![0.148_040_3, 0.423_079_43, 0.054_527_46]);
-    }
 
     #[test]
     fn alignment_undoes_a_row_permutation_within_each_image() {
