@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use aperture_cuda::detection::MultiGraphCache;
 use aperture_cuda::{CudaBackend, CudaTensor, GraphCache};
 use aperture_engine::{Backend, DType, EngineError, HostTensor, NamedTensors, Runner, TensorSpec};
-use aperture_models::dfine::DFineRunner;
-use aperture_models::restormer::{Restormer, RestormerConfig};
+use aperture_models::dfine::{pixel_values_input, DFineRunner};
+use aperture_models::restormer::{single_input, Restormer, RestormerConfig};
 use aperture_models::ModelError;
 use aperture_weights::StateDict;
 
@@ -35,13 +35,6 @@ impl GraphRestormer {
     }
 }
 
-fn engine_error(e: ModelError) -> EngineError {
-    match e {
-        ModelError::Engine(e) => e,
-        other => EngineError::Invalid(other.to_string()),
-    }
-}
-
 impl Runner for GraphRestormer {
     fn architecture(&self) -> &str {
         "restormer"
@@ -66,14 +59,8 @@ impl Runner for GraphRestormer {
     }
 
     fn infer(&self, inputs: &NamedTensors) -> aperture_engine::Result<NamedTensors> {
-        let [(_, x)] = inputs.as_slice() else {
-            return Err(EngineError::Invalid(format!(
-                "Restormer takes exactly one input tensor (NCHW float32), got {}",
-                inputs.len()
-            )));
-        };
-        let forward =
-            |b: &CudaBackend, t: &CudaTensor| self.model.forward(b, t).map_err(engine_error);
+        let x = single_input(inputs)?;
+        let forward = |b: &CudaBackend, t: &CudaTensor| Ok(self.model.forward(b, t)?);
         let y = self.graphs.infer(&self.backend, x, forward)?;
         Ok(vec![("y".to_string(), y)])
     }
@@ -120,9 +107,7 @@ impl GraphDFine {
         let model = self.runner.model();
         let forward =
             |b: &CudaBackend, x: &CudaTensor| -> aperture_engine::Result<Vec<CudaTensor>> {
-                let o = model
-                    .forward(b, x)
-                    .map_err(|e| EngineError::Invalid(e.to_string()))?;
+                let o = model.forward(b, x)?;
                 Ok(vec![o.logits, o.boxes])
             };
         let outs = self.graphs.infer(self.runner.backend(), pixels, forward)?;
@@ -159,15 +144,7 @@ impl Runner for GraphDFine {
     }
 
     fn infer(&self, inputs: &NamedTensors) -> aperture_engine::Result<NamedTensors> {
-        let x = match inputs.iter().find(|(n, _)| n == "pixel_values") {
-            Some((_, t)) => t,
-            None if inputs.len() == 1 => &inputs[0].1,
-            None => {
-                return Err(EngineError::Invalid(
-                    "D-FINE needs an input named 'pixel_values'".into(),
-                ))
-            }
-        };
+        let x = pixel_values_input(inputs)?;
         let (logits, boxes) = self
             .detect(x)
             .map_err(|e| EngineError::Device(format!("{e:#}")))?;

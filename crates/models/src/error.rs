@@ -75,3 +75,14 @@ fn format_issues(model: &str, issues: &[WeightIssue]) -> String {
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// Model errors reaching a [`aperture_engine::Runner`] caller keep their engine kind
+/// (e.g. out of memory); the others become invalid-argument errors with their message.
+impl From<ModelError> for EngineError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::Engine(e) => e,
+            other => EngineError::Invalid(other.to_string()),
+        }
+    }
+}

@@ -9,13 +9,13 @@ use aperture_cuda::{selftest, CudaBackend, CudaTensor, GraphCache};
 use aperture_engine::cpu::CpuBackend;
 use aperture_engine::{relative_l2, Backend, EngineError, HostTensor, Precision};
 use aperture_models::restormer::{load_restormer, random_state_dict, Restormer, RestormerConfig};
-use aperture_models::ModelError;
 use aperture_weights::StateDict;
 use clap::Args;
 
 #[path = "bench_report.rs"]
 mod report;
-use report::{print_profile, print_table, utc_now, Row, Stats};
+pub use report::utc_now;
+use report::{print_profile, print_table, Row, Stats};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -72,13 +72,6 @@ pub struct BenchArgs {
     no_accuracy: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-}
-
-fn engine_err(e: ModelError) -> EngineError {
-    match e {
-        ModelError::Engine(e) => e,
-        other => EngineError::Invalid(other.to_string()),
-    }
 }
 
 fn load_model(args: &BenchArgs) -> anyhow::Result<(String, RestormerConfig, StateDict)> {
@@ -216,7 +209,7 @@ fn bench_cuda(
     for &p in &args.precision {
         let be = CudaBackend::new(args.gpu, p).context("opening the GPU")?;
         let model = Restormer::prepare(&be, cfg.clone(), sd)?;
-        let fwd = |b: &CudaBackend, x: &CudaTensor| model.forward(b, x).map_err(engine_err);
+        let fwd = |b: &CudaBackend, x: &CudaTensor| model.forward(b, x).map_err(EngineError::from);
         let mut rel: Option<f64> = None;
         for &batch in &args.batch {
             let cache = if args.dry_plan {
@@ -349,10 +342,10 @@ fn check(args: &BenchArgs, cfg: &RestormerConfig, sd: &StateDict) -> anyhow::Res
             be.set_poison(false);
             let cache = GraphCache::new();
             let graph = cache.infer(&be, x, |b: &CudaBackend, x: &CudaTensor| {
-                model.forward(b, x).map_err(engine_err)
+                model.forward(b, x).map_err(EngineError::from)
             })?;
             let replay = cache.infer(&be, x, |b: &CudaBackend, x: &CudaTensor| {
-                model.forward(b, x).map_err(engine_err)
+                model.forward(b, x).map_err(EngineError::from)
             })?;
             let short = name
                 .rsplit('/')

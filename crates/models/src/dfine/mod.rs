@@ -36,5 +36,5 @@ pub use decoder::weighting_function;
 pub use encoder::position_embedding;
 pub use model::{anchors, DFine};
 pub use postprocess::{coco_category_id, post_process, Detection, ImageProcessorConfig};
-pub use runner::{load_dfine, load_dfine_runner, DFineRunner, DFineSnapshot};
+pub use runner::{load_dfine, load_dfine_runner, pixel_values_input, DFineRunner, DFineSnapshot};
 pub use weights::{fold_batch_norm, merge_repvgg};

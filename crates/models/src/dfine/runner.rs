@@ -158,22 +158,21 @@ impl<B: Backend> Runner for DFineRunner<B> {
     }
 
     fn infer(&self, inputs: &NamedTensors) -> aperture_engine::Result<NamedTensors> {
-        let x = match inputs.iter().find(|(n, _)| n == "pixel_values") {
-            Some((_, t)) => t,
-            None if inputs.len() == 1 => &inputs[0].1,
-            None => {
-                return Err(EngineError::Invalid(
-                    "D-FINE needs an input named 'pixel_values'".into(),
-                ));
-            }
-        };
-        let (logits, boxes) = self.detect(x).map_err(|e| match e {
-            ModelError::Engine(e) => e,
-            other => EngineError::Invalid(other.to_string()),
-        })?;
+        let (logits, boxes) = self.detect(pixel_values_input(inputs)?)?;
         Ok(vec![
             ("logits".into(), logits),
             ("pred_boxes".into(), boxes),
         ])
+    }
+}
+
+/// The `pixel_values` input, or the only input whatever its name.
+pub fn pixel_values_input(inputs: &NamedTensors) -> aperture_engine::Result<&HostTensor> {
+    match inputs.iter().find(|(n, _)| n == "pixel_values") {
+        Some((_, t)) => Ok(t),
+        None if inputs.len() == 1 => Ok(&inputs[0].1),
+        None => Err(EngineError::Invalid(
+            "D-FINE needs an input named 'pixel_values'".into(),
+        )),
     }
 }

@@ -13,4 +13,4 @@ pub use config::{LayerNormType, RestormerConfig};
 pub use cost::{forward_cost, RestormerCost};
 pub use model::Restormer;
 pub use params::{check_weights, parameter_count, parameter_shapes, random_state_dict};
-pub use runner::{load_restormer, RestormerRunner};
+pub use runner::{load_restormer, single_input, RestormerRunner};

@@ -122,18 +122,19 @@ impl<B: Backend> Runner for RestormerRunner<B> {
         self.max_batch_size
     }
 
-    /// Takes the single image input whatever its name.
     fn infer(&self, inputs: &NamedTensors) -> aperture_engine::Result<NamedTensors> {
-        let [(_, x)] = inputs.as_slice() else {
-            return Err(EngineError::Invalid(format!(
-                "Restormer takes exactly one input tensor (NCHW float32), got {}",
-                inputs.len()
-            )));
-        };
-        let y = self.enhance(x).map_err(|e| match e {
-            ModelError::Engine(e) => e,
-            other => EngineError::Invalid(other.to_string()),
-        })?;
+        let y = self.enhance(single_input(inputs)?)?;
         Ok(vec![("y".to_string(), y)])
+    }
+}
+
+/// Restormer's one image input, whatever its name.
+pub fn single_input(inputs: &NamedTensors) -> aperture_engine::Result<&HostTensor> {
+    match inputs.as_slice() {
+        [(_, x)] => Ok(x),
+        _ => Err(EngineError::Invalid(format!(
+            "Restormer takes exactly one input tensor (NCHW float32), got {}",
+            inputs.len()
+        ))),
     }
 }
