@@ -39,6 +39,8 @@ enum Command {
     Serve(commands::serve::ServeArgs),
     /// Load generator for a running server: concurrency sweep, latency percentiles.
     Loadgen(commands::loadgen::LoadgenArgs),
+    /// Measure every configuration (precision, batch, graphs, peers) with accuracy; write a markdown report with plots.
+    Report(commands::report::ReportArgs),
 }
 
 fn main() {
@@ -60,6 +62,7 @@ fn main() {
         Command::CheckDfine(a) => commands::check_dfine::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::Loadgen(a) => commands::loadgen::run(a),
+        Command::Report(a) => commands::report::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

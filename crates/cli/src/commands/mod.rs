@@ -8,5 +8,6 @@ pub mod enhance;
 pub mod eval;
 pub mod info;
 pub mod loadgen;
+pub mod report;
 pub mod run;
 pub mod serve;
