@@ -30,13 +30,13 @@ struct AccuracySet {
 fn accuracy_set(
     args: &ReportArgs,
     snap: &DFineSnapshot,
-    size: usize,
+    (h, w): (usize, usize),
 ) -> anyhow::Result<AccuracySet> {
     let (Some(gt_path), Some(dir)) = (&args.gt, &args.images) else {
-        let x = images(4, 3, size, size, 7)?;
+        let x = images(4, 3, h, w, 7)?;
         return Ok(AccuracySet {
             pixels: x.split_batch(),
-            sizes: vec![(size as u32, size as u32); 4],
+            sizes: vec![(h as u32, w as u32); 4],
             ids: (0..4).collect(),
             gt: None,
         });
@@ -106,12 +106,14 @@ pub fn sweep(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let snap = load_dfine(model).with_context(|| format!("loading {}", model.display()))?;
-    let size = args
+    let (h, w) = args
         .size
-        .or(snap.processor.size.map(|(h, _)| h as usize))
-        .unwrap_or(640);
+        .map(|s| (s, s))
+        .or(snap.processor.size.map(|(h, w)| (h as usize, w as usize)))
+        .unwrap_or((640, 640));
     let max_q = snap.config.num_queries;
-    let mut queries: Vec<usize> = Vec::new();
+    // The model's own query count always runs: fp32 with it is the accuracy reference.
+    let mut queries: Vec<usize> = vec![max_q];
     for part in args
         .queries
         .split(',')
@@ -131,16 +133,13 @@ pub fn sweep(
             queries.push(q);
         }
     }
-    if queries.is_empty() {
-        queries.push(max_q);
-    }
     queries.sort_unstable_by(|a, b| b.cmp(a));
     let label = model
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    report.model = format!("dfine ({label}) {size}x{size}");
-    let set = accuracy_set(args, &snap, size)?;
+    report.model = format!("dfine ({label}) {h}x{w}");
+    let set = accuracy_set(args, &snap, (h, w))?;
     let classes = snap.config.num_labels;
     let graph_modes: &[bool] = if plan.gpu.is_some() {
         &[true, false]
@@ -177,7 +176,7 @@ pub fn sweep(
                 for &b in &plan.batches {
                     plan.bar
                         .set_message(format!("{p} {q} queries {variant}: batch {b}"));
-                    let x = images(b, 3, size, size, 0)?;
+                    let x = images(b, 3, h, w, 0)?;
                     match wall_times(plan.warmup, plan.iters, || detect(&x).map(|_| ())) {
                         Ok(ms) => {
                             let mut row: Row = row_from_times(
