@@ -95,13 +95,18 @@ def check_plot(out, stem):
 def test_restormer_cpu_report(tmp_path):
     out = tmp_path / "report"
     p = run("report", "--model", RESTORMER, "--device", "cpu", "--precisions", "fp32",
-            "--batches", "1,2", "--size", "16", "--iters", "2", "--warmup", "1", "-o", out)
+            "--batches", "1,2", "--size", "16", "--iters", "2", "--warmup", "1", "--serve-ms", "300", "-o", out)
     assert p.returncode == 0, p.stderr
     readme = (out / "README.md").read_text()
     doc = json.loads((out / "report.json").read_text())
     rows = doc["rows"]
-    assert [(r["engine"], r["precision"], r["batch"]) for r in rows] == [("aperture", "fp32", 1), ("aperture", "fp32", 2)]
-    for r in rows:
+    assert [(r["variant"], r["batch"]) for r in rows] == [
+        ("eager", 1), ("eager", 2), ("served, HTTP", 1), ("served, HTTP", 2)]
+    assert all((r["engine"], r["precision"]) == ("aperture", "fp32") for r in rows)
+    for r in rows[2:]:
+        # Through `aperture serve` on loopback: a round trip per request.
+        assert 0 < r["p50_ms"] <= r["p99_ms"] and r["images_per_s"] > 0
+    for r in rows[:2]:
         assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
         assert math.isclose(r["images_per_s"], r["batch"] / (r["mean_ms"] / 1e3), rel_tol=1e-9)
         # fp32 against itself: identical output.
@@ -119,7 +124,7 @@ def test_restormer_cpu_report(tmp_path):
 def test_dfine_cpu_report_has_query_variants_and_self_consistency(tmp_path):
     out = tmp_path / "report"
     p = run("report", "--model", DFINE, "--device", "cpu", "--batches", "1", "--queries", "300,10",
-            "--iters", "1", "--warmup", "0", "-o", out)
+            "--iters", "1", "--warmup", "0", "--serve-ms", "0", "-o", out)
     assert p.returncode == 0, p.stderr
     doc = json.loads((out / "report.json").read_text())
     variants = [r["variant"] for r in doc["rows"]]

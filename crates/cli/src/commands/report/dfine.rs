@@ -239,6 +239,16 @@ pub fn sweep(
     } else {
         format!("{} seeded random images", set.pixels.len())
     };
+    let shape = vec![3, h as i64, w as i64];
+    super::served::measure(
+        model,
+        "dfine",
+        plan,
+        plan.served_precision(),
+        shape,
+        args.serve_ms,
+        report,
+    );
     report.notes.push(format!(
         "D-FINE accuracy: each variant's detections on {source} scored with aperture_coco against the detections of fp32 with {} queries (score >= {}; the 10 best per image when none reaches it).",
         queries.first().copied().unwrap_or(max_q),

@@ -13,6 +13,7 @@ mod peers;
 mod plot;
 mod png;
 mod roofline;
+mod served;
 mod svg;
 mod sweep;
 
@@ -71,6 +72,10 @@ pub struct ReportArgs {
     /// Skip the PyTorch peers even when torch is importable.
     #[arg(long)]
     pub no_peers: bool,
+    /// Served rows: milliseconds of load per batch size against `aperture serve` started
+    /// on loopback (0: no served rows).
+    #[arg(long, default_value_t = 3000)]
+    pub serve_ms: u64,
     /// Compute ceiling of the roofline chart, TFLOP/s (H100 SXM dense fp16/bf16).
     #[arg(long, default_value_t = 800.0)]
     pub peak_tflops: f64,

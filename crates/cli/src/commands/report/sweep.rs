@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::accuracy::image_error;
 use super::doc::{OpPoint, Profile, Report, Row};
-use super::{dfine, environment, parse_batches, parse_precisions, peers, ReportArgs};
+use super::{dfine, environment, parse_batches, parse_precisions, peers, served, ReportArgs};
 
 /// What every model sweep needs.
 pub struct Plan {
@@ -24,6 +24,18 @@ pub struct Plan {
     pub iters: usize,
     pub warmup: usize,
     pub bar: ProgressBar,
+}
+
+impl Plan {
+    /// The precision the served rows use: fp16 on the GPU when swept, else the last
+    /// swept precision; fp32 on the CPU.
+    pub fn served_precision(&self) -> Precision {
+        match self.gpu {
+            None => Precision::Fp32,
+            Some(_) if self.precisions.contains(&Precision::Fp16) => Precision::Fp16,
+            Some(_) => self.precisions.last().copied().unwrap_or(Precision::Fp32),
+        }
+    }
 }
 
 /// Latency statistics over `ms` (nearest-rank percentiles, as `aperture bench`).
@@ -175,11 +187,6 @@ pub fn measure(args: &ReportArgs) -> anyhow::Result<Report> {
         Architecture::DFine => dfine::sweep(args, model, &plan, &mut report)?,
     }
     plan.bar.finish_and_clear();
-    report.notes.push(
-        "Served vs in-process: not measured by this command yet; `aperture serve` + \
-`aperture loadgen` measure the server separately (docs/server.md)."
-            .into(),
-    );
     Ok(report)
 }
 
@@ -206,6 +213,16 @@ fn restormer(
             }
         }
     }
+    let shape = vec![cfg.inp_channels as i64, size as i64, size as i64];
+    served::measure(
+        model,
+        "restormer",
+        plan,
+        plan.served_precision(),
+        shape,
+        args.serve_ms,
+        report,
+    );
     Ok(())
 }
 
