@@ -247,7 +247,8 @@ impl Report {
         })
     }
 
-    /// Appends another document's rows and profiles; device and model must agree.
+    /// Appends another document's rows and profiles; the device must agree (a note
+    /// records a different model description).
     pub fn merge(&mut self, other: Report, at: &str) -> anyhow::Result<()> {
         if other.device != self.device {
             bail!(
@@ -255,6 +256,12 @@ impl Report {
                 other.device,
                 self.device
             );
+        }
+        if other.model != self.model {
+            self.notes.push(format!(
+                "{at} describes its model as '{}' (the first file: '{}').",
+                other.model, self.model
+            ));
         }
         self.rows.extend(other.rows);
         self.profiles.extend(other.profiles);
