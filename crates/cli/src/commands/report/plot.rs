@@ -221,9 +221,9 @@ pub struct Chart {
 }
 
 const LEFT: f64 = 100.0;
-const TOP: f64 = 70.0;
+const TOP: f64 = 85.0;
 const PLOT_W: f64 = 720.0;
-const PLOT_H: f64 = 440.0;
+const PLOT_H: f64 = 425.0;
 const BOTTOM: f64 = 90.0;
 const LEGEND_GAP: f64 = 30.0;
 
@@ -255,7 +255,7 @@ impl Chart {
     pub fn draw(&self, s: &mut dyn Surface) {
         let (x0, x1, y0, y1) = (LEFT, LEFT + PLOT_W, TOP, TOP + PLOT_H);
         s.text(
-            (LEFT, TOP / 2.0 - 6.0),
+            (LEFT, 28.0),
             &self.title,
             TextSize::Title,
             Anchor::Start,
@@ -299,7 +299,7 @@ impl Chart {
             BLACK,
         );
         s.text(
-            (x0 - 8.0, y0 - 16.0),
+            (x0 - 8.0, y0 - 20.0),
             &self.y.label,
             TextSize::Normal,
             Anchor::Start,
