@@ -5,6 +5,7 @@ a message that says what to fix."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -171,3 +172,12 @@ def test_bad_input_is_reported(tmp_path, args, message):
     assert p.returncode != 0
     assert message in p.stderr, p.stderr
     assert "panicked" not in p.stderr
+
+
+def test_cuda_without_a_gpu_says_so(tmp_path):
+    if shutil.which("nvidia-smi"):
+        pytest.skip("a GPU driver is present")
+    p = run("report", "--model", RESTORMER, "--device", "cuda", "-o", tmp_path / "out")
+    assert p.returncode != 0
+    assert "--device cuda:" in p.stderr and "panicked" not in p.stderr
+    assert not (tmp_path / "out" / "README.md").exists()
