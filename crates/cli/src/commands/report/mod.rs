@@ -182,9 +182,10 @@ fn from_files(files: &[PathBuf], logs: &[PathBuf]) -> anyhow::Result<Report> {
         "re-measure".into(),
         "`tools/gpu-check.sh` on the GPU machine (writes bench/results/<gpu>-restormer.json), then this command".into(),
     ));
-    report
-        .header
-        .push(("aperture".into(), env!("CARGO_PKG_VERSION").into()));
+    report.header.push((
+        "rendered by".into(),
+        format!("aperture {}", env!("CARGO_PKG_VERSION")),
+    ));
     report.header.push((
         "command".into(),
         format!("`{}`", environment::command_line()),
