@@ -232,6 +232,65 @@ extern "C" __global__ void dwconv3x3(const T* __restrict__ x, T* __restrict__ y,
     }
 }
 
+// Depthwise 3x3 (stride 1, pad 1) on C = 2*Ch channels fused with the GELU gate:
+// out[..., i] = gelu(dw(x)[i]) * dw(x)[Ch + i]. Each thread holds two channel pairs (one
+// in each half) over DW_XT columns, so the C-wide convolution output never reaches
+// memory. Requires Ch even.
+extern "C" __global__ void dwconv3x3_gate(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
+                                          const float* __restrict__ bias, int H, int W, int C) {
+    int row = blockIdx.y;
+    int oy = row % H;
+    int Ch = C >> 1;
+    int pairs = Ch >> 1;
+    int groups = (W + DW_XT - 1) / DW_XT;
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= groups * pairs) return;
+    int g = t / pairs;
+    int c = (t - g * pairs) * 2;
+    int x0 = g * DW_XT;
+    const T* img = x + (i64)(row - oy) * W * C;
+    float2 ba = bias ? make_float2(bias[c], bias[c + 1]) : make_float2(0.0f, 0.0f);
+    float2 bb = bias ? make_float2(bias[Ch + c], bias[Ch + c + 1]) : make_float2(0.0f, 0.0f);
+    float2 acc_a[DW_XT], acc_b[DW_XT];
+#pragma unroll
+    for (int j = 0; j < DW_XT; j++) {
+        acc_a[j] = ba;
+        acc_b[j] = bb;
+    }
+#pragma unroll
+    for (int ky = 0; ky < 3; ky++) {
+        int iy = oy + ky - 1;
+        if (iy < 0 || iy >= H) continue;
+        const T* xr = img + (i64)iy * W * C + c;
+        float2 in_a[DW_XT + 2], in_b[DW_XT + 2];
+#pragma unroll
+        for (int k = 0; k < DW_XT + 2; k++) {
+            int ix = x0 - 1 + k;
+            bool inside = ix >= 0 && ix < W;
+            in_a[k] = inside ? ld2(xr + ix * C) : make_float2(0.0f, 0.0f);
+            in_b[k] = inside ? ld2(xr + ix * C + Ch) : make_float2(0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int kx = 0; kx < 3; kx++) {
+            float2 wa = *reinterpret_cast<const float2*>(w + (ky * 3 + kx) * C + c);
+            float2 wb = *reinterpret_cast<const float2*>(w + (ky * 3 + kx) * C + Ch + c);
+#pragma unroll
+            for (int j = 0; j < DW_XT; j++) {
+                acc_a[j].x += in_a[j + kx].x * wa.x;
+                acc_a[j].y += in_a[j + kx].y * wa.y;
+                acc_b[j].x += in_b[j + kx].x * wb.x;
+                acc_b[j].y += in_b[j + kx].y * wb.y;
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < DW_XT; j++) {
+        if (x0 + j >= W) break;
+        float2 o = make_float2(gelu_f(acc_a[j].x) * acc_b[j].x, gelu_f(acc_a[j].y) * acc_b[j].y);
+        st2(y + ((i64)row * W + x0 + j) * Ch + c, o);
+    }
+}
+
 // im2col with one output row per blockIdx.y (n*OH + oy) and 32-bit index math.
 extern "C" __global__ void im2col_rows(const T* __restrict__ x, T* __restrict__ col, int H, int W, int C, int OH,
                                        int OW, int KH, int KW, int stride, int pad, int Kp) {

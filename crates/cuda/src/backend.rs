@@ -391,6 +391,13 @@ impl Backend for CudaBackend {
         crate::conv::conv2d(self, x, conv.conv()?, act, residual)
     }
 
+    fn depthwise_gelu_gate(&self, x: &CudaTensor, conv: &CudaParam) -> Result<CudaTensor> {
+        match crate::conv::depthwise_gelu_gate(self, x, conv.conv()?)? {
+            Some(out) => Ok(out),
+            None => self.gelu_gate(&self.conv2d(x, conv, Activation::Identity, None)?),
+        }
+    }
+
     fn layer_norm(
         &self,
         x: &CudaTensor,

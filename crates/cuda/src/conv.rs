@@ -184,6 +184,57 @@ fn out_size(w: &ConvWeights, h: usize, wd: usize) -> Result<(usize, usize)> {
     ))
 }
 
+/// `gelu_gate(depthwise 3x3(x))` as one kernel that never writes the convolution's
+/// 2x wider output; `None` when the convolution is not a 3x3, stride-1, pad-1
+/// depthwise one over a multiple of 4 channels (two channel pairs per thread).
+pub(crate) fn depthwise_gelu_gate(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    w: &ConvWeights,
+) -> Result<Option<CudaTensor>> {
+    let [n, h, wd, c] = x.dims;
+    let fits = w.depthwise
+        && w.c_in == c
+        && w.kh == 3
+        && w.kw == 3
+        && w.spec.stride == 1
+        && w.spec.padding == 1
+        && c % 4 == 0
+        && n * h <= 65_535;
+    if !fits {
+        return Ok(None);
+    }
+    let half = c / 2;
+    let pixels = n * h * wd;
+    let flops = (18 * pixels * c + 10 * pixels * half) as f64;
+    let bytes = ((x.numel() + pixels * half) * be.esize()) as f64;
+    be.profiler
+        .op(be, "dwconv_gelu_gate", flops, bytes, || {
+            let out = be.alloc_tensor([n, h, wd, half])?;
+            let args = [
+                Arg::Ptr(x.ptr()),
+                Arg::Ptr(out.ptr()),
+                Arg::Ptr(w.weight.ptr()),
+                Arg::Ptr(w.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
+                Arg::I32(h as i32),
+                Arg::I32(wd as i32),
+                Arg::I32(c as i32),
+            ];
+            // Four columns and two channel pairs per thread (DW_XT in ops.cu).
+            let per_row = (wd.div_ceil(4) * half / 2).div_ceil(256) as u32;
+            be.kernels.launch(
+                &be.ctx,
+                "dwconv3x3_gate",
+                (per_row, (n * h) as u32, 1),
+                256,
+                0,
+                &args,
+            )?;
+            Ok(out)
+        })
+        .map(Some)
+}
+
 pub(crate) fn conv2d(
     be: &CudaBackend,
     x: &CudaTensor,

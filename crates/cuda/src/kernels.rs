@@ -20,6 +20,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "layer_norm2",
     "dwconv",
     "dwconv3x3",
+    "dwconv3x3_gate",
     "im2col",
     "im2col_rows",
     "act_residual",

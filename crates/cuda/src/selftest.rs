@@ -76,6 +76,11 @@ enum Op {
         b: Option<HostTensor>,
     },
     GeluGate,
+    /// Depthwise 3x3 (stride 1, pad 1) then the GELU gate, as one call.
+    DepthwiseGate {
+        w: HostTensor,
+        b: Option<HostTensor>,
+    },
     Attention {
         heads: usize,
         temp: HostTensor,
@@ -122,6 +127,11 @@ fn run<B: Backend>(be: &B, op: &Op, xs: &[HostTensor]) -> Result<HostTensor> {
             be.layer_norm(first()?, &wp, bp.as_ref(), 1e-5)?
         }
         Op::GeluGate => be.gelu_gate(first()?)?,
+        Op::DepthwiseGate { w, b } => {
+            let c = w.shape()[0];
+            let p = be.prepare_conv(w, b.as_ref(), ConvSpec::depthwise(c, 3))?;
+            be.depthwise_gelu_gate(first()?, &p)?
+        }
         Op::Attention {
             heads,
             temp,
@@ -306,6 +316,16 @@ pub fn op_parity(gpu: &CudaBackend, seed: u64) -> Result<Vec<ParityRow>> {
         Op::GeluGate,
         vec![rng.tensor(vec![n, 254, h, w], 2.0)],
     ));
+    for (c, bias) in [(256usize, true), (96, false)] {
+        cases.push((
+            format!("depthwise3x3 + gelu_gate {c}->{}", c / 2),
+            Op::DepthwiseGate {
+                w: rng.tensor(vec![c, 1, 3, 3], 0.5),
+                b: bias.then(|| rng.tensor(vec![c], 0.2)),
+            },
+            vec![rng.tensor(vec![n, c, h, w], 2.0)],
+        ));
+    }
     for (c, heads, hh, ww, bias) in [
         (48usize, 1usize, 12usize, 20usize, false),
         (96, 2, 64, 72, true),

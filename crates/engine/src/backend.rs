@@ -102,6 +102,13 @@ pub trait Backend: Send + Sync {
     /// Splits channels into halves `a | b` and returns `gelu(a) * b` (Restormer's GDFN gate).
     fn gelu_gate(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
 
+    /// `gelu_gate(conv2d(x, conv))` for a depthwise convolution: GPU backends run it as
+    /// one kernel that never writes the 2x wider convolution output.
+    fn depthwise_gelu_gate(&self, x: &Self::Tensor, conv: &Self::Param) -> Result<Self::Tensor> {
+        let hidden = self.conv2d(x, conv, Activation::Identity, None)?;
+        self.gelu_gate(&hidden)
+    }
+
     /// Restormer's MDTA from the depthwise-convolved `qkv` (3C channels): per head,
     /// `softmax(normalize(q) normalize(k)^T * temperature) v` over H*W, followed by the
     /// 1x1 `project_out` convolution and the optional residual.

@@ -274,8 +274,7 @@ impl<B: Backend> Restormer<B> {
         )?;
         let n2 = b.layer_norm(&x, &blk.norm2.weight, blk.norm2.bias.as_ref(), LN_EPS)?;
         let hidden = b.conv2d(&n2, &blk.project_in, none, None)?;
-        let hidden = b.conv2d(&hidden, &blk.ffn_dwconv, none, None)?;
-        let gated = b.gelu_gate(&hidden)?;
+        let gated = b.depthwise_gelu_gate(&hidden, &blk.ffn_dwconv)?;
         Ok(b.conv2d(&gated, &blk.ffn_project_out, none, Some(&x))?)
     }
 }
