@@ -2,7 +2,7 @@
 //! plus a product (in image chunks to bound the patch buffer), depthwise by a kernel
 //! with bias, activation and residual fused.
 
-use aperture_engine::backend::{Activation, ConvSpec};
+use aperture_engine::backend::{Activation, ConvShape, ConvSpec};
 use aperture_engine::{EngineError, HostTensor, Result};
 
 use crate::backend::{ConvWeights, CudaBackend, CudaTensor};
@@ -27,28 +27,13 @@ pub(crate) fn prepare(
     bias: Option<&HostTensor>,
     spec: ConvSpec,
 ) -> Result<ConvWeights> {
-    let s = weight.shape();
-    if s.len() != 4 {
-        return Err(EngineError::Shape(format!(
-            "convolution weight must be OIHW (4-D), got {s:?}"
-        )));
-    }
-    let (c_out, cig, kh, kw) = (s[0], s[1], s[2], s[3]);
-    if spec.groups == 0 || spec.stride == 0 || c_out % spec.groups != 0 {
-        return Err(EngineError::Invalid(format!(
-            "convolution with {c_out} outputs cannot use groups={} stride={}",
-            spec.groups, spec.stride
-        )));
-    }
-    let c_in = cig * spec.groups;
-    if let Some(b) = bias {
-        if b.numel() != c_out {
-            return Err(EngineError::Shape(format!(
-                "convolution bias has {} elements, expected {c_out}",
-                b.numel()
-            )));
-        }
-    }
+    let ConvShape {
+        c_out,
+        c_in,
+        kh,
+        kw,
+    } = ConvShape::of(weight, bias, spec)?;
+    let cig = c_in / spec.groups;
     let w = weight.to_f32_vec();
     let bias_f32 = bias.map(|b| b.to_f32_vec());
     if spec.groups == 1 {

@@ -36,6 +36,47 @@ impl ConvSpec {
     }
 }
 
+/// The sizes of a convolution, read off its OIHW weight and checked against its
+/// geometry and bias (shared by every backend's `prepare_conv`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    pub c_out: usize,
+    pub c_in: usize,
+    pub kh: usize,
+    pub kw: usize,
+}
+
+impl ConvShape {
+    pub fn of(weight: &HostTensor, bias: Option<&HostTensor>, spec: ConvSpec) -> Result<Self> {
+        let s = weight.shape();
+        let &[c_out, cig, kh, kw] = s else {
+            return Err(EngineError::Shape(format!(
+                "convolution weight must be OIHW (4-D), got {s:?}"
+            )));
+        };
+        if spec.groups == 0 || spec.stride == 0 || c_out % spec.groups != 0 {
+            return Err(EngineError::Invalid(format!(
+                "convolution with {c_out} outputs cannot use groups={} stride={}",
+                spec.groups, spec.stride
+            )));
+        }
+        if let Some(b) = bias {
+            if b.numel() != c_out {
+                return Err(EngineError::Shape(format!(
+                    "convolution bias has {} elements, expected {c_out}",
+                    b.numel()
+                )));
+            }
+        }
+        Ok(Self {
+            c_out,
+            c_in: cig * spec.groups,
+            kh,
+            kw,
+        })
+    }
+}
+
 /// Element-wise activation applied in a kernel's epilogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Activation {

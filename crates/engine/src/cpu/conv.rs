@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::gemm::{matmul, matmul_serial};
 use super::{apply_activation, CpuTensor};
-use crate::backend::{Activation, ConvSpec};
+use crate::backend::{Activation, ConvShape, ConvSpec};
 use crate::error::{EngineError, Result};
 use crate::tensor::HostTensor;
 
@@ -28,20 +28,13 @@ impl CpuConv {
         bias: Option<&HostTensor>,
         spec: ConvSpec,
     ) -> Result<Self> {
-        let s = weight.shape();
-        if s.len() != 4 {
-            return Err(EngineError::Shape(format!(
-                "convolution weight must be OIHW (4-D), got {s:?}"
-            )));
-        }
-        let (c_out, cig, kh, kw) = (s[0], s[1], s[2], s[3]);
-        if spec.groups == 0 || spec.stride == 0 || c_out % spec.groups != 0 {
-            return Err(EngineError::Invalid(format!(
-                "convolution with {c_out} outputs cannot use groups={} stride={}",
-                spec.groups, spec.stride
-            )));
-        }
-        let c_in = cig * spec.groups;
+        let ConvShape {
+            c_out,
+            c_in,
+            kh,
+            kw,
+        } = ConvShape::of(weight, bias, spec)?;
+        let cig = c_in / spec.groups;
         let w = weight.to_f32_vec();
         let weight = if spec.groups == 1 {
             let mut out = vec![0.0; w.len()];
@@ -70,16 +63,7 @@ impl CpuConv {
             }
             out
         };
-        let bias = match bias {
-            Some(b) if b.numel() != c_out => {
-                return Err(EngineError::Shape(format!(
-                    "convolution bias has {} elements, expected {c_out}",
-                    b.numel()
-                )))
-            }
-            Some(b) => Some(b.to_f32_vec()),
-            None => None,
-        };
+        let bias = bias.map(HostTensor::to_f32_vec);
         Ok(Self {
             spec,
             c_in,
