@@ -250,7 +250,7 @@ pub fn sweep(
         report,
     );
     report.notes.push(format!(
-        "D-FINE accuracy: each variant's detections on {source} scored with aperture_coco against the detections of fp32 with {} queries (score >= {}; the 10 best per image when none reaches it).",
+        "D-FINE accuracy: each variant's detections on {source} scored with aperture_coco against the detections of fp32 with {} queries (score >= {}, at most the 100 best per image as COCO scores at most 100; the 10 best per image when none reaches it; boxes of non-positive width or height, which untrained weights produce, left out on both sides).",
         queries.first().copied().unwrap_or(max_q),
         super::accuracy::CONSISTENCY_SCORE
     ));
