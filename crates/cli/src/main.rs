@@ -3,6 +3,7 @@
 mod commands;
 mod device;
 mod gpu_runner;
+mod nvml;
 
 use clap::{Parser, Subcommand};
 

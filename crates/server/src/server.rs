@@ -267,10 +267,14 @@ pub async fn shutdown_signal() {
 }
 
 /// Runs the server on a new multi-threaded runtime until SIGTERM / ctrl-c (for the CLI).
-pub fn run_until_signal(options: ServeOptions, repository: Repository) -> std::io::Result<()> {
+pub fn run_until_signal(
+    options: ServeOptions,
+    repository: Repository,
+    gpu: Option<Arc<dyn GpuMetrics>>,
+) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("aperture-serve")
         .build()?;
-    rt.block_on(Server::new(options, repository).run(shutdown_signal()))
+    rt.block_on(Server::with_gpu_metrics(options, repository, gpu).run(shutdown_signal()))
 }

@@ -9,8 +9,8 @@ use anyhow::{bail, Context};
 use aperture_engine::{HostTensor, NamedTensors, Precision, TensorSpec};
 use aperture_models::dfine::{coco_category_id, post_process};
 use aperture_server::{
-    ArchitectureRegistry, BuildError, ImageAdapter, ModelConfig, ModelContext, ModelSource,
-    PlanarImageAdapter, Repository, ServeOptions,
+    ArchitectureRegistry, BuildError, GpuMetrics, ImageAdapter, ModelConfig, ModelContext,
+    ModelSource, PlanarImageAdapter, Repository, ServeOptions,
 };
 use aperture_vision::{pil_bilinear, to_nchw_f32, DecodedImage, HF_RESCALE_FACTOR};
 use clap::Args;
@@ -217,7 +217,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         addr(args.grpc_port),
         addr(args.metrics_port)
     );
-    aperture_server::run_until_signal(options, repo).context("server failed")
+    let gpu_metrics = crate::nvml::Nvml::open().map(|n| Arc::new(n) as Arc<dyn GpuMetrics>);
+    aperture_server::run_until_signal(options, repo, gpu_metrics).context("server failed")
 }
 
 /// `--model PATH`: a model folder, a weights file, or a built-in architecture name.
