@@ -26,6 +26,24 @@ impl Architecture {
 /// Reads `config.json` (beside a weights file, or inside a folder) for an
 /// `architecture` / `architectures` / `model_type` entry; without one, recognises
 /// Restormer by its parameter names.
+/// The architecture names a `config.json` gives (`architecture`, `model_type`,
+/// `architectures`), lower-cased.
+pub(crate) fn named_architectures(v: &serde_json::Value) -> Vec<String> {
+    let mut names: Vec<String> = ["architecture", "model_type"]
+        .iter()
+        .filter_map(|key| v.get(*key).and_then(|a| a.as_str()))
+        .map(str::to_ascii_lowercase)
+        .collect();
+    if let Some(list) = v.get("architectures").and_then(|a| a.as_array()) {
+        names.extend(
+            list.iter()
+                .filter_map(|a| a.as_str())
+                .map(str::to_ascii_lowercase),
+        );
+    }
+    names
+}
+
 pub fn detect_architecture(path: &Path) -> Result<Architecture> {
     let dir = if path.is_dir() {
         path
@@ -36,19 +54,7 @@ pub fn detect_architecture(path: &Path) -> Result<Architecture> {
     if let Ok(text) = std::fs::read_to_string(&config) {
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| ModelError::Config(format!("{}: {e}", config.display())))?;
-        let mut names: Vec<String> = Vec::new();
-        for key in ["architecture", "model_type"] {
-            if let Some(s) = v.get(key).and_then(|a| a.as_str()) {
-                names.push(s.to_ascii_lowercase());
-            }
-        }
-        if let Some(list) = v.get("architectures").and_then(|a| a.as_array()) {
-            names.extend(
-                list.iter()
-                    .filter_map(|a| a.as_str())
-                    .map(str::to_ascii_lowercase),
-            );
-        }
+        let names = named_architectures(&v);
         if names.iter().any(|n| n.contains("restormer")) {
             return Ok(Architecture::Restormer);
         }

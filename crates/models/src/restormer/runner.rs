@@ -37,26 +37,15 @@ pub fn load_restormer(path: &Path) -> Result<(RestormerConfig, StateDict)> {
 fn check_architecture(text: &str, path: &Path) -> Result<()> {
     let v: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))?;
-    let named = v
-        .get("architecture")
-        .and_then(|a| a.as_str())
-        .map(str::to_string)
-        .or_else(|| {
-            v.get("architectures")?
-                .as_array()?
-                .first()?
-                .as_str()
-                .map(str::to_string)
-        });
-    match named {
-        Some(a) if !a.to_ascii_lowercase().contains("restormer") => {
-            Err(ModelError::Config(format!(
-                "{} describes a '{a}' model, not a Restormer",
-                path.display()
-            )))
-        }
-        _ => Ok(()),
+    let names = crate::registry::named_architectures(&v);
+    if names.is_empty() || names.iter().any(|n| n.contains("restormer")) {
+        return Ok(());
     }
+    Err(ModelError::Config(format!(
+        "{} describes a '{}' model, not a Restormer",
+        path.display(),
+        names.join(", ")
+    )))
 }
 
 /// A Restormer prepared on a backend, answering batched NCHW requests.
