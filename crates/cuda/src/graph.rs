@@ -145,6 +145,15 @@ struct Entry {
     pinned_in: Pinned,
     pinned_out: Pinned,
     out_shape: Vec<usize>,
+    arena: ArenaSize,
+}
+
+/// The planned activation block of one graph, and the lower bound it is measured
+/// against (the most bytes alive at once in the recorded pass).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArenaSize {
+    pub planned: usize,
+    pub live_peak: usize,
 }
 
 /// Graphs captured per input shape for one model on one backend. `infer` runs the
@@ -234,7 +243,12 @@ impl GraphCache {
         let events = be.pool.record(false);
         let out_dims = eager?;
         be.trim_memory()?;
-        let arena = be.pool.planned_arena(crate::plan::plan(&events))?;
+        let plan = crate::plan::plan(&events);
+        let arena_size = ArenaSize {
+            planned: plan.total,
+            live_peak: plan.live_peak,
+        };
+        let arena = be.pool.planned_arena(plan)?;
         let [on, oh, ow, oc] = out_dims;
         let out_numel = on * oh * ow * oc;
         let staging_out = be.pool.alloc(out_numel * 4)?;
@@ -250,9 +264,16 @@ impl GraphCache {
             pinned_in: Pinned::new(numel)?,
             pinned_out: Pinned::new(out_numel)?,
             out_shape: vec![on, oc, oh, ow],
+            arena: arena_size,
         };
         entries.insert(shape.to_vec(), entry);
         Ok(())
+    }
+
+    /// The activation block planned for `shape`, once its graph is captured.
+    pub fn arena_size(&self, shape: &[usize]) -> Option<ArenaSize> {
+        let entries = self.entries.lock().ok()?;
+        entries.get(shape).map(|e| e.arena)
     }
 
     /// Enqueues one replay for `shape` without copies (for timing the device work).

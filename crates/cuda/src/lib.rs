@@ -32,7 +32,7 @@ pub mod selftest;
 pub use backend::{ConvWeights, CudaBackend, CudaParam, CudaTensor};
 pub use driver::{device_count, Event};
 pub use error::{CudaError, CudaResult};
-pub use graph::{CudaGraph, GraphCache};
+pub use graph::{ArenaSize, CudaGraph, GraphCache};
 pub use pool::{DeviceBuffer, MemStats};
 pub use profile::{OpStat, Profiler};
 

@@ -245,6 +245,14 @@ fn bench_cuda(
                 Ok((Stats::of(&ms), r))
             })();
             let peak = be.memory().peak_reserved() as f64 / (1u64 << 30) as f64;
+            if let Some(a) = cache.arena_size(x.shape()) {
+                let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+                eprintln!(
+                    "{p} batch {batch}: activation block {:.2} GiB (live-set bound {:.2} GiB), peak held {peak:.2} GiB",
+                    gib(a.planned),
+                    gib(a.live_peak)
+                );
+            }
             match result {
                 Ok((stats, r)) => {
                     rel = r;
