@@ -72,6 +72,22 @@ struct Key {
     tf32: bool,
 }
 
+/// cuBLASLt's ranked algorithms timed per new problem shape.
+const CANDIDATES: usize = 8;
+/// Timed runs per candidate (after one untimed run).
+const TUNING_RUNS: usize = 3;
+
+/// Whether `stream` is recording a graph (then nothing may be timed on it).
+fn capturing(stream: sys::cudaStream_t) -> bool {
+    use cudarc::driver::sys as drv;
+    let mut status = drv::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    // SAFETY: queries a live stream; writes one status value.
+    let r = unsafe { drv::cuStreamIsCapturing(stream as drv::CUstream, &mut status) };
+    // When the query fails, assume a capture: tuning is only an optimisation.
+    r != drv::CUresult::CUDA_SUCCESS
+        || status != drv::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+}
+
 /// Largest power of two (up to 256) dividing the address: cuBLASLt picks kernels by it.
 fn alignment(ptr: u64) -> u32 {
     if ptr == 0 {
@@ -131,7 +147,7 @@ impl Gemm {
         })
     }
 
-    fn plan(&self, call: &GemmCall) -> CudaResult<Plan> {
+    fn plan(&self, call: &GemmCall, stream: sys::cudaStream_t) -> CudaResult<Plan> {
         use sys::cublasLtMatmulDescAttributes_t as A;
         let compute = match (call.a.elem, call.tf32) {
             (Elem::F32, true) => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
@@ -203,17 +219,171 @@ impl Gemm {
                     4,
                 )?;
             }
-            let heur = result::get_matmul_algo_heuristic(self.handle, desc, la, lb, lc, ld, pref);
+            let mut found = [std::mem::zeroed::<sys::cublasLtMatmulHeuristicResult_t>();
+                CANDIDATES];
+            let mut count = 0i32;
+            let status = sys::cublasLtMatmulAlgoGetHeuristic(
+                self.handle,
+                desc,
+                la,
+                lb,
+                lc,
+                ld,
+                pref,
+                CANDIDATES as i32,
+                found.as_mut_ptr(),
+                &mut count,
+            );
             let _ = result::destroy_matmul_pref(pref);
-            let heur = heur.map_err(|e| {
-                CudaError::Blas(format!("no cuBLASLt algorithm for {call:?}: {e:?}"))
-            })?;
-            Ok(Plan {
+            if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || count < 1 {
+                return Err(CudaError::Blas(format!(
+                    "no cuBLASLt algorithm for {call:?}: {status:?}"
+                )));
+            }
+            let candidates: Vec<sys::cublasLtMatmulAlgo_t> = found[..count as usize]
+                .iter()
+                .filter(|h| h.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+                .map(|h| h.algo)
+                .collect();
+            let Some(&first) = candidates.first() else {
+                return Err(CudaError::Blas(format!(
+                    "no usable cuBLASLt algorithm for {call:?}"
+                )));
+            };
+            let mut plan = Plan {
                 desc,
                 layouts: [la, lb, lc, ld],
-                algo: heur.algo,
-            })
+                algo: first,
+            };
+            // Time the candidates on the real operands; never inside a capture, where
+            // nothing runs and events cannot be waited on.
+            if candidates.len() > 1 && !capturing(stream) {
+                if let Ok(best) = self.fastest(&plan, call, &candidates, stream) {
+                    plan.algo = best;
+                }
+            }
+            Ok(plan)
         }
+    }
+
+    /// The candidate with the lowest median time over a few runs into a scratch output
+    /// (the real one may be read as C, so it must not be written while tuning).
+    fn fastest(
+        &self,
+        plan: &Plan,
+        call: &GemmCall,
+        candidates: &[sys::cublasLtMatmulAlgo_t],
+        stream: sys::cudaStream_t,
+    ) -> CudaResult<sys::cublasLtMatmulAlgo_t> {
+        use cudarc::driver::result as drv;
+        let d = &call.d;
+        let batches = call.batch.max(1) as u64;
+        let elems = d.ld as u64 * d.cols + d.stride.max(0) as u64 * (batches - 1);
+        let bytes = (elems as usize * d.elem.size()).max(256);
+        // SAFETY: scratch device memory, freed below after the stream is idle.
+        let scratch = unsafe { drv::malloc_sync(bytes) }
+            .map_err(|e| CudaError::Blas(format!("tuning scratch: {e:?}")))?;
+        let cu_stream = stream as cudarc::driver::sys::CUstream;
+        let events = (
+            drv::event::create(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT),
+            drv::event::create(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT),
+        );
+        let outcome = match events {
+            (Ok(start), Ok(end)) => {
+                let mut best: Option<(f32, sys::cublasLtMatmulAlgo_t)> = None;
+                for algo in candidates {
+                    let mut times = Vec::with_capacity(TUNING_RUNS);
+                    // One untimed run, then the timed ones; a failing candidate is skipped.
+                    let ok = (0..=TUNING_RUNS).all(|i| {
+                        // SAFETY: events, stream and scratch are alive; operands as in run().
+                        unsafe {
+                            let launched = drv::event::record(start, cu_stream).is_ok()
+                                && self.launch(plan, call, algo, scratch, stream).is_ok()
+                                && drv::event::record(end, cu_stream).is_ok()
+                                && drv::event::synchronize(end).is_ok();
+                            if launched && i > 0 {
+                                if let Ok(ms) = drv::event::elapsed(start, end) {
+                                    times.push(ms);
+                                }
+                            }
+                            launched
+                        }
+                    });
+                    if !ok || times.is_empty() {
+                        continue;
+                    }
+                    times.sort_by(f32::total_cmp);
+                    let median = times[times.len() / 2];
+                    if best.is_none_or(|(t, _)| median < t) {
+                        best = Some((median, *algo));
+                    }
+                }
+                best.map(|(_, a)| a)
+            }
+            _ => None,
+        };
+        // SAFETY: created above (when Ok) and destroyed once; the stream is idle after
+        // the last synchronised event, so the scratch block is free to go.
+        unsafe {
+            if let Ok(e) = events.0 {
+                let _ = drv::event::destroy(e);
+            }
+            if let Ok(e) = events.1 {
+                let _ = drv::event::destroy(e);
+            }
+            let _ = drv::stream::synchronize(cu_stream);
+            let _ = drv::free_sync(scratch);
+        }
+        outcome.ok_or_else(|| CudaError::Blas("no candidate ran".into()))
+    }
+
+    /// Enqueues the product with `algo`, writing D (and reading C) at `d_ptr`.
+    ///
+    /// # Safety
+    /// The operands of `call` and `d_ptr` must be live device allocations large enough
+    /// for the plan's layouts until the stream passes this launch.
+    unsafe fn launch(
+        &self,
+        plan: &Plan,
+        call: &GemmCall,
+        algo: &sys::cublasLtMatmulAlgo_t,
+        d_ptr: u64,
+        stream: sys::cudaStream_t,
+    ) -> CudaResult<()> {
+        let alpha = 1.0f32;
+        let beta = if call.c.is_some() { 1.0f32 } else { 0.0f32 };
+        let c = if d_ptr == call.d.ptr {
+            call.c.unwrap_or(d_ptr)
+        } else {
+            d_ptr
+        };
+        if let Some(bias) = call.bias {
+            result::set_matmul_desc_attribute(
+                plan.desc,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                &bias as *const u64 as *const c_void,
+                8,
+            )?;
+        }
+        result::matmul(
+            self.handle,
+            plan.desc,
+            &alpha as *const f32 as *const c_void,
+            &beta as *const f32 as *const c_void,
+            call.a.ptr as *const c_void,
+            plan.layouts[0],
+            call.b.ptr as *const c_void,
+            plan.layouts[1],
+            c as *const c_void,
+            plan.layouts[2],
+            d_ptr as *mut c_void,
+            plan.layouts[3],
+            algo,
+            self.workspace as *mut c_void,
+            self.workspace_size,
+            stream,
+        )?;
+        Ok(())
     }
 
     pub(crate) fn run(&self, call: &GemmCall, stream: sys::cudaStream_t) -> CudaResult<()> {
@@ -254,48 +424,14 @@ impl Gemm {
             .lock()
             .map_err(|_| CudaError::Blas("plan cache poisoned".into()))?;
         if let std::collections::hash_map::Entry::Vacant(slot) = plans.entry(key) {
-            slot.insert(self.plan(call)?);
+            slot.insert(self.plan(call, stream)?);
         }
         let plan = plans
             .get(&key)
             .ok_or_else(|| CudaError::Blas("plan cache lost an entry".into()))?;
-        if let Some(bias) = call.bias {
-            // SAFETY: the descriptor is alive; the pointer value is copied.
-            unsafe {
-                result::set_matmul_desc_attribute(
-                    plan.desc,
-                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                    &bias as *const u64 as *const c_void,
-                    8,
-                )?;
-            }
-        }
-        let alpha = 1.0f32;
-        let beta = if call.c.is_some() { 1.0f32 } else { 0.0f32 };
-        let c = call.c.unwrap_or(call.d.ptr);
         // SAFETY: descriptors come from the cached plan for exactly this shape; the
         // device pointers are live allocations the caller holds until the stream passes.
-        unsafe {
-            result::matmul(
-                self.handle,
-                plan.desc,
-                &alpha as *const f32 as *const c_void,
-                &beta as *const f32 as *const c_void,
-                call.a.ptr as *const c_void,
-                plan.layouts[0],
-                call.b.ptr as *const c_void,
-                plan.layouts[1],
-                c as *const c_void,
-                plan.layouts[2],
-                call.d.ptr as *mut c_void,
-                plan.layouts[3],
-                &plan.algo,
-                self.workspace as *mut c_void,
-                self.workspace_size,
-                stream as sys::cudaStream_t,
-            )?;
-        }
-        Ok(())
+        unsafe { self.launch(plan, call, &plan.algo, call.d.ptr, stream) }
     }
 }
 
