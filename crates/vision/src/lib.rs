@@ -30,5 +30,8 @@ pub use encode::{
 pub use error::VisionError;
 pub use image::RgbImage;
 pub use pad::{crop, pad_to_multiple, reflect_pad, Nchw, ReflectPolicy};
-pub use resize::{normalize_chw, pil_bilinear, to_nchw_f32, HF_RESCALE_FACTOR};
+pub use resize::{
+    bilinear_taps, normalize_chw, pil_bilinear, resize_plan, to_nchw_f32, AxisTaps, ResizePlan,
+    HF_RESCALE_FACTOR, RESIZE_PRECISION_BITS,
+};
 pub use walk::{list_images, list_images_recursive};

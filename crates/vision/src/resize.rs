@@ -13,18 +13,83 @@ use crate::error::VisionError;
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
+/// Fractional bits of the fixed-point coefficients in [`AxisTaps`]: a pass accumulates
+/// `(1 << (RESIZE_PRECISION_BITS - 1)) + sum(pixel * coeff)` in i32, then shifts right
+/// arithmetically by this many bits and clamps to 0..=255.
+pub const RESIZE_PRECISION_BITS: u32 = PRECISION_BITS;
+
 /// Hugging Face's default `rescale_factor` (1/255 as Python writes it).
 pub const HF_RESCALE_FACTOR: f32 = 0.003_921_568_627_450_98_f64 as f32;
 
-/// Filter taps for every output position along one axis.
-struct Taps {
+/// Filter taps for every output position along one axis (public so that a device
+/// implementation applies exactly the coefficients [`pil_bilinear`] uses).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AxisTaps {
     /// First input index per output position.
-    start: Vec<usize>,
+    pub start: Vec<usize>,
     /// Number of taps per output position (at most `ksize`).
-    count: Vec<usize>,
-    /// Fixed-point coefficients, `ksize` per output position.
-    coeffs: Vec<i32>,
-    ksize: usize,
+    pub count: Vec<usize>,
+    /// Fixed-point coefficients, `ksize` per output position (unused ones are 0).
+    pub coeffs: Vec<i32>,
+    /// Coefficient slots per output position.
+    pub ksize: usize,
+}
+
+impl AxisTaps {
+    /// Number of output positions.
+    pub fn len(&self) -> usize {
+        self.start.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start.is_empty()
+    }
+}
+
+type Taps = AxisTaps;
+
+/// The passes [`pil_bilinear`] runs for one size change, in order. A device
+/// implementation that runs the same passes with the same taps gets the same bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResizePlan {
+    /// Taps along x when the width changes.
+    pub horizontal: Option<AxisTaps>,
+    /// Taps along y when the height changes.
+    pub vertical: Option<AxisTaps>,
+    /// Horizontal pass first (Pillow 13 runs the vertical pass first only when the
+    /// width does not shrink and the height does).
+    pub horizontal_first: bool,
+    /// Source rows `[first, last)` a horizontal-first pass covers: the rows the vertical
+    /// pass reads (all rows without one). The vertical pass then indexes source rows,
+    /// so its input starts at row `first`.
+    pub rows: (usize, usize),
+}
+
+/// Which passes resize `in_w x in_h` to `out_w x out_h`, with their taps.
+pub fn resize_plan(
+    in_w: usize,
+    in_h: usize,
+    out_w: usize,
+    out_h: usize,
+) -> Result<ResizePlan, VisionError> {
+    if in_w == 0 || in_h == 0 || out_w == 0 || out_h == 0 {
+        return Err(VisionError::InvalidArgument(format!(
+            "cannot resize {in_w}x{in_h} to {out_w}x{out_h}: sizes must be positive"
+        )));
+    }
+    let horizontal = (out_w != in_w).then(|| precompute_taps(in_w, out_w));
+    let vertical = (out_h != in_h).then(|| precompute_taps(in_h, out_h));
+    let horizontal_first = !(out_w >= in_w && out_h < in_h);
+    let rows = match (&vertical, horizontal_first) {
+        (Some(v), true) => (v.start[0], v.start[out_h - 1] + v.count[out_h - 1]),
+        _ => (0, in_h),
+    };
+    Ok(ResizePlan {
+        horizontal,
+        vertical,
+        horizontal_first,
+        rows,
+    })
 }
 
 fn bilinear_filter(x: f64) -> f64 {
@@ -37,7 +102,11 @@ fn bilinear_filter(x: f64) -> f64 {
 }
 
 /// Pillow's `precompute_coeffs` followed by `normalize_coeffs_8bpc`, for the box
-/// `[0, in_size)` mapped onto `out_size` samples.
+/// `[0, in_size)` mapped onto `out_size` samples (both positive).
+pub fn bilinear_taps(in_size: usize, out_size: usize) -> AxisTaps {
+    precompute_taps(in_size, out_size)
+}
+
 fn precompute_taps(in_size: usize, out_size: usize) -> Taps {
     const SUPPORT: f64 = 1.0; // bilinear
                               // Pillow computes the box edges in f32, then the scale in f64.
@@ -101,40 +170,30 @@ const HALF: i32 = 1 << (PRECISION_BITS - 1);
 /// results then differ by at most 1 on some pixels.
 pub fn pil_bilinear(src: &RgbImage, width: u32, height: u32) -> Result<RgbImage, VisionError> {
     let (in_w, in_h) = (src.width() as usize, src.height() as usize);
-    if in_w == 0 || in_h == 0 || width == 0 || height == 0 {
-        return Err(VisionError::InvalidArgument(format!(
-            "cannot resize {in_w}x{in_h} to {width}x{height}: sizes must be positive"
-        )));
-    }
     let (out_w, out_h) = (width as usize, height as usize);
-    let need_h = out_w != in_w;
-    let need_v = out_h != in_h;
-    let horizontal_first = !(out_w >= in_w && out_h < in_h);
+    let plan = resize_plan(in_w, in_h, out_w, out_h)?;
     let src_raw = src.as_raw();
-    let data = if horizontal_first {
-        let vert = need_v.then(|| precompute_taps(in_h, out_h));
+    let data = if plan.horizontal_first {
         // The horizontal pass only covers the rows the vertical pass reads.
-        let (first, last) = match &vert {
-            Some(v) => (v.start[0], v.start[out_h - 1] + v.count[out_h - 1]),
-            None => (0, in_h),
-        };
+        let (first, last) = plan.rows;
         let rows = &src_raw[first * in_w * 3..last * in_w * 3];
-        let tmp = if need_h {
-            horizontal_pass(rows, in_w, out_w, &precompute_taps(in_w, out_w))
-        } else {
-            rows.to_vec()
+        let tmp = match &plan.horizontal {
+            Some(h) => horizontal_pass(rows, in_w, out_w, h),
+            None => rows.to_vec(),
         };
-        match &vert {
+        match &plan.vertical {
             Some(v) => vertical_pass(&tmp, out_w, first, out_h, v),
             None => tmp,
         }
     } else {
         // Only reached when the height shrinks, so the vertical pass always runs.
-        let tmp = vertical_pass(src_raw, in_w, 0, out_h, &precompute_taps(in_h, out_h));
-        if need_h {
-            horizontal_pass(&tmp, in_w, out_w, &precompute_taps(in_w, out_w))
-        } else {
-            tmp
+        let tmp = match &plan.vertical {
+            Some(v) => vertical_pass(src_raw, in_w, 0, out_h, v),
+            None => src_raw.to_vec(),
+        };
+        match &plan.horizontal {
+            Some(h) => horizontal_pass(&tmp, in_w, out_w, h),
+            None => tmp,
         }
     };
     image_from(out_w, out_h, data)
@@ -230,4 +289,77 @@ pub fn normalize_chw(data: &mut [f32], mean: [f32; 3], std: [f32; 3]) -> Result<
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn halving_taps_are_pillows_triangle_weights() {
+        // 4 -> 2: scale 2, support 2; output 0 is centred on input 1 and reads inputs
+        // 0..3 with triangle weights 0.75, 0.75, 0.25 (sum 1.75), i.e. 3/7, 3/7, 1/7.
+        let t = bilinear_taps(4, 2);
+        assert_eq!(t.ksize, 5);
+        assert_eq!(t.start, vec![0, 1]);
+        assert_eq!(t.count, vec![3, 3]);
+        let one = f64::from(1u32 << RESIZE_PRECISION_BITS);
+        let q = |w: f64| (w * one + 0.5) as i32;
+        assert_eq!(
+            &t.coeffs[..5],
+            &[q(3.0 / 7.0), q(3.0 / 7.0), q(1.0 / 7.0), 0, 0]
+        );
+        assert_eq!(&t.coeffs[5..8], &[q(1.0 / 7.0), q(3.0 / 7.0), q(3.0 / 7.0)]);
+    }
+
+    #[test]
+    fn taps_stay_inside_the_source_and_sum_to_one() {
+        let one = 1i64 << RESIZE_PRECISION_BITS;
+        for (i, o) in [
+            (1280, 640),
+            (300, 640),
+            (7, 3),
+            (3, 7),
+            (640, 640),
+            (1, 5),
+            (997, 13),
+        ] {
+            let t = bilinear_taps(i, o);
+            assert_eq!(t.len(), o);
+            assert_eq!(t.coeffs.len(), o * t.ksize);
+            for x in 0..o {
+                assert!(t.count[x] >= 1 && t.count[x] <= t.ksize, "{i}->{o} at {x}");
+                assert!(t.start[x] + t.count[x] <= i, "{i}->{o} at {x}");
+                let row = &t.coeffs[x * t.ksize..(x + 1) * t.ksize];
+                let sum: i64 = row.iter().map(|&c| i64::from(c)).sum();
+                // Each coefficient is rounded on its own: the sum is off by at most
+                // half a unit per tap.
+                assert!(
+                    (sum - one).abs() <= t.count[x] as i64,
+                    "{i}->{o} at {x}: {sum}"
+                );
+                assert!(row[t.count[x]..].iter().all(|&c| c == 0));
+            }
+        }
+    }
+
+    #[test]
+    fn plan_picks_the_passes_and_their_order() {
+        let p = resize_plan(1280, 960, 640, 640).unwrap();
+        assert!(p.horizontal_first && p.horizontal.is_some() && p.vertical.is_some());
+        let v = p.vertical.as_ref().unwrap();
+        assert_eq!(p.rows, (v.start[0], v.start[639] + v.count[639]));
+        // Width grows, height shrinks: vertical first, over every source row.
+        let p = resize_plan(300, 900, 640, 640).unwrap();
+        assert!(!p.horizontal_first && p.horizontal.is_some() && p.vertical.is_some());
+        assert_eq!(p.rows, (0, 900));
+        // Same width: only the vertical pass.
+        let p = resize_plan(640, 480, 640, 640).unwrap();
+        assert!(p.horizontal.is_none() && p.vertical.is_some());
+        let p = resize_plan(640, 640, 640, 640).unwrap();
+        assert!(p.horizontal.is_none() && p.vertical.is_none());
+        assert_eq!(p.rows, (0, 640));
+        assert!(resize_plan(0, 4, 2, 2).is_err());
+        assert!(resize_plan(4, 4, 2, 0).is_err());
+    }
 }
