@@ -6,6 +6,8 @@
 mod model;
 mod ops;
 
+pub(crate) use model::align;
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};

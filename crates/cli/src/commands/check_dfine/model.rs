@@ -19,7 +19,7 @@ use super::{ops::random, CheckDfineArgs};
 /// in order, to the unused row of `got` in the same image with the nearest box (L-inf);
 /// returns the aligned logits and boxes and how many rows moved. Rows whose anchor left
 /// the top-k altogether match a poor partner and still count in the error.
-fn align(
+pub(crate) fn align(
     got: (&[f32], &[f32]),
     want_boxes: &[f32],
     queries: usize,

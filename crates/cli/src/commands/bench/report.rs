@@ -43,6 +43,9 @@ pub struct Row {
     pub stats: Stats,
     pub peak_gib: f64,
     pub rel_l2: Option<f64>,
+    /// Architecture-specific figures (e.g. D-FINE's logits and boxes errors), added to
+    /// the JSON row after the common fields.
+    pub extra: Vec<(&'static str, Value)>,
     pub error: Option<String>,
 }
 
@@ -62,6 +65,7 @@ impl Row {
             stats,
             peak_gib,
             rel_l2,
+            extra: Vec::new(),
             error: None,
         }
     }
@@ -74,6 +78,7 @@ impl Row {
             stats: Stats::default(),
             peak_gib: 0.0,
             rel_l2: None,
+            extra: Vec::new(),
             error: Some(error),
         }
     }
@@ -115,8 +120,16 @@ pub fn print_table(rows: &[Row]) {
             .rel_l2
             .map(|v| format!("{v:.2e}"))
             .unwrap_or_else(|| "-".into());
+        let extra: String = r
+            .extra
+            .iter()
+            .map(|(k, v)| match v.as_f64() {
+                Some(f) if v.is_f64() => format!("  {k} {f:.2e}"),
+                _ => format!("  {k} {v}"),
+            })
+            .collect();
         println!(
-            "{:<9} {:>5} {:>5} {:>9.3} {:>7.3} {:>9.3} {:>9.3} {:>9.3} {:>9.1} {:>8.2} {:>10}",
+            "{:<9} {:>5} {:>5} {:>9.3} {:>7.3} {:>9.3} {:>9.3} {:>9.3} {:>9.1} {:>8.2} {:>10}{extra}",
             r.engine,
             r.precision,
             r.batch,
@@ -138,7 +151,7 @@ pub fn to_json(device: &str, date: &str, model: &str, rows: &[Row]) -> Value {
         .iter()
         .filter(|r| r.error.is_none())
         .map(|r| {
-            json!({
+            let mut row = json!({
                 "engine": r.engine,
                 "precision": r.precision,
                 "batch": r.batch,
@@ -147,7 +160,13 @@ pub fn to_json(device: &str, date: &str, model: &str, rows: &[Row]) -> Value {
                 "p99_ms": r.stats.p99,
                 "peak_gib": r.peak_gib,
                 "rel_l2_vs_fp32": r.rel_l2,
-            })
+            });
+            if let Some(obj) = row.as_object_mut() {
+                for (k, v) in &r.extra {
+                    obj.insert((*k).to_string(), v.clone());
+                }
+            }
+            row
         })
         .collect();
     json!({ "device": device, "date": date, "model": model, "rows": rows })

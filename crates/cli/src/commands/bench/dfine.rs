@@ -1,0 +1,163 @@
+//! D-FINE in the bench: the model folder's snapshot, the forward pass (logits and boxes)
+//! as the sweep runs it, and its accuracy figure: logits and boxes of the first image
+//! against the CPU backend's fp32 outputs, rows matched first (query selection is a
+//! top-k, and near-tied scores swap rows between implementations).
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use aperture_cuda::detection::MultiGraphCache;
+use aperture_cuda::{CudaBackend, CudaTensor};
+use aperture_engine::cpu::CpuBackend;
+use aperture_engine::{relative_l2, Backend, HostTensor};
+use aperture_models::dfine::{load_dfine, DFineRunner, DFineSnapshot};
+use serde_json::json;
+
+use super::sweep::{Accuracy, BenchModel, Staged};
+use super::{measure, BenchArgs, Outcome};
+use crate::commands::check_dfine::align;
+
+/// D-FINE prepared on a backend, with the query count of `--queries`.
+struct DFineBench<B: Backend> {
+    runner: DFineRunner<B>,
+}
+
+impl<B: Backend> DFineBench<B>
+where
+    B::Tensor: 'static,
+{
+    fn new(be: B, snap: &DFineSnapshot, queries: Option<usize>) -> anyhow::Result<Self> {
+        let mut runner = DFineRunner::new(be, snap, 0)?;
+        if let Some(q) = queries {
+            runner.set_num_queries(q).context("--queries")?;
+        }
+        Ok(Self { runner })
+    }
+
+    fn eager(&self, x: &HostTensor) -> anyhow::Result<Staged<'_>> {
+        let (be, model) = (self.runner.backend(), self.runner.model());
+        let t = be.upload_nchw(x)?;
+        let o = model.forward(be, &t)?;
+        Ok(Staged {
+            outputs: vec![be.download_nhwc(&o.logits)?, be.download_nhwc(&o.boxes)?],
+            run: Box::new(move || {
+                model.forward(be, &t)?;
+                Ok(())
+            }),
+            memory: None,
+        })
+    }
+
+    /// Logits and boxes errors after matching `got`'s rows to `want`'s by nearest box.
+    fn errors(&self, got: &[Vec<f32>], want: &[Vec<f32>]) -> Accuracy {
+        let q = self.runner.model().num_queries();
+        let c = self.runner.config().num_labels;
+        let shaped = |o: &[Vec<f32>]| match o {
+            [l, b] if l.len() == q * c && b.len() == q * 4 => Some((l.clone(), b.clone())),
+            _ => None,
+        };
+        let (Some((gl, gb)), Some((wl, wb))) = (shaped(got), shaped(want)) else {
+            return Accuracy {
+                rel_l2: f64::INFINITY,
+                extra: Vec::new(),
+            };
+        };
+        let (al, ab, moved) = align((&gl, &gb), &wb, q, c);
+        let (el, eb) = (relative_l2(&al, &wl), relative_l2(&ab, &wb));
+        Accuracy {
+            rel_l2: el.max(eb),
+            extra: vec![
+                ("rel_l2_logits", json!(el)),
+                ("rel_l2_boxes", json!(eb)),
+                ("rows_moved", json!(moved)),
+            ],
+        }
+    }
+}
+
+impl BenchModel for DFineBench<CpuBackend> {
+    fn gpu(&self) -> Option<&CudaBackend> {
+        None
+    }
+
+    fn stage(&self, x: &HostTensor, _graph: bool) -> anyhow::Result<Staged<'_>> {
+        self.eager(x)
+    }
+
+    fn compare(&self, got: &[Vec<f32>], want: &[Vec<f32>]) -> Accuracy {
+        self.errors(got, want)
+    }
+}
+
+impl BenchModel for DFineBench<CudaBackend> {
+    fn gpu(&self) -> Option<&CudaBackend> {
+        Some(self.runner.backend())
+    }
+
+    /// The whole forward pass in one CUDA graph per batch size, as `GraphDFine` serves
+    /// it (input conversion and output copies to f32 included in the graph).
+    fn stage(&self, x: &HostTensor, graph: bool) -> anyhow::Result<Staged<'_>> {
+        if !graph {
+            return self.eager(x);
+        }
+        let (be, model) = (self.runner.backend(), self.runner.model());
+        let cache = MultiGraphCache::new();
+        let fwd = |b: &CudaBackend, t: &CudaTensor| -> aperture_engine::Result<Vec<CudaTensor>> {
+            let o = model.forward(b, t)?;
+            Ok(vec![o.logits, o.boxes])
+        };
+        let outputs = cache.infer(be, x, fwd)?;
+        let shape = x.shape().to_vec();
+        Ok(Staged {
+            outputs,
+            run: Box::new(move || Ok(cache.replay(be, &shape)?)),
+            memory: None,
+        })
+    }
+
+    fn compare(&self, got: &[Vec<f32>], want: &[Vec<f32>]) -> Accuracy {
+        self.errors(got, want)
+    }
+}
+
+pub fn run(args: &BenchArgs, path: &Path) -> anyhow::Result<Outcome> {
+    for (given, flag) in [
+        (
+            args.check || !args.reference.is_empty(),
+            "--check/--reference",
+        ),
+        (args.dry_plan, "--dry-plan"),
+    ] {
+        if given {
+            bail!(
+                "{flag} is for Restormer; for D-FINE parity run `aperture check-dfine --model {}`",
+                path.display()
+            );
+        }
+    }
+    let snap = load_dfine(path).with_context(|| format!("loading {}", path.display()))?;
+    // The size the model's image processor resizes to (640 when it says none).
+    let (ph, pw) = snap
+        .processor
+        .size
+        .map_or((640, 640), |(h, w)| (h as usize, w as usize));
+    let (h, w) = args.dims(ph, pw);
+    let rows = measure(
+        args,
+        (3, h, w),
+        || DFineBench::new(CpuBackend::new(), &snap, args.queries),
+        |p| {
+            let be = CudaBackend::new(args.gpu, p).context("opening the GPU")?;
+            DFineBench::new(be, &snap, args.queries)
+        },
+    )?;
+    let mut model = format!("dfine ({}) {h}x{w}", super::label(path));
+    if let Some(q) = args.queries {
+        model.push_str(&format!(", {q} of {} queries", snap.config.num_queries));
+    }
+    Ok(Outcome {
+        model,
+        rows,
+        failures: 0,
+    })
+}
