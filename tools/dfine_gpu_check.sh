@@ -2,14 +2,17 @@
 # D-FINE on the GPU in one device call: rebuilds the X-shaped weights from the fixture's
 # manifest, runs `aperture check-dfine` (every operation and the whole model against the
 # CPU backend and transformers' golden, fp32/bf16/fp16, eager timings, a per-operation
-# profile), a `detect --device cuda` smoke test, then the PyTorch peers (precision
-# study, activation ranges, eager and torch.compile timings). Logs and JSON go to $OUT;
+# profile), `aperture bench` (CUDA-graph sweep fp32/fp16/bf16 x batch 1/8/32 in the
+# Restormer results' JSON layout, then per-operation profiles of fp16 batch 1 and 32),
+# a `detect --device cuda` smoke test, then the PyTorch peers (precision study,
+# activation ranges, eager and torch.compile timings). Logs and JSON go to $OUT;
 # bench/results/<gpu>-dfine.{json,md} combine them (tools/dfine_report.py).
 #
 #   tools/dfine_gpu_check.sh
 #
 # Environment: APERTURE_BIN (default .carry/dfine/aperture), OUT (default ./out),
-# CHECK_ARGS (extra check-dfine arguments), PEERS=0 to skip PyTorch, PEER_ARGS
+# CHECK_ARGS (extra check-dfine arguments), BENCH_ARGS (extra bench arguments, e.g.
+# "--iters 20"), BENCH=0 to skip the bench, PEERS=0 to skip PyTorch, PEER_ARGS
 # (default "--compile"), PEER_TIMEOUT seconds (default 300).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +38,19 @@ step "check-dfine"
 "$BIN" check-dfine --model "$WORK/x" --golden tests/fixtures/dfine/x/golden.safetensors \
   --json "$OUT/dfine-check.json" ${CHECK_ARGS:-} 2>&1 | tee "$OUT/dfine-check.log"
 CHECK=${PIPESTATUS[0]}
+
+BENCH_RC=0
+if [ "${BENCH:-1}" != 0 ]; then
+  step "aperture bench (CUDA graphs; rel L2 vs the CPU backend fp32)"
+  # shellcheck disable=SC2086
+  "$BIN" bench --model "$WORK/x" --device cuda --precision fp32,fp16,bf16 --batch 1,8,32 \
+    --out "$OUT/dfine-bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/dfine-bench.log"
+  BENCH_RC=${PIPESTATUS[0]}
+  step "aperture bench --profile (fp16, batch 1 and 32)"
+  "$BIN" bench --model "$WORK/x" --device cuda --precision fp16 --batch 1,32 \
+    --iters 20 --warmup 3 --no-accuracy --profile 2>&1 | tee "$OUT/dfine-bench-profile.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || BENCH_RC=1
+fi
 
 step "detect --device cuda"
 python3 -c "
@@ -69,5 +85,6 @@ step "results"
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 python3 tools/dfine_report.py "$OUT/dfine-check.json" "$OUT/dfine-peers.json" --device "$GPU_NAME" --out-dir bench/results \
   && cp bench/results/*-dfine.json bench/results/*-dfine.md "$OUT/" 2>/dev/null
-step "done (check-dfine exit $CHECK)"
-exit "$CHECK"
+step "done (check-dfine exit $CHECK, bench exit $BENCH_RC)"
+[ "$CHECK" = 0 ] || exit "$CHECK"
+exit "$BENCH_RC"
