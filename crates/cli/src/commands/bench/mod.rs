@@ -164,8 +164,20 @@ fn measure<C: BenchModel, G: BenchModel>(
             };
             let mut rows = Vec::new();
             for &p in &args.precision {
-                let model = gpu(p)?;
-                rows.extend(sweep::batches(&model, p, &settings, reference.as_deref())?);
+                // A precision that cannot be prepared fails its rows; the others still run.
+                match gpu(p) {
+                    Ok(model) => {
+                        rows.extend(sweep::batches(&model, p, &settings, reference.as_deref())?)
+                    }
+                    Err(e) => {
+                        eprintln!("{p}: {e:#}");
+                        rows.extend(
+                            args.batch
+                                .iter()
+                                .map(|&b| Row::failed("aperture", p.as_str(), b, format!("{e:#}"))),
+                        );
+                    }
+                }
             }
             Ok(rows)
         }

@@ -4,7 +4,6 @@
 
 use std::time::Instant;
 
-use anyhow::Context;
 use aperture_cuda::CudaBackend;
 use aperture_engine::{relative_l2, HostTensor, Precision};
 use serde_json::Value;
@@ -189,7 +188,9 @@ pub fn batches<M: BenchModel>(
         if let Some(be) = gpu {
             be.trim_memory()?;
             if s.profile {
-                profile(model, be, &x, p, batch).context("profiling")?;
+                if let Err(e) = profile(model, be, &x, p, batch) {
+                    eprintln!("{p} batch {batch}: profile failed: {e:#}");
+                }
             }
         }
     }
