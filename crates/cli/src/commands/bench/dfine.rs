@@ -161,3 +161,56 @@ pub fn run(args: &BenchArgs, path: &Path) -> anyhow::Result<Outcome> {
         failures: 0,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> DFineBench<CpuBackend> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/dfine/tiny");
+        let snap = load_dfine(&dir).unwrap();
+        DFineBench::new(CpuBackend::new(), &snap, None).unwrap()
+    }
+
+    #[test]
+    fn errors_match_rows_before_comparing_and_report_the_larger() {
+        let m = tiny();
+        let (q, c) = (m.runner.model().num_queries(), m.runner.config().num_labels);
+        let logits: Vec<f32> = (0..q * c).map(|i| (i as f32 * 0.37).sin()).collect();
+        let boxes: Vec<f32> = (0..q * 4)
+            .map(|i| 0.1 + 0.8 * (i as f32 * 0.11).cos().abs())
+            .collect();
+        // The first two queries swap places and every logit moves by 1e-3.
+        let mut got_l: Vec<f32> = logits.iter().map(|v| v + 1e-3).collect();
+        let mut got_b = boxes.clone();
+        for k in 0..c {
+            got_l.swap(k, c + k);
+        }
+        for k in 0..4 {
+            got_b.swap(k, 4 + k);
+        }
+        let a = m.errors(&[got_l, got_b], &[logits.clone(), boxes.clone()]);
+        let field = |k: &str| {
+            a.extra
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.clone())
+        };
+        let want_el = relative_l2(
+            &logits.iter().map(|v| v + 1e-3).collect::<Vec<_>>(),
+            &logits,
+        );
+        assert!((field("rel_l2_logits").unwrap().as_f64().unwrap() - want_el).abs() < 1e-9);
+        assert_eq!(field("rel_l2_boxes").unwrap().as_f64(), Some(0.0));
+        assert_eq!(field("rows_moved").unwrap().as_u64(), Some(2));
+        assert_eq!(a.rel_l2, want_el);
+    }
+
+    #[test]
+    fn outputs_of_another_shape_give_an_infinite_error() {
+        let m = tiny();
+        let a = m.errors(&[vec![0.0; 3], vec![0.0; 4]], &[vec![0.0; 3], vec![0.0; 4]]);
+        assert!(a.rel_l2.is_infinite());
+        assert!(m.errors(&[], &[]).rel_l2.is_infinite());
+    }
+}

@@ -290,6 +290,22 @@ mod tests {
     }
 
     #[test]
+    fn extra_fields_follow_the_common_ones_and_failed_rows_are_left_out() {
+        let mut row = Row::new("aperture", "fp16", 1, Stats::of(&[1.0]), 0.5, Some(0.2));
+        row.extra = vec![("rel_l2_logits", json!(0.1)), ("rows_moved", json!(3))];
+        let rows = vec![
+            row,
+            Row::failed("aperture", "fp16", 64, "out of memory".into()),
+        ];
+        let v = to_json("GPU", "2026-01-01 00:00 UTC", "m", &rows);
+        let out = v["rows"].as_array().unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0]["rel_l2_logits"].as_f64(), Some(0.1));
+        assert_eq!(out[0]["rows_moved"].as_u64(), Some(3));
+        assert_eq!(out[0]["rel_l2_vs_fp32"].as_f64(), Some(0.2));
+    }
+
+    #[test]
     fn date_is_well_formed() {
         let d = utc_now();
         assert_eq!(d.len(), "2026-11-24 06:00 UTC".len(), "{d}");
