@@ -97,13 +97,21 @@ unsafe impl Sync for Kernels {}
 
 impl Kernels {
     pub fn load(ctx: &Context, storage: Storage) -> CudaResult<Self> {
-        let source = full_source(storage);
-        let (cubin, from_cache) = nvrtc::compile_cached(&source, ctx.capability)?;
+        Self::load_source(ctx, &full_source(storage), KERNEL_NAMES)
+    }
+
+    /// Compiles (or takes from the cache) `source` and loads the entry points `names`.
+    pub fn load_source(
+        ctx: &Context,
+        source: &str,
+        names: &'static [&'static str],
+    ) -> CudaResult<Self> {
+        let (cubin, from_cache) = nvrtc::compile_cached(source, ctx.capability)?;
         ctx.bind()?;
         // SAFETY: `cubin` is a complete CUBIN image for this device.
         let module = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void)? };
         let mut funcs = HashMap::new();
-        for &name in KERNEL_NAMES {
+        for &name in names {
             let cname = CString::new(name)
                 .map_err(|_| CudaError::Driver(format!("bad kernel name {name}")))?;
             // SAFETY: the module is loaded; the name is NUL-terminated.

@@ -26,6 +26,7 @@ pub mod kernels;
 pub mod nvrtc;
 mod plan;
 mod pool;
+pub mod preprocess;
 mod profile;
 pub mod selftest;
 
@@ -34,6 +35,7 @@ pub use driver::{device_count, Event};
 pub use error::{CudaError, CudaResult};
 pub use graph::{ArenaSize, CudaGraph, GraphCache};
 pub use pool::{DeviceBuffer, MemStats};
+pub use preprocess::{GpuPreprocessor, PreprocessSpec, Preprocessor, TensorLayout};
 pub use profile::{OpStat, Profiler};
 
 /// Whether a CUDA driver with at least one device, NVRTC and cuBLASLt can be loaded.

@@ -7,6 +7,10 @@ use aperture_engine::{relative_l2, HostTensor, Precision, Result};
 
 use crate::backend::CudaBackend;
 
+/// GPU image preprocessing against the CPU path (resized bytes identical, f32 within
+/// 1e-6): see [`crate::preprocess::check`].
+pub use crate::preprocess::check::{preprocess_parity, PreprocessRow};
+
 /// One compared operation.
 #[derive(Clone, Debug)]
 pub struct ParityRow {

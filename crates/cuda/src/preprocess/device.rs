@@ -1,0 +1,394 @@
+//! [`GpuPreprocessor`]: runs a [`BatchPlan`](super::plan::BatchPlan) on its own stream.
+//! One call at a time (a mutex over the scratch buffers, which only grow): images go
+//! into page-locked memory, up in one copy with the tap tables, through the resize
+//! passes and the conversion, and the f32 batch comes back in one copy.
+
+use std::sync::{Arc, Mutex};
+
+use aperture_engine::{EngineError, HostTensor, Result};
+use aperture_vision::RgbImage;
+use cudarc::driver::result;
+
+use super::plan::{plan_batch, BatchPlan, Region, Step};
+use super::{PreprocessSpec, TensorLayout};
+use crate::driver::Context;
+use crate::error::{CudaError, CudaResult};
+use crate::kernels::{Arg, Kernels};
+
+pub const PREPROCESS_SOURCE: &str = include_str!("../../kernels/preprocess.cu");
+
+/// Every entry point of `preprocess.cu`.
+pub const PREPROCESS_KERNELS: &[&str] = &["pre_resize_h", "pre_resize_v", "pre_to_float"];
+
+/// A device allocation that grows on demand (contents are not kept).
+#[derive(Default)]
+struct DevMem {
+    ptr: u64,
+    bytes: usize,
+}
+
+impl DevMem {
+    /// At least `bytes`; call with the context current and no work pending on it.
+    fn ensure(&mut self, bytes: usize) -> CudaResult<u64> {
+        if bytes > self.bytes || self.ptr == 0 {
+            self.free();
+            // SAFETY: a plain allocation, freed in `free`.
+            self.ptr = unsafe { result::malloc_sync(bytes.max(1))? };
+            self.bytes = bytes.max(1);
+        }
+        Ok(self.ptr)
+    }
+
+    fn free(&mut self) {
+        if self.ptr != 0 {
+            // SAFETY: allocated by malloc_sync and not used after this.
+            unsafe {
+                let _ = result::free_sync(self.ptr);
+            }
+        }
+        self.ptr = 0;
+        self.bytes = 0;
+    }
+}
+
+/// Page-locked host memory that grows on demand.
+struct Pinned {
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+impl Default for Pinned {
+    fn default() -> Self {
+        Self {
+            ptr: std::ptr::null_mut(),
+            bytes: 0,
+        }
+    }
+}
+
+impl Pinned {
+    fn ensure(&mut self, bytes: usize) -> CudaResult<()> {
+        if bytes > self.bytes || self.ptr.is_null() {
+            self.free();
+            // SAFETY: a plain allocation, freed in `free`.
+            self.ptr = unsafe { result::malloc_host(bytes.max(1), 0)? } as *mut u8;
+            self.bytes = bytes.max(1);
+        }
+        Ok(())
+    }
+
+    fn bytes_mut(&mut self, len: usize) -> &mut [u8] {
+        // SAFETY: `ptr` holds `self.bytes >= len` bytes owned by self (callers ensure).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, len.min(self.bytes)) }
+    }
+
+    fn f32_mut(&mut self, len: usize) -> &mut [f32] {
+        // SAFETY: page-locked allocations are page aligned, so f32-aligned; the length
+        // stays within the allocation.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut f32, len.min(self.bytes / 4)) }
+    }
+
+    fn free(&mut self) {
+        if !self.ptr.is_null() {
+            // SAFETY: allocated by malloc_host and not used after this.
+            unsafe {
+                let _ = result::free_host(self.ptr as *mut std::ffi::c_void);
+            }
+        }
+        self.ptr = std::ptr::null_mut();
+        self.bytes = 0;
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    input: DevMem,
+    tmp: DevMem,
+    resized: DevMem,
+    out: DevMem,
+    pin_in: Pinned,
+    pin_out: Pinned,
+}
+
+// SAFETY: the raw pointers are owned allocations, only touched under the mutex.
+unsafe impl Send for Scratch {}
+
+impl Scratch {
+    fn region(&self, r: Region) -> u64 {
+        match r {
+            Region::Input(at) => self.input.ptr + at as u64,
+            Region::Tmp => self.tmp.ptr,
+            Region::Resized => self.resized.ptr,
+        }
+    }
+
+    fn release(&mut self) {
+        for m in [
+            &mut self.input,
+            &mut self.tmp,
+            &mut self.resized,
+            &mut self.out,
+        ] {
+            m.free();
+        }
+        self.pin_in.free();
+        self.pin_out.free();
+    }
+}
+
+/// Preprocessing on one GPU, with its own stream (it overlaps with model work on the
+/// backend's stream). Thread-safe; calls run one after another.
+pub struct GpuPreprocessor {
+    ctx: Arc<Context>,
+    kernels: Kernels,
+    scratch: Mutex<Scratch>,
+}
+
+impl GpuPreprocessor {
+    /// Opens GPU `ordinal` and builds (or loads from the kernel cache) the kernels.
+    pub fn new(ordinal: usize) -> CudaResult<Self> {
+        let ctx = Arc::new(Context::new(ordinal)?);
+        let kernels = Kernels::load_source(&ctx, PREPROCESS_SOURCE, PREPROCESS_KERNELS)?;
+        Ok(Self {
+            ctx,
+            kernels,
+            scratch: Mutex::new(Scratch::default()),
+        })
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.ctx.name
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Scratch>> {
+        self.scratch
+            .lock()
+            .map_err(|_| EngineError::Device("GPU preprocessing state poisoned".into()))
+    }
+
+    /// Preprocesses a batch into a host tensor (`[N, 3, H, W]` or NHWC by
+    /// `spec.layout`), image `i` in slot `i`.
+    pub fn run(&self, images: &[&RgbImage], spec: &PreprocessSpec) -> Result<HostTensor> {
+        let plan = plan_for(images, spec)?;
+        let n = images.len() * plan.image_elems();
+        let mut s = self.lock()?;
+        self.ctx.bind()?;
+        let out = s.out.ensure(n * 4)?;
+        self.enqueue(&mut s, &plan, images, spec, Some(out))?;
+        s.pin_out.ensure(n * 4)?;
+        let host = s.pin_out.f32_mut(n);
+        // SAFETY: `out` holds `n` f32 values written by the kernels above; `host` is
+        // page-locked and read only after the stream is synchronised.
+        unsafe {
+            result::memcpy_dtoh_async(&mut host[..], out, self.ctx.stream)
+                .map_err(CudaError::from)?;
+            result::stream::synchronize(self.ctx.stream).map_err(CudaError::from)?;
+        }
+        HostTensor::from_f32(plan.out_shape(images.len(), spec.layout), host.to_vec())
+    }
+
+    /// Like [`GpuPreprocessor::run`], writing the f32 batch to device memory at `dst`
+    /// (at least `dst_bytes` bytes, on this GPU) instead of the host; returns once the
+    /// values are there. The caller keeps other streams off `dst` meanwhile.
+    pub fn run_into(
+        &self,
+        images: &[&RgbImage],
+        spec: &PreprocessSpec,
+        dst: u64,
+        dst_bytes: usize,
+    ) -> Result<()> {
+        let plan = plan_for(images, spec)?;
+        let need = images.len() * plan.image_elems() * 4;
+        if dst_bytes < need {
+            return Err(EngineError::Invalid(format!(
+                "preprocessing output needs {need} bytes, the destination has {dst_bytes}"
+            )));
+        }
+        let mut s = self.lock()?;
+        self.ctx.bind()?;
+        self.enqueue(&mut s, &plan, images, spec, Some(dst))?;
+        self.ctx.synchronize()?;
+        Ok(())
+    }
+
+    /// The resize alone (8-bit RGB in, 8-bit RGB out), for checks against the CPU.
+    pub fn resize_u8(&self, image: &RgbImage, width: u32, height: u32) -> Result<RgbImage> {
+        let spec = PreprocessSpec::resize(height as usize, width as usize);
+        let plan = plan_for(&[image], &spec)?;
+        let bytes = plan.resized_bytes;
+        let mut s = self.lock()?;
+        self.ctx.bind()?;
+        self.enqueue(&mut s, &plan, &[image], &spec, None)?;
+        let src = s.region(plan.result[0]);
+        s.pin_out.ensure(bytes)?;
+        let host = s.pin_out.bytes_mut(bytes);
+        // SAFETY: the result region holds `bytes` bytes; `host` is read only after the
+        // stream is synchronised.
+        unsafe {
+            result::memcpy_dtoh_async(&mut host[..], src, self.ctx.stream)
+                .map_err(CudaError::from)?;
+            result::stream::synchronize(self.ctx.stream).map_err(CudaError::from)?;
+        }
+        RgbImage::from_raw(width, height, host.to_vec())
+            .ok_or_else(|| EngineError::Device("resized image has the wrong size".into()))
+    }
+
+    /// Uploads the inputs and enqueues every step; `ToFloat` writes to `out` (skipped
+    /// when `None`). The context must be current and the scratch locked.
+    fn enqueue(
+        &self,
+        s: &mut Scratch,
+        plan: &BatchPlan,
+        images: &[&RgbImage],
+        spec: &PreprocessSpec,
+        out: Option<u64>,
+    ) -> Result<()> {
+        // No work is pending on the stream here (every call ends synchronised), so
+        // growing a buffer cannot free memory a kernel still uses.
+        s.input.ensure(plan.input_bytes)?;
+        s.tmp.ensure(plan.tmp_bytes)?;
+        s.resized.ensure(plan.resized_bytes)?;
+        s.pin_in.ensure(plan.input_bytes)?;
+        let raw: Vec<&[u8]> = images.iter().map(|i| i.as_raw().as_slice()).collect();
+        plan.fill_input(&raw, s.pin_in.bytes_mut(plan.input_bytes))?;
+        let input = s.input.ptr;
+        // SAFETY: both buffers hold `input_bytes`; the page-locked source stays
+        // untouched until the stream is synchronised at the end of the call.
+        unsafe {
+            let src = s.pin_in.bytes_mut(plan.input_bytes);
+            result::memcpy_htod_async(input, &src[..], self.ctx.stream).map_err(CudaError::from)?;
+        }
+        let (norm, mean, std) = match spec.normalize {
+            Some((m, s)) => (1, m, s),
+            None => (0, [0.0; 3], [1.0; 3]),
+        };
+        let tap = |at: usize| Arg::Ptr(input + at as u64);
+        for step in &plan.steps {
+            match *step {
+                Step::Horizontal {
+                    src,
+                    dst,
+                    rows,
+                    in_w,
+                    out_w,
+                    taps,
+                    ksize,
+                } => self.kernels.launch_1d(
+                    &self.ctx,
+                    "pre_resize_h",
+                    (rows * out_w) as i64,
+                    &[
+                        Arg::Ptr(s.region(src)),
+                        Arg::Ptr(s.region(dst)),
+                        Arg::I32(rows as i32),
+                        Arg::I32(in_w as i32),
+                        Arg::I32(out_w as i32),
+                        tap(taps),
+                        Arg::I32(ksize as i32),
+                    ],
+                )?,
+                Step::Vertical {
+                    src,
+                    dst,
+                    w,
+                    first_row,
+                    out_h,
+                    taps,
+                    ksize,
+                } => self.kernels.launch_1d(
+                    &self.ctx,
+                    "pre_resize_v",
+                    (out_h * w * 3) as i64,
+                    &[
+                        Arg::Ptr(s.region(src)),
+                        Arg::Ptr(s.region(dst)),
+                        Arg::I32(w as i32),
+                        Arg::I32(first_row as i32),
+                        Arg::I32(out_h as i32),
+                        tap(taps),
+                        Arg::I32(ksize as i32),
+                    ],
+                )?,
+                Step::ToFloat {
+                    src,
+                    pixels,
+                    out: at,
+                } => {
+                    let Some(out) = out else { continue };
+                    self.kernels.launch_1d(
+                        &self.ctx,
+                        "pre_to_float",
+                        (pixels * 3) as i64,
+                        &[
+                            Arg::Ptr(s.region(src)),
+                            Arg::Ptr(out + 4 * at as u64),
+                            Arg::I64(pixels as i64),
+                            Arg::I32((spec.layout == TensorLayout::Nhwc) as i32),
+                            Arg::F32(spec.scale),
+                            Arg::I32(norm),
+                            Arg::F32(mean[0]),
+                            Arg::F32(mean[1]),
+                            Arg::F32(mean[2]),
+                            Arg::F32(std[0]),
+                            Arg::F32(std[1]),
+                            Arg::F32(std[2]),
+                        ],
+                    )?
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn plan_for(images: &[&RgbImage], spec: &PreprocessSpec) -> Result<BatchPlan> {
+    let sizes: Vec<(usize, usize)> = images
+        .iter()
+        .map(|i| (i.width() as usize, i.height() as usize))
+        .collect();
+    plan_batch(&sizes, spec)
+}
+
+impl Drop for GpuPreprocessor {
+    fn drop(&mut self) {
+        // Free with the context current; the kernel module is unloaded after this.
+        if self.ctx.bind().is_ok() {
+            let _ = self.ctx.synchronize();
+            if let Ok(mut s) = self.scratch.lock() {
+                s.release();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_name_is_an_extern_c_entry_point() {
+        for name in PREPROCESS_KERNELS {
+            let decl = format!("extern \"C\" __global__ void {name}(");
+            assert!(PREPROCESS_SOURCE.contains(&decl), "{name} is not declared");
+        }
+        assert_eq!(
+            PREPROCESS_SOURCE.matches("extern \"C\" __global__").count(),
+            PREPROCESS_KERNELS.len()
+        );
+    }
+
+    #[test]
+    fn kernel_source_is_balanced_and_uses_the_visions_precision() {
+        let src = PREPROCESS_SOURCE;
+        assert_eq!(src.matches('{').count(), src.matches('}').count());
+        assert_eq!(src.matches('(').count(), src.matches(')').count());
+        let bits = format!(
+            "#define PRE_PRECISION_BITS {}",
+            aperture_vision::RESIZE_PRECISION_BITS
+        );
+        assert!(
+            src.contains(&bits),
+            "kernel fixed-point bits differ from the CPU's"
+        );
+    }
+}
