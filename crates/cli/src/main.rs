@@ -42,6 +42,8 @@ enum Command {
     Loadgen(commands::loadgen::LoadgenArgs),
     /// Measure every configuration (precision, batch, graphs, peers) with accuracy; write a markdown report with plots.
     Report(commands::report::ReportArgs),
+    /// GPU self-checks against the CPU path (e.g. `selftest preprocess`).
+    Selftest(commands::selftest::SelftestArgs),
 }
 
 fn main() {
@@ -64,6 +66,7 @@ fn main() {
         Command::Serve(a) => commands::serve::run(a),
         Command::Loadgen(a) => commands::loadgen::run(a),
         Command::Report(a) => commands::report::run(a),
+        Command::Selftest(a) => commands::selftest::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use aperture_cuda::preprocess::{preprocess_cpu, PreprocessSpec, Preprocessor};
 use aperture_engine::cpu::CpuBackend;
 use aperture_engine::{Backend, HostTensor, Precision};
 use aperture_models::dfine::{
@@ -11,8 +12,8 @@ use aperture_models::dfine::{
     ImageProcessorConfig,
 };
 use aperture_vision::{
-    decode_file, draw_detections, list_images, normalize_chw, pil_bilinear, save_rgb8, to_nchw_f32,
-    DecodeLimits, DrawStyle, EncodeOptions, LabeledBox, RgbImage,
+    decode_file, draw_detections, list_images, save_rgb8, DecodeLimits, DrawStyle, EncodeOptions,
+    LabeledBox, RgbImage,
 };
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -71,14 +72,21 @@ pub fn run(args: DetectArgs) -> anyhow::Result<()> {
             if let Some(q) = args.queries {
                 runner.set_num_queries(q)?;
             }
-            run_on(&args, &files, &snap.processor, &GraphDFine::new(runner))
+            // Resize and rescale on the same GPU; the CPU path if that cannot start.
+            let pre = Preprocessor::new(Some(args.device.gpu)).unwrap_or_else(|e| {
+                tracing::warn!("preprocessing on the CPU: {e}");
+                Preprocessor::Cpu
+            });
+            let images = Images::new(&snap.processor, &pre);
+            run_on(&args, &files, &images, &GraphDFine::new(runner))
         }
         None => {
             let mut runner = DFineRunner::new(CpuBackend::new(), &snap, 1)?;
             if let Some(q) = args.queries {
                 runner.set_num_queries(q)?;
             }
-            run_on(&args, &files, &snap.processor, &runner)
+            let pre = Preprocessor::Cpu;
+            run_on(&args, &files, &Images::new(&snap.processor, &pre), &runner)
         }
     }
 }
@@ -108,10 +116,25 @@ impl Detector for GraphDFine {
     }
 }
 
+/// The model's image processor and where it runs.
+struct Images<'a> {
+    spec: PreprocessSpec,
+    pre: &'a Preprocessor,
+}
+
+impl<'a> Images<'a> {
+    fn new(proc: &ImageProcessorConfig, pre: &'a Preprocessor) -> Self {
+        Self {
+            spec: preprocess_spec(proc),
+            pre,
+        }
+    }
+}
+
 fn run_on(
     args: &DetectArgs,
     files: &[PathBuf],
-    proc: &ImageProcessorConfig,
+    images: &Images,
     runner: &dyn Detector,
 ) -> anyhow::Result<()> {
     if let Some(dir) = &args.draw {
@@ -130,7 +153,7 @@ fn run_on(
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
         );
-        match detect_one(runner, proc, file, args.threshold) {
+        match detect_one(runner, images, file, args.threshold) {
             Ok((img, dets)) => {
                 let names: Vec<String> = dets
                     .iter()
@@ -232,9 +255,10 @@ pub fn detect_coco_images(
     }
     let bar = ProgressBar::new(present.len() as u64);
     let mut out = Vec::new();
+    let images = Images::new(&snap.processor, &Preprocessor::Cpu);
     for (image_id, path) in present {
         // Every detection counts for mAP: no score threshold, top-k as post-processing gives.
-        let (_, dets) = detect_one(&runner, &snap.processor, &path, 0.0)
+        let (_, dets) = detect_one(&runner, &images, &path, 0.0)
             .with_context(|| format!("detecting in {}", path.display()))?;
         out.extend(dets.iter().filter_map(|d| {
             let b = d.bbox.map(f64::from);
@@ -250,13 +274,13 @@ pub fn detect_coco_images(
 /// post-processes. Returns the decoded image (for drawing) and its detections.
 fn detect_one(
     runner: &dyn Detector,
-    proc: &ImageProcessorConfig,
+    images: &Images,
     file: &Path,
     threshold: f32,
 ) -> anyhow::Result<(RgbImage, Vec<Detection>)> {
     let img = decode_file(file, &DecodeLimits::default())?.into_rgb8();
     let (w, h) = (img.width(), img.height());
-    let pixels = preprocess(&img, proc)?;
+    let pixels = images.pre.run(&[&img], &images.spec)?;
     let (logits, boxes) = runner.detect(&pixels)?;
     let dets = post_process(
         &logits.to_f32_vec(),
@@ -268,24 +292,24 @@ fn detect_one(
     Ok((img, dets))
 }
 
-/// Resize (PIL bilinear), rescale and optionally normalise into a `[1, 3, H, W]` tensor.
-pub fn preprocess(img: &RgbImage, proc: &ImageProcessorConfig) -> anyhow::Result<HostTensor> {
-    let resized;
-    let src = match proc.size {
-        Some((h, w)) if (h, w) != (img.height(), img.width()) => {
-            resized = pil_bilinear(img, w, h)?;
-            &resized
-        }
-        _ => img,
+/// The HF image processor's steps: resize (PIL bilinear) when it has a size, rescale
+/// (1 when it has none), optional mean/std; NCHW.
+pub fn preprocess_spec(proc: &ImageProcessorConfig) -> PreprocessSpec {
+    let spec = PreprocessSpec {
+        size: proc.size.map(|(h, w)| (h as usize, w as usize)),
+        scale: proc.rescale.unwrap_or(1.0),
+        ..PreprocessSpec::keep_size()
     };
-    let mut data = to_nchw_f32(src, proc.rescale.unwrap_or(1.0));
-    if let Some((mean, std)) = proc.normalize {
-        normalize_chw(&mut data, mean, std)?;
+    match proc.normalize {
+        Some((mean, std)) => spec.normalized(mean, std),
+        None => spec,
     }
-    Ok(HostTensor::from_f32(
-        vec![1, 3, src.height() as usize, src.width() as usize],
-        data,
-    )?)
+}
+
+/// Resize (PIL bilinear), rescale and optionally normalise into a `[1, 3, H, W]` tensor
+/// on the CPU.
+pub fn preprocess(img: &RgbImage, proc: &ImageProcessorConfig) -> anyhow::Result<HostTensor> {
+    Ok(preprocess_cpu(&[img], &preprocess_spec(proc))?)
 }
 
 fn drawn_path(dir: &Path, file: &Path) -> PathBuf {
@@ -309,4 +333,41 @@ fn image_json(file: &Path, dets: &[Detection], names: &[String], classes: usize)
         })
         .collect();
     json!({ "file": file.display().to_string(), "detections": list })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aperture_cuda::preprocess::check::test_image;
+    use aperture_vision::{normalize_chw, pil_bilinear, to_nchw_f32};
+
+    #[test]
+    fn cpu_preprocessing_is_the_image_processors_steps() {
+        let img = test_image(50, 30, 1);
+        let (mean, std) = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
+        let proc = ImageProcessorConfig {
+            size: Some((16, 20)),
+            resample: 2,
+            rescale: Some(1.0 / 255.0),
+            normalize: Some((mean, std)),
+        };
+        let got = preprocess(&img, &proc).unwrap();
+        let mut want = to_nchw_f32(&pil_bilinear(&img, 20, 16).unwrap(), 1.0 / 255.0);
+        normalize_chw(&mut want, mean, std).unwrap();
+        assert_eq!(got.shape(), &[1, 3, 16, 20]);
+        assert_eq!(got.to_f32_vec(), want);
+        // No size, no rescale: the pixels as they are.
+        let keep = ImageProcessorConfig {
+            size: None,
+            resample: 2,
+            rescale: None,
+            normalize: None,
+        };
+        let got = preprocess(&img, &keep).unwrap();
+        assert_eq!(got.shape(), &[1, 3, 30, 50]);
+        assert_eq!(got.to_f32_vec(), to_nchw_f32(&img, 1.0));
+        let spec = preprocess_spec(&proc);
+        assert_eq!(spec.size, Some((16, 20)));
+        assert_eq!(spec.normalize, Some((mean, std)));
+    }
 }

@@ -10,4 +10,5 @@ pub mod info;
 pub mod loadgen;
 pub mod report;
 pub mod run;
+pub mod selftest;
 pub mod serve;

@@ -85,7 +85,7 @@ pub fn preprocess_parity(
     gpu: &GpuPreprocessor,
     extra: &[(String, RgbImage)],
 ) -> Result<Vec<PreprocessRow>> {
-    let sizes: [(&str, (u32, u32), (u32, u32)); 10] = [
+    let sizes = [
         ("downscale", (1280, 960), (640, 640)),
         ("upscale", (300, 200), (640, 640)),
         ("odd sizes", (333, 251), (97, 131)),

@@ -160,7 +160,7 @@ fn nchw_to_nhwc(planes: &[f32], plane: usize) -> impl Iterator<Item = f32> + '_ 
 /// Where preprocessing runs, chosen once when a model is loaded.
 pub enum Preprocessor {
     Cpu,
-    Gpu(GpuPreprocessor),
+    Gpu(Box<GpuPreprocessor>),
 }
 
 impl Preprocessor {
@@ -169,7 +169,7 @@ impl Preprocessor {
     /// [`Preprocessor::Cpu`].
     pub fn new(gpu: Option<usize>) -> crate::CudaResult<Self> {
         Ok(match gpu {
-            Some(ordinal) => Preprocessor::Gpu(GpuPreprocessor::new(ordinal)?),
+            Some(ordinal) => Preprocessor::Gpu(Box::new(GpuPreprocessor::new(ordinal)?)),
             None => Preprocessor::Cpu,
         })
     }
