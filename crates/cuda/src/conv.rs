@@ -1,6 +1,7 @@
-//! Convolutions: 1x1 as one cuBLASLt product over all pixels, dense k x k as im2col
-//! plus a product (in image chunks to bound the patch buffer), depthwise by a kernel
-//! with bias, activation and residual fused.
+//! Convolutions: 1x1 as one cuBLASLt product over all pixels; dense k x k as an
+//! implicit GEMM on tensor cores (`conv_igemm`) where storage and channel counts allow,
+//! else im2col plus a product (in image chunks to bound the patch buffer); depthwise by
+//! a kernel with bias, activation and residual fused.
 
 use aperture_engine::backend::{Activation, ConvShape, ConvSpec};
 use aperture_engine::{EngineError, HostTensor, Result};
@@ -12,7 +13,7 @@ use crate::kernels::Arg;
 /// Largest patch buffer for one im2col chunk.
 const IM2COL_BUDGET: usize = 1 << 30;
 
-fn act_code(a: Activation) -> i32 {
+pub(crate) fn act_code(a: Activation) -> i32 {
     match a {
         Activation::Identity => 0,
         Activation::Gelu => 1,
@@ -298,6 +299,13 @@ pub(crate) fn conv2d(
             args.push(Arg::I32(act_code(act)));
             be.launch_1d("dwconv", out.numel(), &args)?;
             Ok(out)
+        });
+    }
+    if let Some(g) = crate::conv_igemm::plan(be, x, w, (oh, ow), residual) {
+        let flops = 2.0 * (g.m * g.k * g.c_out) as f64;
+        let bytes = (x.numel() + g.m * g.c_out + g.c_out * g.kp) as f64 * es + res_bytes;
+        return be.profiler.op(be, "conv_igemm", flops, bytes, || {
+            crate::conv_igemm::run(be, x, w, &g, act, residual)
         });
     }
     let fused_res = if act == Activation::Identity {

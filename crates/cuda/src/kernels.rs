@@ -88,6 +88,8 @@ pub struct Kernels {
     funcs: HashMap<&'static str, sys::CUfunction>,
     /// Whether the binary came from the on-disk cache.
     pub from_cache: bool,
+    /// The implicit-GEMM convolution (its own module; 16-bit storage on sm_80+).
+    pub(crate) igemm: crate::conv_igemm::IgemmSlot,
 }
 
 // SAFETY: module and function handles are immutable driver objects, usable from any
@@ -97,7 +99,9 @@ unsafe impl Sync for Kernels {}
 
 impl Kernels {
     pub fn load(ctx: &Context, storage: Storage) -> CudaResult<Self> {
-        Self::load_source(ctx, &full_source(storage), KERNEL_NAMES)
+        let mut k = Self::load_source(ctx, &full_source(storage), KERNEL_NAMES)?;
+        k.igemm = crate::conv_igemm::IgemmSlot::load(ctx, storage);
+        Ok(k)
     }
 
     /// Compiles (or takes from the cache) `source` and loads the entry points `names`.
@@ -127,6 +131,7 @@ impl Kernels {
             module,
             funcs,
             from_cache,
+            igemm: crate::conv_igemm::IgemmSlot::Disabled("not the main kernel module".into()),
         })
     }
 

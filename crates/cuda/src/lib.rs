@@ -17,6 +17,7 @@
 mod attention;
 mod backend;
 mod conv;
+mod conv_igemm;
 pub mod detection;
 mod driver;
 mod error;

@@ -393,8 +393,21 @@ pub fn op_parity(gpu: &CudaBackend, seed: u64) -> Result<Vec<ParityRow>> {
         ],
     ));
 
+    cases.extend(igemm_conv_cases(gpu, &mut rng));
+
     gpu.set_poison(true);
     let mut rows = Vec::new();
+    if gpu.kernels.igemm.failed() {
+        // The kernel should be there for this precision and GPU but did not build.
+        rows.push(ParityRow {
+            case: format!(
+                "conv_igemm kernel: {}",
+                gpu.kernels.igemm.reason().unwrap_or("not loaded")
+            ),
+            rel_l2: f64::INFINITY,
+            tolerance: tol,
+        });
+    }
     for (name, op, xs) in &cases {
         let want = run(&cpu, op, xs)?;
         let got = run(gpu, op, xs);
@@ -414,6 +427,86 @@ pub fn op_parity(gpu: &CudaBackend, seed: u64) -> Result<Vec<ParityRow>> {
     }
     gpu.set_poison(false);
     Ok(rows)
+}
+
+type Case = (String, Op, Vec<HostTensor>);
+
+/// Dense convolutions for the implicit-GEMM kernel (16-bit storage; fp32 and tf32 run
+/// them through im2col, still against the CPU): tails of K and of the channel tiles,
+/// chunks spanning taps, strides, 5x5 and 2x2 kernels, odd output counts (Restormer's
+/// 3-channel output with its residual), every activation, residuals, and one
+/// D-FINE-sized 3x3. Each name says which path the GPU takes.
+fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
+    use crate::conv_igemm::{DenseConv, Geometry};
+    // [n, h, w, c_in, c_out, k, stride, pad], activation, residual
+    let shapes: [([usize; 8], Activation, bool); 13] = [
+        ([2, 17, 23, 64, 64, 3, 1, 1], Activation::Identity, false),
+        ([2, 17, 23, 64, 64, 3, 1, 1], Activation::Silu, true),
+        ([2, 19, 25, 128, 256, 3, 2, 1], Activation::Relu, false),
+        ([2, 9, 11, 8, 8, 3, 1, 1], Activation::Gelu, false),
+        ([2, 13, 7, 24, 40, 3, 1, 1], Activation::Identity, true),
+        ([1, 11, 14, 16, 32, 5, 1, 2], Activation::Relu, false),
+        ([2, 10, 12, 32, 16, 2, 1, 0], Activation::Identity, false),
+        ([2, 16, 18, 64, 128, 1, 2, 0], Activation::Silu, false),
+        ([1, 21, 20, 48, 24, 3, 2, 0], Activation::Gelu, true),
+        ([2, 12, 20, 96, 192, 3, 1, 1], Activation::Gelu, false),
+        ([1, 20, 24, 96, 3, 3, 1, 1], Activation::Identity, true),
+        ([2, 9, 10, 16, 5, 3, 1, 1], Activation::Gelu, false),
+        ([1, 80, 80, 256, 256, 3, 1, 1], Activation::Silu, false),
+    ];
+    let ready = gpu.kernels.igemm.reason().is_none();
+    let mut cases = Vec::new();
+    for (i, &(dims, act, residual)) in shapes.iter().enumerate() {
+        let [n, h, w, ci, co, k, stride, pad] = dims;
+        let (oh, ow) = (
+            (h + 2 * pad - k) / stride + 1,
+            (w + 2 * pad - k) / stride + 1,
+        );
+        let dense = DenseConv {
+            c_in: ci,
+            c_out: co,
+            kh: k,
+            kw: k,
+            stride,
+            pad,
+            kp: k * k * ci,
+            depthwise: false,
+        };
+        let path = if ready && Geometry::new([n, h, w, ci], (oh, ow), dense).is_some() {
+            "igemm"
+        } else {
+            "im2col"
+        };
+        let bias = i % 3 != 1;
+        let name = format!(
+            "conv{k}x{k} s{stride} p{pad} {ci}->{co} {h}x{w} b{n} {act:?}{}{} [{path}]",
+            if bias { " bias" } else { "" },
+            if residual { " +residual" } else { "" },
+        );
+        let wt = rng.tensor(vec![co, ci, k, k], 1.0 / ((ci * k * k) as f32).sqrt());
+        let b = bias.then(|| rng.tensor(vec![co], 0.5));
+        let mut xs = vec![rng.tensor(vec![n, ci, h, w], 1.0)];
+        if residual {
+            xs.push(rng.tensor(vec![n, co, oh, ow], 1.0));
+        }
+        let spec = ConvSpec {
+            stride,
+            padding: pad,
+            groups: 1,
+        };
+        cases.push((
+            name,
+            Op::Conv {
+                w: wt,
+                b,
+                spec,
+                act,
+                residual,
+            },
+            xs,
+        ));
+    }
+    cases
 }
 
 #[cfg(test)]

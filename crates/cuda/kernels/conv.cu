@@ -1,0 +1,284 @@
+// Implicit-GEMM dense convolution on tensor cores (sm_80 and later: mma.sync m16n8k16,
+// ldmatrix, cp.async), NHWC, 16-bit storage (T from the preamble; IGEMM_BF16 selects the
+// bf16 instruction), fp32 accumulation, bias + activation + residual in the epilogue.
+//
+// As a product: y[m][co] = sum_k A[m][k] * B[co][k], with
+//   m = (n*OH + oy)*OW + ox           (output pixel, NHWC row of y)
+//   k = (ky*KW + kx)*C + ci           (the layout conv.rs gives the dense weights)
+//   A[m][k] = x[n, oy*stride + ky - pad, ox*stride + kx - pad, ci], zero outside the image
+//   B[co][k] = w[co*Kp + k]           (weights [Cout][Kp], K contiguous)
+// A is never written to memory: each K chunk is gathered from x straight into shared
+// memory. The host guarantees: C % 8 == 0 (so an 8-channel, 16-byte segment of K lies in
+// one tap and is 16-byte aligned; then Kp == KH*KW*C and weight rows are aligned too),
+// 16-byte aligned pointers, N*H*W, M and the block count below 2^31. Cout is free.
+
+typedef unsigned short ig_u16;
+typedef long long ig_i64;
+
+#define IG_BM 128     // output pixels per block
+#define IG_BN 64      // output channels per block
+#define IG_BK 32      // K elements per pipeline stage
+#define IG_STAGES 3   // cp.async pipeline depth
+// Shared row stride in elements: 80 bytes, so the 8 row addresses of one ldmatrix fall
+// in 8 different 16-byte bank groups (a 64-byte stride would conflict 2-way).
+#define IG_LD 40
+#define IG_THREADS 128  // 4 warps, 2 x 2, each 64 pixels x 32 channels
+
+#ifdef IGEMM_BF16
+#define IG_MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+#else
+#define IG_MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+#endif
+
+__device__ __forceinline__ float ig_gelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+
+// act: 0 identity, 1 gelu (erf), 2 relu, 3 silu (conv.rs::act_code, ops.cu::activate).
+__device__ __forceinline__ float ig_activate(float y, int act) {
+    if (act == 1) return ig_gelu(y);
+    if (act == 2) return fmaxf(y, 0.0f);
+    if (act == 3) return y / (1.0f + expf(-y));
+    return y;
+}
+
+__device__ __forceinline__ unsigned ig_smem(const void* p) {
+    unsigned a;
+    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }\n" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16 bytes global -> shared; with full == false nothing is read and 16 zero bytes are
+// written (the padding of the image and the tails of K and Cout).
+__device__ __forceinline__ void ig_cp16(unsigned dst, const void* src, bool full) {
+    int n = full ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
+
+__device__ __forceinline__ void ig_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void ig_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ig_ldsm4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr)
+                 : "memory");
+}
+
+// c += a (16x16, row-major) . b (16x8, column-major), fp32 accumulators.
+__device__ __forceinline__ void ig_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile(IG_MMA " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Moves a position (ci, kx, ky) in K forward by d elements.
+__device__ __forceinline__ void ig_advance(int& ci, int& kx, int& ky, int d, int C, int KW) {
+    ci += d;
+    while (ci >= C) {
+        ci -= C;
+        if (++kx == KW) {
+            kx = 0;
+            ++ky;
+        }
+    }
+}
+
+// The gather state of one thread: its 4 A rows (input pixel of tap (0, 0), or far
+// outside the image for rows past M), its 2 B rows, and where in K its segment of the
+// next chunk lies.
+struct IgLoader {
+    int iy0[4], ix0[4], pix[4];
+    const T* wrow[2];
+    bool wok[2];
+    int kb, ci, kx, ky;
+};
+
+// Issues the cp.async copies of the next K chunk into one pipeline stage and moves the
+// loader on by one chunk. as: [IG_BM][IG_LD], bs: [IG_BN][IG_LD] of that stage.
+__device__ __forceinline__ void ig_load_chunk(IgLoader& L, ig_u16* as, ig_u16* bs, int lrow, int seg,
+                                              const T* __restrict__ x, const T* __restrict__ w, int H, int W,
+                                              int C, int KW, int K) {
+    const bool kin = L.kb < K;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int iy = L.iy0[i] + L.ky;
+        int ix = L.ix0[i] + L.kx;
+        bool ok = kin && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W;
+        const T* src = ok ? x + ((ig_i64)(L.pix[i] + iy * W + ix) * C + L.ci) : x;
+        ig_cp16(ig_smem(as + (lrow + 32 * i) * IG_LD + seg * 8), src, ok);
+    }
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        bool ok = kin && L.wok[j];
+        const T* src = ok ? L.wrow[j] + L.kb : w;
+        ig_cp16(ig_smem(bs + (lrow + 32 * j) * IG_LD + seg * 8), src, ok);
+    }
+    L.kb += IG_BK;
+    ig_advance(L.ci, L.kx, L.ky, IG_BK, C, KW);
+}
+
+// Grid: one block per (128-pixel tile, 64-channel tile), 1-D with the channel tile
+// fastest so that the blocks sharing an input tile run together (L2 reuse).
+extern "C" __global__ void __launch_bounds__(IG_THREADS)
+conv_igemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+           const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,
+           int stride, int pad, int M, int K, int Kp, int n_tiles, int act) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    __shared__ __align__(16) ig_u16 As[IG_STAGES][IG_BM][IG_LD];
+    __shared__ __align__(16) ig_u16 Bs[IG_STAGES][IG_BN][IG_LD];
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int m0 = (int)(blockIdx.x / n_tiles) * IG_BM;
+    const int n0 = (int)(blockIdx.x % n_tiles) * IG_BN;
+
+    // Loader role: this thread copies the 8-element segment `seg` of each K chunk for
+    // tile rows lrow + 32*i (A: 4 rows, B: 2 rows).
+    const int seg = tid & 3;
+    const int lrow = tid >> 2;
+    IgLoader L;
+    const int ohw = OH * OW;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int m = m0 + lrow + 32 * i;
+        if (m < M) {
+            int n = m / ohw;
+            int r = m - n * ohw;
+            int oy = r / OW;
+            int ox = r - oy * OW;
+            L.iy0[i] = oy * stride - pad;
+            L.ix0[i] = ox * stride - pad;
+            L.pix[i] = n * H * W;
+        } else {
+            // Rows past the last pixel: every tap falls outside the image (zeros).
+            L.iy0[i] = -(1 << 30);
+            L.ix0[i] = 0;
+            L.pix[i] = 0;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        int co = n0 + lrow + 32 * j;
+        L.wok[j] = co < Cout;
+        L.wrow[j] = L.wok[j] ? w + (ig_i64)co * Kp : w;
+    }
+    // Position in K of this thread's segment in the first chunk.
+    L.kb = seg * 8;
+    L.ci = 0;
+    L.kx = 0;
+    L.ky = 0;
+    ig_advance(L.ci, L.kx, L.ky, L.kb, C, KW);
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int a = 0; a < 4; a++)
+#pragma unroll
+        for (int b = 0; b < 4; b++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;
+
+    const int KT = (K + IG_BK - 1) / IG_BK;
+#pragma unroll
+    for (int s = 0; s < IG_STAGES - 1; s++) {
+        if (s < KT) ig_load_chunk(L, &As[s][0][0], &Bs[s][0][0], lrow, seg, x, w, H, W, C, KW, K);
+        // Always commit (possibly an empty group) so that group i is chunk i.
+        ig_commit();
+    }
+
+    const int wm = (warp & 1) * 64;   // warp's first pixel row in the tile
+    const int wn = (warp >> 1) * 32;  // warp's first channel in the tile
+    for (int kt = 0; kt < KT; kt++) {
+        // Chunk kt has landed (at most STAGES-2 younger groups pending) and every warp
+        // is done with the stage the next load overwrites (it held chunk kt-1).
+        ig_wait<IG_STAGES - 2>();
+        __syncthreads();
+        if (kt + IG_STAGES - 1 < KT) {
+            const int ls = (kt + IG_STAGES - 1) % IG_STAGES;
+            ig_load_chunk(L, &As[ls][0][0], &Bs[ls][0][0], lrow, seg, x, w, H, W, C, KW, K);
+        }
+        ig_commit();
+
+        // A warp whose 32 channels all lie past Cout (Cout <= 32, or the last channel
+        // tile) has nothing to compute; the condition is uniform across the warp.
+        if (n0 + wn >= Cout) continue;
+        const int s = kt % IG_STAGES;
+#pragma unroll
+        for (int kk = 0; kk < IG_BK; kk += 16) {
+            unsigned af[4][4], bf[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 4; mi++) {
+                // Lanes 0-15 give rows 0-15 at k 0-7, lanes 16-31 rows 0-15 at k 8-15:
+                // the four 8x8 matrices come back as the mma A fragment a0..a3.
+                int row = wm + mi * 16 + (lane & 15);
+                int col = kk + (lane >> 4) * 8;
+                ig_ldsm4(ig_smem(&As[s][row][col]), af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
+            }
+#pragma unroll
+            for (int nj = 0; nj < 2; nj++) {
+                // Matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
+                // = b0, b1 of channel tile 2nj, then b0, b1 of tile 2nj+1.
+                int row = wn + nj * 16 + ((lane >> 4) << 3) + (lane & 7);
+                int col = kk + ((lane >> 3) & 1) * 8;
+                ig_ldsm4(ig_smem(&Bs[s][row][col]), bf[2 * nj][0], bf[2 * nj][1], bf[2 * nj + 1][0],
+                         bf[2 * nj + 1][1]);
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; mi++)
+#pragma unroll
+                for (int ni = 0; ni < 4; ni++) ig_mma(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+        }
+    }
+    ig_wait<0>();
+
+    // Epilogue: accumulator (mi, ni) holds rows g and g+8, channels 2*t4 and 2*t4+1 of its
+    // 16x8 tile. With an even Cout both channels exist and the pair is 4-byte aligned
+    // (one 2-element load/store); an odd Cout (e.g. a 3-channel image output) goes element
+    // by element.
+    const int g = lane >> 2;
+    const int t4 = lane & 3;
+    const bool pairs = (Cout & 1) == 0;
+#pragma unroll
+    for (int mi = 0; mi < 4; mi++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int m = m0 + wm + mi * 16 + g + h * 8;
+            if (m >= M) continue;
+            T* yrow = y + (ig_i64)m * Cout;
+            const T* rrow = res ? res + (ig_i64)m * Cout : res;
+#pragma unroll
+            for (int ni = 0; ni < 4; ni++) {
+                int co = n0 + wn + ni * 8 + t4 * 2;
+                if (co >= Cout) continue;
+                const bool second = co + 1 < Cout;
+                float v0 = acc[mi][ni][2 * h];
+                float v1 = acc[mi][ni][2 * h + 1];
+                if (bias) {
+                    v0 += ldf(bias[co]);
+                    if (second) v1 += ldf(bias[co + 1]);
+                }
+                v0 = ig_activate(v0, act);
+                v1 = ig_activate(v1, act);
+                if (pairs) {
+                    if (res) {
+                        float2 r = ld2(rrow + co);
+                        v0 += r.x;
+                        v1 += r.y;
+                    }
+                    st2(yrow + co, make_float2(v0, v1));
+                } else {
+                    if (res) v0 += ldf(rrow[co]);
+                    yrow[co] = stf(v0);
+                    if (second) {
+                        if (res) v1 += ldf(rrow[co + 1]);
+                        yrow[co + 1] = stf(v1);
+                    }
+                }
+            }
+        }
+    }
+#endif
+}

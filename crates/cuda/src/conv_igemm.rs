@@ -1,0 +1,502 @@
+//! Dense k x k convolutions as an implicit GEMM on tensor cores (`kernels/conv.cu`): the
+//! input patches are gathered into shared memory chunk by chunk instead of being written
+//! out by im2col, and bias, activation and residual ride in the epilogue.
+//!
+//! Taken for 16-bit storage on sm_80+ when the input channel count is a multiple of 8 (an
+//! 8-channel segment is one 16-byte copy); everything else (fp32/tf32, the 3-channel
+//! image input, 1x1 products, depthwise) keeps its previous path. `APERTURE_CONV_IGEMM=0`
+//! turns the kernel off (for A/B timing or as an escape hatch).
+
+use std::ffi::{c_void, CString};
+
+use aperture_engine::backend::Activation;
+use aperture_engine::{EngineError, Result};
+use cudarc::driver::{result, sys};
+
+use crate::backend::{ConvWeights, CudaBackend, CudaTensor};
+use crate::driver::Context;
+use crate::error::{CudaError, CudaResult};
+use crate::kernels::{preamble, Arg, Storage};
+use crate::nvrtc;
+
+#[cfg(test)]
+#[path = "conv_igemm_sim.rs"]
+mod sim;
+
+pub const CONV_SOURCE: &str = include_str!("../kernels/conv.cu");
+
+/// Entry point in `conv.cu`.
+const KERNEL: &str = "conv_igemm";
+/// Tile sizes and block size; `conv.cu`'s IG_BM, IG_BN, IG_THREADS (a test checks).
+const TILE_M: usize = 128;
+const TILE_N: usize = 64;
+const THREADS: u32 = 128;
+/// Environment switch: `0` keeps every convolution on the im2col path.
+const ENV_SWITCH: &str = "APERTURE_CONV_IGEMM";
+
+/// The translation unit for a storage type, or `None` for fp32 (no 16-bit tensor-core
+/// product to run).
+pub fn conv_source(s: Storage) -> Option<String> {
+    let select = match s {
+        Storage::F32 => return None,
+        Storage::F16 => "",
+        Storage::BF16 => "#define IGEMM_BF16 1\n",
+    };
+    Some(format!("{}\n{select}{CONV_SOURCE}\n", preamble(s)))
+}
+
+/// The loaded kernel.
+pub(crate) struct IgemmKernel {
+    module: sys::CUmodule,
+    func: sys::CUfunction,
+}
+
+// SAFETY: module and function handles are immutable driver objects, usable from any
+// thread with the context current.
+unsafe impl Send for IgemmKernel {}
+unsafe impl Sync for IgemmKernel {}
+
+impl Drop for IgemmKernel {
+    fn drop(&mut self) {
+        // SAFETY: unloaded once; the function is not used afterwards.
+        unsafe {
+            let _ = result::module::unload(self.module);
+        }
+    }
+}
+
+/// Whether the implicit-GEMM kernel is there for a backend.
+pub(crate) enum IgemmSlot {
+    Ready(IgemmKernel),
+    /// Not applicable (fp32 storage, an older GPU) or switched off: im2col, silently.
+    Disabled(String),
+    /// Should have loaded but did not (a compile error): im2col, and the self-test fails.
+    Failed(String),
+}
+
+impl IgemmSlot {
+    /// Compiles (or reads from the cache) and loads the kernel where it applies. Never
+    /// fails: a backend without it runs im2col as before.
+    pub(crate) fn load(ctx: &Context, storage: Storage) -> Self {
+        let Some(source) = conv_source(storage) else {
+            return Self::Disabled("fp32 storage uses im2col and cuBLASLt".into());
+        };
+        if std::env::var(ENV_SWITCH).is_ok_and(|v| v.trim() == "0") {
+            return Self::Disabled(format!("switched off by {ENV_SWITCH}=0"));
+        }
+        if ctx.capability.0 < 8 {
+            return Self::Disabled(format!(
+                "needs compute capability 8.0 (mma.sync m16n8k16, cp.async), the GPU has {}.{}",
+                ctx.capability.0, ctx.capability.1
+            ));
+        }
+        match load_kernel(ctx, &source) {
+            Ok(k) => Self::Ready(k),
+            Err(e) => {
+                eprintln!("warning: implicit-GEMM convolution unavailable, using im2col: {e}");
+                Self::Failed(e.to_string())
+            }
+        }
+    }
+
+    /// `None` when ready, else why not.
+    pub(crate) fn reason(&self) -> Option<&str> {
+        match self {
+            Self::Ready(_) => None,
+            Self::Disabled(r) | Self::Failed(r) => Some(r),
+        }
+    }
+
+    pub(crate) fn failed(&self) -> bool {
+        matches!(self, Self::Failed(_))
+    }
+}
+
+fn load_kernel(ctx: &Context, source: &str) -> CudaResult<IgemmKernel> {
+    let (cubin, _) = nvrtc::compile_cached(source, ctx.capability)?;
+    ctx.bind()?;
+    // SAFETY: `cubin` is a complete CUBIN image for this device.
+    let module = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void)? };
+    let name = CString::new(KERNEL).map_err(|_| CudaError::Driver("bad kernel name".into()))?;
+    // SAFETY: the module is loaded; the name is NUL-terminated.
+    let func = match unsafe { result::module::get_function(module, name) } {
+        Ok(f) => f,
+        Err(e) => {
+            // SAFETY: nothing of the module is in use yet.
+            unsafe {
+                let _ = result::module::unload(module);
+            }
+            return Err(e.into());
+        }
+    };
+    // Best effort, both: load now rather than at a first launch that may fall inside a
+    // graph capture; prefer shared memory over L1 (46 KB per block, four blocks per SM).
+    // SAFETY: `func` is a function of the loaded module.
+    unsafe {
+        let _ = sys::cuFuncLoad(func);
+        let _ = sys::cuFuncSetAttribute(
+            func,
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+            100,
+        );
+    }
+    Ok(IgemmKernel { module, func })
+}
+
+/// The sizes of one launch, checked against what the kernel assumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub c_out: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+    /// Output pixels (rows of the product).
+    pub m: usize,
+    /// `kh * kw * c` (the reduction).
+    pub k: usize,
+    pub kp: usize,
+    pub n_tiles: usize,
+    pub blocks: usize,
+}
+
+/// A dense convolution's sizes, as `ConvWeights` holds them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DenseConv {
+    pub c_in: usize,
+    pub c_out: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub kp: usize,
+    pub depthwise: bool,
+}
+
+impl DenseConv {
+    pub(crate) fn of(w: &ConvWeights) -> Self {
+        Self {
+            c_in: w.c_in,
+            c_out: w.c_out,
+            kh: w.kh,
+            kw: w.kw,
+            stride: w.spec.stride,
+            pad: w.spec.padding,
+            kp: w.kp,
+            depthwise: w.depthwise,
+        }
+    }
+}
+
+impl Geometry {
+    /// `None` when the kernel does not take this convolution (the caller keeps its
+    /// previous path): depthwise, 1x1 stride-1 products (cuBLASLt does those well),
+    /// input channel counts that are not multiples of 8, or sizes past 32-bit indices.
+    /// Any output channel count is taken (odd ones store element by element).
+    pub(crate) fn new(input: [usize; 4], out_hw: (usize, usize), cv: DenseConv) -> Option<Self> {
+        let [n, h, w, c] = input;
+        let (oh, ow) = out_hw;
+        let pointwise = cv.kh == 1 && cv.kw == 1 && cv.stride == 1 && cv.pad == 0;
+        if cv.depthwise || pointwise || c != cv.c_in || cv.stride == 0 {
+            return None;
+        }
+        if c == 0 || !c.is_multiple_of(8) || cv.c_out == 0 {
+            return None;
+        }
+        let k = cv.kh.checked_mul(cv.kw)?.checked_mul(c)?;
+        let m = n.checked_mul(oh)?.checked_mul(ow)?;
+        let pixels_in = n.checked_mul(h)?.checked_mul(w)?;
+        let limit = i32::MAX as usize - 2 * TILE_M;
+        // The sentinel row offset in conv.cu is -2^30: taps and sizes stay far below it.
+        let small = |v: usize| v < (1 << 28);
+        if cv.kp != k || m == 0 || m > limit || k > limit || pixels_in > limit {
+            return None;
+        }
+        if ![h, w, oh, ow, cv.kh, cv.kw, cv.pad, cv.c_out]
+            .into_iter()
+            .all(small)
+            || !small(oh * cv.stride + cv.kh)
+            || !small(ow * cv.stride + cv.kw)
+        {
+            return None;
+        }
+        let n_tiles = cv.c_out.div_ceil(TILE_N);
+        let blocks = m.div_ceil(TILE_M).checked_mul(n_tiles)?;
+        if blocks > i32::MAX as usize {
+            return None;
+        }
+        Some(Self {
+            h,
+            w,
+            c,
+            oh,
+            ow,
+            c_out: cv.c_out,
+            kw: cv.kw,
+            stride: cv.stride,
+            pad: cv.pad,
+            m,
+            k,
+            kp: cv.kp,
+            n_tiles,
+            blocks,
+        })
+    }
+
+    /// The kernel's arguments after its five pointers, in declaration order.
+    fn int_args(&self, act: Activation) -> [Arg; 14] {
+        let i = |v: usize| Arg::I32(v as i32);
+        [
+            i(self.h),
+            i(self.w),
+            i(self.c),
+            i(self.oh),
+            i(self.ow),
+            i(self.c_out),
+            i(self.kw),
+            i(self.stride),
+            i(self.pad),
+            i(self.m),
+            i(self.k),
+            i(self.kp),
+            i(self.n_tiles),
+            Arg::I32(crate::conv::act_code(act)),
+        ]
+    }
+}
+
+/// The launch for `x` through `w`, when the kernel is loaded and takes the shapes and
+/// pointers.
+pub(crate) fn plan(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    w: &ConvWeights,
+    out_hw: (usize, usize),
+    residual: Option<&CudaTensor>,
+) -> Option<Geometry> {
+    if !matches!(be.kernels.igemm, IgemmSlot::Ready(_)) {
+        return None;
+    }
+    let aligned = |p: u64| p.is_multiple_of(16);
+    if !aligned(x.ptr()) || !aligned(w.weight.ptr()) || !residual.is_none_or(|r| aligned(r.ptr())) {
+        return None;
+    }
+    Geometry::new(x.dims, out_hw, DenseConv::of(w))
+}
+
+/// Runs the planned convolution: `act(conv(x) + bias) + residual` into a new tensor.
+pub(crate) fn run(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    w: &ConvWeights,
+    g: &Geometry,
+    act: Activation,
+    residual: Option<&CudaTensor>,
+) -> Result<CudaTensor> {
+    let IgemmSlot::Ready(kernel) = &be.kernels.igemm else {
+        return Err(EngineError::Device(
+            "implicit-GEMM convolution planned without its kernel".into(),
+        ));
+    };
+    let n = x.dims[0];
+    let out = be.alloc_tensor([n, g.oh, g.ow, g.c_out])?;
+    if !out.ptr().is_multiple_of(16) {
+        // The pool hands out 512-byte aligned blocks; anything else is a bug there.
+        return Err(EngineError::Device(format!(
+            "convolution output at {:#x} is not 16-byte aligned",
+            out.ptr()
+        )));
+    }
+    let mut args = vec![
+        Arg::Ptr(x.ptr()),
+        Arg::Ptr(w.weight.ptr()),
+        Arg::Ptr(w.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
+        Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)),
+        Arg::Ptr(out.ptr()),
+    ];
+    args.extend(g.int_args(act));
+    launch(&be.ctx, kernel, g.blocks as u32, &args)?;
+    Ok(out)
+}
+
+fn launch(ctx: &Context, k: &IgemmKernel, blocks: u32, args: &[Arg]) -> CudaResult<()> {
+    if ctx.is_dry() {
+        return Ok(());
+    }
+    let mut vals: Vec<Arg> = args.to_vec();
+    let mut ptrs: Vec<*mut c_void> = vals
+        .iter_mut()
+        .map(|a| match a {
+            Arg::Ptr(p) => p as *mut u64 as *mut c_void,
+            Arg::I32(v) => v as *mut i32 as *mut c_void,
+            Arg::I64(v) => v as *mut i64 as *mut c_void,
+            Arg::F32(v) => v as *mut f32 as *mut c_void,
+        })
+        .collect();
+    // SAFETY: the arguments mirror conv_igemm's parameter list (a test counts them);
+    // values live in `vals` until the call returns and the driver copies them at launch.
+    // The shared memory is static (46 KB), so no dynamic size is passed.
+    unsafe {
+        result::launch_kernel(
+            k.func,
+            (blocks.max(1), 1, 1),
+            (THREADS, 1, 1),
+            0,
+            ctx.stream,
+            &mut ptrs,
+        )?
+    };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv3(c_in: usize, c_out: usize, stride: usize) -> DenseConv {
+        DenseConv {
+            c_in,
+            c_out,
+            kh: 3,
+            kw: 3,
+            stride,
+            pad: 1,
+            kp: 9 * c_in,
+            depthwise: false,
+        }
+    }
+
+    #[test]
+    fn takes_dense_convolutions_with_channels_in_eights() {
+        let g = Geometry::new([2, 17, 23, 64], (17, 23), conv3(64, 64, 1));
+        let g = g.expect("3x3 64->64 fits");
+        assert_eq!(g.m, 2 * 17 * 23);
+        assert_eq!(g.k, 576);
+        assert_eq!(g.n_tiles, 1);
+        assert_eq!(g.blocks, (2 * 17 * 23usize).div_ceil(128));
+        let s2 = Geometry::new([1, 80, 80, 128], (40, 40), conv3(128, 256, 2));
+        assert_eq!(s2.map(|g| (g.n_tiles, g.blocks)), Some((4, 13 * 4)));
+        let five = DenseConv {
+            kh: 5,
+            kw: 5,
+            pad: 2,
+            kp: 25 * 8,
+            ..conv3(8, 16, 1)
+        };
+        assert!(Geometry::new([1, 9, 9, 8], (9, 9), five).is_some());
+        // A 1x1 with stride 2 is no plain product: the kernel takes it.
+        let strided_1x1 = DenseConv {
+            kh: 1,
+            kw: 1,
+            pad: 0,
+            kp: 16,
+            ..conv3(16, 16, 2)
+        };
+        assert!(Geometry::new([1, 8, 8, 16], (4, 4), strided_1x1).is_some());
+        // Any output count, e.g. a 3-channel image output: one channel tile.
+        let out3 = Geometry::new([1, 8, 8, 96], (8, 8), conv3(96, 3, 1));
+        assert_eq!(out3.map(|g| g.n_tiles), Some(1));
+        assert!(Geometry::new([1, 8, 8, 96], (8, 8), conv3(96, 0, 1)).is_none());
+    }
+
+    #[test]
+    fn leaves_other_convolutions_to_the_previous_paths() {
+        // The 3-channel image input, other odd inputs, pointwise, depthwise, padded K.
+        let image = DenseConv {
+            kp: 32,
+            ..conv3(3, 48, 1)
+        };
+        assert!(Geometry::new([1, 8, 8, 3], (8, 8), image).is_none());
+        assert!(Geometry::new([1, 8, 8, 12], (8, 8), conv3(12, 16, 1)).is_none());
+        let pointwise = DenseConv {
+            kh: 1,
+            kw: 1,
+            pad: 0,
+            kp: 64,
+            ..conv3(64, 64, 1)
+        };
+        assert!(Geometry::new([1, 8, 8, 64], (8, 8), pointwise).is_none());
+        let dw = DenseConv {
+            depthwise: true,
+            ..conv3(64, 64, 1)
+        };
+        assert!(Geometry::new([1, 8, 8, 64], (8, 8), dw).is_none());
+        let padded = DenseConv {
+            kp: 9 * 64 + 8,
+            ..conv3(64, 64, 1)
+        };
+        assert!(Geometry::new([1, 8, 8, 64], (8, 8), padded).is_none());
+        // Input channels that disagree with the weights, and 32-bit overflow.
+        assert!(Geometry::new([1, 8, 8, 32], (8, 8), conv3(64, 64, 1)).is_none());
+        assert!(Geometry::new([40_000, 256, 256, 64], (256, 256), conv3(64, 64, 1)).is_none());
+    }
+
+    /// The value of `#define NAME v` in conv.cu.
+    fn define(name: &str) -> usize {
+        let prefix = format!("#define {name} ");
+        let line = CONV_SOURCE
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("conv.cu has no {name}"));
+        line[prefix.len()..]
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} is not a number"))
+    }
+
+    #[test]
+    fn host_constants_match_the_kernel() {
+        assert_eq!(define("IG_BM"), TILE_M);
+        assert_eq!(define("IG_BN"), TILE_N);
+        assert_eq!(define("IG_THREADS"), THREADS as usize);
+        // Static shared memory stays under the 48 KB that needs no opt-in.
+        let smem = define("IG_STAGES") * (define("IG_BM") + define("IG_BN")) * define("IG_LD") * 2;
+        assert!(smem <= 48 * 1024, "{smem} bytes of shared memory");
+        // Rows of 16-byte aligned segments for cp.async and ldmatrix.
+        assert_eq!(define("IG_LD") * 2 % 16, 0);
+        assert_eq!(define("IG_BK") % 16, 0);
+    }
+
+    #[test]
+    fn launch_arguments_match_the_kernel_signature() {
+        let decl = format!("extern \"C\" __global__ void __launch_bounds__(IG_THREADS)\n{KERNEL}(");
+        let start = CONV_SOURCE.find(&decl).expect("conv_igemm is declared") + decl.len();
+        let end = start + CONV_SOURCE[start..].find(')').expect("parameter list ends");
+        let params: Vec<&str> = CONV_SOURCE[start..end].split(',').map(str::trim).collect();
+        let pointers = params.iter().filter(|p| p.contains('*')).count();
+        assert_eq!(pointers, 5);
+        let g = Geometry::new([1, 8, 8, 8], (8, 8), conv3(8, 8, 1)).expect("fits");
+        assert_eq!(params.len(), 5 + g.int_args(Activation::Gelu).len());
+        // The integer arguments in the order int_args gives them.
+        let names: Vec<&str> = params[5..]
+            .iter()
+            .map(|p| p.trim_start_matches("int ").trim())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "H", "W", "C", "OH", "OW", "Cout", "KW", "stride", "pad", "M", "K", "Kp",
+                "n_tiles", "act"
+            ]
+        );
+    }
+
+    #[test]
+    fn sources_per_storage_type() {
+        assert!(conv_source(Storage::F32).is_none());
+        let f16 = conv_source(Storage::F16).expect("fp16 source");
+        let bf16 = conv_source(Storage::BF16).expect("bf16 source");
+        assert!(f16.contains("typedef __half T;") && !f16.contains("#define IGEMM_BF16"));
+        assert!(bf16.contains("typedef __nv_bfloat16 T;") && bf16.contains("#define IGEMM_BF16 1"));
+        for src in [f16, bf16] {
+            assert!(!src.contains('\0'));
+            assert_eq!(src.matches('{').count(), src.matches('}').count());
+            assert_eq!(src.matches('(').count(), src.matches(')').count());
+        }
+    }
+}
