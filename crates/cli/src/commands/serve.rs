@@ -2,20 +2,21 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use aperture_engine::{HostTensor, NamedTensors, Precision, TensorSpec};
+use aperture_cuda::preprocess::{PreprocessSpec, Preprocessor};
+use aperture_engine::{NamedTensors, Precision, TensorSpec};
 use aperture_models::dfine::{coco_category_id, post_process};
 use aperture_server::{
     ArchitectureRegistry, BuildError, GpuMetrics, ImageAdapter, ModelConfig, ModelContext,
     ModelSource, PlanarImageAdapter, Repository, ServeOptions,
 };
-use aperture_vision::{pil_bilinear, to_nchw_f32, DecodedImage, HF_RESCALE_FACTOR};
+use aperture_vision::{DecodedImage, HF_RESCALE_FACTOR};
 use clap::Args;
 
-use crate::device::DeviceArgs;
+use crate::device::{Device, DeviceArgs};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -112,13 +113,39 @@ fn registry(device: &DeviceArgs) -> ArchitectureRegistry {
     }
     // Restormer downsamples three times: pad to a multiple of 8, crop back.
     r.register_image_adapter("restormer", Arc::new(PlanarImageAdapter::padded(8)));
-    r.register_image_adapter("dfine", Arc::new(DetrImages));
+    r.register_image_adapter("dfine", Arc::new(DetrImages::new(device)));
     r
 }
 
 /// D-FINE / RT-DETR images: PIL-bilinear resize to the model's input size, rescale
-/// 1/255 (no mean/std), and HF's focal-loss post-processing in original pixels.
-struct DetrImages;
+/// 1/255 (no mean/std), and HF's focal-loss post-processing in original pixels. The
+/// resize and rescale run on the GPU the models run on (the same bytes as on the CPU).
+struct DetrImages {
+    device: DeviceArgs,
+    /// Chosen on first use, so that serving no detector opens no GPU for it.
+    pre: OnceLock<Preprocessor>,
+}
+
+impl DetrImages {
+    fn new(device: &DeviceArgs) -> Self {
+        Self {
+            device: device.clone(),
+            pre: OnceLock::new(),
+        }
+    }
+
+    fn preprocessor(&self) -> &Preprocessor {
+        self.pre.get_or_init(|| match self.device.device {
+            Device::Cpu => Preprocessor::Cpu,
+            Device::Auto | Device::Cuda => {
+                Preprocessor::new(Some(self.device.gpu)).unwrap_or_else(|e| {
+                    tracing::info!("image preprocessing on the CPU: {e}");
+                    Preprocessor::Cpu
+                })
+            }
+        })
+    }
+}
 
 impl ImageAdapter for DetrImages {
     fn preprocess(
@@ -128,17 +155,15 @@ impl ImageAdapter for DetrImages {
     ) -> Result<NamedTensors, BuildError> {
         let spec = inputs.first().ok_or("model has no inputs")?;
         let rgb = image.to_rgb8();
-        let (h, w) = match spec.shape.as_slice() {
-            [3, h, w] if *h > 0 && *w > 0 => (*h as u32, *w as u32),
-            _ => (rgb.height(), rgb.width()),
+        let size = match spec.shape.as_slice() {
+            [3, h, w] if *h > 0 && *w > 0 => Some((*h as usize, *w as usize)),
+            _ => None,
         };
-        let resized = if (h, w) == (rgb.height(), rgb.width()) {
-            rgb
-        } else {
-            pil_bilinear(&rgb, w, h)?
+        let steps = PreprocessSpec {
+            size,
+            ..PreprocessSpec::keep_size().rescale(HF_RESCALE_FACTOR)
         };
-        let data = to_nchw_f32(&resized, HF_RESCALE_FACTOR);
-        let t = HostTensor::from_f32(vec![1, 3, h as usize, w as usize], data)?;
+        let t = self.preprocessor().run(&[&rgb], &steps)?;
         Ok(vec![(spec.name.clone(), t)])
     }
 
