@@ -422,18 +422,22 @@ impl Backend for CudaBackend {
             bytes as f64,
             || {
                 let out = self.alloc_tensor(x.dims)?;
-                let pixels_per_block = 8usize;
-                let grid = p.div_ceil(pixels_per_block) as u32;
-                let kernel = if c % 2 == 0 && c <= 512 {
-                    "layer_norm2"
+                // Eight lanes per pixel with 16-byte accesses when the channels allow it,
+                // else a warp per pixel.
+                let (kernel, lanes) = if c % 8 == 0 && c <= 384 && x.ptr().is_multiple_of(16) {
+                    ("layer_norm8", 8usize)
+                } else if c % 2 == 0 && c <= 512 {
+                    ("layer_norm2", 32)
                 } else {
-                    "layer_norm"
+                    ("layer_norm", 32)
                 };
+                let pixels_per_block = 256 / lanes;
+                let grid = p.div_ceil(pixels_per_block) as u32;
                 self.kernels.launch(
                     &self.ctx,
                     kernel,
                     (grid.max(1), 1, 1),
-                    (pixels_per_block * 32) as u32,
+                    256,
                     0,
                     &[
                         Arg::Ptr(x.ptr()),

@@ -10,6 +10,9 @@ use crate::backend::{ConvWeights, CudaBackend, CudaTensor};
 use crate::gemm::{GemmCall, Operand};
 use crate::kernels::Arg;
 
+/// Output rows per thread of the vectorised depthwise kernels (DW8_ROWS in vector.cu).
+const DW8_ROWS: usize = 16;
+
 /// Largest patch buffer for one im2col chunk.
 const IM2COL_BUDGET: usize = 1 << 30;
 
@@ -206,6 +209,19 @@ pub(crate) fn depthwise_gelu_gate(
                 Arg::I32(wd as i32),
                 Arg::I32(c as i32),
             ];
+            if half % 128 == 0 && x.ptr().is_multiple_of(16) {
+                // A warp per column and sixteen channel groups of each half, strips of
+                // DW8_ROWS rows (vector.cu).
+                let threads = (half / 128) * wd * 32;
+                let grid = (
+                    threads.div_ceil(256) as u32,
+                    (n * h.div_ceil(DW8_ROWS)) as u32,
+                    1,
+                );
+                be.kernels
+                    .launch(&be.ctx, "dwconv3x3_gate_v8", grid, 256, 0, &args)?;
+                return Ok(out);
+            }
             // Four columns and two channel pairs per thread (DW_XT in ops.cu).
             let per_row = (wd.div_ceil(4) * half / 2).div_ceil(256) as u32;
             be.kernels.launch(
@@ -266,6 +282,22 @@ pub(crate) fn conv2d(
                 && w.spec.padding == 1
                 && c % 2 == 0
                 && n * oh <= 65_535;
+            let aligned =
+                x.ptr().is_multiple_of(16) && residual.is_none_or(|r| r.ptr().is_multiple_of(16));
+            if fast && c % 8 == 0 && aligned {
+                args.extend([h, wd, c].map(|v| Arg::I32(v as i32)));
+                args.push(Arg::I32(act_code(act)));
+                // A thread per (column, eight channels), strips of DW8_ROWS rows.
+                let threads = wd * c / 8;
+                let grid = (
+                    threads.div_ceil(256) as u32,
+                    (n * h.div_ceil(DW8_ROWS)) as u32,
+                    1,
+                );
+                be.kernels
+                    .launch(&be.ctx, "dwconv3x3_v8", grid, 256, 0, &args)?;
+                return Ok(out);
+            }
             if fast {
                 args.extend([h, wd, c].map(|v| Arg::I32(v as i32)));
                 args.push(Arg::I32(act_code(act)));

@@ -219,8 +219,8 @@ impl Gemm {
                     4,
                 )?;
             }
-            let mut found = [std::mem::zeroed::<sys::cublasLtMatmulHeuristicResult_t>();
-                CANDIDATES];
+            let mut found =
+                [std::mem::zeroed::<sys::cublasLtMatmulHeuristicResult_t>(); CANDIDATES];
             let mut count = 0i32;
             let status = sys::cublasLtMatmulAlgoGetHeuristic(
                 self.handle,

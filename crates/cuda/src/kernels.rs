@@ -11,6 +11,7 @@ use crate::nvrtc;
 
 pub const OPS_SOURCE: &str = include_str!("../kernels/ops.cu");
 pub const ATTENTION_SOURCE: &str = include_str!("../kernels/attention.cu");
+pub const VECTOR_SOURCE: &str = include_str!("../kernels/vector.cu");
 
 /// Every kernel entry point the backend launches.
 pub const KERNEL_NAMES: &[&str] = &[
@@ -18,6 +19,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "nhwc_to_nchw",
     "layer_norm",
     "layer_norm2",
+    "layer_norm8",
+    "dwconv3x3_v8",
+    "dwconv3x3_gate_v8",
     "dwconv",
     "dwconv3x3",
     "dwconv3x3_gate",
@@ -71,7 +75,13 @@ pub fn preamble(s: Storage) -> &'static str {
 
 /// The full translation unit for one storage type.
 pub fn full_source(s: Storage) -> String {
-    format!("{}\n{}\n{}\n", preamble(s), OPS_SOURCE, ATTENTION_SOURCE)
+    format!(
+        "{}\n{}\n{}\n{}\n",
+        preamble(s),
+        OPS_SOURCE,
+        ATTENTION_SOURCE,
+        VECTOR_SOURCE
+    )
 }
 
 /// A kernel argument, stored by value so that its address stays valid for the launch.
@@ -196,7 +206,9 @@ mod tests {
         for name in KERNEL_NAMES {
             let decl = format!("extern \"C\" __global__ void {name}(");
             assert!(
-                OPS_SOURCE.contains(&decl) || ATTENTION_SOURCE.contains(&decl),
+                [OPS_SOURCE, ATTENTION_SOURCE, VECTOR_SOURCE]
+                    .iter()
+                    .any(|s| s.contains(&decl)),
                 "{name} is not declared in the kernel sources"
             );
             assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));

@@ -320,6 +320,48 @@ pub fn op_parity(gpu: &CudaBackend, seed: u64) -> Result<Vec<ParityRow>> {
         Op::GeluGate,
         vec![rng.tensor(vec![n, 254, h, w], 2.0)],
     ));
+    // Vectorised kernels (vector.cu) on inputs taller than one 16-row strip, with
+    // partial strips and odd widths.
+    let (th, tw) = (37usize, 29usize);
+    cases.push((
+        "depthwise3x3 40 gelu +residual (vector kernel, 3 strips)".into(),
+        Op::Conv {
+            w: rng.tensor(vec![40, 1, 3, 3], 0.5),
+            b: Some(rng.tensor(vec![40], 0.5)),
+            spec: ConvSpec {
+                stride: 1,
+                padding: 1,
+                groups: 40,
+            },
+            act: Activation::Gelu,
+            residual: true,
+        },
+        vec![
+            rng.tensor(vec![1, 40, th, tw], 1.0),
+            rng.tensor(vec![1, 40, th, tw], 1.0),
+        ],
+    ));
+    cases.push((
+        "depthwise3x3 + gelu_gate 512->256 (vector kernel, 3 strips)".into(),
+        Op::DepthwiseGate {
+            w: rng.tensor(vec![512, 1, 3, 3], 0.5),
+            b: Some(rng.tensor(vec![512], 0.2)),
+        },
+        vec![rng.tensor(vec![2, 512, th, tw], 2.0)],
+    ));
+    for (c, bias) in [(384usize, true), (392, false), (8, true)] {
+        cases.push((
+            format!(
+                "layer_norm {c} {}",
+                if bias { "with bias" } else { "bias-free" }
+            ),
+            Op::Norm {
+                w: rng.tensor(vec![c], 1.0),
+                b: bias.then(|| rng.tensor(vec![c], 1.0)),
+            },
+            vec![rng.tensor(vec![1, c, 3, 11], 3.0)],
+        ));
+    }
     for (c, bias) in [(256usize, true), (96, false)] {
         cases.push((
             format!("depthwise3x3 + gelu_gate {c}->{}", c / 2),
@@ -478,10 +520,17 @@ fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
             "im2col"
         };
         let bias = i % 3 != 1;
+        let act_name = match act {
+            Activation::Identity => "id",
+            Activation::Gelu => "gelu",
+            Activation::Relu => "relu",
+            Activation::Silu => "silu",
+        };
+        // e.g. "conv3x3/2 128->256 19x25x2 relu b [igemm]": stride, input size x batch.
         let name = format!(
-            "conv{k}x{k} s{stride} p{pad} {ci}->{co} {h}x{w} b{n} {act:?}{}{} [{path}]",
-            if bias { " bias" } else { "" },
-            if residual { " +residual" } else { "" },
+            "conv{k}x{k}/{stride} p{pad} {ci}->{co} {h}x{w}x{n} {act_name}{}{} [{path}]",
+            if bias { " b" } else { "" },
+            if residual { " +res" } else { "" },
         );
         let wt = rng.tensor(vec![co, ci, k, k], 1.0 / ((ci * k * k) as f32).sqrt());
         let b = bias.then(|| rng.tensor(vec![co], 0.5));

@@ -215,66 +215,66 @@ impl<B: Backend> Restormer<B> {
                 self.config.inp_channels
             )));
         }
+        // Each intermediate is dropped as soon as its last reader is enqueued, so the
+        // activation memory (and a captured graph's planned block) holds only what is
+        // still needed: the three skip connections, the image and the current level.
         let level = |i: usize, x: B::Tensor| self.run_level(b, &self.levels[i], x);
         let none = Activation::Identity;
-        let e1 = level(0, b.conv2d(img, &self.patch_embed, none, None)?)?;
-        let e2 = level(
-            1,
-            b.pixel_unshuffle(&b.conv2d(&e1, &self.down1_2, none, None)?, 2)?,
-        )?;
-        let e3 = level(
-            2,
-            b.pixel_unshuffle(&b.conv2d(&e2, &self.down2_3, none, None)?, 2)?,
-        )?;
-        let lat = level(
-            3,
-            b.pixel_unshuffle(&b.conv2d(&e3, &self.down3_4, none, None)?, 2)?,
-        )?;
-        let up3 = b.pixel_shuffle(&b.conv2d(&lat, &self.up4_3, none, None)?, 2)?;
-        let d3 = b.conv2d(
-            &b.concat_channels(&up3, &e3)?,
-            &self.reduce_chan_level3,
-            none,
-            None,
-        )?;
-        let d3 = level(4, d3)?;
-        let up2 = b.pixel_shuffle(&b.conv2d(&d3, &self.up3_2, none, None)?, 2)?;
-        let d2 = b.conv2d(
-            &b.concat_channels(&up2, &e2)?,
-            &self.reduce_chan_level2,
-            none,
-            None,
-        )?;
-        let d2 = level(5, d2)?;
-        let up1 = b.pixel_shuffle(&b.conv2d(&d2, &self.up2_1, none, None)?, 2)?;
-        let d1 = level(6, b.concat_channels(&up1, &e1)?)?;
-        let refined = level(7, d1)?;
+        let conv = |x: &B::Tensor, p: &B::Param| b.conv2d(x, p, none, None);
+        let e1 = level(0, conv(img, &self.patch_embed)?)?;
+        let e2 = level(1, b.pixel_unshuffle(&conv(&e1, &self.down1_2)?, 2)?)?;
+        let e3 = level(2, b.pixel_unshuffle(&conv(&e2, &self.down2_3)?, 2)?)?;
+        let lat = level(3, b.pixel_unshuffle(&conv(&e3, &self.down3_4)?, 2)?)?;
+        let up3 = b.pixel_shuffle(&conv(&lat, &self.up4_3)?, 2)?;
+        drop(lat);
+        let cat3 = b.concat_channels(&up3, &e3)?;
+        drop((up3, e3));
+        let d3 = level(4, conv(&cat3, &self.reduce_chan_level3)?)?;
+        drop(cat3);
+        let up2 = b.pixel_shuffle(&conv(&d3, &self.up3_2)?, 2)?;
+        drop(d3);
+        let cat2 = b.concat_channels(&up2, &e2)?;
+        drop((up2, e2));
+        let d2 = level(5, conv(&cat2, &self.reduce_chan_level2)?)?;
+        drop(cat2);
+        let up1 = b.pixel_shuffle(&conv(&d2, &self.up2_1)?, 2)?;
+        drop(d2);
+        let cat1 = b.concat_channels(&up1, &e1)?;
+        drop((up1, e1));
+        let refined = level(7, level(6, cat1)?)?;
         // Global residual: the network predicts a correction to the input image.
         Ok(b.conv2d(&refined, &self.output, none, Some(img))?)
     }
 
     fn run_level(&self, b: &B, blocks: &[Block<B::Param>], mut x: B::Tensor) -> Result<B::Tensor> {
         for blk in blocks {
-            x = self.run_block(b, blk, &x)?;
+            x = self.run_block(b, blk, x)?;
         }
         Ok(x)
     }
 
-    fn run_block(&self, b: &B, blk: &Block<B::Param>, x: &B::Tensor) -> Result<B::Tensor> {
+    /// One transformer block; `x` is consumed so that it can be freed once the attention
+    /// residual has read it.
+    fn run_block(&self, b: &B, blk: &Block<B::Param>, x: B::Tensor) -> Result<B::Tensor> {
         let none = Activation::Identity;
-        let n1 = b.layer_norm(x, &blk.norm1.weight, blk.norm1.bias.as_ref(), LN_EPS)?;
+        let n1 = b.layer_norm(&x, &blk.norm1.weight, blk.norm1.bias.as_ref(), LN_EPS)?;
         let qkv = b.conv2d(&n1, &blk.qkv, none, None)?;
-        let qkv = b.conv2d(&qkv, &blk.qkv_dwconv, none, None)?;
-        let x = b.channel_attention(
-            &qkv,
+        drop(n1);
+        let qkv_dw = b.conv2d(&qkv, &blk.qkv_dwconv, none, None)?;
+        drop(qkv);
+        let y = b.channel_attention(
+            &qkv_dw,
             blk.heads,
             &blk.temperature,
             &blk.attn_project_out,
-            Some(x),
+            Some(&x),
         )?;
-        let n2 = b.layer_norm(&x, &blk.norm2.weight, blk.norm2.bias.as_ref(), LN_EPS)?;
+        drop((qkv_dw, x));
+        let n2 = b.layer_norm(&y, &blk.norm2.weight, blk.norm2.bias.as_ref(), LN_EPS)?;
         let hidden = b.conv2d(&n2, &blk.project_in, none, None)?;
+        drop(n2);
         let gated = b.depthwise_gelu_gate(&hidden, &blk.ffn_dwconv)?;
-        Ok(b.conv2d(&gated, &blk.ffn_project_out, none, Some(&x))?)
+        drop(hidden);
+        Ok(b.conv2d(&gated, &blk.ffn_project_out, none, Some(&y))?)
     }
 }
