@@ -16,7 +16,7 @@ use aperture_server::{
 use aperture_vision::{DecodedImage, HF_RESCALE_FACTOR};
 use clap::Args;
 
-use crate::device::{Device, DeviceArgs};
+use crate::device::DeviceArgs;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -80,8 +80,10 @@ pub struct ServeArgs {
 /// Architectures the server can load. Real models register here next to the built-ins.
 fn registry(device: &DeviceArgs) -> ArchitectureRegistry {
     let mut r = ArchitectureRegistry::with_builtins();
+    let detr = Arc::new(DetrImages::default());
     for arch in ["restormer", "dfine"] {
         let device = device.clone();
+        let detr = detr.clone();
         r.register(arch, move |ctx: &ModelContext| {
             // config.toml's precision and instance GPU override the command line.
             let mut device = device.clone();
@@ -108,42 +110,42 @@ fn registry(device: &DeviceArgs) -> ArchitectureRegistry {
                 )
                 .into());
             }
+            if arch == "dfine" {
+                // Preprocess where the model runs, set up now rather than under a capture.
+                let on_gpu = runner.device().starts_with("cuda");
+                detr.choose(on_gpu.then_some(device.gpu));
+            }
             Ok(Arc::from(runner))
         });
     }
     // Restormer downsamples three times: pad to a multiple of 8, crop back.
     r.register_image_adapter("restormer", Arc::new(PlanarImageAdapter::padded(8)));
-    r.register_image_adapter("dfine", Arc::new(DetrImages::new(device)));
+    r.register_image_adapter("dfine", detr);
     r
 }
 
 /// D-FINE / RT-DETR images: PIL-bilinear resize to the model's input size, rescale
 /// 1/255 (no mean/std), and HF's focal-loss post-processing in original pixels. The
 /// resize and rescale run on the GPU the models run on (the same bytes as on the CPU).
+#[derive(Default)]
 struct DetrImages {
-    device: DeviceArgs,
-    /// Chosen on first use, so that serving no detector opens no GPU for it.
+    /// Chosen when the first D-FINE model loads: the GPU it runs on, or the CPU.
     pre: OnceLock<Preprocessor>,
 }
 
 impl DetrImages {
-    fn new(device: &DeviceArgs) -> Self {
-        Self {
-            device: device.clone(),
-            pre: OnceLock::new(),
-        }
+    fn choose(&self, gpu: Option<usize>) {
+        self.pre.get_or_init(|| {
+            Preprocessor::new(gpu).unwrap_or_else(|e| {
+                tracing::warn!("image preprocessing on the CPU: {e}");
+                Preprocessor::Cpu
+            })
+        });
     }
 
     fn preprocessor(&self) -> &Preprocessor {
-        self.pre.get_or_init(|| match self.device.device {
-            Device::Cpu => Preprocessor::Cpu,
-            Device::Auto | Device::Cuda => {
-                Preprocessor::new(Some(self.device.gpu)).unwrap_or_else(|e| {
-                    tracing::info!("image preprocessing on the CPU: {e}");
-                    Preprocessor::Cpu
-                })
-            }
-        })
+        static CPU: Preprocessor = Preprocessor::Cpu;
+        self.pre.get().unwrap_or(&CPU)
     }
 }
 

@@ -2,12 +2,20 @@
 //! One call at a time (a mutex over the scratch buffers, which only grow): images go
 //! into page-locked memory, up in one copy with the tap tables, through the resize
 //! passes and the conversion, and the f32 batch comes back in one copy.
+//!
+//! Nothing here may synchronise the whole device: a model on another stream may be
+//! capturing a CUDA graph at the same time, and a device-wide synchronisation (as
+//! `cuMemFree` and `cuMemFreeHost` do) would invalidate that capture. Device scratch
+//! therefore comes from the stream-ordered allocator (`cuMemAllocAsync` /
+//! `cuMemFreeAsync` on this stream), and outgrown page-locked buffers are kept until
+//! the preprocessor is dropped (they grow by doubling, so that is less than the
+//! current size).
 
 use std::sync::{Arc, Mutex};
 
 use aperture_engine::{EngineError, HostTensor, Result};
 use aperture_vision::RgbImage;
-use cudarc::driver::result;
+use cudarc::driver::{result, sys};
 
 use super::plan::{plan_batch, BatchPlan, Region, Step};
 use super::{PreprocessSpec, TensorLayout};
@@ -20,6 +28,10 @@ pub const PREPROCESS_SOURCE: &str = include_str!("../../kernels/preprocess.cu");
 /// Every entry point of `preprocess.cu`.
 pub const PREPROCESS_KERNELS: &[&str] = &["pre_resize_h", "pre_resize_v", "pre_to_float"];
 
+/// Device scratch sizes are rounded up to this, so that slightly larger images do not
+/// reallocate.
+const DEVICE_ROUND: usize = 1 << 20;
+
 /// A device allocation that grows on demand (contents are not kept).
 #[derive(Default)]
 struct DevMem {
@@ -28,22 +40,24 @@ struct DevMem {
 }
 
 impl DevMem {
-    /// At least `bytes`; call with the context current and no work pending on it.
-    fn ensure(&mut self, bytes: usize) -> CudaResult<u64> {
+    /// At least `bytes`, stream-ordered on `stream`; call with the context current.
+    fn ensure(&mut self, bytes: usize, stream: sys::CUstream) -> CudaResult<u64> {
         if bytes > self.bytes || self.ptr == 0 {
-            self.free();
-            // SAFETY: a plain allocation, freed in `free`.
-            self.ptr = unsafe { result::malloc_sync(bytes.max(1))? };
-            self.bytes = bytes.max(1);
+            self.free(stream);
+            let size = bytes.max(1).next_multiple_of(DEVICE_ROUND);
+            // SAFETY: a stream-ordered allocation, freed in `free` on the same stream.
+            self.ptr = unsafe { result::malloc_async(stream, size)? };
+            self.bytes = size;
         }
         Ok(self.ptr)
     }
 
-    fn free(&mut self) {
+    /// Returns the memory after the work already enqueued on `stream`.
+    fn free(&mut self, stream: sys::CUstream) {
         if self.ptr != 0 {
-            // SAFETY: allocated by malloc_sync and not used after this.
+            // SAFETY: allocated by malloc_async; nothing enqueued later uses it.
             unsafe {
-                let _ = result::free_sync(self.ptr);
+                let _ = result::free_async(self.ptr, stream);
             }
         }
         self.ptr = 0;
@@ -51,10 +65,12 @@ impl DevMem {
     }
 }
 
-/// Page-locked host memory that grows on demand.
+/// Page-locked host memory that grows on demand (by doubling; see the module notes).
 struct Pinned {
     ptr: *mut u8,
     bytes: usize,
+    /// Outgrown buffers, freed on drop.
+    retired: Vec<(*mut u8, usize)>,
 }
 
 impl Default for Pinned {
@@ -62,6 +78,7 @@ impl Default for Pinned {
         Self {
             ptr: std::ptr::null_mut(),
             bytes: 0,
+            retired: Vec::new(),
         }
     }
 }
@@ -69,10 +86,14 @@ impl Default for Pinned {
 impl Pinned {
     fn ensure(&mut self, bytes: usize) -> CudaResult<()> {
         if bytes > self.bytes || self.ptr.is_null() {
-            self.free();
+            let size = bytes.max(1).max(self.bytes.saturating_mul(2));
             // SAFETY: a plain allocation, freed in `free`.
-            self.ptr = unsafe { result::malloc_host(bytes.max(1), 0)? } as *mut u8;
-            self.bytes = bytes.max(1);
+            let ptr = unsafe { result::malloc_host(size, 0)? } as *mut u8;
+            if !self.ptr.is_null() {
+                self.retired.push((self.ptr, self.bytes));
+            }
+            self.ptr = ptr;
+            self.bytes = size;
         }
         Ok(())
     }
@@ -89,10 +110,13 @@ impl Pinned {
     }
 
     fn free(&mut self) {
-        if !self.ptr.is_null() {
-            // SAFETY: allocated by malloc_host and not used after this.
-            unsafe {
-                let _ = result::free_host(self.ptr as *mut std::ffi::c_void);
+        self.retired.push((self.ptr, self.bytes));
+        for (ptr, _) in self.retired.drain(..) {
+            if !ptr.is_null() {
+                // SAFETY: allocated by malloc_host and not used after this.
+                unsafe {
+                    let _ = result::free_host(ptr as *mut std::ffi::c_void);
+                }
             }
         }
         self.ptr = std::ptr::null_mut();
@@ -122,17 +146,17 @@ impl Scratch {
         }
     }
 
-    fn release(&mut self) {
+    /// Frees everything; the stream must be idle afterwards before the page-locked
+    /// memory goes (the caller synchronises in between).
+    fn release_device(&mut self, stream: sys::CUstream) {
         for m in [
             &mut self.input,
             &mut self.tmp,
             &mut self.resized,
             &mut self.out,
         ] {
-            m.free();
+            m.free(stream);
         }
-        self.pin_in.free();
-        self.pin_out.free();
     }
 }
 
@@ -173,7 +197,7 @@ impl GpuPreprocessor {
         let n = images.len() * plan.image_elems();
         let mut s = self.lock()?;
         self.ctx.bind()?;
-        let out = s.out.ensure(n * 4)?;
+        let out = s.out.ensure(n * 4, self.ctx.stream)?;
         self.enqueue(&mut s, &plan, images, spec, Some(out))?;
         s.pin_out.ensure(n * 4)?;
         let host = s.pin_out.f32_mut(n);
@@ -243,11 +267,12 @@ impl GpuPreprocessor {
         spec: &PreprocessSpec,
         out: Option<u64>,
     ) -> Result<()> {
-        // No work is pending on the stream here (every call ends synchronised), so
-        // growing a buffer cannot free memory a kernel still uses.
-        s.input.ensure(plan.input_bytes)?;
-        s.tmp.ensure(plan.tmp_bytes)?;
-        s.resized.ensure(plan.resized_bytes)?;
+        // Outgrown device buffers are freed in stream order; page-locked ones are kept
+        // (every call ends synchronised, so none is being copied from here).
+        let stream = self.ctx.stream;
+        s.input.ensure(plan.input_bytes, stream)?;
+        s.tmp.ensure(plan.tmp_bytes, stream)?;
+        s.resized.ensure(plan.resized_bytes, stream)?;
         s.pin_in.ensure(plan.input_bytes)?;
         let raw: Vec<&[u8]> = images.iter().map(|i| i.as_raw().as_slice()).collect();
         plan.fill_input(&raw, s.pin_in.bytes_mut(plan.input_bytes))?;
@@ -353,9 +378,11 @@ impl Drop for GpuPreprocessor {
     fn drop(&mut self) {
         // Free with the context current; the kernel module is unloaded after this.
         if self.ctx.bind().is_ok() {
-            let _ = self.ctx.synchronize();
             if let Ok(mut s) = self.scratch.lock() {
-                s.release();
+                s.release_device(self.ctx.stream);
+                let _ = self.ctx.synchronize();
+                s.pin_in.free();
+                s.pin_out.free();
             }
         }
     }
