@@ -316,3 +316,143 @@ fn bad_batches_are_errors() {
     let plan = plan_batch(&[(4, 4), (4, 4)], &PreprocessSpec::keep_size()).unwrap();
     assert_eq!((plan.out_h, plan.out_w), (4, 4));
 }
+
+/// Writes every case's input buffer, launches and expected output for the harness.
+fn write_harness_cases(dir: &std::path::Path) {
+    use std::io::Write;
+    let mut idx = std::fs::File::create(dir.join("cases.txt")).unwrap();
+    let cases = [
+        ((1280, 960), (640, 640), false, TensorLayout::Nchw),
+        ((300, 200), (640, 640), true, TensorLayout::Nhwc),
+        ((333, 251), (97, 131), true, TensorLayout::Nchw),
+        ((640, 640), (640, 640), false, TensorLayout::Nchw),
+        ((300, 900), (640, 640), true, TensorLayout::Nchw),
+        ((500, 640), (640, 640), false, TensorLayout::Nhwc),
+        ((640, 427), (640, 640), false, TensorLayout::Nchw),
+        ((1, 1), (7, 5), false, TensorLayout::Nchw),
+        ((7, 5), (1, 1), true, TensorLayout::Nchw),
+        ((2016, 1512), (640, 640), true, TensorLayout::Nchw),
+    ];
+    for (ci, ((w, h), (ow, oh), norm, layout)) in cases.into_iter().enumerate() {
+        let a = test_image(w, h, ci as u32);
+        let b = test_image(w / 2 + 1, h / 3 + 1, ci as u32 + 50);
+        let mut spec = PreprocessSpec::resize(oh as usize, ow as usize)
+            .rescale(HF_RESCALE_FACTOR)
+            .with_layout(layout);
+        if norm {
+            spec = spec.normalized([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
+        }
+        let images = [&a, &b];
+        let plan = plan_batch(&sizes(&images), &spec).unwrap();
+        let raw: Vec<&[u8]> = images.iter().map(|i| i.as_raw().as_slice()).collect();
+        let mut input = vec![0u8; plan.input_bytes];
+        plan.fill_input(&raw, &mut input).unwrap();
+        std::fs::write(dir.join(format!("{ci}.in")), &input).unwrap();
+        let want = preprocess_cpu(&images, &spec).unwrap().to_f32_vec();
+        let bytes: Vec<u8> = want.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        std::fs::write(dir.join(format!("{ci}.want")), bytes).unwrap();
+        let (m, s) = spec.normalize.unwrap_or(([0.0; 3], [1.0; 3]));
+        let reg = |r: Region| match r {
+            Region::Input(at) => format!("0 {at}"),
+            Region::Tmp => "1 0".into(),
+            Region::Resized => "2 0".into(),
+        };
+        writeln!(
+            idx,
+            "C {ci} {} {} {} {} {} {} {} {} {} {} {} {} {} {}",
+            plan.input_bytes,
+            plan.tmp_bytes,
+            plan.resized_bytes,
+            want.len(),
+            (spec.layout == TensorLayout::Nhwc) as i32,
+            spec.scale.to_bits(),
+            norm as i32,
+            m[0].to_bits(),
+            m[1].to_bits(),
+            m[2].to_bits(),
+            s[0].to_bits(),
+            s[1].to_bits(),
+            s[2].to_bits(),
+            plan.steps.len()
+        )
+        .unwrap();
+        for st in &plan.steps {
+            match *st {
+                Step::Horizontal {
+                    src,
+                    dst,
+                    rows,
+                    in_w,
+                    out_w,
+                    taps,
+                    ksize,
+                } => writeln!(
+                    idx,
+                    "H {} {} {rows} {in_w} {out_w} {taps} {ksize}",
+                    reg(src),
+                    reg(dst)
+                ),
+                Step::Vertical {
+                    src,
+                    dst,
+                    w,
+                    first_row,
+                    out_h,
+                    taps,
+                    ksize,
+                } => writeln!(
+                    idx,
+                    "V {} {} {w} {first_row} {out_h} {taps} {ksize}",
+                    reg(src),
+                    reg(dst)
+                ),
+                Step::ToFloat { src, pixels, out } => {
+                    writeln!(idx, "F {} {pixels} {out}", reg(src))
+                }
+            }
+            .unwrap();
+        }
+    }
+}
+
+/// The kernel source itself, compiled as C++ and run on the CPU (CUDA's launch
+/// geometry, one thread at a time) over the plan's launches, gives exactly the CPU
+/// path's values. Skipped where there is no C++ compiler.
+#[test]
+fn kernel_source_run_as_cpp_is_bit_exact() {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    if std::process::Command::new(&cxx)
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: no C++ compiler ({cxx})");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("aperture-preprocess-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_harness_cases(&dir);
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let source = here.join("kernels/preprocess.cu");
+    let exe = dir.join("harness");
+    let built = std::process::Command::new(&cxx)
+        .args(["-O2", "-std=c++17", "-o"])
+        .arg(&exe)
+        .arg(format!("-DPRE_SOURCE=\"{}\"", source.display()))
+        .arg(here.join("src/preprocess/cpu_harness.cpp"))
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let run = std::process::Command::new(&exe).arg(&dir).output().unwrap();
+    let out = String::from_utf8_lossy(&run.stdout);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        run.status.success() && out.contains("ALL BIT-EXACT"),
+        "{out}"
+    );
+    assert_eq!(out.matches(" 0 differ").count(), 10, "{out}");
+}
