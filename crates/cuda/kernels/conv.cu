@@ -8,21 +8,27 @@
 //   A[m][k] = x[n, oy*stride + ky - pad, ox*stride + kx - pad, ci], zero outside the image
 //   B[co][k] = w[co*Kp + k]           (weights [Cout][Kp], K contiguous)
 // A is never written to memory: each K chunk is gathered from x straight into shared
-// memory. The host guarantees: C % 8 == 0 (so an 8-channel, 16-byte segment of K lies in
-// one tap and is 16-byte aligned; then Kp == KH*KW*C and weight rows are aligned too),
-// 16-byte aligned pointers, N*H*W, M and the block count below 2^31. Cout is free.
+// memory. Two tile shapes: 128 pixels x 64 channels (4 warps, conv_igemm) and 128 x 128
+// (8 warps, conv_igemm_n128, for wide outputs: half the input traffic per product);
+// every warp computes 64 pixels x 32 channels.
+// The host guarantees: C % 8 == 0 (so an 8-channel, 16-byte segment of K lies in one tap
+// and is 16-byte aligned; then Kp == KH*KW*C and weight rows are aligned too), 16-byte
+// aligned pointers, N*H*W, M and the block count below 2^31. Cout is free.
 
 typedef unsigned short ig_u16;
 typedef long long ig_i64;
 
 #define IG_BM 128     // output pixels per block
-#define IG_BN 64      // output channels per block
 #define IG_BK 32      // K elements per pipeline stage
 #define IG_STAGES 3   // cp.async pipeline depth
 // Shared row stride in elements: 80 bytes, so the 8 row addresses of one ldmatrix fall
 // in 8 different 16-byte bank groups (a 64-byte stride would conflict 2-way).
 #define IG_LD 40
-#define IG_THREADS 128  // 4 warps, 2 x 2, each 64 pixels x 32 channels
+// Block shapes: WN warps along the channels (2 or 4), two along the pixels.
+#define IG_BN_SMALL 64
+#define IG_BN_WIDE 128
+// Dynamic shared memory of a block with WN warps along the channels (bytes).
+#define IG_SMEM_BYTES(WN) (IG_STAGES * (IG_BM + 32 * (WN)) * IG_LD * 2)
 
 #ifdef IGEMM_BF16
 #define IG_MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
@@ -86,65 +92,75 @@ __device__ __forceinline__ void ig_advance(int& ci, int& kx, int& ky, int d, int
     }
 }
 
-// The gather state of one thread: its 4 A rows (input pixel of tap (0, 0), or far
-// outside the image for rows past M), its 2 B rows, and where in K its segment of the
-// next chunk lies.
+// The gather state of one thread: its A rows (input pixel of tap (0, 0), or far outside
+// the image for rows past M), its 2 B rows, and where in K its segment of the next chunk
+// lies. AR = A rows per thread (4 with 128 threads, 2 with 256).
+template <int AR>
 struct IgLoader {
-    int iy0[4], ix0[4], pix[4];
+    int iy0[AR], ix0[AR], pix[AR];
     const T* wrow[2];
     bool wok[2];
     int kb, ci, kx, ky;
 };
 
 // Issues the cp.async copies of the next K chunk into one pipeline stage and moves the
-// loader on by one chunk. as: [IG_BM][IG_LD], bs: [IG_BN][IG_LD] of that stage.
-__device__ __forceinline__ void ig_load_chunk(IgLoader& L, ig_u16* as, ig_u16* bs, int lrow, int seg,
+// loader on by one chunk. as: [IG_BM][IG_LD], bs: [BN][IG_LD] of that stage; this thread
+// fills rows lrow + step*i of both.
+template <int AR>
+__device__ __forceinline__ void ig_load_chunk(IgLoader<AR>& L, ig_u16* as, ig_u16* bs, int lrow, int step, int seg,
                                               const T* __restrict__ x, const T* __restrict__ w, int H, int W,
                                               int C, int KW, int K) {
     const bool kin = L.kb < K;
 #pragma unroll
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < AR; i++) {
         int iy = L.iy0[i] + L.ky;
         int ix = L.ix0[i] + L.kx;
         bool ok = kin && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W;
         const T* src = ok ? x + ((ig_i64)(L.pix[i] + iy * W + ix) * C + L.ci) : x;
-        ig_cp16(ig_smem(as + (lrow + 32 * i) * IG_LD + seg * 8), src, ok);
+        ig_cp16(ig_smem(as + (lrow + step * i) * IG_LD + seg * 8), src, ok);
     }
 #pragma unroll
     for (int j = 0; j < 2; j++) {
         bool ok = kin && L.wok[j];
         const T* src = ok ? L.wrow[j] + L.kb : w;
-        ig_cp16(ig_smem(bs + (lrow + 32 * j) * IG_LD + seg * 8), src, ok);
+        ig_cp16(ig_smem(bs + (lrow + step * j) * IG_LD + seg * 8), src, ok);
     }
     L.kb += IG_BK;
     ig_advance(L.ci, L.kx, L.ky, IG_BK, C, KW);
 }
 
-// Grid: one block per (128-pixel tile, 64-channel tile), 1-D with the channel tile
+extern __shared__ __align__(16) ig_u16 ig_shared[];
+
+// One block per (128-pixel tile, BN-channel tile); the grid is 1-D with the channel tile
 // fastest so that the blocks sharing an input tile run together (L2 reuse).
-extern "C" __global__ void __launch_bounds__(IG_THREADS)
-conv_igemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
-           const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,
-           int stride, int pad, int M, int K, int Kp, int n_tiles, int act) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-    __shared__ __align__(16) ig_u16 As[IG_STAGES][IG_BM][IG_LD];
-    __shared__ __align__(16) ig_u16 Bs[IG_STAGES][IG_BN][IG_LD];
+template <int WN>
+__device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+                                        const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH,
+                                        int OW, int Cout, int KW, int stride, int pad, int M, int K, int Kp,
+                                        int n_tiles, int act) {
+    constexpr int THREADS = 64 * WN;
+    constexpr int BN = 32 * WN;
+    constexpr int STEP = THREADS / 4;     // rows between one thread's A (and B) rows
+    constexpr int AR = IG_BM / STEP;      // A rows per thread
+    static_assert(BN / STEP == 2, "two B rows per thread");
+    ig_u16* As = ig_shared;                              // [IG_STAGES][IG_BM][IG_LD]
+    ig_u16* Bs = ig_shared + IG_STAGES * IG_BM * IG_LD;  // [IG_STAGES][BN][IG_LD]
 
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
     const int m0 = (int)(blockIdx.x / n_tiles) * IG_BM;
-    const int n0 = (int)(blockIdx.x % n_tiles) * IG_BN;
+    const int n0 = (int)(blockIdx.x % n_tiles) * BN;
 
     // Loader role: this thread copies the 8-element segment `seg` of each K chunk for
-    // tile rows lrow + 32*i (A: 4 rows, B: 2 rows).
+    // tile rows lrow + STEP*i.
     const int seg = tid & 3;
     const int lrow = tid >> 2;
-    IgLoader L;
+    IgLoader<AR> L;
     const int ohw = OH * OW;
 #pragma unroll
-    for (int i = 0; i < 4; i++) {
-        int m = m0 + lrow + 32 * i;
+    for (int i = 0; i < AR; i++) {
+        int m = m0 + lrow + STEP * i;
         if (m < M) {
             int n = m / ohw;
             int r = m - n * ohw;
@@ -162,7 +178,7 @@ conv_igemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict
     }
 #pragma unroll
     for (int j = 0; j < 2; j++) {
-        int co = n0 + lrow + 32 * j;
+        int co = n0 + lrow + STEP * j;
         L.wok[j] = co < Cout;
         L.wrow[j] = L.wok[j] ? w + (ig_i64)co * Kp : w;
     }
@@ -184,7 +200,7 @@ conv_igemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict
     const int KT = (K + IG_BK - 1) / IG_BK;
 #pragma unroll
     for (int s = 0; s < IG_STAGES - 1; s++) {
-        if (s < KT) ig_load_chunk(L, &As[s][0][0], &Bs[s][0][0], lrow, seg, x, w, H, W, C, KW, K);
+        if (s < KT) ig_load_chunk<AR>(L, As + s * IG_BM * IG_LD, Bs + s * BN * IG_LD, lrow, STEP, seg, x, w, H, W, C, KW, K);
         // Always commit (possibly an empty group) so that group i is chunk i.
         ig_commit();
     }
@@ -198,14 +214,15 @@ conv_igemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict
         __syncthreads();
         if (kt + IG_STAGES - 1 < KT) {
             const int ls = (kt + IG_STAGES - 1) % IG_STAGES;
-            ig_load_chunk(L, &As[ls][0][0], &Bs[ls][0][0], lrow, seg, x, w, H, W, C, KW, K);
+            ig_load_chunk<AR>(L, As + ls * IG_BM * IG_LD, Bs + ls * BN * IG_LD, lrow, STEP, seg, x, w, H, W, C, KW, K);
         }
         ig_commit();
 
-        // A warp whose 32 channels all lie past Cout (Cout <= 32, or the last channel
+        // A warp whose 32 channels all lie past Cout (small Cout, or the last channel
         // tile) has nothing to compute; the condition is uniform across the warp.
         if (n0 + wn >= Cout) continue;
-        const int s = kt % IG_STAGES;
+        const ig_u16* as = As + (kt % IG_STAGES) * IG_BM * IG_LD;
+        const ig_u16* bs = Bs + (kt % IG_STAGES) * BN * IG_LD;
 #pragma unroll
         for (int kk = 0; kk < IG_BK; kk += 16) {
             unsigned af[4][4], bf[4][2];
@@ -215,7 +232,7 @@ conv_igemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict
                 // the four 8x8 matrices come back as the mma A fragment a0..a3.
                 int row = wm + mi * 16 + (lane & 15);
                 int col = kk + (lane >> 4) * 8;
-                ig_ldsm4(ig_smem(&As[s][row][col]), af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
+                ig_ldsm4(ig_smem(as + row * IG_LD + col), af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
             }
 #pragma unroll
             for (int nj = 0; nj < 2; nj++) {
@@ -223,7 +240,7 @@ conv_igemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict
                 // = b0, b1 of channel tile 2nj, then b0, b1 of tile 2nj+1.
                 int row = wn + nj * 16 + ((lane >> 4) << 3) + (lane & 7);
                 int col = kk + ((lane >> 3) & 1) * 8;
-                ig_ldsm4(ig_smem(&Bs[s][row][col]), bf[2 * nj][0], bf[2 * nj][1], bf[2 * nj + 1][0],
+                ig_ldsm4(ig_smem(bs + row * IG_LD + col), bf[2 * nj][0], bf[2 * nj][1], bf[2 * nj + 1][0],
                          bf[2 * nj + 1][1]);
             }
 #pragma unroll
@@ -280,5 +297,28 @@ conv_igemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict
             }
         }
     }
+}
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define IG_ARCH_OK 1
+#endif
+
+// The two entry points share one parameter list (conv_igemm.rs passes the same
+// arguments to either); shared memory is dynamic: IG_SMEM_BYTES(WN) at launch.
+extern "C" __global__ void __launch_bounds__(128)
+conv_igemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+           const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,
+           int stride, int pad, int M, int K, int Kp, int n_tiles, int act) {
+#ifdef IG_ARCH_OK
+    ig_conv<2>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, act);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+conv_igemm_n128(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+                const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,
+                int stride, int pad, int M, int K, int Kp, int n_tiles, int act) {
+#ifdef IG_ARCH_OK
+    ig_conv<4>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, act);
 #endif
 }

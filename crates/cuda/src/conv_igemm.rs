@@ -25,14 +25,60 @@ mod sim;
 
 pub const CONV_SOURCE: &str = include_str!("../kernels/conv.cu");
 
-/// Entry point in `conv.cu`.
-const KERNEL: &str = "conv_igemm";
-/// Tile sizes and block size; `conv.cu`'s IG_BM, IG_BN, IG_THREADS (a test checks).
+/// Pixels per block (`conv.cu`'s IG_BM; a test checks).
 const TILE_M: usize = 128;
-const TILE_N: usize = 64;
-const THREADS: u32 = 128;
-/// Environment switch: `0` keeps every convolution on the im2col path.
+/// Environment switch: `0` keeps every convolution on the im2col path, `64` uses only
+/// the 64-channel tile (for A/B timing of the two shapes).
 const ENV_SWITCH: &str = "APERTURE_CONV_IGEMM";
+
+/// The block shapes of `conv.cu`: 128 pixels x 64 or 128 output channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tile {
+    /// `conv_igemm`: 4 warps.
+    N64,
+    /// `conv_igemm_n128`: 8 warps, half the input traffic per product.
+    N128,
+}
+
+impl Tile {
+    const ALL: [Tile; 2] = [Tile::N64, Tile::N128];
+
+    fn entry(self) -> &'static str {
+        match self {
+            Tile::N64 => "conv_igemm",
+            Tile::N128 => "conv_igemm_n128",
+        }
+    }
+    /// Warps along the channels (two along the pixels).
+    pub(crate) fn warps_n(self) -> usize {
+        match self {
+            Tile::N64 => 2,
+            Tile::N128 => 4,
+        }
+    }
+    pub(crate) fn channels(self) -> usize {
+        32 * self.warps_n()
+    }
+    fn threads(self) -> u32 {
+        64 * self.warps_n() as u32
+    }
+    /// Dynamic shared memory: 3 stages of A [128][40] and B [channels][40], 2 bytes each
+    /// (`IG_SMEM_BYTES` in conv.cu).
+    fn smem_bytes(self) -> u32 {
+        (3 * (TILE_M + self.channels()) * 40 * 2) as u32
+    }
+
+    /// The wide tile where the outputs fill it and it still gives every multiprocessor
+    /// a block; else the 64-channel one (more blocks for small batches).
+    pub(crate) fn choose(c_out: usize, m: usize, multiprocessors: usize, wide_ok: bool) -> Tile {
+        let wide_blocks = m.div_ceil(TILE_M) * c_out.div_ceil(Tile::N128.channels());
+        if wide_ok && c_out > Tile::N64.channels() && wide_blocks >= multiprocessors {
+            Tile::N128
+        } else {
+            Tile::N64
+        }
+    }
+}
 
 /// The translation unit for a storage type, or `None` for fp32 (no 16-bit tensor-core
 /// product to run).
@@ -45,10 +91,12 @@ pub fn conv_source(s: Storage) -> Option<String> {
     Some(format!("{}\n{select}{CONV_SOURCE}\n", preamble(s)))
 }
 
-/// The loaded kernel.
+/// The loaded kernels: the 64-channel tile always, the 128-channel one unless switched
+/// off or refused its shared memory.
 pub(crate) struct IgemmKernel {
     module: sys::CUmodule,
-    func: sys::CUfunction,
+    small: sys::CUfunction,
+    wide: Option<sys::CUfunction>,
 }
 
 // SAFETY: module and function handles are immutable driver objects, usable from any
@@ -90,7 +138,8 @@ impl IgemmSlot {
                 ctx.capability.0, ctx.capability.1
             ));
         }
-        match load_kernel(ctx, &source) {
+        let wide = !std::env::var(ENV_SWITCH).is_ok_and(|v| v.trim() == "64");
+        match load_kernel(ctx, &source, wide) {
             Ok(k) => Self::Ready(k),
             Err(e) => {
                 eprintln!("warning: implicit-GEMM convolution unavailable, using im2col: {e}");
@@ -110,37 +159,69 @@ impl IgemmSlot {
     pub(crate) fn failed(&self) -> bool {
         matches!(self, Self::Failed(_))
     }
+
+    /// Whether the 128-channel tile is loaded.
+    pub(crate) fn wide(&self) -> bool {
+        matches!(self, Self::Ready(k) if k.wide.is_some())
+    }
 }
 
-fn load_kernel(ctx: &Context, source: &str) -> CudaResult<IgemmKernel> {
+fn load_kernel(ctx: &Context, source: &str, wide: bool) -> CudaResult<IgemmKernel> {
     let (cubin, _) = nvrtc::compile_cached(source, ctx.capability)?;
     ctx.bind()?;
     // SAFETY: `cubin` is a complete CUBIN image for this device.
     let module = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void)? };
-    let name = CString::new(KERNEL).map_err(|_| CudaError::Driver("bad kernel name".into()))?;
-    // SAFETY: the module is loaded; the name is NUL-terminated.
-    let func = match unsafe { result::module::get_function(module, name) } {
-        Ok(f) => f,
-        Err(e) => {
-            // SAFETY: nothing of the module is in use yet.
-            unsafe {
-                let _ = result::module::unload(module);
+    let mut funcs = Vec::new();
+    for tile in Tile::ALL {
+        let name =
+            CString::new(tile.entry()).map_err(|_| CudaError::Driver("bad kernel name".into()))?;
+        // SAFETY: the module is loaded; the name is NUL-terminated.
+        match unsafe { result::module::get_function(module, name) } {
+            Ok(f) => funcs.push(f),
+            Err(e) => {
+                // SAFETY: nothing of the module is in use yet.
+                unsafe {
+                    let _ = result::module::unload(module);
+                }
+                return Err(e.into());
             }
-            return Err(e.into());
         }
-    };
-    // Best effort, both: load now rather than at a first launch that may fall inside a
-    // graph capture; prefer shared memory over L1 (46 KB per block, four blocks per SM).
-    // SAFETY: `func` is a function of the loaded module.
-    unsafe {
-        let _ = sys::cuFuncLoad(func);
-        let _ = sys::cuFuncSetAttribute(
-            func,
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-            100,
-        );
     }
-    Ok(IgemmKernel { module, func })
+    use sys::CUfunction_attribute::*;
+    for (&f, tile) in funcs.iter().zip(Tile::ALL) {
+        // Best effort: load now rather than at a first launch that may fall inside a
+        // graph capture; prefer shared memory over L1 (46-60 KB per block).
+        // SAFETY: `f` is a function of the loaded module.
+        unsafe {
+            let _ = sys::cuFuncLoad(f);
+            let _ =
+                sys::cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100);
+            let _ = sys::cuFuncSetAttribute(
+                f,
+                CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                tile.smem_bytes() as i32,
+            );
+        }
+    }
+    // Above 48 KB the dynamic shared memory needs the opt-in just made; a GPU that did
+    // not take it runs the 64-channel tile only.
+    let wide_fn = funcs[1];
+    let mut granted = 0i32;
+    // SAFETY: plain out-parameter; `wide_fn` is a function of the loaded module.
+    let wide_ok = wide
+        && unsafe {
+            sys::cuFuncGetAttribute(
+                &mut granted,
+                CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                wide_fn,
+            )
+        } == sys::CUresult::CUDA_SUCCESS
+        && granted >= Tile::N128.smem_bytes() as i32;
+    Ok(IgemmKernel {
+        module,
+        small: funcs[0],
+        wide: wide_ok.then_some(wide_fn),
+    })
 }
 
 /// The sizes of one launch, checked against what the kernel assumes.
@@ -160,6 +241,8 @@ pub(crate) struct Geometry {
     /// `kh * kw * c` (the reduction).
     pub k: usize,
     pub kp: usize,
+    pub tile: Tile,
+    /// Channel tiles (the grid is pixel tiles x channel tiles, channel tile fastest).
     pub n_tiles: usize,
     pub blocks: usize,
 }
@@ -197,7 +280,12 @@ impl Geometry {
     /// previous path): depthwise, 1x1 stride-1 products (cuBLASLt does those well),
     /// input channel counts that are not multiples of 8, or sizes past 32-bit indices.
     /// Any output channel count is taken (odd ones store element by element).
-    pub(crate) fn new(input: [usize; 4], out_hw: (usize, usize), cv: DenseConv) -> Option<Self> {
+    pub(crate) fn new(
+        input: [usize; 4],
+        out_hw: (usize, usize),
+        cv: DenseConv,
+        tile: Tile,
+    ) -> Option<Self> {
         let [n, h, w, c] = input;
         let (oh, ow) = out_hw;
         let pointwise = cv.kh == 1 && cv.kw == 1 && cv.stride == 1 && cv.pad == 0;
@@ -224,7 +312,7 @@ impl Geometry {
         {
             return None;
         }
-        let n_tiles = cv.c_out.div_ceil(TILE_N);
+        let n_tiles = cv.c_out.div_ceil(tile.channels());
         let blocks = m.div_ceil(TILE_M).checked_mul(n_tiles)?;
         if blocks > i32::MAX as usize {
             return None;
@@ -242,6 +330,7 @@ impl Geometry {
             m,
             k,
             kp: cv.kp,
+            tile,
             n_tiles,
             blocks,
         })
@@ -278,14 +367,18 @@ pub(crate) fn plan(
     out_hw: (usize, usize),
     residual: Option<&CudaTensor>,
 ) -> Option<Geometry> {
-    if !matches!(be.kernels.igemm, IgemmSlot::Ready(_)) {
+    let IgemmSlot::Ready(kernel) = &be.kernels.igemm else {
         return None;
-    }
+    };
     let aligned = |p: u64| p.is_multiple_of(16);
     if !aligned(x.ptr()) || !aligned(w.weight.ptr()) || !residual.is_none_or(|r| aligned(r.ptr())) {
         return None;
     }
-    Geometry::new(x.dims, out_hw, DenseConv::of(w))
+    let [n, ..] = x.dims;
+    let m = n * out_hw.0 * out_hw.1;
+    let sms = be.multiprocessors().max(1) as usize;
+    let tile = Tile::choose(w.c_out, m, sms, kernel.wide.is_some());
+    Geometry::new(x.dims, out_hw, DenseConv::of(w), tile)
 }
 
 /// Runs the planned convolution: `act(conv(x) + bias) + residual` into a new tensor.
@@ -319,11 +412,22 @@ pub(crate) fn run(
         Arg::Ptr(out.ptr()),
     ];
     args.extend(g.int_args(act));
-    launch(&be.ctx, kernel, g.blocks as u32, &args)?;
+    let func = match g.tile {
+        Tile::N64 => Some(kernel.small),
+        Tile::N128 => kernel.wide,
+    }
+    .ok_or_else(|| EngineError::Device("the 128-channel convolution tile is not loaded".into()))?;
+    launch(&be.ctx, func, g.tile, g.blocks as u32, &args)?;
     Ok(out)
 }
 
-fn launch(ctx: &Context, k: &IgemmKernel, blocks: u32, args: &[Arg]) -> CudaResult<()> {
+fn launch(
+    ctx: &Context,
+    func: sys::CUfunction,
+    tile: Tile,
+    blocks: u32,
+    args: &[Arg],
+) -> CudaResult<()> {
     if ctx.is_dry() {
         return Ok(());
     }
@@ -337,15 +441,15 @@ fn launch(ctx: &Context, k: &IgemmKernel, blocks: u32, args: &[Arg]) -> CudaResu
             Arg::F32(v) => v as *mut f32 as *mut c_void,
         })
         .collect();
-    // SAFETY: the arguments mirror conv_igemm's parameter list (a test counts them);
-    // values live in `vals` until the call returns and the driver copies them at launch.
-    // The shared memory is static (46 KB), so no dynamic size is passed.
+    // SAFETY: the arguments mirror the entry points' shared parameter list (a test
+    // counts them); values live in `vals` until the call returns and the driver copies
+    // them at launch. The dynamic shared memory is the tile's, allowed at load.
     unsafe {
         result::launch_kernel(
-            k.func,
+            func,
             (blocks.max(1), 1, 1),
-            (THREADS, 1, 1),
-            0,
+            (tile.threads(), 1, 1),
+            tile.smem_bytes(),
             ctx.stream,
             &mut ptrs,
         )?
@@ -372,13 +476,13 @@ mod tests {
 
     #[test]
     fn takes_dense_convolutions_with_channels_in_eights() {
-        let g = Geometry::new([2, 17, 23, 64], (17, 23), conv3(64, 64, 1));
+        let g = Geometry::new([2, 17, 23, 64], (17, 23), conv3(64, 64, 1), Tile::N64);
         let g = g.expect("3x3 64->64 fits");
         assert_eq!(g.m, 2 * 17 * 23);
         assert_eq!(g.k, 576);
         assert_eq!(g.n_tiles, 1);
         assert_eq!(g.blocks, (2 * 17 * 23usize).div_ceil(128));
-        let s2 = Geometry::new([1, 80, 80, 128], (40, 40), conv3(128, 256, 2));
+        let s2 = Geometry::new([1, 80, 80, 128], (40, 40), conv3(128, 256, 2), Tile::N64);
         assert_eq!(s2.map(|g| (g.n_tiles, g.blocks)), Some((4, 13 * 4)));
         let five = DenseConv {
             kh: 5,
@@ -387,7 +491,7 @@ mod tests {
             kp: 25 * 8,
             ..conv3(8, 16, 1)
         };
-        assert!(Geometry::new([1, 9, 9, 8], (9, 9), five).is_some());
+        assert!(Geometry::new([1, 9, 9, 8], (9, 9), five, Tile::N64).is_some());
         // A 1x1 with stride 2 is no plain product: the kernel takes it.
         let strided_1x1 = DenseConv {
             kh: 1,
@@ -396,11 +500,11 @@ mod tests {
             kp: 16,
             ..conv3(16, 16, 2)
         };
-        assert!(Geometry::new([1, 8, 8, 16], (4, 4), strided_1x1).is_some());
+        assert!(Geometry::new([1, 8, 8, 16], (4, 4), strided_1x1, Tile::N64).is_some());
         // Any output count, e.g. a 3-channel image output: one channel tile.
-        let out3 = Geometry::new([1, 8, 8, 96], (8, 8), conv3(96, 3, 1));
+        let out3 = Geometry::new([1, 8, 8, 96], (8, 8), conv3(96, 3, 1), Tile::N64);
         assert_eq!(out3.map(|g| g.n_tiles), Some(1));
-        assert!(Geometry::new([1, 8, 8, 96], (8, 8), conv3(96, 0, 1)).is_none());
+        assert!(Geometry::new([1, 8, 8, 96], (8, 8), conv3(96, 0, 1), Tile::N64).is_none());
     }
 
     #[test]
@@ -410,8 +514,8 @@ mod tests {
             kp: 32,
             ..conv3(3, 48, 1)
         };
-        assert!(Geometry::new([1, 8, 8, 3], (8, 8), image).is_none());
-        assert!(Geometry::new([1, 8, 8, 12], (8, 8), conv3(12, 16, 1)).is_none());
+        assert!(Geometry::new([1, 8, 8, 3], (8, 8), image, Tile::N64).is_none());
+        assert!(Geometry::new([1, 8, 8, 12], (8, 8), conv3(12, 16, 1), Tile::N64).is_none());
         let pointwise = DenseConv {
             kh: 1,
             kw: 1,
@@ -419,20 +523,26 @@ mod tests {
             kp: 64,
             ..conv3(64, 64, 1)
         };
-        assert!(Geometry::new([1, 8, 8, 64], (8, 8), pointwise).is_none());
+        assert!(Geometry::new([1, 8, 8, 64], (8, 8), pointwise, Tile::N64).is_none());
         let dw = DenseConv {
             depthwise: true,
             ..conv3(64, 64, 1)
         };
-        assert!(Geometry::new([1, 8, 8, 64], (8, 8), dw).is_none());
+        assert!(Geometry::new([1, 8, 8, 64], (8, 8), dw, Tile::N64).is_none());
         let padded = DenseConv {
             kp: 9 * 64 + 8,
             ..conv3(64, 64, 1)
         };
-        assert!(Geometry::new([1, 8, 8, 64], (8, 8), padded).is_none());
+        assert!(Geometry::new([1, 8, 8, 64], (8, 8), padded, Tile::N64).is_none());
         // Input channels that disagree with the weights, and 32-bit overflow.
-        assert!(Geometry::new([1, 8, 8, 32], (8, 8), conv3(64, 64, 1)).is_none());
-        assert!(Geometry::new([40_000, 256, 256, 64], (256, 256), conv3(64, 64, 1)).is_none());
+        assert!(Geometry::new([1, 8, 8, 32], (8, 8), conv3(64, 64, 1), Tile::N64).is_none());
+        assert!(Geometry::new(
+            [40_000, 256, 256, 64],
+            (256, 256),
+            conv3(64, 64, 1),
+            Tile::N64
+        )
+        .is_none());
     }
 
     /// The value of `#define NAME v` in conv.cu.
@@ -452,25 +562,59 @@ mod tests {
     #[test]
     fn host_constants_match_the_kernel() {
         assert_eq!(define("IG_BM"), TILE_M);
-        assert_eq!(define("IG_BN"), TILE_N);
-        assert_eq!(define("IG_THREADS"), THREADS as usize);
-        // Static shared memory stays under the 48 KB that needs no opt-in.
-        let smem = define("IG_STAGES") * (define("IG_BM") + define("IG_BN")) * define("IG_LD") * 2;
-        assert!(smem <= 48 * 1024, "{smem} bytes of shared memory");
+        assert_eq!(define("IG_BN_SMALL"), Tile::N64.channels());
+        assert_eq!(define("IG_BN_WIDE"), Tile::N128.channels());
+        assert_eq!(define("IG_LD"), 40);
+        assert_eq!(define("IG_STAGES"), 3);
+        for tile in Tile::ALL {
+            let smem = define("IG_STAGES") * (TILE_M + tile.channels()) * define("IG_LD") * 2;
+            assert_eq!(smem, tile.smem_bytes() as usize);
+            // Two warps along the pixels, 32 channels per warp.
+            assert_eq!(tile.threads() as usize, 2 * 32 * tile.warps_n());
+            // Under the 227 KB a block may ask for on sm_90 (and the 99 KB of sm_86).
+            assert!(smem <= 99 * 1024);
+        }
+        assert!(Tile::N64.smem_bytes() <= 48 * 1024);
         // Rows of 16-byte aligned segments for cp.async and ldmatrix.
         assert_eq!(define("IG_LD") * 2 % 16, 0);
         assert_eq!(define("IG_BK") % 16, 0);
     }
 
     #[test]
+    fn wide_tile_only_where_it_fills_the_gpu() {
+        // D-FINE's 256-channel 3x3 at 80x80: batch 32 fills 132 SMs with wide tiles,
+        // batch 1 (100 wide blocks) keeps the 64-channel tile (200 blocks).
+        assert_eq!(Tile::choose(256, 32 * 6400, 132, true), Tile::N128);
+        assert_eq!(Tile::choose(256, 6400, 132, true), Tile::N64);
+        assert_eq!(Tile::choose(256, 32 * 6400, 132, false), Tile::N64);
+        assert_eq!(Tile::choose(64, 32 * 6400, 132, true), Tile::N64);
+        assert_eq!(Tile::choose(72, 132 * 128, 132, true), Tile::N128);
+        let g = Geometry::new([2, 80, 80, 256], (80, 80), conv3(256, 256, 1), Tile::N128);
+        assert_eq!(g.map(|g| (g.n_tiles, g.blocks)), Some((2, 100 * 2)));
+    }
+
+    #[test]
     fn launch_arguments_match_the_kernel_signature() {
-        let decl = format!("extern \"C\" __global__ void __launch_bounds__(IG_THREADS)\n{KERNEL}(");
-        let start = CONV_SOURCE.find(&decl).expect("conv_igemm is declared") + decl.len();
-        let end = start + CONV_SOURCE[start..].find(')').expect("parameter list ends");
-        let params: Vec<&str> = CONV_SOURCE[start..end].split(',').map(str::trim).collect();
+        for (tile, bounds) in [(Tile::N64, "128"), (Tile::N128, "256, 2")] {
+            let decl = format!(
+                "extern \"C\" __global__ void __launch_bounds__({bounds})\n{}(",
+                tile.entry()
+            );
+            let start = CONV_SOURCE.find(&decl).expect("entry point is declared") + decl.len();
+            let end = start + CONV_SOURCE[start..].find(')').expect("parameter list ends");
+            check_parameters(&CONV_SOURCE[start..end]);
+            assert_eq!(
+                bounds.split(',').next(),
+                Some(tile.threads().to_string().as_str())
+            );
+        }
+    }
+
+    fn check_parameters(list: &str) {
+        let params: Vec<&str> = list.split(',').map(str::trim).collect();
         let pointers = params.iter().filter(|p| p.contains('*')).count();
         assert_eq!(pointers, 5);
-        let g = Geometry::new([1, 8, 8, 8], (8, 8), conv3(8, 8, 1)).expect("fits");
+        let g = Geometry::new([1, 8, 8, 8], (8, 8), conv3(8, 8, 1), Tile::N64).expect("fits");
         assert_eq!(params.len(), 5 + g.int_args(Activation::Gelu).len());
         // The integer arguments in the order int_args gives them.
         let names: Vec<&str> = params[5..]

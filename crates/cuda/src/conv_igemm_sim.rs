@@ -5,10 +5,11 @@
 //! the index and fragment arithmetic; the CUDA source itself is checked on a GPU by the
 //! self-test (`selftest::op_parity`).
 
+#[cfg(test)]
+use crate::conv_igemm::Tile;
 use crate::conv_igemm::{DenseConv, Geometry};
 
 const BM: usize = 128;
-const BN: usize = 64;
 const BK: usize = 32;
 const STAGES: usize = 3;
 const LD: usize = 40;
@@ -42,18 +43,21 @@ struct Inputs<'a> {
     g: &'a Geometry,
     x: &'a [f32],
     w: &'a [f32],
+    /// Rows between one thread's tile rows (threads / 4) and A rows per thread.
+    step: usize,
+    a_rows: usize,
 }
 
 /// `ig_load_chunk`: 16-byte segments as 8 values, zeros where the copy reads nothing.
 fn load_chunk(l: &mut Loader, inp: &Inputs, a: &mut [f32], b: &mut [f32], tid: usize) {
     let g = inp.g;
-    let (seg, lrow) = (tid & 3, tid >> 2);
+    let (seg, lrow, step) = (tid & 3, tid >> 2, inp.step);
     let kin = l.kb < g.k;
-    for i in 0..4 {
+    for i in 0..inp.a_rows {
         let iy = l.iy0[i] + l.ky as i64;
         let ix = l.ix0[i] + l.kx as i64;
         let ok = kin && (0..g.h as i64).contains(&iy) && (0..g.w as i64).contains(&ix);
-        let dst = (lrow + 32 * i) * LD + seg * 8;
+        let dst = (lrow + step * i) * LD + seg * 8;
         for e in 0..8 {
             a[dst + e] = if ok {
                 let src = ((l.pix[i] + iy * g.w as i64 + ix) as usize) * g.c + l.ci;
@@ -64,7 +68,7 @@ fn load_chunk(l: &mut Loader, inp: &Inputs, a: &mut [f32], b: &mut [f32], tid: u
         }
     }
     for j in 0..2 {
-        let dst = (lrow + 32 * j) * LD + seg * 8;
+        let dst = (lrow + step * j) * LD + seg * 8;
         for e in 0..8 {
             b[dst + e] = match l.wrow[j] {
                 Some(row) if kin => inp.w[row + l.kb + e],
@@ -134,18 +138,27 @@ pub(crate) fn run(
     res: Option<&[f32]>,
 ) -> Vec<f32> {
     let mut y = vec![f32::NAN; g.m * g.c_out];
-    let inp = Inputs { g, x, w };
+    let wn = g.tile.warps_n();
+    let (threads, bn) = (64 * wn, 32 * wn);
+    let step = threads / 4;
+    let inp = Inputs {
+        g,
+        x,
+        w,
+        step,
+        a_rows: BM / step,
+    };
     let kt_count = g.k.div_ceil(BK);
     for bid in 0..g.blocks {
-        let (m0, n0) = ((bid / g.n_tiles) * BM, (bid % g.n_tiles) * BN);
+        let (m0, n0) = ((bid / g.n_tiles) * BM, (bid % g.n_tiles) * bn);
         // Shared memory starts as NaN: reading a slot nobody wrote poisons the result.
         let mut a_s = vec![f32::NAN; STAGES * BM * LD];
-        let mut b_s = vec![f32::NAN; STAGES * BN * LD];
-        let mut loaders = [Loader::default(); 128];
+        let mut b_s = vec![f32::NAN; STAGES * bn * LD];
+        let mut loaders = vec![Loader::default(); threads];
         for (tid, l) in loaders.iter_mut().enumerate() {
             let lrow = tid >> 2;
-            for i in 0..4 {
-                let m = m0 + lrow + 32 * i;
+            for i in 0..inp.a_rows {
+                let m = m0 + lrow + step * i;
                 if m < g.m {
                     let n = m / (g.oh * g.ow);
                     let r = m - n * g.oh * g.ow;
@@ -158,16 +171,16 @@ pub(crate) fn run(
                 }
             }
             for j in 0..2 {
-                let co = n0 + lrow + 32 * j;
+                let co = n0 + lrow + step * j;
                 l.wrow[j] = (co < g.c_out).then_some(co * g.kp);
             }
             l.kb = (tid & 3) * 8;
             let start = l.kb;
             advance(l, start, g.c, g.kw);
         }
-        let load = |stage: usize, loaders: &mut [Loader; 128], a_s: &mut [f32], b_s: &mut [f32]| {
+        let load = |stage: usize, loaders: &mut [Loader], a_s: &mut [f32], b_s: &mut [f32]| {
             let a = &mut a_s[stage * BM * LD..(stage + 1) * BM * LD];
-            let b = &mut b_s[stage * BN * LD..(stage + 1) * BN * LD];
+            let b = &mut b_s[stage * bn * LD..(stage + 1) * bn * LD];
             for (tid, l) in loaders.iter_mut().enumerate() {
                 load_chunk(l, &inp, a, b, tid);
             }
@@ -177,7 +190,7 @@ pub(crate) fn run(
                 load(s, &mut loaders, &mut a_s, &mut b_s);
             }
         }
-        let mut acc = [[[[0f32; 4]; 32]; 16]; 4]; // [warp][mi*4+ni][lane][reg]
+        let mut acc = vec![[[[0f32; 4]; 32]; 16]; 2 * wn]; // [warp][mi*4+ni][lane][reg]
         for kt in 0..kt_count {
             if kt + STAGES - 1 < kt_count {
                 load((kt + STAGES - 1) % STAGES, &mut loaders, &mut a_s, &mut b_s);
@@ -204,7 +217,7 @@ pub(crate) fn run(
                         let addr: [usize; 32] = std::array::from_fn(|lane| {
                             let row = wn + nj * 16 + ((lane >> 4) << 3) + (lane & 7);
                             let col = kk + ((lane >> 3) & 1) * 8;
-                            (s * BN + row) * LD + col
+                            (s * bn + row) * LD + col
                         });
                         let r = ldmatrix_x4(&b_s, &addr);
                         for lane in 0..32 {
@@ -312,7 +325,7 @@ mod tests {
     fn the_modelled_kernel_computes_the_convolution() {
         // [n, h, w, c_in, c_out, k, stride, pad]: K tails (8, 24 channels), taps spanning
         // chunks, partial pixel and channel tiles, two channel tiles, odd output counts,
-        // strides, 5x5, 2x2 and a strided 1x1.
+        // strides, 5x5, 2x2, a strided 1x1, and 200 outputs (a partial second wide tile).
         let shapes = [
             [2, 9, 11, 8, 8, 3, 1, 1],
             [2, 13, 7, 24, 40, 3, 1, 1],
@@ -322,6 +335,7 @@ mod tests {
             [2, 10, 12, 32, 16, 2, 1, 0],
             [1, 16, 18, 16, 24, 1, 2, 0],
             [1, 21, 20, 48, 24, 3, 2, 0],
+            [1, 12, 15, 16, 200, 3, 1, 1],
         ];
         for (i, [n, h, wd, c, co, k, stride, pad]) in shapes.into_iter().enumerate() {
             let cv = DenseConv {
@@ -338,16 +352,19 @@ mod tests {
                 (h + 2 * pad - k) / stride + 1,
                 (wd + 2 * pad - k) / stride + 1,
             );
-            let g = Geometry::new([n, h, wd, c], (oh, ow), cv).expect("the kernel takes it");
             let seed = 100 * i as u64;
             let x = values(n * h * wd * c, seed + 1);
             let w = values(co * cv.kp, seed + 2);
             let bias = values(co, seed + 3);
             let res = values(n * oh * ow * co, seed + 4);
-            let got = run(&g, &x, &w, Some(&bias), Some(&res));
             let want = direct([n, h, wd, c], cv, oh, ow, &x, &w, &bias, &res);
-            let err = aperture_engine::relative_l2(&got, &want);
-            assert!(err < 1e-5, "shape {:?}: rel L2 {err}", shapes[i]);
+            for tile in [Tile::N64, Tile::N128] {
+                let g =
+                    Geometry::new([n, h, wd, c], (oh, ow), cv, tile).expect("the kernel takes it");
+                let got = run(&g, &x, &w, Some(&bias), Some(&res));
+                let err = aperture_engine::relative_l2(&got, &want);
+                assert!(err < 1e-5, "shape {:?}, {tile:?}: rel L2 {err}", shapes[i]);
+            }
         }
     }
 }

@@ -477,9 +477,10 @@ type Case = (String, Op, Vec<HostTensor>);
 /// them through im2col, still against the CPU): tails of K and of the channel tiles,
 /// chunks spanning taps, strides, 5x5 and 2x2 kernels, odd output counts (Restormer's
 /// 3-channel output with its residual), every activation, residuals, and one
-/// D-FINE-sized 3x3. Each name says which path the GPU takes.
+/// D-FINE-sized 3x3 (batch 2: enough blocks for the 128-channel tile on an H100). Each
+/// name says which path the GPU takes (igemm64, igemm128 or im2col).
 fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
-    use crate::conv_igemm::{DenseConv, Geometry};
+    use crate::conv_igemm::{DenseConv, Geometry, Tile};
     // [n, h, w, c_in, c_out, k, stride, pad], activation, residual
     let shapes: [([usize; 8], Activation, bool); 13] = [
         ([2, 17, 23, 64, 64, 3, 1, 1], Activation::Identity, false),
@@ -494,7 +495,7 @@ fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
         ([2, 12, 20, 96, 192, 3, 1, 1], Activation::Gelu, false),
         ([1, 20, 24, 96, 3, 3, 1, 1], Activation::Identity, true),
         ([2, 9, 10, 16, 5, 3, 1, 1], Activation::Gelu, false),
-        ([1, 80, 80, 256, 256, 3, 1, 1], Activation::Silu, false),
+        ([2, 80, 80, 256, 256, 3, 1, 1], Activation::Silu, false),
     ];
     let ready = gpu.kernels.igemm.reason().is_none();
     let mut cases = Vec::new();
@@ -514,10 +515,11 @@ fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
             kp: k * k * ci,
             depthwise: false,
         };
-        let path = if ready && Geometry::new([n, h, w, ci], (oh, ow), dense).is_some() {
-            "igemm"
-        } else {
-            "im2col"
+        let sms = gpu.multiprocessors().max(1) as usize;
+        let tile = Tile::choose(co, n * oh * ow, sms, gpu.kernels.igemm.wide());
+        let path = match Geometry::new([n, h, w, ci], (oh, ow), dense, tile) {
+            Some(_) if ready => format!("igemm{}", tile.channels()),
+            _ => "im2col".to_string(),
         };
         let bias = i % 3 != 1;
         let act_name = match act {
