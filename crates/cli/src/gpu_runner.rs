@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use aperture_cuda::detection::MultiGraphCache;
+use aperture_cuda::preprocess::{GpuPreprocessor, PreprocessSpec, TensorLayout};
 use aperture_cuda::{CudaBackend, CudaTensor, GraphCache};
 use aperture_engine::{Backend, DType, EngineError, HostTensor, NamedTensors, Runner, TensorSpec};
 use aperture_models::dfine::{pixel_values_input, DFineRunner};
@@ -66,6 +67,10 @@ impl Runner for GraphRestormer {
     }
 }
 
+/// D-FINE's forward pass as the graph caches take it: input -> (logits, boxes).
+type Forward<'a> =
+    dyn Fn(&CudaBackend, &CudaTensor) -> aperture_engine::Result<Vec<CudaTensor>> + 'a;
+
 /// D-FINE on the GPU through one CUDA graph per input shape, captured on first use
 /// (`aperture check-dfine` checks replays against eager passes). Falls back to eager
 /// passes if a capture fails.
@@ -103,18 +108,64 @@ impl GraphDFine {
         Ok(self.runner.detect(pixels)?)
     }
 
+    /// Decoded images -> (`logits`, `pred_boxes`), preprocessed by `pre` (on this
+    /// model's GPU) straight into the captured graph's input: the host sends 8-bit
+    /// pixels only. Falls back to preprocessing into a host tensor where the graph
+    /// path is off.
+    pub fn detect_images(
+        &self,
+        pre: &GpuPreprocessor,
+        images: &[&aperture_vision::RgbImage],
+        spec: &PreprocessSpec,
+    ) -> anyhow::Result<(HostTensor, HostTensor)> {
+        let first = images
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("no images to detect in"))?;
+        let (h, w) = spec
+            .size
+            .unwrap_or((first.height() as usize, first.width() as usize));
+        let shape = [images.len(), 3, h, w];
+        if !self.eager.load(Ordering::Relaxed) && spec.layout == TensorLayout::Nchw {
+            let fill = |ptr: u64, bytes: usize| pre.run_into(images, spec, ptr, bytes);
+            match self.replay_with(&shape, |forward| {
+                self.graphs
+                    .infer_filled(self.runner.backend(), &shape, fill, forward)
+            }) {
+                Ok(out) => return Ok(out),
+                Err(e) => {
+                    tracing::warn!("CUDA graph capture failed ({e:#}); running eagerly");
+                    self.eager.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        self.detect(&pre.run(images, spec)?)
+    }
+
     fn replay(&self, pixels: &HostTensor) -> anyhow::Result<(HostTensor, HostTensor)> {
+        self.replay_with(pixels.shape(), |forward| {
+            self.graphs.infer(self.runner.backend(), pixels, forward)
+        })
+    }
+
+    /// Runs `infer` with the captured forward pass and shapes its two outputs for an
+    /// input of `shape` (NCHW).
+    fn replay_with(
+        &self,
+        shape: &[usize],
+        infer: impl FnOnce(&Forward<'_>) -> aperture_engine::Result<Vec<HostTensor>>,
+    ) -> anyhow::Result<(HostTensor, HostTensor)> {
         let model = self.runner.model();
-        let forward =
-            |b: &CudaBackend, x: &CudaTensor| -> aperture_engine::Result<Vec<CudaTensor>> {
-                let o = model.forward(b, x)?;
-                Ok(vec![o.logits, o.boxes])
-            };
-        let outs = self.graphs.infer(self.runner.backend(), pixels, forward)?;
+        let forward: &Forward<'_> = &|b, x| {
+            let o = model.forward(b, x)?;
+            Ok(vec![o.logits, o.boxes])
+        };
+        let outs = infer(forward)?;
         let [logits, boxes] = <[HostTensor; 2]>::try_from(outs)
             .map_err(|_| anyhow::anyhow!("the captured forward pass gave other outputs"))?;
-        let (n, q) = (pixels.shape()[0], model.num_queries());
-        let c = self.runner.config().num_labels;
+        let n = *shape
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("empty input shape"))?;
+        let (q, c) = (model.num_queries(), self.runner.config().num_labels);
         Ok((
             logits.reshape(vec![n, q, c])?,
             boxes.reshape(vec![n, q, 4])?,

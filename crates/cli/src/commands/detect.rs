@@ -96,6 +96,15 @@ trait Detector {
     /// NCHW pixels -> (`logits [B, Q, C]`, `pred_boxes [B, Q, 4]`).
     fn detect(&self, pixels: &HostTensor) -> anyhow::Result<(HostTensor, HostTensor)>;
     fn config(&self) -> &DFineConfig;
+
+    /// Preprocesses a decoded image and detects in it.
+    fn detect_image(
+        &self,
+        images: &Images,
+        img: &RgbImage,
+    ) -> anyhow::Result<(HostTensor, HostTensor)> {
+        self.detect(&images.pre.run(&[img], &images.spec)?)
+    }
 }
 
 impl<B: Backend> Detector for DFineRunner<B> {
@@ -113,6 +122,17 @@ impl Detector for GraphDFine {
     }
     fn config(&self) -> &DFineConfig {
         self.runner().config()
+    }
+    /// On the GPU, preprocessing writes straight into the captured graph's input.
+    fn detect_image(
+        &self,
+        images: &Images,
+        img: &RgbImage,
+    ) -> anyhow::Result<(HostTensor, HostTensor)> {
+        match images.pre {
+            Preprocessor::Gpu(gpu) => self.detect_images(gpu, &[img], &images.spec),
+            Preprocessor::Cpu => self.detect(&images.pre.run(&[img], &images.spec)?),
+        }
     }
 }
 
@@ -280,8 +300,7 @@ fn detect_one(
 ) -> anyhow::Result<(RgbImage, Vec<Detection>)> {
     let img = decode_file(file, &DecodeLimits::default())?.into_rgb8();
     let (w, h) = (img.width(), img.height());
-    let pixels = images.pre.run(&[&img], &images.spec)?;
-    let (logits, boxes) = runner.detect(&pixels)?;
+    let (logits, boxes) = runner.detect_image(images, &img)?;
     let dets = post_process(
         &logits.to_f32_vec(),
         &boxes.to_f32_vec(),

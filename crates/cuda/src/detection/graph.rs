@@ -239,11 +239,46 @@ impl MultiGraphCache {
                 .map_err(CudaError::from)?;
         }
         e.graph.replay(be)?;
-        let mut out = Vec::with_capacity(e.outs.len());
-        for (buf, d) in &e.outs {
-            let host = be.det_read_f32(buf.ptr(), d.iter().product())?;
-            out.push(HostTensor::from_f32(d.to_vec(), host)?);
-        }
-        Ok(out)
+        read_outputs(be, e)
     }
+
+    /// Like [`MultiGraphCache::infer`] for an input of `shape` (NCHW f32) that
+    /// `fill(ptr, bytes)` writes straight into the graph's device input buffer (e.g.
+    /// GPU preprocessing): no host copy of the input. `fill` must have finished writing
+    /// when it returns (work on another stream synchronised).
+    pub fn infer_filled<F, W>(
+        &self,
+        be: &CudaBackend,
+        shape: &[usize],
+        fill: W,
+        forward: F,
+    ) -> Result<Vec<HostTensor>>
+    where
+        F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<CudaTensor>>,
+        W: FnOnce(u64, usize) -> Result<()>,
+    {
+        self.prepare(be, shape, forward)?;
+        let entries = self
+            .entries
+            .lock()
+            .map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
+        let e = entries
+            .get(shape)
+            .ok_or_else(|| EngineError::Device("graph vanished".into()))?;
+        // Every replay ends with its outputs read back (the stream synchronised), so no
+        // earlier replay still reads the input buffer.
+        fill(e.staging_in.ptr(), shape.iter().product::<usize>() * 4)?;
+        e.graph.replay(be)?;
+        read_outputs(be, e)
+    }
+}
+
+/// Every output of the replay just enqueued, as NHWC f32 host tensors.
+fn read_outputs(be: &CudaBackend, e: &Entry) -> Result<Vec<HostTensor>> {
+    let mut out = Vec::with_capacity(e.outs.len());
+    for (buf, d) in &e.outs {
+        let host = be.det_read_f32(buf.ptr(), d.iter().product())?;
+        out.push(HostTensor::from_f32(d.to_vec(), host)?);
+    }
+    Ok(out)
 }
