@@ -156,6 +156,19 @@ pub fn preprocess_parity(
         u8_mismatches: None,
         f32_max_abs: compare_f32(gpu, &[&c, &c], &spec)?,
     });
+    // Into a device buffer (what a captured graph's input gets), read back.
+    let spec = PreprocessSpec::resize(640, 640).rescale(HF_RESCALE_FACTOR);
+    let want = preprocess_cpu(&[&a, &b], &spec)?;
+    let got = gpu.run_through_device(&[&a, &b], &spec)?;
+    rows.push(PreprocessRow {
+        case: "batch of 2 into a device buffer (run_into)".into(),
+        u8_mismatches: None,
+        f32_max_abs: if got.shape() == want.shape() {
+            max_abs(&got.to_f32_vec(), &want.to_f32_vec())
+        } else {
+            f32::INFINITY
+        },
+    });
     Ok(rows)
 }
 

@@ -235,6 +235,33 @@ impl GpuPreprocessor {
         Ok(())
     }
 
+    /// [`GpuPreprocessor::run_into`] a fresh device buffer, read back: checks the
+    /// device-destination path.
+    pub(crate) fn run_through_device(
+        &self,
+        images: &[&RgbImage],
+        spec: &PreprocessSpec,
+    ) -> Result<HostTensor> {
+        let plan = plan_for(images, spec)?;
+        let n = images.len() * plan.image_elems();
+        self.ctx.bind()?;
+        let mut dst = DevMem::default();
+        let ptr = dst.ensure(n * 4, self.ctx.stream)?;
+        let written = self.run_into(images, spec, ptr, n * 4);
+        let mut host = vec![0f32; n];
+        // SAFETY: `dst` holds `n` f32 values; the stream is synchronised before `host`
+        // is read and before the buffer is freed in stream order.
+        let read = written.and_then(|()| unsafe {
+            self.ctx.bind()?;
+            result::memcpy_dtoh_async(&mut host[..], ptr, self.ctx.stream)
+                .map_err(CudaError::from)?;
+            Ok(self.ctx.synchronize()?)
+        });
+        dst.free(self.ctx.stream);
+        read?;
+        HostTensor::from_f32(plan.out_shape(images.len(), spec.layout), host)
+    }
+
     /// The resize alone (8-bit RGB in, 8-bit RGB out), for checks against the CPU.
     pub fn resize_u8(&self, image: &RgbImage, width: u32, height: u32) -> Result<RgbImage> {
         let spec = PreprocessSpec::resize(height as usize, width as usize);
