@@ -270,7 +270,11 @@ impl GpuPreprocessor {
         let mut s = self.lock()?;
         self.ctx.bind()?;
         self.enqueue(&mut s, &plan, &[image], &spec, None)?;
-        let src = s.region(plan.result[0]);
+        let result = plan
+            .result
+            .first()
+            .ok_or_else(|| EngineError::Device("resize plan without a result".into()))?;
+        let src = s.region(*result);
         s.pin_out.ensure(bytes)?;
         let host = s.pin_out.bytes_mut(bytes);
         // SAFETY: the result region holds `bytes` bytes; `host` is read only after the
@@ -311,7 +315,7 @@ impl GpuPreprocessor {
             result::memcpy_htod_async(input, &src[..], self.ctx.stream).map_err(CudaError::from)?;
         }
         let (norm, mean, std) = match spec.normalize {
-            Some((m, s)) => (1, m, s),
+            Some((m, d)) => (1, m, d),
             None => (0, [0.0; 3], [1.0; 3]),
         };
         let tap = |at: usize| Arg::Ptr(input + at as u64);
