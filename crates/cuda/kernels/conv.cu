@@ -46,9 +46,11 @@ __device__ __forceinline__ float ig_activate(float y, int act) {
     return y;
 }
 
+// Shared-space byte address of a generic pointer to shared memory (taken once per block;
+// the loops add byte offsets to it).
 __device__ __forceinline__ unsigned ig_smem(const void* p) {
     unsigned a;
-    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }\n" : "=r"(a) : "l"(p));
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }\n" : "=r"(a) : "l"(p));
     return a;
 }
 
@@ -104,10 +106,10 @@ struct IgLoader {
 };
 
 // Issues the cp.async copies of the next K chunk into one pipeline stage and moves the
-// loader on by one chunk. as: [IG_BM][IG_LD], bs: [BN][IG_LD] of that stage; this thread
-// fills rows lrow + step*i of both.
+// loader on by one chunk. as, bs: shared addresses of that stage's A [IG_BM][IG_LD] and
+// B [BN][IG_LD]; this thread fills rows lrow + step*i of both.
 template <int AR>
-__device__ __forceinline__ void ig_load_chunk(IgLoader<AR>& L, ig_u16* as, ig_u16* bs, int lrow, int step, int seg,
+__device__ __forceinline__ void ig_load_chunk(IgLoader<AR>& L, unsigned as, unsigned bs, int lrow, int step, int seg,
                                               const T* __restrict__ x, const T* __restrict__ w, int H, int W,
                                               int C, int KW, int K) {
     const bool kin = L.kb < K;
@@ -117,13 +119,13 @@ __device__ __forceinline__ void ig_load_chunk(IgLoader<AR>& L, ig_u16* as, ig_u1
         int ix = L.ix0[i] + L.kx;
         bool ok = kin && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W;
         const T* src = ok ? x + ((ig_i64)(L.pix[i] + iy * W + ix) * C + L.ci) : x;
-        ig_cp16(ig_smem(as + (lrow + step * i) * IG_LD + seg * 8), src, ok);
+        ig_cp16(as + ((lrow + step * i) * IG_LD + seg * 8) * 2, src, ok);
     }
 #pragma unroll
     for (int j = 0; j < 2; j++) {
         bool ok = kin && L.wok[j];
         const T* src = ok ? L.wrow[j] + L.kb : w;
-        ig_cp16(ig_smem(bs + (lrow + step * j) * IG_LD + seg * 8), src, ok);
+        ig_cp16(bs + ((lrow + step * j) * IG_LD + seg * 8) * 2, src, ok);
     }
     L.kb += IG_BK;
     ig_advance(L.ci, L.kx, L.ky, IG_BK, C, KW);
@@ -143,8 +145,12 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
     constexpr int STEP = THREADS / 4;     // rows between one thread's A (and B) rows
     constexpr int AR = IG_BM / STEP;      // A rows per thread
     static_assert(BN / STEP == 2, "two B rows per thread");
-    ig_u16* As = ig_shared;                              // [IG_STAGES][IG_BM][IG_LD]
-    ig_u16* Bs = ig_shared + IG_STAGES * IG_BM * IG_LD;  // [IG_STAGES][BN][IG_LD]
+    // Shared memory: A [IG_STAGES][IG_BM][IG_LD], then B [IG_STAGES][BN][IG_LD], 2 bytes
+    // per element; As and Bs are their shared-space byte addresses.
+    const unsigned As = ig_smem(ig_shared);
+    const unsigned Bs = As + IG_STAGES * IG_BM * IG_LD * 2;
+    constexpr unsigned A_STAGE = IG_BM * IG_LD * 2;
+    constexpr unsigned B_STAGE = BN * IG_LD * 2;
 
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -200,7 +206,7 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
     const int KT = (K + IG_BK - 1) / IG_BK;
 #pragma unroll
     for (int s = 0; s < IG_STAGES - 1; s++) {
-        if (s < KT) ig_load_chunk<AR>(L, As + s * IG_BM * IG_LD, Bs + s * BN * IG_LD, lrow, STEP, seg, x, w, H, W, C, KW, K);
+        if (s < KT) ig_load_chunk<AR>(L, As + s * A_STAGE, Bs + s * B_STAGE, lrow, STEP, seg, x, w, H, W, C, KW, K);
         // Always commit (possibly an empty group) so that group i is chunk i.
         ig_commit();
     }
@@ -214,15 +220,15 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
         __syncthreads();
         if (kt + IG_STAGES - 1 < KT) {
             const int ls = (kt + IG_STAGES - 1) % IG_STAGES;
-            ig_load_chunk<AR>(L, As + ls * IG_BM * IG_LD, Bs + ls * BN * IG_LD, lrow, STEP, seg, x, w, H, W, C, KW, K);
+            ig_load_chunk<AR>(L, As + ls * A_STAGE, Bs + ls * B_STAGE, lrow, STEP, seg, x, w, H, W, C, KW, K);
         }
         ig_commit();
 
         // A warp whose 32 channels all lie past Cout (small Cout, or the last channel
         // tile) has nothing to compute; the condition is uniform across the warp.
         if (n0 + wn >= Cout) continue;
-        const ig_u16* as = As + (kt % IG_STAGES) * IG_BM * IG_LD;
-        const ig_u16* bs = Bs + (kt % IG_STAGES) * BN * IG_LD;
+        const unsigned as = As + (kt % IG_STAGES) * A_STAGE;
+        const unsigned bs = Bs + (kt % IG_STAGES) * B_STAGE;
 #pragma unroll
         for (int kk = 0; kk < IG_BK; kk += 16) {
             unsigned af[4][4], bf[4][2];
@@ -232,7 +238,7 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
                 // the four 8x8 matrices come back as the mma A fragment a0..a3.
                 int row = wm + mi * 16 + (lane & 15);
                 int col = kk + (lane >> 4) * 8;
-                ig_ldsm4(ig_smem(as + row * IG_LD + col), af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
+                ig_ldsm4(as + (row * IG_LD + col) * 2, af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
             }
 #pragma unroll
             for (int nj = 0; nj < 2; nj++) {
@@ -240,7 +246,7 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
                 // = b0, b1 of channel tile 2nj, then b0, b1 of tile 2nj+1.
                 int row = wn + nj * 16 + ((lane >> 4) << 3) + (lane & 7);
                 int col = kk + ((lane >> 3) & 1) * 8;
-                ig_ldsm4(ig_smem(bs + row * IG_LD + col), bf[2 * nj][0], bf[2 * nj][1], bf[2 * nj + 1][0],
+                ig_ldsm4(bs + (row * IG_LD + col) * 2, bf[2 * nj][0], bf[2 * nj][1], bf[2 * nj + 1][0],
                          bf[2 * nj + 1][1]);
             }
 #pragma unroll
@@ -305,7 +311,7 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
 
 // The two entry points share one parameter list (conv_igemm.rs passes the same
 // arguments to either); shared memory is dynamic: IG_SMEM_BYTES(WN) at launch.
-extern "C" __global__ void __launch_bounds__(128)
+extern "C" __global__ void __launch_bounds__(128, 4)
 conv_igemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
            const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,
            int stride, int pad, int M, int K, int Kp, int n_tiles, int act) {

@@ -595,7 +595,7 @@ mod tests {
 
     #[test]
     fn launch_arguments_match_the_kernel_signature() {
-        for (tile, bounds) in [(Tile::N64, "128"), (Tile::N128, "256, 2")] {
+        for (tile, bounds) in [(Tile::N64, "128, 4"), (Tile::N128, "256, 2")] {
             let decl = format!(
                 "extern \"C\" __global__ void __launch_bounds__({bounds})\n{}(",
                 tile.entry()
