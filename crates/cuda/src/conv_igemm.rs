@@ -4,8 +4,9 @@
 //!
 //! Taken for 16-bit storage on sm_80+ when the input channel count is a multiple of 8 (an
 //! 8-channel segment is one 16-byte copy); everything else (fp32/tf32, the 3-channel
-//! image input, 1x1 products, depthwise) keeps its previous path. `APERTURE_CONV_IGEMM=0`
-//! turns the kernel off (for A/B timing or as an escape hatch).
+//! image input, 1x1 products, depthwise) keeps its previous path. Two block shapes (see
+//! [`Tile`]). `APERTURE_CONV_IGEMM=0` turns the kernel off, `=64` keeps only the 64-wide
+//! tile (for A/B timing or as an escape hatch).
 
 use std::ffi::{c_void, CString};
 
@@ -375,7 +376,7 @@ pub(crate) fn plan(
         return None;
     }
     let [n, ..] = x.dims;
-    let m = n * out_hw.0 * out_hw.1;
+    let m = n.saturating_mul(out_hw.0).saturating_mul(out_hw.1);
     let sms = be.multiprocessors().max(1) as usize;
     let tile = Tile::choose(w.c_out, m, sms, kernel.wide.is_some());
     Geometry::new(x.dims, out_hw, DenseConv::of(w), tile)
