@@ -101,14 +101,49 @@ extern "C" __global__ void layer_norm8(const T* __restrict__ x, T* __restrict__ 
 
 // Depthwise 3x3 (stride 1, pad 1) down a strip of DW8_ROWS output rows: each thread owns
 // eight channels of one column and streams the input rows once. Input row r feeds output
-// rows r+1, r and r-1 (weights ky = 0, 1, 2); after it, row r-1 is complete. Input values
-// are read once per strip (plus the two halo rows) instead of three times.
+// rows r+1, r and r-1 (weights ky = 0, 1, 2); after it, row r-1 is complete. Rows are
+// fetched DW8_AHEAD at a time, all loads issued before any arithmetic, so that each
+// thread keeps several 16-byte loads in flight (a row-at-a-time loop waits a full
+// memory latency per row).
 #define DW8_ROWS 16
+#define DW8_AHEAD 4
 
 struct Dw8Taps {
     float w[9][8];
     float bias[8];
 };
+
+// Eight raw elements: 16 bytes in fp16/bf16, 32 in fp32 (hi unused for 2-byte types).
+struct Raw8 {
+    uint4 lo, hi;
+};
+
+__device__ __forceinline__ Raw8 raw8_zero() {
+    Raw8 r;
+    r.lo = make_uint4(0u, 0u, 0u, 0u);
+    r.hi = r.lo;
+    return r;
+}
+
+__device__ __forceinline__ Raw8 raw8_load(const T* __restrict__ p) {
+    Raw8 r;
+    r.lo = reinterpret_cast<const uint4*>(p)[0];
+    r.hi = sizeof(T) == 4 ? reinterpret_cast<const uint4*>(p)[1] : make_uint4(0u, 0u, 0u, 0u);
+    return r;
+}
+
+__device__ __forceinline__ void raw8_unpack(const Raw8& r, float* v) {
+    if (sizeof(T) == 4) {
+        v[0] = __uint_as_float(r.lo.x); v[1] = __uint_as_float(r.lo.y);
+        v[2] = __uint_as_float(r.lo.z); v[3] = __uint_as_float(r.lo.w);
+        v[4] = __uint_as_float(r.hi.x); v[5] = __uint_as_float(r.hi.y);
+        v[6] = __uint_as_float(r.hi.z); v[7] = __uint_as_float(r.hi.w);
+    } else {
+        const T* h = reinterpret_cast<const T*>(&r.lo);
+#pragma unroll
+        for (int j = 0; j < 8; j++) v[j] = ldf(h[j]);
+    }
+}
 
 __device__ __forceinline__ void dw8_load_taps(Dw8Taps& t, const float* __restrict__ w,
                                               const float* __restrict__ bias, int C, int c) {
@@ -120,7 +155,7 @@ __device__ __forceinline__ void dw8_load_taps(Dw8Taps& t, const float* __restric
 }
 
 // Runs the strip for the thread's (column, channel group) and calls `emit(row, acc)` for
-// each finished output row.
+// each finished output row. Rows and columns outside the image read as zeros (padding).
 template <typename Emit>
 __device__ __forceinline__ void dw8_strip(const T* __restrict__ img, const Dw8Taps& t, int H, int W, int C,
                                           int col, int c, int y0, Emit emit) {
@@ -131,22 +166,33 @@ __device__ __forceinline__ void dw8_strip(const T* __restrict__ img, const Dw8Ta
         here[j] = t.bias[j];
         below[j] = t.bias[j];
     }
-    for (int r = y0 - 1; r <= y1; r++) {
-        // above: output r-1, here: output r, below: output r+1.
+    for (int r0 = y0 - 1; r0 <= y1; r0 += DW8_AHEAD) {
+        Raw8 raw[DW8_AHEAD][3];
 #pragma unroll
-        for (int j = 0; j < 8; j++) above[j] = here[j];
-#pragma unroll
-        for (int j = 0; j < 8; j++) here[j] = below[j];
-#pragma unroll
-        for (int j = 0; j < 8; j++) below[j] = t.bias[j];
-        if (r >= 0 && r < H) {
-            const T* row = img + (i64)r * W * C + c;
+        for (int i = 0; i < DW8_AHEAD; i++) {
+            int r = r0 + i;
 #pragma unroll
             for (int kx = 0; kx < 3; kx++) {
                 int ix = col + kx - 1;
-                if (ix < 0 || ix >= W) continue;
+                bool inside = r >= 0 && r < H && r <= y1 && ix >= 0 && ix < W;
+                raw[i][kx] = inside ? raw8_load(img + ((i64)r * W + ix) * C + c) : raw8_zero();
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < DW8_AHEAD; i++) {
+            int r = r0 + i;
+            if (r > y1) break;
+            // above: output r-1, here: output r, below: output r+1.
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                above[j] = here[j];
+                here[j] = below[j];
+                below[j] = t.bias[j];
+            }
+#pragma unroll
+            for (int kx = 0; kx < 3; kx++) {
                 float in[8];
-                ld8(row + (i64)ix * C, in);
+                raw8_unpack(raw[i][kx], in);
 #pragma unroll
                 for (int j = 0; j < 8; j++) {
                     above[j] += in[j] * t.w[6 + kx][j];
@@ -154,8 +200,8 @@ __device__ __forceinline__ void dw8_strip(const T* __restrict__ img, const Dw8Ta
                     below[j] += in[j] * t.w[kx][j];
                 }
             }
+            if (r - 1 >= y0) emit(r - 1, above);
         }
-        if (r - 1 >= y0) emit(r - 1, above);
     }
 }
 
