@@ -351,7 +351,12 @@ pub(crate) fn conv2d(
     };
     let k_real = w.kh * w.kw * w.c_in;
     let flops = 2.0 * (p_out * k_real * w.c_out) as f64;
-    let pointwise = w.kp == w.c_in && w.kh == 1 && w.kw == 1;
+    // A plain product only when every output pixel reads exactly its own input pixel.
+    let pointwise = w.kp == w.c_in
+        && w.kh == 1
+        && w.kw == 1
+        && w.spec.stride == 1
+        && w.spec.padding == 0;
     let name = if pointwise {
         "conv1x1_gemm"
     } else {
