@@ -99,102 +99,106 @@ extern "C" __global__ void layer_norm8(const T* __restrict__ x, T* __restrict__ 
     }
 }
 
-// Depthwise 3x3 (stride 1, pad 1) down a strip of DW8_ROWS output rows: each thread owns
-// eight channels of one column and streams the input rows once. Input row r feeds output
+// Depthwise 3x3 (stride 1, pad 1) down a strip of DW_ROWS output rows: each thread owns
+// four channels of one column and streams the input rows once. Input row r feeds output
 // rows r+1, r and r-1 (weights ky = 0, 1, 2); after it, row r-1 is complete. Rows are
-// fetched DW8_AHEAD at a time, all loads issued before any arithmetic, so that each
-// thread keeps several 16-byte loads in flight (a row-at-a-time loop waits a full
-// memory latency per row).
-#define DW8_ROWS 16
-#define DW8_AHEAD 4
+// fetched DW_AHEAD at a time, all loads issued before any arithmetic, so that each thread
+// keeps several loads in flight (a row-at-a-time loop waits a full memory latency per
+// row). Four channels rather than eight keep the taps in ~40 registers: at eight, 190
+// registers left one block per SM and the kernel ran slower than the scalar one.
+#define DW_ROWS 16
+#define DW_AHEAD 4
 
-struct Dw8Taps {
-    float w[9][8];
-    float bias[8];
+struct DwTaps {
+    float w[9][4];
+    float bias[4];
 };
 
-// Eight raw elements: 16 bytes in fp16/bf16, 32 in fp32 (hi unused for 2-byte types).
-struct Raw8 {
-    uint4 lo, hi;
-};
-
-__device__ __forceinline__ Raw8 raw8_zero() {
-    Raw8 r;
-    r.lo = make_uint4(0u, 0u, 0u, 0u);
-    r.hi = r.lo;
-    return r;
+// Four raw elements: 8 bytes in fp16/bf16 (x, y), 16 in fp32.
+__device__ __forceinline__ uint4 raw4_load(const T* __restrict__ p) {
+    if (sizeof(T) == 4) return *reinterpret_cast<const uint4*>(p);
+    uint2 v = *reinterpret_cast<const uint2*>(p);
+    return make_uint4(v.x, v.y, 0u, 0u);
 }
 
-__device__ __forceinline__ Raw8 raw8_load(const T* __restrict__ p) {
-    Raw8 r;
-    r.lo = reinterpret_cast<const uint4*>(p)[0];
-    r.hi = sizeof(T) == 4 ? reinterpret_cast<const uint4*>(p)[1] : make_uint4(0u, 0u, 0u, 0u);
-    return r;
-}
-
-__device__ __forceinline__ void raw8_unpack(const Raw8& r, float* v) {
+__device__ __forceinline__ void raw4_unpack(const uint4& r, float* v) {
     if (sizeof(T) == 4) {
-        v[0] = __uint_as_float(r.lo.x); v[1] = __uint_as_float(r.lo.y);
-        v[2] = __uint_as_float(r.lo.z); v[3] = __uint_as_float(r.lo.w);
-        v[4] = __uint_as_float(r.hi.x); v[5] = __uint_as_float(r.hi.y);
-        v[6] = __uint_as_float(r.hi.z); v[7] = __uint_as_float(r.hi.w);
+        v[0] = __uint_as_float(r.x);
+        v[1] = __uint_as_float(r.y);
+        v[2] = __uint_as_float(r.z);
+        v[3] = __uint_as_float(r.w);
     } else {
-        const T* h = reinterpret_cast<const T*>(&r.lo);
+        const T* h = reinterpret_cast<const T*>(&r);
 #pragma unroll
-        for (int j = 0; j < 8; j++) v[j] = ldf(h[j]);
+        for (int j = 0; j < 4; j++) v[j] = ldf(h[j]);
     }
 }
 
-__device__ __forceinline__ void dw8_load_taps(Dw8Taps& t, const float* __restrict__ w,
-                                              const float* __restrict__ bias, int C, int c) {
+__device__ __forceinline__ void ld4(const T* __restrict__ p, float* v) { raw4_unpack(raw4_load(p), v); }
+
+__device__ __forceinline__ void st4(T* __restrict__ p, const float* v) {
+    if (sizeof(T) == 4) {
+        *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+        __align__(8) T h[4];
 #pragma unroll
-    for (int k = 0; k < 9; k++) ld8f(w + k * C + c, t.w[k]);
+        for (int j = 0; j < 4; j++) h[j] = stf(v[j]);
+        *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(h);
+    }
+}
+
+__device__ __forceinline__ void dw_load_taps(DwTaps& t, const float* __restrict__ w,
+                                             const float* __restrict__ bias, int C, int c) {
 #pragma unroll
-    for (int j = 0; j < 8; j++) t.bias[j] = 0.0f;
-    if (bias) ld8f(bias + c, t.bias);
+    for (int k = 0; k < 9; k++) {
+        float4 v = *reinterpret_cast<const float4*>(w + k * C + c);
+        t.w[k][0] = v.x; t.w[k][1] = v.y; t.w[k][2] = v.z; t.w[k][3] = v.w;
+    }
+    float4 b = bias ? *reinterpret_cast<const float4*>(bias + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    t.bias[0] = b.x; t.bias[1] = b.y; t.bias[2] = b.z; t.bias[3] = b.w;
 }
 
 // Runs the strip for the thread's (column, channel group) and calls `emit(row, acc)` for
 // each finished output row. Rows and columns outside the image read as zeros (padding).
 template <typename Emit>
-__device__ __forceinline__ void dw8_strip(const T* __restrict__ img, const Dw8Taps& t, int H, int W, int C,
-                                          int col, int c, int y0, Emit emit) {
-    int y1 = min(y0 + DW8_ROWS, H);
-    float above[8], here[8], below[8];
+__device__ __forceinline__ void dw_strip(const T* __restrict__ img, const DwTaps& t, int H, int W, int C,
+                                         int col, int c, int y0, Emit emit) {
+    int y1 = min(y0 + DW_ROWS, H);
+    float above[4], here[4], below[4];
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
+    for (int j = 0; j < 4; j++) {
         here[j] = t.bias[j];
         below[j] = t.bias[j];
     }
-    for (int r0 = y0 - 1; r0 <= y1; r0 += DW8_AHEAD) {
-        Raw8 raw[DW8_AHEAD][3];
+    for (int r0 = y0 - 1; r0 <= y1; r0 += DW_AHEAD) {
+        uint4 raw[DW_AHEAD][3];
 #pragma unroll
-        for (int i = 0; i < DW8_AHEAD; i++) {
+        for (int i = 0; i < DW_AHEAD; i++) {
             int r = r0 + i;
 #pragma unroll
             for (int kx = 0; kx < 3; kx++) {
                 int ix = col + kx - 1;
                 bool inside = r >= 0 && r < H && r <= y1 && ix >= 0 && ix < W;
-                raw[i][kx] = inside ? raw8_load(img + ((i64)r * W + ix) * C + c) : raw8_zero();
+                raw[i][kx] = inside ? raw4_load(img + ((i64)r * W + ix) * C + c) : make_uint4(0u, 0u, 0u, 0u);
             }
         }
 #pragma unroll
-        for (int i = 0; i < DW8_AHEAD; i++) {
+        for (int i = 0; i < DW_AHEAD; i++) {
             int r = r0 + i;
             if (r > y1) break;
             // above: output r-1, here: output r, below: output r+1.
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
+            for (int j = 0; j < 4; j++) {
                 above[j] = here[j];
                 here[j] = below[j];
                 below[j] = t.bias[j];
             }
 #pragma unroll
             for (int kx = 0; kx < 3; kx++) {
-                float in[8];
-                raw8_unpack(raw[i][kx], in);
+                float in[4];
+                raw4_unpack(raw[i][kx], in);
 #pragma unroll
-                for (int j = 0; j < 8; j++) {
+                for (int j = 0; j < 4; j++) {
                     above[j] += in[j] * t.w[6 + kx][j];
                     here[j] += in[j] * t.w[3 + kx][j];
                     below[j] += in[j] * t.w[kx][j];
@@ -206,62 +210,63 @@ __device__ __forceinline__ void dw8_strip(const T* __restrict__ img, const Dw8Ta
 }
 
 // Grid: x over (column, channel group) pairs of a row, y over strips (image, strip).
-extern "C" __global__ void dwconv3x3_v8(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
-                                        const float* __restrict__ bias, const T* __restrict__ res, int H, int W,
-                                        int C, int act) {
-    int groups = C >> 3;
+// Needs C % 4 == 0 and 8-byte aligned tensors.
+extern "C" __global__ void dwconv3x3_vec(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
+                                         const float* __restrict__ bias, const T* __restrict__ res, int H, int W,
+                                         int C, int act) {
+    int groups = C >> 2;
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= groups * W) return;
     int col = t / groups;
-    int c = (t - col * groups) * 8;
-    int strips = (H + DW8_ROWS - 1) / DW8_ROWS;
+    int c = (t - col * groups) * 4;
+    int strips = (H + DW_ROWS - 1) / DW_ROWS;
     int n = blockIdx.y / strips;
-    int y0 = (blockIdx.y - n * strips) * DW8_ROWS;
-    Dw8Taps taps;
-    dw8_load_taps(taps, w, bias, C, c);
+    int y0 = (blockIdx.y - n * strips) * DW_ROWS;
+    DwTaps taps;
+    dw_load_taps(taps, w, bias, C, c);
     const i64 base = (i64)n * H * W * C;
-    dw8_strip(x + base, taps, H, W, C, col, c, y0, [&](int oy, float* acc) {
+    dw_strip(x + base, taps, H, W, C, col, c, y0, [&](int oy, float* acc) {
         i64 o = base + ((i64)oy * W + col) * C + c;
-        float r[8];
-        if (res) ld8(res + o, r);
+        float r[4];
+        if (res) ld4(res + o, r);
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
+        for (int j = 0; j < 4; j++) {
             acc[j] = activate(acc[j], act);
             if (res) acc[j] += r[j];
         }
-        st8(y + o, acc);
+        st4(y + o, acc);
     });
 }
 
 // Depthwise 3x3 over C = 2*Ch channels fused with the GELU gate: out[i] = gelu(dw[i]) *
 // dw[Ch + i]. In each warp, lanes 0-15 own sixteen channel groups of the first half and
 // lanes 16-31 the matching groups of the second half; a shuffle brings each pair
-// together. Needs Ch % 128 == 0 (sixteen groups of eight per warp).
-extern "C" __global__ void dwconv3x3_gate_v8(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
-                                             const float* __restrict__ bias, int H, int W, int C) {
+// together. Needs Ch % 64 == 0 (sixteen groups of four per warp).
+extern "C" __global__ void dwconv3x3_gate_vec(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
+                                              const float* __restrict__ bias, int H, int W, int C) {
     int Ch = C >> 1;
-    int warps_per_col = Ch >> 7;
+    int warps_per_col = Ch >> 6;
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     int warp = t >> 5;
     int lane = t & 31;
     if (warp >= warps_per_col * W) return;
     int col = warp / warps_per_col;
     int g = (warp - col * warps_per_col) * 16 + (lane & 15);
-    int c = (lane >> 4) * Ch + g * 8;
-    int strips = (H + DW8_ROWS - 1) / DW8_ROWS;
+    int c = (lane >> 4) * Ch + g * 4;
+    int strips = (H + DW_ROWS - 1) / DW_ROWS;
     int n = blockIdx.y / strips;
-    int y0 = (blockIdx.y - n * strips) * DW8_ROWS;
-    Dw8Taps taps;
-    dw8_load_taps(taps, w, bias, C, c);
+    int y0 = (blockIdx.y - n * strips) * DW_ROWS;
+    DwTaps taps;
+    dw_load_taps(taps, w, bias, C, c);
     const i64 base = (i64)n * H * W * C;
     T* out = y + (i64)n * H * W * Ch;
-    dw8_strip(x + base, taps, H, W, C, col, c, y0, [&](int oy, float* acc) {
-        float r[8];
+    dw_strip(x + base, taps, H, W, C, col, c, y0, [&](int oy, float* acc) {
+        float r[4];
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
+        for (int j = 0; j < 4; j++) {
             float other = __shfl_xor_sync(0xffffffffu, acc[j], 16);
             r[j] = gelu_f(acc[j]) * other;
         }
-        if (lane < 16) st8(out + ((i64)oy * W + col) * Ch + g * 8, r);
+        if (lane < 16) st4(out + ((i64)oy * W + col) * Ch + g * 4, r);
     });
 }

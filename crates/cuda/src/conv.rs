@@ -10,8 +10,16 @@ use crate::backend::{ConvWeights, CudaBackend, CudaTensor};
 use crate::gemm::{GemmCall, Operand};
 use crate::kernels::Arg;
 
-/// Output rows per thread of the vectorised depthwise kernels (DW8_ROWS in vector.cu).
-const DW8_ROWS: usize = 16;
+/// Output rows per thread of the vectorised depthwise kernels (DW_ROWS in vector.cu).
+const DW_ROWS: usize = 16;
+
+/// Whether the strip-streaming depthwise kernels (vector.cu) may run;
+/// `APERTURE_DEPTHWISE=scalar` keeps the per-row kernels of ops.cu (for A/B timing or as
+/// an escape hatch).
+fn vector_depthwise() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("APERTURE_DEPTHWISE").map_or(true, |v| v != "scalar"))
+}
 
 /// Largest patch buffer for one im2col chunk.
 const IM2COL_BUDGET: usize = 1 << 30;
@@ -209,17 +217,17 @@ pub(crate) fn depthwise_gelu_gate(
                 Arg::I32(wd as i32),
                 Arg::I32(c as i32),
             ];
-            if half % 128 == 0 && x.ptr().is_multiple_of(16) {
-                // A warp per column and sixteen channel groups of each half, strips of
-                // DW8_ROWS rows (vector.cu).
-                let threads = (half / 128) * wd * 32;
+            if half % 64 == 0 && x.ptr().is_multiple_of(8) && vector_depthwise() {
+                // Sixteen groups of four channels of each half per warp, strips of
+                // DW_ROWS rows (vector.cu).
+                let threads = (half / 64) * wd * 32;
                 let grid = (
                     threads.div_ceil(256) as u32,
-                    (n * h.div_ceil(DW8_ROWS)) as u32,
+                    (n * h.div_ceil(DW_ROWS)) as u32,
                     1,
                 );
                 be.kernels
-                    .launch(&be.ctx, "dwconv3x3_gate_v8", grid, 256, 0, &args)?;
+                    .launch(&be.ctx, "dwconv3x3_gate_vec", grid, 256, 0, &args)?;
                 return Ok(out);
             }
             // Four columns and two channel pairs per thread (DW_XT in ops.cu).
@@ -283,19 +291,19 @@ pub(crate) fn conv2d(
                 && c % 2 == 0
                 && n * oh <= 65_535;
             let aligned =
-                x.ptr().is_multiple_of(16) && residual.is_none_or(|r| r.ptr().is_multiple_of(16));
-            if fast && c % 8 == 0 && aligned {
+                x.ptr().is_multiple_of(8) && residual.is_none_or(|r| r.ptr().is_multiple_of(8));
+            if fast && c % 4 == 0 && aligned && vector_depthwise() {
                 args.extend([h, wd, c].map(|v| Arg::I32(v as i32)));
                 args.push(Arg::I32(act_code(act)));
-                // A thread per (column, eight channels), strips of DW8_ROWS rows.
-                let threads = wd * c / 8;
+                // A thread per (column, four channels), strips of DW_ROWS rows.
+                let threads = wd * c / 4;
                 let grid = (
                     threads.div_ceil(256) as u32,
-                    (n * h.div_ceil(DW8_ROWS)) as u32,
+                    (n * h.div_ceil(DW_ROWS)) as u32,
                     1,
                 );
                 be.kernels
-                    .launch(&be.ctx, "dwconv3x3_v8", grid, 256, 0, &args)?;
+                    .launch(&be.ctx, "dwconv3x3_vec", grid, 256, 0, &args)?;
                 return Ok(out);
             }
             if fast {
@@ -352,11 +360,8 @@ pub(crate) fn conv2d(
     let k_real = w.kh * w.kw * w.c_in;
     let flops = 2.0 * (p_out * k_real * w.c_out) as f64;
     // A plain product only when every output pixel reads exactly its own input pixel.
-    let pointwise = w.kp == w.c_in
-        && w.kh == 1
-        && w.kw == 1
-        && w.spec.stride == 1
-        && w.spec.padding == 0;
+    let pointwise =
+        w.kp == w.c_in && w.kh == 1 && w.kw == 1 && w.spec.stride == 1 && w.spec.padding == 0;
     let name = if pointwise {
         "conv1x1_gemm"
     } else {

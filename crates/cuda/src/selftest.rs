@@ -324,30 +324,30 @@ pub fn op_parity(gpu: &CudaBackend, seed: u64) -> Result<Vec<ParityRow>> {
     // partial strips and odd widths.
     let (th, tw) = (37usize, 29usize);
     cases.push((
-        "depthwise3x3 40 gelu +residual (vector kernel, 3 strips)".into(),
+        "depthwise3x3 44 gelu +residual (vector kernel, 3 strips)".into(),
         Op::Conv {
-            w: rng.tensor(vec![40, 1, 3, 3], 0.5),
-            b: Some(rng.tensor(vec![40], 0.5)),
+            w: rng.tensor(vec![44, 1, 3, 3], 0.5),
+            b: Some(rng.tensor(vec![44], 0.5)),
             spec: ConvSpec {
                 stride: 1,
                 padding: 1,
-                groups: 40,
+                groups: 44,
             },
             act: Activation::Gelu,
             residual: true,
         },
         vec![
-            rng.tensor(vec![1, 40, th, tw], 1.0),
-            rng.tensor(vec![1, 40, th, tw], 1.0),
+            rng.tensor(vec![1, 44, th, tw], 1.0),
+            rng.tensor(vec![1, 44, th, tw], 1.0),
         ],
     ));
     cases.push((
-        "depthwise3x3 + gelu_gate 512->256 (vector kernel, 3 strips)".into(),
+        "depthwise3x3 + gelu_gate 384->192 (vector kernel, 3 strips)".into(),
         Op::DepthwiseGate {
-            w: rng.tensor(vec![512, 1, 3, 3], 0.5),
-            b: Some(rng.tensor(vec![512], 0.2)),
+            w: rng.tensor(vec![384, 1, 3, 3], 0.5),
+            b: Some(rng.tensor(vec![384], 0.2)),
         },
-        vec![rng.tensor(vec![2, 512, th, tw], 2.0)],
+        vec![rng.tensor(vec![2, 384, th, tw], 2.0)],
     ));
     for (c, bias) in [(384usize, true), (392, false), (8, true)] {
         cases.push((
