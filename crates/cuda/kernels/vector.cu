@@ -147,22 +147,40 @@ __device__ __forceinline__ void st4(T* __restrict__ p, const float* v) {
     }
 }
 
+// Taps and bias of four channels: the pairs at ca and cb (cb = ca + 2 for four adjacent
+// channels; the gated kernel takes one pair from each half).
 __device__ __forceinline__ void dw_load_taps(DwTaps& t, const float* __restrict__ w,
-                                             const float* __restrict__ bias, int C, int c) {
+                                             const float* __restrict__ bias, int C, int ca, int cb) {
 #pragma unroll
     for (int k = 0; k < 9; k++) {
-        float4 v = *reinterpret_cast<const float4*>(w + k * C + c);
-        t.w[k][0] = v.x; t.w[k][1] = v.y; t.w[k][2] = v.z; t.w[k][3] = v.w;
+        float2 a = *reinterpret_cast<const float2*>(w + k * C + ca);
+        float2 b = *reinterpret_cast<const float2*>(w + k * C + cb);
+        t.w[k][0] = a.x; t.w[k][1] = a.y; t.w[k][2] = b.x; t.w[k][3] = b.y;
     }
-    float4 b = bias ? *reinterpret_cast<const float4*>(bias + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    t.bias[0] = b.x; t.bias[1] = b.y; t.bias[2] = b.z; t.bias[3] = b.w;
+    float2 a = bias ? *reinterpret_cast<const float2*>(bias + ca) : make_float2(0.0f, 0.0f);
+    float2 b = bias ? *reinterpret_cast<const float2*>(bias + cb) : make_float2(0.0f, 0.0f);
+    t.bias[0] = a.x; t.bias[1] = a.y; t.bias[2] = b.x; t.bias[3] = b.y;
 }
 
-// Runs the strip for the thread's (column, channel group) and calls `emit(row, acc)` for
-// each finished output row. Rows and columns outside the image read as zeros (padding).
-template <typename Emit>
-__device__ __forceinline__ void dw_strip(const T* __restrict__ img, const DwTaps& t, int H, int W, int C,
-                                         int col, int c, int y0, Emit emit) {
+// Two raw elements in the low half of a uint4's worth of pair storage: 4 bytes in
+// fp16/bf16, 8 in fp32.
+__device__ __forceinline__ uint2 raw2_load(const T* __restrict__ p) {
+    if (sizeof(T) == 4) return *reinterpret_cast<const uint2*>(p);
+    return make_uint2(*reinterpret_cast<const unsigned int*>(p), 0u);
+}
+
+// The pairs at a and b packed as four elements in raw4 layout.
+__device__ __forceinline__ uint4 raw_pairs(const T* __restrict__ a, const T* __restrict__ b) {
+    uint2 x = raw2_load(a), y = raw2_load(b);
+    if (sizeof(T) == 4) return make_uint4(x.x, x.y, y.x, y.y);
+    return make_uint4(x.x, y.x, 0u, 0u);
+}
+
+// Runs the strip for the thread's column and calls `emit(row, acc)` for each finished
+// output row; `load(row, column)` fetches the thread's four channels of one pixel. Rows
+// and columns outside the image read as zeros (padding).
+template <typename Load, typename Emit>
+__device__ __forceinline__ void dw_strip(const DwTaps& t, int H, int W, int col, int y0, Load load, Emit emit) {
     int y1 = min(y0 + DW_ROWS, H);
     float above[4], here[4], below[4];
 #pragma unroll
@@ -179,7 +197,7 @@ __device__ __forceinline__ void dw_strip(const T* __restrict__ img, const DwTaps
             for (int kx = 0; kx < 3; kx++) {
                 int ix = col + kx - 1;
                 bool inside = r >= 0 && r < H && r <= y1 && ix >= 0 && ix < W;
-                raw[i][kx] = inside ? raw4_load(img + ((i64)r * W + ix) * C + c) : make_uint4(0u, 0u, 0u, 0u);
+                raw[i][kx] = inside ? load(r, ix) : make_uint4(0u, 0u, 0u, 0u);
             }
         }
 #pragma unroll
@@ -223,9 +241,11 @@ extern "C" __global__ void dwconv3x3_vec(const T* __restrict__ x, T* __restrict_
     int n = blockIdx.y / strips;
     int y0 = (blockIdx.y - n * strips) * DW_ROWS;
     DwTaps taps;
-    dw_load_taps(taps, w, bias, C, c);
+    dw_load_taps(taps, w, bias, C, c, c + 2);
     const i64 base = (i64)n * H * W * C;
-    dw_strip(x + base, taps, H, W, C, col, c, y0, [&](int oy, float* acc) {
+    const T* img = x + base + c;
+    auto load = [&](int r, int ix) { return raw4_load(img + ((i64)r * W + ix) * C); };
+    dw_strip(taps, H, W, col, y0, load, [&](int oy, float* acc) {
         i64 o = base + ((i64)oy * W + col) * C + c;
         float r[4];
         if (res) ld4(res + o, r);
@@ -239,34 +259,30 @@ extern "C" __global__ void dwconv3x3_vec(const T* __restrict__ x, T* __restrict_
 }
 
 // Depthwise 3x3 over C = 2*Ch channels fused with the GELU gate: out[i] = gelu(dw[i]) *
-// dw[Ch + i]. In each warp, lanes 0-15 own sixteen channel groups of the first half and
-// lanes 16-31 the matching groups of the second half; a shuffle brings each pair
-// together. Needs Ch % 64 == 0 (sixteen groups of four per warp).
+// dw[Ch + i]. Each thread owns one channel pair of each half, so the 2*Ch-wide
+// convolution output never reaches memory. Grid as dwconv3x3_vec with Ch / 2 groups per
+// column. Needs Ch % 2 == 0 and 4-byte aligned tensors.
 extern "C" __global__ void dwconv3x3_gate_vec(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
                                               const float* __restrict__ bias, int H, int W, int C) {
     int Ch = C >> 1;
-    int warps_per_col = Ch >> 6;
+    int pairs = Ch >> 1;
     int t = blockIdx.x * blockDim.x + threadIdx.x;
-    int warp = t >> 5;
-    int lane = t & 31;
-    if (warp >= warps_per_col * W) return;
-    int col = warp / warps_per_col;
-    int g = (warp - col * warps_per_col) * 16 + (lane & 15);
-    int c = (lane >> 4) * Ch + g * 4;
+    if (t >= pairs * W) return;
+    int col = t / pairs;
+    int c = (t - col * pairs) * 2;
     int strips = (H + DW_ROWS - 1) / DW_ROWS;
     int n = blockIdx.y / strips;
     int y0 = (blockIdx.y - n * strips) * DW_ROWS;
     DwTaps taps;
-    dw_load_taps(taps, w, bias, C, c);
-    const i64 base = (i64)n * H * W * C;
-    T* out = y + (i64)n * H * W * Ch;
-    dw_strip(x + base, taps, H, W, C, col, c, y0, [&](int oy, float* acc) {
-        float r[4];
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            float other = __shfl_xor_sync(0xffffffffu, acc[j], 16);
-            r[j] = gelu_f(acc[j]) * other;
-        }
-        if (lane < 16) st4(out + ((i64)oy * W + col) * Ch + g * 4, r);
+    dw_load_taps(taps, w, bias, C, c, Ch + c);
+    const T* img = x + (i64)n * H * W * C + c;
+    T* out = y + (i64)n * H * W * Ch + c;
+    auto load = [&](int r, int ix) {
+        const T* p = img + ((i64)r * W + ix) * C;
+        return raw_pairs(p, p + Ch);
+    };
+    dw_strip(taps, H, W, col, y0, load, [&](int oy, float* acc) {
+        float2 g = make_float2(gelu_f(acc[0]) * acc[2], gelu_f(acc[1]) * acc[3]);
+        st2(out + ((i64)oy * W + col) * Ch, g);
     });
 }

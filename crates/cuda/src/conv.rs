@@ -217,10 +217,10 @@ pub(crate) fn depthwise_gelu_gate(
                 Arg::I32(wd as i32),
                 Arg::I32(c as i32),
             ];
-            if half % 64 == 0 && x.ptr().is_multiple_of(8) && vector_depthwise() {
-                // Sixteen groups of four channels of each half per warp, strips of
-                // DW_ROWS rows (vector.cu).
-                let threads = (half / 64) * wd * 32;
+            if x.ptr().is_multiple_of(4) && vector_depthwise() {
+                // A thread per (column, channel pair of each half), strips of DW_ROWS
+                // rows (vector.cu).
+                let threads = wd * half / 2;
                 let grid = (
                     threads.div_ceil(256) as u32,
                     (n * h.div_ceil(DW_ROWS)) as u32,
