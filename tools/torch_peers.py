@@ -4,8 +4,8 @@
         input "x" (uniform [0,1), seeded) and outputs "y" (float64 forward on the GPU,
         stored as float32) and "y32" (float32, TF32 off).
     torch_peers.py bench --weights DIR --json OUT.json [--size 512]
-        [--eager-fp32 1,8] [--eager-fp16 1,8,32] [--compile-fp16 1,8] [--iters 20]
-        eager fp32, eager fp16 and torch.compile(mode="reduce-overhead") fp16 rows.
+        [--eager-fp32 1,8] [--eager-fp16 1,8,32] [--compile-fp16 1,8] [--compile-default-fp16 1,8] [--iters 20]
+        eager fp32, eager fp16, torch.compile(mode="reduce-overhead") and torch.compile() fp16 rows.
     torch_peers.py merge --aperture A.json --torch T.json --out-json R.json --out-md R.md
         one document in the layout of issue 3, a markdown table with ratios, and a
         short table printed last.
@@ -110,8 +110,11 @@ def cmd_bench(a):
         ("torch-eager", "fp16", batches(a.eager_fp16), lambda: load_model(a.weights).cuda().half(), torch.float16),
         ("torch-compile", "fp16", batches(a.compile_fp16),
          lambda: torch.compile(load_model(a.weights).cuda().half(), mode="reduce-overhead"), torch.float16),
+        ("torch-compile", "fp16", batches(a.compile_default_fp16),
+         lambda: torch.compile(load_model(a.weights).cuda().half()), torch.float16),
     ]
-    for engine, prec, bs, make, dtype in variants:
+    modes = ["eager", "eager", "reduce-overhead", "default"]
+    for (engine, prec, bs, make, dtype), variant in zip(variants, modes):
         if not bs:
             continue
         t0 = time.time()
@@ -131,7 +134,7 @@ def cmd_bench(a):
                     print(f"{engine} {prec} batch {b}: out of memory ({e})", flush=True)
                     continue
                 peak = torch.cuda.max_memory_allocated() / 2**30
-                row = dict(engine=engine, precision=prec, batch=b, images_per_s=b / (st["mean"] / 1e3),
+                row = dict(engine=engine, variant=variant, precision=prec, batch=b, images_per_s=b / (st["mean"] / 1e3),
                            p50_ms=st["p50"], p99_ms=st["p99"], peak_gib=peak, rel_l2_vs_fp32=rel)
                 rows.append(row)
                 save(rows)
@@ -195,7 +198,8 @@ def main():
     b.add_argument("--size", type=int, default=512)
     b.add_argument("--eager-fp32", default="1,8")
     b.add_argument("--eager-fp16", default="1,8,32")
-    b.add_argument("--compile-fp16", default="1,8")
+    b.add_argument("--compile-fp16", default="1,8", help="torch.compile mode=reduce-overhead")
+    b.add_argument("--compile-default-fp16", default="", help="torch.compile mode=default")
     b.add_argument("--iters", type=int, default=20)
     b.add_argument("--warmup", type=int, default=10)
     b.add_argument("--seed", type=int, default=0)

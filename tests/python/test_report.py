@@ -102,7 +102,7 @@ def test_restormer_cpu_report(tmp_path):
     doc = json.loads((out / "report.json").read_text())
     rows = doc["rows"]
     assert [(r["variant"], r["batch"]) for r in rows] == [
-        ("eager", 1), ("eager", 2), ("served, HTTP", 1), ("served, HTTP", 2)]
+        ("eager", 1), ("eager", 2), ("served, HTTP, 2 clients", 1), ("served, HTTP, 2 clients", 2)]
     assert all((r["engine"], r["precision"]) == ("aperture", "fp32") for r in rows)
     for r in rows[2:]:
         # Through `aperture serve` on loopback: a round trip per request.

@@ -246,7 +246,7 @@ pub fn sweep(
         plan,
         plan.served_precision(),
         shape,
-        args.serve_ms,
+        (args.serve_ms, args.serve_clients.max(1)),
         report,
     );
     report.notes.push(format!(

@@ -137,15 +137,18 @@ impl Row {
             .with_context(|| format!("{at}: missing positive integer 'batch'"))?;
         let images_per_s =
             num("images_per_s").with_context(|| format!("{at}: missing number 'images_per_s'"))?;
+        let engine = text("engine")?;
+        // Files written before peers named their mode held only reduce-overhead rows.
+        let variant = match o.get("variant").and_then(Value::as_str) {
+            Some(v) => v.to_string(),
+            None if engine == "torch-compile" => "reduce-overhead".into(),
+            None => String::new(),
+        };
         Ok(Row {
-            engine: text("engine")?,
+            engine,
             precision: text("precision")?,
             batch: batch as usize,
-            variant: o
-                .get("variant")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
+            variant,
             images_per_s,
             mean_ms: num("mean_ms"),
             std_ms: num("std_ms"),

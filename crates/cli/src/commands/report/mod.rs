@@ -76,6 +76,10 @@ pub struct ReportArgs {
     /// on loopback (0: no served rows).
     #[arg(long, default_value_t = 3000)]
     pub serve_ms: u64,
+    /// Served rows: concurrent clients, each sending requests of the row's batch size
+    /// (two keep the GPU busy while the other request crosses the network).
+    #[arg(long, default_value_t = 2)]
+    pub serve_clients: usize,
     /// Compute ceiling of the roofline chart, TFLOP/s (H100 SXM dense fp16/bf16).
     #[arg(long, default_value_t = 800.0)]
     pub peak_tflops: f64,

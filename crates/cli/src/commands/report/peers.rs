@@ -69,20 +69,16 @@ pub fn restormer(weights: &Path, size: usize, plan: &Plan, report: &mut Report) 
         ])
         .args(["--eager-fp32", &list(&eager), "--eager-fp16", &list(&eager)])
         .args(["--compile-fp16", &list(&compile)])
+        .args(["--compile-default-fp16", &list(&compile)])
         .status();
     match status
         .map_err(anyhow::Error::from)
         .and_then(|_| Report::from_json_file(&out))
     {
         Ok(peers) => {
-            for mut r in peers.rows {
-                if r.engine == "torch-compile" {
-                    r.variant = "reduce-overhead".into();
-                }
-                report.rows.push(r);
-            }
+            report.rows.extend(peers.rows);
             report.notes.push(
-                "PyTorch peers: tools/torch_peers.py (eager fp32, eager fp16, torch.compile reduce-overhead fp16); torch.compile mode=default is not in that script yet.".into(),
+                "PyTorch peers: tools/torch_peers.py (eager fp32, eager fp16, torch.compile fp16 in modes reduce-overhead and default).".into(),
             );
         }
         Err(e) => report.notes.push(format!("PyTorch peers failed: {e:#}")),

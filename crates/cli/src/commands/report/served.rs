@@ -1,5 +1,6 @@
 //! Served vs in-process: `aperture serve` started as a child process on free loopback
-//! ports, driven over HTTP by the loadgen library at concurrency 1, one row per batch.
+//! ports, driven over HTTP by the loadgen library (binary tensors, a few concurrent clients), one
+//! row per request batch size.
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -85,7 +86,7 @@ pub fn measure(
     plan: &Plan,
     precision: Precision,
     shape: Vec<i64>,
-    window_ms: u64,
+    (window_ms, clients): (u64, usize),
     report: &mut Report,
 ) {
     if window_ms == 0 {
@@ -114,7 +115,7 @@ pub fn measure(
             addr: format!("127.0.0.1:{port}"),
             protocol: Protocol::Http,
             model: "m".into(),
-            concurrency: vec![1],
+            concurrency: vec![clients],
             warmup: Duration::from_millis((window_ms / 4).max(50)),
             measure: Duration::from_millis(window_ms),
             encoding: Encoding::Binary,
@@ -131,7 +132,7 @@ pub fn measure(
                         engine: "aperture".into(),
                         precision: precision.as_str().into(),
                         batch: b,
-                        variant: "served, HTTP".into(),
+                        variant: format!("served, HTTP, {clients} clients"),
                         images_per_s: l.infer_per_sec,
                         mean_ms: Some(l.avg_us / 1e3),
                         p50_ms: Some(l.p50_us as f64 / 1e3),

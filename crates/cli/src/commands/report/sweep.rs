@@ -220,7 +220,7 @@ fn restormer(
         plan,
         plan.served_precision(),
         shape,
-        args.serve_ms,
+        (args.serve_ms, args.serve_clients.max(1)),
         report,
     );
     Ok(())
