@@ -200,7 +200,10 @@ impl GraphCache {
         }
     }
 
-    /// Makes sure a graph for `shape` (NCHW) exists, capturing it if needed.
+    /// Makes sure a graph for `shape` (NCHW) exists, capturing it if needed. When the
+    /// GPU runs out of memory while capturing, the graphs of other shapes (and their
+    /// activation blocks) are dropped and the capture is tried once more: a server that
+    /// sees many batch sizes keeps working, at the cost of capturing again later.
     pub fn prepare<F>(&self, be: &CudaBackend, shape: &[usize], forward: F) -> Result<()>
     where
         F: Fn(&CudaBackend, &CudaTensor) -> Result<CudaTensor>,
@@ -212,6 +215,22 @@ impl GraphCache {
         if entries.contains_key(shape) {
             return Ok(());
         }
+        let entry = match self.capture_entry(be, shape, &forward) {
+            Err(EngineError::OutOfMemory(_)) if !entries.is_empty() => {
+                entries.clear();
+                be.trim_memory()?;
+                self.capture_entry(be, shape, &forward)?
+            }
+            other => other?,
+        };
+        entries.insert(shape.to_vec(), entry);
+        Ok(())
+    }
+
+    fn capture_entry<F>(&self, be: &CudaBackend, shape: &[usize], forward: &F) -> Result<Entry>
+    where
+        F: Fn(&CudaBackend, &CudaTensor) -> Result<CudaTensor>,
+    {
         let [n, c, h, w] = match shape {
             [n, c, h, w] => [*n, *c, *h, *w],
             _ => {
@@ -266,8 +285,7 @@ impl GraphCache {
             out_shape: vec![on, oc, oh, ow],
             arena: arena_size,
         };
-        entries.insert(shape.to_vec(), entry);
-        Ok(())
+        Ok(entry)
     }
 
     /// The activation block planned for `shape`, once its graph is captured.

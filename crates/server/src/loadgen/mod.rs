@@ -224,6 +224,9 @@ enum Load {
     Rate(f64),
 }
 
+/// Pause after a failed request before the connection tries again.
+const ERROR_BACKOFF: Duration = Duration::from_millis(20);
+
 /// Each connection sends its next request as soon as the previous one is answered.
 async fn closed_loop(conns: Vec<Conn>, warm_end: Instant, end: Instant) -> Samples {
     let mut workers = Vec::new();
@@ -237,6 +240,11 @@ async fn closed_loop(conns: Vec<Conn>, warm_end: Instant, end: Instant) -> Sampl
                     break;
                 }
                 let r = conn.infer().await;
+                if r.is_err() {
+                    // A refused or dropped connection fails at once: back off instead of
+                    // spinning (and counting millions of errors).
+                    tokio::time::sleep(ERROR_BACKOFF).await;
+                }
                 if t0 < warm_end {
                     continue;
                 }

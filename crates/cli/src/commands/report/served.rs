@@ -95,20 +95,23 @@ pub fn measure(
             .push("Served rows: skipped (--serve-ms 0).".into());
         return;
     }
-    let max_batch = plan.batches.iter().copied().max().unwrap_or(1);
     plan.bar.inc_length(plan.batches.len() as u64);
-    plan.bar
-        .set_message(format!("served {precision}: starting the server"));
-    let (server, port) = match start(model, arch, plan, precision, max_batch) {
-        Ok(s) => s,
-        Err(e) => {
-            report.notes.push(format!(
-                "Served rows: could not start `aperture serve`: {e:#}"
-            ));
-            return;
-        }
-    };
     for &b in &plan.batches {
+        // One server per batch size with max_batch_size = b: requests of b images are
+        // never merged, so each row runs the same batch as the in-process row it is
+        // compared with; the second client keeps the GPU busy during transfers.
+        plan.bar
+            .set_message(format!("served {precision} batch {b}: starting the server"));
+        let (server, port) = match start(model, arch, plan, precision, b) {
+            Ok(s) => s,
+            Err(e) => {
+                report.notes.push(format!(
+                    "Served batch {b}: could not start `aperture serve`: {e:#}"
+                ));
+                plan.bar.inc(1);
+                continue;
+            }
+        };
         plan.bar
             .set_message(format!("served {precision} batch {b}"));
         let opts = LoadgenOptions {
@@ -116,7 +119,8 @@ pub fn measure(
             protocol: Protocol::Http,
             model: "m".into(),
             concurrency: vec![clients],
-            warmup: Duration::from_millis((window_ms / 4).max(50)),
+            // Long enough for the first request to capture the batch's graph.
+            warmup: Duration::from_millis(window_ms.max(50)),
             measure: Duration::from_millis(window_ms),
             encoding: Encoding::Binary,
             batch_size: b,
@@ -157,9 +161,9 @@ pub fn measure(
                 .push(format!("Served batch {b}: loadgen failed: {e}")),
         }
         plan.bar.inc(1);
+        drop(server);
     }
-    drop(server);
     report.notes.push(format!(
-        "Served rows: `aperture serve` as a child process on loopback, KServe v2 HTTP with binary tensors, one client at a time ({window_ms} ms per batch size); latency is the client's round trip (encode, HTTP, batcher, inference, response)."
+        "Served rows: `aperture serve` as a child process on loopback, one per batch size with max_batch_size equal to it, KServe v2 HTTP with binary tensors, {clients} concurrent clients each sending requests of that batch ({window_ms} ms warm-up, then {window_ms} ms measured); latency is the client's round trip (encode, HTTP, batcher, inference, response)."
     ));
 }
