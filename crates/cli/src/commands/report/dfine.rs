@@ -260,6 +260,8 @@ pub fn sweep(
     if plan.gpu.is_none() {
         report.notes.push("CPU run: fp32 only, eager passes only, no peak-memory counter, no roofline chart (no CPU profiler).".into());
     }
-    report.notes.push("PyTorch peers for D-FINE: run tools/dfine_gpu_check.sh (transformers); this command does not call them.".into());
+    if plan.gpu.is_some() && !args.no_peers {
+        super::peers::dfine(model, plan, report);
+    }
     Ok(())
 }

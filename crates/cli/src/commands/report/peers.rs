@@ -4,10 +4,11 @@
 use std::path::Path;
 use std::process::Command;
 
-use super::doc::Report;
+use super::doc::{Report, Row};
 use super::sweep::Plan;
 
 const SCRIPT: &str = "tools/torch_peers.py";
+const DFINE_SCRIPT: &str = "tools/dfine_torch_peers.py";
 
 fn torch_with_cuda() -> bool {
     Command::new("python3")
@@ -84,4 +85,69 @@ pub fn restormer(weights: &Path, size: usize, plan: &Plan, report: &mut Report) 
         Err(e) => report.notes.push(format!("PyTorch peers failed: {e:#}")),
     }
     let _ = std::fs::remove_file(&out);
+}
+
+/// transformers' D-FINE on the same weights folder: eager fp32/fp16 and torch.compile
+/// (reduce-overhead) fp16 timings; the script's precision study rows carry no timing
+/// and are left out.
+pub fn dfine(weights: &Path, plan: &Plan, report: &mut Report) {
+    if !Path::new(DFINE_SCRIPT).is_file() || !torch_with_cuda() || !weights.is_dir() {
+        report.notes.push(format!(
+            "PyTorch peers for D-FINE: need {DFINE_SCRIPT}, torch with CUDA and a weights folder; no peer rows."
+        ));
+        return;
+    }
+    plan.bar.set_message("PyTorch peers (transformers D-FINE)");
+    let batches: Vec<usize> = plan.batches.iter().copied().filter(|b| *b <= 32).collect();
+    let out = std::env::temp_dir().join(format!(
+        "aperture-report-dfine-peers-{}.json",
+        std::process::id()
+    ));
+    let status = Command::new("python3")
+        .arg(DFINE_SCRIPT)
+        .arg(weights)
+        .arg("--out")
+        .arg(&out)
+        .args(["--batches", &list(&batches)])
+        .args(["--iters", &plan.iters.max(1).to_string(), "--compile"])
+        .status();
+    let rows = status
+        .map_err(anyhow::Error::from)
+        .and_then(|_| Ok(std::fs::read_to_string(&out)?))
+        .and_then(|text| Ok(serde_json::from_str::<serde_json::Value>(&text)?));
+    match rows {
+        Ok(doc) => {
+            let timed = doc["rows"]
+                .as_array()
+                .map(|rows| rows.iter().filter_map(peer_row).collect::<Vec<_>>())
+                .unwrap_or_default();
+            report.rows.extend(timed);
+            report.notes.push(format!(
+                "PyTorch peers for D-FINE: {DFINE_SCRIPT} (transformers, eager fp32 and fp16, torch.compile reduce-overhead fp16; p50 of CUDA-event timings, no percentiles)."
+            ));
+        }
+        Err(e) => report
+            .notes
+            .push(format!("PyTorch peers for D-FINE failed: {e:#}")),
+    }
+    let _ = std::fs::remove_file(&out);
+}
+
+/// A timed row of dfine_torch_peers.py's JSON.
+fn peer_row(v: &serde_json::Value) -> Option<Row> {
+    let engine = v["engine"].as_str()?.to_string();
+    let variant = if engine == "torch-compile" {
+        "reduce-overhead"
+    } else {
+        "eager"
+    };
+    Some(Row {
+        precision: v["precision"].as_str()?.to_string(),
+        batch: v["batch"].as_u64()? as usize,
+        images_per_s: v["images_per_s"].as_f64()?,
+        p50_ms: v["p50_ms"].as_f64(),
+        variant: variant.into(),
+        engine,
+        ..Row::default()
+    })
 }
