@@ -34,6 +34,7 @@ fn start(
     plan: &Plan,
     precision: Precision,
     max_batch: usize,
+    body_mb: usize,
 ) -> anyhow::Result<(Server, u16)> {
     let exe = std::env::current_exe()?;
     let log_path =
@@ -59,6 +60,7 @@ fn start(
             "--device",
             device,
         ])
+        .args(["--max-body-mb", &body_mb.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::from(log.try_clone()?));
     if plan.gpu.is_some() {
@@ -102,7 +104,10 @@ pub fn measure(
         // compared with; the second client keeps the GPU busy during transfers.
         plan.bar
             .set_message(format!("served {precision} batch {b}: starting the server"));
-        let (server, port) = match start(model, arch, plan, precision, b) {
+        // A request of b fp32 images (binary tensors) must fit the body limit.
+        let per_image: i64 = shape.iter().product();
+        let body_mb = (b * per_image.max(0) as usize * 4).div_ceil(1 << 20) + 1;
+        let (server, port) = match start(model, arch, plan, precision, b, body_mb.max(64)) {
             Ok(s) => s,
             Err(e) => {
                 report.notes.push(format!(
