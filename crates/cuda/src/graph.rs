@@ -10,6 +10,7 @@ use cudarc::driver::{result, sys};
 
 use crate::backend::{CudaBackend, CudaTensor};
 use crate::error::CudaError;
+use crate::pinned::Pinned;
 use crate::pool::{Arena, DeviceBuffer};
 
 /// An instantiated graph with the memory its kernels use.
@@ -102,38 +103,6 @@ impl CudaBackend {
         // SAFETY: the executable graph and the stream are alive.
         unsafe { result::graph::launch(graph.exec, self.ctx.stream).map_err(CudaError::from)? };
         Ok(())
-    }
-}
-
-/// Page-locked host memory for fast, truly asynchronous copies.
-struct Pinned {
-    ptr: *mut f32,
-    len: usize,
-}
-
-// SAFETY: plain host memory owned by this value.
-unsafe impl Send for Pinned {}
-unsafe impl Sync for Pinned {}
-
-impl Pinned {
-    fn new(len: usize) -> Result<Self> {
-        // SAFETY: allocation of `len` f32 values; freed in Drop.
-        let ptr =
-            unsafe { result::malloc_host(len.max(1) * 4, 0).map_err(CudaError::from)? } as *mut f32;
-        Ok(Self { ptr, len })
-    }
-    fn as_mut_slice(&mut self) -> &mut [f32] {
-        // SAFETY: `ptr` holds `len` f32 values owned by self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for Pinned {
-    fn drop(&mut self) {
-        // SAFETY: allocated by malloc_host, freed once.
-        unsafe {
-            let _ = result::free_host(self.ptr as *mut std::ffi::c_void);
-        }
     }
 }
 
@@ -320,8 +289,8 @@ impl GraphCache {
             .get_mut(x.shape())
             .ok_or_else(|| EngineError::Device("graph vanished".into()))?;
         match x.as_f32() {
-            Some(v) => e.pinned_in.as_mut_slice().copy_from_slice(v),
-            None => e.pinned_in.as_mut_slice().copy_from_slice(&x.to_f32_vec()),
+            Some(v) => e.pinned_in.fill_from(v)?,
+            None => e.pinned_in.fill_from(&x.to_f32_vec())?,
         }
         be.ctx.bind()?;
         let stream = be.ctx.stream;

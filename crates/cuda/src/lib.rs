@@ -25,6 +25,7 @@ mod gemm;
 mod graph;
 pub mod kernels;
 pub mod nvrtc;
+mod pinned;
 mod plan;
 mod pool;
 pub mod preprocess;

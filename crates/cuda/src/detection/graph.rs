@@ -11,6 +11,7 @@ use cudarc::driver::{result, sys};
 use super::DArg;
 use crate::backend::{CudaBackend, CudaTensor};
 use crate::error::CudaError;
+use crate::pinned::Pinned;
 use crate::pool::{Arena, DeviceBuffer};
 
 /// An instantiated graph and the arena its kernels read and write.
@@ -99,6 +100,8 @@ fn capture_warm(be: &CudaBackend, f: impl Fn(&CudaBackend) -> Result<()>) -> Res
 struct Entry {
     graph: DetGraph,
     staging_in: DeviceBuffer,
+    /// Page-locked copy of the input for the host-to-device transfer.
+    pinned_in: Pinned,
     outs: Vec<(DeviceBuffer, [usize; 4])>,
 }
 
@@ -199,6 +202,7 @@ impl MultiGraphCache {
             Entry {
                 graph,
                 staging_in,
+                pinned_in: Pinned::new(numel)?,
                 outs,
             },
         );
@@ -223,20 +227,28 @@ impl MultiGraphCache {
         F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<CudaTensor>>,
     {
         self.prepare(be, x.shape(), forward)?;
-        let entries = self
+        let mut entries = self
             .entries
             .lock()
             .map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
         let e = entries
-            .get(x.shape())
+            .get_mut(x.shape())
             .ok_or_else(|| EngineError::Device("graph vanished".into()))?;
-        let input = x.to_f32_vec();
+        match x.as_f32() {
+            Some(v) => e.pinned_in.fill_from(v)?,
+            None => e.pinned_in.fill_from(&x.to_f32_vec())?,
+        }
         be.ctx.bind()?;
-        // SAFETY: the staging buffer holds exactly the input's f32 values; the copy is
-        // complete before `input` goes away (the stream is synchronised below).
+        // SAFETY: the staging buffer holds exactly the pinned input's f32 values; the
+        // copy is complete before the pinned buffer can be written again (every replay
+        // ends with its outputs read back, the stream synchronised).
         unsafe {
-            result::memcpy_htod_async(e.staging_in.ptr(), &input[..], be.ctx.stream)
-                .map_err(CudaError::from)?;
+            result::memcpy_htod_async(
+                e.staging_in.ptr(),
+                e.pinned_in.as_mut_slice(),
+                be.ctx.stream,
+            )
+            .map_err(CudaError::from)?;
         }
         e.graph.replay(be)?;
         read_outputs(be, e)
