@@ -19,6 +19,8 @@ RESTORMER = ROOT / "tests" / "fixtures" / "restormer" / "withbias"
 DFINE = ROOT / "tests" / "fixtures" / "dfine" / "tiny"
 H100_JSON = ROOT / "bench" / "results" / "h100-80gb-hbm3-restormer.json"
 H100_PROFILE = ROOT / "bench" / "logs" / "h100-profile.log"
+H100_REPORT = ROOT / "bench" / "results" / "h100-80gb-hbm3-restormer-report.json"
+H100_PEERS = ROOT / "bench" / "results" / "h100-80gb-hbm3-restormer-peers.json"
 COMMITTED = ROOT / "bench" / "report" / "h100-restormer"
 
 # Markdown column -> (JSON key, decimals); None decimals: scientific with 2 digits.
@@ -154,7 +156,23 @@ def test_from_reproduces_the_h100_numbers(tmp_path):
     assert "rendered from" in readme and "tools/gpu-check.sh" in readme
     for stem in ("throughput", "latency", "roofline-1", "roofline-2"):
         check_plot(out, stem)
-    # The committed report is this rendering.
+
+
+def test_committed_h100_report_is_the_rendering_of_its_measurements(tmp_path):
+    # The README's report: `aperture report` measured on the H100 (report.json) plus the
+    # PyTorch peers measured with the same weights, rendered with --from.
+    out = tmp_path / "h100"
+    p = run("report", "--from", H100_REPORT, H100_PEERS, "-o", out)
+    assert p.returncode == 0, p.stderr
+    measured = json.loads(H100_REPORT.read_text())
+    peers = json.loads(H100_PEERS.read_text())
+    doc = json.loads((out / "report.json").read_text())
+    assert len(doc["rows"]) == len(measured["rows"]) + len(peers["rows"])
+    assert {r["engine"] for r in doc["rows"]} == {"aperture", "torch-eager", "torch-compile"}
+    assert doc["profiles"] == measured["profiles"] and doc["profiles"]
+    check_table_against_json((out / "README.md").read_text(), doc["rows"])
+    for stem in ("throughput", "latency", "roofline-1"):
+        check_plot(out, stem)
     committed = json.loads((COMMITTED / "report.json").read_text())
     assert committed["rows"] == doc["rows"] and committed["profiles"] == doc["profiles"]
 

@@ -211,9 +211,14 @@ impl Report {
         let rows = v.get("rows").and_then(Value::as_array).with_context(|| {
             format!("{at}: no 'rows' array (expected the layout of `aperture bench --out`)")
         })?;
+        // Rows without a throughput are not measurements of speed (e.g. the precision
+        // study of tools/dfine_torch_peers.py): left out, and said so.
+        let timed = |r: &&Value| r.get("images_per_s").is_some_and(Value::is_number);
+        let untimed = rows.iter().filter(|r| !timed(r)).count();
         let rows = rows
             .iter()
             .enumerate()
+            .filter(|(_, r)| timed(r))
             .map(|(i, r)| Row::from_json(r, &format!("{at}: rows[{i}]")))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let header = v
@@ -239,6 +244,12 @@ impl Report {
                     .collect()
             })
             .unwrap_or_default();
+        let mut notes: Vec<String> = notes;
+        if untimed > 0 {
+            notes.push(format!(
+                "{at}: {untimed} rows without images_per_s (not timings) left out."
+            ));
+        }
         Ok(Report {
             device: field("device"),
             date: field("date"),

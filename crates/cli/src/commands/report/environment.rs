@@ -23,8 +23,10 @@ fn output(cmd: &str, args: &[&str]) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// The commit the binary was built from (recorded at build time: the binary may run
+/// where the repository is not, or is at another commit).
 pub fn git_commit() -> Option<String> {
-    output("git", &["rev-parse", "--short=12", "HEAD"])
+    Some(env!("APERTURE_GIT_COMMIT").to_string()).filter(|c| !c.is_empty())
 }
 
 /// "model name" of /proc/cpuinfo and the number of threads.

@@ -184,7 +184,7 @@ fn from_files(files: &[PathBuf], logs: &[PathBuf]) -> anyhow::Result<Report> {
     ));
     report.header.push((
         "re-measure".into(),
-        "`tools/gpu-check.sh` on the GPU machine (writes bench/results/<gpu>-restormer.json), then this command".into(),
+        "on the GPU machine: the `command` above when the source is a report.json (`aperture report --model ...`), or `tools/gpu-check.sh` / `aperture bench --out` for bench JSON; then this command".into(),
     ));
     report.header.push((
         "rendered by".into(),

@@ -126,7 +126,8 @@ pub fn measure(
             concurrency: vec![clients],
             // Long enough for the first request to capture the batch's graph.
             warmup: Duration::from_millis(window_ms.max(50)),
-            measure: Duration::from_millis(window_ms),
+            // Large batches take about a second per request: measure at least a few.
+            measure: Duration::from_millis(window_ms * b.div_ceil(8).max(1) as u64),
             encoding: Encoding::Binary,
             batch_size: b,
             shape: Some(shape.clone()),
@@ -169,6 +170,6 @@ pub fn measure(
         drop(server);
     }
     report.notes.push(format!(
-        "Served rows: `aperture serve` as a child process on loopback, one per batch size with max_batch_size equal to it, KServe v2 HTTP with binary tensors, {clients} concurrent clients each sending requests of that batch ({window_ms} ms warm-up, then {window_ms} ms measured); latency is the client's round trip (encode, HTTP, batcher, inference, response)."
+        "Served rows: `aperture serve` as a child process on loopback, one per batch size with max_batch_size equal to it, KServe v2 HTTP with binary tensors, {clients} concurrent clients each sending requests of that batch ({window_ms} ms warm-up, then {window_ms} ms measured, times batch/8 above batch 8); latency is the client's round trip (encode, HTTP, batcher, inference, response)."
     ));
 }

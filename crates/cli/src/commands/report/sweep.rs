@@ -152,7 +152,7 @@ pub fn measure(args: &ReportArgs) -> anyhow::Result<Report> {
         .header
         .push(("aperture".into(), env!("CARGO_PKG_VERSION").into()));
     if let Some(c) = environment::git_commit() {
-        report.header.push(("git commit".into(), c));
+        report.header.push(("built from commit".into(), c));
     }
     match gpu {
         Some(ordinal) => {
