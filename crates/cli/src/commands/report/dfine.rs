@@ -230,6 +230,23 @@ pub fn sweep(
                         }
                     }
                     graph.runner().backend().trim_memory()?;
+                    // The roofline chart: one profiled eager pass per precision, at the
+                    // full query count and the largest swept batch up to 8.
+                    if Some(&q) == queries.first() {
+                        let b = plan.batches.iter().copied().filter(|b| *b <= 8).max();
+                        if let Some(b) = b {
+                            let x = images(b, 3, h, w, 0)?;
+                            let be = graph.runner().backend();
+                            let run = || Ok(graph.runner().detect(&x).map(|_| ())?);
+                            match super::sweep::profile_pass(be, run) {
+                                Ok(ops) => report.profiles.push(super::doc::Profile {
+                                    title: format!("{p} batch {b}, one eager pass"),
+                                    ops,
+                                }),
+                                Err(e) => report.notes.push(format!("{p} profile failed: {e:#}")),
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -355,7 +355,8 @@ fn restormer_gpu(
             }
         }
         if let Some(b) = profiled_batch {
-            match profile(&be, &m, &images(b, cfg.inp_channels, size, size, 0)?) {
+            let t = be.upload_nchw(&images(b, cfg.inp_channels, size, size, 0)?)?;
+            match profile_pass(&be, || Ok(m.forward(&be, &t).map(|_| ())?)) {
                 Ok(ops) => report.profiles.push(Profile {
                     title: format!("{p} batch {b}, one eager pass"),
                     ops,
@@ -370,19 +371,19 @@ fn restormer_gpu(
     Ok(())
 }
 
-fn profile(
+/// One pass of `run` with the backend's per-operation profiler on (after an untimed
+/// pass, so that plans and kernels are ready).
+pub fn profile_pass(
     be: &CudaBackend,
-    m: &Restormer<CudaBackend>,
-    x: &HostTensor,
+    run: impl Fn() -> anyhow::Result<()>,
 ) -> anyhow::Result<Vec<OpPoint>> {
-    let t = be.upload_nchw(x)?;
-    m.forward(be, &t)?;
+    run()?;
     be.synchronize()?;
     be.profiler().set_enabled(true);
-    let y = m.forward(be, &t);
+    let result = run();
     be.profiler().set_enabled(false);
     let stats = be.profiler().take()?;
-    y?;
+    result?;
     be.trim_memory()?;
     Ok(stats
         .into_iter()
