@@ -13,6 +13,16 @@ use crate::kernels::Arg;
 /// Output rows per thread of the vectorised depthwise kernels (DW_ROWS in vector.cu).
 const DW_ROWS: usize = 16;
 
+/// Grid of the strip kernels: x over `threads_per_row` threads in blocks of 256, y over
+/// the images' strips of DW_ROWS rows.
+fn strip_grid(threads_per_row: usize, n: usize, h: usize) -> (u32, u32, u32) {
+    (
+        threads_per_row.div_ceil(256) as u32,
+        (n * h.div_ceil(DW_ROWS)) as u32,
+        1,
+    )
+}
+
 /// Whether the strip-streaming depthwise kernels (vector.cu) may run;
 /// `APERTURE_DEPTHWISE=scalar` keeps the per-row kernels of ops.cu (for A/B timing or as
 /// an escape hatch).
@@ -220,12 +230,7 @@ pub(crate) fn depthwise_gelu_gate(
             if x.ptr().is_multiple_of(4) && vector_depthwise() {
                 // A thread per (column, channel pair of each half), strips of DW_ROWS
                 // rows (vector.cu).
-                let threads = wd * half / 2;
-                let grid = (
-                    threads.div_ceil(256) as u32,
-                    (n * h.div_ceil(DW_ROWS)) as u32,
-                    1,
-                );
+                let grid = strip_grid(wd * half / 2, n, h);
                 be.kernels
                     .launch(&be.ctx, "dwconv3x3_gate_vec", grid, 256, 0, &args)?;
                 return Ok(out);
@@ -296,12 +301,7 @@ pub(crate) fn conv2d(
                 args.extend([h, wd, c].map(|v| Arg::I32(v as i32)));
                 args.push(Arg::I32(act_code(act)));
                 // A thread per (column, four channels), strips of DW_ROWS rows.
-                let threads = wd * c / 4;
-                let grid = (
-                    threads.div_ceil(256) as u32,
-                    (n * h.div_ceil(DW_ROWS)) as u32,
-                    1,
-                );
+                let grid = strip_grid(wd * c / 4, n, h);
                 be.kernels
                     .launch(&be.ctx, "dwconv3x3_vec", grid, 256, 0, &args)?;
                 return Ok(out);

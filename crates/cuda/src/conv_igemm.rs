@@ -429,33 +429,16 @@ fn launch(
     blocks: u32,
     args: &[Arg],
 ) -> CudaResult<()> {
-    if ctx.is_dry() {
-        return Ok(());
-    }
-    let mut vals: Vec<Arg> = args.to_vec();
-    let mut ptrs: Vec<*mut c_void> = vals
-        .iter_mut()
-        .map(|a| match a {
-            Arg::Ptr(p) => p as *mut u64 as *mut c_void,
-            Arg::I32(v) => v as *mut i32 as *mut c_void,
-            Arg::I64(v) => v as *mut i64 as *mut c_void,
-            Arg::F32(v) => v as *mut f32 as *mut c_void,
-        })
-        .collect();
-    // SAFETY: the arguments mirror the entry points' shared parameter list (a test
-    // counts them); values live in `vals` until the call returns and the driver copies
-    // them at launch. The dynamic shared memory is the tile's, allowed at load.
-    unsafe {
-        result::launch_kernel(
-            func,
-            (blocks.max(1), 1, 1),
-            (tile.threads(), 1, 1),
-            tile.smem_bytes(),
-            ctx.stream,
-            &mut ptrs,
-        )?
-    };
-    Ok(())
+    // The arguments mirror the entry points' shared parameter list (a test counts
+    // them); the dynamic shared memory is the tile's, allowed at load.
+    crate::kernels::launch_function(
+        ctx,
+        func,
+        (blocks.max(1), 1, 1),
+        tile.threads(),
+        tile.smem_bytes(),
+        args,
+    )
 }
 
 #[cfg(test)]

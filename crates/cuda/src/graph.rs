@@ -288,10 +288,7 @@ impl GraphCache {
         let e = entries
             .get_mut(x.shape())
             .ok_or_else(|| EngineError::Device("graph vanished".into()))?;
-        match x.as_f32() {
-            Some(v) => e.pinned_in.fill_from(v)?,
-            None => e.pinned_in.fill_from(&x.to_f32_vec())?,
-        }
+        e.pinned_in.fill_from_tensor(x)?;
         be.ctx.bind()?;
         let stream = be.ctx.stream;
         // SAFETY: pinned buffers and device staging buffers have exactly the copied

@@ -159,24 +159,7 @@ impl Kernels {
             .funcs
             .get(name)
             .ok_or_else(|| CudaError::Driver(format!("kernel {name} is not loaded")))?;
-        if ctx.is_dry() {
-            return Ok(());
-        }
-        let mut vals: Vec<Arg> = args.to_vec();
-        let mut ptrs: Vec<*mut c_void> = vals
-            .iter_mut()
-            .map(|a| match a {
-                Arg::Ptr(p) => p as *mut u64 as *mut c_void,
-                Arg::I32(v) => v as *mut i32 as *mut c_void,
-                Arg::I64(v) => v as *mut i64 as *mut c_void,
-                Arg::F32(v) => v as *mut f32 as *mut c_void,
-            })
-            .collect();
-        // SAFETY: the argument list matches the kernel's signature (each call site
-        // mirrors the .cu declaration); values live in `vals` until the call returns,
-        // and the driver copies them at launch.
-        unsafe { result::launch_kernel(f, grid, (block, 1, 1), smem, ctx.stream, &mut ptrs)? };
-        Ok(())
+        launch_function(ctx, f, grid, block, smem, args)
     }
 
     /// Launches an element-wise kernel over `n` items with a grid-stride loop.
@@ -186,6 +169,35 @@ impl Kernels {
             .min(ctx.multiprocessors.max(1) as u64 * 32) as u32;
         self.launch(ctx, name, (blocks.max(1), 1, 1), block, 0, args)
     }
+}
+
+/// Launches `f` on the context's stream (nothing in a dry run). `args` must match the
+/// kernel's parameter list, as each call site mirrors its .cu declaration.
+pub(crate) fn launch_function(
+    ctx: &Context,
+    f: sys::CUfunction,
+    grid: (u32, u32, u32),
+    block: u32,
+    smem: u32,
+    args: &[Arg],
+) -> CudaResult<()> {
+    if ctx.is_dry() {
+        return Ok(());
+    }
+    let mut vals: Vec<Arg> = args.to_vec();
+    let mut ptrs: Vec<*mut c_void> = vals
+        .iter_mut()
+        .map(|a| match a {
+            Arg::Ptr(p) => p as *mut u64 as *mut c_void,
+            Arg::I32(v) => v as *mut i32 as *mut c_void,
+            Arg::I64(v) => v as *mut i64 as *mut c_void,
+            Arg::F32(v) => v as *mut f32 as *mut c_void,
+        })
+        .collect();
+    // SAFETY: the argument list matches the kernel's signature (see above); values live
+    // in `vals` until the call returns, and the driver copies them at launch.
+    unsafe { result::launch_kernel(f, grid, (block, 1, 1), smem, ctx.stream, &mut ptrs)? };
+    Ok(())
 }
 
 impl Drop for Kernels {

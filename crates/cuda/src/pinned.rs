@@ -2,7 +2,7 @@
 //! truly asynchronously. Filling one from a large host tensor is split over a few threads,
 //! since a single thread copies a batch of 640x640 images (150+ MB) slower than the DMA.
 
-use aperture_engine::{EngineError, Result};
+use aperture_engine::{EngineError, HostTensor, Result};
 use cudarc::driver::result;
 
 use crate::error::CudaError;
@@ -31,6 +31,14 @@ impl Pinned {
     pub(crate) fn as_mut_slice(&mut self) -> &mut [f32] {
         // SAFETY: `ptr` holds `len` f32 values owned by self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// Copies a host tensor's values in as f32 (without a temporary when it holds f32).
+    pub(crate) fn fill_from_tensor(&mut self, x: &HostTensor) -> Result<()> {
+        match x.as_f32() {
+            Some(v) => self.fill_from(v),
+            None => self.fill_from(&x.to_f32_vec()),
+        }
     }
 
     /// Copies `src` (exactly this buffer's length) in, on up to eight threads.

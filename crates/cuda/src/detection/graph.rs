@@ -234,10 +234,7 @@ impl MultiGraphCache {
         let e = entries
             .get_mut(x.shape())
             .ok_or_else(|| EngineError::Device("graph vanished".into()))?;
-        match x.as_f32() {
-            Some(v) => e.pinned_in.fill_from(v)?,
-            None => e.pinned_in.fill_from(&x.to_f32_vec())?,
-        }
+        e.pinned_in.fill_from_tensor(x)?;
         be.ctx.bind()?;
         // SAFETY: the staging buffer holds exactly the pinned input's f32 values; the
         // copy is complete before the pinned buffer can be written again (every replay
