@@ -2,7 +2,9 @@
 //! numbers, and dtype-preserving batch concatenation / splitting.
 
 use aperture_engine::{DType, HostTensor, TensorData};
+use bytes::Bytes;
 use half::{bf16, f16};
+use zerocopy::IntoBytes;
 
 use crate::error::{Result, ServerError};
 
@@ -78,32 +80,105 @@ pub fn tensor_from_bytes(
     dtype: DType,
     raw: &[u8],
 ) -> Result<HostTensor> {
-    let want = byte_size(&dims, dtype);
-    if raw.len() != want {
-        return Err(ServerError::invalid(format!(
-            "input '{name}': {} bytes of data given but shape {dims:?} of {} needs {want} bytes",
-            raw.len(),
-            kserve_datatype(dtype)
-        )));
+    let mut fill = TensorFill::new(name, dims, dtype, raw.len())?;
+    fill.write(raw);
+    fill.finish()
+}
+
+/// A tensor being filled from little-endian bytes that arrive in pieces (an HTTP body's
+/// frames): the typed storage is allocated once, zeroed by the allocator (fresh pages,
+/// no pass over the data), and each piece is copied straight into place.
+#[derive(Debug)]
+pub struct TensorFill {
+    name: String,
+    dims: Vec<usize>,
+    data: TensorData,
+    filled: usize,
+}
+
+impl TensorFill {
+    /// Storage for `dims` of `dtype`; `declared` must be its exact byte size.
+    pub fn new(name: &str, dims: Vec<usize>, dtype: DType, declared: usize) -> Result<Self> {
+        let want = byte_size(&dims, dtype);
+        if declared != want {
+            return Err(ServerError::invalid(format!(
+                "input '{name}': {declared} bytes of data given but shape {dims:?} of {} needs {want} bytes",
+                kserve_datatype(dtype)
+            )));
+        }
+        let n = want / dtype.size_bytes();
+        let data = match dtype {
+            DType::F32 => TensorData::F32(vec![0.0; n]),
+            DType::F16 => TensorData::F16(vec![f16::ZERO; n]),
+            DType::BF16 => TensorData::BF16(vec![bf16::ZERO; n]),
+        };
+        Ok(Self {
+            name: name.to_string(),
+            dims,
+            data,
+            filled: 0,
+        })
     }
-    let data = match dtype {
-        DType::F32 => TensorData::F32(
-            raw.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ),
-        DType::F16 => TensorData::F16(
-            raw.chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]))
-                .collect(),
-        ),
-        DType::BF16 => TensorData::BF16(
-            raw.chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]))
-                .collect(),
-        ),
-    };
-    Ok(HostTensor::new(dims, data)?)
+
+    /// Bytes still missing.
+    pub fn remaining(&self) -> usize {
+        storage_bytes(&self.data).len() - self.filled
+    }
+
+    /// Copies the next bytes in; returns how many were taken (at most `remaining()`).
+    pub fn write(&mut self, bytes: &[u8]) -> usize {
+        let filled = self.filled;
+        let dst = storage_bytes_mut(&mut self.data);
+        let n = bytes.len().min(dst.len() - filled);
+        if let (Some(d), Some(s)) = (dst.get_mut(filled..filled + n), bytes.get(..n)) {
+            d.copy_from_slice(s);
+        }
+        self.filled += n;
+        n
+    }
+
+    /// The tensor, once every byte has arrived.
+    pub fn finish(mut self) -> Result<HostTensor> {
+        let missing = self.remaining();
+        if missing != 0 {
+            return Err(ServerError::invalid(format!(
+                "unexpected end of binary data for input '{}': {missing} of its bytes are missing",
+                self.name
+            )));
+        }
+        // The bytes went in as stored little-endian; a no-op on little-endian hosts.
+        if cfg!(target_endian = "big") {
+            match &mut self.data {
+                TensorData::F32(v) => v
+                    .iter_mut()
+                    .for_each(|x| *x = f32::from_bits(u32::from_le(x.to_bits()))),
+                TensorData::F16(v) => v
+                    .iter_mut()
+                    .for_each(|x| *x = f16::from_bits(u16::from_le(x.to_bits()))),
+                TensorData::BF16(v) => v
+                    .iter_mut()
+                    .for_each(|x| *x = bf16::from_bits(u16::from_le(x.to_bits()))),
+            }
+        }
+        Ok(HostTensor::new(self.dims, self.data)?)
+    }
+}
+
+/// The storage's bytes in memory order (little-endian on little-endian hosts).
+fn storage_bytes(data: &TensorData) -> &[u8] {
+    match data {
+        TensorData::F32(v) => v.as_bytes(),
+        TensorData::F16(v) => v.as_bytes(),
+        TensorData::BF16(v) => v.as_bytes(),
+    }
+}
+
+fn storage_bytes_mut(data: &mut TensorData) -> &mut [u8] {
+    match data {
+        TensorData::F32(v) => v.as_mut_bytes(),
+        TensorData::F16(v) => v.as_mut_bytes(),
+        TensorData::BF16(v) => v.as_mut_bytes(),
+    }
 }
 
 /// Builds a tensor from f64 numbers (JSON data or typed gRPC contents).
@@ -128,12 +203,34 @@ pub fn tensor_from_numbers(
     Ok(HostTensor::new(dims, data)?)
 }
 
-/// Little-endian raw bytes of a tensor.
+/// Little-endian raw bytes of a tensor (a copy; see [`tensor_into_bytes`] for none).
 pub fn tensor_to_bytes(t: &HostTensor) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        return storage_bytes(t.data()).to_vec();
+    }
     match t.data() {
         TensorData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         TensorData::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         TensorData::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+/// Little-endian raw bytes of a tensor without copying them on little-endian hosts:
+/// the returned [`Bytes`] owns the tensor and views its storage.
+pub fn tensor_into_bytes(t: HostTensor) -> Bytes {
+    if cfg!(target_endian = "little") {
+        Bytes::from_owner(StorageBytes(t))
+    } else {
+        Bytes::from(tensor_to_bytes(&t))
+    }
+}
+
+/// A tensor seen as its storage bytes (only used where those are little-endian).
+struct StorageBytes(HostTensor);
+
+impl AsRef<[u8]> for StorageBytes {
+    fn as_ref(&self) -> &[u8] {
+        storage_bytes(self.0.data())
     }
 }
 

@@ -75,7 +75,14 @@ impl Job {
             replies.push(w.reply);
         }
         let mut timings = BatchTimings::default();
-        let results = match run_batch(self.runner.as_ref(), inputs, &rows, &mut timings) {
+        let mut spent = Vec::new();
+        let results = match run_batch(
+            self.runner.as_ref(),
+            inputs,
+            &rows,
+            &mut timings,
+            &mut spent,
+        ) {
             Ok(per_request) => per_request.into_iter().map(Ok).collect::<Vec<_>>(),
             Err(e) => {
                 tracing::warn!(error = %e, batch = rows.len(), "batch failed");
@@ -91,17 +98,22 @@ impl Job {
                 let _ = reply.send(result);
             }
         }
+        // Freeing a large batch (unmapping its pages) is no reason to delay the answers.
+        drop(spent);
         held
     }
 }
 
 /// Concatenates the requests' inputs, runs the model, splits the outputs by rows.
-/// A batch of one request moves its tensors instead of copying them.
+/// A batch of one request (one that fills the batch, say) moves its tensors instead of
+/// copying them, and so do its outputs. The batch's inputs end up in `spent`, for the
+/// caller to free after answering.
 fn run_batch(
     runner: &dyn Runner,
     mut inputs: Vec<NamedTensors>,
     rows: &[usize],
     t: &mut BatchTimings,
+    spent: &mut Vec<NamedTensors>,
 ) -> Result<Vec<NamedTensors>> {
     let start = Instant::now();
     let batch: NamedTensors = if inputs.len() == 1 {
@@ -118,6 +130,7 @@ fn run_batch(
                 .collect();
             batch.push((name.clone(), concat_batch(&parts)?));
         }
+        spent.append(&mut inputs);
         batch
     };
     let infer_start = Instant::now();
@@ -127,7 +140,7 @@ fn run_batch(
         .map_err(|_| {
             ServerError::Internal("the model panicked while running this batch".into())
         })??;
-    drop(batch);
+    spent.push(batch);
     let out_start = Instant::now();
     t.compute_infer = out_start - infer_start;
     let per_request = if rows.len() == 1 {

@@ -1,9 +1,9 @@
-//! KServe v2 HTTP inference bodies: JSON tensors and the binary tensor data extension
+//! KServe v2 HTTP inference requests: JSON tensors and the binary tensor data extension
 //! (`Inference-Header-Content-Length`, `binary_data_size`, `binary_data_output`).
 
 use std::time::Duration;
 
-use aperture_engine::NamedTensors;
+use aperture_engine::{HostTensor, NamedTensors};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -12,8 +12,7 @@ use crate::error::{Result, ServerError};
 use crate::image::split_bytes_elements;
 use crate::model::InferRequest;
 use crate::tensor_io::{
-    flatten_json_numbers, kserve_datatype, parse_datatype, shape_to_dims, tensor_from_bytes,
-    tensor_from_numbers, tensor_to_bytes,
+    flatten_json_numbers, parse_datatype, shape_to_dims, tensor_from_numbers, TensorFill,
 };
 
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -55,130 +54,274 @@ pub struct DecodedRequest {
     pub binary_default: bool,
 }
 
-/// Decodes a request body; `header_len` is the `Inference-Header-Content-Length` value.
+/// Decodes a whole request body; `header_len` is the `Inference-Header-Content-Length`
+/// value. (The HTTP handler streams the body through [`PendingRequest`] instead.)
 pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<DecodedRequest> {
     let json_len = match header_len {
         None => body.len(),
-        Some(n) if n > body.len() => {
-            return Err(ServerError::invalid(format!(
-                "Inference-Header-Content-Length is {n} but the request body has only {} bytes",
-                body.len()
-            )))
-        }
+        Some(n) if n > body.len() => return Err(header_beyond_body(n, body.len())),
         Some(n) => n,
     };
-    let (head, mut binary) = body.split_at(json_len);
-    let req: RequestJson = serde_json::from_slice(head)
-        .map_err(|e| ServerError::invalid(format!("failed to parse the request JSON: {e}")))?;
-    let mut inputs: NamedTensors = Vec::with_capacity(req.inputs.len());
-    let mut encoded_images: Vec<Bytes> = Vec::new();
-    for input in req.inputs {
-        if input.datatype == "BYTES" {
-            // Encoded images for a model with an image pipeline (preprocessed server-side).
-            if !encoded_images.is_empty() {
-                return Err(ServerError::invalid(
-                    "only one BYTES input (of encoded images) is supported",
-                ));
-            }
-            encoded_images = match (input.parameters.get("binary_data_size"), &input.data) {
-                (Some(size), _) => {
-                    let size = size.as_u64().unwrap_or(u64::MAX) as usize;
-                    if size > binary.len() {
-                        return Err(ServerError::invalid(format!(
-                            "unexpected end of binary data for input '{}': {size} bytes declared, {} remain",
-                            input.name,
-                            binary.len()
-                        )));
-                    }
-                    let (mine, rest) = binary.split_at(size);
-                    binary = rest;
-                    split_bytes_elements(&input.name, &Bytes::copy_from_slice(mine))?
-                }
-                (None, Some(data)) => json_strings(&input.name, data)?,
-                (None, None) => {
-                    return Err(ServerError::invalid(format!(
-                        "input '{}' has neither 'data' nor a 'binary_data_size' parameter",
-                        input.name
-                    )))
-                }
-            };
-            continue;
+    let (head, binary) = body.split_at(json_len);
+    let mut pending = PendingRequest::parse(head, BinaryLen::Exact(binary.len()))?;
+    pending.feed(binary)?;
+    pending.finish()
+}
+
+pub(super) fn header_beyond_body(header: usize, body: usize) -> ServerError {
+    ServerError::invalid(format!(
+        "Inference-Header-Content-Length is {header} but the request body has only {body} bytes"
+    ))
+}
+
+/// How many bytes of binary data follow the JSON header, as far as known before reading.
+#[derive(Clone, Copy, Debug)]
+pub enum BinaryLen {
+    /// Known (a whole body, or a Content-Length).
+    Exact(usize),
+    /// Unknown (chunked transfer), but at most this much (the body limit).
+    AtMost(usize),
+}
+
+/// Where the binary section's next bytes go.
+enum Sink {
+    /// Input number `usize` (in request order).
+    Tensor(usize, TensorFill),
+    /// The BYTES input of encoded images.
+    Images { buf: Vec<u8>, want: usize },
+}
+
+impl Sink {
+    fn remaining(&self) -> usize {
+        match self {
+            Sink::Tensor(_, f) => f.remaining(),
+            Sink::Images { buf, want } => want - buf.len(),
         }
-        let dtype = parse_datatype(&input.datatype, &input.name)?;
-        let dims = shape_to_dims(&input.shape, &input.name)?;
-        let tensor = match (input.parameters.get("binary_data_size"), &input.data) {
-            (Some(size), _) => {
-                let size = size.as_u64().ok_or_else(|| {
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> usize {
+        match self {
+            Sink::Tensor(_, f) => f.write(bytes),
+            Sink::Images { buf, want } => {
+                let n = bytes.len().min(*want - buf.len());
+                buf.extend_from_slice(bytes.get(..n).unwrap_or_default());
+                n
+            }
+        }
+    }
+}
+
+/// A request whose JSON header is parsed and whose binary data is still arriving: each
+/// binary input's storage is allocated once, at its final type and size, and the body's
+/// bytes are copied straight into it (no intermediate body buffer, no per-element pass).
+pub struct PendingRequest {
+    id: String,
+    /// Inputs in request order; binary ones are `None` until their sink completes.
+    inputs: Vec<(String, Option<HostTensor>)>,
+    /// Binary sections in body order, and the one being filled.
+    sinks: Vec<Sink>,
+    current: usize,
+    encoded_images: Vec<Bytes>,
+    images_name: String,
+    outputs: Option<Vec<String>>,
+    output_binary: Option<Vec<bool>>,
+    binary_default: bool,
+    priority: u64,
+    timeout: Option<Duration>,
+}
+
+impl PendingRequest {
+    /// Parses the JSON header; declared binary sizes are checked against `binary`
+    /// before any storage is allocated for them.
+    pub fn parse(head: &[u8], binary: BinaryLen) -> Result<Self> {
+        let req: RequestJson = serde_json::from_slice(head)
+            .map_err(|e| ServerError::invalid(format!("failed to parse the request JSON: {e}")))?;
+        let mut inputs: Vec<(String, Option<HostTensor>)> = Vec::with_capacity(req.inputs.len());
+        let mut sinks = Vec::new();
+        let mut encoded_images: Vec<Bytes> = Vec::new();
+        let mut images_name = String::new();
+        let mut declared = 0usize;
+        // Reserves `size` bytes of the binary section for `name`.
+        let mut claim = |name: &str, size: usize| -> Result<()> {
+            let (avail, exact) = match binary {
+                BinaryLen::Exact(n) => (n, true),
+                BinaryLen::AtMost(n) => (n, false),
+            };
+            let remain = avail.saturating_sub(declared);
+            if size > remain {
+                return Err(if exact {
                     ServerError::invalid(format!(
-                        "input '{}': binary_data_size must be an unsigned integer",
-                        input.name
+                        "unexpected end of binary data for input '{name}': {size} bytes declared, {remain} remain"
                     ))
-                })? as usize;
-                if size > binary.len() {
-                    return Err(ServerError::invalid(format!(
-                        "unexpected end of binary data for input '{}': {size} bytes declared, {} remain",
-                        input.name,
-                        binary.len()
-                    )));
+                } else {
+                    ServerError::PayloadTooLarge(format!(
+                        "input '{name}' declares {size} bytes of binary data, more than the request body limit allows (--max-body-mb)"
+                    ))
+                });
+            }
+            declared += size;
+            Ok(())
+        };
+        for input in req.inputs {
+            if input.datatype == "BYTES" {
+                // Encoded images for a model with an image pipeline (preprocessed server-side).
+                if !images_name.is_empty() {
+                    return Err(ServerError::invalid(
+                        "only one BYTES input (of encoded images) is supported",
+                    ));
                 }
-                let (mine, rest) = binary.split_at(size);
-                binary = rest;
-                tensor_from_bytes(&input.name, dims, dtype, mine)?
+                images_name = input.name.clone();
+                match (input.parameters.get("binary_data_size"), &input.data) {
+                    (Some(size), _) => {
+                        let want = size.as_u64().unwrap_or(u64::MAX) as usize;
+                        claim(&input.name, want)?;
+                        sinks.push(Sink::Images {
+                            buf: Vec::with_capacity(want),
+                            want,
+                        });
+                    }
+                    (None, Some(data)) => encoded_images = json_strings(&input.name, data)?,
+                    (None, None) => return Err(no_data(&input.name)),
+                }
+                continue;
             }
-            (None, Some(data)) => {
-                let mut values = Vec::new();
-                flatten_json_numbers(&input.name, data, &mut values)?;
-                tensor_from_numbers(&input.name, dims, dtype, values)?
-            }
-            (None, None) => {
+            let dtype = parse_datatype(&input.datatype, &input.name)?;
+            let dims = shape_to_dims(&input.shape, &input.name)?;
+            if inputs.iter().any(|(n, _)| n == &input.name) {
                 return Err(ServerError::invalid(format!(
-                    "input '{}' has neither 'data' nor a 'binary_data_size' parameter",
+                    "input '{}' is given twice",
                     input.name
-                )))
+                )));
+            }
+            let tensor = match (input.parameters.get("binary_data_size"), &input.data) {
+                (Some(size), _) => {
+                    let size = size.as_u64().ok_or_else(|| {
+                        ServerError::invalid(format!(
+                            "input '{}': binary_data_size must be an unsigned integer",
+                            input.name
+                        ))
+                    })? as usize;
+                    claim(&input.name, size)?;
+                    let fill = TensorFill::new(&input.name, dims, dtype, size)?;
+                    sinks.push(Sink::Tensor(inputs.len(), fill));
+                    None
+                }
+                (None, Some(data)) => {
+                    let mut values = Vec::new();
+                    flatten_json_numbers(&input.name, data, &mut values)?;
+                    Some(tensor_from_numbers(&input.name, dims, dtype, values)?)
+                }
+                (None, None) => return Err(no_data(&input.name)),
+            };
+            inputs.push((input.name, tensor));
+        }
+        if let BinaryLen::Exact(n) = binary {
+            if n > declared {
+                return Err(unclaimed(n - declared));
+            }
+        }
+        let binary_default = bool_param(&req.parameters, "binary_data_output")?.unwrap_or(false);
+        let (outputs, output_binary) = match req.outputs {
+            None => (None, None),
+            Some(outs) => {
+                let mut flags = Vec::with_capacity(outs.len());
+                for o in &outs {
+                    flags.push(bool_param(&o.parameters, "binary_data")?.unwrap_or(binary_default));
+                }
+                (
+                    Some(outs.into_iter().map(|o| o.name).collect()),
+                    Some(flags),
+                )
             }
         };
-        if inputs.iter().any(|(n, _)| n == &input.name) {
-            return Err(ServerError::invalid(format!(
-                "input '{}' is given twice",
-                input.name
-            )));
-        }
-        inputs.push((input.name, tensor));
-    }
-    if !binary.is_empty() {
-        return Err(ServerError::invalid(format!(
-            "{} bytes of binary data follow the request header but no input claims them",
-            binary.len()
-        )));
-    }
-    let binary_default = bool_param(&req.parameters, "binary_data_output")?.unwrap_or(false);
-    let (names, output_binary) = match req.outputs {
-        None => (None, None),
-        Some(outs) => {
-            let mut flags = Vec::with_capacity(outs.len());
-            for o in &outs {
-                flags.push(bool_param(&o.parameters, "binary_data")?.unwrap_or(binary_default));
-            }
-            (
-                Some(outs.into_iter().map(|o| o.name).collect::<Vec<_>>()),
-                Some(flags),
-            )
-        }
-    };
-    let priority = uint_param(&req.parameters, "priority")?.unwrap_or(0);
-    let timeout = uint_param(&req.parameters, "timeout")?.map(Duration::from_micros);
-    Ok(DecodedRequest {
-        request: InferRequest {
-            encoded_images,
+        Ok(Self {
             id: req.id.unwrap_or_default(),
             inputs,
-            outputs: names,
-            priority,
-            timeout,
-        },
-        output_binary,
-        binary_default,
-    })
+            sinks,
+            current: 0,
+            encoded_images,
+            images_name,
+            outputs,
+            output_binary,
+            binary_default,
+            priority: uint_param(&req.parameters, "priority")?.unwrap_or(0),
+            timeout: uint_param(&req.parameters, "timeout")?.map(Duration::from_micros),
+        })
+    }
+
+    /// Takes the next piece of the binary section.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<()> {
+        while !bytes.is_empty() {
+            let Some(sink) = self.sinks.get_mut(self.current) else {
+                return Err(unclaimed(bytes.len()));
+            };
+            let n = sink.write(bytes);
+            bytes = bytes.get(n..).unwrap_or_default();
+            if sink.remaining() == 0 {
+                self.current += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The request, once the body has ended; names the first input left incomplete.
+    pub fn finish(mut self) -> Result<DecodedRequest> {
+        for sink in self.sinks {
+            match sink {
+                Sink::Tensor(pos, fill) => {
+                    let t = fill.finish()?;
+                    if let Some((_, slot)) = self.inputs.get_mut(pos) {
+                        *slot = Some(t);
+                    }
+                }
+                Sink::Images { buf, want } => {
+                    if buf.len() != want {
+                        return Err(ServerError::invalid(format!(
+                            "unexpected end of binary data for input '{}': {} of its bytes are missing",
+                            self.images_name,
+                            want - buf.len()
+                        )));
+                    }
+                    self.encoded_images =
+                        split_bytes_elements(&self.images_name, &Bytes::from(buf))?;
+                }
+            }
+        }
+        let inputs = self
+            .inputs
+            .into_iter()
+            .map(|(name, t)| match t {
+                Some(t) => Ok((name, t)),
+                None => Err(ServerError::Internal(format!(
+                    "input '{name}' was not filled"
+                ))),
+            })
+            .collect::<Result<NamedTensors>>()?;
+        Ok(DecodedRequest {
+            request: InferRequest {
+                encoded_images: self.encoded_images,
+                id: self.id,
+                inputs,
+                outputs: self.outputs,
+                priority: self.priority,
+                timeout: self.timeout,
+            },
+            output_binary: self.output_binary,
+            binary_default: self.binary_default,
+        })
+    }
+}
+
+fn no_data(name: &str) -> ServerError {
+    ServerError::invalid(format!(
+        "input '{name}' has neither 'data' nor a 'binary_data_size' parameter"
+    ))
+}
+
+fn unclaimed(extra: usize) -> ServerError {
+    ServerError::invalid(format!(
+        "{extra} bytes of binary data follow the request header but no input claims them"
+    ))
 }
 
 /// BYTES elements given as JSON strings.
@@ -219,104 +362,9 @@ fn uint_param(params: &Map<String, Value>, key: &str) -> Result<Option<u64>> {
     }
 }
 
-/// An encoded answer: the JSON header and, when any output is binary, its length.
-pub struct EncodedResponse {
-    pub body: Bytes,
-    pub header_len: Option<usize>,
-}
-
-/// Encodes outputs (already in the requested order) as JSON or binary per output.
-pub fn encode_response(
-    model: &str,
-    version: u64,
-    id: &str,
-    outputs: &NamedTensors,
-    binary: &[bool],
-) -> Result<EncodedResponse> {
-    let is_binary = |i: usize| binary.get(i).copied().unwrap_or(false);
-    let widened: Vec<Option<Vec<f32>>> = outputs
-        .iter()
-        .enumerate()
-        .map(|(i, (_, t))| match (is_binary(i), t.as_f32()) {
-            (false, None) => Some(t.to_f32_vec()),
-            _ => None,
-        })
-        .collect();
-    let outs: Vec<OutputHead> = outputs
-        .iter()
-        .zip(&widened)
-        .enumerate()
-        .map(|(i, ((name, t), wide))| OutputHead {
-            name,
-            datatype: kserve_datatype(t.dtype()),
-            shape: t.shape(),
-            parameters: is_binary(i).then(|| BinaryParams {
-                binary_data_size: t.numel() * t.dtype().size_bytes(),
-            }),
-            data: if is_binary(i) {
-                None
-            } else {
-                wide.as_deref().or_else(|| t.as_f32())
-            },
-        })
-        .collect();
-    let head = ResponseHead {
-        model_name: model,
-        model_version: version.to_string(),
-        id,
-        outputs: outs,
-    };
-    let mut body = serde_json::to_vec(&head)
-        .map_err(|e| ServerError::Internal(format!("encoding response: {e}")))?;
-    if !(0..outputs.len()).any(is_binary) {
-        return Ok(EncodedResponse {
-            body: Bytes::from(body),
-            header_len: None,
-        });
-    }
-    let header_len = body.len();
-    for (i, (_, t)) in outputs.iter().enumerate() {
-        if is_binary(i) {
-            body.extend_from_slice(&tensor_to_bytes(t));
-        }
-    }
-    Ok(EncodedResponse {
-        body: Bytes::from(body),
-        header_len: Some(header_len),
-    })
-}
-
-/// The JSON part of a response, serialised without building a `Value` tree
-/// (non-finite numbers become null, as Triton writes them).
-#[derive(serde::Serialize)]
-struct ResponseHead<'a> {
-    model_name: &'a str,
-    model_version: String,
-    #[serde(skip_serializing_if = "str::is_empty")]
-    id: &'a str,
-    outputs: Vec<OutputHead<'a>>,
-}
-
-#[derive(serde::Serialize)]
-struct OutputHead<'a> {
-    name: &'a str,
-    datatype: &'static str,
-    shape: &'a [usize],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<BinaryParams>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<&'a [f32]>,
-}
-
-#[derive(serde::Serialize)]
-struct BinaryParams {
-    binary_data_size: usize,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn f32_bytes(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
@@ -391,19 +439,5 @@ mod tests {
             None
         )
         .contains("negative"));
-    }
-
-    #[test]
-    fn response_mixes_binary_and_json_outputs() {
-        let t = aperture_engine::HostTensor::from_f32(vec![1, 2], vec![1.0, 2.0]).unwrap();
-        let outs = vec![("X".to_string(), t.clone()), ("Y".to_string(), t)];
-        let r = encode_response("m", 3, "abc", &outs, &[true, false]).unwrap();
-        let n = r.header_len.unwrap();
-        let head: Value = serde_json::from_slice(&r.body[..n]).unwrap();
-        assert_eq!(head["model_version"], "3");
-        assert_eq!(head["id"], "abc");
-        assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 8);
-        assert_eq!(head["outputs"][1]["data"], json!([1.0, 2.0]));
-        assert_eq!(&r.body[n..], f32_bytes(&[1.0, 2.0]).as_slice());
     }
 }

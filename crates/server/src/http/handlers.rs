@@ -11,7 +11,9 @@ use axum::Json;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use super::codec::{decode_request, encode_response, HEADER_LENGTH};
+use super::body::read_infer_request;
+use super::codec::HEADER_LENGTH;
+use super::response::encode_response;
 use crate::error::{Result, ServerError};
 use crate::model::LoadedModel;
 use crate::server::{Shared, EXTENSIONS, SERVER_NAME};
@@ -208,12 +210,7 @@ pub async fn model_stats_v(
     ))
 }
 
-pub async fn infer(
-    State(s): S,
-    Path(m): Path<String>,
-    headers: HeaderMap,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Response {
+pub async fn infer(State(s): S, Path(m): Path<String>, headers: HeaderMap, body: Body) -> Response {
     let start = std::time::Instant::now();
     let resp = run_infer(&s, &m, None, &headers, body)
         .await
@@ -226,7 +223,7 @@ pub async fn infer_v(
     State(s): S,
     Path((m, v)): Path<(String, String)>,
     headers: HeaderMap,
-    body: std::result::Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     let start = std::time::Instant::now();
     let resp = run_infer(&s, &m, Some(&v), &headers, body)
@@ -270,9 +267,8 @@ async fn run_infer(
     name: &str,
     version: Option<&str>,
     headers: &HeaderMap,
-    body: std::result::Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response> {
-    let body = body_or_error(body, s.options.max_body_bytes)?;
     if let Some(enc) = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
@@ -283,32 +279,19 @@ async fn run_infer(
             )));
         }
     }
-    let header_len = match headers.get(HEADER_LENGTH) {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .ok_or_else(|| {
-                    ServerError::invalid(
-                        "Inference-Header-Content-Length must be a non-negative integer",
-                    )
-                })?,
-        ),
-    };
     let model = s.repository.get(name, version)?;
-    let decoded = decode_request(&body, header_len)?;
-    drop(body);
+    let decoded = read_infer_request(body, headers, s.options.max_body_bytes).await?;
     let id = decoded.request.id.clone();
     let outputs = s.run_with_timeout(&model, decoded.request).await?;
     let binary: Vec<bool> = match decoded.output_binary {
         Some(flags) => flags,
         None => vec![decoded.binary_default; outputs.len()],
     };
-    let enc = encode_response(&model.name, model.version, &id, &outputs, &binary)?;
-    let mut resp = Response::new(Body::from(enc.body));
+    let enc = encode_response(&model.name, model.version, &id, outputs, &binary)?;
+    let header_len = enc.header_len;
+    let mut resp = Response::new(Body::new(enc.into_body()));
     let h = resp.headers_mut();
-    match enc.header_len {
+    match header_len {
         Some(n) => {
             h.insert(
                 header::CONTENT_TYPE,

@@ -1,9 +1,11 @@
 //! KServe v2 over HTTP/REST as Triton speaks it (axum).
 
+mod body;
 mod codec;
 mod handlers;
 mod image;
 mod multipart;
+mod response;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -18,7 +20,9 @@ use axum::Router;
 use crate::error::ServerError;
 use crate::server::Shared;
 
-pub use codec::{decode_request, encode_response, DecodedRequest, EncodedResponse, HEADER_LENGTH};
+pub use body::read_infer_request;
+pub use codec::{decode_request, BinaryLen, DecodedRequest, PendingRequest, HEADER_LENGTH};
+pub use response::{encode_response, ChunkedBody, EncodedResponse};
 
 /// The HTTP router over the shared server state.
 pub fn router(shared: Arc<Shared>) -> Router {
