@@ -18,31 +18,39 @@ pub async fn read_infer_request(
     headers: &HeaderMap,
     limit: usize,
 ) -> Result<DecodedRequest> {
-    let header_len = match headers.get(HEADER_LENGTH) {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .ok_or_else(|| {
-                    ServerError::invalid(
-                        "Inference-Header-Content-Length must be a non-negative integer",
-                    )
-                })?,
-        ),
-    };
-    let content_length = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    if content_length.is_some_and(|n| n > limit) {
-        return Err(too_large(limit));
-    }
     let mut reader = Reader {
         body,
         read: 0,
         limit,
     };
+    let content_length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    // Over the limit by its own declaration: read no more than the limit (as much as a
+    // legitimate request), then refuse.
+    if content_length.is_some_and(|n| n > limit) {
+        reader.drain().await;
+        return Err(too_large(limit));
+    }
+    let result = match header_length(headers) {
+        Ok(header_len) => decode_stream(&mut reader, header_len, content_length).await,
+        Err(e) => Err(e),
+    };
+    if result.is_err() {
+        // Read what is left (bounded by the limit) so the client, still sending, gets
+        // the error answer rather than a reset connection.
+        reader.drain().await;
+    }
+    result
+}
+
+async fn decode_stream(
+    reader: &mut Reader,
+    header_len: Option<usize>,
+    content_length: Option<usize>,
+) -> Result<DecodedRequest> {
+    let limit = reader.limit;
     let Some(head_len) = header_len else {
         // Plain JSON: the whole body is the header.
         let mut all = Vec::with_capacity(content_length.unwrap_or(0));
@@ -77,6 +85,34 @@ pub async fn read_infer_request(
     pending.finish()
 }
 
+/// Reads (and drops) up to `limit` bytes of a body that will not be used, so a client
+/// still sending it receives the error answer rather than a reset connection.
+pub async fn drain_body(body: Body, limit: usize) {
+    Reader {
+        body,
+        read: 0,
+        limit,
+    }
+    .drain()
+    .await;
+}
+
+fn header_length(headers: &HeaderMap) -> Result<Option<usize>> {
+    match headers.get(HEADER_LENGTH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .map(Some)
+            .ok_or_else(|| {
+                ServerError::invalid(
+                    "Inference-Header-Content-Length must be a non-negative integer",
+                )
+            }),
+    }
+}
+
 fn too_large(limit: usize) -> ServerError {
     ServerError::PayloadTooLarge(format!(
         "request body exceeds the limit of {limit} bytes (--max-body-mb)"
@@ -91,6 +127,11 @@ struct Reader {
 }
 
 impl Reader {
+    /// Discards the rest of the body, stopping at the limit or a read error.
+    async fn drain(&mut self) {
+        while let Ok(Some(_)) = self.next().await {}
+    }
+
     async fn next(&mut self) -> Result<Option<bytes::Bytes>> {
         loop {
             let Some(frame) = self.body.frame().await else {

@@ -11,7 +11,7 @@ use axum::Json;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use super::body::read_infer_request;
+use super::body::{drain_body, read_infer_request};
 use super::codec::HEADER_LENGTH;
 use super::response::encode_response;
 use crate::error::{Result, ServerError};
@@ -269,18 +269,15 @@ async fn run_infer(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    if let Some(enc) = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-    {
-        if enc != "identity" {
-            return Err(ServerError::Unsupported(format!(
-                "Content-Encoding '{enc}' is not supported; send the body uncompressed"
-            )));
+    let limit = s.options.max_body_bytes;
+    let model = match check_encoding(headers).and_then(|_| s.repository.get(name, version)) {
+        Ok(m) => m,
+        Err(e) => {
+            drain_body(body, limit).await;
+            return Err(e);
         }
-    }
-    let model = s.repository.get(name, version)?;
-    let decoded = read_infer_request(body, headers, s.options.max_body_bytes).await?;
+    };
+    let decoded = read_infer_request(body, headers, limit).await?;
     let id = decoded.request.id.clone();
     let outputs = s.run_with_timeout(&model, decoded.request).await?;
     let binary: Vec<bool> = match decoded.output_binary {
@@ -307,6 +304,18 @@ async fn run_infer(
         }
     }
     Ok(resp)
+}
+
+fn check_encoding(headers: &HeaderMap) -> Result<()> {
+    match headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(enc) if enc != "identity" => Err(ServerError::Unsupported(format!(
+            "Content-Encoding '{enc}' is not supported; send the body uncompressed"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 #[derive(serde::Deserialize, Default)]
