@@ -77,6 +77,11 @@ impl HostTensor {
         &self.data
     }
 
+    /// Takes the storage out (e.g. to reuse a large buffer).
+    pub fn into_data(self) -> TensorData {
+        self.data
+    }
+
     pub fn numel(&self) -> usize {
         self.data.len()
     }

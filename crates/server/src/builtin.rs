@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use aperture_engine::{DType, EngineError, HostTensor, NamedTensors, Runner, TensorSpec};
+use aperture_engine::{
+    DType, EngineError, HostTensor, NamedTensors, Runner, TensorData, TensorSpec,
+};
 
 fn find<'a>(inputs: &'a NamedTensors, name: &str) -> aperture_engine::Result<&'a HostTensor> {
     inputs
@@ -15,6 +17,19 @@ fn find<'a>(inputs: &'a NamedTensors, name: &str) -> aperture_engine::Result<&'a
         .find(|(n, _)| n == name)
         .map(|(_, t)| t)
         .ok_or_else(|| EngineError::Invalid(format!("missing input {name}")))
+}
+
+/// A copy of `t` in storage from [`crate::pool`] (an identity over large tensors then
+/// costs a memcpy, not fresh pages; the server returns that storage to the pool).
+fn copy_pooled(t: &HostTensor) -> aperture_engine::Result<HostTensor> {
+    let mut data = crate::pool::take(t.dtype(), t.numel());
+    match (&mut data, t.data()) {
+        (TensorData::F32(d), TensorData::F32(s)) => d.copy_from_slice(s),
+        (TensorData::F16(d), TensorData::F16(s)) => d.copy_from_slice(s),
+        (TensorData::BF16(d), TensorData::BF16(s)) => d.copy_from_slice(s),
+        _ => return Ok(t.clone()),
+    }
+    HostTensor::new(t.shape().to_vec(), data)
 }
 
 /// Returns its input unchanged (after an optional simulated delay).
@@ -50,7 +65,8 @@ impl Runner for IdentityRunner {
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);
         }
-        Ok(vec![("OUTPUT0".into(), find(inputs, "INPUT0")?.clone())])
+        let input = find(inputs, "INPUT0")?;
+        Ok(vec![("OUTPUT0".into(), copy_pooled(input)?)])
     }
 }
 

@@ -39,6 +39,7 @@ pub mod error;
 pub mod factory;
 pub mod image;
 pub mod model;
+pub mod pool;
 pub mod repository;
 pub mod stats;
 pub mod tensor_io;

@@ -86,8 +86,8 @@ pub fn tensor_from_bytes(
 }
 
 /// A tensor being filled from little-endian bytes that arrive in pieces (an HTTP body's
-/// frames): the typed storage is allocated once, zeroed by the allocator (fresh pages,
-/// no pass over the data), and each piece is copied straight into place.
+/// frames): the typed storage is taken once (from [`crate::pool`]) and each piece is
+/// copied straight into place.
 #[derive(Debug)]
 pub struct TensorFill {
     name: String,
@@ -106,12 +106,9 @@ impl TensorFill {
                 kserve_datatype(dtype)
             )));
         }
-        let n = want / dtype.size_bytes();
-        let data = match dtype {
-            DType::F32 => TensorData::F32(vec![0.0; n]),
-            DType::F16 => TensorData::F16(vec![f16::ZERO; n]),
-            DType::BF16 => TensorData::BF16(vec![bf16::ZERO; n]),
-        };
+        // Every byte is overwritten before `finish` accepts the tensor, so recycled
+        // storage (already mapped: no page faults) is as good as zeroed storage.
+        let data = crate::pool::take(dtype, want / dtype.size_bytes());
         Ok(Self {
             name: name.to_string(),
             dims,
@@ -216,21 +213,33 @@ pub fn tensor_to_bytes(t: &HostTensor) -> Vec<u8> {
 }
 
 /// Little-endian raw bytes of a tensor without copying them on little-endian hosts:
-/// the returned [`Bytes`] owns the tensor and views its storage.
+/// the returned [`Bytes`] owns the tensor, views its storage, and hands the storage to
+/// [`crate::pool`] once the last view is gone (the answer is written).
 pub fn tensor_into_bytes(t: HostTensor) -> Bytes {
     if cfg!(target_endian = "little") {
-        Bytes::from_owner(StorageBytes(t))
+        Bytes::from_owner(StorageBytes(Some(t)))
     } else {
         Bytes::from(tensor_to_bytes(&t))
     }
 }
 
 /// A tensor seen as its storage bytes (only used where those are little-endian).
-struct StorageBytes(HostTensor);
+struct StorageBytes(Option<HostTensor>);
 
 impl AsRef<[u8]> for StorageBytes {
     fn as_ref(&self) -> &[u8] {
-        storage_bytes(self.0.data())
+        self.0
+            .as_ref()
+            .map(|t| storage_bytes(t.data()))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for StorageBytes {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            crate::pool::give(t.into_data());
+        }
     }
 }
 
@@ -272,15 +281,16 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
-/// Concatenates tensors of one dtype along axis 0, keeping the dtype.
+/// Concatenates tensors of one dtype along axis 0, keeping the dtype: one copy per part
+/// into storage from [`crate::pool`] (usually memory that is already mapped).
 pub fn concat_batch(parts: &[&HostTensor]) -> Result<HostTensor> {
     let first = parts
         .first()
         .ok_or_else(|| ServerError::Internal("empty batch".into()))?;
-    let inner = first.shape().get(1..).unwrap_or(&[]).to_vec();
+    let inner = first.shape().get(1..).unwrap_or(&[]);
     let mut rows = 0;
     for p in parts {
-        if p.shape().get(1..).unwrap_or(&[]) != inner.as_slice() || p.dtype() != first.dtype() {
+        if p.shape().get(1..).unwrap_or(&[]) != inner || p.dtype() != first.dtype() {
             return Err(ServerError::Internal(format!(
                 "cannot batch tensors of shapes {:?} and {:?}",
                 first.shape(),
@@ -290,32 +300,21 @@ pub fn concat_batch(parts: &[&HostTensor]) -> Result<HostTensor> {
         rows += p.shape().first().copied().unwrap_or(0);
     }
     let mut shape = vec![rows];
-    shape.extend_from_slice(&inner);
-    let data = match first.data() {
-        TensorData::F32(_) => TensorData::F32(gather(parts, |d| match d {
-            TensorData::F32(v) => Some(v.as_slice()),
-            _ => None,
-        })),
-        TensorData::F16(_) => TensorData::F16(gather(parts, |d| match d {
-            TensorData::F16(v) => Some(v.as_slice()),
-            _ => None,
-        })),
-        TensorData::BF16(_) => TensorData::BF16(gather(parts, |d| match d {
-            TensorData::BF16(v) => Some(v.as_slice()),
-            _ => None,
-        })),
-    };
-    Ok(HostTensor::new(shape, data)?)
-}
-
-fn gather<T: Copy>(parts: &[&HostTensor], pick: impl Fn(&TensorData) -> Option<&[T]>) -> Vec<T> {
-    let mut out = Vec::with_capacity(parts.iter().map(|p| p.numel()).sum());
-    for p in parts {
-        if let Some(s) = pick(p.data()) {
-            out.extend_from_slice(s);
+    shape.extend_from_slice(inner);
+    let total = parts.iter().map(|p| p.numel()).sum();
+    let mut data = crate::pool::take(first.dtype(), total);
+    let mut at = 0;
+    {
+        let dst = storage_bytes_mut(&mut data);
+        for p in parts {
+            let src = storage_bytes(p.data());
+            if let Some(d) = dst.get_mut(at..at + src.len()) {
+                d.copy_from_slice(src);
+            }
+            at += src.len();
         }
     }
-    out
+    Ok(HostTensor::new(shape, data)?)
 }
 
 /// Splits a batched tensor into consecutive pieces of `rows[i]` rows each.

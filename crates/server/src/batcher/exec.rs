@@ -98,8 +98,10 @@ impl Job {
                 let _ = reply.send(result);
             }
         }
-        // Freeing a large batch (unmapping its pages) is no reason to delay the answers.
-        drop(spent);
+        // After answering: the batch's storage goes back to the pool for the next requests.
+        for (_, t) in spent.into_iter().flatten() {
+            crate::pool::give(t.into_data());
+        }
         held
     }
 }
