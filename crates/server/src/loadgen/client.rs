@@ -53,13 +53,15 @@ impl HttpClient {
         })
     }
 
-    /// Sends one request; returns status and body.
+    /// Sends one request; returns status and body (the body of a 200 answer only with
+    /// `keep_ok_body`; it is read and dropped otherwise).
     pub async fn send(
         &mut self,
         method: &str,
         path: &str,
         body: Bytes,
         header_len: Option<usize>,
+        keep_ok_body: bool,
     ) -> Result<(u16, Bytes), String> {
         self.sender
             .ready()
@@ -88,8 +90,16 @@ impl HttpClient {
             .await
             .map_err(|e| format!("send: {e}"))?;
         let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
+        let mut body = resp.into_body();
+        if status == 200 && !keep_ok_body {
+            // Read the answer to its end without gathering it: a 157 MB answer would
+            // otherwise cost the generator a fresh buffer and a copy per request.
+            while let Some(frame) = body.frame().await {
+                frame.map_err(|e| format!("body: {e}"))?;
+            }
+            return Ok((status, Bytes::new()));
+        }
+        let body = body
             .collect()
             .await
             .map_err(|e| format!("body: {e}"))?
@@ -98,7 +108,7 @@ impl HttpClient {
     }
 
     pub async fn get_json(&mut self, path: &str) -> Result<Value, String> {
-        let (status, body) = self.send("GET", path, Bytes::new(), None).await?;
+        let (status, body) = self.send("GET", path, Bytes::new(), None, true).await?;
         if status != 200 {
             return Err(format!(
                 "GET {path}: HTTP {status}: {}",

@@ -82,7 +82,7 @@ impl Conn {
     async fn infer(&mut self) -> Result<(), String> {
         match self {
             Conn::Http(c, path, body, hl) => {
-                let (status, resp) = c.send("POST", path, body.clone(), *hl).await?;
+                let (status, resp) = c.send("POST", path, body.clone(), *hl, false).await?;
                 if status == 200 {
                     Ok(())
                 } else {
