@@ -127,10 +127,19 @@ fn planar_output(
         }
     };
     let (oh, ow) = (height as usize, width as usize);
+    // Cropping reads the f32 storage in place; only other dtypes are widened first.
+    let wide;
+    let src = match t.as_f32() {
+        Some(s) => s,
+        None => {
+            wide = t.to_f32_vec();
+            &wide
+        }
+    };
     let data = if (h, w) == (oh, ow) {
-        t.to_f32_vec()
+        src.to_vec()
     } else {
-        crop(&t.to_f32_vec(), Nchw { n: 1, c: 3, h, w }, oh, ow)?
+        crop(src, Nchw { n: 1, c: 3, h, w }, oh, ow)?
     };
     Ok(PlanarImage {
         data,
