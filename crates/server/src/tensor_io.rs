@@ -317,7 +317,8 @@ pub fn concat_batch(parts: &[&HostTensor]) -> Result<HostTensor> {
     Ok(HostTensor::new(shape, data)?)
 }
 
-/// Splits a batched tensor into consecutive pieces of `rows[i]` rows each.
+/// Splits a batched tensor into consecutive pieces of `rows[i]` rows each (copies into
+/// storage from [`crate::pool`]).
 pub fn split_rows(t: &HostTensor, rows: &[usize]) -> Result<Vec<HostTensor>> {
     let total = t.shape().first().copied().unwrap_or(0);
     if rows.iter().sum::<usize>() != total {
@@ -327,17 +328,20 @@ pub fn split_rows(t: &HostTensor, rows: &[usize]) -> Result<Vec<HostTensor>> {
         )));
     }
     let per_row = t.numel().checked_div(total).unwrap_or(0);
+    let elem = t.dtype().size_bytes();
+    let src = storage_bytes(t.data());
     let mut out = Vec::with_capacity(rows.len());
     let mut start = 0;
     for &r in rows {
         let mut shape = t.shape().to_vec();
-        shape[0] = r;
-        let range = start * per_row..(start + r) * per_row;
-        let data = match t.data() {
-            TensorData::F32(v) => TensorData::F32(v[range].to_vec()),
-            TensorData::F16(v) => TensorData::F16(v[range].to_vec()),
-            TensorData::BF16(v) => TensorData::BF16(v[range].to_vec()),
-        };
+        if let Some(first) = shape.first_mut() {
+            *first = r;
+        }
+        let mut data = crate::pool::take(t.dtype(), r * per_row);
+        let piece = src
+            .get(start * per_row * elem..(start + r) * per_row * elem)
+            .ok_or_else(|| ServerError::Internal("output rows out of range".into()))?;
+        storage_bytes_mut(&mut data).copy_from_slice(piece);
         out.push(HostTensor::new(shape, data)?);
         start += r;
     }

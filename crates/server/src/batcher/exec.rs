@@ -108,8 +108,8 @@ impl Job {
 
 /// Concatenates the requests' inputs, runs the model, splits the outputs by rows.
 /// A batch of one request (one that fills the batch, say) moves its tensors instead of
-/// copying them, and so do its outputs. The batch's inputs end up in `spent`, for the
-/// caller to free after answering.
+/// copying them, and so do its outputs. Tensors done with (the batch's inputs, split
+/// outputs) end up in `spent`, for the caller to recycle after answering.
 fn run_batch(
     runner: &dyn Runner,
     mut inputs: Vec<NamedTensors>,
@@ -157,6 +157,7 @@ fn run_batch(
                 dst.push((name.clone(), piece));
             }
         }
+        spent.push(outputs);
         per_request
     };
     t.compute_output = out_start.elapsed();
