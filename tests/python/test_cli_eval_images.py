@@ -87,6 +87,16 @@ def test_eval_images_scores_the_models_own_detections_perfectly(tmp_path, x_mode
     ev.summarize()
     assert np.allclose(ev.stats, stats, atol=1e-9)
 
+    # `aperture report --gt --images`: the true-mAP columns score the same detections
+    # against the same ground truth, so they must equal eval's mAP@50 and mAP@50:95.
+    aperture("report", "--model", x_model, "--device", "cpu", "--gt", tmp_path / "gt.json",
+             "--images", images, "--batches", "1", "--queries", "300", "--iters", "1",
+             "--warmup", "0", "--serve-ms", "0", "-o", tmp_path / "report")
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())["rows"]
+    assert len(rows) == 1
+    assert rows[0]["true_map50"] == pytest.approx(stats[1], abs=1e-9)
+    assert rows[0]["true_map"] == pytest.approx(stats[0], abs=1e-9)
+
 
 def test_eval_images_refuses_a_model_without_80_classes(tmp_path):
     tiny = ROOT / "tests" / "fixtures" / "dfine" / "tiny"
