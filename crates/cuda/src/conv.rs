@@ -43,6 +43,12 @@ pub(crate) fn act_code(a: Activation) -> i32 {
     }
 }
 
+/// Whether a convolution is a plain product over pixels: every output pixel reads
+/// exactly its own input pixel (1x1, stride 1, no padding).
+fn plain_product(kh: usize, kw: usize, spec: ConvSpec) -> bool {
+    kh == 1 && kw == 1 && spec.stride == 1 && spec.padding == 0
+}
+
 pub(crate) fn prepare(
     be: &CudaBackend,
     weight: &HostTensor,
@@ -59,7 +65,7 @@ pub(crate) fn prepare(
     let w = weight.to_f32_vec();
     let bias_f32 = bias.map(|b| b.to_f32_vec());
     if spec.groups == 1 {
-        let pointwise = kh == 1 && kw == 1 && spec.stride == 1 && spec.padding == 0;
+        let pointwise = plain_product(kh, kw, spec);
         let k = kh * kw * c_in;
         // Patch rows are padded to 8 elements so the products stay 16-byte aligned.
         let kp = if pointwise { k } else { k.div_ceil(8) * 8 };
@@ -359,9 +365,7 @@ pub(crate) fn conv2d(
     };
     let k_real = w.kh * w.kw * w.c_in;
     let flops = 2.0 * (p_out * k_real * w.c_out) as f64;
-    // A plain product only when every output pixel reads exactly its own input pixel.
-    let pointwise =
-        w.kp == w.c_in && w.kh == 1 && w.kw == 1 && w.spec.stride == 1 && w.spec.padding == 0;
+    let pointwise = w.kp == w.c_in && plain_product(w.kh, w.kw, w.spec);
     let name = if pointwise {
         "conv1x1_gemm"
     } else {
