@@ -153,6 +153,13 @@ impl Event {
         Ok(())
     }
 
+    /// Blocks until the work enqueued before `record` has completed.
+    pub(crate) fn wait(&self) -> CudaResult<()> {
+        // SAFETY: the event is alive.
+        unsafe { result::event::synchronize(self.ev)? };
+        Ok(())
+    }
+
     /// Milliseconds from `start` to `self`; waits for `self` to complete.
     pub fn elapsed_ms(&self, start: &Event) -> CudaResult<f32> {
         // SAFETY: both events are alive and recorded.

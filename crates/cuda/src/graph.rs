@@ -288,19 +288,9 @@ impl GraphCache {
         let e = entries
             .get_mut(x.shape())
             .ok_or_else(|| EngineError::Device("graph vanished".into()))?;
-        e.pinned_in.fill_from_tensor(x)?;
-        be.ctx.bind()?;
-        let stream = be.ctx.stream;
-        // SAFETY: pinned buffers and device staging buffers have exactly the copied
-        // sizes and outlive the stream synchronisation below.
-        unsafe {
-            result::memcpy_htod_async(e.staging_in.ptr(), e.pinned_in.as_mut_slice(), stream)
-                .map_err(CudaError::from)?;
-            result::graph::launch(e.graph.exec, stream).map_err(CudaError::from)?;
-            result::memcpy_dtoh_async(e.pinned_out.as_mut_slice(), e.staging_out.ptr(), stream)
-                .map_err(CudaError::from)?;
-            result::stream::synchronize(stream).map_err(CudaError::from)?;
-        }
-        HostTensor::from_f32(e.out_shape.clone(), e.pinned_out.as_mut_slice().to_vec())
+        e.pinned_in.upload(&be.ctx, x, e.staging_in.ptr())?;
+        be.replay(&e.graph)?;
+        let y = e.pinned_out.download(&be.ctx, e.staging_out.ptr())?;
+        HostTensor::from_f32(e.out_shape.clone(), y)
     }
 }

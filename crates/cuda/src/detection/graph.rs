@@ -234,19 +234,9 @@ impl MultiGraphCache {
         let e = entries
             .get_mut(x.shape())
             .ok_or_else(|| EngineError::Device("graph vanished".into()))?;
-        e.pinned_in.fill_from_tensor(x)?;
-        be.ctx.bind()?;
-        // SAFETY: the staging buffer holds exactly the pinned input's f32 values; the
-        // copy is complete before the pinned buffer can be written again (every replay
-        // ends with its outputs read back, the stream synchronised).
-        unsafe {
-            result::memcpy_htod_async(
-                e.staging_in.ptr(),
-                e.pinned_in.as_mut_slice(),
-                be.ctx.stream,
-            )
-            .map_err(CudaError::from)?;
-        }
+        // The copy is complete before the pinned buffer is written again: every replay
+        // ends with its outputs read back (the stream synchronised).
+        e.pinned_in.upload(&be.ctx, x, e.staging_in.ptr())?;
         e.graph.replay(be)?;
         read_outputs(be, e)
     }
