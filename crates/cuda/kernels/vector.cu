@@ -286,3 +286,280 @@ extern "C" __global__ void dwconv3x3_gate_vec(const T* __restrict__ x, T* __rest
         st2(out + ((i64)oy * W + col) * Ch, g);
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// Depthwise k x k, stride s, padding k/2, as strips of output rows (the generalisation of
+// dwconv3x3_vec). Input rows are grouped in "super rows" of s rows: super row m holds
+// input rows m*s - pad + q (q < s) and feeds output rows m - a (a < NA = ceil(k/s)) with
+// tap row ky = s*a + q, so output row o is complete after super row o + NA - 1. A thread
+// owns V channels of X adjacent output columns and keeps NA rows of accumulators. The
+// super-row loop is unrolled by G (a multiple of NA) so the accumulator ring rotates at
+// compile time: output o = m - a lives in slot (i - a) mod NA at step i (no moves).
+// Rows are fetched LB super rows at a time, all loads issued before any arithmetic.
+// Column bounds are tested once per thread, row bounds once per row.
+
+template <int BYTES> struct DwRaw;
+template <> struct DwRaw<2> { typedef unsigned short type; };
+template <> struct DwRaw<4> { typedef unsigned int type; };
+template <> struct DwRaw<8> { typedef uint2 type; };
+template <> struct DwRaw<16> { typedef uint4 type; };
+
+// Two channel pairs, one from each half of the gated convolution's input; laid out as
+// four consecutive elements, like a four-channel load.
+struct DwGateRaw {
+    typename DwRaw<2 * sizeof(T)>::type lo, hi;
+};
+
+template <typename Raw, int V>
+__device__ __forceinline__ void dwk_unpack(const Raw& r, float* v) {
+    static_assert(sizeof(Raw) == V * sizeof(T), "raw size");
+    const T* h = reinterpret_cast<const T*>(&r);
+#pragma unroll
+    for (int j = 0; j < V; j++) v[j] = ldf(h[j]);
+}
+
+// Taps [K*K][V] and bias of V channels: one (V = 1), the pair at ca (V = 2), or the pairs
+// at ca and cb (V = 4).
+template <int KK, int V>
+__device__ __forceinline__ void dwk_taps(float (&tw)[KK][V], float (&tb)[V], const float* __restrict__ w,
+                                         const float* __restrict__ bias, int C, int ca, int cb) {
+#pragma unroll
+    for (int k = 0; k < KK; k++) {
+        if constexpr (V == 1) {
+            tw[k][0] = w[k * C + ca];
+        } else {
+            float2 a = *reinterpret_cast<const float2*>(w + k * C + ca);
+            tw[k][0] = a.x;
+            tw[k][1] = a.y;
+            if constexpr (V == 4) {
+                float2 b = *reinterpret_cast<const float2*>(w + k * C + cb);
+                tw[k][2] = b.x;
+                tw[k][3] = b.y;
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < V; j++) tb[j] = 0.0f;
+    if (!bias) return;
+    if constexpr (V == 1) {
+        tb[0] = bias[ca];
+    } else {
+        float2 a = *reinterpret_cast<const float2*>(bias + ca);
+        tb[0] = a.x;
+        tb[1] = a.y;
+        if constexpr (V == 4) {
+            float2 b = *reinterpret_cast<const float2*>(bias + cb);
+            tb[2] = b.x;
+            tb[3] = b.y;
+        }
+    }
+}
+
+// Zeroes a raw value word by word (a select per register, never a branch).
+template <typename Raw>
+__device__ __forceinline__ Raw dwk_keep(Raw r, bool keep) {
+    static_assert(sizeof(Raw) % 2 == 0, "raw size");
+    if constexpr (sizeof(Raw) == 2) {
+        return keep ? r : (Raw)0;
+    } else {
+        unsigned int* u = reinterpret_cast<unsigned int*>(&r);
+#pragma unroll
+        for (int k = 0; k < (int)(sizeof(Raw) / 4); k++) u[k] = keep ? u[k] : 0u;
+        return r;
+    }
+}
+
+// One strip of output rows y0 .. y1 - 1 for the thread's X columns starting at ox0. `img`
+// points at the thread's first channel of the image (row stride W*C elements);
+// `fetch(p)` loads the thread's V channels at pixel pointer p; `emit(oy, acc)` stores a
+// finished row of X x V sums. Every load is issued (addresses clamped into the image)
+// and padding is zeroed by a select afterwards: a conditional load of a two-part value
+// compiles to a branch per load, which serialises them.
+template <int K, int S, int V, int X, int G, int LB, typename Fetch, typename Emit>
+__device__ __forceinline__ void dwk_strip(const float (&tw)[K * K][V], const float (&tb)[V], const T* img, int H,
+                                          int W, int C, int ox0, int y0, int y1, Fetch fetch, Emit emit) {
+    constexpr int NA = (K + S - 1) / S;
+    constexpr int IW = (X - 1) * S + K;
+    constexpr int P = K / 2;
+    static_assert(G % NA == 0 && G % LB == 0, "G must be a multiple of NA and of LB");
+    typedef decltype(fetch(img)) Raw;
+    const int ix0 = ox0 * S - P;
+    bool col_ok[IW];
+    int col_off[IW];
+#pragma unroll
+    for (int j = 0; j < IW; j++) {
+        col_ok[j] = ix0 + j >= 0 && ix0 + j < W;
+        col_off[j] = min(max(ix0 + j, 0), W - 1) * C;
+    }
+    const i64 row_stride = (i64)W * C;
+    // Slots of rows above the strip collect partial sums that are never emitted; zero
+    // them so that nothing reads an uninitialised value.
+    float acc[NA][X][V];
+#pragma unroll
+    for (int a = 0; a < NA; a++)
+#pragma unroll
+        for (int xo = 0; xo < X; xo++)
+#pragma unroll
+            for (int v = 0; v < V; v++) acc[a][xo][v] = 0.0f;
+    const int mend = y1 + NA - 1;
+    for (int m0 = y0; m0 < mend; m0 += G) {
+#pragma unroll
+        for (int b0 = 0; b0 < G; b0 += LB) {
+            Raw raw[LB][S][IW];
+#pragma unroll
+            for (int i = 0; i < LB; i++) {
+#pragma unroll
+                for (int q = 0; q < S; q++) {
+                    const int iy = (m0 + b0 + i) * S - P + q;
+                    const bool row_ok = m0 + b0 + i < mend && iy >= 0 && iy < H;
+                    const T* rp = img + min(max(iy, 0), H - 1) * row_stride;
+#pragma unroll
+                    for (int j = 0; j < IW; j++) raw[i][q][j] = dwk_keep(fetch(rp + col_off[j]), row_ok && col_ok[j]);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < LB; i++) {
+                const int step = b0 + i;
+                const int m = m0 + step;
+                if (m >= mend) break;
+#pragma unroll
+                for (int q = 0; q < S; q++) {
+#pragma unroll
+                    for (int j = 0; j < IW; j++) {
+                        float in[V];
+                        dwk_unpack<Raw, V>(raw[i][q][j], in);
+#pragma unroll
+                        for (int a = 0; a < NA; a++) {
+                            const int ky = S * a + q;
+                            if (ky >= K) continue;
+                            const int slot = ((step - a) % NA + NA) % NA;
+#pragma unroll
+                            for (int xo = 0; xo < X; xo++) {
+                                const int kx = j - xo * S;
+                                if (kx < 0 || kx >= K) continue;
+                                // The first tap of a new output row (a = 0, ky = kx = 0)
+                                // starts from the bias instead of a reset accumulator.
+                                const bool first = a == 0 && q == 0 && kx == 0;
+#pragma unroll
+                                for (int v = 0; v < V; v++)
+                                    acc[slot][xo][v] = fmaf(in[v], tw[ky * K + kx][v], first ? tb[v] : acc[slot][xo][v]);
+                            }
+                        }
+                    }
+                }
+                // Output m - (NA - 1) is complete.
+                if (m - (NA - 1) >= y0) emit(m - (NA - 1), acc[(step + 1) % NA]);
+            }
+        }
+    }
+}
+
+// Grid: x over (column group of X, channel group of V) pairs of an output row, y over
+// (image, strip of `rows` output rows). Needs C % V == 0 and V-element aligned tensors.
+template <int K, int S, int V, int X, int G, int LB>
+__device__ __forceinline__ void dwk_plain(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
+                                          const float* __restrict__ bias, const T* __restrict__ res, int H, int W,
+                                          int C, int OH, int OW, int rows, int act) {
+    typedef typename DwRaw<V * sizeof(T)>::type Raw;
+    const int groups = C / V;
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= groups * ((OW + X - 1) / X)) return;
+    const int cg = t / groups;
+    const int c = (t - cg * groups) * V;
+    const int ox0 = cg * X;
+    const int strips = (OH + rows - 1) / rows;
+    const int n = blockIdx.y / strips;
+    const int y0 = (blockIdx.y - n * strips) * rows;
+    const int y1 = min(y0 + rows, OH);
+    float tw[K * K][V], tb[V];
+    dwk_taps<K * K, V>(tw, tb, w, bias, C, c, c + 2);
+    const T* img = x + (i64)n * H * W * C + c;
+    const i64 obase = (i64)n * OH * OW * C + c;
+    auto fetch = [](const T* p) { return *reinterpret_cast<const Raw*>(p); };
+    dwk_strip<K, S, V, X, G, LB>(tw, tb, img, H, W, C, ox0, y0, y1, fetch, [&](int oy, float (&acc)[X][V]) {
+#pragma unroll
+        for (int xo = 0; xo < X; xo++) {
+            if (ox0 + xo >= OW) break;
+            const i64 o = obase + ((i64)oy * OW + ox0 + xo) * C;
+            float r[V];
+            if (res) dwk_unpack<Raw, V>(*reinterpret_cast<const Raw*>(res + o), r);
+            __align__(16) T h[V];
+#pragma unroll
+            for (int v = 0; v < V; v++) {
+                float s = activate(acc[xo][v], act);
+                if (res) s += r[v];
+                h[v] = stf(s);
+            }
+            *reinterpret_cast<Raw*>(y + o) = *reinterpret_cast<const Raw*>(h);
+        }
+    });
+}
+
+// (K, S) -> channels per thread V, columns per thread X, unroll G, load batch LB (the
+// host mirrors V and X in conv.rs). Taps take K*K*V registers: four channels at 3x3, two
+// at 5x5, one at 7x7. Each choice is the fastest-looking one that ptxas keeps
+// spill-free under __launch_bounds__(256, 2) (128 registers) in fp16, bf16 and fp32:
+// wider X or larger load batches spill at 3x3 s1 and 5x5 (fp32), and 7x7 with two
+// channels spills everywhere.
+// Each entry point is declared once plainly, then defined with its launch bounds.
+#define DWK_PARAMS                                                                                           \
+    const T *__restrict__ x, T *__restrict__ y, const float *__restrict__ w, const float *__restrict__ bias,  \
+        const T *__restrict__ res, int H, int W, int C, int OH, int OW, int rows, int act
+#define DWK_ARGS x, y, w, bias, res, H, W, C, OH, OW, rows, act
+extern "C" __global__ void dwk3s1(DWK_PARAMS);
+extern "C" __global__ void dwk3s2(DWK_PARAMS);
+extern "C" __global__ void dwk5s1(DWK_PARAMS);
+extern "C" __global__ void dwk5s2(DWK_PARAMS);
+extern "C" __global__ void dwk7s1(DWK_PARAMS);
+extern "C" __global__ void dwk7s2(DWK_PARAMS);
+extern "C" __global__ void __launch_bounds__(256, 2) dwk3s1(DWK_PARAMS) { dwk_plain<3, 1, 4, 1, 6, 3>(DWK_ARGS); }
+extern "C" __global__ void __launch_bounds__(256, 2) dwk3s2(DWK_PARAMS) { dwk_plain<3, 2, 4, 1, 4, 2>(DWK_ARGS); }
+extern "C" __global__ void __launch_bounds__(256, 2) dwk5s1(DWK_PARAMS) {
+    dwk_plain<5, 1, 2, 1, 5, (sizeof(T) == 2 ? 5 : 1)>(DWK_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) dwk5s2(DWK_PARAMS) { dwk_plain<5, 2, 2, 1, 3, 1>(DWK_ARGS); }
+extern "C" __global__ void __launch_bounds__(256, 2) dwk7s1(DWK_PARAMS) { dwk_plain<7, 1, 1, 1, 7, 1>(DWK_ARGS); }
+extern "C" __global__ void __launch_bounds__(256, 2) dwk7s2(DWK_PARAMS) { dwk_plain<7, 2, 1, 1, 4, 1>(DWK_ARGS); }
+
+// Depthwise 3x3 over C = 2*Ch channels fused with the GELU gate, on the strip scheme
+// above: a thread owns one channel pair of each half (four accumulators per column) and
+// X = 2 adjacent columns, so a row costs four loads per two outputs instead of six.
+// Grid: x over (column pair, channel pair), y over (image, strip of `rows`). Needs
+// Ch % 2 == 0 and 4-byte aligned tensors.
+#define DWK_GATE_PARAMS                                                                                      \
+    const T *__restrict__ x, T *__restrict__ y, const float *__restrict__ w, const float *__restrict__ bias,  \
+        int H, int W, int C, int rows
+extern "C" __global__ void dwk3_gate(DWK_GATE_PARAMS);
+extern "C" __global__ void __launch_bounds__(256, 2) dwk3_gate(DWK_GATE_PARAMS) {
+    constexpr int X = 2;
+    typedef typename DwRaw<2 * sizeof(T)>::type Pair;
+    const int Ch = C >> 1;
+    const int pairs = Ch >> 1;
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= pairs * ((W + X - 1) / X)) return;
+    const int cg = t / pairs;
+    const int c = (t - cg * pairs) * 2;
+    const int ox0 = cg * X;
+    const int strips = (H + rows - 1) / rows;
+    const int n = blockIdx.y / strips;
+    const int y0 = (blockIdx.y - n * strips) * rows;
+    const int y1 = min(y0 + rows, H);
+    float tw[9][4], tb[4];
+    dwk_taps<9, 4>(tw, tb, w, bias, C, c, Ch + c);
+    const T* img = x + (i64)n * H * W * C + c;
+    T* out = y + (i64)n * H * W * Ch + c;
+    auto fetch = [&](const T* p) {
+        DwGateRaw r;
+        r.lo = *reinterpret_cast<const Pair*>(p);
+        r.hi = *reinterpret_cast<const Pair*>(p + Ch);
+        return r;
+    };
+    dwk_strip<3, 1, 4, X, 3, 3>(tw, tb, img, H, W, C, ox0, y0, y1, fetch, [&](int oy, float (&acc)[X][4]) {
+#pragma unroll
+        for (int xo = 0; xo < X; xo++) {
+            if (ox0 + xo >= W) break;
+            float2 g = make_float2(gelu_f(acc[xo][0]) * acc[xo][2], gelu_f(acc[xo][1]) * acc[xo][3]);
+            st2(out + ((i64)oy * W + ox0 + xo) * Ch, g);
+        }
+    });
+}

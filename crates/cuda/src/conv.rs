@@ -10,25 +10,69 @@ use crate::backend::{ConvWeights, CudaBackend, CudaTensor};
 use crate::gemm::{GemmCall, Operand};
 use crate::kernels::Arg;
 
-/// Output rows per thread of the vectorised depthwise kernels (DW_ROWS in vector.cu).
+/// Output rows per thread of the vectorised depthwise kernels (DW_ROWS in vector.cu;
+/// the most rows per strip of the `dwk*` kernels, which take it as an argument).
 const DW_ROWS: usize = 16;
 
 /// Grid of the strip kernels: x over `threads_per_row` threads in blocks of 256, y over
-/// the images' strips of DW_ROWS rows.
-fn strip_grid(threads_per_row: usize, n: usize, h: usize) -> (u32, u32, u32) {
+/// the images' strips of `rows` rows.
+fn strip_grid(threads_per_row: usize, n: usize, h: usize, rows: usize) -> (u32, u32, u32) {
     (
         threads_per_row.div_ceil(256) as u32,
-        (n * h.div_ceil(DW_ROWS)) as u32,
+        (n * h.div_ceil(rows)) as u32,
         1,
     )
 }
 
-/// Whether the strip-streaming depthwise kernels (vector.cu) may run;
-/// `APERTURE_DEPTHWISE=scalar` keeps the per-row kernels of ops.cu (for A/B timing or as
-/// an escape hatch).
-fn vector_depthwise() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("APERTURE_DEPTHWISE").map_or(true, |v| v != "scalar"))
+/// Rows per strip for the `dwk*` kernels: DW_ROWS, halved (down to 4) while the grid
+/// would not fill the GPU twice at two blocks per multiprocessor. Short strips re-read
+/// more halo rows, so they are only taken when blocks are scarce (small maps, batch 1).
+fn strip_rows(threads_per_row: usize, n: usize, h: usize, multiprocessors: usize) -> usize {
+    let blocks_x = threads_per_row.div_ceil(256);
+    let mut rows = DW_ROWS;
+    while rows > 4 && blocks_x * n * h.div_ceil(rows) < 4 * multiprocessors {
+        rows /= 2;
+    }
+    rows
+}
+
+/// The strip kernels' limit on grid.y (images x strips).
+const MAX_GRID_Y: usize = 65_535;
+
+/// Which depthwise kernels run, from `APERTURE_DEPTHWISE` (for A/B timing or as an
+/// escape hatch).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum DepthwiseKernels {
+    /// `scalar`: the per-row kernels of ops.cu (3x3) and the generic one.
+    Scalar,
+    /// `strip`: the first strip kernels, `dwconv3x3_vec` / `dwconv3x3_gate_vec` (3x3,
+    /// stride 1 only).
+    Strip,
+    /// Default: the `dwk*` kernels (k = 3, 5, 7; stride 1 or 2; fused gate).
+    Tiled,
+}
+
+fn depthwise_kernels() -> DepthwiseKernels {
+    static ON: std::sync::OnceLock<DepthwiseKernels> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| match std::env::var("APERTURE_DEPTHWISE").as_deref() {
+        Ok("scalar") => DepthwiseKernels::Scalar,
+        Ok("strip") => DepthwiseKernels::Strip,
+        _ => DepthwiseKernels::Tiled,
+    })
+}
+
+/// The `dwk*` kernel for a square k x k depthwise convolution with stride s and padding
+/// k/2, and the channels per thread it takes (V in vector.cu's dwk* entry points).
+fn tiled_kernel(k: usize, stride: usize) -> Option<(&'static str, usize)> {
+    match (k, stride) {
+        (3, 1) => Some(("dwk3s1", 4)),
+        (3, 2) => Some(("dwk3s2", 4)),
+        (5, 1) => Some(("dwk5s1", 2)),
+        (5, 2) => Some(("dwk5s2", 2)),
+        (7, 1) => Some(("dwk7s1", 1)),
+        (7, 2) => Some(("dwk7s2", 1)),
+        _ => None,
+    }
 }
 
 /// Largest patch buffer for one im2col chunk.
@@ -213,7 +257,7 @@ pub(crate) fn depthwise_gelu_gate(
         && w.spec.stride == 1
         && w.spec.padding == 1
         && c % 4 == 0
-        && n * h <= 65_535;
+        && n * h <= MAX_GRID_Y;
     if !fits {
         return Ok(None);
     }
@@ -224,7 +268,7 @@ pub(crate) fn depthwise_gelu_gate(
     be.profiler
         .op(be, "dwconv_gelu_gate", flops, bytes, || {
             let out = be.alloc_tensor([n, h, wd, half])?;
-            let args = [
+            let mut args = vec![
                 Arg::Ptr(x.ptr()),
                 Arg::Ptr(out.ptr()),
                 Arg::Ptr(w.weight.ptr()),
@@ -233,13 +277,29 @@ pub(crate) fn depthwise_gelu_gate(
                 Arg::I32(wd as i32),
                 Arg::I32(c as i32),
             ];
-            if x.ptr().is_multiple_of(4) && vector_depthwise() {
-                // A thread per (column, channel pair of each half), strips of DW_ROWS
-                // rows (vector.cu).
-                let grid = strip_grid(wd * half / 2, n, h);
-                be.kernels
-                    .launch(&be.ctx, "dwconv3x3_gate_vec", grid, 256, 0, &args)?;
-                return Ok(out);
+            let aligned = x.ptr().is_multiple_of(4);
+            match depthwise_kernels() {
+                DepthwiseKernels::Tiled if aligned => {
+                    // A thread per (two columns, channel pair of each half), strips of
+                    // `rows` rows (dwk3_gate in vector.cu).
+                    let per_row = wd.div_ceil(2) * half / 2;
+                    let sms = be.multiprocessors().max(1) as usize;
+                    let rows = strip_rows(per_row, n, h, sms);
+                    args.push(Arg::I32(rows as i32));
+                    let grid = strip_grid(per_row, n, h, rows);
+                    be.kernels
+                        .launch(&be.ctx, "dwk3_gate", grid, 256, 0, &args)?;
+                    return Ok(out);
+                }
+                DepthwiseKernels::Strip if aligned => {
+                    // A thread per (column, channel pair of each half), strips of
+                    // DW_ROWS rows.
+                    let grid = strip_grid(wd * half / 2, n, h, DW_ROWS);
+                    be.kernels
+                        .launch(&be.ctx, "dwconv3x3_gate_vec", grid, 256, 0, &args)?;
+                    return Ok(out);
+                }
+                _ => {}
             }
             // Four columns and two channel pairs per thread (DW_XT in ops.cu).
             let per_row = (wd.div_ceil(4) * half / 2).div_ceil(256) as u32;
@@ -254,6 +314,99 @@ pub(crate) fn depthwise_gelu_gate(
             Ok(out)
         })
         .map(Some)
+}
+
+/// Depthwise convolution with bias, activation and residual fused: the `dwk*` strip
+/// kernels where shape and alignment allow, else the earlier kernels (see
+/// [`DepthwiseKernels`]) and the generic one.
+fn depthwise(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    w: &ConvWeights,
+    act: Activation,
+    residual: Option<&CudaTensor>,
+    dims: [usize; 4],
+) -> Result<CudaTensor> {
+    let [n, h, wd, c] = x.dims;
+    let [_, oh, ow, _] = dims;
+    let out = be.alloc_tensor(dims)?;
+    let mut args = vec![
+        Arg::Ptr(x.ptr()),
+        Arg::Ptr(out.ptr()),
+        Arg::Ptr(w.weight.ptr()),
+        Arg::Ptr(w.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
+        Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)),
+    ];
+    let mode = depthwise_kernels();
+    let square = w.kh == w.kw && w.spec.padding == w.kh / 2;
+    let tiled = tiled_kernel(w.kh, w.spec.stride).filter(|_| square);
+    if let (DepthwiseKernels::Tiled, Some((name, v))) = (mode, tiled) {
+        let align = (v * be.esize()) as u64;
+        let aligned = [x.ptr(), out.ptr()]
+            .into_iter()
+            .chain(residual.map(|r| r.ptr()))
+            .all(|p| p.is_multiple_of(align));
+        let per_row = ow * (c / v.max(1));
+        let sms = be.multiprocessors().max(1) as usize;
+        let rows = strip_rows(per_row, n, oh, sms);
+        if c % v == 0 && aligned && n * oh.div_ceil(rows) <= MAX_GRID_Y {
+            args.extend([h, wd, c, oh, ow, rows].map(|v| Arg::I32(v as i32)));
+            args.push(Arg::I32(act_code(act)));
+            // A thread per (output column, V channels), strips of `rows` output rows.
+            let grid = strip_grid(per_row, n, oh, rows);
+            be.kernels.launch(&be.ctx, name, grid, 256, 0, &args)?;
+            return Ok(out);
+        }
+    }
+    let fast = w.kh == 3
+        && w.kw == 3
+        && w.spec.stride == 1
+        && w.spec.padding == 1
+        && c % 2 == 0
+        && n * oh <= MAX_GRID_Y;
+    let aligned = x.ptr().is_multiple_of(8) && residual.is_none_or(|r| r.ptr().is_multiple_of(8));
+    if fast && c % 4 == 0 && aligned && mode == DepthwiseKernels::Strip {
+        args.extend([h, wd, c].map(|v| Arg::I32(v as i32)));
+        args.push(Arg::I32(act_code(act)));
+        // A thread per (column, four channels), strips of DW_ROWS rows.
+        let grid = strip_grid(wd * c / 4, n, h, DW_ROWS);
+        be.kernels
+            .launch(&be.ctx, "dwconv3x3_vec", grid, 256, 0, &args)?;
+        return Ok(out);
+    }
+    if fast {
+        args.extend([h, wd, c].map(|v| Arg::I32(v as i32)));
+        args.push(Arg::I32(act_code(act)));
+        // Four columns and two channels per thread (DW_XT in ops.cu).
+        let per_row = (wd.div_ceil(4) * c / 2).div_ceil(256) as u32;
+        be.kernels.launch(
+            &be.ctx,
+            "dwconv3x3",
+            (per_row, (n * oh) as u32, 1),
+            256,
+            0,
+            &args,
+        )?;
+        return Ok(out);
+    }
+    args.extend(
+        [
+            n,
+            h,
+            wd,
+            c,
+            oh,
+            ow,
+            w.kh,
+            w.kw,
+            w.spec.stride,
+            w.spec.padding,
+        ]
+        .map(|v| Arg::I32(v as i32)),
+    );
+    args.push(Arg::I32(act_code(act)));
+    be.launch_1d("dwconv", out.numel(), &args)?;
+    Ok(out)
 }
 
 pub(crate) fn conv2d(
@@ -287,64 +440,7 @@ pub(crate) fn conv2d(
         let flops = 2.0 * (w.kh * w.kw * p_out * w.c_out) as f64;
         let bytes = (x.numel() + p_out * w.c_out) as f64 * es + res_bytes;
         return be.profiler.op(be, "conv_depthwise", flops, bytes, || {
-            let out = be.alloc_tensor(dims)?;
-            let mut args = vec![
-                Arg::Ptr(x.ptr()),
-                Arg::Ptr(out.ptr()),
-                Arg::Ptr(w.weight.ptr()),
-                Arg::Ptr(w.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
-                Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)),
-            ];
-            let fast = w.kh == 3
-                && w.kw == 3
-                && w.spec.stride == 1
-                && w.spec.padding == 1
-                && c % 2 == 0
-                && n * oh <= 65_535;
-            let aligned =
-                x.ptr().is_multiple_of(8) && residual.is_none_or(|r| r.ptr().is_multiple_of(8));
-            if fast && c % 4 == 0 && aligned && vector_depthwise() {
-                args.extend([h, wd, c].map(|v| Arg::I32(v as i32)));
-                args.push(Arg::I32(act_code(act)));
-                // A thread per (column, four channels), strips of DW_ROWS rows.
-                let grid = strip_grid(wd * c / 4, n, h);
-                be.kernels
-                    .launch(&be.ctx, "dwconv3x3_vec", grid, 256, 0, &args)?;
-                return Ok(out);
-            }
-            if fast {
-                args.extend([h, wd, c].map(|v| Arg::I32(v as i32)));
-                args.push(Arg::I32(act_code(act)));
-                // Four columns and two channels per thread (DW_XT in ops.cu).
-                let per_row = (wd.div_ceil(4) * c / 2).div_ceil(256) as u32;
-                be.kernels.launch(
-                    &be.ctx,
-                    "dwconv3x3",
-                    (per_row, (n * oh) as u32, 1),
-                    256,
-                    0,
-                    &args,
-                )?;
-                return Ok(out);
-            }
-            args.extend(
-                [
-                    n,
-                    h,
-                    wd,
-                    c,
-                    oh,
-                    ow,
-                    w.kh,
-                    w.kw,
-                    w.spec.stride,
-                    w.spec.padding,
-                ]
-                .map(|v| Arg::I32(v as i32)),
-            );
-            args.push(Arg::I32(act_code(act)));
-            be.launch_1d("dwconv", out.numel(), &args)?;
-            Ok(out)
+            depthwise(be, x, w, act, residual, dims)
         });
     }
     if let Some(g) = crate::conv_igemm::plan(be, x, w, (oh, ow), residual) {
