@@ -26,6 +26,30 @@ struct Memory {
     used: u64,
 }
 
+/// `nvmlMemory_v2_t`: "used" excludes the driver's reserved memory, as `nvidia-smi`
+/// reports it (version 1's "used" is total - free, reserved included).
+#[repr(C)]
+struct MemoryV2 {
+    version: c_uint,
+    total: u64,
+    reserved: u64,
+    free: u64,
+    used: u64,
+}
+
+impl Default for MemoryV2 {
+    fn default() -> Self {
+        Self {
+            // NVML_STRUCT_VERSION(Memory, 2): the struct's size | version << 24.
+            version: std::mem::size_of::<MemoryV2>() as c_uint | (2 << 24),
+            total: 0,
+            reserved: 0,
+            free: 0,
+            used: 0,
+        }
+    }
+}
+
 /// One reading of one GPU.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GpuSample {
@@ -124,6 +148,8 @@ impl Nvml {
                 self.lib.get(b"nvmlDeviceGetUtilizationRates\0").ok();
             let mem_fn: Option<Symbol<unsafe extern "C" fn(Device, *mut Memory) -> c_int>> =
                 self.lib.get(b"nvmlDeviceGetMemoryInfo\0").ok();
+            let mem2_fn: Option<Symbol<unsafe extern "C" fn(Device, *mut MemoryV2) -> c_int>> =
+                self.lib.get(b"nvmlDeviceGetMemoryInfo_v2\0").ok();
             let power_fn: Option<Symbol<unsafe extern "C" fn(Device, *mut c_uint) -> c_int>> =
                 self.lib.get(b"nvmlDeviceGetPowerUsage\0").ok();
             self.devices
@@ -136,7 +162,17 @@ impl Nvml {
                     let ok_util = util_fn
                         .as_ref()
                         .is_some_and(|f| f(dev, &mut util) == SUCCESS);
-                    let ok_mem = mem_fn.as_ref().is_some_and(|f| f(dev, &mut mem) == SUCCESS);
+                    let mut mem2 = MemoryV2::default();
+                    let ok_mem = if mem2_fn
+                        .as_ref()
+                        .is_some_and(|f| f(dev, &mut mem2) == SUCCESS)
+                    {
+                        mem.total = mem2.total;
+                        mem.used = mem2.used;
+                        true
+                    } else {
+                        mem_fn.as_ref().is_some_and(|f| f(dev, &mut mem) == SUCCESS)
+                    };
                     let ok_power = power_fn
                         .as_ref()
                         .is_some_and(|f| f(dev, &mut milliwatts) == SUCCESS);
@@ -170,6 +206,13 @@ impl GpuMetrics for Nvml {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_v2_matches_nvmls_struct_layout_and_version() {
+        // nvmlMemory_v2_t: unsigned int + four unsigned long long, 8-byte aligned.
+        assert_eq!(std::mem::size_of::<MemoryV2>(), 40);
+        assert_eq!(MemoryV2::default().version, 0x0200_0028);
+    }
 
     #[test]
     fn renders_triton_families_per_gpu() {

@@ -72,6 +72,17 @@ unsafe impl Sync for Context {}
 
 impl Context {
     pub fn new(ordinal: usize) -> CudaResult<Self> {
+        Self::open(ordinal, false)
+    }
+
+    /// Like [`Context::new`], with a stream of the highest priority: its kernels are
+    /// scheduled ahead of other streams' as soon as SMs free up (short, latency-bound
+    /// work next to a long graph replay).
+    pub fn new_urgent(ordinal: usize) -> CudaResult<Self> {
+        Self::open(ordinal, true)
+    }
+
+    fn open(ordinal: usize, urgent: bool) -> CudaResult<Self> {
         probe()?;
         let count = result::device::get_count()? as usize;
         if ordinal >= count {
@@ -91,7 +102,13 @@ impl Context {
             let multiprocessors = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
             let total_memory = result::device::total_mem(dev)?;
             let name = result::device::get_name(dev)?;
-            let stream = result::stream::create(result::stream::StreamKind::NonBlocking)?;
+            let kind = result::stream::StreamKind::NonBlocking;
+            let stream = if urgent {
+                let (_, greatest) = result::stream::get_priority_range()?;
+                result::stream::create_with_priority(kind, greatest)?
+            } else {
+                result::stream::create(kind)?
+            };
             Ok(Self {
                 ctx,
                 stream,

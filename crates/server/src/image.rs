@@ -171,11 +171,21 @@ pub async fn decode_to_inputs(
         let mut size = (0, 0);
         for (i, bytes) in images.iter().enumerate() {
             // The decoder reads the header first and refuses oversized images before decoding.
+            let started = std::time::Instant::now();
             let img = aperture_vision::decode_bytes(bytes, &limits).map_err(vision_error)?;
+            let decoded = started.elapsed();
             if i == 0 {
                 size = (img.width(), img.height());
             }
             per_image.push(adapter.preprocess(&img, &specs).map_err(|e| ServerError::invalid(e.to_string()))?);
+            tracing::debug!(
+                bytes = bytes.len(),
+                width = img.width(),
+                height = img.height(),
+                decode_us = decoded.as_micros() as u64,
+                preprocess_us = (started.elapsed() - decoded).as_micros() as u64,
+                "image decoded and preprocessed"
+            );
         }
         let first = per_image.first().ok_or_else(|| ServerError::invalid("no images given"))?;
         let mut batch = Vec::with_capacity(first.len());

@@ -11,7 +11,8 @@
 //! the preprocessor is dropped (they grow by doubling, so that is less than the
 //! current size).
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use aperture_engine::{EngineError, HostTensor, Result};
 use aperture_vision::RgbImage;
@@ -27,6 +28,10 @@ pub const PREPROCESS_SOURCE: &str = include_str!("../../kernels/preprocess.cu");
 
 /// Every entry point of `preprocess.cu`.
 pub const PREPROCESS_KERNELS: &[&str] = &["pre_resize_h", "pre_resize_v", "pre_to_float"];
+
+/// Calls that may run at once (each lane has its own stream and scratch buffers): a
+/// server preprocesses many requests' images concurrently.
+const LANES: usize = 4;
 
 /// Device scratch sizes are rounded up to this, so that slightly larger images do not
 /// reallocate.
@@ -160,34 +165,78 @@ impl Scratch {
     }
 }
 
-/// Preprocessing on one GPU, with its own stream (it overlaps with model work on the
-/// backend's stream). Thread-safe; calls run one after another.
-pub struct GpuPreprocessor {
+/// One stream and its scratch buffers.
+struct Lane {
     ctx: Arc<Context>,
-    kernels: Kernels,
     scratch: Mutex<Scratch>,
+}
+
+/// Preprocessing on one GPU, on streams of its own at the highest priority: the small
+/// resize kernels overlap with model work on the backend's stream and do not wait
+/// behind a long graph replay. Thread-safe; up to [`LANES`] calls run at once.
+pub struct GpuPreprocessor {
+    lanes: Vec<Lane>,
+    kernels: Kernels,
+    name: String,
+    next: AtomicUsize,
 }
 
 impl GpuPreprocessor {
     /// Opens GPU `ordinal` and builds (or loads from the kernel cache) the kernels.
     pub fn new(ordinal: usize) -> CudaResult<Self> {
-        let ctx = Arc::new(Context::new(ordinal)?);
-        let kernels = Kernels::load_source(&ctx, PREPROCESS_SOURCE, PREPROCESS_KERNELS)?;
+        let lanes = (0..LANES)
+            .map(|_| {
+                Ok(Lane {
+                    ctx: Arc::new(Context::new_urgent(ordinal)?),
+                    scratch: Mutex::new(Scratch::default()),
+                })
+            })
+            .collect::<CudaResult<Vec<_>>>()?;
+        let first = lanes
+            .first()
+            .ok_or(CudaError::NoSuchDevice { ordinal, count: 0 })?;
+        let kernels = Kernels::load_source(&first.ctx, PREPROCESS_SOURCE, PREPROCESS_KERNELS)?;
+        let name = first.ctx.name.clone();
         Ok(Self {
-            ctx,
+            lanes,
             kernels,
-            scratch: Mutex::new(Scratch::default()),
+            name,
+            next: AtomicUsize::new(0),
         })
     }
 
     pub fn device_name(&self) -> &str {
-        &self.ctx.name
+        &self.name
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Scratch>> {
-        self.scratch
-            .lock()
-            .map_err(|_| EngineError::Device("GPU preprocessing state poisoned".into()))
+    /// A free lane if there is one, else the next in turn (waiting for it); its context
+    /// is made current.
+    fn acquire(&self) -> Result<(&Context, MutexGuard<'_, Scratch>)> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.lanes.len().max(1);
+        let free = self
+            .lanes
+            .iter()
+            .cycle()
+            .skip(start % n)
+            .take(n)
+            .find_map(|l| l.scratch.try_lock().ok().map(|g| (l, g)));
+        let (lane, guard) = match free {
+            Some(found) => found,
+            None => {
+                let lane = self
+                    .lanes
+                    .get(start % n)
+                    .ok_or_else(|| EngineError::Device("no GPU preprocessing lane".into()))?;
+                let guard = lane
+                    .scratch
+                    .lock()
+                    .map_err(|_| EngineError::Device("GPU preprocessing state poisoned".into()))?;
+                (lane, guard)
+            }
+        };
+        lane.ctx.bind()?;
+        Ok((&lane.ctx, guard))
     }
 
     /// Preprocesses a batch into a host tensor (`[N, 3, H, W]` or NHWC by
@@ -195,18 +244,16 @@ impl GpuPreprocessor {
     pub fn run(&self, images: &[&RgbImage], spec: &PreprocessSpec) -> Result<HostTensor> {
         let plan = plan_for(images, spec)?;
         let n = images.len() * plan.image_elems();
-        let mut s = self.lock()?;
-        self.ctx.bind()?;
-        let out = s.out.ensure(n * 4, self.ctx.stream)?;
-        self.enqueue(&mut s, &plan, images, spec, Some(out))?;
+        let (ctx, mut s) = self.acquire()?;
+        let out = s.out.ensure(n * 4, ctx.stream)?;
+        self.enqueue(ctx, &mut s, &plan, images, spec, Some(out))?;
         s.pin_out.ensure(n * 4)?;
         let host = s.pin_out.f32_mut(n);
         // SAFETY: `out` holds `n` f32 values written by the kernels above; `host` is
         // page-locked and read only after the stream is synchronised.
         unsafe {
-            result::memcpy_dtoh_async(&mut host[..], out, self.ctx.stream)
-                .map_err(CudaError::from)?;
-            result::stream::synchronize(self.ctx.stream).map_err(CudaError::from)?;
+            result::memcpy_dtoh_async(&mut host[..], out, ctx.stream).map_err(CudaError::from)?;
+            result::stream::synchronize(ctx.stream).map_err(CudaError::from)?;
         }
         HostTensor::from_f32(plan.out_shape(images.len(), spec.layout), host.to_vec())
     }
@@ -228,10 +275,9 @@ impl GpuPreprocessor {
                 "preprocessing output needs {need} bytes, the destination has {dst_bytes}"
             )));
         }
-        let mut s = self.lock()?;
-        self.ctx.bind()?;
-        self.enqueue(&mut s, &plan, images, spec, Some(dst))?;
-        self.ctx.synchronize()?;
+        let (ctx, mut s) = self.acquire()?;
+        self.enqueue(ctx, &mut s, &plan, images, spec, Some(dst))?;
+        ctx.synchronize()?;
         Ok(())
     }
 
@@ -244,20 +290,20 @@ impl GpuPreprocessor {
     ) -> Result<HostTensor> {
         let plan = plan_for(images, spec)?;
         let n = images.len() * plan.image_elems();
-        self.ctx.bind()?;
+        let (ctx, mut s) = self.acquire()?;
         let mut dst = DevMem::default();
-        let ptr = dst.ensure(n * 4, self.ctx.stream)?;
-        let written = self.run_into(images, spec, ptr, n * 4);
+        let ptr = dst.ensure(n * 4, ctx.stream)?;
         let mut host = vec![0f32; n];
         // SAFETY: `dst` holds `n` f32 values; the stream is synchronised before `host`
         // is read and before the buffer is freed in stream order.
-        let read = written.and_then(|()| unsafe {
-            self.ctx.bind()?;
-            result::memcpy_dtoh_async(&mut host[..], ptr, self.ctx.stream)
-                .map_err(CudaError::from)?;
-            Ok(self.ctx.synchronize()?)
-        });
-        dst.free(self.ctx.stream);
+        let read = self
+            .enqueue(ctx, &mut s, &plan, images, spec, Some(ptr))
+            .and_then(|()| unsafe {
+                result::memcpy_dtoh_async(&mut host[..], ptr, ctx.stream)
+                    .map_err(CudaError::from)?;
+                Ok(ctx.synchronize()?)
+            });
+        dst.free(ctx.stream);
         read?;
         HostTensor::from_f32(plan.out_shape(images.len(), spec.layout), host)
     }
@@ -267,9 +313,8 @@ impl GpuPreprocessor {
         let spec = PreprocessSpec::resize(height as usize, width as usize);
         let plan = plan_for(&[image], &spec)?;
         let bytes = plan.resized_bytes;
-        let mut s = self.lock()?;
-        self.ctx.bind()?;
-        self.enqueue(&mut s, &plan, &[image], &spec, None)?;
+        let (ctx, mut s) = self.acquire()?;
+        self.enqueue(ctx, &mut s, &plan, &[image], &spec, None)?;
         let result = plan
             .result
             .first()
@@ -280,9 +325,8 @@ impl GpuPreprocessor {
         // SAFETY: the result region holds `bytes` bytes; `host` is read only after the
         // stream is synchronised.
         unsafe {
-            result::memcpy_dtoh_async(&mut host[..], src, self.ctx.stream)
-                .map_err(CudaError::from)?;
-            result::stream::synchronize(self.ctx.stream).map_err(CudaError::from)?;
+            result::memcpy_dtoh_async(&mut host[..], src, ctx.stream).map_err(CudaError::from)?;
+            result::stream::synchronize(ctx.stream).map_err(CudaError::from)?;
         }
         RgbImage::from_raw(width, height, host.to_vec())
             .ok_or_else(|| EngineError::Device("resized image has the wrong size".into()))
@@ -292,6 +336,7 @@ impl GpuPreprocessor {
     /// when `None`). The context must be current and the scratch locked.
     fn enqueue(
         &self,
+        ctx: &Context,
         s: &mut Scratch,
         plan: &BatchPlan,
         images: &[&RgbImage],
@@ -300,7 +345,7 @@ impl GpuPreprocessor {
     ) -> Result<()> {
         // Outgrown device buffers are freed in stream order; page-locked ones are kept
         // (every call ends synchronised, so none is being copied from here).
-        let stream = self.ctx.stream;
+        let stream = ctx.stream;
         s.input.ensure(plan.input_bytes, stream)?;
         s.tmp.ensure(plan.tmp_bytes, stream)?;
         s.resized.ensure(plan.resized_bytes, stream)?;
@@ -312,7 +357,7 @@ impl GpuPreprocessor {
         // untouched until the stream is synchronised at the end of the call.
         unsafe {
             let src = s.pin_in.bytes_mut(plan.input_bytes);
-            result::memcpy_htod_async(input, &src[..], self.ctx.stream).map_err(CudaError::from)?;
+            result::memcpy_htod_async(input, &src[..], stream).map_err(CudaError::from)?;
         }
         let (norm, mean, std) = match spec.normalize {
             Some((m, d)) => (1, m, d),
@@ -330,7 +375,7 @@ impl GpuPreprocessor {
                     taps,
                     ksize,
                 } => self.kernels.launch_1d(
-                    &self.ctx,
+                    ctx,
                     "pre_resize_h",
                     (rows * out_w) as i64,
                     &[
@@ -352,7 +397,7 @@ impl GpuPreprocessor {
                     taps,
                     ksize,
                 } => self.kernels.launch_1d(
-                    &self.ctx,
+                    ctx,
                     "pre_resize_v",
                     (out_h * w * 3) as i64,
                     &[
@@ -372,7 +417,7 @@ impl GpuPreprocessor {
                 } => {
                     let Some(out) = out else { continue };
                     self.kernels.launch_1d(
-                        &self.ctx,
+                        ctx,
                         "pre_to_float",
                         (pixels * 3) as i64,
                         &[
@@ -408,12 +453,14 @@ fn plan_for(images: &[&RgbImage], spec: &PreprocessSpec) -> Result<BatchPlan> {
 impl Drop for GpuPreprocessor {
     fn drop(&mut self) {
         // Free with the context current; the kernel module is unloaded after this.
-        if self.ctx.bind().is_ok() {
-            if let Ok(mut s) = self.scratch.lock() {
-                s.release_device(self.ctx.stream);
-                let _ = self.ctx.synchronize();
-                s.pin_in.free();
-                s.pin_out.free();
+        for lane in &self.lanes {
+            if lane.ctx.bind().is_ok() {
+                if let Ok(mut s) = lane.scratch.lock() {
+                    s.release_device(lane.ctx.stream);
+                    let _ = lane.ctx.synchronize();
+                    s.pin_in.free();
+                    s.pin_out.free();
+                }
             }
         }
     }
