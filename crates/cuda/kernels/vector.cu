@@ -496,11 +496,12 @@ __device__ __forceinline__ void dwk_plain(const T* __restrict__ x, T* __restrict
 }
 
 // (K, S) -> channels per thread V, columns per thread X, unroll G, load batch LB (the
-// host mirrors V and X in conv.rs). Taps take K*K*V registers: four channels at 3x3, two
-// at 5x5, one at 7x7. Each choice is the fastest-looking one that ptxas keeps
-// spill-free under __launch_bounds__(256, 2) (128 registers) in fp16, bf16 and fp32:
-// wider X or larger load batches spill at 3x3 s1 and 5x5 (fp32), and 7x7 with two
-// channels spills everywhere.
+// host mirrors V, and X = 1, in conv.rs). Taps take K*K*V registers: four channels at
+// 3x3, two at 5x5, one at 7x7. Each is the largest load batch (most bytes in flight)
+// that ptxas keeps spill-free under __launch_bounds__(256, 2), i.e. 128 registers and
+// two blocks of 256 per SM, checked in fp16, bf16 and fp32 (f16: 3x3/1 124 registers,
+// 3x3/2 105, 5x5/1 123, 5x5/2 106, 7x7/1 115, 7x7/2 121; X = 2 spills at 3x3/1 and
+// 5x5/1, as do 5-row batches at 5x5/1 in fp32 and two channels at 7x7).
 // Each entry point is declared once plainly, then defined with its launch bounds.
 #define DWK_PARAMS                                                                                           \
     const T *__restrict__ x, T *__restrict__ y, const float *__restrict__ w, const float *__restrict__ bias,  \
@@ -512,7 +513,9 @@ extern "C" __global__ void dwk5s1(DWK_PARAMS);
 extern "C" __global__ void dwk5s2(DWK_PARAMS);
 extern "C" __global__ void dwk7s1(DWK_PARAMS);
 extern "C" __global__ void dwk7s2(DWK_PARAMS);
-extern "C" __global__ void __launch_bounds__(256, 2) dwk3s1(DWK_PARAMS) { dwk_plain<3, 1, 4, 1, 6, 3>(DWK_ARGS); }
+extern "C" __global__ void __launch_bounds__(256, 2) dwk3s1(DWK_PARAMS) {
+    dwk_plain<3, 1, 4, 1, 6, (sizeof(T) == 2 ? 6 : 3)>(DWK_ARGS);
+}
 extern "C" __global__ void __launch_bounds__(256, 2) dwk3s2(DWK_PARAMS) { dwk_plain<3, 2, 4, 1, 4, 2>(DWK_ARGS); }
 extern "C" __global__ void __launch_bounds__(256, 2) dwk5s1(DWK_PARAMS) {
     dwk_plain<5, 1, 2, 1, 5, (sizeof(T) == 2 ? 5 : 1)>(DWK_ARGS);
@@ -520,6 +523,25 @@ extern "C" __global__ void __launch_bounds__(256, 2) dwk5s1(DWK_PARAMS) {
 extern "C" __global__ void __launch_bounds__(256, 2) dwk5s2(DWK_PARAMS) { dwk_plain<5, 2, 2, 1, 3, 1>(DWK_ARGS); }
 extern "C" __global__ void __launch_bounds__(256, 2) dwk7s1(DWK_PARAMS) { dwk_plain<7, 1, 1, 1, 7, 1>(DWK_ARGS); }
 extern "C" __global__ void __launch_bounds__(256, 2) dwk7s2(DWK_PARAMS) { dwk_plain<7, 2, 1, 1, 4, 1>(DWK_ARGS); }
+
+// Exact-erf GELU with erf from Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7; in fp32
+// the GELU is within 4.3e-7 of the exact value, as close as 0.5x(1 + erff) rounds).
+// h = erfc(|x|/sqrt 2) / 2 = p(t) t exp(-x^2/2) with t = 1 / (1 + 0.3275911 |x|/sqrt 2)
+// (A&S's coefficients halved), then gelu = x (1 - h) for x >= 0 and x h below, so the
+// negative side has no 1 + erf cancellation. 15 instructions against erff's 25 (two
+// coefficient sets picked by 7 selects): the gated depthwise kernel evaluates one per
+// output and is bound by instruction issue.
+__device__ __forceinline__ float gelu_as(float x) {
+    float t, e;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(t) : "f"(fmaf(fabsf(x), 0.23164188826636045f, 1.0f)));
+    float p = fmaf(0.5307027145f, t, -0.7265760135f);
+    p = fmaf(p, t, 0.7107068705f);
+    p = fmaf(p, t, -0.142248368f);
+    p = fmaf(p, t, 0.127414796f);
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x * x * -0.7213475204444817f));
+    const float h = p * t * e;
+    return x * (x >= 0.0f ? 1.0f - h : h);
+}
 
 // Depthwise 3x3 over C = 2*Ch channels fused with the GELU gate, on the strip scheme
 // above: a thread owns one channel pair of each half (four accumulators per column) and
@@ -558,7 +580,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) dwk3_gate(DWK_GATE_PARAMS) 
 #pragma unroll
         for (int xo = 0; xo < X; xo++) {
             if (ox0 + xo >= W) break;
-            float2 g = make_float2(gelu_f(acc[xo][0]) * acc[xo][2], gelu_f(acc[xo][1]) * acc[xo][3]);
+            float2 g = make_float2(gelu_as(acc[xo][0]) * acc[xo][2], gelu_as(acc[xo][1]) * acc[xo][3]);
             st2(out + ((i64)oy * W + ox0 + xo) * Ch, g);
         }
     });
