@@ -29,3 +29,40 @@ y = load_file(sys.argv[1])["y"].astype(np.float64); ref = load_file(sys.argv[2])
 print(f"run --device cuda --precision {sys.argv[3]}: rel L2 vs PyTorch fp32 = {np.linalg.norm(y - ref) / np.linalg.norm(ref):.3e}")
 PY
 done
+# Served through padded graphs: a batch of 2 runs in the graph captured for 4
+# (max_batch_size 4); only the request's rows come back, equal to PyTorch's output
+# (Restormer) and transformers' (D-FINE, tiny config).
+served_padded() {  # model arch weights-file input output
+  "$BIN" serve --model "$1" --architecture "$2" --name m --host 127.0.0.1 --http-port 18100 \
+    --grpc-port 0 --metrics-port 18102 --max-batch-size 4 --device cuda --precision fp32 > "$W/serve-$2.log" 2>&1 &
+  local pid=$!
+  python3 - "$3" "$4" "$5" <<'PY'
+import json, sys, time, urllib.request
+import numpy as np
+from safetensors.numpy import load_file
+io = load_file(sys.argv[1])
+x, ref = io[sys.argv[2]].astype(np.float32), io[sys.argv[3]].astype(np.float64)
+body = json.dumps({"inputs": [{"name": sys.argv[2], "shape": list(x.shape), "datatype": "FP32",
+                               "data": x.ravel().tolist()}]}).encode()
+for _ in range(300):
+    try:
+        req = urllib.request.Request("http://127.0.0.1:18100/v2/models/m/infer", body,
+                                     {"Content-Type": "application/json"})
+        outs = json.load(urllib.request.urlopen(req, timeout=120))["outputs"]
+        break
+    except urllib.error.HTTPError as e:
+        sys.exit(f"served padded check: HTTP {e.code}: {e.read().decode()[:300]}")
+    except OSError:
+        time.sleep(0.2)
+else:
+    sys.exit("served padded check: no answer")
+out = next(o for o in outs if o["name"] == sys.argv[3])
+y = np.array(out["data"], dtype=np.float64).reshape(out["shape"])
+print(f"served {sys.argv[3]} for batch {x.shape[0]} from the batch-4 graph: shape {out['shape']}, "
+      f"rel L2 vs PyTorch fp32 = {np.linalg.norm(y - ref) / np.linalg.norm(ref):.3e}")
+PY
+  kill $pid 2>/dev/null; wait $pid 2>/dev/null
+}
+served_padded $F restormer $F/io.safetensors x y
+D=tests/fixtures/dfine/tiny
+served_padded $D dfine $D/golden.safetensors pixel_values logits

@@ -1,5 +1,7 @@
 //! Models on the CUDA backend served through captured CUDA graphs: per input shape,
 //! one graph holds the whole forward pass; a request is copy in, replay, copy out.
+//! Batches are padded to a power of two (at most the model's maximum batch size), so a
+//! dynamic batcher's many batch sizes share a handful of graphs.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -62,7 +64,8 @@ impl Runner for GraphRestormer {
     fn infer(&self, inputs: &NamedTensors) -> aperture_engine::Result<NamedTensors> {
         let x = single_input(inputs)?;
         let forward = |b: &CudaBackend, t: &CudaTensor| Ok(self.model.forward(b, t)?);
-        let y = self.graphs.infer(&self.backend, x, forward)?;
+        let batch = graph_batch(x.shape(), self.max_batch_size);
+        let y = self.graphs.infer_padded(&self.backend, x, batch, forward)?;
         Ok(vec![("y".to_string(), y)])
     }
 }
@@ -142,8 +145,10 @@ impl GraphDFine {
     }
 
     fn replay(&self, pixels: &HostTensor) -> anyhow::Result<(HostTensor, HostTensor)> {
+        let batch = graph_batch(pixels.shape(), self.runner.max_batch_size());
         self.replay_with(pixels.shape(), |forward| {
-            self.graphs.infer(self.runner.backend(), pixels, forward)
+            self.graphs
+                .infer_padded(self.runner.backend(), pixels, batch, forward)
         })
     }
 
@@ -203,5 +208,29 @@ impl Runner for GraphDFine {
             ("logits".to_string(), logits),
             ("pred_boxes".to_string(), boxes),
         ])
+    }
+}
+
+/// The batch size of the graph that runs an input of `shape`: the next power of two,
+/// capped at `max_batch` (never below the input's own batch).
+fn graph_batch(shape: &[usize], max_batch: usize) -> usize {
+    let rows = shape.first().copied().unwrap_or(1).max(1);
+    rows.next_power_of_two().min(max_batch).max(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::graph_batch;
+
+    #[test]
+    fn batches_pad_to_powers_of_two_within_the_maximum() {
+        let picks: Vec<usize> = (1..=32).map(|n| graph_batch(&[n, 3, 8, 8], 32)).collect();
+        let mut sizes = picks.clone();
+        sizes.dedup();
+        assert_eq!(sizes, vec![1, 2, 4, 8, 16, 32]);
+        assert_eq!(picks[16], 32, "17 rows run in the 32 graph");
+        assert_eq!(graph_batch(&[17, 3, 8, 8], 24), 24, "capped at the maximum");
+        assert_eq!(graph_batch(&[40, 3, 8, 8], 32), 40, "never below the input");
+        assert_eq!(graph_batch(&[], 8), 1);
     }
 }

@@ -280,17 +280,57 @@ impl GraphCache {
     where
         F: Fn(&CudaBackend, &CudaTensor) -> Result<CudaTensor>,
     {
-        self.prepare(be, x.shape(), forward)?;
+        let rows = x.shape().first().copied().unwrap_or(0);
+        self.infer_padded(be, x, rows, forward)
+    }
+
+    /// Like [`GraphCache::infer`] through the graph captured for a batch of
+    /// `graph_batch >= x`'s rows: only `x`'s rows are copied in and out, the rest of the
+    /// graph's batch computes on whatever its input buffer holds (every image is
+    /// independent of the others). A server pads batches to a few sizes this way
+    /// instead of capturing a graph (and planning its memory) for every batch size.
+    pub fn infer_padded<F>(
+        &self,
+        be: &CudaBackend,
+        x: &HostTensor,
+        graph_batch: usize,
+        forward: F,
+    ) -> Result<HostTensor>
+    where
+        F: Fn(&CudaBackend, &CudaTensor) -> Result<CudaTensor>,
+    {
+        let shape = padded_shape(x.shape(), graph_batch)?;
+        let rows = x.shape()[0];
+        self.prepare(be, &shape, forward)?;
         let mut entries = self
             .entries
             .lock()
             .map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
         let e = entries
-            .get_mut(x.shape())
+            .get_mut(&shape)
             .ok_or_else(|| EngineError::Device("graph vanished".into()))?;
         e.pinned_in.upload(&be.ctx, x, e.staging_in.ptr())?;
         be.replay(&e.graph)?;
-        let y = e.pinned_out.download(&be.ctx, e.staging_out.ptr())?;
-        HostTensor::from_f32(e.out_shape.clone(), y)
+        let mut out_shape = e.out_shape.clone();
+        let per_row = out_shape.iter().skip(1).product::<usize>();
+        out_shape[0] = rows;
+        let y = e
+            .pinned_out
+            .download(&be.ctx, e.staging_out.ptr(), rows * per_row)?;
+        HostTensor::from_f32(out_shape, y)
+    }
+}
+
+/// `shape` with its batch dimension raised to `graph_batch` (which must hold it).
+pub(crate) fn padded_shape(shape: &[usize], graph_batch: usize) -> Result<Vec<usize>> {
+    match shape.first() {
+        Some(&rows) if rows > 0 && rows <= graph_batch => {
+            let mut padded = shape.to_vec();
+            padded[0] = graph_batch;
+            Ok(padded)
+        }
+        _ => Err(EngineError::Shape(format!(
+            "a batch of shape {shape:?} does not fit a graph for batch {graph_batch}"
+        ))),
     }
 }

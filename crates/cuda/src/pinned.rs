@@ -38,10 +38,11 @@ impl Pinned {
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 
-    /// Enqueues the copy of `x` (as f32) to the device buffer at `dst` on the context's
-    /// stream, chunk by chunk: each chunk's DMA runs while the next is copied in. The
-    /// caller must not touch this buffer again before the stream has passed the copies
-    /// (every graph replay ends with a synchronising read-back).
+    /// Enqueues the copy of `x` (as f32; at most this buffer's length) to the device
+    /// buffer at `dst` on the context's stream, chunk by chunk: each chunk's DMA runs
+    /// while the next is copied in. The caller must not touch this buffer again before
+    /// the stream has passed the copies (every graph replay ends with a synchronising
+    /// read-back).
     pub(crate) fn upload(
         &mut self,
         ctx: &Context,
@@ -59,7 +60,7 @@ impl Pinned {
         self.check_len(src.len())?;
         ctx.bind().map_err(EngineError::from)?;
         let stream = ctx.stream;
-        let staged = self.as_mut_slice();
+        let staged = &mut self.as_mut_slice()[..src.len()];
         for (i, (d, s)) in staged
             .chunks_mut(STAGE_CHUNK)
             .zip(src.chunks(STAGE_CHUNK))
@@ -74,13 +75,20 @@ impl Pinned {
         Ok(())
     }
 
-    /// Enqueues the copy of the device buffer at `src` (this buffer's length of f32) after
-    /// the stream's earlier work, and returns its values, copying each chunk out as soon
-    /// as its DMA has finished. Returns once every copy is done.
-    pub(crate) fn download(&mut self, ctx: &Context, src: sys::CUdeviceptr) -> Result<Vec<f32>> {
+    /// Enqueues the copy of the first `len` f32 values (at most this buffer's length) of
+    /// the device buffer at `src` after the stream's earlier work, and returns them,
+    /// copying each chunk out as soon as its DMA has finished. Returns once every copy
+    /// is done.
+    pub(crate) fn download(
+        &mut self,
+        ctx: &Context,
+        src: sys::CUdeviceptr,
+        len: usize,
+    ) -> Result<Vec<f32>> {
+        self.check_len(len)?;
         ctx.bind().map_err(EngineError::from)?;
         let stream = ctx.stream;
-        let staged = self.as_mut_slice();
+        let staged = &mut self.as_mut_slice()[..len];
         let mut arrived = Vec::with_capacity(staged.len().div_ceil(STAGE_CHUNK));
         for (i, d) in staged.chunks_mut(STAGE_CHUNK).enumerate() {
             let at = src + (i * STAGE_CHUNK * 4) as u64;
@@ -106,9 +114,9 @@ impl Pinned {
     }
 
     fn check_len(&self, n: usize) -> Result<()> {
-        if self.len != n {
+        if n > self.len {
             return Err(EngineError::Shape(format!(
-                "staging holds {} values, the input has {n}",
+                "staging holds {} values, the transfer has {n}",
                 self.len
             )));
         }

@@ -11,6 +11,7 @@ use cudarc::driver::{result, sys};
 use super::DArg;
 use crate::backend::{CudaBackend, CudaTensor};
 use crate::error::CudaError;
+use crate::graph::padded_shape;
 use crate::pinned::Pinned;
 use crate::pool::{Arena, DeviceBuffer};
 
@@ -226,19 +227,37 @@ impl MultiGraphCache {
     where
         F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<CudaTensor>>,
     {
-        self.prepare(be, x.shape(), forward)?;
+        let rows = x.shape().first().copied().unwrap_or(0);
+        self.infer_padded(be, x, rows, forward)
+    }
+
+    /// Like [`MultiGraphCache::infer`] through the graph for a batch of `graph_batch`
+    /// (at least `x`'s rows): see [`crate::GraphCache::infer_padded`].
+    pub fn infer_padded<F>(
+        &self,
+        be: &CudaBackend,
+        x: &HostTensor,
+        graph_batch: usize,
+        forward: F,
+    ) -> Result<Vec<HostTensor>>
+    where
+        F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<CudaTensor>>,
+    {
+        let shape = padded_shape(x.shape(), graph_batch)?;
+        let rows = x.shape()[0];
+        self.prepare(be, &shape, forward)?;
         let mut entries = self
             .entries
             .lock()
             .map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
         let e = entries
-            .get_mut(x.shape())
+            .get_mut(&shape)
             .ok_or_else(|| EngineError::Device("graph vanished".into()))?;
         // The copy is complete before the pinned buffer is written again: every replay
         // ends with its outputs read back (the stream synchronised).
         e.pinned_in.upload(&be.ctx, x, e.staging_in.ptr())?;
         e.graph.replay(be)?;
-        read_outputs(be, e)
+        read_outputs(be, e, rows)
     }
 
     /// Like [`MultiGraphCache::infer`] for an input of `shape` (NCHW f32) that
@@ -268,16 +287,18 @@ impl MultiGraphCache {
         // earlier replay still reads the input buffer.
         fill(e.staging_in.ptr(), shape.iter().product::<usize>() * 4)?;
         e.graph.replay(be)?;
-        read_outputs(be, e)
+        read_outputs(be, e, shape.first().copied().unwrap_or(0))
     }
 }
 
-/// Every output of the replay just enqueued, as NHWC f32 host tensors.
-fn read_outputs(be: &CudaBackend, e: &Entry) -> Result<Vec<HostTensor>> {
+/// The first `rows` batch items of every output of the replay just enqueued, as NHWC
+/// f32 host tensors.
+fn read_outputs(be: &CudaBackend, e: &Entry, rows: usize) -> Result<Vec<HostTensor>> {
     let mut out = Vec::with_capacity(e.outs.len());
     for (buf, d) in &e.outs {
-        let host = be.det_read_f32(buf.ptr(), d.iter().product())?;
-        out.push(HostTensor::from_f32(d.to_vec(), host)?);
+        let dims = [rows.min(d[0]), d[1], d[2], d[3]];
+        let host = be.det_read_f32(buf.ptr(), dims.iter().product())?;
+        out.push(HostTensor::from_f32(dims.to_vec(), host)?);
     }
     Ok(out)
 }
