@@ -371,8 +371,9 @@ __device__ __forceinline__ Raw dwk_keep(Raw r, bool keep) {
 
 // One strip of output rows y0 .. y1 - 1 for the thread's X columns starting at ox0. `img`
 // points at the thread's first channel of the image (row stride W*C elements);
-// `fetch(p)` loads the thread's V channels at pixel pointer p; `emit(oy, acc)` stores a
-// finished row of X x V sums. Every load is issued (addresses clamped into the image)
+// `fetch(p)` loads the thread's V channels at pixel pointer p (through __ldg: the base
+// pointer below is opaque to the compiler, which would otherwise emit generic loads);
+// `emit(oy, acc)` stores a finished row of X x V sums. Every load is issued (addresses clamped into the image)
 // and padding is zeroed by a select afterwards: a conditional load of a two-part value
 // compiles to a branch per load, which serialises them.
 template <int K, int S, int V, int X, int G, int LB, typename Fetch, typename Emit>
@@ -385,13 +386,19 @@ __device__ __forceinline__ void dwk_strip(const float (&tw)[K * K][V], const flo
     typedef decltype(fetch(img)) Raw;
     const int ix0 = ox0 * S - P;
     bool col_ok[IW];
-    int col_off[IW];
+    // Offsets within one image in 32 bits (the host checks H*W*C < 2^32): an address is
+    // then one add and one wide multiply-add instead of 64-bit index arithmetic.
+    unsigned col_off[IW];
 #pragma unroll
     for (int j = 0; j < IW; j++) {
         col_ok[j] = ix0 + j >= 0 && ix0 + j < W;
-        col_off[j] = min(max(ix0 + j, 0), W - 1) * C;
+        col_off[j] = (unsigned)(min(max(ix0 + j, 0), W - 1) * C);
     }
-    const i64 row_stride = (i64)W * C;
+    const unsigned row_stride = (unsigned)W * C;
+    // Opaque copy of the base pointer: otherwise the compiler folds it back into 64-bit
+    // index arithmetic (two adds and two shifts per address instead of one multiply-add).
+    const T* base;
+    asm("mov.b64 %0, %1;" : "=l"(base) : "l"(img));
     // Slots of rows above the strip collect partial sums that are never emitted; zero
     // them so that nothing reads an uninitialised value.
     float acc[NA][X][V];
@@ -412,9 +419,9 @@ __device__ __forceinline__ void dwk_strip(const float (&tw)[K * K][V], const flo
                 for (int q = 0; q < S; q++) {
                     const int iy = (m0 + b0 + i) * S - P + q;
                     const bool row_ok = m0 + b0 + i < mend && iy >= 0 && iy < H;
-                    const T* rp = img + min(max(iy, 0), H - 1) * row_stride;
+                    const unsigned ro = (unsigned)min(max(iy, 0), H - 1) * row_stride;
 #pragma unroll
-                    for (int j = 0; j < IW; j++) raw[i][q][j] = dwk_keep(fetch(rp + col_off[j]), row_ok && col_ok[j]);
+                    for (int j = 0; j < IW; j++) raw[i][q][j] = dwk_keep(fetch(base + (ro + col_off[j])), row_ok && col_ok[j]);
                 }
             }
 #pragma unroll
@@ -474,15 +481,16 @@ __device__ __forceinline__ void dwk_plain(const T* __restrict__ x, T* __restrict
     float tw[K * K][V], tb[V];
     dwk_taps<K * K, V>(tw, tb, w, bias, C, c, c + 2);
     const T* img = x + (i64)n * H * W * C + c;
-    const i64 obase = (i64)n * OH * OW * C + c;
-    auto fetch = [](const T* p) { return *reinterpret_cast<const Raw*>(p); };
+    T* out = y + (i64)n * OH * OW * C + c;
+    const T* rimg = res ? res + (i64)n * OH * OW * C + c : res;
+    auto fetch = [](const T* p) { return __ldg(reinterpret_cast<const Raw*>(p)); };
     dwk_strip<K, S, V, X, G, LB>(tw, tb, img, H, W, C, ox0, y0, y1, fetch, [&](int oy, float (&acc)[X][V]) {
 #pragma unroll
         for (int xo = 0; xo < X; xo++) {
             if (ox0 + xo >= OW) break;
-            const i64 o = obase + ((i64)oy * OW + ox0 + xo) * C;
+            const unsigned o = ((unsigned)oy * OW + ox0 + xo) * C;
             float r[V];
-            if (res) dwk_unpack<Raw, V>(*reinterpret_cast<const Raw*>(res + o), r);
+            if (res) dwk_unpack<Raw, V>(*reinterpret_cast<const Raw*>(rimg + o), r);
             __align__(16) T h[V];
 #pragma unroll
             for (int v = 0; v < V; v++) {
@@ -490,7 +498,7 @@ __device__ __forceinline__ void dwk_plain(const T* __restrict__ x, T* __restrict
                 if (res) s += r[v];
                 h[v] = stf(s);
             }
-            *reinterpret_cast<Raw*>(y + o) = *reinterpret_cast<const Raw*>(h);
+            *reinterpret_cast<Raw*>(out + o) = *reinterpret_cast<const Raw*>(h);
         }
     });
 }
@@ -572,8 +580,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) dwk3_gate(DWK_GATE_PARAMS) 
     T* out = y + (i64)n * H * W * Ch + c;
     auto fetch = [&](const T* p) {
         DwGateRaw r;
-        r.lo = *reinterpret_cast<const Pair*>(p);
-        r.hi = *reinterpret_cast<const Pair*>(p + Ch);
+        r.lo = __ldg(reinterpret_cast<const Pair*>(p));
+        r.hi = __ldg(reinterpret_cast<const Pair*>(p + Ch));
         return r;
     };
     dwk_strip<3, 1, 4, X, 3, 3>(tw, tb, img, H, W, C, ox0, y0, y1, fetch, [&](int oy, float (&acc)[X][4]) {
@@ -581,7 +589,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) dwk3_gate(DWK_GATE_PARAMS) 
         for (int xo = 0; xo < X; xo++) {
             if (ox0 + xo >= W) break;
             float2 g = make_float2(gelu_as(acc[xo][0]) * acc[xo][2], gelu_as(acc[xo][1]) * acc[xo][3]);
-            st2(out + ((i64)oy * W + ox0 + xo) * Ch, g);
+            st2(out + ((unsigned)oy * W + ox0 + xo) * Ch, g);
         }
     });
 }

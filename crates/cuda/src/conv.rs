@@ -36,6 +36,11 @@ fn strip_rows(threads_per_row: usize, n: usize, h: usize, multiprocessors: usize
     rows
 }
 
+/// Whether one image's element count fits the `dwk*` kernels' 32-bit offsets.
+fn fits_u32(elements: usize) -> bool {
+    elements <= u32::MAX as usize
+}
+
 /// The strip kernels' limit on grid.y (images x strips).
 const MAX_GRID_Y: usize = 65_535;
 
@@ -279,7 +284,7 @@ pub(crate) fn depthwise_gelu_gate(
             ];
             let aligned = x.ptr().is_multiple_of(4);
             match depthwise_kernels() {
-                DepthwiseKernels::Tiled if aligned => {
+                DepthwiseKernels::Tiled if aligned && fits_u32(h * wd * c) => {
                     // A thread per (two columns, channel pair of each half), strips of
                     // `rows` rows (dwk3_gate in vector.cu).
                     let per_row = wd.div_ceil(2) * half / 2;
@@ -349,7 +354,7 @@ fn depthwise(
         let per_row = ow * (c / v.max(1));
         let sms = be.multiprocessors().max(1) as usize;
         let rows = strip_rows(per_row, n, oh, sms);
-        if c % v == 0 && aligned && n * oh.div_ceil(rows) <= MAX_GRID_Y {
+        if c % v == 0 && aligned && fits_u32(h * wd * c) && n * oh.div_ceil(rows) <= MAX_GRID_Y {
             args.extend([h, wd, c, oh, ow, rows].map(|v| Arg::I32(v as i32)));
             args.push(Arg::I32(act_code(act)));
             // A thread per (output column, V channels), strips of `rows` output rows.
