@@ -158,6 +158,324 @@ extern "C" __global__ void det_attention(const T* __restrict__ q, const T* __res
     }
 }
 
+// Tensor-core multi-head attention for 16-bit storage (sm_80+; the host dispatches it
+// for fp16/bf16 with a head size D in 16..128, D % 16 == 0, and 16-byte aligned
+// pointers; anything else takes det_attention). Flash-attention style: one block of 4
+// warps per (image, head, tile of 64 query rows), blocks flattened as
+// ((b * heads + h) * q_tiles + tile); each warp owns 16 query rows and holds their Q
+// fragments in registers. Key/value tiles of KT rows stream through shared memory
+// (cp.async, two stages; rows past Lk are zero-filled). Per tile: S = Q K^T (mma
+// m16n8k16, fp32 accumulators), times `scale` in fp32, keys past Lk masked to -inf,
+// online softmax in fp32 (running row max, per-thread partial row sums, O rescaled by
+// exp(m_old - m_new)), P rounded to T, O += P V with O in fp32 registers. The output is
+// O / sum, written for rows < Lq only. Fragment layouts (g = lane / 4, t = lane % 4):
+// A (16x16) a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..);
+// B (16x8) b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g); C (16x8) c0,c1 = (g, 2t..2t+1),
+// c2,c3 = (g+8, 2t..). So two adjacent 8-key tiles of S are one A fragment of P.
+
+#define DET_TC_ROWS 64  // query rows per block (16 per warp)
+#define DET_TC_THREADS 128
+
+// The storage type's 16-bit pair packing and mma instruction; fp32 has none (the fp32
+// module compiles the kernels but the host never launches them there).
+template <typename X>
+struct DetTc {
+    static constexpr bool ok = false;
+    static __device__ __forceinline__ unsigned pack(float, float) { return 0u; }
+    static __device__ __forceinline__ void mma(float*, const unsigned*, unsigned, unsigned) {}
+};
+
+#ifdef __CUDA_FP16_H__
+template <>
+struct DetTc<__half> {
+    static constexpr bool ok = true;
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        __half2 p = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<unsigned*>(&p);
+    }
+    static __device__ __forceinline__ void mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+#if __CUDA_ARCH__ >= 800
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+    }
+};
+#endif
+
+#ifdef __CUDA_BF16_H__
+template <>
+struct DetTc<__nv_bfloat16> {
+    static constexpr bool ok = true;
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<unsigned*>(&p);
+    }
+    static __device__ __forceinline__ void mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+#if __CUDA_ARCH__ >= 800
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+    }
+};
+#endif
+
+__device__ __forceinline__ unsigned det_tc_smem(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }\n" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16 bytes global -> shared; with full == false nothing is read and zeros are written.
+__device__ __forceinline__ void det_tc_cp16(unsigned dst, const void* src, bool full) {
+#if __CUDA_ARCH__ >= 800
+    int n = full ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void det_tc_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void det_tc_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i.
+__device__ __forceinline__ void det_tc_ldsm4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr)
+                 : "memory");
+#endif
+}
+
+// The same, each matrix transposed: lane (g, t) gets rows 2t and 2t+1 of column g.
+__device__ __forceinline__ void det_tc_ldsm4_t(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2,
+                                               unsigned& r3) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr)
+                 : "memory");
+#endif
+}
+
+// One block of the tensor-core attention, head size D, KT keys per tile.
+template <int D, int KT>
+__device__ __forceinline__ void det_attention_tc(const T* __restrict__ q, const T* __restrict__ k,
+                                                 const T* __restrict__ v, T* __restrict__ y, int Lq, int Lk,
+                                                 int C, int heads, float scale) {
+#if __CUDA_ARCH__ >= 800
+    if (!DetTc<T>::ok) return;
+    constexpr int LD = D + 8;  // shared row stride (elements): 8 rows of a ldmatrix hit 8 bank groups
+    constexpr int KS = D / 16;  // k-steps of Q K^T
+    constexpr int NT = KT / 8;  // 8-key tiles of S
+    constexpr int ND = D / 8;   // 8-column tiles of O
+    constexpr int CH = D / 8;   // 16-byte chunks per K/V row
+    __shared__ __align__(16) unsigned short kv[2][2][KT * LD];  // [stage][K, V][row * LD + col]
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int q_tiles = (Lq + DET_TC_ROWS - 1) / DET_TC_ROWS;
+    const int tile = (int)(blockIdx.x % q_tiles);
+    const int bh = (int)(blockIdx.x / q_tiles);
+    const int h = bh % heads;
+    const i64 b = bh / heads;
+    const T* kb = k + b * Lk * (i64)C + h * D;
+    const T* vb = v + b * Lk * (i64)C + h * D;
+
+    // Q fragments of the warp's 16 rows (zeros past Lq).
+    const int r0 = tile * DET_TC_ROWS + warp * 16 + g, r1 = r0 + 8;
+    unsigned qf[KS][4];
+    {
+        const T* q0 = q + (b * Lq + (r0 < Lq ? r0 : 0)) * (i64)C + h * D + 2 * t;
+        const T* q1 = q + (b * Lq + (r1 < Lq ? r1 : 0)) * (i64)C + h * D + 2 * t;
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++) {
+            qf[kk][0] = r0 < Lq ? *reinterpret_cast<const unsigned*>(q0 + kk * 16) : 0u;
+            qf[kk][1] = r1 < Lq ? *reinterpret_cast<const unsigned*>(q1 + kk * 16) : 0u;
+            qf[kk][2] = r0 < Lq ? *reinterpret_cast<const unsigned*>(q0 + kk * 16 + 8) : 0u;
+            qf[kk][3] = r1 < Lq ? *reinterpret_cast<const unsigned*>(q1 + kk * 16 + 8) : 0u;
+        }
+    }
+
+    // Issues the copies of key tile `it` into stage `st` (one commit group).
+    auto load = [&](int it, int st) {
+        const unsigned ks = det_tc_smem(&kv[st][0][0]), vs = det_tc_smem(&kv[st][1][0]);
+        for (int i = threadIdx.x; i < KT * CH; i += DET_TC_THREADS) {
+            const int r = i / CH, c = (i % CH) * 8;
+            const int key = it * KT + r;
+            const bool in = key < Lk;
+            const i64 off = (i64)(in ? key : 0) * C + c;
+            const unsigned dst = (unsigned)((r * LD + c) * 2);
+            det_tc_cp16(ks + dst, kb + off, in);
+            det_tc_cp16(vs + dst, vb + off, in);
+        }
+        det_tc_commit();
+    };
+
+    float o[ND][4];
+#pragma unroll
+    for (int n = 0; n < ND; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m0 = DET_NEG_INF, m1 = DET_NEG_INF;  // running max of rows r0, r1
+    float l0 = 0.0f, l1 = 0.0f;                // this thread's part of their sums
+    // ldmatrix row addresses: lane = 8 * mat + row.
+    const int mat = lane >> 3, mrow = lane & 7;
+    const int tiles = (Lk + KT - 1) / KT;
+    load(0, 0);
+    for (int it = 0; it < tiles; it++) {
+        const int st = it & 1;
+        if (it + 1 < tiles) {
+            load(it + 1, st ^ 1);
+            det_tc_wait<1>();
+        } else {
+            det_tc_wait<0>();
+        }
+        __syncthreads();
+        const unsigned ks = det_tc_smem(&kv[st][0][0]), vs = det_tc_smem(&kv[st][1][0]);
+
+        // S = Q K^T: matrices (keys +0, d +0), (keys +0, d +8), (keys +8, d +0), (keys +8,
+        // d +8) are b0, b1 of one 8-key tile and b0, b1 of the next.
+        float s[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++) {
+#pragma unroll
+            for (int np = 0; np < NT / 2; np++) {
+                const int row = np * 16 + (mat >> 1) * 8 + mrow, col = kk * 16 + (mat & 1) * 8;
+                unsigned b0, b1, b2, b3;
+                det_tc_ldsm4(ks + (unsigned)((row * LD + col) * 2), b0, b1, b2, b3);
+                DetTc<T>::mma(s[2 * np], qf[kk], b0, b1);
+                DetTc<T>::mma(s[2 * np + 1], qf[kk], b2, b3);
+            }
+        }
+
+        // Scale, mask, online softmax (rows r0: s[.][0..1], r1: s[.][2..3]).
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const bool in = it * KT + n * 8 + 2 * t + e < Lk;
+                s[n][e] = in ? s[n][e] * scale : DET_NEG_INF;
+                s[n][2 + e] = in ? s[n][2 + e] * scale : DET_NEG_INF;
+                mx0 = fmaxf(mx0, s[n][e]);
+                mx1 = fmaxf(mx1, s[n][2 + e]);
+            }
+        }
+#pragma unroll
+        for (int o2 = 1; o2 < 4; o2 <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o2));
+        }
+        // Every tile holds a key < Lk, so the maxima are finite for finite inputs; the
+        // guard keeps -inf - -inf (NaN) out otherwise.
+        const float base0 = mx0 == DET_NEG_INF ? 0.0f : mx0;
+        const float base1 = mx1 == DET_NEG_INF ? 0.0f : mx1;
+        const float a0 = expf(m0 - base0), a1 = expf(m1 - base1);
+        m0 = mx0;
+        m1 = mx1;
+        l0 *= a0;
+        l1 *= a1;
+#pragma unroll
+        for (int n = 0; n < ND; n++) {
+            o[n][0] *= a0;
+            o[n][1] *= a0;
+            o[n][2] *= a1;
+            o[n][3] *= a1;
+        }
+        unsigned pf[NT / 2][4];
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            const float p0 = expf(s[n][0] - base0), p1 = expf(s[n][1] - base0);
+            const float p2 = expf(s[n][2] - base1), p3 = expf(s[n][3] - base1);
+            l0 += p0 + p1;
+            l1 += p2 + p3;
+            pf[n / 2][(n & 1) * 2] = DetTc<T>::pack(p0, p1);
+            pf[n / 2][(n & 1) * 2 + 1] = DetTc<T>::pack(p2, p3);
+        }
+
+        // O += P V: matrices (keys +0, d +0), (keys +8, d +0), (keys +0, d +8), (keys +8,
+        // d +8), transposed, are b0, b1 of one 8-column tile and b0, b1 of the next.
+#pragma unroll
+        for (int j = 0; j < KT / 16; j++) {
+#pragma unroll
+            for (int dp = 0; dp < D / 16; dp++) {
+                const int row = j * 16 + (mat & 1) * 8 + mrow, col = dp * 16 + (mat >> 1) * 8;
+                unsigned b0, b1, b2, b3;
+                det_tc_ldsm4_t(vs + (unsigned)((row * LD + col) * 2), b0, b1, b2, b3);
+                DetTc<T>::mma(o[2 * dp], pf[j], b0, b1);
+                DetTc<T>::mma(o[2 * dp + 1], pf[j], b2, b3);
+            }
+        }
+        __syncthreads();  // the next iteration refills this stage
+    }
+
+#pragma unroll
+    for (int o2 = 1; o2 < 4; o2 <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, o2);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, o2);
+    }
+    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+    T* y0 = y + (b * Lq + r0) * (i64)C + h * D + 2 * t;
+    T* y1 = y + (b * Lq + r1) * (i64)C + h * D + 2 * t;
+#pragma unroll
+    for (int n = 0; n < ND; n++) {
+        if (r0 < Lq) *reinterpret_cast<unsigned*>(y0 + n * 8) = DetTc<T>::pack(o[n][0] * inv0, o[n][1] * inv0);
+        if (r1 < Lq) *reinterpret_cast<unsigned*>(y1 + n * 8) = DetTc<T>::pack(o[n][2] * inv1, o[n][3] * inv1);
+    }
+#endif
+}
+
+// Entry points per head size (KT = 64 keys per tile up to D = 64, else 32: shared memory
+// stays under 48 KiB). Arguments: q [B, Lq, C], k and v [B, Lk, C], y [B, Lq, C].
+extern "C" __global__ void det_attention_tc16(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                              T* __restrict__ y, int Lq, int Lk, int C, int heads, float scale) {
+    det_attention_tc<16, 64>(q, k, v, y, Lq, Lk, C, heads, scale);
+}
+extern "C" __global__ void det_attention_tc32(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                              T* __restrict__ y, int Lq, int Lk, int C, int heads, float scale) {
+    det_attention_tc<32, 64>(q, k, v, y, Lq, Lk, C, heads, scale);
+}
+extern "C" __global__ void det_attention_tc48(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                              T* __restrict__ y, int Lq, int Lk, int C, int heads, float scale) {
+    det_attention_tc<48, 64>(q, k, v, y, Lq, Lk, C, heads, scale);
+}
+extern "C" __global__ void det_attention_tc64(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                              T* __restrict__ y, int Lq, int Lk, int C, int heads, float scale) {
+    det_attention_tc<64, 64>(q, k, v, y, Lq, Lk, C, heads, scale);
+}
+extern "C" __global__ void det_attention_tc80(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                              T* __restrict__ y, int Lq, int Lk, int C, int heads, float scale) {
+    det_attention_tc<80, 32>(q, k, v, y, Lq, Lk, C, heads, scale);
+}
+extern "C" __global__ void det_attention_tc96(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                              T* __restrict__ y, int Lq, int Lk, int C, int heads, float scale) {
+    det_attention_tc<96, 32>(q, k, v, y, Lq, Lk, C, heads, scale);
+}
+extern "C" __global__ void det_attention_tc112(const T* __restrict__ q, const T* __restrict__ k,
+                                               const T* __restrict__ v, T* __restrict__ y, int Lq, int Lk, int C,
+                                               int heads, float scale) {
+    det_attention_tc<112, 32>(q, k, v, y, Lq, Lk, C, heads, scale);
+}
+extern "C" __global__ void det_attention_tc128(const T* __restrict__ q, const T* __restrict__ k,
+                                               const T* __restrict__ v, T* __restrict__ y, int Lq, int Lk, int C,
+                                               int heads, float scale) {
+    det_attention_tc<128, 32>(q, k, v, y, Lq, Lk, C, heads, scale);
+}
+
 // Multi-scale deformable attention: one warp per (query row, head), lanes over the
 // head's channels (up to 128). Levels (at most 4) come as (height, width, first row,
 // points) quadruples in `lv`.

@@ -7,6 +7,7 @@ use aperture_engine::{EngineError, Result};
 
 use super::{DArg, MAX_LEVELS};
 use crate::backend::{CudaBackend, CudaTensor};
+use crate::kernels::Storage;
 
 /// Warps per block of the attention kernels (one query row per warp).
 const WARPS: usize = 4;
@@ -14,6 +15,36 @@ const WARPS: usize = 4;
 const SMEM_LIMIT: usize = 48 * 1024;
 /// Channels per head the deformable kernel holds per lane (4 x 32).
 const MAX_HEAD_DIM: usize = 128;
+
+/// Query rows per block of the tensor-core attention kernels (`DET_TC_ROWS`).
+const TC_ROWS: usize = 64;
+/// Threads per block of the tensor-core attention kernels (`DET_TC_THREADS`).
+const TC_THREADS: u32 = 128;
+
+/// The tensor-core attention kernel for head size `d`, if one applies: 16-bit storage,
+/// `d` a multiple of 16 up to 128, compute capability 8.0 or later (mma.sync, cp.async)
+/// and 16-byte aligned tensors (`aligned`). Anything else takes the scalar kernel.
+fn tensor_core_kernel(
+    storage: Storage,
+    capability: (i32, i32),
+    d: usize,
+    aligned: bool,
+) -> Option<&'static str> {
+    if storage == Storage::F32 || capability.0 < 8 || !aligned {
+        return None;
+    }
+    Some(match d {
+        16 => "det_attention_tc16",
+        32 => "det_attention_tc32",
+        48 => "det_attention_tc48",
+        64 => "det_attention_tc64",
+        80 => "det_attention_tc80",
+        96 => "det_attention_tc96",
+        112 => "det_attention_tc112",
+        128 => "det_attention_tc128",
+        _ => return None,
+    })
+}
 
 impl CudaBackend {
     pub(crate) fn det_attention(
@@ -38,29 +69,63 @@ impl CudaBackend {
         }
         let lk = k.dims[2];
         let d = c / heads;
-        let smem = WARPS * (d + lk) * 4;
-        if smem > SMEM_LIMIT {
+        if [b, lq, lk, c].iter().any(|&n| n > i32::MAX as usize) {
             return Err(EngineError::Unsupported(format!(
-                "the CUDA attention kernel takes up to {} keys of head size {d}; got {lk}",
-                SMEM_LIMIT / (4 * WARPS) - d
+                "attention over {:?} x {:?} exceeds the kernels' 32-bit sizes",
+                q.dims, k.dims
             )));
         }
         let flops = 4.0 * (b * heads * lq * lk * d) as f64;
         let bytes = ((2 * q.numel() + 2 * k.numel()) * self.esize()) as f64;
+        let aligned = [q.ptr(), k.ptr(), v.ptr()].iter().all(|p| p % 16 == 0);
+        let blocks = b * heads * lq.div_ceil(TC_ROWS);
+        let tc = tensor_core_kernel(self.storage, self.ctx.capability, d, aligned)
+            .filter(|_| lk > 0 && blocks <= i32::MAX as usize);
+        if tc.is_none() && WARPS * (d + lk) * 4 > SMEM_LIMIT {
+            return Err(EngineError::Unsupported(format!(
+                "the CUDA attention kernel takes up to {} keys of head size {d} in {:?}; got {lk}",
+                (SMEM_LIMIT / (4 * WARPS)).saturating_sub(d),
+                self.storage
+            )));
+        }
         self.profiler.op(self, "attention", flops, bytes, || {
             let out = self.alloc_tensor(q.dims)?;
-            let args = [
+            if lq == 0 || b == 0 {
+                return Ok(out);
+            }
+            let ptrs = [
                 DArg::Ptr(q.ptr()),
                 DArg::Ptr(k.ptr()),
                 DArg::Ptr(v.ptr()),
                 DArg::Ptr(out.ptr()),
+            ];
+            if let Some(name) = tc {
+                if out.ptr() % 16 != 0 {
+                    return Err(EngineError::Device(format!(
+                        "{name}: the output buffer is not 16-byte aligned"
+                    )));
+                }
+                let mut args = ptrs.to_vec();
+                args.extend([
+                    DArg::I32(lq as i32),
+                    DArg::I32(lk as i32),
+                    DArg::I32(c as i32),
+                    DArg::I32(heads as i32),
+                    DArg::F32(scale),
+                ]);
+                self.det_launch_grid(name, (blocks as u32, 1), TC_THREADS, 0, &args)?;
+                return Ok(out);
+            }
+            let mut args = ptrs.to_vec();
+            args.extend([
                 DArg::I32(b as i32),
                 DArg::I32(lq as i32),
                 DArg::I32(lk as i32),
                 DArg::I32(c as i32),
                 DArg::I32(heads as i32),
                 DArg::F32(scale),
-            ];
+            ]);
+            let smem = WARPS * (d + lk) * 4;
             self.det_launch(
                 "det_attention",
                 b * heads * lq * 32,
@@ -198,5 +263,31 @@ impl CudaBackend {
                 )?;
                 Ok(out)
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detection::DETECTION_KERNELS;
+
+    #[test]
+    fn tensor_cores_serve_16_bit_heads_of_16_to_128_channels() {
+        for s in [Storage::F16, Storage::BF16] {
+            for d in (16..=128).step_by(16) {
+                let name = tensor_core_kernel(s, (9, 0), d, true).unwrap();
+                assert_eq!(name, format!("det_attention_tc{d}"));
+                assert!(
+                    DETECTION_KERNELS.contains(&name),
+                    "{name} is not registered"
+                );
+            }
+            for d in [8, 24, 40, 144, 256] {
+                assert_eq!(tensor_core_kernel(s, (9, 0), d, true), None, "d = {d}");
+            }
+            assert_eq!(tensor_core_kernel(s, (7, 5), 32, true), None);
+            assert_eq!(tensor_core_kernel(s, (9, 0), 32, false), None);
+        }
+        assert_eq!(tensor_core_kernel(Storage::F32, (9, 0), 32, true), None);
     }
 }

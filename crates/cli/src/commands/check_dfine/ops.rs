@@ -66,15 +66,31 @@ pub fn run_ops<B: Backend>(b: &B) -> Result<Vec<(String, HostTensor)>> {
         b.download_nhwc(&b.mul(&img, &padded_like(b, &img)?)?)?,
     ));
 
-    // Sequences: the decoder's self-attention (300 x 256, 8 heads) and the encoder's
-    // (400 x 384, 8 heads).
-    for (i, (l, c)) in [(300usize, 256usize), (400, 384)].into_iter().enumerate() {
-        let s = 10 + 3 * i as u64;
-        let q = up(&tensor(s, [2, 1, l, c], -1.5, 1.5)?)?;
-        let k = up(&tensor(s + 1, [2, 1, l, c], -1.5, 1.5)?)?;
-        let v = up(&tensor(s + 2, [2, 1, l, c], -1.0, 1.0)?)?;
+    // Sequences (8 heads): the decoder's self-attention (300 x 256, head size 32) and the
+    // encoder's (400 x 384, head size 48), then shapes for the tensor-core kernels' edges:
+    // fewer rows than one tile, cross attention both ways (Lq != Lk), and head sizes 16
+    // and 128 (64- and 32-key tiles); none of the lengths is a multiple of 16.
+    let shapes = [
+        (300usize, 300usize, 256usize),
+        (400, 400, 384),
+        (37, 37, 256),
+        (37, 300, 256),
+        (300, 75, 256),
+        (129, 97, 128),
+        (70, 131, 1024),
+    ];
+    for (i, (lq, lk, c)) in shapes.into_iter().enumerate() {
+        let s = 100 + 3 * i as u64;
+        let q = up(&tensor(s, [2, 1, lq, c], -1.5, 1.5)?)?;
+        let k = up(&tensor(s + 1, [2, 1, lk, c], -1.5, 1.5)?)?;
+        let v = up(&tensor(s + 2, [2, 1, lk, c], -1.0, 1.0)?)?;
         let y = b.attention(&q, &k, &v, 8, 1.0 / ((c / 8) as f32).sqrt())?;
-        out.push((format!("attention {l}x{c}"), b.download_nhwc(&y)?));
+        let name = if lq == lk {
+            format!("attention {lq}x{c}")
+        } else {
+            format!("attention {lq}x{c} over {lk} keys")
+        };
+        out.push((name, b.download_nhwc(&y)?));
     }
     let a = up(&tensor(20, [2, 1, 300, 256], -1.0, 1.0)?)?;
     let a2 = up(&tensor(21, [2, 1, 300, 256], -1.0, 1.0)?)?;
