@@ -562,3 +562,41 @@ pub(crate) fn conv2d(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_shorten_only_when_blocks_are_scarce() {
+        // Restormer's gated 3x3 at 512x512, batch 32: plenty of blocks.
+        assert_eq!(strip_rows(256 * 64, 32, 512, 132), DW_ROWS);
+        // D-FINE's 5x5 at 20x20x512, batch 32: 20 x 32 x 2 = 1280 blocks.
+        assert_eq!(strip_rows(20 * 256, 32, 20, 132), DW_ROWS);
+        // The same at batch 1: 40 blocks, so strips shrink to the floor of 4 rows.
+        assert_eq!(strip_rows(20 * 256, 1, 20, 132), 4);
+        // Never below 4, whatever the grid.
+        assert_eq!(strip_rows(1, 1, 1, 132), 4);
+    }
+
+    #[test]
+    fn tiled_kernels_cover_odd_kernels_at_stride_one_and_two() {
+        for k in [3, 5, 7] {
+            for s in [1, 2] {
+                let (name, v) = tiled_kernel(k, s).expect("covered");
+                assert_eq!(name, format!("dwk{k}s{s}"));
+                assert!(crate::kernels::KERNEL_NAMES.contains(&name));
+                assert!([1, 2, 4].contains(&v));
+            }
+        }
+        assert!(tiled_kernel(2, 1).is_none());
+        assert!(tiled_kernel(3, 3).is_none());
+        assert!(crate::kernels::KERNEL_NAMES.contains(&"dwk3_gate"));
+    }
+
+    #[test]
+    fn image_offsets_must_fit_32_bits() {
+        assert!(fits_u32(512 * 512 * 2048));
+        assert!(!fits_u32(1 << 32));
+    }
+}
