@@ -504,12 +504,16 @@ __device__ __forceinline__ void dwk_plain(const T* __restrict__ x, T* __restrict
 }
 
 // (K, S) -> channels per thread V, columns per thread X, unroll G, load batch LB (the
-// host mirrors V, and X = 1, in conv.rs). Taps take K*K*V registers: four channels at
-// 3x3, two at 5x5, one at 7x7. Each is the largest load batch (most bytes in flight)
-// that ptxas keeps spill-free under __launch_bounds__(256, 2), i.e. 128 registers and
-// two blocks of 256 per SM, checked in fp16, bf16 and fp32 (f16: 3x3/1 124 registers,
-// 3x3/2 105, 5x5/1 123, 5x5/2 106, 7x7/1 115, 7x7/2 121; X = 2 spills at 3x3/1 and
-// 5x5/1, as do 5-row batches at 5x5/1 in fp32 and two channels at 7x7).
+// host mirrors V and X in conv.rs). Taps take K*K*V registers: four channels at 3x3, two
+// at 5x5, one at 7x7. Two columns per thread share the loads of overlapping windows (a
+// 5x5 row costs 6 loads per 2 outputs instead of 10). Chosen from the SASS instruction
+// count per output of the main loop (ReLU, no residual, fp16) among the configurations
+// that ptxas keeps spill-free under __launch_bounds__(256, 2) (128 registers, two blocks
+// of 256 per SM) in fp16, bf16 and fp32:
+//   3x3/1 X=1 G=6 LB=6 (3 in fp32): 25.0 instructions per output (X=2: 20.6, but spills
+//         in fp32; this one is bandwidth-bound at ~6 instructions per byte anyway)
+//   3x3/2 X=2 LB=1: 27.4 (X=1: 32.9)    5x5/1 X=2 LB=5 (1 in fp32): 46.4 (X=1: 57.8)
+//   5x5/2 X=2 LB=1: 68.7 (X=1: 88.2)    7x7: one channel, X=1 (two channels spill)
 // Each entry point is declared once plainly, then defined with its launch bounds.
 #define DWK_PARAMS                                                                                           \
     const T *__restrict__ x, T *__restrict__ y, const float *__restrict__ w, const float *__restrict__ bias,  \
@@ -524,11 +528,11 @@ extern "C" __global__ void dwk7s2(DWK_PARAMS);
 extern "C" __global__ void __launch_bounds__(256, 2) dwk3s1(DWK_PARAMS) {
     dwk_plain<3, 1, 4, 1, 6, (sizeof(T) == 2 ? 6 : 3)>(DWK_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(256, 2) dwk3s2(DWK_PARAMS) { dwk_plain<3, 2, 4, 1, 4, 2>(DWK_ARGS); }
+extern "C" __global__ void __launch_bounds__(256, 2) dwk3s2(DWK_PARAMS) { dwk_plain<3, 2, 4, 2, 4, 1>(DWK_ARGS); }
 extern "C" __global__ void __launch_bounds__(256, 2) dwk5s1(DWK_PARAMS) {
-    dwk_plain<5, 1, 2, 1, 5, (sizeof(T) == 2 ? 5 : 1)>(DWK_ARGS);
+    dwk_plain<5, 1, 2, 2, 5, (sizeof(T) == 2 ? 5 : 1)>(DWK_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(256, 2) dwk5s2(DWK_PARAMS) { dwk_plain<5, 2, 2, 1, 3, 1>(DWK_ARGS); }
+extern "C" __global__ void __launch_bounds__(256, 2) dwk5s2(DWK_PARAMS) { dwk_plain<5, 2, 2, 2, 3, 1>(DWK_ARGS); }
 extern "C" __global__ void __launch_bounds__(256, 2) dwk7s1(DWK_PARAMS) { dwk_plain<7, 1, 1, 1, 7, 1>(DWK_ARGS); }
 extern "C" __global__ void __launch_bounds__(256, 2) dwk7s2(DWK_PARAMS) { dwk_plain<7, 2, 1, 1, 4, 1>(DWK_ARGS); }
 

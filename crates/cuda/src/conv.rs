@@ -66,18 +66,32 @@ fn depthwise_kernels() -> DepthwiseKernels {
     })
 }
 
+/// A `dwk*` kernel and its thread shape (V channels x X output columns per thread, as
+/// in vector.cu's entry points).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TiledKernel {
+    name: &'static str,
+    channels: usize,
+    columns: usize,
+}
+
 /// The `dwk*` kernel for a square k x k depthwise convolution with stride s and padding
-/// k/2, and the channels per thread it takes (V in vector.cu's dwk* entry points).
-fn tiled_kernel(k: usize, stride: usize) -> Option<(&'static str, usize)> {
-    match (k, stride) {
-        (3, 1) => Some(("dwk3s1", 4)),
-        (3, 2) => Some(("dwk3s2", 4)),
-        (5, 1) => Some(("dwk5s1", 2)),
-        (5, 2) => Some(("dwk5s2", 2)),
-        (7, 1) => Some(("dwk7s1", 1)),
-        (7, 2) => Some(("dwk7s2", 1)),
-        _ => None,
-    }
+/// k/2.
+fn tiled_kernel(k: usize, stride: usize) -> Option<TiledKernel> {
+    let (name, channels, columns) = match (k, stride) {
+        (3, 1) => ("dwk3s1", 4, 1),
+        (3, 2) => ("dwk3s2", 4, 2),
+        (5, 1) => ("dwk5s1", 2, 2),
+        (5, 2) => ("dwk5s2", 2, 2),
+        (7, 1) => ("dwk7s1", 1, 1),
+        (7, 2) => ("dwk7s2", 1, 1),
+        _ => return None,
+    };
+    Some(TiledKernel {
+        name,
+        channels,
+        columns,
+    })
 }
 
 /// Largest patch buffer for one im2col chunk.
@@ -345,21 +359,22 @@ fn depthwise(
     let mode = depthwise_kernels();
     let square = w.kh == w.kw && w.spec.padding == w.kh / 2;
     let tiled = tiled_kernel(w.kh, w.spec.stride).filter(|_| square);
-    if let (DepthwiseKernels::Tiled, Some((name, v))) = (mode, tiled) {
+    if let (DepthwiseKernels::Tiled, Some(tk)) = (mode, tiled) {
+        let v = tk.channels;
         let align = (v * be.esize()) as u64;
         let aligned = [x.ptr(), out.ptr()]
             .into_iter()
             .chain(residual.map(|r| r.ptr()))
             .all(|p| p.is_multiple_of(align));
-        let per_row = ow * (c / v.max(1));
+        let per_row = ow.div_ceil(tk.columns) * (c / v.max(1));
         let sms = be.multiprocessors().max(1) as usize;
         let rows = strip_rows(per_row, n, oh, sms);
         if c % v == 0 && aligned && fits_u32(h * wd * c) && n * oh.div_ceil(rows) <= MAX_GRID_Y {
             args.extend([h, wd, c, oh, ow, rows].map(|v| Arg::I32(v as i32)));
             args.push(Arg::I32(act_code(act)));
-            // A thread per (output column, V channels), strips of `rows` output rows.
+            // A thread per (X output columns, V channels), strips of `rows` output rows.
             let grid = strip_grid(per_row, n, oh, rows);
-            be.kernels.launch(&be.ctx, name, grid, 256, 0, &args)?;
+            be.kernels.launch(&be.ctx, tk.name, grid, 256, 0, &args)?;
             return Ok(out);
         }
     }
@@ -571,10 +586,11 @@ mod tests {
     fn strips_shorten_only_when_blocks_are_scarce() {
         // Restormer's gated 3x3 at 512x512, batch 32: plenty of blocks.
         assert_eq!(strip_rows(256 * 64, 32, 512, 132), DW_ROWS);
-        // D-FINE's 5x5 at 20x20x512, batch 32: 20 x 32 x 2 = 1280 blocks.
-        assert_eq!(strip_rows(20 * 256, 32, 20, 132), DW_ROWS);
-        // The same at batch 1: 40 blocks, so strips shrink to the floor of 4 rows.
-        assert_eq!(strip_rows(20 * 256, 1, 20, 132), 4);
+        // D-FINE's 5x5 at 20x20x512 (two columns, two channels per thread), batch 32:
+        // 10 x 32 x 2 = 640 blocks.
+        assert_eq!(strip_rows(10 * 256, 32, 20, 132), DW_ROWS);
+        // The same at batch 1: 20 blocks, so strips shrink to the floor of 4 rows.
+        assert_eq!(strip_rows(10 * 256, 1, 20, 132), 4);
         // Never below 4, whatever the grid.
         assert_eq!(strip_rows(1, 1, 1, 132), 4);
     }
@@ -583,10 +599,11 @@ mod tests {
     fn tiled_kernels_cover_odd_kernels_at_stride_one_and_two() {
         for k in [3, 5, 7] {
             for s in [1, 2] {
-                let (name, v) = tiled_kernel(k, s).expect("covered");
-                assert_eq!(name, format!("dwk{k}s{s}"));
-                assert!(crate::kernels::KERNEL_NAMES.contains(&name));
-                assert!([1, 2, 4].contains(&v));
+                let tk = tiled_kernel(k, s).expect("covered");
+                assert_eq!(tk.name, format!("dwk{k}s{s}"));
+                assert!(crate::kernels::KERNEL_NAMES.contains(&tk.name));
+                assert!([1, 2, 4].contains(&tk.channels));
+                assert!([1, 2].contains(&tk.columns));
             }
         }
         assert!(tiled_kernel(2, 1).is_none());
