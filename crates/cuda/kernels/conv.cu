@@ -11,9 +11,12 @@
 // memory. Two tile shapes: 128 pixels x 64 channels (4 warps, conv_igemm) and 128 x 128
 // (8 warps, conv_igemm_n128, for wide outputs: half the input traffic per product);
 // every warp computes 64 pixels x 32 channels.
-// The host guarantees: C % 8 == 0 (so an 8-channel, 16-byte segment of K lies in one tap
-// and is 16-byte aligned; then Kp == KH*KW*C and weight rows are aligned too), 16-byte
-// aligned pointers, N*H*W, M and the block count below 2^31. Cout is free.
+// Rows of x are ldx elements apart and rows of y ldy apart (C and Cout for whole tensors;
+// more when x is, or y goes to, a channel slice of a wider tensor such as a concatenation;
+// the residual is always whole). The host guarantees: C % 8 == 0 and ldx % 8 == 0 (so an
+// 8-channel, 16-byte segment of K lies in one tap and is 16-byte aligned; then
+// Kp == KH*KW*C and weight rows are aligned too), 16-byte aligned pointers, N*H*W, M and
+// the block count below 2^31. Cout and ldy are free (pairs are stored when both are even).
 
 typedef unsigned short ig_u16;
 typedef long long ig_i64;
@@ -111,14 +114,14 @@ struct IgLoader {
 template <int AR>
 __device__ __forceinline__ void ig_load_chunk(IgLoader<AR>& L, unsigned as, unsigned bs, int lrow, int step, int seg,
                                               const T* __restrict__ x, const T* __restrict__ w, int H, int W,
-                                              int C, int KW, int K) {
+                                              int C, int KW, int K, int ldx) {
     const bool kin = L.kb < K;
 #pragma unroll
     for (int i = 0; i < AR; i++) {
         int iy = L.iy0[i] + L.ky;
         int ix = L.ix0[i] + L.kx;
         bool ok = kin && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W;
-        const T* src = ok ? x + ((ig_i64)(L.pix[i] + iy * W + ix) * C + L.ci) : x;
+        const T* src = ok ? x + ((ig_i64)(L.pix[i] + iy * W + ix) * ldx + L.ci) : x;
         ig_cp16(as + ((lrow + step * i) * IG_LD + seg * 8) * 2, src, ok);
     }
 #pragma unroll
@@ -139,7 +142,7 @@ template <int WN>
 __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                                         const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH,
                                         int OW, int Cout, int KW, int stride, int pad, int M, int K, int Kp,
-                                        int n_tiles, int act) {
+                                        int n_tiles, int act, int ldx, int ldy) {
     constexpr int THREADS = 64 * WN;
     constexpr int BN = 32 * WN;
     constexpr int STEP = THREADS / 4;     // rows between one thread's A (and B) rows
@@ -206,7 +209,8 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
     const int KT = (K + IG_BK - 1) / IG_BK;
 #pragma unroll
     for (int s = 0; s < IG_STAGES - 1; s++) {
-        if (s < KT) ig_load_chunk<AR>(L, As + s * A_STAGE, Bs + s * B_STAGE, lrow, STEP, seg, x, w, H, W, C, KW, K);
+        if (s < KT)
+            ig_load_chunk<AR>(L, As + s * A_STAGE, Bs + s * B_STAGE, lrow, STEP, seg, x, w, H, W, C, KW, K, ldx);
         // Always commit (possibly an empty group) so that group i is chunk i.
         ig_commit();
     }
@@ -220,7 +224,7 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
         __syncthreads();
         if (kt + IG_STAGES - 1 < KT) {
             const int ls = (kt + IG_STAGES - 1) % IG_STAGES;
-            ig_load_chunk<AR>(L, As + ls * A_STAGE, Bs + ls * B_STAGE, lrow, STEP, seg, x, w, H, W, C, KW, K);
+            ig_load_chunk<AR>(L, As + ls * A_STAGE, Bs + ls * B_STAGE, lrow, STEP, seg, x, w, H, W, C, KW, K, ldx);
         }
         ig_commit();
 
@@ -263,14 +267,14 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
     // by element.
     const int g = lane >> 2;
     const int t4 = lane & 3;
-    const bool pairs = (Cout & 1) == 0;
+    const bool pairs = (Cout & 1) == 0 && (ldy & 1) == 0;
 #pragma unroll
     for (int mi = 0; mi < 4; mi++) {
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             int m = m0 + wm + mi * 16 + g + h * 8;
             if (m >= M) continue;
-            T* yrow = y + (ig_i64)m * Cout;
+            T* yrow = y + (ig_i64)m * ldy;
             const T* rrow = res ? res + (ig_i64)m * Cout : res;
 #pragma unroll
             for (int ni = 0; ni < 4; ni++) {
@@ -314,17 +318,17 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
 extern "C" __global__ void __launch_bounds__(128, 4)
 conv_igemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
            const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,
-           int stride, int pad, int M, int K, int Kp, int n_tiles, int act) {
+           int stride, int pad, int M, int K, int Kp, int n_tiles, int act, int ldx, int ldy) {
 #ifdef IG_ARCH_OK
-    ig_conv<2>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, act);
+    ig_conv<2>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, act, ldx, ldy);
 #endif
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
 conv_igemm_n128(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                 const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,
-                int stride, int pad, int M, int K, int Kp, int n_tiles, int act) {
+                int stride, int pad, int M, int K, int Kp, int n_tiles, int act, int ldx, int ldy) {
 #ifdef IG_ARCH_OK
-    ig_conv<4>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, act);
+    ig_conv<4>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, act, ldx, ldy);
 #endif
 }

@@ -463,10 +463,12 @@ __device__ __forceinline__ void dwk_strip(const float (&tw)[K * K][V], const flo
 
 // Grid: x over (column group of X, channel group of V) pairs of an output row, y over
 // (image, strip of `rows` output rows). Needs C % V == 0 and V-element aligned tensors.
+// Output pixels are ldo elements apart (C, or the width of a concatenation whose channel
+// slice y points at; ldo % V == 0); the residual is always whole.
 template <int K, int S, int V, int X, int G, int LB>
 __device__ __forceinline__ void dwk_plain(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
                                           const float* __restrict__ bias, const T* __restrict__ res, int H, int W,
-                                          int C, int OH, int OW, int rows, int act) {
+                                          int C, int OH, int OW, int rows, int act, int ldo) {
     typedef typename DwRaw<V * sizeof(T)>::type Raw;
     const int groups = C / V;
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
@@ -481,14 +483,15 @@ __device__ __forceinline__ void dwk_plain(const T* __restrict__ x, T* __restrict
     float tw[K * K][V], tb[V];
     dwk_taps<K * K, V>(tw, tb, w, bias, C, c, c + 2);
     const T* img = x + (i64)n * H * W * C + c;
-    T* out = y + (i64)n * OH * OW * C + c;
+    T* out = y + (i64)n * OH * OW * ldo + c;
     const T* rimg = res ? res + (i64)n * OH * OW * C + c : res;
     auto fetch = [](const T* p) { return __ldg(reinterpret_cast<const Raw*>(p)); };
     dwk_strip<K, S, V, X, G, LB>(tw, tb, img, H, W, C, ox0, y0, y1, fetch, [&](int oy, float (&acc)[X][V]) {
 #pragma unroll
         for (int xo = 0; xo < X; xo++) {
             if (ox0 + xo >= OW) break;
-            const unsigned o = ((unsigned)oy * OW + ox0 + xo) * C;
+            const unsigned px = (unsigned)oy * OW + ox0 + xo;
+            const unsigned o = px * C;
             float r[V];
             if (res) dwk_unpack<Raw, V>(*reinterpret_cast<const Raw*>(rimg + o), r);
             __align__(16) T h[V];
@@ -498,7 +501,7 @@ __device__ __forceinline__ void dwk_plain(const T* __restrict__ x, T* __restrict
                 if (res) s += r[v];
                 h[v] = stf(s);
             }
-            *reinterpret_cast<Raw*>(out + o) = *reinterpret_cast<const Raw*>(h);
+            *reinterpret_cast<Raw*>(out + px * ldo) = *reinterpret_cast<const Raw*>(h);
         }
     });
 }
@@ -517,8 +520,8 @@ __device__ __forceinline__ void dwk_plain(const T* __restrict__ x, T* __restrict
 // Each entry point is declared once plainly, then defined with its launch bounds.
 #define DWK_PARAMS                                                                                           \
     const T *__restrict__ x, T *__restrict__ y, const float *__restrict__ w, const float *__restrict__ bias,  \
-        const T *__restrict__ res, int H, int W, int C, int OH, int OW, int rows, int act
-#define DWK_ARGS x, y, w, bias, res, H, W, C, OH, OW, rows, act
+        const T *__restrict__ res, int H, int W, int C, int OH, int OW, int rows, int act, int ldo
+#define DWK_ARGS x, y, w, bias, res, H, W, C, OH, OW, rows, act, ldo
 extern "C" __global__ void dwk3s1(DWK_PARAMS);
 extern "C" __global__ void dwk3s2(DWK_PARAMS);
 extern "C" __global__ void dwk5s1(DWK_PARAMS);

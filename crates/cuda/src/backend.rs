@@ -628,6 +628,13 @@ impl Backend for CudaBackend {
     fn concat_channels_n(&self, parts: &[&CudaTensor]) -> Result<CudaTensor> {
         self.det_concat_channels_n(parts)
     }
+    fn conv_chain_concat(
+        &self,
+        x: &CudaTensor,
+        layers: &[Vec<(&CudaParam, Activation)>],
+    ) -> Result<CudaTensor> {
+        crate::conv_concat::conv_chain_concat(self, x, layers)
+    }
     fn concat_rows(&self, parts: &[&CudaTensor]) -> Result<CudaTensor> {
         self.det_concat_rows(parts)
     }

@@ -108,7 +108,7 @@ pub(crate) fn act_code(a: Activation) -> i32 {
 
 /// Whether a convolution is a plain product over pixels: every output pixel reads
 /// exactly its own input pixel (1x1, stride 1, no padding).
-fn plain_product(kh: usize, kw: usize, spec: ConvSpec) -> bool {
+pub(crate) fn plain_product(kh: usize, kw: usize, spec: ConvSpec) -> bool {
     kh == 1 && kw == 1 && spec.stride == 1 && spec.padding == 0
 }
 
@@ -246,7 +246,7 @@ pub(crate) fn gemm_rows(
     Ok(())
 }
 
-fn out_size(w: &ConvWeights, h: usize, wd: usize) -> Result<(usize, usize)> {
+pub(crate) fn out_size(w: &ConvWeights, h: usize, wd: usize) -> Result<(usize, usize)> {
     let p = w.spec.padding;
     if h + 2 * p < w.kh || wd + 2 * p < w.kw {
         return Err(EngineError::Shape(format!(
@@ -335,6 +335,61 @@ pub(crate) fn depthwise_gelu_gate(
         .map(Some)
 }
 
+/// The `dwk*` strip kernel for a depthwise convolution writing output pixels `ldo`
+/// elements apart at `y` (a channel slice of a wider tensor when `ldo > C`): `false`,
+/// with nothing launched, where the kernels are switched off or shape, strides or
+/// alignment do not fit them.
+pub(crate) fn depthwise_tiled(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    w: &ConvWeights,
+    act: Activation,
+    residual: Option<&CudaTensor>,
+    (y, ldo): (u64, usize),
+    (oh, ow): (usize, usize),
+) -> Result<bool> {
+    let [n, h, wd, c] = x.dims;
+    let square = w.kh == w.kw && w.spec.padding == w.kh / 2;
+    let tiled = tiled_kernel(w.kh, w.spec.stride).filter(|_| square);
+    let (DepthwiseKernels::Tiled, Some(tk)) = (depthwise_kernels(), tiled) else {
+        return Ok(false);
+    };
+    let v = tk.channels;
+    let align = (v * be.esize()) as u64;
+    let aligned = [x.ptr(), y]
+        .into_iter()
+        .chain(residual.map(|r| r.ptr()))
+        .all(|p| p.is_multiple_of(align));
+    let per_row = ow.div_ceil(tk.columns) * (c / v.max(1));
+    let sms = be.multiprocessors().max(1) as usize;
+    let rows = strip_rows(per_row, n, oh, sms);
+    let fits = c % v == 0
+        && ldo >= c
+        && ldo % v == 0
+        && ldo <= i32::MAX as usize
+        && aligned
+        && fits_u32(h * wd * c)
+        && fits_u32(oh * ow * ldo)
+        && n * oh.div_ceil(rows) <= MAX_GRID_Y;
+    if !fits {
+        return Ok(false);
+    }
+    let mut args = vec![
+        Arg::Ptr(x.ptr()),
+        Arg::Ptr(y),
+        Arg::Ptr(w.weight.ptr()),
+        Arg::Ptr(w.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
+        Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)),
+    ];
+    args.extend([h, wd, c, oh, ow, rows].map(|v| Arg::I32(v as i32)));
+    args.push(Arg::I32(act_code(act)));
+    args.push(Arg::I32(ldo as i32));
+    // A thread per (X output columns, V channels), strips of `rows` output rows.
+    let grid = strip_grid(per_row, n, oh, rows);
+    be.kernels.launch(&be.ctx, tk.name, grid, 256, 0, &args)?;
+    Ok(true)
+}
+
 /// Depthwise convolution with bias, activation and residual fused: the `dwk*` strip
 /// kernels where shape and alignment allow, else the earlier kernels (see
 /// [`DepthwiseKernels`]) and the generic one.
@@ -349,6 +404,9 @@ fn depthwise(
     let [n, h, wd, c] = x.dims;
     let [_, oh, ow, _] = dims;
     let out = be.alloc_tensor(dims)?;
+    if depthwise_tiled(be, x, w, act, residual, (out.ptr(), c), (oh, ow))? {
+        return Ok(out);
+    }
     let mut args = vec![
         Arg::Ptr(x.ptr()),
         Arg::Ptr(out.ptr()),
@@ -357,27 +415,6 @@ fn depthwise(
         Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)),
     ];
     let mode = depthwise_kernels();
-    let square = w.kh == w.kw && w.spec.padding == w.kh / 2;
-    let tiled = tiled_kernel(w.kh, w.spec.stride).filter(|_| square);
-    if let (DepthwiseKernels::Tiled, Some(tk)) = (mode, tiled) {
-        let v = tk.channels;
-        let align = (v * be.esize()) as u64;
-        let aligned = [x.ptr(), out.ptr()]
-            .into_iter()
-            .chain(residual.map(|r| r.ptr()))
-            .all(|p| p.is_multiple_of(align));
-        let per_row = ow.div_ceil(tk.columns) * (c / v.max(1));
-        let sms = be.multiprocessors().max(1) as usize;
-        let rows = strip_rows(per_row, n, oh, sms);
-        if c % v == 0 && aligned && fits_u32(h * wd * c) && n * oh.div_ceil(rows) <= MAX_GRID_Y {
-            args.extend([h, wd, c, oh, ow, rows].map(|v| Arg::I32(v as i32)));
-            args.push(Arg::I32(act_code(act)));
-            // A thread per (X output columns, V channels), strips of `rows` output rows.
-            let grid = strip_grid(per_row, n, oh, rows);
-            be.kernels.launch(&be.ctx, tk.name, grid, 256, 0, &args)?;
-            return Ok(out);
-        }
-    }
     let fast = w.kh == 3
         && w.kw == 3
         && w.spec.stride == 1

@@ -337,8 +337,9 @@ impl Geometry {
         })
     }
 
-    /// The kernel's arguments after its five pointers, in declaration order.
-    fn int_args(&self, act: Activation) -> [Arg; 14] {
+    /// The kernel's arguments after its five pointers, in declaration order, for input
+    /// rows `ldx` and output rows `ldy` elements apart.
+    fn int_args(&self, act: Activation, ldx: usize, ldy: usize) -> [Arg; 16] {
         let i = |v: usize| Arg::I32(v as i32);
         [
             i(self.h),
@@ -355,6 +356,8 @@ impl Geometry {
             i(self.kp),
             i(self.n_tiles),
             Arg::I32(crate::conv::act_code(act)),
+            i(ldx),
+            i(ldy),
         ]
     }
 }
@@ -391,11 +394,6 @@ pub(crate) fn run(
     act: Activation,
     residual: Option<&CudaTensor>,
 ) -> Result<CudaTensor> {
-    let IgemmSlot::Ready(kernel) = &be.kernels.igemm else {
-        return Err(EngineError::Device(
-            "implicit-GEMM convolution planned without its kernel".into(),
-        ));
-    };
     let n = x.dims[0];
     let out = be.alloc_tensor([n, g.oh, g.ow, g.c_out])?;
     if !out.ptr().is_multiple_of(16) {
@@ -405,21 +403,50 @@ pub(crate) fn run(
             out.ptr()
         )));
     }
+    run_strided(
+        be,
+        (x.ptr(), g.c),
+        w,
+        g,
+        act,
+        residual.map(|r| r.ptr()),
+        (out.ptr(), g.c_out),
+    )?;
+    Ok(out)
+}
+
+/// Runs a planned convolution on raw pointers: `act(conv(x) + bias) + residual` into rows
+/// `ldy` apart at `y`, reading input rows `ldx` apart (a channel slice of a wider tensor
+/// when `ldx > C`; then `ldx % 8 == 0` and `x`, `y` 16-byte aligned, see conv.cu).
+pub(crate) fn run_strided(
+    be: &CudaBackend,
+    (x, ldx): (u64, usize),
+    w: &ConvWeights,
+    g: &Geometry,
+    act: Activation,
+    residual: Option<u64>,
+    (y, ldy): (u64, usize),
+) -> Result<()> {
+    let IgemmSlot::Ready(kernel) = &be.kernels.igemm else {
+        return Err(EngineError::Device(
+            "implicit-GEMM convolution planned without its kernel".into(),
+        ));
+    };
     let mut args = vec![
-        Arg::Ptr(x.ptr()),
+        Arg::Ptr(x),
         Arg::Ptr(w.weight.ptr()),
         Arg::Ptr(w.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
-        Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)),
-        Arg::Ptr(out.ptr()),
+        Arg::Ptr(residual.unwrap_or(0)),
+        Arg::Ptr(y),
     ];
-    args.extend(g.int_args(act));
+    args.extend(g.int_args(act, ldx, ldy));
     let func = match g.tile {
         Tile::N64 => Some(kernel.small),
         Tile::N128 => kernel.wide,
     }
     .ok_or_else(|| EngineError::Device("the 128-channel convolution tile is not loaded".into()))?;
     launch(&be.ctx, func, g.tile, g.blocks as u32, &args)?;
-    Ok(out)
+    Ok(())
 }
 
 fn launch(
@@ -599,7 +626,7 @@ mod tests {
         let pointers = params.iter().filter(|p| p.contains('*')).count();
         assert_eq!(pointers, 5);
         let g = Geometry::new([1, 8, 8, 8], (8, 8), conv3(8, 8, 1), Tile::N64).expect("fits");
-        assert_eq!(params.len(), 5 + g.int_args(Activation::Gelu).len());
+        assert_eq!(params.len(), 5 + g.int_args(Activation::Gelu, 8, 8).len());
         // The integer arguments in the order int_args gives them.
         let names: Vec<&str> = params[5..]
             .iter()
@@ -609,7 +636,7 @@ mod tests {
             names,
             [
                 "H", "W", "C", "OH", "OW", "Cout", "KW", "stride", "pad", "M", "K", "Kp",
-                "n_tiles", "act"
+                "n_tiles", "act", "ldx", "ldy"
             ]
         );
     }

@@ -17,6 +17,8 @@
 mod attention;
 mod backend;
 mod conv;
+mod conv_concat;
+mod conv_concat_check;
 mod conv_igemm;
 pub mod detection;
 mod driver;

@@ -469,6 +469,7 @@ pub fn op_parity(gpu: &CudaBackend, seed: u64) -> Result<Vec<ParityRow>> {
         });
     }
     gpu.set_poison(false);
+    rows.extend(crate::conv_concat_check::parity(gpu, seed)?);
     Ok(rows)
 }
 

@@ -227,6 +227,31 @@ pub trait Backend: Send + Sync {
         let _ = parts;
         Err(unsupported(self, "concat_channels_n"))
     }
+    /// A dense aggregation (HGNetV2's HG block): `concat_channels_n([x, y_1, .., y_n])`
+    /// with `y_j` the chain of convolutions `layers[j]` (each with its activation, no
+    /// residual) applied to `y_{j-1}`, `y_0 = x`. Every convolution must keep the height
+    /// and width. A GPU backend writes each `y_j` straight into its channels of the
+    /// result instead of copying it there afterwards.
+    fn conv_chain_concat(
+        &self,
+        x: &Self::Tensor,
+        layers: &[Vec<(&Self::Param, Activation)>],
+    ) -> Result<Self::Tensor> {
+        let mut outs: Vec<Self::Tensor> = Vec::with_capacity(layers.len());
+        for chain in layers {
+            let mut h: Option<Self::Tensor> = None;
+            for (conv, act) in chain {
+                let input = h.as_ref().or(outs.last()).unwrap_or(x);
+                h = Some(self.conv2d(input, conv, *act, None)?);
+            }
+            outs.push(h.ok_or_else(|| {
+                EngineError::Invalid("a chain of the aggregation has no convolution".into())
+            })?);
+        }
+        let mut parts: Vec<&Self::Tensor> = vec![x];
+        parts.extend(outs.iter());
+        self.concat_channels_n(&parts)
+    }
     /// Concatenates sequences `[B, 1, L_i, C]` along their length: `[B, 1, sum L_i, C]`.
     fn concat_rows(&self, parts: &[&Self::Tensor]) -> Result<Self::Tensor> {
         let _ = parts;

@@ -166,6 +166,20 @@ impl CudaBackend {
         self.det_launch_1d("det_copy_block", rows * len, &args)
     }
 
+    /// `rows` rows of `len` elements from `src` (rows `src_ld` apart) to `dst` (rows
+    /// `dst_ld` apart): channel slices in and out of concatenations.
+    pub(crate) fn copy_rows(
+        &self,
+        src: u64,
+        src_ld: usize,
+        dst: u64,
+        dst_ld: usize,
+        rows: usize,
+        len: usize,
+    ) -> Result<()> {
+        self.copy_block(src, dst, rows, len, src_ld, 0, dst_ld, 0)
+    }
+
     pub(crate) fn det_slice_channels(
         &self,
         x: &CudaTensor,

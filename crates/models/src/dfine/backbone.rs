@@ -251,6 +251,23 @@ impl<B: Backend> Backbone<B> {
 
 impl<B: Backend> HgBlock<B> {
     fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        let cat = self.aggregate(b, x)?;
+        let y = self.squeeze.forward(b, &cat)?;
+        self.excite
+            .forward_residual(b, &y, if self.residual { Some(x) } else { None })
+    }
+
+    /// `[x | layer outputs]`: one backend call (outputs written in place on a GPU) unless a
+    /// layer has a learnable affine block, which is no plain convolution.
+    fn aggregate(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        if self.layers.iter().flatten().all(|u| u.lab.is_none()) {
+            let chains: Vec<Vec<(&B::Param, Activation)>> = self
+                .layers
+                .iter()
+                .map(|layer| layer.iter().map(|u| (&u.conv, u.act)).collect())
+                .collect();
+            return Ok(b.conv_chain_concat(x, &chains)?);
+        }
         let mut outs: Vec<B::Tensor> = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let mut h = layer[0].forward(b, outs.last().unwrap_or(x))?;
@@ -261,9 +278,6 @@ impl<B: Backend> HgBlock<B> {
         }
         let mut parts: Vec<&B::Tensor> = vec![x];
         parts.extend(outs.iter());
-        let cat = b.concat_channels_n(&parts)?;
-        let y = self.squeeze.forward(b, &cat)?;
-        self.excite
-            .forward_residual(b, &y, if self.residual { Some(x) } else { None })
+        Ok(b.concat_channels_n(&parts)?)
     }
 }

@@ -176,6 +176,66 @@ pub fn run_ops<B: Backend>(b: &B) -> Result<Vec<(String, HostTensor)>> {
         [2, 1, 20, 6],
     )?;
     out.push(("reshape + download".into(), b.download_nhwc(&back)?));
+
+    // HGNetV2 aggregations: [x | y_1 | y_2 | y_3] with y_j a chain of convolutions of
+    // y_{j-1}; the GPU writes each y_j into its channels (3x3 chains on the implicit
+    // GEMM, 1x1 + depthwise 5x5 light layers), next to the plain conv2d + concat.
+    let relu = aperture_engine::Activation::Relu;
+    let ident = aperture_engine::Activation::Identity;
+    let conv = |seed: u64, co: usize, ci: usize, k: usize, groups: usize| -> Result<B::Param> {
+        let fan = (ci / groups * k * k) as f32;
+        let w = HostTensor::from_f32(
+            vec![co, ci / groups, k, k],
+            random(seed, co * ci / groups * k * k, -1.0, 1.0)
+                .into_iter()
+                .map(|v| v / fan.sqrt())
+                .collect(),
+        )?;
+        let bias = HostTensor::from_f32(vec![co], random(seed + 1, co, -0.5, 0.5))?;
+        let spec = aperture_engine::ConvSpec {
+            stride: 1,
+            padding: k / 2,
+            groups,
+        };
+        b.prepare_conv(&w, Some(&bias), spec)
+    };
+    let hx = up(&tensor(60, [2, 11, 13, 32], -1.0, 1.0)?)?;
+    let dense = [
+        conv(61, 16, 32, 3, 1)?,
+        conv(63, 16, 16, 3, 1)?,
+        conv(65, 16, 16, 3, 1)?,
+    ];
+    let mut plain = vec![b.conv2d(&hx, &dense[0], relu, None)?];
+    for c in &dense[1..] {
+        let prev = plain.last().unwrap_or(&hx);
+        let y = b.conv2d(prev, c, relu, None)?;
+        plain.push(y);
+    }
+    let mut parts = vec![&hx];
+    parts.extend(plain.iter());
+    out.push((
+        "hg conv3x3 + concat_channels_n".into(),
+        b.download_nhwc(&b.concat_channels_n(&parts)?)?,
+    ));
+    let chains: Vec<Vec<(&B::Param, aperture_engine::Activation)>> =
+        dense.iter().map(|c| vec![(c, relu)]).collect();
+    out.push((
+        "conv_chain_concat hg 3x3".into(),
+        b.download_nhwc(&b.conv_chain_concat(&hx, &chains)?)?,
+    ));
+    let light = [
+        (conv(71, 16, 32, 1, 1)?, conv(73, 16, 16, 5, 16)?),
+        (conv(75, 16, 16, 1, 1)?, conv(77, 16, 16, 5, 16)?),
+        (conv(79, 16, 16, 1, 1)?, conv(81, 16, 16, 5, 16)?),
+    ];
+    let chains: Vec<Vec<(&B::Param, aperture_engine::Activation)>> = light
+        .iter()
+        .map(|(pw, dw)| vec![(pw, ident), (dw, relu)])
+        .collect();
+    out.push((
+        "conv_chain_concat hg light 1x1+dw5x5".into(),
+        b.download_nhwc(&b.conv_chain_concat(&hx, &chains)?)?,
+    ));
     Ok(out)
 }
 
