@@ -153,8 +153,45 @@ async fn connect(opts: &LoadgenOptions, inputs: &[WireInput]) -> Result<Conn, St
     })
 }
 
-/// Latencies (us) of successful requests, error count, first error.
-type Samples = (Vec<u64>, u64, Option<String>);
+/// What one level's requests measured.
+#[derive(Default)]
+struct Samples {
+    /// Latencies (us) of the successful requests sent inside the window.
+    latencies_us: Vec<u64>,
+    errors: u64,
+    first_error: Option<String>,
+    /// Successful requests counted by the share of their time inside the window: a
+    /// request crossing either edge counts in part, so a few long requests (a batch of
+    /// 64 taking seconds) do not quantise the throughput.
+    in_window: f64,
+}
+
+impl Samples {
+    fn merge(&mut self, other: Samples) {
+        self.latencies_us.extend(other.latencies_us);
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        self.in_window += other.in_window;
+    }
+}
+
+/// The share of `[start, done]` that lies inside `[from, to]`.
+fn share_inside(start: Instant, done: Instant, from: Instant, to: Instant) -> f64 {
+    let span = done.saturating_duration_since(start).as_secs_f64();
+    let inside = done
+        .min(to)
+        .saturating_duration_since(start.max(from))
+        .as_secs_f64();
+    if span > 0.0 {
+        inside / span
+    } else if start >= from && start < to {
+        1.0
+    } else {
+        0.0
+    }
+}
 
 async fn level(
     opts: &LoadgenOptions,
@@ -177,7 +214,9 @@ async fn level(
     });
     tokio::time::sleep_until(warm_end.into()).await;
     let before = server_stats(opts).await.ok();
-    let (mut lat, errors, first_error) = run.await.map_err(|e| e.to_string())?;
+    let samples = run.await.map_err(|e| e.to_string())?;
+    let (mut lat, errors, first_error) =
+        (samples.latencies_us, samples.errors, samples.first_error);
     let after = server_stats(opts).await.ok();
     let server = match (before, after) {
         (Some(b), Some(a)) => split(&b, &a),
@@ -200,7 +239,7 @@ async fn level(
         requests: n,
         errors,
         first_error,
-        infer_per_sec: (n * opts.batch_size as u64) as f64 / opts.measure.as_secs_f64(),
+        infer_per_sec: samples.in_window * opts.batch_size as f64 / opts.measure.as_secs_f64(),
         avg_us: if n == 0 {
             0.0
         } else {
@@ -232,37 +271,40 @@ async fn closed_loop(conns: Vec<Conn>, warm_end: Instant, end: Instant) -> Sampl
     let mut workers = Vec::new();
     for mut conn in conns {
         workers.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let (mut errors, mut first_error) = (0u64, None);
+            let mut own = Samples::default();
             loop {
                 let t0 = Instant::now();
                 if t0 >= end {
                     break;
                 }
                 let r = conn.infer().await;
+                let done = Instant::now();
                 if r.is_err() {
                     // A refused or dropped connection fails at once: back off instead of
                     // spinning (and counting millions of errors).
                     tokio::time::sleep(ERROR_BACKOFF).await;
                 }
+                if r.is_ok() {
+                    own.in_window += share_inside(t0, done, warm_end, end);
+                }
                 if t0 < warm_end {
                     continue;
                 }
                 match r {
-                    Ok(()) => lat.push(t0.elapsed().as_micros() as u64),
+                    Ok(()) => own.latencies_us.push((done - t0).as_micros() as u64),
                     Err(e) => {
-                        errors += 1;
-                        first_error.get_or_insert(e);
+                        own.errors += 1;
+                        own.first_error.get_or_insert(e);
                     }
                 }
             }
-            (lat, errors, first_error)
+            own
         }));
     }
-    let mut all: Samples = (Vec::new(), 0, None);
+    let mut all = Samples::default();
     for w in workers {
-        if let Ok((l, e, f)) = w.await {
-            merge(&mut all, l, e, f);
+        if let Ok(own) = w.await {
+            all.merge(own);
         }
     }
     all
@@ -287,29 +329,33 @@ async fn open_loop(conns: Vec<Conn>, rate: f64, warm_end: Instant, end: Instant)
         };
         let tx = tx.clone();
         inflight.push(tokio::spawn(async move {
+            let sent = Instant::now();
             let r = conn.infer().await;
-            let lat = scheduled.elapsed().as_micros() as u64;
+            let done = Instant::now();
             let _ = tx.send(conn).await;
-            (scheduled >= warm_end, r.map(|_| lat))
+            let share = share_inside(sent, done, warm_end, end);
+            let lat = done.saturating_duration_since(scheduled).as_micros() as u64;
+            (scheduled >= warm_end, share, r.map(|_| lat))
         }));
     }
-    let mut all: Samples = (Vec::new(), 0, None);
+    let mut all = Samples::default();
     for h in inflight {
-        match h.await {
-            Ok((true, Ok(l))) => all.0.push(l),
-            Ok((true, Err(e))) => merge(&mut all, Vec::new(), 1, Some(e)),
+        let Ok((in_window, share, r)) = h.await else {
+            continue;
+        };
+        if r.is_ok() {
+            all.in_window += share;
+        }
+        match (in_window, r) {
+            (true, Ok(l)) => all.latencies_us.push(l),
+            (true, Err(e)) => {
+                all.errors += 1;
+                all.first_error.get_or_insert(e);
+            }
             _ => {}
         }
     }
     all
-}
-
-fn merge(all: &mut Samples, lat: Vec<u64>, errors: u64, first: Option<String>) {
-    all.0.extend(lat);
-    all.1 += errors;
-    if all.2.is_none() {
-        all.2 = first;
-    }
 }
 
 /// Cumulative (count, ns) of queue, compute input/infer/output over the model's versions.
@@ -530,4 +576,29 @@ pub fn table(reports: &[LevelReport]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::share_inside;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn requests_count_by_their_share_of_the_window() {
+        let t = Instant::now();
+        let s = |a: u64, b: u64| Duration::from_millis(a * 100 + b);
+        let (from, to) = (t + s(10, 0), t + s(20, 0));
+        // Inside, before, after, straddling either edge, spanning the whole window.
+        assert_eq!(share_inside(t + s(12, 0), t + s(14, 0), from, to), 1.0);
+        assert_eq!(share_inside(t, t + s(5, 0), from, to), 0.0);
+        assert_eq!(share_inside(t + s(21, 0), t + s(25, 0), from, to), 0.0);
+        assert!((share_inside(t + s(8, 0), t + s(12, 0), from, to) - 0.5).abs() < 1e-9);
+        assert!((share_inside(t + s(19, 0), t + s(23, 0), from, to) - 0.25).abs() < 1e-9);
+        assert!((share_inside(t + s(5, 0), t + s(25, 0), from, to) - 0.5).abs() < 1e-9);
+        // Back-to-back requests of one client add up to the window exactly.
+        let total: f64 = (0..30)
+            .map(|i| share_inside(t + s(i, 0), t + s(i + 1, 0), from, to))
+            .sum();
+        assert!((total - 10.0).abs() < 1e-9);
+    }
 }
