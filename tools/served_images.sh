@@ -33,7 +33,7 @@ img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
 Image.fromarray(img).save(sys.argv[1], quality=90)
 PY
 
-"$BIN" serve --model "$W/dfine" --architecture dfine --name m --host 127.0.0.1 --http-port 18000 \
+RUST_LOG=${RUST_LOG:-aperture_server::image=debug} "$BIN" serve --model "$W/dfine" --architecture dfine --name m --host 127.0.0.1 --http-port 18000 \
   --grpc-port 0 --metrics-port 18002 --max-batch-size 32 --device cuda --precision fp16 \
   > "$OUT/serve.log" 2>&1 &
 pid=$!
@@ -60,4 +60,13 @@ curl -s http://127.0.0.1:18002/metrics | grep -E '^nv_inference_(exec_count|coun
 kill "$pid" 2>/dev/null
 wait "$pid" 2>/dev/null
 head -5 "$OUT/nvml.log"
+python3 - "$OUT/serve.log" <<'PY'
+import re, statistics, sys
+plain = (re.sub(r"\x1b\[[0-9;]*m", "", l) for l in open(sys.argv[1]))
+rows = [dict(re.findall(r"(\w+)=(\d+)", l)) for l in plain if "image decoded" in l]
+for key in ("decode_us", "preprocess_us"):
+    v = [int(r[key]) for r in rows if key in r]
+    if v:
+        print(f"{key}: median {statistics.median(v):.0f}, p90 {sorted(v)[int(0.9 * len(v))]} over {len(v)} images")
+PY
 echo "inferences / executions: $(grep -E '^nv_inference_(count|exec_count)' "$OUT/metrics.txt" | tr '\n' ' ')"
