@@ -332,3 +332,15 @@ conv_igemm_n128(const T* __restrict__ x, const T* __restrict__ w, const T* __res
     ig_conv<4>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, act, ldx, ldy);
 #endif
 }
+
+// Row copies of 16-bit tensors in 16-byte vectors (channel slices in and out of
+// concatenations): `rows` rows of `vecs` vectors, rows src_ld and dst_ld vectors apart.
+// The host guarantees 16-byte aligned pointers and rows * vecs below 2^31.
+extern "C" __global__ void __launch_bounds__(256)
+copy_rows16(const uint4* __restrict__ src, uint4* __restrict__ dst, int rows, int vecs, int src_ld, int dst_ld) {
+    const unsigned t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (unsigned)rows * (unsigned)vecs) return;
+    const unsigned r = t / (unsigned)vecs;
+    const unsigned v = t - r * (unsigned)vecs;
+    dst[(ig_i64)r * dst_ld + v] = src[(ig_i64)r * src_ld + v];
+}

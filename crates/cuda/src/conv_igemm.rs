@@ -98,6 +98,9 @@ pub(crate) struct IgemmKernel {
     module: sys::CUmodule,
     small: sys::CUfunction,
     wide: Option<sys::CUfunction>,
+    /// `copy_rows16`: vectorised row copies (used by crate::detection's slices and
+    /// concatenations where aligned).
+    copy: Option<sys::CUfunction>,
 }
 
 // SAFETY: module and function handles are immutable driver objects, usable from any
@@ -161,6 +164,14 @@ impl IgemmSlot {
         matches!(self, Self::Failed(_))
     }
 
+    /// The vectorised row copy of the module, when loaded.
+    pub(crate) fn copy_rows(&self) -> Option<sys::CUfunction> {
+        match self {
+            Self::Ready(k) => k.copy,
+            _ => None,
+        }
+    }
+
     /// Whether the 128-channel tile is loaded.
     pub(crate) fn wide(&self) -> bool {
         matches!(self, Self::Ready(k) if k.wide.is_some())
@@ -218,10 +229,16 @@ fn load_kernel(ctx: &Context, source: &str, wide: bool) -> CudaResult<IgemmKerne
             )
         } == sys::CUresult::CUDA_SUCCESS
         && granted >= Tile::N128.smem_bytes() as i32;
+    // SAFETY: the module is loaded; the name is NUL-terminated. Optional: a missing
+    // entry only keeps the copies on the element-wise kernel.
+    let copy = CString::new("copy_rows16")
+        .ok()
+        .and_then(|name| unsafe { result::module::get_function(module, name) }.ok());
     Ok(IgemmKernel {
         module,
         small: funcs[0],
         wide: wide_ok.then_some(wide_fn),
+        copy,
     })
 }
 

@@ -20,6 +20,7 @@ mod conv;
 mod conv_concat;
 mod conv_concat_check;
 mod conv_igemm;
+mod copy_rows;
 pub mod detection;
 mod driver;
 mod error;

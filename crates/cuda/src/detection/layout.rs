@@ -153,6 +153,18 @@ impl CudaBackend {
         dst_stride: usize,
         dst_off: usize,
     ) -> Result<()> {
+        let es = self.esize() as u64;
+        let vector = crate::copy_rows::RowCopy {
+            src: src + src_off as u64 * es,
+            dst: dst + dst_off as u64 * es,
+            rows,
+            len,
+            src_ld: src_stride,
+            dst_ld: dst_stride,
+        };
+        if self.copy_vectorised(&vector)? {
+            return Ok(());
+        }
         let args = [
             DArg::Ptr(src),
             DArg::Ptr(dst),

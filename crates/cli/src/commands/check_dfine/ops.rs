@@ -236,6 +236,14 @@ pub fn run_ops<B: Backend>(b: &B) -> Result<Vec<(String, HostTensor)>> {
         "conv_chain_concat hg light 1x1+dw5x5".into(),
         b.download_nhwc(&b.conv_chain_concat(&hx, &chains)?)?,
     ));
+    // Slices and concatenations in whole 8-channel vectors (the 16-byte copy kernel in
+    // 16-bit storage; the rows above use odd counts, the element-wise one).
+    let s16 = b.slice_channels(&hx, 8, 16)?;
+    out.push(("slice_channels 8-aligned".into(), b.download_nhwc(&s16)?));
+    out.push((
+        "concat_channels_n 8-aligned".into(),
+        b.download_nhwc(&b.concat_channels_n(&[&s16, &hx, &s16])?)?,
+    ));
     Ok(out)
 }
 
