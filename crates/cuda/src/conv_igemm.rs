@@ -234,6 +234,12 @@ fn load_kernel(ctx: &Context, source: &str, wide: bool) -> CudaResult<IgemmKerne
     let copy = CString::new("copy_rows16")
         .ok()
         .and_then(|name| unsafe { result::module::get_function(module, name) }.ok());
+    if let Some(f) = copy {
+        // SAFETY: a function of the loaded module (loaded now, not inside a capture).
+        unsafe {
+            let _ = sys::cuFuncLoad(f);
+        }
+    }
     Ok(IgemmKernel {
         module,
         small: funcs[0],
