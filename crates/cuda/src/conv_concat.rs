@@ -162,6 +162,7 @@ pub(crate) fn conv_chain_concat(
         }
         if written {
             prev = Prev::Slice(dst);
+            held = None;
         } else {
             let t = tmp.ok_or_else(|| {
                 EngineError::Invalid("a chain of the aggregation has no convolution".into())
