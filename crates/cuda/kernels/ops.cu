@@ -30,6 +30,16 @@ extern "C" __global__ void nchw_to_nhwc(const float* __restrict__ x, T* __restri
     }
 }
 
+// f32 <-> storage type, elementwise: host transfers of 16-bit models cross PCIe in the
+// storage type (rounded on the host exactly as stf rounds) and are widened here.
+extern "C" __global__ void widen_to_f32(const T* __restrict__ x, float* __restrict__ y, i64 n) {
+    GRID_LOOP(i, n) y[i] = ldf(x[i]);
+}
+
+extern "C" __global__ void narrow_from_f32(const float* __restrict__ x, T* __restrict__ y, i64 n) {
+    GRID_LOOP(i, n) y[i] = stf(x[i]);
+}
+
 extern "C" __global__ void nhwc_to_nchw(const T* __restrict__ x, float* __restrict__ y, int N, int C, i64 HW) {
     GRID_LOOP(i, (i64)N * C * HW) {
         i64 p = i % HW;

@@ -10,8 +10,8 @@ use cudarc::driver::{result, sys};
 
 use crate::backend::{CudaBackend, CudaTensor};
 use crate::error::CudaError;
-use crate::pinned::Pinned;
 use crate::pool::{Arena, DeviceBuffer};
+use crate::transfer::Transfer;
 
 /// An instantiated graph with the memory its kernels use.
 pub struct CudaGraph {
@@ -111,8 +111,8 @@ struct Entry {
     graph: CudaGraph,
     staging_in: DeviceBuffer,
     staging_out: DeviceBuffer,
-    pinned_in: Pinned,
-    pinned_out: Pinned,
+    host_in: Transfer,
+    host_out: Transfer,
     out_shape: Vec<usize>,
     arena: ArenaSize,
 }
@@ -249,8 +249,8 @@ impl GraphCache {
             graph,
             staging_in,
             staging_out,
-            pinned_in: Pinned::new(numel)?,
-            pinned_out: Pinned::new(out_numel)?,
+            host_in: Transfer::new(be, numel)?,
+            host_out: Transfer::new(be, out_numel)?,
             out_shape: vec![on, oc, oh, ow],
             arena: arena_size,
         };
@@ -309,14 +309,14 @@ impl GraphCache {
         let e = entries
             .get_mut(&shape)
             .ok_or_else(|| EngineError::Device("graph vanished".into()))?;
-        e.pinned_in.upload(&be.ctx, x, e.staging_in.ptr())?;
+        e.host_in.send(be, x, e.staging_in.ptr())?;
         be.replay(&e.graph)?;
         let mut out_shape = e.out_shape.clone();
         let per_row = out_shape.iter().skip(1).product::<usize>();
         out_shape[0] = rows;
         let y = e
-            .pinned_out
-            .download(&be.ctx, e.staging_out.ptr(), rows * per_row)?;
+            .host_out
+            .receive(be, e.staging_out.ptr(), rows * per_row)?;
         HostTensor::from_f32(out_shape, y)
     }
 }

@@ -17,6 +17,8 @@ pub const VECTOR_SOURCE: &str = include_str!("../kernels/vector.cu");
 pub const KERNEL_NAMES: &[&str] = &[
     "nchw_to_nhwc",
     "nhwc_to_nchw",
+    "widen_to_f32",
+    "narrow_from_f32",
     "layer_norm",
     "layer_norm2",
     "layer_norm8",

@@ -34,6 +34,7 @@ mod pool;
 pub mod preprocess;
 mod profile;
 pub mod selftest;
+mod transfer;
 
 pub use backend::{ConvWeights, CudaBackend, CudaParam, CudaTensor};
 pub use driver::{device_count, Event};

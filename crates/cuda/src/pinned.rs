@@ -1,24 +1,93 @@
 //! Page-locked host buffers: copies from them to the device run at full PCIe speed and
-//! truly asynchronously. Large transfers are staged in chunks so the host copy of one
+//! truly asynchronously. Large transfers are staged in chunks so the host work on one
 //! chunk overlaps the DMA of the previous one, and host copies run on the rayon pool
 //! (one thread copies a batch of 640x640 images, 150+ MB, slower than the DMA).
+//!
+//! Values cross PCIe as f32 or, for 16-bit models, already rounded to the activations'
+//! type ([`Wire`]): half the bytes, and the same values the graph's first kernel would
+//! have rounded them to.
 
 use aperture_engine::{EngineError, HostTensor, Result};
 use cudarc::driver::{result, sys};
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::driver::{Context, Event};
 use crate::error::CudaError;
+use crate::kernels::Storage;
 
-/// Values per parallel copy task.
+/// Values per parallel conversion task.
 const PARALLEL_CHUNK: usize = 1 << 18;
 /// Values per staged DMA: large enough for full PCIe speed, small enough that the first
 /// and last chunks (not overlapped) cost little.
 const STAGE_CHUNK: usize = 2 << 20;
 
+/// Element type of a host <-> device transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wire {
+    F32,
+    F16,
+    BF16,
+}
+
+impl Wire {
+    /// The activations' own type: rounding to it on the host loses nothing the model
+    /// would keep.
+    pub(crate) fn for_storage(s: Storage) -> Self {
+        match s {
+            Storage::F32 => Wire::F32,
+            Storage::F16 => Wire::F16,
+            Storage::BF16 => Wire::BF16,
+        }
+    }
+
+    pub(crate) fn size(self) -> usize {
+        match self {
+            Wire::F32 => 4,
+            Wire::F16 | Wire::BF16 => 2,
+        }
+    }
+}
+
+/// A transfer element: f32 values are rounded to nearest even on the way in (as the
+/// device's `__float2half_rn` / `__float2bfloat16` do) and widened exactly on the way out.
+trait WireValue: Copy + Send + Sync {
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl WireValue for f32 {
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl WireValue for f16 {
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+impl WireValue for bf16 {
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
 pub(crate) struct Pinned {
-    ptr: *mut f32,
+    ptr: *mut u8,
+    /// Capacity in values of `wire`.
     len: usize,
+    wire: Wire,
 }
 
 // SAFETY: plain host memory owned by this value.
@@ -26,23 +95,33 @@ unsafe impl Send for Pinned {}
 unsafe impl Sync for Pinned {}
 
 impl Pinned {
-    pub(crate) fn new(len: usize) -> Result<Self> {
-        // SAFETY: allocation of `len` f32 values; freed in Drop.
+    /// Room for `len` values of `wire`.
+    pub(crate) fn new(len: usize, wire: Wire) -> Result<Self> {
+        // SAFETY: allocation of `len` values; freed in Drop. Page-locked allocations are
+        // page aligned, so aligned for every wire type.
         let ptr =
-            unsafe { result::malloc_host(len.max(1) * 4, 0).map_err(CudaError::from)? } as *mut f32;
-        Ok(Self { ptr, len })
+            unsafe { result::malloc_host(len.max(1) * wire.size(), 0).map_err(CudaError::from)? }
+                as *mut u8;
+        Ok(Self { ptr, len, wire })
     }
 
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [f32] {
-        // SAFETY: `ptr` holds `len` f32 values owned by self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    pub(crate) fn wire(&self) -> Wire {
+        self.wire
     }
 
-    /// Enqueues the copy of `x` (as f32; at most this buffer's length) to the device
-    /// buffer at `dst` on the context's stream, chunk by chunk: each chunk's DMA runs
-    /// while the next is copied in. The caller must not touch this buffer again before
-    /// the stream has passed the copies (every graph replay ends with a synchronising
-    /// read-back).
+    /// The buffer as `len` values of type `E` (the caller matches `E` to `self.wire`).
+    ///
+    /// # Safety
+    /// `E` must be the Rust type of `self.wire`.
+    unsafe fn typed<E>(&mut self) -> &mut [E] {
+        std::slice::from_raw_parts_mut(self.ptr as *mut E, self.len)
+    }
+
+    /// Enqueues the copy of `x` (at most this buffer's length of values, converted to
+    /// the wire type) to the device buffer at `dst` on the context's stream, chunk by
+    /// chunk: each chunk's DMA runs while the next is converted. The caller must not
+    /// touch this buffer again before the stream has passed the copies (every graph
+    /// replay ends with a synchronising read-back).
     pub(crate) fn upload(
         &mut self,
         ctx: &Context,
@@ -59,26 +138,20 @@ impl Pinned {
         };
         self.check_len(src.len())?;
         ctx.bind().map_err(EngineError::from)?;
-        let stream = ctx.stream;
-        let staged = &mut self.as_mut_slice()[..src.len()];
-        for (i, (d, s)) in staged
-            .chunks_mut(STAGE_CHUNK)
-            .zip(src.chunks(STAGE_CHUNK))
-            .enumerate()
-        {
-            copy_parallel(d, s);
-            let at = dst + (i * STAGE_CHUNK * 4) as u64;
-            // SAFETY: `d` is page-locked memory owned by self, `at` lies inside the
-            // caller's device buffer of this buffer's length; see the contract above.
-            unsafe { result::memcpy_htod_async(at, &*d, stream).map_err(CudaError::from)? };
+        // SAFETY: each arm views the buffer as the type of its wire.
+        unsafe {
+            match self.wire {
+                Wire::F32 => upload_as(&mut self.typed::<f32>()[..src.len()], src, dst, ctx),
+                Wire::F16 => upload_as(&mut self.typed::<f16>()[..src.len()], src, dst, ctx),
+                Wire::BF16 => upload_as(&mut self.typed::<bf16>()[..src.len()], src, dst, ctx),
+            }
         }
-        Ok(())
     }
 
-    /// Enqueues the copy of the first `len` f32 values (at most this buffer's length) of
-    /// the device buffer at `src` after the stream's earlier work, and returns them,
-    /// copying each chunk out as soon as its DMA has finished. Returns once every copy
-    /// is done.
+    /// Enqueues the copy of the first `len` values (at most this buffer's length, of the
+    /// wire type) of the device buffer at `src` after the stream's earlier work, and
+    /// returns them as f32, converting each chunk as soon as its DMA has finished.
+    /// Returns once every copy is done.
     pub(crate) fn download(
         &mut self,
         ctx: &Context,
@@ -87,30 +160,14 @@ impl Pinned {
     ) -> Result<Vec<f32>> {
         self.check_len(len)?;
         ctx.bind().map_err(EngineError::from)?;
-        let stream = ctx.stream;
-        let staged = &mut self.as_mut_slice()[..len];
-        let mut arrived = Vec::with_capacity(staged.len().div_ceil(STAGE_CHUNK));
-        for (i, d) in staged.chunks_mut(STAGE_CHUNK).enumerate() {
-            let at = src + (i * STAGE_CHUNK * 4) as u64;
-            // SAFETY: `d` is page-locked memory owned by self and is read only after the
-            // event recorded behind its copy has completed.
-            unsafe { result::memcpy_dtoh_async(d, at, stream).map_err(CudaError::from)? };
-            let ev = Event::new(ctx).map_err(EngineError::from)?;
-            ev.record(ctx).map_err(EngineError::from)?;
-            arrived.push(ev);
+        // SAFETY: each arm views the buffer as the type of its wire.
+        unsafe {
+            match self.wire {
+                Wire::F32 => download_as(&mut self.typed::<f32>()[..len], src, ctx),
+                Wire::F16 => download_as(&mut self.typed::<f16>()[..len], src, ctx),
+                Wire::BF16 => download_as(&mut self.typed::<bf16>()[..len], src, ctx),
+            }
         }
-        // Zeroed memory comes from fresh pages that the copying threads fault in, in
-        // parallel, instead of one thread touching them all.
-        let mut out = vec![0.0f32; staged.len()];
-        for ((d, s), ev) in out
-            .chunks_mut(STAGE_CHUNK)
-            .zip(staged.chunks(STAGE_CHUNK))
-            .zip(&arrived)
-        {
-            ev.wait().map_err(EngineError::from)?;
-            copy_parallel(d, s);
-        }
-        Ok(out)
     }
 
     fn check_len(&self, n: usize) -> Result<()> {
@@ -124,14 +181,66 @@ impl Pinned {
     }
 }
 
-fn copy_parallel(dst: &mut [f32], src: &[f32]) {
+fn upload_as<E: WireValue>(
+    staged: &mut [E],
+    src: &[f32],
+    dst: sys::CUdeviceptr,
+    ctx: &Context,
+) -> Result<()> {
+    let size = std::mem::size_of::<E>();
+    for (i, (d, s)) in staged
+        .chunks_mut(STAGE_CHUNK)
+        .zip(src.chunks(STAGE_CHUNK))
+        .enumerate()
+    {
+        convert_parallel(d, s, E::from_f32);
+        let at = dst + (i * STAGE_CHUNK * size) as u64;
+        // SAFETY: `d` is page-locked memory owned by the caller's buffer, `at` lies
+        // inside the caller's device buffer; see `Pinned::upload`'s contract.
+        unsafe { result::memcpy_htod_async(at, &*d, ctx.stream).map_err(CudaError::from)? };
+    }
+    Ok(())
+}
+
+fn download_as<E: WireValue>(
+    staged: &mut [E],
+    src: sys::CUdeviceptr,
+    ctx: &Context,
+) -> Result<Vec<f32>> {
+    let size = std::mem::size_of::<E>();
+    let mut arrived = Vec::with_capacity(staged.len().div_ceil(STAGE_CHUNK));
+    for (i, d) in staged.chunks_mut(STAGE_CHUNK).enumerate() {
+        let at = src + (i * STAGE_CHUNK * size) as u64;
+        // SAFETY: `d` is page-locked memory read only after the event recorded behind
+        // its copy has completed.
+        unsafe { result::memcpy_dtoh_async(d, at, ctx.stream).map_err(CudaError::from)? };
+        let ev = Event::new(ctx).map_err(EngineError::from)?;
+        ev.record(ctx).map_err(EngineError::from)?;
+        arrived.push(ev);
+    }
+    // Zeroed memory comes from fresh pages that the converting threads fault in, in
+    // parallel, instead of one thread touching them all.
+    let mut out = vec![0.0f32; staged.len()];
+    for ((d, s), ev) in out
+        .chunks_mut(STAGE_CHUNK)
+        .zip(staged.chunks(STAGE_CHUNK))
+        .zip(&arrived)
+    {
+        ev.wait().map_err(EngineError::from)?;
+        convert_parallel(d, s, E::to_f32);
+    }
+    Ok(out)
+}
+
+/// `dst[i] = f(src[i])` on the rayon pool for long slices.
+fn convert_parallel<A: Copy + Sync, B: Send>(dst: &mut [B], src: &[A], f: impl Fn(A) -> B + Sync) {
     if src.len() <= PARALLEL_CHUNK {
-        dst.copy_from_slice(src);
+        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = f(s));
         return;
     }
     dst.par_chunks_mut(PARALLEL_CHUNK)
         .zip(src.par_chunks(PARALLEL_CHUNK))
-        .for_each(|(d, s)| d.copy_from_slice(s));
+        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &s)| *d = f(s)));
 }
 
 impl Drop for Pinned {
@@ -145,15 +254,37 @@ impl Drop for Pinned {
 
 #[cfg(test)]
 mod tests {
-    use super::copy_parallel;
+    use super::*;
 
     #[test]
-    fn parallel_copy_matches_the_source_for_uneven_lengths() {
+    fn parallel_conversion_matches_the_source_for_uneven_lengths() {
         for n in [0usize, 1, 1000, (1 << 20) + 7, 5 * (1 << 20) + 3] {
             let src: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
             let mut dst = vec![-1.0f32; n];
-            copy_parallel(&mut dst, &src);
+            convert_parallel(&mut dst, &src, f32::from_f32);
             assert_eq!(dst, src, "length {n}");
         }
+    }
+
+    #[test]
+    fn sixteen_bit_wires_round_to_nearest_even_and_widen_exactly() {
+        // 1 + 2^-11 lies halfway between two f16 values: ties go to the even one (1.0);
+        // 1 + 3 * 2^-11 rounds up to 1 + 2^-9... checked against explicit bit patterns.
+        let halfway = 1.0 + 2f32.powi(-11);
+        assert_eq!(<f16 as WireValue>::from_f32(halfway).to_bits(), 0x3c00);
+        let above = 1.0 + 3.0 * 2f32.powi(-11);
+        assert_eq!(<f16 as WireValue>::from_f32(above).to_bits(), 0x3c02);
+        let b = <bf16 as WireValue>::from_f32(1.0 + 2f32.powi(-8));
+        assert_eq!(b.to_bits(), 0x3f80, "bf16 ties to even");
+        for v in [0.0f32, -2.5, 0.333, 255.0, 1e-3] {
+            let h = <f16 as WireValue>::from_f32(v);
+            assert_eq!(
+                <f16 as WireValue>::from_f32(h.to_f32()),
+                h,
+                "{v} round trip"
+            );
+        }
+        assert_eq!(Wire::for_storage(Storage::F16).size(), 2);
+        assert_eq!(Wire::for_storage(Storage::F32).size(), 4);
     }
 }

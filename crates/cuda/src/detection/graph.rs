@@ -12,8 +12,8 @@ use super::DArg;
 use crate::backend::{CudaBackend, CudaTensor};
 use crate::error::CudaError;
 use crate::graph::padded_shape;
-use crate::pinned::Pinned;
 use crate::pool::{Arena, DeviceBuffer};
+use crate::transfer::Transfer;
 
 /// An instantiated graph and the arena its kernels read and write.
 struct DetGraph {
@@ -101,8 +101,8 @@ fn capture_warm(be: &CudaBackend, f: impl Fn(&CudaBackend) -> Result<()>) -> Res
 struct Entry {
     graph: DetGraph,
     staging_in: DeviceBuffer,
-    /// Page-locked copy of the input for the host-to-device transfer.
-    pinned_in: Pinned,
+    /// The input's way from the host (page-locked, in the storage type for 16-bit models).
+    host_in: Transfer,
     outs: Vec<(DeviceBuffer, [usize; 4])>,
 }
 
@@ -203,7 +203,7 @@ impl MultiGraphCache {
             Entry {
                 graph,
                 staging_in,
-                pinned_in: Pinned::new(numel)?,
+                host_in: Transfer::new(be, numel)?,
                 outs,
             },
         );
@@ -255,7 +255,7 @@ impl MultiGraphCache {
             .ok_or_else(|| EngineError::Device("graph vanished".into()))?;
         // The copy is complete before the pinned buffer is written again: every replay
         // ends with its outputs read back (the stream synchronised).
-        e.pinned_in.upload(&be.ctx, x, e.staging_in.ptr())?;
+        e.host_in.send(be, x, e.staging_in.ptr())?;
         e.graph.replay(be)?;
         read_outputs(be, e, rows)
     }
