@@ -689,3 +689,234 @@ extern "C" __global__ void det_from_nchw(const float* __restrict__ x, T* __restr
         y[i] = stf(x[(n * C + c) * HW + p]);
     }
 }
+
+// ---- Post-processing: per image, the top K of sigmoid(logits) over Q*C ----
+// CPU twin: aperture_models::dfine::post_process (scores sorted descending, ties by
+// lower flat index, label = index % C, box of query index / C as corners). Scores are
+// ranked by key: the f32 score's bits (non-negative floats order as unsigned integers),
+// NaN as the largest key (first, as torch.topk).
+
+#define DET_TOPK_ITEMS 64  // keys per thread held in registers (det_topk_detections)
+#define DET_TOPK_NAN_KEY 0xffffffffu
+
+// The CPU's 1 / (1 + exp(-x)), each step rounded to f32. The exponential is computed in
+// double and rounded once: the correctly rounded expf, as glibc's gives but in rare cases.
+__device__ __forceinline__ float det_cpu_sigmoid(float x) {
+    const float e = __double2float_rn(exp(-(double)x));
+    return __fdiv_rn(1.0f, __fadd_rn(1.0f, e));
+}
+
+// keys[i] = the rank key of sigmoid(logits[i]), over all images.
+extern "C" __global__ void det_score_keys(const T* __restrict__ logits, unsigned* __restrict__ keys, i64 n) {
+    DET_LOOP(i, n) {
+        const float x = ldf(logits[i]);
+        keys[i] = isnan(x) ? DET_TOPK_NAN_KEY : __float_as_uint(det_cpu_sigmoid(x));
+    }
+}
+
+__device__ __forceinline__ int det_warp_scan(int v, int lane) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int u = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += u;
+    }
+    return v;
+}
+
+// hist[digit] += 1 for each lane in `active`, one atomic per distinct digit (the scores
+// of an image crowd into a few bins, so plain atomics would serialise).
+__device__ __forceinline__ void det_hist_add(unsigned* hist, unsigned digit, unsigned active, int lane) {
+#if __CUDA_ARCH__ >= 700
+    const unsigned peers = __match_any_sync(active, digit);
+    if (lane == __ffs(peers) - 1) atomicAdd(&hist[digit], (unsigned)__popc(peers));
+#else
+    atomicAdd(&hist[digit], 1u);
+#endif
+}
+
+// Warp 0: counting from bin 255 down, the bin that holds the need-th largest key and how
+// many of its keys are still needed. Lane l sums bins 255 - 8l .. 248 - 8l.
+__device__ __forceinline__ void det_pick_bin(const unsigned* hist, int need, int lane, unsigned* digit, int* left) {
+    int c[8];
+    int sum = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        c[j] = (int)hist[255 - 8 * lane - j];
+        sum += c[j];
+    }
+    const int incl = det_warp_scan(sum, lane);
+    int above = incl - sum;
+    if (above < need && need <= incl) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            if (above + c[j] >= need) {
+                *digit = 255u - 8u * lane - j;
+                *left = need - above;
+                break;
+            }
+            above += c[j];
+        }
+    }
+}
+
+// One block per image; thread t owns keys t * chunk to (t + 1) * chunk - 1 (in registers
+// when ITEMS > 0, else read from `keys` each pass). Radix select, four passes of 8-bit
+// digits from the top, finds the K-th largest key `kth` and how many keys equal to it
+// are taken (`need`: those of lowest index). An ordered compaction (a block scan of the
+// per-thread counts) puts the K winners in shared memory; each winner's output row is
+// the number of winners ranked before it. Output rows: (score, label, x0, y0, x1, y1)
+// with the corners normalised, rounded as the CPU's (cx - 0.5 * w) before scaling.
+template <int ITEMS>
+__device__ __forceinline__ void det_topk_select(const unsigned* __restrict__ keys, const T* __restrict__ boxes,
+                                                float* __restrict__ out, int N, int C, int K, unsigned* cand,
+                                                unsigned* hist, int* scan, unsigned* pick_digit, int* pick_need) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int nwarps = (int)(blockDim.x >> 5);
+    const unsigned* k = keys + (i64)blockIdx.x * N;
+    const int chunk = (N + (int)blockDim.x - 1) / (int)blockDim.x;
+    const int first = tid * chunk;
+    unsigned reg[ITEMS > 0 ? ITEMS : 1];
+    if constexpr (ITEMS > 0) {
+#pragma unroll
+        for (int t = 0; t < ITEMS; t++) {
+            const int i = first + t;
+            reg[t] = (t < chunk && i < N) ? k[i] : 0u;
+        }
+    }
+
+    // 1. Radix select.
+    unsigned prefix = 0u, mask = 0u;
+    int need = K;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int j = tid; j < 256; j += blockDim.x) hist[j] = 0u;
+        __syncthreads();
+#pragma unroll
+        for (int t = 0; t < (ITEMS > 0 ? ITEMS : chunk); t++) {
+            if (t >= chunk) break;  // uniform: every lane takes the same steps
+            const int i = first + t;
+            unsigned key;
+            if constexpr (ITEMS > 0) {
+                key = reg[t];
+            } else {
+                key = i < N ? k[i] : 0u;
+            }
+            const bool act = i < N && (key & mask) == prefix;
+            const unsigned am = __ballot_sync(0xffffffffu, act);
+            if (act) det_hist_add(hist, (key >> shift) & 0xffu, am, lane);
+        }
+        __syncthreads();
+        if (warp == 0) det_pick_bin(hist, need, lane, pick_digit, pick_need);
+        __syncthreads();
+        // Read before the next pass's second barrier, after which warp 0 rewrites them.
+        prefix |= *pick_digit << shift;
+        mask |= 0xffu << shift;
+        need = *pick_need;
+    }
+    const unsigned kth = prefix;
+    const int gt_total = K - need;
+
+    // 2. Ordered compaction: keys above kth anywhere in slots 0 to gt_total - 1, the
+    // first `need` keys equal to kth (by index) in slots gt_total to K - 1.
+    int n_gt = 0, n_eq = 0;
+#pragma unroll
+    for (int t = 0; t < (ITEMS > 0 ? ITEMS : chunk); t++) {
+        if (t >= chunk) break;
+        const int i = first + t;
+        unsigned key;
+        if constexpr (ITEMS > 0) {
+            key = reg[t];
+        } else {
+            key = i < N ? k[i] : 0u;
+        }
+        n_gt += (i < N && key > kth) ? 1 : 0;
+        n_eq += (i < N && key == kth) ? 1 : 0;
+    }
+    const int ig = det_warp_scan(n_gt, lane), ie = det_warp_scan(n_eq, lane);
+    if (lane == 31) {
+        scan[warp] = ig;
+        scan[32 + warp] = ie;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const int a = lane < nwarps ? scan[lane] : 0, b = lane < nwarps ? scan[32 + lane] : 0;
+        const int sa = det_warp_scan(a, lane), sb = det_warp_scan(b, lane);
+        if (lane < nwarps) {
+            scan[lane] = sa - a;
+            scan[32 + lane] = sb - b;
+        }
+    }
+    __syncthreads();
+    int g = scan[warp] + ig - n_gt, e = scan[32 + warp] + ie - n_eq;
+    unsigned* cand_key = cand;
+    unsigned* cand_idx = cand + K;
+#pragma unroll
+    for (int t = 0; t < (ITEMS > 0 ? ITEMS : chunk); t++) {
+        if (t >= chunk) break;
+        const int i = first + t;
+        if (i >= N) break;
+        unsigned key;
+        if constexpr (ITEMS > 0) {
+            key = reg[t];
+        } else {
+            key = k[i];
+        }
+        if (key > kth) {
+            cand_key[g] = key;
+            cand_idx[g] = (unsigned)i;
+            g++;
+        } else if (key == kth) {
+            if (e < need) {
+                cand_key[gt_total + e] = key;
+                cand_idx[gt_total + e] = (unsigned)i;
+            }
+            e++;
+        }
+    }
+    __syncthreads();
+
+    // 3. Rank the winners and write their rows.
+    const int Q = N / C;
+    for (int j = tid; j < K; j += blockDim.x) {
+        const unsigned kj = cand_key[j], ij = cand_idx[j];
+        int rank = 0;
+        for (int m = 0; m < K; m++) {
+            const unsigned km = cand_key[m];
+            rank += (km > kj || (km == kj && cand_idx[m] < ij)) ? 1 : 0;
+        }
+        const int q = (int)(ij / (unsigned)C), label = (int)(ij % (unsigned)C);
+        const T* bx = boxes + ((i64)blockIdx.x * Q + q) * 4;
+        const float cx = ldf(bx[0]), cy = ldf(bx[1]);
+        const float hw = __fmul_rn(0.5f, ldf(bx[2])), hh = __fmul_rn(0.5f, ldf(bx[3]));
+        float* o = out + ((i64)blockIdx.x * K + rank) * 6;
+        o[0] = __uint_as_float(kj);
+        o[1] = (float)label;
+        o[2] = __fsub_rn(cx, hw);
+        o[3] = __fsub_rn(cy, hh);
+        o[4] = __fadd_rn(cx, hw);
+        o[5] = __fadd_rn(cy, hh);
+    }
+}
+
+// keys [B, N] (det_score_keys), boxes [B, N / C, 4] cxcywh, out [B, K, 6]; grid B,
+// blockDim a multiple of 32 (at most 1024) with N <= DET_TOPK_ITEMS * blockDim; dynamic
+// shared memory 8 * K bytes.
+extern "C" __global__ void det_topk_detections(const unsigned* __restrict__ keys, const T* __restrict__ boxes,
+                                               float* __restrict__ out, int N, int C, int K) {
+    extern __shared__ unsigned det_topk_cand[];
+    __shared__ unsigned hist[256];
+    __shared__ int scan[64];
+    __shared__ unsigned pick_digit;
+    __shared__ int pick_need;
+    det_topk_select<DET_TOPK_ITEMS>(keys, boxes, out, N, C, K, det_topk_cand, hist, scan, &pick_digit, &pick_need);
+}
+
+// The same for any N: keys re-read from global memory (L2) in every pass.
+extern "C" __global__ void det_topk_detections_wide(const unsigned* __restrict__ keys, const T* __restrict__ boxes,
+                                                    float* __restrict__ out, int N, int C, int K) {
+    extern __shared__ unsigned det_topk_cand[];
+    __shared__ unsigned hist[256];
+    __shared__ int scan[64];
+    __shared__ unsigned pick_digit;
+    __shared__ int pick_need;
+    det_topk_select<0>(keys, boxes, out, N, C, K, det_topk_cand, hist, scan, &pick_digit, &pick_need);
+}

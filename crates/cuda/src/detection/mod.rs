@@ -6,9 +6,11 @@
 mod boxes;
 mod graph;
 mod layout;
+mod postprocess;
 mod sequence;
 
-pub use graph::MultiGraphCache;
+pub use graph::{GraphOutput, MultiGraphCache};
+pub use postprocess::{scale_detections, TopDetections, DETECTION_VALUES};
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -53,6 +55,9 @@ pub const DETECTION_KERNELS: &[&str] = &[
     "det_to_f32",
     "det_topk_rank",
     "det_from_nchw",
+    "det_score_keys",
+    "det_topk_detections",
+    "det_topk_detections_wide",
 ];
 
 /// Largest upload (elements) kept in the constant cache.
