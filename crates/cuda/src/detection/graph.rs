@@ -1,6 +1,7 @@
-//! CUDA graphs for forward passes with several outputs (D-FINE: logits and boxes):
-//! one graph per input shape, input from an NCHW f32 staging buffer, every output
-//! converted to NHWC f32 staging buffers inside the graph.
+//! CUDA graphs for forward passes with several outputs (D-FINE: logits and boxes, or
+//! post-processed detections): one graph per input shape, input from an NCHW f32
+//! staging buffer, every output converted (activations) or copied (f32 values) to f32
+//! staging buffers inside the graph.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use aperture_engine::{EngineError, HostTensor, Result};
 use cudarc::driver::{result, sys};
 
+use super::postprocess::TopDetections;
 use super::DArg;
 use crate::backend::{CudaBackend, CudaTensor};
 use crate::error::CudaError;
@@ -120,6 +122,61 @@ fn from_nchw(be: &CudaBackend, staging: u64, [n, c, h, w]: [usize; 4]) -> Result
     Ok(out)
 }
 
+/// One output of a captured forward pass: an activation in the backend's storage type
+/// (converted to f32 inside the graph), or values already in f32 (copied).
+pub struct GraphOutput(Output);
+
+enum Output {
+    Storage(CudaTensor),
+    F32 { buf: DeviceBuffer, dims: [usize; 4] },
+}
+
+impl GraphOutput {
+    fn dims(&self) -> [usize; 4] {
+        match &self.0 {
+            Output::Storage(t) => t.dims,
+            Output::F32 { dims, .. } => *dims,
+        }
+    }
+
+    /// Enqueues the f32 copy of this output into `dst`.
+    fn write_f32(&self, be: &CudaBackend, dst: u64) -> Result<()> {
+        let n: usize = self.dims().iter().product();
+        match &self.0 {
+            Output::Storage(y) => be.det_launch_1d(
+                "det_to_f32",
+                n,
+                &[DArg::Ptr(y.ptr()), DArg::Ptr(dst), DArg::I64(n as i64)],
+            ),
+            Output::F32 { buf, .. } => {
+                be.ctx.bind()?;
+                // SAFETY: both buffers hold at least `n` f32 values (allocated from the
+                // same dims); the copy is ordered on the stream (captured as a node).
+                unsafe {
+                    result::memcpy_dtod_async(dst, buf.ptr(), n * 4, be.ctx.stream)
+                        .map_err(CudaError::from)?
+                };
+                Ok(())
+            }
+        }
+    }
+}
+
+impl From<CudaTensor> for GraphOutput {
+    fn from(t: CudaTensor) -> Self {
+        Self(Output::Storage(t))
+    }
+}
+
+impl From<TopDetections> for GraphOutput {
+    fn from(t: TopDetections) -> Self {
+        Self(Output::F32 {
+            buf: t.buf,
+            dims: t.dims,
+        })
+    }
+}
+
 /// Captured forward passes per input shape (NCHW).
 #[derive(Default)]
 pub struct MultiGraphCache {
@@ -143,9 +200,10 @@ impl MultiGraphCache {
     /// Captures a graph for `shape` unless one exists. `forward` runs once eagerly first
     /// (kernels, matrix plans and constants get ready), then under capture; it must only
     /// enqueue device work.
-    pub fn prepare<F>(&self, be: &CudaBackend, shape: &[usize], forward: F) -> Result<()>
+    pub fn prepare<F, O>(&self, be: &CudaBackend, shape: &[usize], forward: F) -> Result<()>
     where
-        F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<CudaTensor>>,
+        F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<O>>,
+        O: Into<GraphOutput>,
     {
         let mut entries = self
             .entries
@@ -164,7 +222,7 @@ impl MultiGraphCache {
             let x = from_nchw(be, staging_in.ptr(), dims)?;
             let ys = forward(be, &x)?;
             be.synchronize()?;
-            ys.iter().map(|y| y.dims).collect()
+            ys.into_iter().map(|y| y.into().dims()).collect()
         };
         be.trim_memory()?;
         let outs = out_dims
@@ -173,28 +231,19 @@ impl MultiGraphCache {
             .collect::<Result<Vec<_>>>()?;
         let graph = capture_warm(be, |b| {
             let x = from_nchw(b, staging_in.ptr(), dims)?;
-            let ys = forward(b, &x)?;
+            let ys: Vec<GraphOutput> = forward(b, &x)?.into_iter().map(Into::into).collect();
             if ys.len() != outs.len() {
                 return Err(EngineError::Invalid(
                     "the forward pass changed its outputs under capture".into(),
                 ));
             }
             for (y, (buf, d)) in ys.iter().zip(&outs) {
-                if y.dims != *d {
+                if y.dims() != *d {
                     return Err(EngineError::Invalid(
                         "the forward pass changed its output shapes under capture".into(),
                     ));
                 }
-                let n = y.numel();
-                b.det_launch_1d(
-                    "det_to_f32",
-                    n,
-                    &[
-                        DArg::Ptr(y.ptr()),
-                        DArg::Ptr(buf.ptr()),
-                        DArg::I64(n as i64),
-                    ],
-                )?;
+                y.write_f32(b, buf.ptr())?;
             }
             Ok(())
         })?;
@@ -223,9 +272,15 @@ impl MultiGraphCache {
     }
 
     /// Copy in, replay, copy every output out (NHWC f32).
-    pub fn infer<F>(&self, be: &CudaBackend, x: &HostTensor, forward: F) -> Result<Vec<HostTensor>>
+    pub fn infer<F, O>(
+        &self,
+        be: &CudaBackend,
+        x: &HostTensor,
+        forward: F,
+    ) -> Result<Vec<HostTensor>>
     where
-        F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<CudaTensor>>,
+        F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<O>>,
+        O: Into<GraphOutput>,
     {
         let rows = x.shape().first().copied().unwrap_or(0);
         self.infer_padded(be, x, rows, forward)
@@ -233,7 +288,7 @@ impl MultiGraphCache {
 
     /// Like [`MultiGraphCache::infer`] through the graph for a batch of `graph_batch`
     /// (at least `x`'s rows): see [`crate::GraphCache::infer_padded`].
-    pub fn infer_padded<F>(
+    pub fn infer_padded<F, O>(
         &self,
         be: &CudaBackend,
         x: &HostTensor,
@@ -241,7 +296,8 @@ impl MultiGraphCache {
         forward: F,
     ) -> Result<Vec<HostTensor>>
     where
-        F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<CudaTensor>>,
+        F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<O>>,
+        O: Into<GraphOutput>,
     {
         let shape = padded_shape(x.shape(), graph_batch)?;
         let rows = x.shape()[0];
@@ -264,7 +320,7 @@ impl MultiGraphCache {
     /// `fill(ptr, bytes)` writes straight into the graph's device input buffer (e.g.
     /// GPU preprocessing): no host copy of the input. `fill` must have finished writing
     /// when it returns (work on another stream synchronised).
-    pub fn infer_filled<F, W>(
+    pub fn infer_filled<F, W, O>(
         &self,
         be: &CudaBackend,
         shape: &[usize],
@@ -272,7 +328,8 @@ impl MultiGraphCache {
         forward: F,
     ) -> Result<Vec<HostTensor>>
     where
-        F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<CudaTensor>>,
+        F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<O>>,
+        O: Into<GraphOutput>,
         W: FnOnce(u64, usize) -> Result<()>,
     {
         self.prepare(be, shape, forward)?;
