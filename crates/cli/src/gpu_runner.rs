@@ -5,11 +5,11 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use aperture_cuda::detection::MultiGraphCache;
+use aperture_cuda::detection::{scale_detections, GraphOutput, MultiGraphCache, DETECTION_VALUES};
 use aperture_cuda::preprocess::{GpuPreprocessor, PreprocessSpec, TensorLayout};
 use aperture_cuda::{CudaBackend, CudaTensor, GraphCache};
 use aperture_engine::{Backend, DType, EngineError, HostTensor, NamedTensors, Runner, TensorSpec};
-use aperture_models::dfine::{pixel_values_input, DFineRunner};
+use aperture_models::dfine::{pixel_values_input, post_process, DFineRunner, Detection};
 use aperture_models::restormer::{single_input, Restormer, RestormerConfig};
 use aperture_models::ModelError;
 use aperture_weights::StateDict;
@@ -74,13 +74,21 @@ impl Runner for GraphRestormer {
 type Forward<'a> =
     dyn Fn(&CudaBackend, &CudaTensor) -> aperture_engine::Result<Vec<CudaTensor>> + 'a;
 
+/// D-FINE's forward pass with post-processing on the GPU: input -> top-K detection rows.
+type PostForward<'a> =
+    dyn Fn(&CudaBackend, &CudaTensor) -> aperture_engine::Result<Vec<GraphOutput>> + 'a;
+
 /// D-FINE on the GPU through one CUDA graph per input shape, captured on first use
-/// (`aperture check-dfine` checks replays against eager passes). Falls back to eager
-/// passes if a capture fails.
+/// (`aperture check-dfine` checks replays against eager passes). Two kinds of graph:
+/// forward passes ending in logits and boxes (the tensor API), and forward passes with
+/// post-processing (`detect_*_post`: the host gets K detection rows per image). Falls
+/// back to eager passes and host post-processing if a capture fails.
 pub struct GraphDFine {
     runner: DFineRunner<CudaBackend>,
     graphs: MultiGraphCache,
+    post_graphs: MultiGraphCache,
     eager: AtomicBool,
+    host_post: AtomicBool,
 }
 
 impl GraphDFine {
@@ -88,7 +96,9 @@ impl GraphDFine {
         Self {
             runner,
             graphs: MultiGraphCache::new(),
+            post_graphs: MultiGraphCache::new(),
             eager: AtomicBool::new(false),
+            host_post: AtomicBool::new(false),
         }
     }
 
@@ -142,6 +152,117 @@ impl GraphDFine {
             }
         }
         self.detect(&pre.run(images, spec)?)
+    }
+
+    /// Decoded images -> each image's detections above `threshold` in its own pixels:
+    /// preprocessing, forward pass and post-processing (sigmoid, top-K over queries x
+    /// classes, corners) on the GPU in one graph replay; the host receives K rows of 6
+    /// values per image and applies the threshold and the image size. Same detections
+    /// as `post_process` on the logits and boxes.
+    pub fn detect_images_post(
+        &self,
+        pre: &GpuPreprocessor,
+        images: &[&aperture_vision::RgbImage],
+        spec: &PreprocessSpec,
+        threshold: f32,
+    ) -> anyhow::Result<Vec<Vec<Detection>>> {
+        let first = images
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("no images to detect in"))?;
+        let sizes: Vec<(u32, u32)> = images.iter().map(|i| (i.height(), i.width())).collect();
+        let (h, w) = spec
+            .size
+            .unwrap_or((first.height() as usize, first.width() as usize));
+        let shape = [images.len(), 3, h, w];
+        if self.post_on() && spec.layout == TensorLayout::Nchw {
+            let fill = |ptr: u64, bytes: usize| pre.run_into(images, spec, ptr, bytes);
+            let rows = self.post_with(|forward| {
+                self.post_graphs
+                    .infer_filled(self.runner.backend(), &shape, fill, forward)
+            });
+            match rows.and_then(|r| detections_from_rows(&r, &sizes, threshold)) {
+                Ok(d) => return Ok(d),
+                Err(e) => self.post_failed(&e),
+            }
+        }
+        let (logits, boxes) = self.detect_images(pre, images, spec)?;
+        self.host_post_process(&logits, &boxes, &sizes, threshold)
+    }
+
+    /// NCHW pixels (already preprocessed) -> each image's detections above `threshold`,
+    /// image `i` scaled to `sizes[i]` = (height, width): like
+    /// [`GraphDFine::detect_images_post`] with the input copied from the host.
+    pub fn detect_post(
+        &self,
+        pixels: &HostTensor,
+        sizes: &[(u32, u32)],
+        threshold: f32,
+    ) -> anyhow::Result<Vec<Vec<Detection>>> {
+        let s = pixels.shape();
+        if s.first() != Some(&sizes.len()) {
+            anyhow::bail!("{} image sizes for an input of shape {s:?}", sizes.len());
+        }
+        if self.post_on() && s.len() == 4 && s[1] == 3 {
+            let batch = graph_batch(s, self.runner.max_batch_size());
+            let rows = self.post_with(|forward| {
+                self.post_graphs
+                    .infer_padded(self.runner.backend(), pixels, batch, forward)
+            });
+            match rows.and_then(|r| detections_from_rows(&r, sizes, threshold)) {
+                Ok(d) => return Ok(d),
+                Err(e) => self.post_failed(&e),
+            }
+        }
+        let (logits, boxes) = self.detect(pixels)?;
+        self.host_post_process(&logits, &boxes, sizes, threshold)
+    }
+
+    fn post_on(&self) -> bool {
+        !self.eager.load(Ordering::Relaxed) && !self.host_post.load(Ordering::Relaxed)
+    }
+
+    fn post_failed(&self, e: &anyhow::Error) {
+        tracing::warn!("post-processing on the GPU failed ({e:#}); post-processing on the host");
+        self.host_post.store(true, Ordering::Relaxed);
+    }
+
+    /// Runs `infer` with the captured forward pass + post-processing; returns the
+    /// detection rows `[B, K, 6]` as f32 values.
+    fn post_with(
+        &self,
+        infer: impl FnOnce(&PostForward<'_>) -> aperture_engine::Result<Vec<HostTensor>>,
+    ) -> anyhow::Result<Vec<f32>> {
+        let model = self.runner.model();
+        let k = model.num_queries();
+        let forward: &PostForward<'_> = &|b, x| {
+            let o = model.forward(b, x)?;
+            Ok(vec![b.top_k_detections(&o.logits, &o.boxes, k)?.into()])
+        };
+        let outs = infer(forward)?;
+        let [rows] = <[HostTensor; 1]>::try_from(outs)
+            .map_err(|_| anyhow::anyhow!("the captured forward pass gave other outputs"))?;
+        Ok(rows.to_f32_vec())
+    }
+
+    fn host_post_process(
+        &self,
+        logits: &HostTensor,
+        boxes: &HostTensor,
+        sizes: &[(u32, u32)],
+        threshold: f32,
+    ) -> anyhow::Result<Vec<Vec<Detection>>> {
+        let (l, b) = (logits.to_f32_vec(), boxes.to_f32_vec());
+        let n = sizes.len().max(1);
+        let (lp, bp) = (l.len() / n, b.len() / n);
+        let classes = self.runner.config().num_labels;
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| {
+                let (li, bi) = (&l[i * lp..(i + 1) * lp], &b[i * bp..(i + 1) * bp]);
+                Ok(post_process(li, bi, classes, threshold, size)?)
+            })
+            .collect()
     }
 
     fn replay(&self, pixels: &HostTensor) -> anyhow::Result<(HostTensor, HostTensor)> {
@@ -209,6 +330,32 @@ impl Runner for GraphDFine {
             ("pred_boxes".to_string(), boxes),
         ])
     }
+}
+
+/// Detection rows `[B, K, 6]` (the GPU's post-processing; at least `sizes.len()` images)
+/// -> each image's detections above `threshold`, scaled to its (height, width).
+pub fn detections_from_rows(
+    rows: &[f32],
+    sizes: &[(u32, u32)],
+    threshold: f32,
+) -> anyhow::Result<Vec<Vec<Detection>>> {
+    let per = rows.len() / sizes.len().max(1);
+    if sizes.is_empty() || per == 0 || !per.is_multiple_of(DETECTION_VALUES) {
+        anyhow::bail!(
+            "{} detection values do not split into {} images",
+            rows.len(),
+            sizes.len()
+        );
+    }
+    rows.chunks_exact(per)
+        .zip(sizes)
+        .map(|(r, &size)| {
+            Ok(scale_detections(r, threshold, size)?
+                .into_iter()
+                .map(|(score, label, bbox)| Detection { score, label, bbox })
+                .collect())
+        })
+        .collect()
 }
 
 /// The batch size of the graph that runs an input of `shape`: the next power of two,
