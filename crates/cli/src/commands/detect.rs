@@ -105,6 +105,24 @@ trait Detector {
     ) -> anyhow::Result<(HostTensor, HostTensor)> {
         self.detect(&images.pre.run(&[img], &images.spec)?)
     }
+
+    /// Preprocesses, detects and post-processes: the image's detections above
+    /// `threshold` in its own pixels.
+    fn detect_image_post(
+        &self,
+        images: &Images,
+        img: &RgbImage,
+        threshold: f32,
+    ) -> anyhow::Result<Vec<Detection>> {
+        let (logits, boxes) = self.detect_image(images, img)?;
+        Ok(post_process(
+            &logits.to_f32_vec(),
+            &boxes.to_f32_vec(),
+            self.config().num_labels,
+            threshold,
+            (img.height(), img.width()),
+        )?)
+    }
 }
 
 impl<B: Backend> Detector for DFineRunner<B> {
@@ -133,6 +151,28 @@ impl Detector for GraphDFine {
             Preprocessor::Gpu(gpu) => self.detect_images(gpu, &[img], &images.spec),
             Preprocessor::Cpu => self.detect(&images.pre.run(&[img], &images.spec)?),
         }
+    }
+    /// Post-processing on the GPU in the same graph: the host receives K detection
+    /// rows instead of the logits, and keeps the threshold and the scaling.
+    fn detect_image_post(
+        &self,
+        images: &Images,
+        img: &RgbImage,
+        threshold: f32,
+    ) -> anyhow::Result<Vec<Detection>> {
+        let mut per_image = match images.pre {
+            Preprocessor::Gpu(gpu) => {
+                self.detect_images_post(gpu, &[img], &images.spec, threshold)?
+            }
+            Preprocessor::Cpu => self.detect_post(
+                &images.pre.run(&[img], &images.spec)?,
+                &[(img.height(), img.width())],
+                threshold,
+            )?,
+        };
+        per_image
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("no detections came back for the image"))
     }
 }
 
@@ -299,15 +339,7 @@ fn detect_one(
     threshold: f32,
 ) -> anyhow::Result<(RgbImage, Vec<Detection>)> {
     let img = decode_file(file, &DecodeLimits::default())?.into_rgb8();
-    let (w, h) = (img.width(), img.height());
-    let (logits, boxes) = runner.detect_image(images, &img)?;
-    let dets = post_process(
-        &logits.to_f32_vec(),
-        &boxes.to_f32_vec(),
-        runner.config().num_labels,
-        threshold,
-        (h, w),
-    )?;
+    let dets = runner.detect_image_post(images, &img, threshold)?;
     Ok((img, dets))
 }
 
