@@ -5,6 +5,7 @@
 
 mod model;
 mod ops;
+mod postprocess;
 
 pub(crate) use model::align;
 
@@ -93,6 +94,21 @@ pub fn run(args: CheckDfineArgs) -> anyhow::Result<()> {
         }
     }
     report.insert("ops".into(), Value::Array(op_rows));
+
+    // 1b. Post-processing on the GPU (top-k detections) against the CPU's post_process.
+    println!("== post-processing: CUDA top-k detections vs CPU post_process ==");
+    let mut post_rows = Vec::new();
+    for &p in &args.precisions {
+        let gpu = CudaBackend::new(0, p).context("cannot open the GPU")?;
+        match postprocess::check_random(&gpu, p, &mut failures) {
+            Ok(rows) => post_rows.extend(rows),
+            Err(e) => {
+                println!("{p:>5} post-processing FAILED: {e:#}");
+                failures.push(format!("post-processing in {p}: {e:#}"));
+            }
+        }
+    }
+    report.insert("postprocess".into(), Value::Array(post_rows));
 
     // 2. The whole model.
     if let Some(dir) = &args.model {

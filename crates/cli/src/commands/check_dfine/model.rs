@@ -265,6 +265,15 @@ pub fn check_model(
                 timings.push(json!({"precision": p.to_string(), "batch": n, "mode": "graph", "p50_ms": p50, "p99_ms": p99, "images_per_s": n as f64 * 1e3 / p50, "peak_gib": gib}));
             }
             drop(graphs);
+            // Post-processing on the GPU: the model's outputs, in and out of a graph.
+            let post = super::postprocess::check_model(
+                &runner,
+                golden.as_ref().map(|(x, _)| x),
+                args,
+                p,
+                failures,
+            )?;
+            timings.extend(post);
             if let Some(&n) = args.time_batches.iter().max() {
                 let be = runner.backend();
                 be.profiler().set_enabled(true);
