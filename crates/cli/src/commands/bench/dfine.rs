@@ -20,6 +20,8 @@ use crate::commands::check_dfine::align;
 /// D-FINE prepared on a backend, with the query count of `--queries`.
 struct DFineBench<B: Backend> {
     runner: DFineRunner<B>,
+    /// `--postprocess`: the GPU graph ends in the top-K detection rows.
+    postprocess: bool,
 }
 
 impl<B: Backend> DFineBench<B>
@@ -31,7 +33,10 @@ where
         if let Some(q) = queries {
             runner.set_num_queries(q).context("--queries")?;
         }
-        Ok(Self { runner })
+        Ok(Self {
+            runner,
+            postprocess: false,
+        })
     }
 
     fn eager(&self, x: &HostTensor) -> anyhow::Result<Staged<'_>> {
@@ -89,16 +94,64 @@ impl BenchModel for DFineBench<CpuBackend> {
     }
 }
 
+impl DFineBench<CudaBackend> {
+    /// A graph of the forward pass and the post-processing (the `aperture detect`
+    /// graph); the accuracy column still compares logits and boxes, from an eager pass.
+    fn stage_postprocess(&self, x: &HostTensor) -> anyhow::Result<Staged<'_>> {
+        let (be, model) = (self.runner.backend(), self.runner.model());
+        let k = model.num_queries();
+        let cache = MultiGraphCache::new();
+        let fwd = |b: &CudaBackend, t: &CudaTensor| -> aperture_engine::Result<Vec<_>> {
+            let o = model.forward(b, t)?;
+            Ok(vec![b.top_k_detections(&o.logits, &o.boxes, k)?])
+        };
+        cache.infer(be, x, fwd)?;
+        // The accuracy column looks at the first image only: one eager pass of it.
+        let s = x.shape();
+        let per: usize = s.iter().skip(1).product();
+        let mut one = vec![1];
+        one.extend_from_slice(s.get(1..).unwrap_or_default());
+        let first = HostTensor::from_f32(one, x.to_f32_vec().into_iter().take(per).collect())?;
+        // Shaped as the batch's outputs (the sweep takes each output's first 1/batch),
+        // the other images zero.
+        let batch = s.first().copied().unwrap_or(1);
+        let outputs = self
+            .eager(&first)?
+            .outputs
+            .into_iter()
+            .map(|t| {
+                let mut dims = t.shape().to_vec();
+                let mut v = t.to_f32_vec();
+                v.resize(v.len() * batch, 0.0);
+                if let Some(d) = dims.first_mut() {
+                    *d *= batch;
+                }
+                Ok(HostTensor::from_f32(dims, v)?)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let shape = x.shape().to_vec();
+        Ok(Staged {
+            outputs,
+            run: Box::new(move || Ok(cache.replay(be, &shape)?)),
+            memory: None,
+        })
+    }
+}
+
 impl BenchModel for DFineBench<CudaBackend> {
     fn gpu(&self) -> Option<&CudaBackend> {
         Some(self.runner.backend())
     }
 
     /// The whole forward pass in one CUDA graph per batch size, as `GraphDFine` serves
-    /// it (input conversion and output copies to f32 included in the graph).
+    /// it (input conversion and output copies to f32 included in the graph); with
+    /// `--postprocess` the graph ends in the top-K detection rows instead.
     fn stage(&self, x: &HostTensor, graph: bool) -> anyhow::Result<Staged<'_>> {
         if !graph {
             return self.eager(x);
+        }
+        if self.postprocess {
+            return self.stage_postprocess(x);
         }
         let (be, model) = (self.runner.backend(), self.runner.model());
         let cache = MultiGraphCache::new();
@@ -148,12 +201,17 @@ pub fn run(args: &BenchArgs, path: &Path) -> anyhow::Result<Outcome> {
         || DFineBench::new(CpuBackend::new(), &snap, args.queries),
         |p| {
             let be = CudaBackend::new(args.gpu, p).context("opening the GPU")?;
-            DFineBench::new(be, &snap, args.queries)
+            let mut bench = DFineBench::new(be, &snap, args.queries)?;
+            bench.postprocess = args.postprocess;
+            Ok(bench)
         },
     )?;
     let mut model = format!("dfine ({}) {h}x{w}", super::label(path));
     if let Some(q) = args.queries {
         model.push_str(&format!(", {q} of {} queries", snap.config.num_queries));
+    }
+    if args.postprocess && args.device == "cuda" {
+        model.push_str(", post-processing in the graph");
     }
     Ok(Outcome {
         model,

@@ -81,6 +81,10 @@ pub struct BenchArgs {
     /// time); the CPU reference uses the same count.
     #[arg(long)]
     queries: Option<usize>,
+    /// D-FINE on the GPU: post-processing (sigmoid, top-k, corners) inside the timed
+    /// graph, as `aperture detect` runs it; the host would receive K rows per image.
+    #[arg(long)]
+    postprocess: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
