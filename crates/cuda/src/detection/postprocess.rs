@@ -100,9 +100,17 @@ impl CudaBackend {
         k: usize,
     ) -> Result<TopDetections> {
         let [b, _, _, c] = logits.dims;
-        let per_image = if b == 0 { 0 } else { logits.numel() / b };
-        let q = if c == 0 { 0 } else { per_image / c };
-        if b == 0 || boxes.dims[0] != b || boxes.dims[3] != 4 || boxes.numel() != b * q * 4 {
+        let q = logits
+            .numel()
+            .checked_div(b)
+            .and_then(|per_image| per_image.checked_div(c))
+            .unwrap_or(0);
+        if b == 0
+            || logits.numel() != b * q * c
+            || boxes.dims[0] != b
+            || boxes.dims[3] != 4
+            || boxes.numel() != b * q * 4
+        {
             return Err(EngineError::Shape(format!(
                 "top-k detections: logits {:?} do not go with boxes {:?}",
                 logits.dims, boxes.dims
@@ -354,7 +362,7 @@ mod tests {
         assert!(topk_launch(10_000, 80, MAX_DETECTIONS + 1).is_err());
         assert!(topk_launch(usize::MAX, 2, 1).is_err());
         // The winners' keys and indices fit the default 48 KiB with the kernel's own.
-        assert!(8 * MAX_DETECTIONS + 256 * 4 + 64 * 4 + 8 <= 48 * 1024);
+        const { assert!(8 * MAX_DETECTIONS + 256 * 4 + 64 * 4 + 8 <= 48 * 1024) };
     }
 
     #[test]
