@@ -860,12 +860,15 @@ __device__ __forceinline__ void det_topk_select(const unsigned* __restrict__ key
         } else {
             key = k[i];
         }
+        // The bounds hold by construction; they only keep a broken count in bounds.
         if (key > kth) {
-            cand_key[g] = key;
-            cand_idx[g] = (unsigned)i;
+            if (g < gt_total) {
+                cand_key[g] = key;
+                cand_idx[g] = (unsigned)i;
+            }
             g++;
         } else if (key == kth) {
-            if (e < need) {
+            if (e < need && gt_total + e < K) {
                 cand_key[gt_total + e] = key;
                 cand_idx[gt_total + e] = (unsigned)i;
             }

@@ -10,14 +10,16 @@
 //! block (radix select on the keys, an ordered compaction, a rank among the K winners).
 
 use aperture_engine::{EngineError, HostTensor, Result};
+use cudarc::driver::{result, sys};
 
 use super::DArg;
 use crate::backend::{CudaBackend, CudaTensor};
+use crate::error::CudaError;
 use crate::pool::DeviceBuffer;
 
 /// Values per detection row: score, label, x0, y0, x1, y1.
 pub const DETECTION_VALUES: usize = 6;
-/// Threads of the selection block.
+/// Threads of the selection block (fewer if the kernel's registers do not allow them).
 const TOPK_THREADS: usize = 512;
 /// Keys each thread holds in registers (`DET_TOPK_ITEMS` in detection.cu); more keys
 /// per image take the kernel that re-reads them from memory.
@@ -55,8 +57,15 @@ pub(crate) struct TopkLaunch {
     pub smem: u32,
 }
 
-/// The launch for `queries * classes` scores per image and `k` detections.
-pub(crate) fn topk_launch(queries: usize, classes: usize, k: usize) -> Result<TopkLaunch> {
+/// The launch for `queries * classes` scores per image and `k` detections, given the
+/// most threads per block each kernel allows (its register use decides):
+/// `(det_topk_detections, det_topk_detections_wide)`.
+pub(crate) fn topk_launch(
+    queries: usize,
+    classes: usize,
+    k: usize,
+    max_threads: (usize, usize),
+) -> Result<TopkLaunch> {
     let n = queries
         .checked_mul(classes)
         .filter(|&n| n > 0 && n <= i32::MAX as usize)
@@ -75,19 +84,45 @@ pub(crate) fn topk_launch(queries: usize, classes: usize, k: usize) -> Result<To
             "top-k detections on the GPU keep at most {MAX_DETECTIONS} per image, asked for {k}"
         )));
     }
-    let kernel = if n <= TOPK_ITEMS * TOPK_THREADS {
-        "det_topk_detections"
+    // Whole warps (the kernels' ballots take every lane), at most 1024.
+    let warps = |max: usize| TOPK_THREADS.min(max).min(1024) / 32 * 32;
+    let (regs, wide) = (warps(max_threads.0), warps(max_threads.1));
+    let (kernel, threads) = if regs > 0 && n <= TOPK_ITEMS * regs {
+        ("det_topk_detections", regs)
+    } else if wide > 0 {
+        ("det_topk_detections_wide", wide)
     } else {
-        "det_topk_detections_wide"
+        return Err(EngineError::Device(
+            "the top-k detection kernels cannot launch a single warp".into(),
+        ));
     };
     Ok(TopkLaunch {
         kernel,
-        threads: TOPK_THREADS as u32,
+        threads: threads as u32,
         smem: (8 * k) as u32,
     })
 }
 
 impl CudaBackend {
+    /// Most threads per block `name` can launch with.
+    fn det_max_threads(&self, name: &str) -> Result<usize> {
+        let kernels = self.det_kernels()?;
+        let f = *kernels
+            .funcs
+            .get(name)
+            .ok_or_else(|| EngineError::Device(format!("kernel {name} is not loaded")))?;
+        self.ctx.bind()?;
+        // SAFETY: `f` is a function of the loaded module; the query writes one integer.
+        let v = unsafe {
+            result::function::get_function_attribute(
+                f,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK,
+            )
+        }
+        .map_err(CudaError::from)?;
+        Ok(v.max(0) as usize)
+    }
+
     /// D-FINE's post-processing before the threshold: `logits` `[B, 1, Q, C]` and
     /// cxcywh `boxes` `[B, 1, Q, 4]` -> the top `k` of sigmoid(logits) per image over
     /// all `Q * C` scores, as the CPU's `post_process` orders them, with label
@@ -116,7 +151,11 @@ impl CudaBackend {
                 logits.dims, boxes.dims
             )));
         }
-        let launch = topk_launch(q, c, k)?;
+        let max_threads = (
+            self.det_max_threads("det_topk_detections")?,
+            self.det_max_threads("det_topk_detections_wide")?,
+        );
+        let launch = topk_launch(q, c, k, max_threads)?;
         let n = q * c;
         self.profiler.op(
             self,
@@ -349,18 +388,29 @@ mod tests {
 
     #[test]
     fn launch_picks_the_register_kernel_when_the_keys_fit() {
-        let l = topk_launch(300, 80, 300).unwrap();
+        let all = (1024, 1024);
+        let l = topk_launch(300, 80, 300, all).unwrap();
         assert_eq!(l.kernel, "det_topk_detections");
         assert_eq!((l.threads, l.smem), (512, 2400));
-        let fit = topk_launch(TOPK_ITEMS * TOPK_THREADS, 1, 10).unwrap();
+        let fit = topk_launch(TOPK_ITEMS * TOPK_THREADS, 1, 10, all).unwrap();
         assert_eq!(fit.kernel, "det_topk_detections");
-        let wide = topk_launch(300, 365, 300).unwrap();
+        let wide = topk_launch(300, 365, 300, all).unwrap();
         assert_eq!(wide.kernel, "det_topk_detections_wide");
-        assert!(topk_launch(300, 80, 0).is_err());
-        assert!(topk_launch(3, 2, 7).is_err());
-        assert!(topk_launch(300, 0, 1).is_err());
-        assert!(topk_launch(10_000, 80, MAX_DETECTIONS + 1).is_err());
-        assert!(topk_launch(usize::MAX, 2, 1).is_err());
+        // Registers allowing fewer threads: whole warps, and the wide kernel when the
+        // keys no longer fit.
+        let few = topk_launch(30, 80, 300, (300, 1024)).unwrap();
+        assert_eq!((few.kernel, few.threads), ("det_topk_detections", 288));
+        let spill = topk_launch(300, 80, 300, (256, 1000)).unwrap();
+        assert_eq!(
+            (spill.kernel, spill.threads),
+            ("det_topk_detections_wide", 512)
+        );
+        assert!(topk_launch(300, 80, 300, (0, 16)).is_err());
+        assert!(topk_launch(300, 80, 0, all).is_err());
+        assert!(topk_launch(3, 2, 7, all).is_err());
+        assert!(topk_launch(300, 0, 1, all).is_err());
+        assert!(topk_launch(10_000, 80, MAX_DETECTIONS + 1, all).is_err());
+        assert!(topk_launch(usize::MAX, 2, 1, all).is_err());
         // The winners' keys and indices fit the default 48 KiB with the kernel's own.
         const { assert!(8 * MAX_DETECTIONS + 256 * 4 + 64 * 4 + 8 <= 48 * 1024) };
     }
