@@ -5,7 +5,7 @@
 //! are bit-identical either way: the host rounds to nearest even, as the graph's first
 //! kernel would, and outputs came from the storage type to begin with.
 
-use aperture_engine::{EngineError, HostTensor, Result};
+use aperture_engine::{HostTensor, Result};
 
 use crate::backend::CudaBackend;
 use crate::kernels::Arg;
@@ -56,11 +56,6 @@ impl Transfer {
             None => self.pinned.download(&be.ctx, staging, len),
             Some(buf) => {
                 let src = buf.ptr();
-                if self.pinned.wire() == Wire::F32 {
-                    return Err(EngineError::Device(
-                        "transfer buffer of the wrong type".into(),
-                    ));
-                }
                 convert(be, "narrow_from_f32", staging, src, len)?;
                 self.pinned.download(&be.ctx, src, len)
             }
