@@ -29,7 +29,13 @@ fn topk_kernels_match_the_cpu_post_processing_on_the_host() {
     let exe = tmp.join("topk_emulation");
     std::fs::write(&cpp, format!("{emu}\n{kernels}\n{main}")).unwrap();
     let built = Command::new("g++")
-        .args(["-std=c++17", "-O1", "-pthread", "-Wno-unknown-pragmas", "-o"])
+        .args([
+            "-std=c++17",
+            "-O1",
+            "-pthread",
+            "-Wno-unknown-pragmas",
+            "-o",
+        ])
         .arg(&exe)
         .arg(&cpp)
         .output()
