@@ -123,7 +123,9 @@ fn from_nchw(be: &CudaBackend, staging: u64, [n, c, h, w]: [usize; 4]) -> Result
 }
 
 /// One output of a captured forward pass: an activation in the backend's storage type
-/// (converted to f32 inside the graph), or values already in f32 (copied).
+/// (converted to f32 inside the graph), or values already in f32 (copied). f32 outputs
+/// (post-processed detections: scores and corners) must reach the host as f32, never
+/// narrowed to a 16-bit storage type on the way.
 pub struct GraphOutput(Output);
 
 enum Output {
