@@ -392,7 +392,7 @@ impl Backend for CudaBackend {
     }
 
     fn depthwise_gelu_gate(&self, x: &CudaTensor, conv: &CudaParam) -> Result<CudaTensor> {
-        match crate::conv::depthwise_gelu_gate(self, x, conv.conv()?)? {
+        match crate::depthwise::depthwise_gelu_gate(self, x, conv.conv()?)? {
             Some(out) => Ok(out),
             None => self.gelu_gate(&self.conv2d(x, conv, Activation::Identity, None)?),
         }

@@ -236,7 +236,7 @@ fn conv_slice(
         if let Some(d) = dst {
             let flops = 2.0 * (w.kh * w.kw * p_out * w.c_out) as f64;
             let done = be.profiler.op(be, "conv_depthwise", flops, io_bytes, || {
-                crate::conv::depthwise_tiled(be, x, w, act, None, (d.ptr, d.ld), (oh, ow))
+                crate::depthwise::depthwise_tiled(be, x, w, act, None, (d.ptr, d.ld), (oh, ow))
             })?;
             if done {
                 return Ok(None);
