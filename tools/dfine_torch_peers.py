@@ -8,7 +8,8 @@ Reports, on the golden's pixel values (tools/dfine_golden.py's generator):
   * fp16 and bf16 against fp32 (relative L2 of logits and boxes, after autocast-free casts);
   * the fp32 activation range per module (forward hooks): which modules leave the fp16
     range (|x| > 65504) or come close, and the first module whose fp16 output is not finite;
-  * eager timings (fp32, fp16) and optionally torch.compile (reduce-overhead, fp16), each the
+  * eager timings (fp32, fp16) and optionally torch.compile fp16 (modes reduce-overhead and
+    default by default; --compile-modes), each the
     median of CUDA-event-timed iterations.
 """
 import argparse
@@ -123,6 +124,11 @@ def main():
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-modes", default="reduce-overhead,default",
+                    help="torch.compile modes timed with --compile (comma separated)")
+    ap.add_argument("--skip-study", action="store_true",
+                    help="skip the fp16/bf16 precision study and activation ranges")
+    ap.add_argument("--skip-eager", action="store_true", help="skip the eager timings")
     a = ap.parse_args()
     from transformers import DFineForObjectDetection
 
@@ -132,6 +138,18 @@ def main():
     model = DFineForObjectDetection.from_pretrained(a.model, ignore_mismatched_sizes=True).eval().to(dev)
     pix = torch.from_numpy(uniform(name_seed("pixel_values"), 3 * 640 * 640).reshape(1, 3, 640, 640)).to(dev)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    if not a.skip_study:
+        precision_study(a, model, pix, res)
+    del model
+    timings(a, res)
+    json.dump(res, open(a.out, "w"), indent=1)
+
+
+def precision_study(a, model, pix, res):
+    """fp16/bf16 against fp32 on one input, and where fp32 activations leave fp16's range."""
+    from transformers import DFineForObjectDetection
+
+    dev = pix.device
     with torch.no_grad():
         ref = model(pixel_values=pix)
     ranges = activation_ranges(model, pix)
@@ -158,29 +176,40 @@ def main():
                             "rel_l2_boxes": eb, "matched_rel_l2_logits": ml, "matched_rel_l2_boxes": mb,
                             "moved": moved, "first_non_finite": bad})
         del m
+
+
+def timings(a, res):
+    """Eager fp32/fp16 and torch.compile fp16 (each requested mode) per batch size."""
+    from transformers import DFineForObjectDetection
+
+    dev = torch.device("cuda")
     batches = [int(b) for b in a.batches.split(",")]
     for name, dt in [("fp32", torch.float32), ("fp16", torch.float16)]:
+        if a.skip_eager and not (a.compile and dt == torch.float16):
+            continue
         m = DFineForObjectDetection.from_pretrained(a.model, ignore_mismatched_sizes=True).eval().to(dev).to(dt)
-        for b in batches:
+        for b in [] if a.skip_eager else batches:
             x = torch.rand(b, 3, 640, 640, device=dev, dtype=dt)
             with torch.no_grad():
                 ms = timed(lambda: m(pixel_values=x), a.iters)
             print(f"torch-eager {name} batch {b}: {ms:.2f} ms, {b * 1e3 / ms:.1f} images/s")
             res["rows"].append({"engine": "torch-eager", "variant": "eager", "precision": name, "batch": b,
                                 "p50_ms": ms, "images_per_s": b * 1e3 / ms})
-        if a.compile and dt == torch.float16:
-            cm = torch.compile(m, mode="reduce-overhead")
+        modes = [mode for mode in a.compile_modes.split(",") if mode] if a.compile and dt == torch.float16 else []
+        for mode in modes:
+            torch._dynamo.reset()
+            cm = torch.compile(m, mode=mode)
             for b in batches:
                 x = torch.rand(b, 3, 640, 640, device=dev, dtype=dt)
                 t0 = time.time()
                 with torch.no_grad():
                     ms = timed(lambda: cm(pixel_values=x), a.iters)
-                print(f"torch-compile fp16 batch {b}: {ms:.2f} ms, {b * 1e3 / ms:.1f} images/s (compile+run {time.time() - t0:.0f} s)")
-                res["rows"].append({"engine": "torch-compile", "variant": "reduce-overhead", "precision": "fp16",
+                print(f"torch-compile {mode} fp16 batch {b}: {ms:.2f} ms, {b * 1e3 / ms:.1f} images/s "
+                      f"(compile+run {time.time() - t0:.0f} s)")
+                res["rows"].append({"engine": "torch-compile", "variant": mode, "precision": "fp16",
                                     "batch": b, "p50_ms": ms, "images_per_s": b * 1e3 / ms})
                 json.dump(res, open(a.out, "w"), indent=1)
         del m
-    json.dump(res, open(a.out, "w"), indent=1)
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ pub fn dfine(weights: &Path, plan: &Plan, report: &mut Report) {
                 .unwrap_or_default();
             report.rows.extend(timed);
             report.notes.push(format!(
-                "PyTorch peers for D-FINE: {DFINE_SCRIPT} (transformers, eager fp32 and fp16, torch.compile reduce-overhead fp16; p50 of CUDA-event timings, no percentiles)."
+                "PyTorch peers for D-FINE: {DFINE_SCRIPT} (transformers, eager fp32 and fp16, torch.compile fp16 in modes reduce-overhead and default; p50 of CUDA-event timings, no percentiles)."
             ));
         }
         Err(e) => report
@@ -136,10 +136,11 @@ pub fn dfine(weights: &Path, plan: &Plan, report: &mut Report) {
 /// A timed row of dfine_torch_peers.py's JSON.
 fn peer_row(v: &serde_json::Value) -> Option<Row> {
     let engine = v["engine"].as_str()?.to_string();
-    let variant = if engine == "torch-compile" {
-        "reduce-overhead"
-    } else {
-        "eager"
+    // Rows name their torch.compile mode; files from before that held reduce-overhead.
+    let variant = match v["variant"].as_str() {
+        Some(mode) => mode,
+        None if engine == "torch-compile" => "reduce-overhead",
+        None => "eager",
     };
     Some(Row {
         precision: v["precision"].as_str()?.to_string(),
