@@ -19,9 +19,7 @@ RESTORMER = ROOT / "tests" / "fixtures" / "restormer" / "withbias"
 DFINE = ROOT / "tests" / "fixtures" / "dfine" / "tiny"
 H100_JSON = ROOT / "bench" / "results" / "h100-80gb-hbm3-restormer.json"
 H100_PROFILE = ROOT / "bench" / "logs" / "h100-profile.log"
-H100_REPORT = ROOT / "bench" / "results" / "h100-80gb-hbm3-restormer-report.json"
-H100_PEERS = ROOT / "bench" / "results" / "h100-80gb-hbm3-restormer-peers.json"
-COMMITTED = ROOT / "bench" / "report" / "h100-restormer"
+RESULTS = ROOT / "bench" / "results"
 
 # Markdown column -> (JSON key, decimals); None decimals: scientific with 2 digits.
 NUMERIC = {
@@ -158,22 +156,29 @@ def test_from_reproduces_the_h100_numbers(tmp_path):
         check_plot(out, stem)
 
 
-def test_committed_h100_report_is_the_rendering_of_its_measurements(tmp_path):
-    # The README's report: `aperture report` measured on the H100 (report.json) plus the
+@pytest.mark.parametrize("model", ["restormer", "dfine"])
+def test_committed_h100_report_is_the_rendering_of_its_measurements(tmp_path, model):
+    # The README's reports: `aperture report` measured on the H100 (report.json) plus the
     # PyTorch peers measured with the same weights, rendered with --from.
+    measured_json = RESULTS / f"h100-80gb-hbm3-{model}-report.json"
+    peers_json = RESULTS / f"h100-80gb-hbm3-{model}-peers.json"
     out = tmp_path / "h100"
-    p = run("report", "--from", H100_REPORT, H100_PEERS, "-o", out)
+    p = run("report", "--from", measured_json, peers_json, "-o", out)
     assert p.returncode == 0, p.stderr
-    measured = json.loads(H100_REPORT.read_text())
-    peers = json.loads(H100_PEERS.read_text())
+    measured = json.loads(measured_json.read_text())
+    peers = json.loads(peers_json.read_text())
     doc = json.loads((out / "report.json").read_text())
-    assert len(doc["rows"]) == len(measured["rows"]) + len(peers["rows"])
+    timed_peers = [r for r in peers["rows"] if "images_per_s" in r]
+    assert len(doc["rows"]) == len(measured["rows"]) + len(timed_peers)
     assert {r["engine"] for r in doc["rows"]} == {"aperture", "torch-eager", "torch-compile"}
+    # Both torch.compile modes are peers.
+    assert {r["variant"] for r in doc["rows"] if r["engine"] == "torch-compile"} == {
+        "reduce-overhead", "default"}
     assert doc["profiles"] == measured["profiles"] and doc["profiles"]
     check_table_against_json((out / "README.md").read_text(), doc["rows"])
     for stem in ("throughput", "latency", "roofline-1"):
         check_plot(out, stem)
-    committed = json.loads((COMMITTED / "report.json").read_text())
+    committed = json.loads((ROOT / "bench" / "report" / f"h100-{model}" / "report.json").read_text())
     assert committed["rows"] == doc["rows"] and committed["profiles"] == doc["profiles"]
 
 

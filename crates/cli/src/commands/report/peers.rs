@@ -152,3 +152,30 @@ fn peer_row(v: &serde_json::Value) -> Option<Row> {
         ..Row::default()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::peer_row;
+    use serde_json::json;
+
+    #[test]
+    fn dfine_peer_rows_keep_their_compile_mode() {
+        let row = |v: serde_json::Value| peer_row(&v).map(|r| (r.engine, r.variant, r.batch));
+        let timed = json!({"engine": "torch-compile", "variant": "default", "precision": "fp16",
+                           "batch": 8, "images_per_s": 169.2, "p50_ms": 47.3});
+        assert_eq!(
+            row(timed),
+            Some(("torch-compile".into(), "default".into(), 8))
+        );
+        let older = json!({"engine": "torch-compile", "precision": "fp16", "batch": 1,
+                           "images_per_s": 68.8});
+        assert_eq!(row(older).map(|r| r.1), Some("reduce-overhead".into()));
+        let eager = json!({"engine": "torch-eager", "precision": "fp32", "batch": 32,
+                           "images_per_s": 104.8});
+        assert_eq!(row(eager).map(|r| r.1), Some("eager".into()));
+        // The precision study's rows carry no timing: not a table row.
+        let study = json!({"engine": "torch-eager", "precision": "bf16", "batch": 1,
+                           "rel_l2_logits": 4e-3});
+        assert_eq!(row(study), None);
+    }
+}
