@@ -50,6 +50,10 @@ if [ "${BENCH:-1}" != 0 ]; then
   "$BIN" bench --model "$WORK/x" --device cuda --precision fp16 --batch 1,32 \
     --iters 20 --warmup 3 --no-accuracy --profile 2>&1 | tee "$OUT/dfine-bench-profile.log"
   [ "${PIPESTATUS[0]}" = 0 ] || BENCH_RC=1
+  step "aperture bench --postprocess (fp16; sigmoid + top-k + corners inside the graph)"
+  "$BIN" bench --model "$WORK/x" --device cuda --precision fp16 --batch 1,8,32 \
+    --iters 20 --postprocess 2>&1 | tee "$OUT/dfine-bench-post.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || BENCH_RC=1
 fi
 
 step "detect --device cuda"
