@@ -1,0 +1,176 @@
+//! Convolution case tables: the depthwise strip kernels' shapes and the implicit-GEMM ones.
+
+use aperture_engine::backend::{Activation, ConvSpec};
+
+use super::{Case, Op, Rng};
+use crate::backend::CudaBackend;
+
+/// Depthwise convolutions on the strip kernels (`dwk*` in vector.cu; the generic kernel
+/// under `APERTURE_DEPTHWISE=scalar`): every (k, stride) they cover, D-FINE's shapes
+/// (5x5 and 3x3/2 with bias and ReLU), odd sizes, maps narrower than a strip or shorter
+/// than the 5x5 window, the no-bias and residual epilogues, and the gated 3x3 at odd
+/// sizes. Names read "depthwise{k}x{k}/{stride} {c} {h}x{w}x{n} ...".
+pub(super) fn depthwise_cases(rng: &mut Rng) -> Vec<Case> {
+    // [n, h, w, c, k, stride], activation, bias, residual
+    let shapes: [([usize; 6], Activation, bool, bool); 15] = [
+        ([2, 17, 23, 64, 5, 1], Activation::Relu, true, false),
+        ([2, 9, 10, 32, 5, 1], Activation::Identity, false, true),
+        ([1, 40, 3, 8, 5, 1], Activation::Silu, true, false),
+        ([2, 3, 2, 16, 5, 1], Activation::Gelu, true, true),
+        ([2, 17, 23, 64, 3, 2], Activation::Identity, true, false),
+        ([2, 20, 20, 128, 3, 2], Activation::Identity, true, false),
+        ([1, 9, 10, 12, 3, 2], Activation::Relu, false, true),
+        ([2, 17, 23, 32, 5, 2], Activation::Relu, true, false),
+        ([1, 10, 9, 8, 5, 2], Activation::Identity, false, true),
+        ([2, 17, 23, 24, 7, 1], Activation::Gelu, true, false),
+        ([1, 9, 10, 6, 7, 2], Activation::Identity, true, true),
+        ([2, 33, 5, 36, 3, 1], Activation::Silu, false, false),
+        ([1, 9, 10, 6, 3, 1], Activation::Relu, true, true),
+        ([2, 21, 3, 18, 5, 1], Activation::Relu, true, false),
+        // Enough blocks for full 16-row strips on a 132-SM GPU (smaller grids get
+        // shorter strips).
+        ([3, 64, 64, 512, 5, 1], Activation::Relu, true, false),
+    ];
+    let mut cases = Vec::new();
+    for &([n, h, w, c, k, stride], act, bias, residual) in &shapes {
+        let pad = k / 2;
+        let (oh, ow) = (
+            (h + 2 * pad - k) / stride + 1,
+            (w + 2 * pad - k) / stride + 1,
+        );
+        let act_name = format!("{act:?}").to_lowercase();
+        let name = format!(
+            "depthwise{k}x{k}/{stride} {c} {h}x{w}x{n} {act_name}{}{}",
+            if bias { " b" } else { "" },
+            if residual { " +res" } else { "" },
+        );
+        let wt = rng.tensor(vec![c, 1, k, k], 1.0 / k as f32);
+        let b = bias.then(|| rng.tensor(vec![c], 0.5));
+        let mut xs = vec![rng.tensor(vec![n, c, h, w], 1.0)];
+        if residual {
+            xs.push(rng.tensor(vec![n, c, oh, ow], 1.0));
+        }
+        let spec = ConvSpec {
+            stride,
+            padding: pad,
+            groups: c,
+        };
+        cases.push((
+            name,
+            Op::Conv {
+                w: wt,
+                b,
+                spec,
+                act,
+                residual,
+            },
+            xs,
+        ));
+    }
+    // The gated 3x3 (dwk3_gate, two columns per thread): odd widths, a width of one,
+    // heights that leave partial strips, and one grid large enough for 16-row strips.
+    for (n, h, w, c, bias) in [
+        (2usize, 17usize, 23usize, 256usize, true),
+        (1, 9, 1, 64, false),
+        (2, 5, 3, 24, true),
+        (1, 33, 10, 128, true),
+        (2, 128, 96, 768, true),
+    ] {
+        cases.push((
+            format!("depthwise3x3 + gelu_gate {c}->{} {h}x{w}x{n}", c / 2),
+            Op::DepthwiseGate {
+                w: rng.tensor(vec![c, 1, 3, 3], 0.5),
+                b: bias.then(|| rng.tensor(vec![c], 0.2)),
+            },
+            vec![rng.tensor(vec![n, c, h, w], 2.0)],
+        ));
+    }
+    cases
+}
+
+/// Dense convolutions for the implicit-GEMM kernel (16-bit storage; fp32 and tf32 run
+/// them through im2col, still against the CPU): tails of K and of the channel tiles,
+/// chunks spanning taps, strides, 5x5 and 2x2 kernels, odd output counts (Restormer's
+/// 3-channel output with its residual), every activation, residuals, and one
+/// D-FINE-sized 3x3 (batch 2: enough blocks for the 128-channel tile on an H100). Each
+/// name says which path the GPU takes (igemm64, igemm128 or im2col).
+pub(super) fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
+    use crate::conv_igemm::{DenseConv, Geometry, Tile};
+    // [n, h, w, c_in, c_out, k, stride, pad], activation, residual
+    let shapes: [([usize; 8], Activation, bool); 13] = [
+        ([2, 17, 23, 64, 64, 3, 1, 1], Activation::Identity, false),
+        ([2, 17, 23, 64, 64, 3, 1, 1], Activation::Silu, true),
+        ([2, 19, 25, 128, 256, 3, 2, 1], Activation::Relu, false),
+        ([2, 9, 11, 8, 8, 3, 1, 1], Activation::Gelu, false),
+        ([2, 13, 7, 24, 40, 3, 1, 1], Activation::Identity, true),
+        ([1, 11, 14, 16, 32, 5, 1, 2], Activation::Relu, false),
+        ([2, 10, 12, 32, 16, 2, 1, 0], Activation::Identity, false),
+        ([2, 16, 18, 64, 128, 1, 2, 0], Activation::Silu, false),
+        ([1, 21, 20, 48, 24, 3, 2, 0], Activation::Gelu, true),
+        ([2, 12, 20, 96, 192, 3, 1, 1], Activation::Gelu, false),
+        ([1, 20, 24, 96, 3, 3, 1, 1], Activation::Identity, true),
+        ([2, 9, 10, 16, 5, 3, 1, 1], Activation::Gelu, false),
+        ([2, 80, 80, 256, 256, 3, 1, 1], Activation::Silu, false),
+    ];
+    let ready = gpu.kernels.igemm.reason().is_none();
+    let mut cases = Vec::new();
+    for (i, &(dims, act, residual)) in shapes.iter().enumerate() {
+        let [n, h, w, ci, co, k, stride, pad] = dims;
+        let (oh, ow) = (
+            (h + 2 * pad - k) / stride + 1,
+            (w + 2 * pad - k) / stride + 1,
+        );
+        let dense = DenseConv {
+            c_in: ci,
+            c_out: co,
+            kh: k,
+            kw: k,
+            stride,
+            pad,
+            kp: k * k * ci,
+            depthwise: false,
+        };
+        let sms = gpu.multiprocessors().max(1) as usize;
+        let tile = Tile::choose(co, n * oh * ow, sms, gpu.kernels.igemm.wide());
+        let path = match Geometry::new([n, h, w, ci], (oh, ow), dense, tile) {
+            Some(_) if ready => format!("igemm{}", tile.channels()),
+            _ => "im2col".to_string(),
+        };
+        let bias = i % 3 != 1;
+        let act_name = match act {
+            Activation::Identity => "id",
+            Activation::Gelu => "gelu",
+            Activation::Relu => "relu",
+            Activation::Silu => "silu",
+        };
+        // e.g. "conv3x3/2 128->256 19x25x2 relu b [igemm]": stride, input size x batch.
+        let name = format!(
+            "conv{k}x{k}/{stride} p{pad} {ci}->{co} {h}x{w}x{n} {act_name}{}{} [{path}]",
+            if bias { " b" } else { "" },
+            if residual { " +res" } else { "" },
+        );
+        let wt = rng.tensor(vec![co, ci, k, k], 1.0 / ((ci * k * k) as f32).sqrt());
+        let b = bias.then(|| rng.tensor(vec![co], 0.5));
+        let mut xs = vec![rng.tensor(vec![n, ci, h, w], 1.0)];
+        if residual {
+            xs.push(rng.tensor(vec![n, co, oh, ow], 1.0));
+        }
+        let spec = ConvSpec {
+            stride,
+            padding: pad,
+            groups: 1,
+        };
+        cases.push((
+            name,
+            Op::Conv {
+                w: wt,
+                b,
+                spec,
+                act,
+                residual,
+            },
+            xs,
+        ));
+    }
+    cases
+}
