@@ -27,14 +27,25 @@ fn descale(x: i64, n: u32) -> i64 {
 /// with the same wrap-around (`& 1023`) as libjpeg's table for wild ones.
 #[inline]
 fn range_limit(x: i64) -> u8 {
-    let i = (x & 1023) as u32;
-    match i {
-        0..=127 => (i + 128) as u8,
-        128..=511 => 255,
-        512..=895 => 0,
-        _ => (i - 896) as u8,
-    }
+    RANGE_LIMIT[(x & 1023) as usize]
 }
+
+const fn range_limit_table() -> [u8; 1024] {
+    let mut t = [0u8; 1024];
+    let mut i = 0;
+    while i < 1024 {
+        t[i] = match i {
+            0..=127 => (i + 128) as u8,
+            128..=511 => 255,
+            512..=895 => 0,
+            _ => (i - 896) as u8,
+        };
+        i += 1;
+    }
+    t
+}
+
+static RANGE_LIMIT: [u8; 1024] = range_limit_table();
 
 /// One 1-D pass of the islow butterfly on 8 inputs; returns the 8 outputs before
 /// the final descale (`tmp10 + tmp3`, ...), in output order.
@@ -87,6 +98,16 @@ fn butterfly(v: [i64; 8]) -> [i64; 8] {
 /// Inverse DCT of one block of coefficients (natural order) with its
 /// quantisation table (natural order), writing 8x8 samples at `out[y * stride + x]`.
 pub(crate) fn idct_islow(coef: &[i16; 64], quant: &[u16; 64], out: &mut [u8], stride: usize) {
+    if coef[1..].iter().fold(0, |acc, &c| acc | c) == 0 {
+        // DC only: both passes below reduce to this constant (including the
+        // i32 truncation of the workspace).
+        let dc = ((i64::from(coef[0]) * i64::from(quant[0])) << PASS1_BITS) as i32;
+        let v = range_limit(descale(i64::from(dc), PASS1_BITS + 3));
+        for row in 0..8 {
+            out[row * stride..row * stride + 8].fill(v);
+        }
+        return;
+    }
     let mut ws = [0i32; 64];
     for col in 0..8 {
         let deq = |row: usize| i64::from(coef[row * 8 + col]) * i64::from(quant[row * 8 + col]);

@@ -12,11 +12,12 @@ mod entropy;
 mod idct;
 mod output;
 mod structure;
+mod upsample;
 
 pub(crate) use structure::check_complete;
 
 use entropy::{BitReader, Huffman};
-use output::Plane;
+use upsample::{Plane, RowUpsampler};
 
 /// Progressive files use ~10 scans; a cap stops files crafted to make the decoder
 /// walk the whole image thousands of times.
@@ -384,49 +385,80 @@ fn decode_scan(
     Ok(i)
 }
 
-/// Inverse DCT of every block, then upsampling and colour conversion.
+/// Inverse DCT of every block, then upsampling and colour conversion row by row
+/// straight into the output buffer.
 fn to_rgb(f: &Frame, model: ColorModel) -> Result<Vec<u8>, String> {
     let (w, h) = (f.width, f.height);
-    let mut planes = Vec::with_capacity(f.comps.len());
+    let mut ups = Vec::with_capacity(f.comps.len());
     for c in &f.comps {
-        let quant = c.quant.ok_or("component without any scan")?;
-        let cw = (w * c.h).div_ceil(f.hmax);
-        let ch = (h * c.v).div_ceil(f.vmax);
-        let (bw, bh) = (cw.div_ceil(8), ch.div_ceil(8));
-        let stride = bw * 8;
-        let mut buf = vec![0u8; stride * bh * 8];
-        for by in 0..bh {
-            for bx in 0..bw {
-                let off = by * 8 * stride + bx * 8;
-                idct::idct_islow(&c.coefs[by * c.bw + bx], &quant, &mut buf[off..], stride);
-            }
-        }
-        let plane = Plane {
-            width: cw,
-            height: ch,
-            data: buf
-                .chunks_exact(stride)
-                .take(ch)
-                .flat_map(|row| &row[..cw])
-                .copied()
-                .collect(),
-        };
-        planes.push(output::upsample(&plane, f.hmax / c.h, f.vmax / c.v, w, h));
+        let plane = idct_plane(f, c)?;
+        ups.push(RowUpsampler::new(plane, f.hmax / c.h, f.vmax / c.v));
     }
-    Ok(match (model, planes.as_slice()) {
-        (ColorModel::Gray, [g]) => g.iter().flat_map(|&v| [v, v, v]).collect(),
-        (ColorModel::YCbCr, [y, cb, cr]) => output::ycc_to_rgb(y, cb, cr),
-        (ColorModel::Rgb, [r, g, b]) => r
-            .iter()
-            .zip(g)
-            .zip(b)
-            .flat_map(|((&r, &g), &b)| [r, g, b])
-            .collect(),
-        (ColorModel::Cmyk, [c, m, y, k]) => output::pil_cmyk_to_rgb(c, m, y, k),
-        (ColorModel::Ycck, [y, cb, cr, k]) => {
-            let [c, m, yy] = output::ycck_to_cmy(y, cb, cr);
-            output::pil_cmyk_to_rgb(&c, &m, &yy, k)
+    let convert: fn(&[RowUpsampler], &mut [u8]) -> bool = match model {
+        ColorModel::Gray => |u, out| match u {
+            [g] => {
+                output::gray_to_rgb(g.row(), out);
+                true
+            }
+            _ => false,
+        },
+        ColorModel::YCbCr => |u, out| match u {
+            [y, cb, cr] => {
+                output::ycc_to_rgb(y.row(), cb.row(), cr.row(), out);
+                true
+            }
+            _ => false,
+        },
+        ColorModel::Rgb => |u, out| match u {
+            [r, g, b] => {
+                output::planes_to_rgb(r.row(), g.row(), b.row(), out);
+                true
+            }
+            _ => false,
+        },
+        ColorModel::Cmyk => |u, out| match u {
+            [c, m, y, k] => {
+                output::cmyk_to_rgb(c.row(), m.row(), y.row(), k.row(), out);
+                true
+            }
+            _ => false,
+        },
+        ColorModel::Ycck => |u, out| match u {
+            [y, cb, cr, k] => {
+                output::ycck_to_rgb(y.row(), cb.row(), cr.row(), k.row(), out);
+                true
+            }
+            _ => false,
+        },
+    };
+    let mut rgb = vec![0u8; w * h * 3];
+    for (y, out) in rgb.chunks_exact_mut(w * 3).enumerate() {
+        ups.iter_mut().for_each(|u| u.prepare(y));
+        if !convert(&ups, out) {
+            return Err("JPEG colour model does not match its component count".into());
         }
-        _ => return Err("JPEG colour model does not match its component count".into()),
+    }
+    Ok(rgb)
+}
+
+/// One component's samples: the inverse DCT of its blocks, written in place.
+fn idct_plane(f: &Frame, c: &Component) -> Result<Plane, String> {
+    let quant = c.quant.ok_or("component without any scan")?;
+    let cw = (f.width * c.h).div_ceil(f.hmax);
+    let ch = (f.height * c.v).div_ceil(f.vmax);
+    let (bw, bh) = (cw.div_ceil(8), ch.div_ceil(8));
+    let stride = bw * 8;
+    let mut data = vec![0u8; stride * bh * 8];
+    for (by, band) in data.chunks_exact_mut(8 * stride).enumerate() {
+        let blocks = &c.coefs[by * c.bw..by * c.bw + bw];
+        for (bx, block) in blocks.iter().enumerate() {
+            idct::idct_islow(block, &quant, &mut band[bx * 8..], stride);
+        }
+    }
+    Ok(Plane {
+        width: cw,
+        height: ch,
+        stride,
+        data,
     })
 }
