@@ -1,0 +1,117 @@
+//! Planning and launching one implicit-GEMM convolution on the backend's stream.
+
+use aperture_engine::backend::Activation;
+use aperture_engine::{EngineError, Result};
+use cudarc::driver::sys;
+
+use super::{DenseConv, Geometry, IgemmSlot, Tile};
+use crate::backend::{ConvWeights, CudaBackend, CudaTensor};
+use crate::driver::Context;
+use crate::error::CudaResult;
+use crate::kernels::Arg;
+
+/// The launch for `x` through `w`, when the kernel is loaded and takes the shapes and
+/// pointers.
+pub(crate) fn plan(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    w: &ConvWeights,
+    out_hw: (usize, usize),
+    residual: Option<&CudaTensor>,
+) -> Option<Geometry> {
+    let IgemmSlot::Ready(kernel) = &be.kernels.igemm else {
+        return None;
+    };
+    let aligned = |p: u64| p.is_multiple_of(16);
+    if !aligned(x.ptr()) || !aligned(w.weight.ptr()) || !residual.is_none_or(|r| aligned(r.ptr())) {
+        return None;
+    }
+    let [n, ..] = x.dims;
+    let m = n.saturating_mul(out_hw.0).saturating_mul(out_hw.1);
+    let sms = be.multiprocessors().max(1) as usize;
+    let tile = Tile::choose(w.c_out, m, sms, kernel.wide.is_some());
+    Geometry::new(x.dims, out_hw, DenseConv::of(w), tile)
+}
+
+/// Runs the planned convolution: `act(conv(x) + bias) + residual` into a new tensor.
+pub(crate) fn run(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    w: &ConvWeights,
+    g: &Geometry,
+    act: Activation,
+    residual: Option<&CudaTensor>,
+) -> Result<CudaTensor> {
+    let n = x.dims[0];
+    let out = be.alloc_tensor([n, g.oh, g.ow, g.c_out])?;
+    if !out.ptr().is_multiple_of(16) {
+        // The pool hands out 512-byte aligned blocks; anything else is a bug there.
+        return Err(EngineError::Device(format!(
+            "convolution output at {:#x} is not 16-byte aligned",
+            out.ptr()
+        )));
+    }
+    run_strided(
+        be,
+        (x.ptr(), g.c),
+        w,
+        g,
+        act,
+        residual.map(|r| r.ptr()),
+        (out.ptr(), g.c_out),
+    )?;
+    Ok(out)
+}
+
+/// Runs a planned convolution on raw pointers: `act(conv(x) + bias) + residual` into rows
+/// `ldy` apart at `y`, reading input rows `ldx` apart (a channel slice of a wider tensor
+/// when `ldx > C`; then `ldx % 8 == 0` and `x`, `y` 16-byte aligned, see conv.cu).
+pub(crate) fn run_strided(
+    be: &CudaBackend,
+    (x, ldx): (u64, usize),
+    w: &ConvWeights,
+    g: &Geometry,
+    act: Activation,
+    residual: Option<u64>,
+    (y, ldy): (u64, usize),
+) -> Result<()> {
+    let IgemmSlot::Ready(kernel) = &be.kernels.igemm else {
+        return Err(EngineError::Device(
+            "implicit-GEMM convolution planned without its kernel".into(),
+        ));
+    };
+    let mut args = vec![
+        Arg::Ptr(x),
+        Arg::Ptr(w.weight.ptr()),
+        Arg::Ptr(w.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
+        Arg::Ptr(residual.unwrap_or(0)),
+        Arg::Ptr(y),
+    ];
+    args.extend(g.int_args(act, ldx, ldy));
+    let func = match g.tile {
+        Tile::N64 => Some(kernel.small),
+        Tile::N128 => kernel.wide,
+    }
+    .ok_or_else(|| EngineError::Device("the 128-channel convolution tile is not loaded".into()))?;
+    launch(&be.ctx, func, g.tile, g.blocks as u32, &args)?;
+    Ok(())
+}
+
+fn launch(
+    ctx: &Context,
+    func: sys::CUfunction,
+    tile: Tile,
+    blocks: u32,
+    args: &[Arg],
+) -> CudaResult<()> {
+    // The arguments mirror the entry points' shared parameter list (a test counts
+    // them); the dynamic shared memory is the tile's, allowed at load.
+    crate::kernels::launch_function(
+        ctx,
+        func,
+        (blocks.max(1), 1, 1),
+        tile.threads(),
+        tile.smem_bytes(),
+        args,
+    )
+}

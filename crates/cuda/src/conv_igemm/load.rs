@@ -1,0 +1,167 @@
+//! Loading the implicit-GEMM kernels: the module, its two tiles and the row copy.
+
+use std::ffi::{c_void, CString};
+
+use cudarc::driver::{result, sys};
+
+use super::{conv_source, Tile, ENV_SWITCH};
+use crate::driver::Context;
+use crate::error::{CudaError, CudaResult};
+use crate::kernels::Storage;
+use crate::nvrtc;
+
+/// The loaded kernels: the 64-channel tile always, the 128-channel one unless switched
+/// off or refused its shared memory.
+pub(crate) struct IgemmKernel {
+    module: sys::CUmodule,
+    pub(super) small: sys::CUfunction,
+    pub(super) wide: Option<sys::CUfunction>,
+    /// `copy_rows16`: vectorised row copies (used by crate::detection's slices and
+    /// concatenations where aligned).
+    copy: Option<sys::CUfunction>,
+}
+
+// SAFETY: module and function handles are immutable driver objects, usable from any
+// thread with the context current.
+unsafe impl Send for IgemmKernel {}
+unsafe impl Sync for IgemmKernel {}
+
+impl Drop for IgemmKernel {
+    fn drop(&mut self) {
+        // SAFETY: unloaded once; the function is not used afterwards.
+        unsafe {
+            let _ = result::module::unload(self.module);
+        }
+    }
+}
+
+/// Whether the implicit-GEMM kernel is there for a backend.
+pub(crate) enum IgemmSlot {
+    Ready(IgemmKernel),
+    /// Not applicable (fp32 storage, an older GPU) or switched off: im2col, silently.
+    Disabled(String),
+    /// Should have loaded but did not (a compile error): im2col, and the self-test fails.
+    Failed(String),
+}
+
+impl IgemmSlot {
+    /// Compiles (or reads from the cache) and loads the kernel where it applies. Never
+    /// fails: a backend without it runs im2col as before.
+    pub(crate) fn load(ctx: &Context, storage: Storage) -> Self {
+        let Some(source) = conv_source(storage) else {
+            return Self::Disabled("fp32 storage uses im2col and cuBLASLt".into());
+        };
+        if std::env::var(ENV_SWITCH).is_ok_and(|v| v.trim() == "0") {
+            return Self::Disabled(format!("switched off by {ENV_SWITCH}=0"));
+        }
+        if ctx.capability.0 < 8 {
+            return Self::Disabled(format!(
+                "needs compute capability 8.0 (mma.sync m16n8k16, cp.async), the GPU has {}.{}",
+                ctx.capability.0, ctx.capability.1
+            ));
+        }
+        let wide = !std::env::var(ENV_SWITCH).is_ok_and(|v| v.trim() == "64");
+        match load_kernel(ctx, &source, wide) {
+            Ok(k) => Self::Ready(k),
+            Err(e) => {
+                eprintln!("warning: implicit-GEMM convolution unavailable, using im2col: {e}");
+                Self::Failed(e.to_string())
+            }
+        }
+    }
+
+    /// `None` when ready, else why not.
+    pub(crate) fn reason(&self) -> Option<&str> {
+        match self {
+            Self::Ready(_) => None,
+            Self::Disabled(r) | Self::Failed(r) => Some(r),
+        }
+    }
+
+    pub(crate) fn failed(&self) -> bool {
+        matches!(self, Self::Failed(_))
+    }
+
+    /// The vectorised row copy of the module, when loaded.
+    pub(crate) fn copy_rows(&self) -> Option<sys::CUfunction> {
+        match self {
+            Self::Ready(k) => k.copy,
+            _ => None,
+        }
+    }
+
+    /// Whether the 128-channel tile is loaded.
+    pub(crate) fn wide(&self) -> bool {
+        matches!(self, Self::Ready(k) if k.wide.is_some())
+    }
+}
+
+fn load_kernel(ctx: &Context, source: &str, wide: bool) -> CudaResult<IgemmKernel> {
+    let (cubin, _) = nvrtc::compile_cached(source, ctx.capability)?;
+    ctx.bind()?;
+    // SAFETY: `cubin` is a complete CUBIN image for this device.
+    let module = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void)? };
+    let mut funcs = Vec::new();
+    for tile in Tile::ALL {
+        let name =
+            CString::new(tile.entry()).map_err(|_| CudaError::Driver("bad kernel name".into()))?;
+        // SAFETY: the module is loaded; the name is NUL-terminated.
+        match unsafe { result::module::get_function(module, name) } {
+            Ok(f) => funcs.push(f),
+            Err(e) => {
+                // SAFETY: nothing of the module is in use yet.
+                unsafe {
+                    let _ = result::module::unload(module);
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    use sys::CUfunction_attribute::*;
+    for (&f, tile) in funcs.iter().zip(Tile::ALL) {
+        // Best effort: load now rather than at a first launch that may fall inside a
+        // graph capture; prefer shared memory over L1 (46-60 KB per block).
+        // SAFETY: `f` is a function of the loaded module.
+        unsafe {
+            let _ = sys::cuFuncLoad(f);
+            let _ =
+                sys::cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100);
+            let _ = sys::cuFuncSetAttribute(
+                f,
+                CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                tile.smem_bytes() as i32,
+            );
+        }
+    }
+    // Above 48 KB the dynamic shared memory needs the opt-in just made; a GPU that did
+    // not take it runs the 64-channel tile only.
+    let wide_fn = funcs[1];
+    let mut granted = 0i32;
+    // SAFETY: plain out-parameter; `wide_fn` is a function of the loaded module.
+    let wide_ok = wide
+        && unsafe {
+            sys::cuFuncGetAttribute(
+                &mut granted,
+                CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                wide_fn,
+            )
+        } == sys::CUresult::CUDA_SUCCESS
+        && granted >= Tile::N128.smem_bytes() as i32;
+    // SAFETY: the module is loaded; the name is NUL-terminated. Optional: a missing
+    // entry only keeps the copies on the element-wise kernel.
+    let copy = CString::new("copy_rows16")
+        .ok()
+        .and_then(|name| unsafe { result::module::get_function(module, name) }.ok());
+    if let Some(f) = copy {
+        // SAFETY: a function of the loaded module (loaded now, not inside a capture).
+        unsafe {
+            let _ = sys::cuFuncLoad(f);
+        }
+    }
+    Ok(IgemmKernel {
+        module,
+        small: funcs[0],
+        wide: wide_ok.then_some(wide_fn),
+        copy,
+    })
+}

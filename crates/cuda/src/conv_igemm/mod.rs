@@ -1,0 +1,91 @@
+//! Dense k x k convolutions as an implicit GEMM on tensor cores (`kernels/conv.cu`): the
+//! input patches are gathered into shared memory chunk by chunk instead of being written
+//! out by im2col, and bias, activation and residual ride in the epilogue.
+//!
+//! Taken for 16-bit storage on sm_80+ when the input channel count is a multiple of 8 (an
+//! 8-channel segment is one 16-byte copy); everything else (fp32/tf32, the 3-channel
+//! image input, 1x1 products, depthwise) keeps its previous path. Two block shapes (see
+//! [`Tile`]). `APERTURE_CONV_IGEMM=0` turns the kernel off, `=64` keeps only the 64-wide
+//! tile (for A/B timing or as an escape hatch).
+
+use crate::kernels::{preamble, Storage};
+
+mod geometry;
+mod launch;
+mod load;
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use geometry::{DenseConv, Geometry};
+pub(crate) use launch::{plan, run, run_strided};
+pub(crate) use load::IgemmSlot;
+
+pub const CONV_SOURCE: &str = include_str!("../../kernels/conv.cu");
+
+/// Pixels per block (`conv.cu`'s IG_BM; a test checks).
+const TILE_M: usize = 128;
+/// Environment switch: `0` keeps every convolution on the im2col path, `64` uses only
+/// the 64-channel tile (for A/B timing of the two shapes).
+const ENV_SWITCH: &str = "APERTURE_CONV_IGEMM";
+
+/// The block shapes of `conv.cu`: 128 pixels x 64 or 128 output channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tile {
+    /// `conv_igemm`: 4 warps.
+    N64,
+    /// `conv_igemm_n128`: 8 warps, half the input traffic per product.
+    N128,
+}
+
+impl Tile {
+    const ALL: [Tile; 2] = [Tile::N64, Tile::N128];
+
+    fn entry(self) -> &'static str {
+        match self {
+            Tile::N64 => "conv_igemm",
+            Tile::N128 => "conv_igemm_n128",
+        }
+    }
+    /// Warps along the channels (two along the pixels).
+    pub(crate) fn warps_n(self) -> usize {
+        match self {
+            Tile::N64 => 2,
+            Tile::N128 => 4,
+        }
+    }
+    pub(crate) fn channels(self) -> usize {
+        32 * self.warps_n()
+    }
+    fn threads(self) -> u32 {
+        64 * self.warps_n() as u32
+    }
+    /// Dynamic shared memory: 3 stages of A [128][40] and B [channels][40], 2 bytes each
+    /// (`IG_SMEM_BYTES` in conv.cu).
+    fn smem_bytes(self) -> u32 {
+        (3 * (TILE_M + self.channels()) * 40 * 2) as u32
+    }
+
+    /// The wide tile where the outputs fill it and it still gives every multiprocessor
+    /// a block; else the 64-channel one (more blocks for small batches).
+    pub(crate) fn choose(c_out: usize, m: usize, multiprocessors: usize, wide_ok: bool) -> Tile {
+        let wide_blocks = m.div_ceil(TILE_M) * c_out.div_ceil(Tile::N128.channels());
+        if wide_ok && c_out > Tile::N64.channels() && wide_blocks >= multiprocessors {
+            Tile::N128
+        } else {
+            Tile::N64
+        }
+    }
+}
+
+/// The translation unit for a storage type, or `None` for fp32 (no 16-bit tensor-core
+/// product to run).
+pub fn conv_source(s: Storage) -> Option<String> {
+    let select = match s {
+        Storage::F32 => return None,
+        Storage::F16 => "",
+        Storage::BF16 => "#define IGEMM_BF16 1\n",
+    };
+    Some(format!("{}\n{select}{CONV_SOURCE}\n", preamble(s)))
+}

@@ -1,0 +1,187 @@
+//! Host checks: shapes taken, tile choice, constants and signature against conv.cu.
+
+use super::*;
+use aperture_engine::backend::Activation;
+
+fn conv3(c_in: usize, c_out: usize, stride: usize) -> DenseConv {
+    DenseConv {
+        c_in,
+        c_out,
+        kh: 3,
+        kw: 3,
+        stride,
+        pad: 1,
+        kp: 9 * c_in,
+        depthwise: false,
+    }
+}
+
+#[test]
+fn takes_dense_convolutions_with_channels_in_eights() {
+    let g = Geometry::new([2, 17, 23, 64], (17, 23), conv3(64, 64, 1), Tile::N64);
+    let g = g.expect("3x3 64->64 fits");
+    assert_eq!(g.m, 2 * 17 * 23);
+    assert_eq!(g.k, 576);
+    assert_eq!(g.n_tiles, 1);
+    assert_eq!(g.blocks, (2 * 17 * 23usize).div_ceil(128));
+    let s2 = Geometry::new([1, 80, 80, 128], (40, 40), conv3(128, 256, 2), Tile::N64);
+    assert_eq!(s2.map(|g| (g.n_tiles, g.blocks)), Some((4, 13 * 4)));
+    let five = DenseConv {
+        kh: 5,
+        kw: 5,
+        pad: 2,
+        kp: 25 * 8,
+        ..conv3(8, 16, 1)
+    };
+    assert!(Geometry::new([1, 9, 9, 8], (9, 9), five, Tile::N64).is_some());
+    // A 1x1 with stride 2 is no plain product: the kernel takes it.
+    let strided_1x1 = DenseConv {
+        kh: 1,
+        kw: 1,
+        pad: 0,
+        kp: 16,
+        ..conv3(16, 16, 2)
+    };
+    assert!(Geometry::new([1, 8, 8, 16], (4, 4), strided_1x1, Tile::N64).is_some());
+    // Any output count, e.g. a 3-channel image output: one channel tile.
+    let out3 = Geometry::new([1, 8, 8, 96], (8, 8), conv3(96, 3, 1), Tile::N64);
+    assert_eq!(out3.map(|g| g.n_tiles), Some(1));
+    assert!(Geometry::new([1, 8, 8, 96], (8, 8), conv3(96, 0, 1), Tile::N64).is_none());
+}
+
+#[test]
+fn leaves_other_convolutions_to_the_previous_paths() {
+    // The 3-channel image input, other odd inputs, pointwise, depthwise, padded K.
+    let image = DenseConv {
+        kp: 32,
+        ..conv3(3, 48, 1)
+    };
+    assert!(Geometry::new([1, 8, 8, 3], (8, 8), image, Tile::N64).is_none());
+    assert!(Geometry::new([1, 8, 8, 12], (8, 8), conv3(12, 16, 1), Tile::N64).is_none());
+    let pointwise = DenseConv {
+        kh: 1,
+        kw: 1,
+        pad: 0,
+        kp: 64,
+        ..conv3(64, 64, 1)
+    };
+    assert!(Geometry::new([1, 8, 8, 64], (8, 8), pointwise, Tile::N64).is_none());
+    let dw = DenseConv {
+        depthwise: true,
+        ..conv3(64, 64, 1)
+    };
+    assert!(Geometry::new([1, 8, 8, 64], (8, 8), dw, Tile::N64).is_none());
+    let padded = DenseConv {
+        kp: 9 * 64 + 8,
+        ..conv3(64, 64, 1)
+    };
+    assert!(Geometry::new([1, 8, 8, 64], (8, 8), padded, Tile::N64).is_none());
+    // Input channels that disagree with the weights, and 32-bit overflow.
+    assert!(Geometry::new([1, 8, 8, 32], (8, 8), conv3(64, 64, 1), Tile::N64).is_none());
+    assert!(Geometry::new(
+        [40_000, 256, 256, 64],
+        (256, 256),
+        conv3(64, 64, 1),
+        Tile::N64
+    )
+    .is_none());
+}
+
+/// The value of `#define NAME v` in conv.cu.
+fn define(name: &str) -> usize {
+    let prefix = format!("#define {name} ");
+    let line = CONV_SOURCE
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("conv.cu has no {name}"));
+    line[prefix.len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} is not a number"))
+}
+
+#[test]
+fn host_constants_match_the_kernel() {
+    assert_eq!(define("IG_BM"), TILE_M);
+    assert_eq!(define("IG_BN_SMALL"), Tile::N64.channels());
+    assert_eq!(define("IG_BN_WIDE"), Tile::N128.channels());
+    assert_eq!(define("IG_LD"), 40);
+    assert_eq!(define("IG_STAGES"), 3);
+    for tile in Tile::ALL {
+        let smem = define("IG_STAGES") * (TILE_M + tile.channels()) * define("IG_LD") * 2;
+        assert_eq!(smem, tile.smem_bytes() as usize);
+        // Two warps along the pixels, 32 channels per warp.
+        assert_eq!(tile.threads() as usize, 2 * 32 * tile.warps_n());
+        // Under the 227 KB a block may ask for on sm_90 (and the 99 KB of sm_86).
+        assert!(smem <= 99 * 1024);
+    }
+    assert!(Tile::N64.smem_bytes() <= 48 * 1024);
+    // Rows of 16-byte aligned segments for cp.async and ldmatrix.
+    assert_eq!(define("IG_LD") * 2 % 16, 0);
+    assert_eq!(define("IG_BK") % 16, 0);
+}
+
+#[test]
+fn wide_tile_only_where_it_fills_the_gpu() {
+    // D-FINE's 256-channel 3x3 at 80x80: batch 32 fills 132 SMs with wide tiles,
+    // batch 1 (100 wide blocks) keeps the 64-channel tile (200 blocks).
+    assert_eq!(Tile::choose(256, 32 * 6400, 132, true), Tile::N128);
+    assert_eq!(Tile::choose(256, 6400, 132, true), Tile::N64);
+    assert_eq!(Tile::choose(256, 32 * 6400, 132, false), Tile::N64);
+    assert_eq!(Tile::choose(64, 32 * 6400, 132, true), Tile::N64);
+    assert_eq!(Tile::choose(72, 132 * 128, 132, true), Tile::N128);
+    let g = Geometry::new([2, 80, 80, 256], (80, 80), conv3(256, 256, 1), Tile::N128);
+    assert_eq!(g.map(|g| (g.n_tiles, g.blocks)), Some((2, 100 * 2)));
+}
+
+#[test]
+fn launch_arguments_match_the_kernel_signature() {
+    for (tile, bounds) in [(Tile::N64, "128, 4"), (Tile::N128, "256, 2")] {
+        let decl = format!(
+            "extern \"C\" __global__ void __launch_bounds__({bounds})\n{}(",
+            tile.entry()
+        );
+        let start = CONV_SOURCE.find(&decl).expect("entry point is declared") + decl.len();
+        let end = start + CONV_SOURCE[start..].find(')').expect("parameter list ends");
+        check_parameters(&CONV_SOURCE[start..end]);
+        assert_eq!(
+            bounds.split(',').next(),
+            Some(tile.threads().to_string().as_str())
+        );
+    }
+}
+
+fn check_parameters(list: &str) {
+    let params: Vec<&str> = list.split(',').map(str::trim).collect();
+    let pointers = params.iter().filter(|p| p.contains('*')).count();
+    assert_eq!(pointers, 5);
+    let g = Geometry::new([1, 8, 8, 8], (8, 8), conv3(8, 8, 1), Tile::N64).expect("fits");
+    assert_eq!(params.len(), 5 + g.int_args(Activation::Gelu, 8, 8).len());
+    // The integer arguments in the order int_args gives them.
+    let names: Vec<&str> = params[5..]
+        .iter()
+        .map(|p| p.trim_start_matches("int ").trim())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "H", "W", "C", "OH", "OW", "Cout", "KW", "stride", "pad", "M", "K", "Kp", "n_tiles",
+            "act", "ldx", "ldy"
+        ]
+    );
+}
+
+#[test]
+fn sources_per_storage_type() {
+    assert!(conv_source(Storage::F32).is_none());
+    let f16 = conv_source(Storage::F16).expect("fp16 source");
+    let bf16 = conv_source(Storage::BF16).expect("bf16 source");
+    assert!(f16.contains("typedef __half T;") && !f16.contains("#define IGEMM_BF16"));
+    assert!(bf16.contains("typedef __nv_bfloat16 T;") && bf16.contains("#define IGEMM_BF16 1"));
+    for src in [f16, bf16] {
+        assert!(!src.contains('\0'));
+        assert_eq!(src.matches('{').count(), src.matches('}').count());
+        assert_eq!(src.matches('(').count(), src.matches(')').count());
+    }
+}
