@@ -41,6 +41,7 @@ pub mod image;
 pub mod model;
 pub mod pool;
 pub mod repository;
+pub mod shm;
 pub mod stats;
 pub mod tensor_io;
 

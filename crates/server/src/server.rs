@@ -23,6 +23,7 @@ use crate::error::{Result, ServerError};
 use crate::metrics::GpuMetrics;
 use crate::model::{InferRequest, LoadedModel};
 use crate::repository::Repository;
+use crate::shm::ShmRegistry;
 
 pub const SERVER_NAME: &str = "aperture";
 pub const PLATFORM: &str = "aperture";
@@ -34,6 +35,7 @@ pub const EXTENSIONS: &[&str] = &[
     "model_repository",
     "schedule_policy",
     "statistics",
+    "system_shared_memory",
 ];
 
 /// Listener addresses and limits.
@@ -78,6 +80,8 @@ pub struct Shared {
     pub repository: Repository,
     pub options: ServeOptions,
     pub gpu_metrics: Option<Arc<dyn GpuMetrics>>,
+    /// Registered system shared-memory regions (Triton's extension).
+    pub shared_memory: ShmRegistry,
     shutting_down: AtomicBool,
 }
 
@@ -149,6 +153,7 @@ impl Server {
                 repository,
                 options,
                 gpu_metrics: gpu,
+                shared_memory: ShmRegistry::default(),
                 shutting_down: AtomicBool::new(false),
             }),
         }

@@ -134,6 +134,17 @@ impl TensorFill {
         n
     }
 
+    /// Fills every remaining byte at once through `fill` (e.g. a copy out of shared
+    /// memory), so the bytes go straight into the tensor's storage.
+    pub fn fill_with(&mut self, fill: impl FnOnce(&mut [u8]) -> Result<()>) -> Result<()> {
+        let filled = self.filled;
+        let dst = storage_bytes_mut(&mut self.data);
+        let len = dst.len();
+        fill(dst.get_mut(filled..).unwrap_or_default())?;
+        self.filled = len;
+        Ok(())
+    }
+
     /// The tensor, once every byte has arrived.
     pub fn finish(mut self) -> Result<HostTensor> {
         let missing = self.remaining();
@@ -209,6 +220,16 @@ pub fn tensor_to_bytes(t: &HostTensor) -> Vec<u8> {
         TensorData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         TensorData::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         TensorData::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+/// Runs `f` over the tensor's little-endian bytes (its storage on little-endian hosts,
+/// so no copy is made there).
+pub fn with_le_bytes<R>(t: &HostTensor, f: impl FnOnce(&[u8]) -> R) -> R {
+    if cfg!(target_endian = "little") {
+        f(storage_bytes(t.data()))
+    } else {
+        f(&tensor_to_bytes(t))
     }
 }
 

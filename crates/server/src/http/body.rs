@@ -8,15 +8,28 @@ use axum::http::{header, HeaderMap};
 use http_body_util::BodyExt;
 
 use super::codec::{
-    decode_request, header_beyond_body, BinaryLen, DecodedRequest, PendingRequest, HEADER_LENGTH,
+    decode_request_with_shm, header_beyond_body, BinaryLen, DecodedRequest, PendingRequest,
+    HEADER_LENGTH,
 };
 use crate::error::{Result, ServerError};
+use crate::shm::ShmRegistry;
 
 /// Reads and decodes an infer request body of at most `limit` bytes.
 pub async fn read_infer_request(
     body: Body,
     headers: &HeaderMap,
     limit: usize,
+) -> Result<DecodedRequest> {
+    read_infer_request_with_shm(body, headers, limit, None).await
+}
+
+/// [`read_infer_request`] where tensors may name regions of `shm` (Triton's system
+/// shared-memory extension).
+pub async fn read_infer_request_with_shm(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    shm: Option<&ShmRegistry>,
 ) -> Result<DecodedRequest> {
     let mut reader = Reader {
         body,
@@ -34,7 +47,7 @@ pub async fn read_infer_request(
         return Err(too_large(limit));
     }
     let result = match header_length(headers) {
-        Ok(header_len) => decode_stream(&mut reader, header_len, content_length).await,
+        Ok(header_len) => decode_stream(&mut reader, header_len, content_length, shm).await,
         Err(e) => Err(e),
     };
     if result.is_err() {
@@ -49,6 +62,7 @@ async fn decode_stream(
     reader: &mut Reader,
     header_len: Option<usize>,
     content_length: Option<usize>,
+    shm: Option<&ShmRegistry>,
 ) -> Result<DecodedRequest> {
     let limit = reader.limit;
     let Some(head_len) = header_len else {
@@ -57,7 +71,7 @@ async fn decode_stream(
         while let Some(chunk) = reader.next().await? {
             all.extend_from_slice(&chunk);
         }
-        return decode_request(&all, None);
+        return decode_request_with_shm(&all, None, shm);
     };
     if let Some(n) = content_length.filter(|&n| head_len > n) {
         return Err(header_beyond_body(head_len, n));
@@ -76,7 +90,7 @@ async fn decode_stream(
         Some(n) => BinaryLen::Exact(n - head_len),
         None => BinaryLen::AtMost(limit.saturating_sub(head_len)),
     };
-    let mut pending = PendingRequest::parse(&head, binary)?;
+    let mut pending = PendingRequest::parse_with_shm(&head, binary, shm)?;
     drop(head);
     pending.feed(&rest)?;
     while let Some(chunk) = reader.next().await? {

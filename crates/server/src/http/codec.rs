@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use crate::error::{Result, ServerError};
 use crate::image::split_bytes_elements;
 use crate::model::InferRequest;
+use crate::shm::{ShmRef, ShmRegistry};
 use crate::tensor_io::{
     flatten_json_numbers, parse_datatype, shape_to_dims, tensor_from_numbers, TensorFill,
 };
@@ -52,18 +53,30 @@ pub struct DecodedRequest {
     /// Per requested output: binary or JSON (None: all outputs, `binary_default` each).
     pub output_binary: Option<Vec<bool>>,
     pub binary_default: bool,
+    /// Per requested output: the shared-memory place its bytes go to (empty when the
+    /// request names no outputs).
+    pub output_shm: Vec<Option<ShmRef>>,
 }
 
 /// Decodes a whole request body; `header_len` is the `Inference-Header-Content-Length`
 /// value. (The HTTP handler streams the body through [`PendingRequest`] instead.)
 pub fn decode_request(body: &[u8], header_len: Option<usize>) -> Result<DecodedRequest> {
+    decode_request_with_shm(body, header_len, None)
+}
+
+/// [`decode_request`] where tensors may name regions of `shm`.
+pub fn decode_request_with_shm(
+    body: &[u8],
+    header_len: Option<usize>,
+    shm: Option<&ShmRegistry>,
+) -> Result<DecodedRequest> {
     let json_len = match header_len {
         None => body.len(),
         Some(n) if n > body.len() => return Err(header_beyond_body(n, body.len())),
         Some(n) => n,
     };
     let (head, binary) = body.split_at(json_len);
-    let mut pending = PendingRequest::parse(head, BinaryLen::Exact(binary.len()))?;
+    let mut pending = PendingRequest::parse_with_shm(head, BinaryLen::Exact(binary.len()), shm)?;
     pending.feed(binary)?;
     pending.finish()
 }
@@ -126,6 +139,7 @@ pub struct PendingRequest {
     outputs: Option<Vec<String>>,
     output_binary: Option<Vec<bool>>,
     binary_default: bool,
+    output_shm: Vec<Option<ShmRef>>,
     priority: u64,
     timeout: Option<Duration>,
 }
@@ -134,6 +148,17 @@ impl PendingRequest {
     /// Parses the JSON header; declared binary sizes are checked against `binary`
     /// before any storage is allocated for them.
     pub fn parse(head: &[u8], binary: BinaryLen) -> Result<Self> {
+        Self::parse_with_shm(head, binary, None)
+    }
+
+    /// Like [`PendingRequest::parse`]; inputs and outputs may name regions of `shm`
+    /// (Triton's system shared-memory extension). Inputs in shared memory are copied
+    /// into their tensors here; outputs' regions are resolved and bounds-checked.
+    pub fn parse_with_shm(
+        head: &[u8],
+        binary: BinaryLen,
+        shm: Option<&ShmRegistry>,
+    ) -> Result<Self> {
         let req: RequestJson = serde_json::from_slice(head)
             .map_err(|e| ServerError::invalid(format!("failed to parse the request JSON: {e}")))?;
         let mut inputs: Vec<(String, Option<HostTensor>)> = Vec::with_capacity(req.inputs.len());
@@ -194,6 +219,12 @@ impl PendingRequest {
                 )));
             }
             let tensor = match (input.parameters.get("binary_data_size"), &input.data) {
+                _ if input.parameters.contains_key("shared_memory_region") => {
+                    let place = shm_place("input", &input.name, &input.parameters, shm)?;
+                    let mut fill = TensorFill::new(&input.name, dims, dtype, place.byte_size)?;
+                    fill.fill_with(|dst| place.region.read_into(place.offset, dst))?;
+                    Some(fill.finish()?)
+                }
                 (Some(size), _) => {
                     let size = size.as_u64().ok_or_else(|| {
                         ServerError::invalid(format!(
@@ -221,12 +252,18 @@ impl PendingRequest {
             }
         }
         let binary_default = bool_param(&req.parameters, "binary_data_output")?.unwrap_or(false);
+        let mut output_shm = Vec::new();
         let (outputs, output_binary) = match req.outputs {
             None => (None, None),
             Some(outs) => {
                 let mut flags = Vec::with_capacity(outs.len());
                 for o in &outs {
                     flags.push(bool_param(&o.parameters, "binary_data")?.unwrap_or(binary_default));
+                    output_shm.push(if o.parameters.contains_key("shared_memory_region") {
+                        Some(shm_place("output", &o.name, &o.parameters, shm)?)
+                    } else {
+                        None
+                    });
                 }
                 (
                     Some(outs.into_iter().map(|o| o.name).collect()),
@@ -244,6 +281,7 @@ impl PendingRequest {
             outputs,
             output_binary,
             binary_default,
+            output_shm,
             priority: uint_param(&req.parameters, "priority")?.unwrap_or(0),
             timeout: uint_param(&req.parameters, "timeout")?.map(Duration::from_micros),
         })
@@ -308,8 +346,40 @@ impl PendingRequest {
             },
             output_binary: self.output_binary,
             binary_default: self.binary_default,
+            output_shm: self.output_shm,
         })
     }
+}
+
+/// The shared-memory place named by a tensor's `shared_memory_region`,
+/// `shared_memory_byte_size` and `shared_memory_offset` parameters.
+fn shm_place(
+    kind: &str,
+    name: &str,
+    params: &Map<String, Value>,
+    shm: Option<&ShmRegistry>,
+) -> Result<ShmRef> {
+    let registry = shm.ok_or_else(|| {
+        ServerError::Unsupported(format!(
+            "{kind} '{name}': shared memory is not available on this endpoint"
+        ))
+    })?;
+    let region = match params.get("shared_memory_region") {
+        Some(Value::String(r)) => r,
+        _ => {
+            return Err(ServerError::invalid(format!(
+                "{kind} '{name}': parameter 'shared_memory_region' must be a string"
+            )))
+        }
+    };
+    let byte_size = uint_param(params, "shared_memory_byte_size")?.ok_or_else(|| {
+        ServerError::invalid(format!(
+            "{kind} '{name}': 'shared_memory_region' needs a 'shared_memory_byte_size' parameter"
+        ))
+    })?;
+    let offset = uint_param(params, "shared_memory_offset")?.unwrap_or(0);
+    ShmRef::resolve(registry, region, byte_size, offset)
+        .map_err(|e| ServerError::invalid(format!("{kind} '{name}': {e}")))
 }
 
 fn no_data(name: &str) -> ServerError {

@@ -11,9 +11,9 @@ use axum::Json;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use super::body::{drain_body, read_infer_request};
+use super::body::{drain_body, read_infer_request_with_shm};
 use super::codec::HEADER_LENGTH;
-use super::response::encode_response;
+use super::response::{encode_response_placed, OutputPlace};
 use crate::error::{Result, ServerError};
 use crate::model::LoadedModel;
 use crate::server::{Shared, EXTENSIONS, SERVER_NAME};
@@ -277,14 +277,23 @@ async fn run_infer(
             return Err(e);
         }
     };
-    let decoded = read_infer_request(body, headers, limit).await?;
+    let decoded = read_infer_request_with_shm(body, headers, limit, Some(&s.shared_memory)).await?;
     let id = decoded.request.id.clone();
     let outputs = s.run_with_timeout(&model, decoded.request).await?;
     let binary: Vec<bool> = match decoded.output_binary {
         Some(flags) => flags,
         None => vec![decoded.binary_default; outputs.len()],
     };
-    let enc = encode_response(&model.name, model.version, &id, outputs, &binary)?;
+    let mut shm = decoded.output_shm.into_iter();
+    let places: Vec<OutputPlace> = binary
+        .iter()
+        .map(|&b| match shm.next().flatten() {
+            Some(place) => OutputPlace::SharedMemory(place),
+            None if b => OutputPlace::Binary,
+            None => OutputPlace::Json,
+        })
+        .collect();
+    let enc = encode_response_placed(&model.name, model.version, &id, outputs, places)?;
     let header_len = enc.header_len;
     let mut resp = Response::new(Body::new(enc.into_body()));
     let h = resp.headers_mut();

@@ -6,6 +6,7 @@ mod handlers;
 mod image;
 mod multipart;
 mod response;
+mod shm;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,9 +21,14 @@ use axum::Router;
 use crate::error::ServerError;
 use crate::server::Shared;
 
-pub use body::read_infer_request;
-pub use codec::{decode_request, BinaryLen, DecodedRequest, PendingRequest, HEADER_LENGTH};
-pub use response::{encode_response, ChunkedBody, EncodedResponse};
+pub use body::{read_infer_request, read_infer_request_with_shm};
+pub use codec::{
+    decode_request, decode_request_with_shm, BinaryLen, DecodedRequest, PendingRequest,
+    HEADER_LENGTH,
+};
+pub use response::{
+    encode_response, encode_response_placed, ChunkedBody, EncodedResponse, OutputPlace,
+};
 
 /// The HTTP router over the shared server state.
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -65,6 +71,23 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/v2/repository/models/{model}/unload",
             post(handlers::repository_unload),
+        )
+        .route("/v2/systemsharedmemory/status", get(shm::status))
+        .route(
+            "/v2/systemsharedmemory/region/{name}/status",
+            get(shm::region_status),
+        )
+        .route(
+            "/v2/systemsharedmemory/region/{name}/register",
+            post(shm::register),
+        )
+        .route(
+            "/v2/systemsharedmemory/region/{name}/unregister",
+            post(shm::unregister),
+        )
+        .route(
+            "/v2/systemsharedmemory/unregister",
+            post(shm::unregister_all),
         )
         .route("/v1/models/{model}/detect", post(image::detect))
         .route("/v1/models/{model}/enhance", post(image::enhance))

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
 use crate::error::{Result, ServerError};
+use crate::shm::ShmRef;
 use crate::tensor_io::{kserve_datatype, tensor_into_bytes};
 
 /// An encoded answer: body chunks (JSON header first) and, when any output is binary,
@@ -33,6 +34,16 @@ impl EncodedResponse {
     }
 }
 
+/// Where one output's values go.
+pub enum OutputPlace {
+    /// Numbers in the JSON header.
+    Json,
+    /// Raw bytes after the header (binary tensor extension).
+    Binary,
+    /// Written into a registered shared-memory region; the header only names it.
+    SharedMemory(ShmRef),
+}
+
 /// Encodes outputs (already in the requested order) as JSON or binary per output.
 pub fn encode_response(
     model: &str,
@@ -41,33 +52,82 @@ pub fn encode_response(
     outputs: NamedTensors,
     binary: &[bool],
 ) -> Result<EncodedResponse> {
-    let is_binary = |i: usize| binary.get(i).copied().unwrap_or(false);
+    let places: Vec<OutputPlace> = (0..outputs.len())
+        .map(|i| match binary.get(i) {
+            Some(true) => OutputPlace::Binary,
+            _ => OutputPlace::Json,
+        })
+        .collect();
+    encode_response_placed(model, version, id, outputs, places)
+}
+
+/// Encodes outputs (already in the requested order), each to its place; outputs bound
+/// for shared memory are written into their regions here (a region may be larger than
+/// the output, as in Triton, never smaller).
+pub fn encode_response_placed(
+    model: &str,
+    version: u64,
+    id: &str,
+    outputs: NamedTensors,
+    mut places: Vec<OutputPlace>,
+) -> Result<EncodedResponse> {
+    places.resize_with(outputs.len(), || OutputPlace::Json);
+    for ((name, t), place) in outputs.iter().zip(&places) {
+        if let OutputPlace::SharedMemory(shm) = place {
+            let size = t.numel() * t.dtype().size_bytes();
+            if size > shm.byte_size {
+                return Err(ServerError::invalid(format!(
+                    "shared memory size specified with the request for output '{name}' \
+                     ({} bytes) should be at least {size} bytes to hold the results",
+                    shm.byte_size
+                )));
+            }
+            crate::tensor_io::with_le_bytes(t, |b| shm.region.write_from(shm.offset, b))?;
+        }
+    }
+    let is_binary = |i: usize| matches!(places.get(i), Some(OutputPlace::Binary));
     let any_binary = (0..outputs.len()).any(is_binary);
     let head = {
         let widened: Vec<Option<Vec<f32>>> = outputs
             .iter()
-            .enumerate()
-            .map(|(i, (_, t))| match (is_binary(i), t.as_f32()) {
-                (false, None) => Some(t.to_f32_vec()),
+            .zip(&places)
+            .map(|((_, t), p)| match (p, t.as_f32()) {
+                (OutputPlace::Json, None) => Some(t.to_f32_vec()),
                 _ => None,
             })
             .collect();
         let outs: Vec<OutputHead> = outputs
             .iter()
             .zip(&widened)
-            .enumerate()
-            .map(|(i, ((name, t), wide))| OutputHead {
-                name,
-                datatype: kserve_datatype(t.dtype()),
-                shape: t.shape(),
-                parameters: is_binary(i).then(|| BinaryParams {
-                    binary_data_size: t.numel() * t.dtype().size_bytes(),
-                }),
-                data: if is_binary(i) {
-                    None
-                } else {
-                    wide.as_deref().or_else(|| t.as_f32())
-                },
+            .zip(&places)
+            .map(|(((name, t), wide), place)| {
+                let size = t.numel() * t.dtype().size_bytes();
+                let (parameters, data) = match place {
+                    OutputPlace::Json => (None, wide.as_deref().or_else(|| t.as_f32())),
+                    OutputPlace::Binary => (
+                        Some(OutputParams {
+                            binary_data_size: Some(size),
+                            ..Default::default()
+                        }),
+                        None,
+                    ),
+                    OutputPlace::SharedMemory(shm) => (
+                        Some(OutputParams {
+                            shared_memory_region: Some(&shm.region.name),
+                            shared_memory_byte_size: Some(size),
+                            shared_memory_offset: (shm.offset != 0).then_some(shm.offset),
+                            ..Default::default()
+                        }),
+                        None,
+                    ),
+                };
+                OutputHead {
+                    name,
+                    datatype: kserve_datatype(t.dtype()),
+                    shape: t.shape(),
+                    parameters,
+                    data,
+                }
             })
             .collect();
         let head = ResponseHead {
@@ -84,6 +144,8 @@ pub fn encode_response(
     for (i, (_, t)) in outputs.into_iter().enumerate() {
         if is_binary(i) {
             chunks.push(tensor_into_bytes(t));
+        } else {
+            crate::pool::give(t.into_data());
         }
     }
     Ok(EncodedResponse { chunks, header_len })
@@ -106,14 +168,21 @@ struct OutputHead<'a> {
     datatype: &'static str,
     shape: &'a [usize],
     #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<BinaryParams>,
+    parameters: Option<OutputParams<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<&'a [f32]>,
 }
 
-#[derive(serde::Serialize)]
-struct BinaryParams {
-    binary_data_size: usize,
+#[derive(serde::Serialize, Default)]
+struct OutputParams<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    binary_data_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shared_memory_region: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shared_memory_byte_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shared_memory_offset: Option<usize>,
 }
 
 /// A body of known chunks with an exact size hint.
