@@ -18,6 +18,10 @@ const LOOKUP_BITS: u32 = 9;
 pub(crate) struct Huffman {
     /// For every `LOOKUP_BITS`-bit prefix: (code length, symbol), length 0 = longer code.
     lookup: Vec<(u8, u8)>,
+    /// For AC tables: for every `LOOKUP_BITS`-bit prefix holding a whole code with
+    /// a nonzero size and its extra bits, (value, run, code length + size);
+    /// length 0 = decode the slow way.
+    fast_ac: Vec<(i16, u8, u8)>,
     /// Canonical decoding for longer codes: largest code of each length (-1: none).
     maxcode: [i32; 18],
     /// Index into `values` of the first code of each length, minus that code.
@@ -60,8 +64,22 @@ impl Huffman {
             code <<= 1;
         }
         maxcode[17] = i32::MAX; // sentinel: codes longer than 16 bits are corrupt
+        let fast_ac = lookup
+            .iter()
+            .enumerate()
+            .map(|(p, &(len, sym))| {
+                let (run, size) = (sym >> 4, u32::from(sym & 15));
+                let total = u32::from(len) + size;
+                if len == 0 || size == 0 || total > LOOKUP_BITS {
+                    return (0, 0, 0);
+                }
+                let bits = (p as u32 >> (LOOKUP_BITS - total)) & ((1 << size) - 1);
+                (extend(bits, size) as i16, run, total as u8)
+            })
+            .collect();
         Ok(Huffman {
             lookup,
+            fast_ac,
             maxcode,
             valoffset,
             values: values.to_vec(),
@@ -91,7 +109,11 @@ impl<'a> BitReader<'a> {
         }
     }
 
+    /// Top up the accumulator to at least 32 bits (57 or more on the byte path).
     fn fill(&mut self) {
+        if self.marker.is_none() && self.fill_fast() {
+            return;
+        }
         while self.nbits <= 56 {
             let mut byte = 0u8;
             if self.marker.is_none() {
@@ -114,6 +136,38 @@ impl<'a> BitReader<'a> {
             self.acc |= u64::from(byte) << (56 - self.nbits);
             self.nbits += 8;
         }
+    }
+
+    /// Whole bytes at once when the next 8 contain no 0xFF (no stuffing, no
+    /// marker): the same bytes the byte loop would take. False: use that loop.
+    #[inline]
+    fn fill_fast(&mut self) -> bool {
+        let Some(Ok(chunk)) = self
+            .data
+            .get(self.pos..self.pos + 8)
+            .map(<[u8; 8]>::try_from)
+        else {
+            return false;
+        };
+        let word = u64::from_be_bytes(chunk);
+        // Classic "has a zero byte" test on the complement: finds 0xFF bytes.
+        let inv = !word;
+        if inv.wrapping_sub(0x0101_0101_0101_0101) & !inv & 0x8080_8080_8080_8080 != 0 {
+            return false;
+        }
+        if self.nbits > 56 {
+            return true;
+        }
+        let k = (64 - self.nbits) / 8;
+        let taken = if k == 8 {
+            word
+        } else {
+            word & !(u64::MAX >> (8 * k))
+        };
+        self.acc |= taken >> self.nbits;
+        self.nbits += 8 * k;
+        self.pos += k as usize;
+        true
     }
 
     #[inline]
@@ -152,16 +206,14 @@ impl<'a> BitReader<'a> {
         if n == 0 {
             return 0;
         }
-        let v = self.bits(n) as i32;
-        if v < (1 << (n - 1)) {
-            v - (1 << n) + 1
-        } else {
-            v
-        }
+        extend(self.bits(n), n)
     }
 
     pub(crate) fn decode(&mut self, h: &Huffman) -> Result<u8, String> {
-        let p = self.peek(LOOKUP_BITS) as usize;
+        if self.nbits < 16 {
+            self.fill();
+        }
+        let p = (self.acc >> (64 - LOOKUP_BITS)) as usize;
         let (len, sym) = h.lookup[p];
         if len > 0 {
             self.consume(u32::from(len));
@@ -211,6 +263,17 @@ impl<'a> BitReader<'a> {
     }
 }
 
+/// `v`, `n` (1..=16) bits, sign-extended as JPEG magnitude categories are (`HUFF_EXTEND`).
+#[inline]
+fn extend(v: u32, n: u32) -> i32 {
+    let v = v as i32;
+    if v < (1 << (n - 1)) {
+        v - (1 << n) + 1
+    } else {
+        v
+    }
+}
+
 /// Whether a marker (0xFF then neither a stuffed 0x00 nor a fill 0xFF) starts at `i`.
 pub(crate) fn is_marker(b: &[u8], i: usize) -> bool {
     b.get(i) == Some(&0xFF) && b.get(i + 1).is_some_and(|&m| m != 0x00 && m != 0xFF)
@@ -238,6 +301,21 @@ pub(crate) fn decode_block_baseline(
     block[0] = *pred as i16;
     let mut k = 1usize;
     while k < 64 {
+        if r.nbits < LOOKUP_BITS {
+            r.fill();
+        }
+        // Short code and its extra bits together: one table look-up.
+        let (value, run, len) = ac.fast_ac[(r.acc >> (64 - LOOKUP_BITS)) as usize];
+        if len != 0 {
+            r.consume(u32::from(len));
+            k += usize::from(run);
+            let pos = *NATURAL_ORDER
+                .get(k)
+                .ok_or("corrupt JPEG data: AC run past block")?;
+            block[pos] = value;
+            k += 1;
+            continue;
+        }
         let rs = r.decode(ac)?;
         let (run, size) = (usize::from(rs >> 4), u32::from(rs & 15));
         if size != 0 {

@@ -462,3 +462,55 @@ fn idct_plane(f: &Frame, c: &Component) -> Result<Plane, String> {
         data,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn baseline_jpeg() -> Vec<u8> {
+        let img = image::RgbImage::from_fn(40, 24, |x, y| {
+            image::Rgb([(x * 6) as u8, (y * 9) as u8, 90])
+        });
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+            .encode_image(&img)
+            .unwrap();
+        out
+    }
+
+    /// Index of the first entropy-coded byte and of the EOI marker.
+    fn entropy_span(b: &[u8]) -> (usize, usize) {
+        let sos = b.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+        let len = usize::from(u16::from_be_bytes([b[sos + 2], b[sos + 3]]));
+        (sos + 2 + len, b.len() - 2)
+    }
+
+    #[test]
+    fn corrupt_huffman_stream_is_a_clear_error() {
+        let good = baseline_jpeg();
+        let (w, h, rgb) = decode_pil_exact(&good).unwrap().unwrap();
+        assert_eq!((w, h, rgb.len()), (40, 24, 40 * 24 * 3));
+        // All ones (stuffed FF 00 pairs): no code of the standard tables is 16 ones.
+        let (start, end) = entropy_span(&good);
+        let mut bad = good.clone();
+        for (i, b) in bad[start..end].iter_mut().enumerate() {
+            *b = if i % 2 == 0 { 0xFF } else { 0x00 };
+        }
+        let err = decode_pil_exact(&bad).unwrap_err();
+        assert!(err.contains("bad Huffman code"), "{err}");
+        // The public entry point reports an error or falls back; it never panics.
+        let _ = crate::decode_bytes(&bad, &crate::DecodeLimits::default());
+    }
+
+    #[test]
+    fn entropy_data_cut_short_decodes_without_panic() {
+        // Data replaced by zeros and cut to a few bytes: libjpeg pads with zero
+        // bits, so this decodes (to garbage) rather than failing or panicking.
+        let good = baseline_jpeg();
+        let (start, _) = entropy_span(&good);
+        let mut short = good[..start + 3].to_vec();
+        short.extend_from_slice(&[0xFF, 0xD9]);
+        let (w, h, rgb) = decode_pil_exact(&short).unwrap().unwrap();
+        assert_eq!((w, h, rgb.len()), (40, 24, 40 * 24 * 3));
+    }
+}
