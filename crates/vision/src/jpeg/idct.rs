@@ -49,7 +49,7 @@ static RANGE_LIMIT: [u8; 1024] = range_limit_table();
 
 /// One 1-D pass of the islow butterfly on 8 inputs; returns the 8 outputs before
 /// the final descale (`tmp10 + tmp3`, ...), in output order.
-#[inline]
+#[inline(always)]
 fn butterfly(v: [i64; 8]) -> [i64; 8] {
     // Even part.
     let (z2, z3) = (v[2], v[6]);
@@ -108,11 +108,35 @@ pub(crate) fn idct_islow(coef: &[i16; 64], quant: &[u16; 64], out: &mut [u8], st
         }
         return;
     }
+    // Nonzero coefficients only in the top-left 4x4 (common: quantisation zeroes
+    // high frequencies): the same butterflies with the zero inputs folded away.
+    let high_rows = coef[32..].iter().fold(0, |acc, &c| acc | c);
+    let high_cols = coef[..32]
+        .chunks_exact(8)
+        .fold(0, |acc, row| row[4..].iter().fold(acc, |a, &c| a | c));
+    if high_rows | high_cols == 0 {
+        idct_n::<4>(coef, quant, out, stride);
+    } else {
+        idct_n::<8>(coef, quant, out, stride);
+    }
+}
+
+/// The islow IDCT for blocks whose coefficients outside the top-left `N`x`N`
+/// are zero. Skipping a zero column or row is exact: a butterfly with only its
+/// first input nonzero returns that input scaled, which is what the shortcuts
+/// write.
+#[inline(always)]
+fn idct_n<const N: usize>(coef: &[i16; 64], quant: &[u16; 64], out: &mut [u8], stride: usize) {
     let mut ws = [0i32; 64];
-    for col in 0..8 {
-        let deq = |row: usize| i64::from(coef[row * 8 + col]) * i64::from(quant[row * 8 + col]);
-        if (1..8).all(|row| coef[row * 8 + col] == 0) {
-            // Same result as the full pass (libjpeg takes this shortcut too).
+    for col in 0..N {
+        let deq = |row: usize| {
+            if row < N {
+                i64::from(coef[row * 8 + col]) * i64::from(quant[row * 8 + col])
+            } else {
+                0
+            }
+        };
+        if (1..N).all(|row| coef[row * 8 + col] == 0) {
             let dc = (deq(0) << PASS1_BITS) as i32;
             for row in 0..8 {
                 ws[row * 8 + col] = dc;
@@ -126,12 +150,18 @@ pub(crate) fn idct_islow(coef: &[i16; 64], quant: &[u16; 64], out: &mut [u8], st
     }
     for (row, w) in ws.chunks_exact(8).enumerate() {
         let line = &mut out[row * stride..row * stride + 8];
-        if w[1..].iter().all(|&v| v == 0) {
+        if w[1..N].iter().all(|&v| v == 0) {
             let v = range_limit(descale(i64::from(w[0]), PASS1_BITS + 3));
             line.fill(v);
             continue;
         }
-        let r = butterfly(std::array::from_fn(|i| i64::from(w[i])));
+        let r = butterfly(std::array::from_fn(|i| {
+            if i < N {
+                i64::from(w[i])
+            } else {
+                0
+            }
+        }));
         for (o, v) in line.iter_mut().zip(r) {
             *o = range_limit(descale(v, CONST_BITS + PASS1_BITS + 3));
         }
