@@ -64,7 +64,7 @@ def regions():
     r.close()
 
 
-@pytest.fixture(params=["http"])
+@pytest.fixture(params=["http", "grpc"])
 def client(request, server):
     if request.param == "http":
         c = httpclient.InferenceServerClient(server.http_url)
@@ -166,6 +166,21 @@ def test_shared_memory_input_with_output_in_the_body(client, regions):
     np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), x)
 
 
+def test_output_in_shared_memory_before_one_in_the_body(client, regions):
+    c, mod = client
+    a, b = inputs_ab(2)
+    h, key = regions.create("o0", NBYTES)
+    c.register_system_shared_memory("o0", key, NBYTES)
+    ins = [mod.InferInput("INPUT0", [BATCH, 16], "FP32"), mod.InferInput("INPUT1", [BATCH, 16], "FP32")]
+    ins[0].set_data_from_numpy(a)
+    ins[1].set_data_from_numpy(b)
+    outs = [mod.InferRequestedOutput("OUTPUT0"), mod.InferRequestedOutput("OUTPUT1")]
+    outs[0].set_shared_memory("o0", NBYTES)
+    r = c.infer("simple", ins, outputs=outs)
+    np.testing.assert_allclose(shm.get_contents_as_numpy(h, np.float32, [BATCH, 16]), a + b, rtol=1e-6)
+    np.testing.assert_allclose(r.as_numpy("OUTPUT1"), a - b, rtol=1e-6)
+
+
 def expect_error(fn, *needles):
     with pytest.raises(InferenceServerException) as e:
         fn()
@@ -228,5 +243,17 @@ def test_http_status_codes_and_api_key(tmp_path, regions):
         assert st == 200 and out.strip() == b"[]"
         st, out, _ = s.request("GET", "/v2", headers=auth)
         assert b"system_shared_memory" in out
+        g = grpcclient.InferenceServerClient(s.grpc_url)
+        try:
+            e = expect_error(lambda: g.register_system_shared_memory("g", key, 64))
+            assert "UNAUTHENTICATED" in str(e.status())
+            g.register_system_shared_memory("g", key, 64, headers={"authorization": "Bearer sesame"})
+            st = g.get_system_shared_memory_status(headers={"authorization": "Bearer sesame"})
+            assert list(st.regions) == ["g"] and st.regions["g"].key == key
+            e = expect_error(lambda: g.get_system_shared_memory_status("zz", headers={"x-api-key": "sesame"}))
+            assert "NOT_FOUND" in str(e.status())
+            assert "system_shared_memory" in g.get_server_metadata(headers={"x-api-key": "sesame"}).extensions
+        finally:
+            g.close()
     finally:
         s.stop()

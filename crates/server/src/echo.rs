@@ -182,6 +182,24 @@ impl srv::GrpcInferenceService for EchoGrpc {
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
         unimplemented()
     }
+    async fn system_shared_memory_status(
+        &self,
+        _: Request<pb::SystemSharedMemoryStatusRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryStatusResponse>, Status> {
+        unimplemented()
+    }
+    async fn system_shared_memory_register(
+        &self,
+        _: Request<pb::SystemSharedMemoryRegisterRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryRegisterResponse>, Status> {
+        unimplemented()
+    }
+    async fn system_shared_memory_unregister(
+        &self,
+        _: Request<pb::SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryUnregisterResponse>, Status> {
+        unimplemented()
+    }
 }
 
 /// Serves the gRPC echo until `shutdown` resolves.

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use aperture_engine::{DType, NamedTensors};
+use aperture_engine::{DType, HostTensor, NamedTensors};
 
 use super::inference::{
     self as pb, infer_parameter::ParameterChoice, model_infer_response::InferOutputTensor,
@@ -11,25 +11,52 @@ use super::inference::{
 use crate::error::{Result, ServerError};
 use crate::image::split_bytes_elements;
 use crate::model::{InferRequest, LoadedModel};
+use crate::shm::{ShmRef, ShmRegistry};
 use crate::stats::{StatsSnapshot, Tally};
 use crate::tensor_io::{
     kserve_datatype, parse_datatype, shape_to_dims, tensor_from_bytes, tensor_from_numbers,
-    tensor_to_bytes,
+    tensor_to_bytes, with_le_bytes, TensorFill,
 };
 
 /// Decodes a ModelInferRequest (raw_input_contents or typed FP32 contents).
 pub fn request_from_proto(req: pb::ModelInferRequest) -> Result<InferRequest> {
+    Ok(request_from_proto_with_shm(req, None)?.0)
+}
+
+/// Decodes a ModelInferRequest whose tensors may name regions of `shm` (Triton's system
+/// shared-memory extension); also returns, per requested output, its shared-memory place.
+/// raw_input_contents hold the inputs that are not in shared memory, in order.
+pub fn request_from_proto_with_shm(
+    req: pb::ModelInferRequest,
+    shm: Option<&ShmRegistry>,
+) -> Result<(InferRequest, Vec<Option<ShmRef>>)> {
     let raw = req.raw_input_contents;
-    if !raw.is_empty() && raw.len() != req.inputs.len() {
+    let in_body = req
+        .inputs
+        .iter()
+        .filter(|i| !i.parameters.contains_key(SHM_REGION))
+        .count();
+    if !raw.is_empty() && raw.len() != in_body {
         return Err(ServerError::invalid(format!(
-            "{} raw_input_contents given for {} inputs; give one per input or none",
+            "{} raw_input_contents given for {in_body} inputs outside shared memory; give one per input or none",
             raw.len(),
-            req.inputs.len()
         )));
     }
     let mut inputs: NamedTensors = Vec::with_capacity(req.inputs.len());
     let mut encoded_images = Vec::new();
-    for (i, input) in req.inputs.into_iter().enumerate() {
+    let mut raw_at = 0;
+    for input in req.inputs {
+        if input.parameters.contains_key(SHM_REGION) {
+            let dtype = parse_datatype(&input.datatype, &input.name)?;
+            let dims = shape_to_dims(&input.shape, &input.name)?;
+            let place = shm_place("input", &input.name, &input.parameters, shm)?;
+            let mut fill = TensorFill::new(&input.name, dims, dtype, place.byte_size)?;
+            fill.fill_with(|dst| place.region.read_into(place.offset, dst))?;
+            push_input(&mut inputs, input.name, fill.finish()?)?;
+            continue;
+        }
+        let i = raw_at;
+        raw_at += 1;
         if input.datatype == "BYTES" {
             if !encoded_images.is_empty() {
                 return Err(ServerError::invalid(
@@ -71,27 +98,78 @@ pub fn request_from_proto(req: pb::ModelInferRequest) -> Result<InferRequest> {
                 tensor_from_numbers(&input.name, dims, dtype, values)?
             }
         };
-        if inputs.iter().any(|(n, _)| n == &input.name) {
-            return Err(ServerError::invalid(format!(
-                "input '{}' is given twice",
-                input.name
-            )));
-        }
-        inputs.push((input.name, tensor));
+        push_input(&mut inputs, input.name, tensor)?;
     }
+    let output_shm = req
+        .outputs
+        .iter()
+        .map(|o| {
+            o.parameters
+                .contains_key(SHM_REGION)
+                .then(|| shm_place("output", &o.name, &o.parameters, shm))
+                .transpose()
+        })
+        .collect::<Result<Vec<_>>>()?;
     let outputs = if req.outputs.is_empty() {
         None
     } else {
         Some(req.outputs.into_iter().map(|o| o.name).collect())
     };
-    Ok(InferRequest {
+    let request = InferRequest {
         encoded_images,
         id: req.id,
         inputs,
         outputs,
         priority: uint_param(&req.parameters, "priority")?.unwrap_or(0),
         timeout: uint_param(&req.parameters, "timeout")?.map(Duration::from_micros),
-    })
+    };
+    Ok((request, output_shm))
+}
+
+const SHM_REGION: &str = "shared_memory_region";
+
+fn push_input(inputs: &mut NamedTensors, name: String, t: HostTensor) -> Result<()> {
+    if inputs.iter().any(|(n, _)| n == &name) {
+        return Err(ServerError::invalid(format!(
+            "input '{name}' is given twice"
+        )));
+    }
+    inputs.push((name, t));
+    Ok(())
+}
+
+/// The shared-memory place named by a tensor's `shared_memory_region`,
+/// `shared_memory_byte_size` and `shared_memory_offset` parameters.
+fn shm_place(
+    kind: &str,
+    name: &str,
+    params: &HashMap<String, pb::InferParameter>,
+    shm: Option<&ShmRegistry>,
+) -> Result<ShmRef> {
+    let registry = shm.ok_or_else(|| {
+        ServerError::Unsupported(format!(
+            "{kind} '{name}': shared memory is not available here"
+        ))
+    })?;
+    let region = match params
+        .get(SHM_REGION)
+        .and_then(|p| p.parameter_choice.as_ref())
+    {
+        Some(ParameterChoice::StringParam(r)) => r,
+        _ => {
+            return Err(ServerError::invalid(format!(
+                "{kind} '{name}': parameter '{SHM_REGION}' must be a string"
+            )))
+        }
+    };
+    let byte_size = uint_param(params, "shared_memory_byte_size")?.ok_or_else(|| {
+        ServerError::invalid(format!(
+            "{kind} '{name}': '{SHM_REGION}' needs a 'shared_memory_byte_size' parameter"
+        ))
+    })?;
+    let offset = uint_param(params, "shared_memory_offset")?.unwrap_or(0);
+    ShmRef::resolve(registry, region, byte_size, offset)
+        .map_err(|e| ServerError::invalid(format!("{kind} '{name}': {e}")))
 }
 
 fn uint_param(params: &HashMap<String, pb::InferParameter>, key: &str) -> Result<Option<u64>> {
@@ -114,13 +192,7 @@ pub fn response_to_proto(
     let mut tensors = Vec::with_capacity(outputs.len());
     let mut raw = Vec::with_capacity(outputs.len());
     for (name, t) in outputs {
-        tensors.push(InferOutputTensor {
-            name,
-            datatype: kserve_datatype(t.dtype()).to_string(),
-            shape: t.shape().iter().map(|&d| d as i64).collect(),
-            parameters: HashMap::new(),
-            contents: None,
-        });
+        tensors.push(output_tensor(name, &t, HashMap::new()));
         raw.push(tensor_to_bytes(&t));
     }
     pb::ModelInferResponse {
@@ -130,6 +202,88 @@ pub fn response_to_proto(
         parameters: HashMap::new(),
         outputs: tensors,
         raw_output_contents: raw,
+    }
+}
+
+/// Like [`response_to_proto`], writing each output that has a place in `shm` into its
+/// region (which may be larger than the output, never smaller) and naming the region
+/// in the output's parameters instead of sending its bytes. raw_output_contents stay
+/// aligned with the outputs (an empty entry for one in shared memory), and are left
+/// out when every output is in shared memory.
+pub fn response_to_proto_with_shm(
+    model: &LoadedModel,
+    id: String,
+    outputs: NamedTensors,
+    shm: &[Option<ShmRef>],
+) -> Result<pb::ModelInferResponse> {
+    let mut tensors = Vec::with_capacity(outputs.len());
+    let mut raw = Vec::with_capacity(outputs.len());
+    let mut any_in_body = false;
+    for (i, (name, t)) in outputs.into_iter().enumerate() {
+        let size = t.numel() * t.dtype().size_bytes();
+        match shm.get(i).and_then(Option::as_ref) {
+            Some(place) => {
+                if size > place.byte_size {
+                    return Err(ServerError::invalid(format!(
+                        "shared memory size specified with the request for output '{name}' \
+                         ({} bytes) should be at least {size} bytes to hold the results",
+                        place.byte_size
+                    )));
+                }
+                with_le_bytes(&t, |b| place.region.write_from(place.offset, b))?;
+                let mut params = HashMap::new();
+                params.insert(SHM_REGION.to_string(), string_param(&place.region.name));
+                params.insert("shared_memory_byte_size".into(), int_param(size));
+                if place.offset != 0 {
+                    params.insert("shared_memory_offset".into(), int_param(place.offset));
+                }
+                tensors.push(output_tensor(name, &t, params));
+                raw.push(Vec::new());
+                crate::pool::give(t.into_data());
+            }
+            None => {
+                any_in_body = true;
+                tensors.push(output_tensor(name, &t, HashMap::new()));
+                raw.push(tensor_to_bytes(&t));
+            }
+        }
+    }
+    if !any_in_body {
+        raw.clear();
+    }
+    Ok(pb::ModelInferResponse {
+        model_name: model.name.clone(),
+        model_version: model.version.to_string(),
+        id,
+        parameters: HashMap::new(),
+        outputs: tensors,
+        raw_output_contents: raw,
+    })
+}
+
+fn output_tensor(
+    name: String,
+    t: &HostTensor,
+    parameters: HashMap<String, pb::InferParameter>,
+) -> InferOutputTensor {
+    InferOutputTensor {
+        name,
+        datatype: kserve_datatype(t.dtype()).to_string(),
+        shape: t.shape().iter().map(|&d| d as i64).collect(),
+        parameters,
+        contents: None,
+    }
+}
+
+fn string_param(s: &str) -> pb::InferParameter {
+    pb::InferParameter {
+        parameter_choice: Some(ParameterChoice::StringParam(s.to_string())),
+    }
+}
+
+fn int_param(v: usize) -> pb::InferParameter {
+    pb::InferParameter {
+        parameter_choice: Some(ParameterChoice::Int64Param(v as i64)),
     }
 }
 

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::convert::{config_to_proto, request_from_proto, response_to_proto, stats_to_proto};
+use super::convert::{
+    config_to_proto, request_from_proto_with_shm, response_to_proto_with_shm, stats_to_proto,
+};
 use super::inference::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use crate::error::ServerError;
 use crate::server::{Shared, EXTENSIONS, PLATFORM, SERVER_NAME};
@@ -71,10 +73,10 @@ async fn infer_inner(
     let model = shared
         .repository
         .get(&req.model_name, Some(&req.model_version))?;
-    let request = request_from_proto(req)?;
+    let (request, output_shm) = request_from_proto_with_shm(req, Some(&shared.shared_memory))?;
     let id = request.id.clone();
     let outputs = shared.run_with_timeout(&model, request).await?;
-    Ok(response_to_proto(&model, id, outputs))
+    response_to_proto_with_shm(&model, id, outputs, &output_shm)
 }
 
 type StreamOut =
@@ -274,5 +276,58 @@ impl GrpcInferenceService for InferenceService {
             .unload(&req.into_inner().model_name)
             .await?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        req: Request<pb::SystemSharedMemoryStatusRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryStatusResponse>, Status> {
+        use pb::system_shared_memory_status_response::RegionStatus;
+        self.authorize(&req, false)?;
+        let name = req.into_inner().name;
+        let regions = self
+            .shared
+            .shared_memory
+            .status((!name.is_empty()).then_some(name.as_str()))?
+            .into_iter()
+            .map(|r| {
+                let status = RegionStatus {
+                    name: r.name.clone(),
+                    key: r.key,
+                    offset: r.offset,
+                    byte_size: r.byte_size,
+                };
+                (r.name, status)
+            })
+            .collect();
+        Ok(Response::new(pb::SystemSharedMemoryStatusResponse {
+            regions,
+        }))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        req: Request<pb::SystemSharedMemoryRegisterRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryRegisterResponse>, Status> {
+        self.authorize(&req, false)?;
+        let r = req.into_inner();
+        self.shared
+            .shared_memory
+            .register(&r.name, &r.key, r.offset, r.byte_size)?;
+        Ok(Response::new(pb::SystemSharedMemoryRegisterResponse {}))
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        req: Request<pb::SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryUnregisterResponse>, Status> {
+        self.authorize(&req, false)?;
+        let name = req.into_inner().name;
+        if name.is_empty() {
+            self.shared.shared_memory.unregister_all();
+        } else {
+            self.shared.shared_memory.unregister(&name);
+        }
+        Ok(Response::new(pb::SystemSharedMemoryUnregisterResponse {}))
     }
 }
