@@ -474,6 +474,41 @@ mod tests {
     }
 
     #[test]
+    fn shared_memory_inputs_and_outputs_resolve_against_the_registry() {
+        let key = format!("/aperture-codec-test-{}", std::process::id());
+        let path = format!("/dev/shm/{}", key.trim_start_matches('/'));
+        std::fs::write(&path, f32_bytes(&[0.0, 1.5, -2.0, 9.0])).unwrap();
+        let reg = ShmRegistry::default();
+        reg.register("r", &key, 0, 16).unwrap();
+        let body = br#"{"inputs":[{"name":"A","shape":[1,2],"datatype":"FP32","parameters":{"shared_memory_region":"r","shared_memory_byte_size":8,"shared_memory_offset":4}}],
+            "outputs":[{"name":"Y","parameters":{"shared_memory_region":"r","shared_memory_byte_size":8,"shared_memory_offset":8}},{"name":"Z"}]}"#;
+        let d = decode_request_with_shm(body, None, Some(&reg));
+        let bad_size = br#"{"inputs":[{"name":"A","shape":[1,2],"datatype":"FP32","parameters":{"shared_memory_region":"r","shared_memory_byte_size":12}}]}"#;
+        let size_err = decode_request_with_shm(bad_size, None, Some(&reg));
+        let beyond = br#"{"inputs":[],"outputs":[{"name":"Y","parameters":{"shared_memory_region":"r","shared_memory_byte_size":8,"shared_memory_offset":12}}]}"#;
+        let beyond_err = decode_request_with_shm(beyond, None, Some(&reg));
+        let no_reg = decode_request(body, None);
+        let _ = std::fs::remove_file(&path);
+
+        let d = d.unwrap();
+        assert_eq!(d.request.inputs[0].1.to_f32_vec(), vec![1.5, -2.0]);
+        assert_eq!(d.output_shm.len(), 2);
+        let y = d.output_shm[0].as_ref().unwrap();
+        assert_eq!((y.region.name.as_str(), y.byte_size, y.offset), ("r", 8, 8));
+        assert!(d.output_shm[1].is_none());
+        let e = size_err.err().unwrap();
+        assert!(e.to_string().contains("needs 8 bytes"), "{e}");
+        let e = beyond_err.err().unwrap();
+        assert!(e.to_string().contains("Invalid offset + byte size"), "{e}");
+        assert_eq!(e.http_status(), 400);
+        let e = no_reg.err().unwrap();
+        assert!(
+            e.to_string().contains("shared memory is not available"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn malformed_requests_get_clear_messages() {
         assert!(err_of(b"{not json", None).contains("failed to parse the request JSON"));
         assert!(err_of(
