@@ -155,13 +155,15 @@ fn idct_n<const N: usize>(coef: &[i16; 64], quant: &[u16; 64], out: &mut [u8], s
             line.fill(v);
             continue;
         }
-        let r = butterfly(std::array::from_fn(|i| {
-            if i < N {
-                i64::from(w[i])
-            } else {
-                0
-            }
-        }));
+        let r = butterfly(std::array::from_fn(
+            |i| {
+                if i < N {
+                    i64::from(w[i])
+                } else {
+                    0
+                }
+            },
+        ));
         for (o, v) in line.iter_mut().zip(r) {
             *o = range_limit(descale(v, CONST_BITS + PASS1_BITS + 3));
         }

@@ -33,7 +33,11 @@ struct Component {
     /// Blocks per row / column in the coefficient buffer (MCU-padded).
     bw: usize,
     bh: usize,
+    /// Progressive frames: every block's coefficients, complete after the last scan.
     coefs: Vec<[i16; 64]>,
+    /// Sequential frames: the samples, each block inverse-transformed as soon as
+    /// it is decoded (no coefficient buffer).
+    plane: Option<Plane>,
 }
 
 struct Frame {
@@ -158,7 +162,7 @@ pub(crate) fn decode_pil_exact(b: &[u8]) -> Result<Option<(usize, usize, Vec<u8>
         (4, _, Some(_)) => ColorModel::Ycck,
         _ => return Ok(None),
     };
-    Ok(Some((f.width, f.height, to_rgb(&f, model)?)))
+    Ok(Some((f.width, f.height, to_rgb(f, model)?)))
 }
 
 fn parse_frame(seg: &[u8], progressive: bool) -> Result<Option<Frame>, String> {
@@ -185,6 +189,7 @@ fn parse_frame(seg: &[u8], progressive: bool) -> Result<Option<Frame>, String> {
             bw: 0,
             bh: 0,
             coefs: Vec::new(),
+            plane: None,
         });
     }
     let hmax = comps.iter().map(|c| c.h).max().unwrap_or(1);
@@ -197,7 +202,11 @@ fn parse_frame(seg: &[u8], progressive: bool) -> Result<Option<Frame>, String> {
     for c in &mut comps {
         c.bw = mcux * c.h;
         c.bh = mcuy * c.v;
-        c.coefs = vec![[0i16; 64]; c.bw * c.bh];
+        if progressive {
+            c.coefs = vec![[0i16; 64]; c.bw * c.bh];
+        } else {
+            c.plane = Some(empty_plane(width, height, c.h, c.v, hmax, vmax));
+        }
     }
     Ok(Some(Frame {
         width,
@@ -350,17 +359,23 @@ fn decode_scan(
             for v in 0..nv {
                 for h in 0..nh {
                     let (bx, by) = (mx * nh + h, my * nv + v);
-                    let block = &mut c.coefs[by * c.bw + bx];
                     let (dc, ac) = (dcs[k].as_ref(), acs[k].as_ref());
                     if !f.progressive {
+                        let mut block = [0i16; 64];
                         entropy::decode_block_baseline(
                             &mut r,
-                            block,
+                            &mut block,
                             &mut preds[k],
                             dc.ok_or("missing DC table")?,
                             ac.ok_or("missing AC table")?,
                         )?;
-                    } else if ss == 0 && ah == 0 {
+                        if let (Some(plane), Some(quant)) = (c.plane.as_mut(), c.quant.as_ref()) {
+                            plane.put_block(bx, by, &block, quant);
+                        }
+                        continue;
+                    }
+                    let block = &mut c.coefs[by * c.bw + bx];
+                    if ss == 0 && ah == 0 {
                         let dc = dc.ok_or("missing DC table")?;
                         entropy::decode_dc_first(&mut r, block, &mut preds[k], dc, al)?;
                     } else if ss == 0 {
@@ -387,11 +402,17 @@ fn decode_scan(
 
 /// Inverse DCT of every block, then upsampling and colour conversion row by row
 /// straight into the output buffer.
-fn to_rgb(f: &Frame, model: ColorModel) -> Result<Vec<u8>, String> {
+fn to_rgb(mut f: Frame, model: ColorModel) -> Result<Vec<u8>, String> {
     let (w, h) = (f.width, f.height);
     let mut ups = Vec::with_capacity(f.comps.len());
-    for c in &f.comps {
-        let plane = idct_plane(f, c)?;
+    for c in &mut f.comps {
+        if c.quant.is_none() {
+            return Err("component without any scan".into());
+        }
+        let plane = match c.plane.take() {
+            Some(p) => p,
+            None => idct_plane(f.width, f.height, f.hmax, f.vmax, c)?,
+        };
         ups.push(RowUpsampler::new(plane, f.hmax / c.h, f.vmax / c.v));
     }
     let convert: fn(&[RowUpsampler], &mut [u8]) -> bool = match model {
@@ -441,26 +462,37 @@ fn to_rgb(f: &Frame, model: ColorModel) -> Result<Vec<u8>, String> {
     Ok(rgb)
 }
 
-/// One component's samples: the inverse DCT of its blocks, written in place.
-fn idct_plane(f: &Frame, c: &Component) -> Result<Plane, String> {
-    let quant = c.quant.ok_or("component without any scan")?;
-    let cw = (f.width * c.h).div_ceil(f.hmax);
-    let ch = (f.height * c.v).div_ceil(f.vmax);
-    let (bw, bh) = (cw.div_ceil(8), ch.div_ceil(8));
-    let stride = bw * 8;
-    let mut data = vec![0u8; stride * bh * 8];
-    for (by, band) in data.chunks_exact_mut(8 * stride).enumerate() {
-        let blocks = &c.coefs[by * c.bw..by * c.bw + bw];
-        for (bx, block) in blocks.iter().enumerate() {
-            idct::idct_islow(block, &quant, &mut band[bx * 8..], stride);
-        }
-    }
-    Ok(Plane {
+/// A zeroed sample buffer for a component with sampling factors `h` x `v`,
+/// padded to whole blocks.
+fn empty_plane(width: usize, height: usize, h: usize, v: usize, hmax: usize, vmax: usize) -> Plane {
+    let cw = (width * h).div_ceil(hmax);
+    let ch = (height * v).div_ceil(vmax);
+    let stride = cw.div_ceil(8) * 8;
+    Plane {
         width: cw,
         height: ch,
         stride,
-        data,
-    })
+        data: vec![0u8; stride * ch.div_ceil(8) * 8],
+    }
+}
+
+/// A progressive component's samples: the inverse DCT of all its blocks.
+fn idct_plane(
+    width: usize,
+    height: usize,
+    hmax: usize,
+    vmax: usize,
+    c: &Component,
+) -> Result<Plane, String> {
+    let quant = c.quant.ok_or("component without any scan")?;
+    let mut plane = empty_plane(width, height, c.h, c.v, hmax, vmax);
+    let bw = plane.stride / 8;
+    for (by, row) in c.coefs.chunks_exact(c.bw).enumerate() {
+        for (bx, block) in row[..bw].iter().enumerate() {
+            plane.put_block(bx, by, block, &quant);
+        }
+    }
+    Ok(plane)
 }
 
 #[cfg(test)]

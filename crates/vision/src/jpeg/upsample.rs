@@ -14,6 +14,17 @@ pub(crate) struct Plane {
 }
 
 impl Plane {
+    /// Inverse DCT of block (`bx`, `by`) into place; blocks past the plane
+    /// (MCU padding) are dropped.
+    #[inline]
+    pub(crate) fn put_block(&mut self, bx: usize, by: usize, coef: &[i16; 64], quant: &[u16; 64]) {
+        let stride = self.stride;
+        let off = by * 8 * stride + bx * 8;
+        if bx * 8 < stride && off + 7 * stride + 8 <= self.data.len() {
+            crate::jpeg::idct::idct_islow(coef, quant, &mut self.data[off..], stride);
+        }
+    }
+
     #[inline]
     fn row(&self, y: usize) -> &[u8] {
         &self.data[y * self.stride..y * self.stride + self.width]
