@@ -57,6 +57,9 @@ pub struct ServeOptions {
     pub admin_key: Option<String>,
     /// How long shutdown waits for open connections before closing them.
     pub shutdown_grace: Duration,
+    /// Triton's system shared-memory extension (clients on this host register regions
+    /// of /dev/shm the server then reads and writes).
+    pub shared_memory: bool,
 }
 
 impl Default for ServeOptions {
@@ -71,6 +74,7 @@ impl Default for ServeOptions {
             api_key: None,
             admin_key: None,
             shutdown_grace: Duration::from_secs(30),
+            shared_memory: true,
         }
     }
 }
@@ -148,12 +152,13 @@ impl Server {
         repository: Repository,
         gpu: Option<Arc<dyn GpuMetrics>>,
     ) -> Self {
+        let shared_memory = options.shared_memory;
         Self {
             shared: Arc::new(Shared {
                 repository,
                 options,
                 gpu_metrics: gpu,
-                shared_memory: ShmRegistry::default(),
+                shared_memory: ShmRegistry::new(shared_memory),
                 shutting_down: AtomicBool::new(false),
             }),
         }

@@ -172,12 +172,26 @@ fn object_len(file: &File, key: &str) -> Result<u64> {
 }
 
 /// The server's registered regions by name.
-#[derive(Default)]
 pub struct ShmRegistry {
     regions: Mutex<BTreeMap<String, Arc<ShmRegion>>>,
+    /// Off (`aperture serve --no-shared-memory`): every registration is refused.
+    enabled: bool,
+}
+
+impl Default for ShmRegistry {
+    fn default() -> Self {
+        Self::new(true)
+    }
 }
 
 impl ShmRegistry {
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            regions: Mutex::new(BTreeMap::new()),
+            enabled,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<ShmRegion>>> {
         // The map stays consistent whatever panicked while holding the lock.
         self.regions.lock().unwrap_or_else(|p| p.into_inner())
@@ -185,6 +199,11 @@ impl ShmRegistry {
 
     /// Registers `byte_size` bytes at `offset` of object `key` as region `name`.
     pub fn register(&self, name: &str, key: &str, offset: u64, byte_size: u64) -> Result<()> {
+        if !self.enabled {
+            return Err(ServerError::invalid(
+                "system shared memory is disabled on this server (--no-shared-memory)",
+            ));
+        }
         if name.is_empty() {
             return Err(ServerError::invalid(
                 "shared memory region name must not be empty",

@@ -356,3 +356,20 @@ async fn api_keys_guard_inference_and_repository_separately() {
     assert_eq!(call(&s, idx("k1")).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(call(&s, idx("k2")).await.0, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn shared_memory_can_be_switched_off() {
+    let s = shared(ServeOptions {
+        shared_memory: false,
+        ..Default::default()
+    })
+    .await;
+    let body = "{\"key\": \"/aperture_test_region\", \"offset\": 0, \"byte_size\": 64}";
+    let e = error_of(
+        &s,
+        post("/v2/systemsharedmemory/region/r/register", body),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    assert!(e.contains("disabled"), "{e}");
+}

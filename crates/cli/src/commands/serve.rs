@@ -69,6 +69,10 @@ pub struct ServeArgs {
     /// On SIGTERM / ctrl-c, how long to let open requests and streams finish (seconds).
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace_s: u64,
+    /// Refuse Triton's system shared-memory registrations (clients on this host could
+    /// otherwise have the server read and write any /dev/shm object it can open).
+    #[arg(long)]
+    pub no_shared_memory: bool,
     /// Run a bare echo peer (same routes, no parsing or model) instead of the server,
     /// to measure the server's own overhead with `aperture loadgen`.
     #[arg(long)]
@@ -237,6 +241,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         api_key: args.api_key.clone(),
         admin_key: args.admin_key.clone(),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+        shared_memory: !args.no_shared_memory,
     };
     eprintln!(
         "aperture serve: HTTP {} gRPC {} metrics {}",
