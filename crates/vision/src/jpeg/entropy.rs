@@ -13,14 +13,17 @@ pub(crate) const NATURAL_ORDER: [usize; 80] = [
 
 const LOOKUP_BITS: u32 = 9;
 
+/// `fast_ac` run marking an end-of-block symbol.
+const EOB: u8 = 0xFF;
+
 /// A decoding table built from a DHT segment.
 #[derive(Clone)]
 pub(crate) struct Huffman {
     /// For every `LOOKUP_BITS`-bit prefix: (code length, symbol), length 0 = longer code.
     lookup: Vec<(u8, u8)>,
-    /// For AC tables: for every `LOOKUP_BITS`-bit prefix holding a whole code with
-    /// a nonzero size and its extra bits, (value, run, code length + size);
-    /// length 0 = decode the slow way.
+    /// For AC tables: for every `LOOKUP_BITS`-bit prefix holding a whole code and
+    /// its extra bits, (value, run, code length + size); value 0 with run 15 is
+    /// ZRL, run `EOB` ends the block; length 0 = decode the slow way.
     fast_ac: Vec<(i16, u8, u8)>,
     /// Canonical decoding for longer codes: largest code of each length (-1: none).
     maxcode: [i32; 18],
@@ -70,8 +73,12 @@ impl Huffman {
             .map(|(p, &(len, sym))| {
                 let (run, size) = (sym >> 4, u32::from(sym & 15));
                 let total = u32::from(len) + size;
-                if len == 0 || size == 0 || total > LOOKUP_BITS {
+                if len == 0 || total > LOOKUP_BITS {
                     return (0, 0, 0);
+                }
+                if size == 0 {
+                    // Sequential scans treat every r/0 symbol but ZRL as end of block.
+                    return (0, if run == 15 { 15 } else { EOB }, len);
                 }
                 let bits = (p as u32 >> (LOOKUP_BITS - total)) & ((1 << size) - 1);
                 (extend(bits, size) as i16, run, total as u8)
@@ -109,11 +116,18 @@ impl<'a> BitReader<'a> {
         }
     }
 
-    /// Top up the accumulator to at least 32 bits (57 or more on the byte path).
+    /// Top up the accumulator to at least 57 bits.
+    #[inline]
     fn fill(&mut self) {
         if self.marker.is_none() && self.fill_fast() {
             return;
         }
+        self.fill_bytes();
+    }
+
+    /// Byte by byte, unstuffing `FF 00` and stopping at a marker.
+    #[inline(never)]
+    fn fill_bytes(&mut self) {
         while self.nbits <= 56 {
             let mut byte = 0u8;
             if self.marker.is_none() {
@@ -308,11 +322,16 @@ pub(crate) fn decode_block_baseline(
         let (value, run, len) = ac.fast_ac[(r.acc >> (64 - LOOKUP_BITS)) as usize];
         if len != 0 {
             r.consume(u32::from(len));
+            if run == EOB {
+                break;
+            }
             k += usize::from(run);
-            let pos = *NATURAL_ORDER
-                .get(k)
-                .ok_or("corrupt JPEG data: AC run past block")?;
-            block[pos] = value;
+            if value != 0 {
+                let pos = *NATURAL_ORDER
+                    .get(k)
+                    .ok_or("corrupt JPEG data: AC run past block")?;
+                block[pos] = value;
+            }
             k += 1;
             continue;
         }
