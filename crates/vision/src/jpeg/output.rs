@@ -56,12 +56,20 @@ fn clamp8(v: i32) -> u8 {
     v.clamp(0, 255) as u8
 }
 
-/// YCbCr rows to interleaved RGB.
+/// YCbCr rows to interleaved RGB: the table lookups of `ycc_terms` written as
+/// arithmetic the compiler can vectorise. Splitting the multiples of 2^16 off
+/// the constants (91881 = 2^16 + 26345, 116130 = 2^17 - 14942,
+/// -46802 = -2^16 + 18734) is exact under the arithmetic shift and keeps every
+/// multiplier within 16 bits.
 pub(crate) fn ycc_to_rgb(y: &[u8], cb: &[u8], cr: &[u8], out: &mut [u8]) {
     for (((px, &y), &cb), &cr) in out.chunks_exact_mut(3).zip(y).zip(cb).zip(cr) {
-        let (r, g, b) = ycc_terms(cb, cr);
         let y = i32::from(y);
-        px.copy_from_slice(&[clamp8(y + r), clamp8(y + g), clamp8(y + b)]);
+        let cb = i32::from(cb) - 128;
+        let cr = i32::from(cr) - 128;
+        let r = y + cr + ((26345 * cr + ONE_HALF) >> SCALEBITS);
+        let g = y - cr + ((-22554 * cb + 18734 * cr + ONE_HALF) >> SCALEBITS);
+        let b = y + 2 * cb + ((-14942 * cb + ONE_HALF) >> SCALEBITS);
+        px.copy_from_slice(&[clamp8(r), clamp8(g), clamp8(b)]);
     }
 }
 
@@ -120,6 +128,22 @@ mod tests {
         let mut out = [0u8; 9];
         ycc_to_rgb(&[0, 77, 255], &[128; 3], &[128; 3], &mut out);
         assert_eq!(out, [0, 0, 0, 77, 77, 77, 255, 255, 255]);
+    }
+
+    #[test]
+    fn ycc_arithmetic_equals_libjpeg_tables() {
+        let mut out = [0u8; 3 * 256];
+        for y in [0u8, 1, 77, 128, 200, 254, 255] {
+            for cb in 0..=255u8 {
+                let crs: Vec<u8> = (0..=255).collect();
+                ycc_to_rgb(&[y; 256], &[cb; 256], &crs, &mut out);
+                for (px, &cr) in out.chunks_exact(3).zip(&crs) {
+                    let (r, g, b) = ycc_terms(cb, cr);
+                    let y = i32::from(y);
+                    assert_eq!(px, [clamp8(y + r), clamp8(y + g), clamp8(y + b)]);
+                }
+            }
+        }
     }
 
     #[test]
