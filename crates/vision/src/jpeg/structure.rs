@@ -49,13 +49,15 @@ fn segment_len(b: &[u8], i: usize) -> Result<usize, String> {
 
 /// Skip entropy-coded data: stuffed `FF 00` and restart markers belong to it.
 fn skip_entropy_data(b: &[u8], mut i: usize) -> Result<usize, String> {
-    while i + 1 < b.len() {
-        if b[i] == 0xFF && !matches!(b[i + 1], 0x00 | 0xD0..=0xD7 | 0xFF) {
-            return Ok(i);
+    loop {
+        let rest = b.get(i..).ok_or(TRUNCATED)?;
+        i += rest.iter().position(|&x| x == 0xFF).ok_or(TRUNCATED)?;
+        match b.get(i + 1) {
+            None => return Err(TRUNCATED.into()),
+            Some(0x00 | 0xD0..=0xD7 | 0xFF) => i += 1,
+            Some(_) => return Ok(i),
         }
-        i += 1;
     }
-    Err(TRUNCATED.into())
 }
 
 #[cfg(test)]
