@@ -83,7 +83,8 @@ impl RowUpsampler {
         let src = y / self.fy;
         // Fancy vertical filters blend with the row above for even output rows
         // and the row below for odd ones (edge rows repeated), biases 1 / 2.
-        let other = if y % 2 == 0 {
+        let even = y.is_multiple_of(2);
+        let other = if even {
             src.saturating_sub(1)
         } else {
             (src + 1).min(p.height - 1)
@@ -97,7 +98,7 @@ impl RowUpsampler {
                 fancy_h2(&self.sums, &mut self.buf, (1, 2), 2);
             }
             Mode::H1V2 => {
-                let bias = if y % 2 == 0 { 1 } else { 2 };
+                let bias = if even { 1 } else { 2 };
                 for ((o, &a), &b) in self.buf.iter_mut().zip(p.row(src)).zip(p.row(other)) {
                     *o = ((i32::from(a) * 3 + i32::from(b) + bias) >> 2) as u8;
                 }
