@@ -11,7 +11,7 @@ pub(crate) const NATURAL_ORDER: [usize; 80] = [
     63, 63, 63, 63, 63, 63,
 ];
 
-const LOOKUP_BITS: u32 = 9;
+const LOOKUP_BITS: u32 = 10;
 
 /// `fast_ac` run marking an end-of-block symbol.
 const EOB: u8 = 0xFF;
