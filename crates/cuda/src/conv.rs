@@ -162,6 +162,19 @@ pub(crate) fn gemm_rows(
     Ok(())
 }
 
+/// The NHWC output dims of `w` over an input of `dims`, once its channels are checked.
+pub(crate) fn output_dims(w: &ConvWeights, dims: [usize; 4]) -> Result<[usize; 4]> {
+    let [n, h, wd, c] = dims;
+    if c != w.c_in {
+        return Err(EngineError::Shape(format!(
+            "convolution expects {} input channels, got {c}",
+            w.c_in
+        )));
+    }
+    let (oh, ow) = out_size(w, h, wd)?;
+    Ok([n, oh, ow, w.c_out])
+}
+
 pub(crate) fn out_size(w: &ConvWeights, h: usize, wd: usize) -> Result<(usize, usize)> {
     let p = w.spec.padding;
     if h + 2 * p < w.kh || wd + 2 * p < w.kw {
@@ -184,14 +197,8 @@ pub(crate) fn conv2d(
     residual: Option<&CudaTensor>,
 ) -> Result<CudaTensor> {
     let [n, h, wd, c] = x.dims;
-    if c != w.c_in {
-        return Err(EngineError::Shape(format!(
-            "convolution expects {} input channels, got {c}",
-            w.c_in
-        )));
-    }
-    let (oh, ow) = out_size(w, h, wd)?;
-    let dims = [n, oh, ow, w.c_out];
+    let dims = output_dims(w, x.dims)?;
+    let [_, oh, ow, _] = dims;
     if let Some(r) = residual {
         if r.dims != dims {
             return Err(EngineError::Shape(format!(

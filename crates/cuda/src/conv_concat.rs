@@ -20,7 +20,7 @@ use aperture_engine::backend::Activation;
 use aperture_engine::{EngineError, Result};
 
 use crate::backend::{ConvWeights, CudaBackend, CudaParam, CudaTensor};
-use crate::conv::{act_code, out_size, plain_product};
+use crate::conv::{act_code, out_size, output_dims, plain_product};
 use crate::conv_igemm::{DenseConv, Geometry, Tile};
 use crate::gemm::{GemmCall, Operand};
 use crate::kernels::Arg;
@@ -218,15 +218,9 @@ fn conv_slice(
     dst: Option<Slice>,
 ) -> Result<Option<CudaTensor>> {
     let input = src.view();
-    let [n, h, wd, c] = input.dims;
-    if c != w.c_in {
-        return Err(EngineError::Shape(format!(
-            "convolution expects {} input channels, got {c}",
-            w.c_in
-        )));
-    }
-    let (oh, ow) = out_size(w, h, wd)?;
-    let out_dims = [n, oh, ow, w.c_out];
+    let c = input.dims[3];
+    let out_dims = output_dims(w, input.dims)?;
+    let [n, oh, ow, _] = out_dims;
     let es = be.esize() as f64;
     let p_out = n * oh * ow;
     let io_bytes = (input.pixels() * c + p_out * w.c_out) as f64 * es;
