@@ -257,3 +257,31 @@ def test_http_status_codes_and_api_key(tmp_path, regions):
             g.close()
     finally:
         s.stop()
+
+
+def test_loadgen_sends_tensors_through_shared_memory(server):
+    # `aperture loadgen --shared-memory system`: inputs registered once, every request
+    # names the regions; the server counts the inferences and the regions are gone after.
+    import subprocess
+
+    from test_server import BIN
+
+    hc = httpclient.InferenceServerClient(server.http_url)
+    before = hc.get_inference_statistics("simple")["model_stats"][0]["inference_count"]
+    r = subprocess.run(
+        [str(BIN), "loadgen", "-m", "simple", "-u", server.http_url, "--shared-memory", "system",
+         "-b", "2", "--concurrency-range", "2", "--measurement-interval", "300", "--warmup-ms", "50"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    row = r.stdout.splitlines()[1].split()
+    assert row[0] == "2" and float(row[1]) > 0 and row[3] == "0", r.stdout
+    after = hc.get_inference_statistics("simple")["model_stats"][0]["inference_count"]
+    assert after > before
+    assert hc.get_system_shared_memory_status() == []
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("aperture-loadgen-")]
+    bad = subprocess.run(
+        [str(BIN), "loadgen", "-m", "simple", "-u", server.grpc_url, "-i", "grpc", "--shared-memory", "system"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert bad.returncode != 0 and "over HTTP" in bad.stderr

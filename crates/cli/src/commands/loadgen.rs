@@ -41,6 +41,11 @@ pub struct LoadgenArgs {
     /// Send HTTP tensors as JSON instead of binary.
     #[arg(long)]
     pub json: bool,
+    /// Where HTTP input tensors travel: `none` (in the request body) or `system`
+    /// (registered POSIX shared memory, Triton's extension; the server must run on this
+    /// host), as perf_analyzer's --shared-memory.
+    #[arg(long, default_value = "none", value_parser = ["none", "system"])]
+    pub shared_memory: String,
     /// Send this image file to /v1/models/{model}/{--task} instead of tensors (HTTP).
     #[arg(long)]
     pub image: Option<PathBuf>,
@@ -110,10 +115,13 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         concurrency: parse_range(&args.concurrency_range)?,
         warmup: Duration::from_millis(args.warmup_ms),
         measure: Duration::from_millis(args.measurement_interval.max(1)),
-        encoding: if args.json {
-            Encoding::Json
-        } else {
-            Encoding::Binary
+        encoding: match (args.json, args.shared_memory.as_str()) {
+            (true, "system") => {
+                anyhow::bail!("--json and --shared-memory system exclude each other")
+            }
+            (true, _) => Encoding::Json,
+            (false, "system") => Encoding::SharedMemory,
+            (false, _) => Encoding::Binary,
         },
         batch_size: args.batch_size.max(1),
         shape: args.shape.clone(),

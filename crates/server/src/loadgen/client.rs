@@ -26,6 +26,9 @@ pub struct WireInput {
 pub enum Encoding {
     Json,
     Binary,
+    /// Inputs in registered system shared-memory regions (`super::shm`), outputs as
+    /// binary data in the answer.
+    SharedMemory,
 }
 
 pub struct HttpClient {
@@ -123,21 +126,29 @@ impl HttpClient {
 pub fn http_infer_body(inputs: &[WireInput], encoding: Encoding) -> (Bytes, Option<usize>) {
     let tensors: Vec<Value> = inputs
         .iter()
-        .map(|i| match encoding {
+        .enumerate()
+        .map(|(index, i)| match encoding {
             Encoding::Json => json!({ "name": i.name, "datatype": i.datatype, "shape": i.shape, "data": i.values }),
             Encoding::Binary => json!({
                 "name": i.name, "datatype": i.datatype, "shape": i.shape,
                 "parameters": { "binary_data_size": i.raw.len() },
             }),
+            Encoding::SharedMemory => json!({
+                "name": i.name, "datatype": i.datatype, "shape": i.shape,
+                "parameters": {
+                    "shared_memory_region": super::shm::region_name(index),
+                    "shared_memory_byte_size": i.raw.len(),
+                },
+            }),
         })
         .collect();
     let mut head = json!({ "inputs": tensors });
-    if encoding == Encoding::Binary {
+    if encoding != Encoding::Json {
         head["parameters"] = json!({ "binary_data_output": true });
     }
     let head = serde_json::to_vec(&head).unwrap_or_default();
     match encoding {
-        Encoding::Json => (Bytes::from(head), None),
+        Encoding::Json | Encoding::SharedMemory => (Bytes::from(head), None),
         Encoding::Binary => {
             let n = head.len();
             let mut body = head;

@@ -3,6 +3,7 @@
 //! the model's statistics.
 
 mod client;
+mod shm;
 
 use std::time::{Duration, Instant};
 
@@ -111,14 +112,29 @@ pub async fn sweep(opts: &LoadgenOptions) -> Result<Vec<LevelReport>, String> {
             return Err("image bodies go over HTTP; use --protocol http".into())
         }
     };
+    if opts.encoding != Encoding::SharedMemory {
+        return levels(opts, &inputs).await;
+    }
+    if opts.protocol != Protocol::Http || opts.image.is_some() {
+        return Err("--shared-memory system takes tensors over HTTP".into());
+    }
+    let mut control = HttpClient::connect(&opts.addr, opts.api_key.clone()).await?;
+    let regions = shm::InputRegions::create(&mut control, &inputs).await?;
+    let reports = levels(opts, &inputs).await;
+    regions.release(&mut control).await;
+    reports
+}
+
+/// Every concurrency or request-rate level of the sweep.
+async fn levels(opts: &LoadgenOptions, inputs: &[WireInput]) -> Result<Vec<LevelReport>, String> {
     let mut reports = Vec::new();
     if opts.request_rates.is_empty() {
         for &c in &opts.concurrency {
-            reports.push(level(opts, &inputs, Load::Concurrency(c.max(1))).await?);
+            reports.push(level(opts, inputs, Load::Concurrency(c.max(1))).await?);
         }
     } else {
         for &r in &opts.request_rates {
-            reports.push(level(opts, &inputs, Load::Rate(r)).await?);
+            reports.push(level(opts, inputs, Load::Rate(r)).await?);
         }
     }
     Ok(reports)
