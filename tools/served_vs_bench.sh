@@ -9,7 +9,8 @@
 #
 # Environment: BATCHES (default "1 8 32"), PRECISION (default fp16), WINDOW_MS (4000, per
 # 8 images of batch: enough whole batches in each window), INSTANCES (model instances, 1),
-# CLIENTS (concurrent loadgen clients, 2), MODELS (default "restormer dfine").
+# CLIENTS (concurrent loadgen clients, 2), MODELS (default "restormer dfine"),
+# SHARED_MEMORY (none, or system: input tensors in registered POSIX shared memory).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${APERTURE_BIN:-.carry/aperture}
@@ -22,6 +23,7 @@ P=${PRECISION:-fp16}
 WINDOW=${WINDOW_MS:-4000}
 INSTANCES=${INSTANCES:-1}
 CLIENTS=${CLIENTS:-2}
+SHM=${SHARED_MEMORY:-none}
 MODELS=${MODELS:-restormer dfine}
 python3 tools/restormer_ref.py "$W/restormer" --size 64 > /dev/null || exit 1
 mkdir -p "$W/dfine"
@@ -46,12 +48,12 @@ for spec in "restormer 3,512,512 786432" "dfine 3,640,640 1228800"; do
       (exec 3<>/dev/tcp/127.0.0.1/18000) 2>/dev/null && break
       sleep 0.2
     done
-    "$BIN" loadgen -m m -u 127.0.0.1:18000 --concurrency-range "$CLIENTS" -b "$b" --shape "$shape" \
+    "$BIN" loadgen -m m -u 127.0.0.1:18000 --concurrency-range "$CLIENTS" --shared-memory "$SHM" -b "$b" --shape "$shape" \
       --warmup-ms "$window" --measurement-interval "$window" --csv "$OUT/$tag-loadgen.csv" > "$OUT/$tag-loadgen.log" 2>&1
     served=$(python3 -c "import csv,sys; r=list(csv.DictReader(open(sys.argv[1]))); print('%.1f' % float(r[0]['Inferences/Second']))" "$OUT/$tag-loadgen.csv" 2>/dev/null || echo 0)
     kill "$pid" 2>/dev/null
     wait "$pid" 2>/dev/null
     ratio=$(python3 -c "import sys; a, s = map(float, sys.argv[1:]); print('%.2f' % (s / a) if a > 0 else '-')" "$inproc" "$served")
-    echo "$name $P batch $b: in-process (aperture bench) $inproc images/s, served (loadgen, $CLIENTS clients, $INSTANCES instance(s)) $served images/s, served/in-process $ratio"
+    echo "$name $P batch $b: in-process (aperture bench) $inproc images/s, served (loadgen, $CLIENTS clients, $INSTANCES instance(s), shared memory $SHM) $served images/s, served/in-process $ratio"
   done
 done
