@@ -131,13 +131,7 @@ impl GraphDFine {
         images: &[&aperture_vision::RgbImage],
         spec: &PreprocessSpec,
     ) -> anyhow::Result<(HostTensor, HostTensor)> {
-        let first = images
-            .first()
-            .ok_or_else(|| anyhow::anyhow!("no images to detect in"))?;
-        let (h, w) = spec
-            .size
-            .unwrap_or((first.height() as usize, first.width() as usize));
-        let shape = [images.len(), 3, h, w];
+        let shape = input_shape(images, spec)?;
         if !self.eager.load(Ordering::Relaxed) && spec.layout == TensorLayout::Nchw {
             let fill = |ptr: u64, bytes: usize| pre.run_into(images, spec, ptr, bytes);
             match self.replay_with(&shape, |forward| {
@@ -166,14 +160,8 @@ impl GraphDFine {
         spec: &PreprocessSpec,
         threshold: f32,
     ) -> anyhow::Result<Vec<Vec<Detection>>> {
-        let first = images
-            .first()
-            .ok_or_else(|| anyhow::anyhow!("no images to detect in"))?;
+        let shape = input_shape(images, spec)?;
         let sizes: Vec<(u32, u32)> = images.iter().map(|i| (i.height(), i.width())).collect();
-        let (h, w) = spec
-            .size
-            .unwrap_or((first.height() as usize, first.width() as usize));
-        let shape = [images.len(), 3, h, w];
         if self.post_on() && spec.layout == TensorLayout::Nchw {
             let fill = |ptr: u64, bytes: usize| pre.run_into(images, spec, ptr, bytes);
             let rows = self.post_with(|forward| {
@@ -356,6 +344,21 @@ pub fn detections_from_rows(
                 .collect())
         })
         .collect()
+}
+
+/// The NCHW input the preprocessed `images` form: the spec's size, else the first
+/// image's.
+fn input_shape(
+    images: &[&aperture_vision::RgbImage],
+    spec: &PreprocessSpec,
+) -> anyhow::Result<[usize; 4]> {
+    let first = images
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no images to detect in"))?;
+    let (h, w) = spec
+        .size
+        .unwrap_or((first.height() as usize, first.width() as usize));
+    Ok([images.len(), 3, h, w])
 }
 
 /// The batch size of the graph that runs an input of `shape`: the next power of two,
