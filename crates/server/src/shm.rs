@@ -153,7 +153,7 @@ impl ShmRegion {
 
 /// `/key` -> `/dev/shm/key` (as glibc's `shm_open` does); keys with further slashes
 /// or `..` would point elsewhere and are refused.
-fn object_path(key: &str) -> Result<PathBuf> {
+pub(crate) fn object_path(key: &str) -> Result<PathBuf> {
     let bare = key.trim_start_matches('/');
     if bare.is_empty() || bare.contains('/') || bare == "." || bare == ".." {
         return Err(ServerError::invalid(format!(

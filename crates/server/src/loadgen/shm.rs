@@ -3,8 +3,6 @@
 //! as perf_analyzer's `--shared-memory system` does), so each request carries only its
 //! JSON header. Inputs are written once; every client's requests read the same regions.
 
-use std::path::PathBuf;
-
 use bytes::Bytes;
 use serde_json::json;
 
@@ -18,7 +16,7 @@ pub fn region_name(index: usize) -> String {
 /// The shared-memory objects of one run, registered with the server; removed again by
 /// [`InputRegions::release`] (or at least deleted from /dev/shm when dropped).
 pub struct InputRegions {
-    files: Vec<(String, PathBuf)>,
+    files: Vec<(String, std::path::PathBuf)>,
 }
 
 impl InputRegions {
@@ -27,12 +25,13 @@ impl InputRegions {
         let mut regions = Self { files: Vec::new() };
         for (i, input) in inputs.iter().enumerate() {
             let name = region_name(i);
-            let path = PathBuf::from("/dev/shm").join(&name);
+            let key = format!("/{name}");
+            // The object the server opens for this key.
+            let path = crate::shm::object_path(&key).map_err(|e| e.to_string())?;
             std::fs::write(&path, &input.raw)
                 .map_err(|e| format!("shared memory {}: {e}", path.display()))?;
             regions.files.push((name.clone(), path));
-            let body =
-                json!({ "key": format!("/{name}"), "offset": 0, "byte_size": input.raw.len() });
+            let body = json!({ "key": key, "offset": 0, "byte_size": input.raw.len() });
             let path = format!("/v2/systemsharedmemory/region/{name}/register");
             let (status, answer) = client
                 .send("POST", &path, Bytes::from(body.to_string()), None, true)
