@@ -130,6 +130,35 @@ extern "C" __global__ void act_residual(T* __restrict__ y, const T* __restrict__
     }
 }
 
+// After a convolution computed by cuDNN: y = act(y + bias) + res, 16-byte vectors of
+// channels; y's pixel rows are ldy apart (a channel slice of a wider tensor), res dense.
+extern "C" __global__ void conv_epilogue_vec(T* __restrict__ y, const T* __restrict__ bias,
+                                             const T* __restrict__ res, i64 pixels, int c,
+                                             i64 ldy, int act) {
+    const int V = 16 / sizeof(T);
+    const int cv = c / V;
+    GRID_LOOP(i, pixels * cv) {
+        const i64 p = i / cv;
+        const int j = (int)(i - p * cv) * V;
+        uint4* yp = reinterpret_cast<uint4*>(y + p * ldy + j);
+        uint4 yv = *yp, bv = make_uint4(0, 0, 0, 0), rv = make_uint4(0, 0, 0, 0);
+        if (bias) bv = *reinterpret_cast<const uint4*>(bias + j);
+        if (res) rv = *reinterpret_cast<const uint4*>(res + p * c + j);
+        T* ye = reinterpret_cast<T*>(&yv);
+        const T* be = reinterpret_cast<const T*>(&bv);
+        const T* re = reinterpret_cast<const T*>(&rv);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            float v = ldf(ye[k]);
+            if (bias) v += ldf(be[k]);
+            v = activate(v, act);
+            if (res) v += ldf(re[k]);
+            ye[k] = stf(v);
+        }
+        *yp = yv;
+    }
+}
+
 extern "C" __global__ void gelu_gate(const T* __restrict__ x, T* __restrict__ y, i64 P, int half) {
     GRID_LOOP(i, P * half) {
         i64 p = i / half;

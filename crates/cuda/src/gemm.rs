@@ -78,7 +78,7 @@ const CANDIDATES: usize = 8;
 const TUNING_RUNS: usize = 3;
 
 /// Whether `stream` is recording a graph (then nothing may be timed on it).
-fn capturing(stream: sys::cudaStream_t) -> bool {
+pub(crate) fn capturing(stream: sys::cudaStream_t) -> bool {
     use cudarc::driver::sys as drv;
     let mut status = drv::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
     // SAFETY: queries a live stream; writes one status value.

@@ -20,6 +20,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "widen_to_f32",
     "narrow_from_f32",
     "layer_norm",
+    "conv_epilogue_vec",
     "layer_norm2",
     "layer_norm8",
     "dwconv3x3_vec",

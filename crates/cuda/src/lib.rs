@@ -21,6 +21,7 @@ mod conv_concat;
 mod conv_concat_check;
 mod conv_igemm;
 mod copy_rows;
+mod cudnn_conv;
 mod depthwise;
 pub mod detection;
 mod driver;

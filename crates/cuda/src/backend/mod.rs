@@ -101,6 +101,8 @@ pub struct CudaBackend {
     poison: AtomicBool,
     /// D-FINE's kernels and constants (crate::detection).
     pub(crate) detection: crate::detection::DetectionState,
+    /// cuDNN's handle and the per-launch choice between it and our convolutions.
+    pub(crate) cudnn: crate::cudnn_conv::CudnnConvs,
 }
 
 impl CudaBackend {
@@ -129,6 +131,7 @@ impl CudaBackend {
             profiler: Profiler::default(),
             poison: AtomicBool::new(false),
             detection: Default::default(),
+            cudnn: Default::default(),
         })
     }
 

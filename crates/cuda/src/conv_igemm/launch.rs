@@ -6,6 +6,7 @@ use cudarc::driver::sys;
 
 use super::{DenseConv, Geometry, IgemmSlot, Tile};
 use crate::backend::{ConvWeights, CudaBackend, CudaTensor};
+use crate::cudnn_conv::{DenseLaunch, DensePtrs};
 use crate::driver::Context;
 use crate::error::CudaResult;
 use crate::kernels::Arg;
@@ -67,6 +68,38 @@ pub(crate) fn run(
 /// `ldy` apart at `y`, reading input rows `ldx` apart (a channel slice of a wider tensor
 /// when `ldx > C`; then `ldx % 8 == 0` and `x`, `y` 16-byte aligned, see conv.cu).
 pub(crate) fn run_strided(
+    be: &CudaBackend,
+    (x, ldx): (u64, usize),
+    w: &ConvWeights,
+    g: &Geometry,
+    act: Activation,
+    residual: Option<u64>,
+    (y, ldy): (u64, usize),
+) -> Result<()> {
+    let n = g.m / (g.oh * g.ow).max(1);
+    let l = DenseLaunch::new(
+        [n, g.h, g.w, g.c],
+        ldx,
+        w,
+        (g.oh, g.ow),
+        ldy,
+        act,
+        residual.is_some(),
+    );
+    let ptrs = DensePtrs {
+        x,
+        w: w.weight.ptr(),
+        bias: w.bias.as_ref().map(|b| b.ptr()),
+        residual,
+        y,
+    };
+    crate::cudnn_conv::run_dense(be, &l, &ptrs, || {
+        run_ours(be, (x, ldx), w, g, act, residual, (y, ldy))
+    })
+}
+
+/// [`run_strided`] with the implicit-GEMM kernel.
+fn run_ours(
     be: &CudaBackend,
     (x, ldx): (u64, usize),
     w: &ConvWeights,

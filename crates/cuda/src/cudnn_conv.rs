@@ -1,0 +1,546 @@
+//! Dense k x k convolutions through cuDNN where it is faster than the implicit GEMM.
+//!
+//! On Hopper, cuDNN's convolution engines use the warpgroup matrix instructions that
+//! `conv_igemm` (mma.sync) does not; on D-FINE's shapes PyTorch's cuDNN convolutions run
+//! at about twice our rate. Each distinct launch (shapes, strides, activation, residual)
+//! is timed once, eagerly, both ways: ours, and cuDNN's fastest algorithm
+//! (`cudnnFindConvolutionForwardAlgorithmEx`) followed by a vectorised epilogue kernel
+//! for bias, activation and residual. The faster one is remembered and used from then on,
+//! including under graph capture (a launch first seen while capturing keeps ours: nothing
+//! can be timed there).
+//!
+//! 16-bit storage only (fp32/tf32 keep their checked path); the library is loaded on the
+//! first eligible convolution, and a machine without it keeps ours. `APERTURE_CUDNN=0`
+//! turns the path off (for A/B runs), `APERTURE_CUDNN=force` skips the timing and takes
+//! cuDNN wherever it runs (for parity checks of its numerics).
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr};
+use std::panic::catch_unwind;
+use std::sync::{Mutex, OnceLock};
+
+use aperture_engine::backend::Activation;
+use aperture_engine::Result;
+use cudarc::cudnn::sys as dnn;
+
+use crate::backend::{ConvWeights, CudaBackend};
+use crate::conv::act_code;
+use crate::error::{CudaError, CudaResult};
+use crate::kernels::{Arg, Storage};
+
+const ENV_SWITCH: &str = "APERTURE_CUDNN";
+/// Largest cuDNN workspace taken for one convolution.
+const MAX_WORKSPACE: usize = 256 << 20;
+/// Algorithms asked of cuDNN's search.
+const ALGOS: i32 = 8;
+/// Timed runs per candidate (after one untimed run).
+const TIMED_RUNS: usize = 3;
+
+/// One dense convolution launch: input rows `ldx` apart, output rows `ldy` apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct DenseLaunch {
+    /// Input NHWC dims.
+    pub input: [usize; 4],
+    pub ldx: usize,
+    pub out_hw: (usize, usize),
+    pub c_out: usize,
+    pub ldy: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub act: i32,
+    pub residual: bool,
+    pub bias: bool,
+}
+
+impl DenseLaunch {
+    pub(crate) fn new(
+        input: [usize; 4],
+        ldx: usize,
+        w: &ConvWeights,
+        out_hw: (usize, usize),
+        ldy: usize,
+        act: Activation,
+        residual: bool,
+    ) -> Self {
+        Self {
+            input,
+            ldx,
+            out_hw,
+            c_out: w.c_out,
+            ldy,
+            kh: w.kh,
+            kw: w.kw,
+            stride: w.spec.stride,
+            pad: w.spec.padding,
+            act: act_code(act),
+            residual,
+            bias: w.bias.is_some(),
+        }
+    }
+
+    fn pixels_out(&self) -> usize {
+        self.input[0] * self.out_hw.0 * self.out_hw.1
+    }
+}
+
+/// Device pointers of one launch.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DensePtrs {
+    pub x: u64,
+    pub w: u64,
+    pub bias: Option<u64>,
+    pub residual: Option<u64>,
+    pub y: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Choice {
+    Ours,
+    Cudnn {
+        algo: dnn::cudnnConvolutionFwdAlgo_t,
+        workspace: usize,
+    },
+}
+
+/// The backend's cuDNN state: the handle (made on first use) and the choice per launch.
+#[derive(Default)]
+pub(crate) struct CudnnConvs {
+    handle: OnceLock<Option<Handle>>,
+    choices: Mutex<HashMap<DenseLaunch, Choice>>,
+}
+
+struct Handle(dnn::cudnnHandle_t);
+// SAFETY: the handle is bound to the backend's one stream; calls are serialised by the
+// backend's use of that stream (one caller at a time per backend).
+unsafe impl Send for Handle {}
+unsafe impl Sync for Handle {}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: created by cudnnCreate and destroyed once.
+        unsafe {
+            let _ = dnn::cudnnDestroy(self.0);
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Off,
+    Timed,
+    Forced,
+}
+
+fn mode() -> Mode {
+    match std::env::var(ENV_SWITCH).as_deref() {
+        Ok("0") | Ok("off") => Mode::Off,
+        Ok("force") => Mode::Forced,
+        _ => Mode::Timed,
+    }
+}
+
+fn check(status: dnn::cudnnStatus_t, what: &str) -> CudaResult<()> {
+    if status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+        return Ok(());
+    }
+    // SAFETY: cudnnGetErrorString returns a static NUL-terminated string.
+    let text = unsafe { CStr::from_ptr(dnn::cudnnGetErrorString(status)) };
+    Err(CudaError::Driver(format!(
+        "cuDNN {what}: {}",
+        text.to_string_lossy()
+    )))
+}
+
+impl CudnnConvs {
+    fn handle(&self, be: &CudaBackend) -> Option<dnn::cudnnHandle_t> {
+        self.handle
+            .get_or_init(|| match open(be) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::info!("cuDNN not used for convolutions: {e}");
+                    None
+                }
+            })
+            .as_ref()
+            .map(|h| h.0)
+    }
+}
+
+fn open(be: &CudaBackend) -> CudaResult<Handle> {
+    // SAFETY: the probe only tries to dlopen candidate library names.
+    let present = catch_unwind(|| unsafe { dnn::is_culib_present() }).unwrap_or(false);
+    if !present {
+        return Err(CudaError::Unavailable("libcudnn.so not found".into()));
+    }
+    be.ctx.bind()?;
+    let mut h: dnn::cudnnHandle_t = std::ptr::null_mut();
+    // SAFETY: writes one handle; the stream outlives the handle (both the backend's).
+    unsafe {
+        check(dnn::cudnnCreate(&mut h), "create")?;
+        let handle = Handle(h);
+        check(
+            dnn::cudnnSetStream(handle.0, be.ctx.stream as _),
+            "set stream",
+        )?;
+        tracing::debug!("cuDNN {} loaded for convolutions", dnn::cudnnGetVersion());
+        Ok(handle)
+    }
+}
+
+/// Runs the convolution `l` either with `ours` or through cuDNN, whichever was faster
+/// when `l` was first seen.
+pub(crate) fn run_dense(
+    be: &CudaBackend,
+    l: &DenseLaunch,
+    p: &DensePtrs,
+    ours: impl Fn() -> Result<()>,
+) -> Result<()> {
+    let m = mode();
+    if m == Mode::Off || !eligible(be, l, p) {
+        return ours();
+    }
+    let known = be.cudnn.choices.lock().ok().and_then(|c| c.get(l).copied());
+    let choice = match known {
+        Some(c) => c,
+        None if be.ctx.is_dry() || crate::gemm::capturing(be.ctx.stream as _) => return ours(),
+        None => {
+            let c = choose(be, l, p, &ours, m == Mode::Forced).unwrap_or_else(|e| {
+                tracing::debug!("cuDNN convolution {l:?} not taken: {e}");
+                Choice::Ours
+            });
+            if let Ok(mut map) = be.cudnn.choices.lock() {
+                map.insert(*l, c);
+            }
+            c
+        }
+    };
+    match choice {
+        Choice::Ours => ours(),
+        Choice::Cudnn { algo, workspace } => {
+            let ws = if workspace > 0 {
+                Some(be.pool.alloc(workspace)?)
+            } else {
+                None
+            };
+            let handle = be
+                .cudnn
+                .handle(be)
+                .ok_or_else(|| CudaError::Driver("cuDNN handle vanished".into()))?;
+            launch(
+                be,
+                handle,
+                l,
+                p,
+                algo,
+                ws.as_ref().map(|b| (b.ptr(), workspace)),
+            )?;
+            Ok(())
+        }
+    }
+}
+
+/// 16-bit storage, whole 16-byte vectors in the epilogue, sizes within cuDNN's int.
+fn eligible(be: &CudaBackend, l: &DenseLaunch, p: &DensePtrs) -> bool {
+    let vec = 8;
+    let fits_int = |v: usize| v < i32::MAX as usize;
+    let [n, h, w, c] = l.input;
+    be.storage != Storage::F32
+        && l.c_out.is_multiple_of(vec)
+        && l.ldy.is_multiple_of(vec)
+        && p.y.is_multiple_of(16)
+        && p.bias.is_none_or(|b| b.is_multiple_of(16))
+        && p.residual.is_none_or(|r| r.is_multiple_of(16))
+        && fits_int(n * h * w * l.ldx)
+        && fits_int(l.pixels_out() * l.ldy)
+        && fits_int(c * l.kh * l.kw * l.c_out)
+}
+
+/// Times ours and cuDNN's fastest algorithm on the real operands (the output is written,
+/// as the real launch will write it again).
+fn choose(
+    be: &CudaBackend,
+    l: &DenseLaunch,
+    p: &DensePtrs,
+    ours: &dyn Fn() -> Result<()>,
+    forced: bool,
+) -> Result<Choice> {
+    let handle = be
+        .cudnn
+        .handle(be)
+        .ok_or_else(|| CudaError::Unavailable("cuDNN not loaded".into()))?;
+    let d = Descriptors::new(be, l)?;
+    let scratch = Scratch::new(MAX_WORKSPACE)?;
+    let mut perf: Vec<dnn::cudnnConvolutionFwdAlgoPerf_t> = Vec::with_capacity(ALGOS as usize);
+    let mut returned = 0i32;
+    // SAFETY: descriptors describe the live buffers; `perf` has room for ALGOS results,
+    // of which `returned` are written.
+    unsafe {
+        check(
+            dnn::cudnnFindConvolutionForwardAlgorithmEx(
+                handle,
+                d.x,
+                p.x as *const c_void,
+                d.w,
+                p.w as *const c_void,
+                d.conv,
+                d.y,
+                p.y as *mut c_void,
+                ALGOS,
+                &mut returned,
+                perf.as_mut_ptr(),
+                scratch.0 as *mut c_void,
+                MAX_WORKSPACE,
+            ),
+            "algorithm search",
+        )?;
+        perf.set_len(returned.clamp(0, ALGOS) as usize);
+    }
+    drop(scratch);
+    let best = perf
+        .iter()
+        .find(|r| r.status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS && r.memory <= MAX_WORKSPACE)
+        .ok_or_else(|| CudaError::Driver("cuDNN has no algorithm for this convolution".into()))?;
+    let candidate = Choice::Cudnn {
+        algo: best.algo,
+        workspace: best.memory,
+    };
+    if forced {
+        return Ok(candidate);
+    }
+    let ws = Scratch::new(best.memory)?;
+    let theirs = median_ms(be, &|| {
+        launch(be, handle, l, p, best.algo, Some((ws.0, best.memory))).map_err(Into::into)
+    })?;
+    let mine = median_ms(be, ours)?;
+    tracing::debug!(
+        "convolution {:?} {}x{} s{} -> {} channels: ours {mine:.3} ms, cuDNN {theirs:.3} ms",
+        l.input,
+        l.kh,
+        l.kw,
+        l.stride,
+        l.c_out
+    );
+    Ok(if theirs < mine {
+        candidate
+    } else {
+        Choice::Ours
+    })
+}
+
+/// Device memory for the search and the timing runs, outside the pool (whose blocks
+/// would otherwise stay in a graph's arena).
+struct Scratch(u64);
+
+impl Scratch {
+    fn new(bytes: usize) -> CudaResult<Self> {
+        // SAFETY: a plain allocation, freed in Drop after the stream is idle.
+        Ok(Self(unsafe {
+            cudarc::driver::result::malloc_sync(bytes.max(256))?
+        }))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // SAFETY: allocated above; timing runs end with a synchronised event and the
+        // search is synchronous, so no kernel still uses it.
+        unsafe {
+            let _ = cudarc::driver::result::free_sync(self.0);
+        }
+    }
+}
+
+/// Median time of `f` over a few runs after one untimed run.
+fn median_ms(be: &CudaBackend, f: &dyn Fn() -> Result<()>) -> Result<f32> {
+    f()?;
+    let mut times = Vec::with_capacity(TIMED_RUNS);
+    for _ in 0..TIMED_RUNS {
+        let start = be.record_event()?;
+        f()?;
+        let end = be.record_event()?;
+        times.push(end.elapsed_ms(&start)?);
+    }
+    times.sort_by(f32::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// `cudnnConvolutionForward` into `y`, then bias, activation and residual in one pass.
+fn launch(
+    be: &CudaBackend,
+    handle: dnn::cudnnHandle_t,
+    l: &DenseLaunch,
+    p: &DensePtrs,
+    algo: dnn::cudnnConvolutionFwdAlgo_t,
+    workspace: Option<(u64, usize)>,
+) -> CudaResult<()> {
+    if be.ctx.is_dry() {
+        return Ok(());
+    }
+    let d = Descriptors::new(be, l)?;
+    let (alpha, beta) = (1f32, 0f32);
+    let (ws, ws_bytes) = workspace.unwrap_or((0, 0));
+    // SAFETY: descriptors describe the live buffers of `p`; the workspace holds
+    // `ws_bytes`; everything is enqueued on the backend's stream.
+    unsafe {
+        check(
+            dnn::cudnnConvolutionForward(
+                handle,
+                &alpha as *const f32 as *const c_void,
+                d.x,
+                p.x as *const c_void,
+                d.w,
+                p.w as *const c_void,
+                d.conv,
+                algo,
+                ws as *mut c_void,
+                ws_bytes,
+                &beta as *const f32 as *const c_void,
+                d.y,
+                p.y as *mut c_void,
+            ),
+            "convolution",
+        )?;
+    }
+    if !l.bias && !l.residual && l.act == 0 {
+        return Ok(());
+    }
+    let vecs = l.pixels_out() * l.c_out / 8;
+    be.launch_1d(
+        "conv_epilogue_vec",
+        vecs,
+        &[
+            Arg::Ptr(p.y),
+            Arg::Ptr(p.bias.unwrap_or(0)),
+            Arg::Ptr(p.residual.unwrap_or(0)),
+            Arg::I64(l.pixels_out() as i64),
+            Arg::I32(l.c_out as i32),
+            Arg::I64(l.ldy as i64),
+            Arg::I32(l.act),
+        ],
+    )
+}
+
+/// The tensor, filter and convolution descriptors of one launch (NHWC, KRSC filters,
+/// fp32 accumulation, tensor cores).
+struct Descriptors {
+    x: dnn::cudnnTensorDescriptor_t,
+    y: dnn::cudnnTensorDescriptor_t,
+    w: dnn::cudnnFilterDescriptor_t,
+    conv: dnn::cudnnConvolutionDescriptor_t,
+}
+
+impl Descriptors {
+    fn new(be: &CudaBackend, l: &DenseLaunch) -> CudaResult<Self> {
+        let dtype = match be.storage {
+            Storage::F16 => dnn::cudnnDataType_t::CUDNN_DATA_HALF,
+            Storage::BF16 => dnn::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
+            Storage::F32 => dnn::cudnnDataType_t::CUDNN_DATA_FLOAT,
+        };
+        let i = |v: usize| v as i32;
+        let [n, h, w, c] = l.input;
+        let (oh, ow) = l.out_hw;
+        let mut d = Descriptors {
+            x: std::ptr::null_mut(),
+            y: std::ptr::null_mut(),
+            w: std::ptr::null_mut(),
+            conv: std::ptr::null_mut(),
+        };
+        // SAFETY: each create writes one descriptor, destroyed in Drop (null ones are
+        // skipped); the setters take plain values.
+        unsafe {
+            check(dnn::cudnnCreateTensorDescriptor(&mut d.x), "descriptor")?;
+            check(dnn::cudnnCreateTensorDescriptor(&mut d.y), "descriptor")?;
+            check(dnn::cudnnCreateFilterDescriptor(&mut d.w), "descriptor")?;
+            check(
+                dnn::cudnnCreateConvolutionDescriptor(&mut d.conv),
+                "descriptor",
+            )?;
+            check(
+                dnn::cudnnSetTensor4dDescriptorEx(
+                    d.x,
+                    dtype,
+                    i(n),
+                    i(c),
+                    i(h),
+                    i(w),
+                    i(h * w * l.ldx),
+                    1,
+                    i(w * l.ldx),
+                    i(l.ldx),
+                ),
+                "input descriptor",
+            )?;
+            check(
+                dnn::cudnnSetTensor4dDescriptorEx(
+                    d.y,
+                    dtype,
+                    i(n),
+                    i(l.c_out),
+                    i(oh),
+                    i(ow),
+                    i(oh * ow * l.ldy),
+                    1,
+                    i(ow * l.ldy),
+                    i(l.ldy),
+                ),
+                "output descriptor",
+            )?;
+            check(
+                dnn::cudnnSetFilter4dDescriptor(
+                    d.w,
+                    dtype,
+                    dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
+                    i(l.c_out),
+                    i(c),
+                    i(l.kh),
+                    i(l.kw),
+                ),
+                "filter descriptor",
+            )?;
+            check(
+                dnn::cudnnSetConvolution2dDescriptor(
+                    d.conv,
+                    i(l.pad),
+                    i(l.pad),
+                    i(l.stride),
+                    i(l.stride),
+                    1,
+                    1,
+                    dnn::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                    dnn::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                ),
+                "convolution descriptor",
+            )?;
+            check(
+                dnn::cudnnSetConvolutionMathType(
+                    d.conv,
+                    dnn::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+                ),
+                "math type",
+            )?;
+        }
+        Ok(d)
+    }
+}
+
+impl Drop for Descriptors {
+    fn drop(&mut self) {
+        // SAFETY: each non-null descriptor was created above and is destroyed once.
+        unsafe {
+            if !self.x.is_null() {
+                let _ = dnn::cudnnDestroyTensorDescriptor(self.x);
+            }
+            if !self.y.is_null() {
+                let _ = dnn::cudnnDestroyTensorDescriptor(self.y);
+            }
+            if !self.w.is_null() {
+                let _ = dnn::cudnnDestroyFilterDescriptor(self.w);
+            }
+            if !self.conv.is_null() {
+                let _ = dnn::cudnnDestroyConvolutionDescriptor(self.conv);
+            }
+        }
+    }
+}
