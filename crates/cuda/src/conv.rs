@@ -7,6 +7,7 @@ use aperture_engine::backend::{Activation, ConvShape, ConvSpec};
 use aperture_engine::{EngineError, HostTensor, Result};
 
 use crate::backend::{ConvWeights, CudaBackend, CudaTensor};
+use crate::cudnn_conv::{DenseLaunch, DensePtrs};
 use crate::gemm::{GemmCall, Operand};
 use crate::kernels::Arg;
 
@@ -245,7 +246,19 @@ pub(crate) fn conv2d(
     let out = be.profiler.op(be, name, flops, bytes, || {
         let out = be.alloc_tensor(dims)?;
         if pointwise {
-            gemm_rows(be, x.ptr(), p_out, w.c_in, w, out.ptr(), fused_res, true)?;
+            let l = DenseLaunch::new(
+                x.dims,
+                c,
+                w,
+                (oh, ow),
+                w.c_out,
+                Activation::Identity,
+                fused_res.is_some(),
+            );
+            let ptrs = DensePtrs::of(x.ptr(), w, fused_res, out.ptr());
+            crate::cudnn_conv::run_dense(be, &l, &ptrs, || {
+                gemm_rows(be, x.ptr(), p_out, w.c_in, w, out.ptr(), fused_res, true)
+            })?;
             return Ok(out);
         }
         let per_image = oh * ow * w.kp * be.esize();

@@ -22,6 +22,7 @@ use aperture_engine::{EngineError, Result};
 use crate::backend::{ConvWeights, CudaBackend, CudaParam, CudaTensor};
 use crate::conv::{act_code, out_size, output_dims, plain_product};
 use crate::conv_igemm::{DenseConv, Geometry, Tile};
+use crate::cudnn_conv::{DenseLaunch, DensePtrs};
 use crate::gemm::{GemmCall, Operand};
 use crate::kernels::Arg;
 
@@ -253,7 +254,17 @@ fn conv_slice(
                 (None, Some(d)) => (d.ptr, d.ld),
                 (None, None) => return Err(EngineError::Device("1x1 output missing".into())),
             };
-            product_rows(be, input, w, y)?;
+            let l = DenseLaunch::new(
+                input.dims,
+                input.ld,
+                w,
+                (oh, ow),
+                y.1,
+                Activation::Identity,
+                false,
+            );
+            let ptrs = DensePtrs::of(input.ptr, w, None, y.0);
+            crate::cudnn_conv::run_dense(be, &l, &ptrs, || product_rows(be, input, w, y))?;
             if let (Some(t), false) = (&fresh, act == Activation::Identity) {
                 be.launch_1d(
                     "act_residual",

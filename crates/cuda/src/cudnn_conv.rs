@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
 use std::panic::catch_unwind;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use aperture_engine::backend::Activation;
 use aperture_engine::Result;
@@ -33,8 +33,11 @@ const ENV_SWITCH: &str = "APERTURE_CUDNN";
 const MAX_WORKSPACE: usize = 256 << 20;
 /// Algorithms asked of cuDNN's search.
 const ALGOS: i32 = 8;
-/// Timed runs per candidate (after one untimed run).
+/// Timed replays per candidate (after one untimed replay).
 const TIMED_RUNS: usize = 3;
+/// Launches per timing graph: small convolutions take microseconds, so each candidate is
+/// timed as a captured graph of several launches, as it will run (no host in between).
+const GRAPH_REPS: usize = 10;
 
 /// One dense convolution launch: input rows `ldx` apart, output rows `ldy` apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -95,12 +98,26 @@ pub(crate) struct DensePtrs {
     pub y: u64,
 }
 
-#[derive(Clone, Copy, Debug)]
+impl DensePtrs {
+    /// `w`'s weight and bias with the given input, residual and output.
+    pub(crate) fn of(x: u64, w: &ConvWeights, residual: Option<u64>, y: u64) -> Self {
+        Self {
+            x,
+            w: w.weight.ptr(),
+            bias: w.bias.as_ref().map(|b| b.ptr()),
+            residual,
+            y,
+        }
+    }
+}
+
+#[derive(Clone)]
 enum Choice {
     Ours,
     Cudnn {
         algo: dnn::cudnnConvolutionFwdAlgo_t,
         workspace: usize,
+        desc: Arc<Descriptors>,
     },
 }
 
@@ -201,7 +218,7 @@ pub(crate) fn run_dense(
     if m == Mode::Off || !eligible(be, l, p) {
         return ours();
     }
-    let known = be.cudnn.choices.lock().ok().and_then(|c| c.get(l).copied());
+    let known = be.cudnn.choices.lock().ok().and_then(|c| c.get(l).cloned());
     let choice = match known {
         Some(c) => c,
         None if be.ctx.is_dry() || crate::gemm::capturing(be.ctx.stream as _) => return ours(),
@@ -211,14 +228,18 @@ pub(crate) fn run_dense(
                 Choice::Ours
             });
             if let Ok(mut map) = be.cudnn.choices.lock() {
-                map.insert(*l, c);
+                map.insert(*l, c.clone());
             }
             c
         }
     };
     match choice {
         Choice::Ours => ours(),
-        Choice::Cudnn { algo, workspace } => {
+        Choice::Cudnn {
+            algo,
+            workspace,
+            desc,
+        } => {
             let ws = if workspace > 0 {
                 Some(be.pool.alloc(workspace)?)
             } else {
@@ -231,7 +252,7 @@ pub(crate) fn run_dense(
             launch(
                 be,
                 handle,
-                l,
+                (l, &desc),
                 p,
                 algo,
                 ws.as_ref().map(|b| (b.ptr(), workspace)),
@@ -270,7 +291,7 @@ fn choose(
         .cudnn
         .handle(be)
         .ok_or_else(|| CudaError::Unavailable("cuDNN not loaded".into()))?;
-    let d = Descriptors::new(be, l)?;
+    let d = Arc::new(Descriptors::new(be, l)?);
     let scratch = Scratch::new(MAX_WORKSPACE)?;
     let mut perf: Vec<dnn::cudnnConvolutionFwdAlgoPerf_t> = Vec::with_capacity(ALGOS as usize);
     let mut returned = 0i32;
@@ -305,15 +326,16 @@ fn choose(
     let candidate = Choice::Cudnn {
         algo: best.algo,
         workspace: best.memory,
+        desc: d.clone(),
     };
     if forced {
         return Ok(candidate);
     }
     let ws = Scratch::new(best.memory)?;
-    let theirs = median_ms(be, &|| {
-        launch(be, handle, l, p, best.algo, Some((ws.0, best.memory))).map_err(Into::into)
+    let theirs = graph_ms(be, &|| {
+        launch(be, handle, (l, &d), p, best.algo, Some((ws.0, best.memory))).map_err(Into::into)
     })?;
-    let mine = median_ms(be, ours)?;
+    let mine = graph_ms(be, ours)?;
     tracing::debug!(
         "convolution {:?} {}x{} s{} -> {} channels: ours {mine:.3} ms, cuDNN {theirs:.3} ms",
         l.input,
@@ -352,25 +374,66 @@ impl Drop for Scratch {
     }
 }
 
-/// Median time of `f` over a few runs after one untimed run.
-fn median_ms(be: &CudaBackend, f: &dyn Fn() -> Result<()>) -> Result<f32> {
+/// Time per launch of `f`, from replays of a graph of [`GRAPH_REPS`] launches (after one
+/// eager launch, which also loads what the launch needs).
+fn graph_ms(be: &CudaBackend, f: &dyn Fn() -> Result<()>) -> Result<f32> {
+    use cudarc::driver::{result, sys};
     f()?;
-    let mut times = Vec::with_capacity(TIMED_RUNS);
-    for _ in 0..TIMED_RUNS {
-        let start = be.record_event()?;
-        f()?;
-        let end = be.record_event()?;
-        times.push(end.elapsed_ms(&start)?);
+    be.synchronize()?;
+    be.ctx.bind()?;
+    let stream = be.ctx.stream;
+    // SAFETY: the stream is alive; the capture is ended below on every path.
+    unsafe {
+        result::stream::begin_capture(
+            stream,
+            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+        )
+        .map_err(CudaError::from)?;
     }
-    times.sort_by(f32::total_cmp);
-    Ok(times[times.len() / 2])
+    let captured = (0..GRAPH_REPS).try_for_each(|_| f());
+    // SAFETY: ends the capture begun above.
+    let graph = unsafe { result::stream::end_capture(stream) }.map_err(CudaError::from)?;
+    let timed = captured.and_then(|()| {
+        // SAFETY: `graph` is a complete captured graph.
+        let exec = unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }
+            .map_err(CudaError::from)?;
+        let replay = || -> Result<()> {
+            // SAFETY: the executable graph and the stream are alive.
+            unsafe { result::graph::launch(exec, stream) }.map_err(CudaError::from)?;
+            Ok(())
+        };
+        let mut times = Vec::with_capacity(TIMED_RUNS);
+        let run = (|| -> Result<()> {
+            replay()?;
+            for _ in 0..TIMED_RUNS {
+                let start = be.record_event()?;
+                replay()?;
+                let end = be.record_event()?;
+                times.push(end.elapsed_ms(&start)?);
+            }
+            Ok(())
+        })();
+        // SAFETY: the stream is synchronised before the executable graph goes.
+        unsafe {
+            let _ = result::stream::synchronize(stream);
+            let _ = result::graph::exec_destroy(exec);
+        }
+        run?;
+        times.sort_by(f32::total_cmp);
+        Ok(times[times.len() / 2] / GRAPH_REPS as f32)
+    });
+    // SAFETY: destroyed once; its executable copy is gone.
+    unsafe {
+        let _ = result::graph::destroy(graph);
+    }
+    timed
 }
 
 /// `cudnnConvolutionForward` into `y`, then bias, activation and residual in one pass.
 fn launch(
     be: &CudaBackend,
     handle: dnn::cudnnHandle_t,
-    l: &DenseLaunch,
+    (l, d): (&DenseLaunch, &Descriptors),
     p: &DensePtrs,
     algo: dnn::cudnnConvolutionFwdAlgo_t,
     workspace: Option<(u64, usize)>,
@@ -378,7 +441,6 @@ fn launch(
     if be.ctx.is_dry() {
         return Ok(());
     }
-    let d = Descriptors::new(be, l)?;
     let (alpha, beta) = (1f32, 0f32);
     let (ws, ws_bytes) = workspace.unwrap_or((0, 0));
     // SAFETY: descriptors describe the live buffers of `p`; the workspace holds
@@ -430,6 +492,10 @@ struct Descriptors {
     w: dnn::cudnnFilterDescriptor_t,
     conv: dnn::cudnnConvolutionDescriptor_t,
 }
+
+// SAFETY: descriptors are host-side parameter blocks, only read after construction.
+unsafe impl Send for Descriptors {}
+unsafe impl Sync for Descriptors {}
 
 impl Descriptors {
     fn new(be: &CudaBackend, l: &DenseLaunch) -> CudaResult<Self> {

@@ -86,13 +86,7 @@ pub(crate) fn run_strided(
         act,
         residual.is_some(),
     );
-    let ptrs = DensePtrs {
-        x,
-        w: w.weight.ptr(),
-        bias: w.bias.as_ref().map(|b| b.ptr()),
-        residual,
-        y,
-    };
+    let ptrs = DensePtrs::of(x, w, residual, y);
     crate::cudnn_conv::run_dense(be, &l, &ptrs, || {
         run_ours(be, (x, ldx), w, g, act, residual, (y, ldy))
     })
