@@ -77,6 +77,7 @@ pub(crate) fn prepare(
             bias,
             weight_f32,
             depthwise: false,
+            cudnn_depthwise: None,
         })
     } else if cig == 1 && spec.groups == c_out {
         let c = c_out;
@@ -88,6 +89,16 @@ pub(crate) fn prepare(
                 }
             }
         }
+        // PyTorch's `[c][1][kh][kw]` is already cuDNN's grouped KRSC.
+        let cudnn_depthwise = if be.storage != crate::kernels::Storage::F32 {
+            let b = bias_f32
+                .as_ref()
+                .map(|b| be.upload_storage(b))
+                .transpose()?;
+            Some((be.upload_storage(&w)?, b))
+        } else {
+            None
+        };
         let bias = bias_f32.map(|b| be.upload_bytes(&b)).transpose()?;
         Ok(ConvWeights {
             spec,
@@ -100,6 +111,7 @@ pub(crate) fn prepare(
             bias,
             weight_f32: None,
             depthwise: true,
+            cudnn_depthwise,
         })
     } else {
         Err(EngineError::Unsupported(format!(

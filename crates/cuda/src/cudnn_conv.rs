@@ -55,6 +55,8 @@ pub(crate) struct DenseLaunch {
     pub act: i32,
     pub residual: bool,
     pub bias: bool,
+    /// 1 (dense) or the channel count (depthwise).
+    pub groups: usize,
 }
 
 impl DenseLaunch {
@@ -80,6 +82,7 @@ impl DenseLaunch {
             act: act_code(act),
             residual,
             bias: w.bias.is_some(),
+            groups: if w.depthwise { w.c_out } else { 1 },
         }
     }
 
@@ -101,10 +104,11 @@ pub(crate) struct DensePtrs {
 impl DensePtrs {
     /// `w`'s weight and bias with the given input, residual and output.
     pub(crate) fn of(x: u64, w: &ConvWeights, residual: Option<u64>, y: u64) -> Self {
+        let (weight, bias) = w.cudnn_operands();
         Self {
             x,
-            w: w.weight.ptr(),
-            bias: w.bias.as_ref().map(|b| b.ptr()),
+            w: weight,
+            bias,
             residual,
             y,
         }
@@ -278,8 +282,11 @@ fn eligible(be: &CudaBackend, l: &DenseLaunch, p: &DensePtrs) -> bool {
         && fits_int(c * l.kh * l.kw * l.c_out)
 }
 
-/// Times ours and cuDNN's fastest algorithm on the real operands (the output is written,
-/// as the real launch will write it again).
+/// Times ours and cuDNN's fastest algorithm on the real inputs. cuDNN's search and timing
+/// write a scratch output of the same extent: some of the algorithms it tries write
+/// outside a strided output's channel slice, which here is the middle of a concatenation
+/// whose other slices already hold results. Ours writes the real output (only its slice;
+/// the real launch writes it again).
 fn choose(
     be: &CudaBackend,
     l: &DenseLaunch,
@@ -293,6 +300,8 @@ fn choose(
         .ok_or_else(|| CudaError::Unavailable("cuDNN not loaded".into()))?;
     let d = Arc::new(Descriptors::new(be, l)?);
     let scratch = Scratch::new(MAX_WORKSPACE)?;
+    let out = Scratch::new(l.pixels_out() * l.ldy * be.esize())?;
+    let p_scratch = DensePtrs { y: out.0, ..*p };
     let mut perf: Vec<dnn::cudnnConvolutionFwdAlgoPerf_t> = Vec::with_capacity(ALGOS as usize);
     let mut returned = 0i32;
     // SAFETY: descriptors describe the live buffers; `perf` has room for ALGOS results,
@@ -307,7 +316,7 @@ fn choose(
                 p.w as *const c_void,
                 d.conv,
                 d.y,
-                p.y as *mut c_void,
+                out.0 as *mut c_void,
                 ALGOS,
                 &mut returned,
                 perf.as_mut_ptr(),
@@ -333,7 +342,8 @@ fn choose(
     }
     let ws = Scratch::new(best.memory)?;
     let theirs = graph_ms(be, &|| {
-        launch(be, handle, (l, &d), p, best.algo, Some((ws.0, best.memory))).map_err(Into::into)
+        let ws = Some((ws.0, best.memory));
+        launch(be, handle, (l, &d), &p_scratch, best.algo, ws).map_err(Into::into)
     })?;
     let mine = graph_ms(be, ours)?;
     tracing::debug!(
@@ -559,7 +569,7 @@ impl Descriptors {
                     dtype,
                     dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
                     i(l.c_out),
-                    i(c),
+                    i(c / l.groups.max(1)),
                     i(l.kh),
                     i(l.kw),
                 ),
@@ -585,6 +595,10 @@ impl Descriptors {
                     dnn::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
                 ),
                 "math type",
+            )?;
+            check(
+                dnn::cudnnSetConvolutionGroupCount(d.conv, i(l.groups.max(1))),
+                "group count",
             )?;
         }
         Ok(d)

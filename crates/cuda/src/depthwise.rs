@@ -8,6 +8,7 @@ use aperture_engine::Result;
 
 use crate::backend::{ConvWeights, CudaBackend, CudaTensor};
 use crate::conv::act_code;
+use crate::cudnn_conv::{DenseLaunch, DensePtrs};
 use crate::kernels::Arg;
 
 /// Output rows per thread of the vectorised depthwise kernels (DW_ROWS in vector.cu;
@@ -220,7 +221,11 @@ pub(crate) fn depthwise_tiled(
     args.push(Arg::I32(ldo as i32));
     // A thread per (X output columns, V channels), strips of `rows` output rows.
     let grid = strip_grid(per_row, n, oh, rows);
-    be.kernels.launch(&be.ctx, tk.name, grid, 256, 0, &args)?;
+    let launch = DenseLaunch::new(x.dims, c, w, (oh, ow), ldo, act, residual.is_some());
+    let ptrs = DensePtrs::of(x.ptr(), w, residual.map(|r| r.ptr()), y);
+    crate::cudnn_conv::run_dense(be, &launch, &ptrs, || {
+        Ok(be.kernels.launch(&be.ctx, tk.name, grid, 256, 0, &args)?)
+    })?;
     Ok(true)
 }
 
