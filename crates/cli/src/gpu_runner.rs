@@ -2,8 +2,14 @@
 //! one graph holds the whole forward pass; a request is copy in, replay, copy out.
 //! Batches are padded to a power of two (at most the model's maximum batch size), so a
 //! dynamic batcher's many batch sizes share a handful of graphs.
+//!
+//! Both runners take [`Runner::concurrency`] = 2 calls at once: one call's input is
+//! converted and copied to the GPU while another call's graph replays (see the graph
+//! caches), so a server runs two workers per instance on one runner and one set of
+//! graphs.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use aperture_cuda::detection::{scale_detections, GraphOutput, MultiGraphCache, DETECTION_VALUES};
 use aperture_cuda::preprocess::{GpuPreprocessor, PreprocessSpec, TensorLayout};
@@ -68,6 +74,12 @@ impl Runner for GraphRestormer {
         let y = self.graphs.infer_padded(&self.backend, x, batch, forward)?;
         Ok(vec![("y".to_string(), y)])
     }
+
+    /// The graph cache captures under its own lock and replays nothing else on this
+    /// backend, so concurrent calls need no more than the cache's own pipeline.
+    fn concurrency(&self) -> usize {
+        GraphCache::CONCURRENCY
+    }
 }
 
 /// D-FINE's forward pass as the graph caches take it: input -> (logits, boxes).
@@ -83,12 +95,18 @@ type PostForward<'a> =
 /// forward passes ending in logits and boxes (the tensor API), and forward passes with
 /// post-processing (`detect_*_post`: the host gets K detection rows per image). Falls
 /// back to eager passes and host post-processing if a capture fails.
+///
+/// Safe to call from several threads: replays (of either cache) share the backend's
+/// stream, while a capture or an eager pass has it to itself.
 pub struct GraphDFine {
     runner: DFineRunner<CudaBackend>,
     graphs: MultiGraphCache,
     post_graphs: MultiGraphCache,
     eager: AtomicBool,
     host_post: AtomicBool,
+    /// Read: a replay (with its upload). Write: a capture or an eager pass, whose work
+    /// on the stream must not interleave with another thread's.
+    stream: RwLock<()>,
 }
 
 impl GraphDFine {
@@ -99,7 +117,40 @@ impl GraphDFine {
             post_graphs: MultiGraphCache::new(),
             eager: AtomicBool::new(false),
             host_post: AtomicBool::new(false),
+            stream: RwLock::new(()),
         }
+    }
+
+    /// The stream shared with other replays. The lock guards no data, so a panic
+    /// elsewhere while holding it leaves nothing inconsistent.
+    fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.stream.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The stream to this thread alone.
+    fn alone(&self) -> RwLockWriteGuard<'_, ()> {
+        self.stream.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `infer` (a replay through `cache`'s graph for `graph_shape`) beside other
+    /// threads' replays, capturing that graph first, alone, if it is new.
+    fn on_graph<F, O, T>(
+        &self,
+        cache: &MultiGraphCache,
+        graph_shape: &[usize],
+        forward: &F,
+        infer: impl FnOnce(&F) -> aperture_engine::Result<T>,
+    ) -> aperture_engine::Result<T>
+    where
+        F: Fn(&CudaBackend, &CudaTensor) -> aperture_engine::Result<Vec<O>> + ?Sized,
+        O: Into<GraphOutput>,
+    {
+        if !cache.is_captured(graph_shape) {
+            let _alone = self.alone();
+            cache.prepare(self.runner.backend(), graph_shape, forward)?;
+        }
+        let _shared = self.shared();
+        infer(forward)
     }
 
     pub fn runner(&self) -> &DFineRunner<CudaBackend> {
@@ -118,6 +169,7 @@ impl GraphDFine {
                 }
             }
         }
+        let _alone = self.alone();
         Ok(self.runner.detect(pixels)?)
     }
 
@@ -134,7 +186,7 @@ impl GraphDFine {
         let shape = input_shape(images, spec)?;
         if !self.eager.load(Ordering::Relaxed) && spec.layout == TensorLayout::Nchw {
             let fill = |ptr: u64, bytes: usize| pre.run_into(images, spec, ptr, bytes);
-            match self.replay_with(&shape, |forward| {
+            match self.replay_with(&shape, &shape, |forward| {
                 self.graphs
                     .infer_filled(self.runner.backend(), &shape, fill, forward)
             }) {
@@ -164,7 +216,7 @@ impl GraphDFine {
         let sizes: Vec<(u32, u32)> = images.iter().map(|i| (i.height(), i.width())).collect();
         if self.post_on() && spec.layout == TensorLayout::Nchw {
             let fill = |ptr: u64, bytes: usize| pre.run_into(images, spec, ptr, bytes);
-            let rows = self.post_with(|forward| {
+            let rows = self.post_with(&shape, |forward| {
                 self.post_graphs
                     .infer_filled(self.runner.backend(), &shape, fill, forward)
             });
@@ -192,7 +244,7 @@ impl GraphDFine {
         }
         if self.post_on() && s.len() == 4 && s[1] == 3 {
             let batch = graph_batch(s, self.runner.max_batch_size());
-            let rows = self.post_with(|forward| {
+            let rows = self.post_with(&with_batch(s, batch), |forward| {
                 self.post_graphs
                     .infer_padded(self.runner.backend(), pixels, batch, forward)
             });
@@ -214,10 +266,11 @@ impl GraphDFine {
         self.host_post.store(true, Ordering::Relaxed);
     }
 
-    /// Runs `infer` with the captured forward pass + post-processing; returns the
-    /// detection rows `[B, K, 6]` as f32 values.
+    /// Runs `infer` with the forward pass + post-processing captured for an input of
+    /// `graph_shape`; returns the detection rows `[B, K, 6]` as f32 values.
     fn post_with(
         &self,
+        graph_shape: &[usize],
         infer: impl FnOnce(&PostForward<'_>) -> aperture_engine::Result<Vec<HostTensor>>,
     ) -> anyhow::Result<Vec<f32>> {
         let model = self.runner.model();
@@ -226,7 +279,7 @@ impl GraphDFine {
             let o = model.forward(b, x)?;
             Ok(vec![b.top_k_detections(&o.logits, &o.boxes, k)?.into()])
         };
-        let outs = infer(forward)?;
+        let outs = self.on_graph(&self.post_graphs, graph_shape, forward, infer)?;
         let [rows] = <[HostTensor; 1]>::try_from(outs)
             .map_err(|_| anyhow::anyhow!("the captured forward pass gave other outputs"))?;
         Ok(rows.to_f32_vec())
@@ -254,18 +307,20 @@ impl GraphDFine {
     }
 
     fn replay(&self, pixels: &HostTensor) -> anyhow::Result<(HostTensor, HostTensor)> {
-        let batch = graph_batch(pixels.shape(), self.runner.max_batch_size());
-        self.replay_with(pixels.shape(), |forward| {
+        let s = pixels.shape();
+        let batch = graph_batch(s, self.runner.max_batch_size());
+        self.replay_with(s, &with_batch(s, batch), |forward| {
             self.graphs
                 .infer_padded(self.runner.backend(), pixels, batch, forward)
         })
     }
 
-    /// Runs `infer` with the captured forward pass and shapes its two outputs for an
-    /// input of `shape` (NCHW).
+    /// Runs `infer` with the forward pass captured for an input of `graph_shape` and
+    /// shapes its two outputs for an input of `shape` (NCHW).
     fn replay_with(
         &self,
         shape: &[usize],
+        graph_shape: &[usize],
         infer: impl FnOnce(&Forward<'_>) -> aperture_engine::Result<Vec<HostTensor>>,
     ) -> anyhow::Result<(HostTensor, HostTensor)> {
         let model = self.runner.model();
@@ -273,7 +328,7 @@ impl GraphDFine {
             let o = model.forward(b, x)?;
             Ok(vec![o.logits, o.boxes])
         };
-        let outs = infer(forward)?;
+        let outs = self.on_graph(&self.graphs, graph_shape, forward, infer)?;
         let [logits, boxes] = <[HostTensor; 2]>::try_from(outs)
             .map_err(|_| anyhow::anyhow!("the captured forward pass gave other outputs"))?;
         let n = *shape
@@ -306,6 +361,10 @@ impl Runner for GraphDFine {
 
     fn max_batch_size(&self) -> usize {
         self.runner.max_batch_size()
+    }
+
+    fn concurrency(&self) -> usize {
+        MultiGraphCache::CONCURRENCY
     }
 
     fn infer(&self, inputs: &NamedTensors) -> aperture_engine::Result<NamedTensors> {
@@ -359,6 +418,15 @@ fn input_shape(
         .size
         .unwrap_or((first.height() as usize, first.width() as usize));
     Ok([images.len(), 3, h, w])
+}
+
+/// `shape` with its batch dimension set to `batch` (the graph that runs it).
+fn with_batch(shape: &[usize], batch: usize) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    if let Some(n) = s.first_mut() {
+        *n = batch;
+    }
+    s
 }
 
 /// The batch size of the graph that runs an input of `shape`: the next power of two,

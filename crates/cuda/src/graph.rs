@@ -11,7 +11,7 @@ use cudarc::driver::{result, sys};
 use crate::backend::{CudaBackend, CudaTensor};
 use crate::error::CudaError;
 use crate::pool::{Arena, DeviceBuffer};
-use crate::transfer::Transfer;
+use crate::transfer::{Transfer, UploadSlots, UPLOAD_SLOTS};
 
 /// An instantiated graph with the memory its kernels use.
 pub struct CudaGraph {
@@ -111,7 +111,8 @@ struct Entry {
     graph: CudaGraph,
     staging_in: DeviceBuffer,
     staging_out: DeviceBuffer,
-    host_in: Transfer,
+    /// Where inputs wait for the graph (shared with requests uploading right now).
+    uploads: Arc<UploadSlots>,
     host_out: Transfer,
     out_shape: Vec<usize>,
     arena: ArenaSize,
@@ -129,6 +130,10 @@ pub struct ArenaSize {
 /// forward pass eagerly once for a new shape (so every plan and kernel is ready), then
 /// captures it (NCHW->NHWC conversion, forward, NHWC->NCHW) and replays from then on.
 ///
+/// `infer` is a two-stage pipeline: a request's input is converted and copied to the
+/// device on a stream of its own, holding only an upload slot, while another request's
+/// replay holds the graph; [`GraphCache::CONCURRENCY`] callers keep the GPU busy.
+///
 /// With [`GraphCache::dry_planned`] the recorded pass is a dry run instead: no kernel
 /// runs and no memory is touched, so the only activation memory ever allocated is the
 /// planned block (the pass's live set) rather than the caching allocator's high-water
@@ -139,7 +144,17 @@ pub struct GraphCache {
     dry: bool,
 }
 
+type Entries = HashMap<Vec<usize>, Entry>;
+
+fn poisoned() -> EngineError {
+    EngineError::Device("graph cache poisoned".into())
+}
+
 impl GraphCache {
+    /// How many `infer` calls usefully run at once on one cache: one uploading its
+    /// input while another replays. More wait for an upload slot.
+    pub const CONCURRENCY: usize = UPLOAD_SLOTS;
+
     pub fn new() -> Self {
         Self::default()
     }
@@ -177,23 +192,36 @@ impl GraphCache {
     where
         F: Fn(&CudaBackend, &CudaTensor) -> Result<CudaTensor>,
     {
-        let mut entries = self
-            .entries
-            .lock()
-            .map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
-        if entries.contains_key(shape) {
-            return Ok(());
-        }
-        let entry = match self.capture_entry(be, shape, &forward) {
-            Err(EngineError::OutOfMemory(_)) if !entries.is_empty() => {
-                entries.clear();
-                be.trim_memory()?;
-                self.capture_entry(be, shape, &forward)?
-            }
-            other => other?,
-        };
-        entries.insert(shape.to_vec(), entry);
+        let mut entries = self.entries.lock().map_err(|_| poisoned())?;
+        self.prepare_locked(&mut entries, be, shape, &forward)?;
         Ok(())
+    }
+
+    /// [`GraphCache::prepare`] with the cache already locked; the entry for `shape`.
+    fn prepare_locked<'a, F>(
+        &self,
+        entries: &'a mut Entries,
+        be: &CudaBackend,
+        shape: &[usize],
+        forward: &F,
+    ) -> Result<&'a mut Entry>
+    where
+        F: Fn(&CudaBackend, &CudaTensor) -> Result<CudaTensor>,
+    {
+        if !entries.contains_key(shape) {
+            let entry = match self.capture_entry(be, shape, forward) {
+                Err(EngineError::OutOfMemory(_)) if !entries.is_empty() => {
+                    entries.clear();
+                    be.trim_memory()?;
+                    self.capture_entry(be, shape, forward)?
+                }
+                other => other?,
+            };
+            entries.insert(shape.to_vec(), entry);
+        }
+        entries
+            .get_mut(shape)
+            .ok_or_else(|| EngineError::Device("graph vanished".into()))
     }
 
     fn capture_entry<F>(&self, be: &CudaBackend, shape: &[usize], forward: &F) -> Result<Entry>
@@ -249,7 +277,7 @@ impl GraphCache {
             graph,
             staging_in,
             staging_out,
-            host_in: Transfer::new(be, numel)?,
+            uploads: UploadSlots::new(be, numel)?,
             host_out: Transfer::new(be, out_numel)?,
             out_shape: vec![on, oc, oh, ow],
             arena: arena_size,
@@ -265,10 +293,7 @@ impl GraphCache {
 
     /// Enqueues one replay for `shape` without copies (for timing the device work).
     pub fn replay(&self, be: &CudaBackend, shape: &[usize]) -> Result<()> {
-        let entries = self
-            .entries
-            .lock()
-            .map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
+        let entries = self.entries.lock().map_err(|_| poisoned())?;
         let e = entries
             .get(shape)
             .ok_or_else(|| EngineError::Invalid(format!("no graph captured for {shape:?}")))?;
@@ -289,6 +314,9 @@ impl GraphCache {
     /// graph's batch computes on whatever its input buffer holds (every image is
     /// independent of the others). A server pads batches to a few sizes this way
     /// instead of capturing a graph (and planning its memory) for every batch size.
+    ///
+    /// The input's host conversion and copy hold only an upload slot, not the graph:
+    /// see [`GraphCache::CONCURRENCY`].
     pub fn infer_padded<F>(
         &self,
         be: &CudaBackend,
@@ -301,15 +329,21 @@ impl GraphCache {
     {
         let shape = padded_shape(x.shape(), graph_batch)?;
         let rows = x.shape()[0];
-        self.prepare(be, &shape, forward)?;
-        let mut entries = self
-            .entries
-            .lock()
-            .map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
-        let e = entries
-            .get_mut(&shape)
-            .ok_or_else(|| EngineError::Device("graph vanished".into()))?;
-        e.host_in.send(be, x, e.staging_in.ptr())?;
+        let uploads = {
+            let mut entries = self.entries.lock().map_err(|_| poisoned())?;
+            self.prepare_locked(&mut entries, be, &shape, &forward)?
+                .uploads
+                .clone()
+        };
+        // Stage one, beside whatever replay holds the graph now.
+        let mut slot = uploads.acquire()?;
+        slot.upload(be, x)?;
+        // Stage two, the graph alone. It is captured again if a capture for another
+        // shape ran out of memory and dropped it meanwhile; the slot works all the same.
+        let mut entries = self.entries.lock().map_err(|_| poisoned())?;
+        let e = self.prepare_locked(&mut entries, be, &shape, &forward)?;
+        slot.land_into(be, e.staging_in.ptr())?;
+        drop(slot);
         be.replay(&e.graph)?;
         let mut out_shape = e.out_shape.clone();
         let per_row = out_shape.iter().skip(1).product::<usize>();

@@ -118,13 +118,14 @@ impl Pinned {
     }
 
     /// Enqueues the copy of `x` (at most this buffer's length of values, converted to
-    /// the wire type) to the device buffer at `dst` on the context's stream, chunk by
+    /// the wire type) to the device buffer at `dst` on `stream` (of `ctx`), chunk by
     /// chunk: each chunk's DMA runs while the next is converted. The caller must not
-    /// touch this buffer again before the stream has passed the copies (every graph
-    /// replay ends with a synchronising read-back).
+    /// touch this buffer again before the stream has passed the copies (an event
+    /// recorded behind them has completed).
     pub(crate) fn upload(
         &mut self,
         ctx: &Context,
+        stream: sys::CUstream,
         x: &HostTensor,
         dst: sys::CUdeviceptr,
     ) -> Result<()> {
@@ -141,9 +142,9 @@ impl Pinned {
         // SAFETY: each arm views the buffer as the type of its wire.
         unsafe {
             match self.wire {
-                Wire::F32 => upload_as(&mut self.typed::<f32>()[..src.len()], src, dst, ctx),
-                Wire::F16 => upload_as(&mut self.typed::<f16>()[..src.len()], src, dst, ctx),
-                Wire::BF16 => upload_as(&mut self.typed::<bf16>()[..src.len()], src, dst, ctx),
+                Wire::F32 => upload_as(&mut self.typed::<f32>()[..src.len()], src, dst, stream),
+                Wire::F16 => upload_as(&mut self.typed::<f16>()[..src.len()], src, dst, stream),
+                Wire::BF16 => upload_as(&mut self.typed::<bf16>()[..src.len()], src, dst, stream),
             }
         }
     }
@@ -185,7 +186,7 @@ fn upload_as<E: WireValue>(
     staged: &mut [E],
     src: &[f32],
     dst: sys::CUdeviceptr,
-    ctx: &Context,
+    stream: sys::CUstream,
 ) -> Result<()> {
     let size = std::mem::size_of::<E>();
     for (i, (d, s)) in staged
@@ -197,7 +198,7 @@ fn upload_as<E: WireValue>(
         let at = dst + (i * STAGE_CHUNK * size) as u64;
         // SAFETY: `d` is page-locked memory owned by the caller's buffer, `at` lies
         // inside the caller's device buffer; see `Pinned::upload`'s contract.
-        unsafe { result::memcpy_htod_async(at, &*d, ctx.stream).map_err(CudaError::from)? };
+        unsafe { result::memcpy_htod_async(at, &*d, stream).map_err(CudaError::from)? };
     }
     Ok(())
 }

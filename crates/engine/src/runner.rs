@@ -40,4 +40,10 @@ pub trait Runner: Send + Sync {
     /// Runs one batch. Inputs are matched by name; outputs come back under the names
     /// of [`Runner::outputs`].
     fn infer(&self, inputs: &NamedTensors) -> Result<NamedTensors>;
+    /// How many `infer` calls may usefully run at once on this runner: a GPU runner
+    /// that uploads one batch while the previous one computes says 2, so a server
+    /// gives one instance that many workers (sharing this runner and its memory).
+    fn concurrency(&self) -> usize {
+        1
+    }
 }

@@ -38,7 +38,10 @@ pub struct LoadedModel {
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
     pub device: String,
+    /// Instances as configured (`instance_group`): one runner each.
     pub instances: usize,
+    /// Batcher workers: each instance's runner [`Runner::concurrency`] times.
+    pub workers: usize,
     pub stats: Arc<ModelStats>,
     /// Pre/post-processing for the image endpoints, if the architecture has it.
     pub images: Option<Arc<dyn ImageAdapter>>,
@@ -87,7 +90,9 @@ impl LoadedModel {
         })
     }
 
-    /// Attaches built runners to a new batcher. Must run inside the tokio runtime.
+    /// Attaches built runners to a new batcher: each instance gets as many workers as
+    /// its runner takes concurrent calls (a GPU runner overlaps one batch's upload with
+    /// another's replay), all sharing that one runner. Must run inside the tokio runtime.
     pub fn start(
         name: &str,
         version: u64,
@@ -105,7 +110,9 @@ impl LoadedModel {
         let stats = Arc::new(ModelStats::default());
         let instances = built.runners.len();
         let images = built.images;
-        let batcher = Batcher::spawn(built.runners, cfg, stats.clone());
+        let runners = workers(&built.runners);
+        let workers = runners.len();
+        let batcher = Batcher::spawn(runners, cfg, stats.clone());
         Ok(Self {
             name: name.to_string(),
             version,
@@ -114,6 +121,7 @@ impl LoadedModel {
             outputs,
             device,
             instances,
+            workers,
             stats,
             images,
             batcher,
@@ -255,6 +263,20 @@ impl LoadedModel {
     }
 }
 
+/// Most workers one instance gets, whatever its runner claims.
+const MAX_WORKERS_PER_INSTANCE: usize = 8;
+
+/// The batcher's workers: each instance's runner, shared, [`Runner::concurrency`] times.
+fn workers(runners: &[Arc<dyn Runner>]) -> Vec<Arc<dyn Runner>> {
+    runners
+        .iter()
+        .flat_map(|r| {
+            let n = r.concurrency().clamp(1, MAX_WORKERS_PER_INSTANCE);
+            std::iter::repeat_n(r.clone(), n)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,5 +361,172 @@ mod tests {
         assert_eq!(out[0].1.to_f32_vec(), vec![0.0; 3]);
         assert_eq!(out[1].1.to_f32_vec(), vec![2.0; 3]);
         assert_eq!(m.stats.snapshot().success.count, 1);
+    }
+
+    /// Counts `infer` calls in flight; each call waits (at most `hold`) until `want`
+    /// calls are in flight at once, so a missing worker shows as a lower peak, never
+    /// as a hang.
+    struct Gate {
+        /// (in flight now, most in flight at once)
+        state: std::sync::Mutex<(usize, usize)>,
+        changed: std::sync::Condvar,
+        want: usize,
+        hold: Duration,
+    }
+
+    impl Gate {
+        fn new(want: usize, hold: Duration) -> Arc<Self> {
+            Arc::new(Self {
+                state: std::sync::Mutex::new((0, 0)),
+                changed: std::sync::Condvar::new(),
+                want,
+                hold,
+            })
+        }
+
+        fn pass(&self) {
+            let mut s = self.state.lock().unwrap();
+            s.0 += 1;
+            s.1 = s.1.max(s.0);
+            self.changed.notify_all();
+            let (mut s, _) = self
+                .changed
+                .wait_timeout_while(s, self.hold, |s| s.1 < self.want)
+                .unwrap();
+            s.0 -= 1;
+        }
+
+        fn peak(&self) -> usize {
+            self.state.lock().unwrap().1
+        }
+    }
+
+    /// An identity model of one F32 value per item, one item per batch, that passes
+    /// every call through a [`Gate`] and says it takes `concurrency` calls at once.
+    struct GatedRunner {
+        concurrency: usize,
+        gate: Arc<Gate>,
+    }
+
+    impl Runner for GatedRunner {
+        fn architecture(&self) -> &str {
+            "gated"
+        }
+        fn device(&self) -> String {
+            "test".into()
+        }
+        fn inputs(&self) -> Vec<TensorSpec> {
+            vec![TensorSpec::new("INPUT0", DType::F32, &[1])]
+        }
+        fn outputs(&self) -> Vec<TensorSpec> {
+            vec![TensorSpec::new("OUTPUT0", DType::F32, &[1])]
+        }
+        fn max_batch_size(&self) -> usize {
+            1
+        }
+        fn concurrency(&self) -> usize {
+            self.concurrency
+        }
+        fn infer(&self, inputs: &NamedTensors) -> aperture_engine::Result<NamedTensors> {
+            self.gate.pass();
+            Ok(vec![("OUTPUT0".into(), inputs[0].1.clone())])
+        }
+    }
+
+    /// A model of `count` instances of [`GatedRunner`]s; also the instance indices the
+    /// factory was asked for.
+    fn gated(
+        concurrency: usize,
+        count: usize,
+        gate: &Arc<Gate>,
+    ) -> (LoadedModel, Arc<std::sync::Mutex<Vec<usize>>>) {
+        let built_for = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut reg = ArchitectureRegistry::empty();
+        let (g, seen) = (gate.clone(), built_for.clone());
+        reg.register("gated", move |ctx: &ModelContext| {
+            seen.lock().unwrap().push(ctx.instance);
+            let r: Arc<dyn Runner> = Arc::new(GatedRunner {
+                concurrency,
+                gate: g.clone(),
+            });
+            Ok(r)
+        });
+        let mut cfg = ModelConfig::with_architecture("gated");
+        cfg.max_batch_size = 1;
+        cfg.instance_group.count = count;
+        let built = LoadedModel::build_runners("g", 1, Path::new("."), &cfg, &reg).unwrap();
+        (LoadedModel::start("g", 1, cfg, built).unwrap(), built_for)
+    }
+
+    /// Sends `n` one-item requests at once; checks each answer is its own input.
+    async fn burst(m: &Arc<LoadedModel>, n: usize) {
+        let calls = (0..n).map(|i| {
+            let m = m.clone();
+            tokio::spawn(async move {
+                let req = InferRequest {
+                    inputs: vec![(
+                        "INPUT0".into(),
+                        HostTensor::from_f32(vec![1, 1], vec![i as f32]).unwrap(),
+                    )],
+                    ..Default::default()
+                };
+                (i, m.infer(req).await)
+            })
+        });
+        let all = join_all(calls.collect()).await;
+        for (i, out) in all {
+            let out = out.unwrap();
+            assert_eq!(out[0].1.to_f32_vec(), vec![i as f32], "request {i}");
+        }
+    }
+
+    /// Every task's result, none waited for longer than 30 s.
+    async fn join_all(
+        tasks: Vec<tokio::task::JoinHandle<(usize, Result<NamedTensors>)>>,
+    ) -> Vec<(usize, Result<NamedTensors>)> {
+        let mut out = Vec::new();
+        for task in tasks {
+            let done = tokio::time::timeout(Duration::from_secs(30), task).await;
+            out.push(done.expect("a request did not finish").unwrap());
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_runner_of_concurrency_two_gets_two_calls_at_once_on_one_instance() {
+        let gate = Gate::new(2, Duration::from_secs(10));
+        let (m, built_for) = gated(2, 1, &gate);
+        assert_eq!((m.instances, m.workers), (1, 2));
+        assert_eq!(*built_for.lock().unwrap(), vec![0], "one runner built");
+        let m = Arc::new(m);
+        let started = Instant::now();
+        burst(&m, 2).await;
+        assert_eq!(gate.peak(), 2, "the second call did not overlap the first");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the calls met only after the gate's timeout"
+        );
+        assert_eq!(m.stats.snapshot().execution_count, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_runner_of_concurrency_one_never_gets_two_calls_at_once() {
+        let gate = Gate::new(2, Duration::from_millis(150));
+        let (m, _) = gated(1, 1, &gate);
+        assert_eq!((m.instances, m.workers), (1, 1));
+        burst(&Arc::new(m), 3).await;
+        assert_eq!(gate.peak(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn instances_count_as_configured_whatever_the_workers() {
+        let gate = Gate::new(1, Duration::ZERO);
+        let (m, built_for) = gated(2, 3, &gate);
+        assert_eq!((m.instances, m.workers), (3, 6));
+        assert_eq!(*built_for.lock().unwrap(), vec![0, 1, 2]);
+        let (m, _) = gated(1000, 1, &gate);
+        assert_eq!(m.workers, MAX_WORKERS_PER_INSTANCE, "workers are capped");
+        let (m, _) = gated(0, 1, &gate);
+        assert_eq!(m.workers, 1, "a runner always gets a worker");
     }
 }

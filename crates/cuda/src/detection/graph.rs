@@ -15,7 +15,7 @@ use crate::backend::{CudaBackend, CudaTensor};
 use crate::error::CudaError;
 use crate::graph::padded_shape;
 use crate::pool::{Arena, DeviceBuffer};
-use crate::transfer::Transfer;
+use crate::transfer::{UploadSlots, UPLOAD_SLOTS};
 
 /// An instantiated graph and the arena its kernels read and write.
 struct DetGraph {
@@ -103,9 +103,16 @@ fn capture_warm(be: &CudaBackend, f: impl Fn(&CudaBackend) -> Result<()>) -> Res
 struct Entry {
     graph: DetGraph,
     staging_in: DeviceBuffer,
-    /// The input's way from the host (page-locked, in the storage type for 16-bit models).
-    host_in: Transfer,
+    /// Where inputs from the host wait for the graph (page-locked and on the device, in
+    /// the storage type for 16-bit models); shared with requests uploading right now.
+    uploads: Arc<UploadSlots>,
     outs: Vec<(DeviceBuffer, [usize; 4])>,
+}
+
+type Entries = HashMap<Vec<usize>, Entry>;
+
+fn poisoned() -> EngineError {
+    EngineError::Device("graph cache poisoned".into())
 }
 
 /// NCHW f32 staging buffer -> NHWC activation (a kernel, so capturable).
@@ -179,15 +186,33 @@ impl From<TopDetections> for GraphOutput {
     }
 }
 
-/// Captured forward passes per input shape (NCHW).
+/// Captured forward passes per input shape (NCHW). Like [`crate::GraphCache`], `infer`
+/// uploads a request's input holding only an upload slot, so that
+/// [`MultiGraphCache::CONCURRENCY`] callers overlap one's upload with another's replay.
+///
+/// A capture must be alone on the backend's stream: callers that also run eager passes
+/// or other caches' replays on the same backend from other threads capture first (see
+/// [`MultiGraphCache::is_captured`]) with those excluded.
 #[derive(Default)]
 pub struct MultiGraphCache {
-    entries: Mutex<HashMap<Vec<usize>, Entry>>,
+    entries: Mutex<Entries>,
 }
 
 impl MultiGraphCache {
+    /// How many `infer` calls usefully run at once on one cache: one uploading its
+    /// input while another replays. More wait for an upload slot.
+    pub const CONCURRENCY: usize = UPLOAD_SLOTS;
+
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Whether a graph for `shape` (NCHW) has been captured.
+    pub fn is_captured(&self, shape: &[usize]) -> bool {
+        self.entries
+            .lock()
+            .map(|e| e.contains_key(shape))
+            .unwrap_or(false)
     }
 
     /// Number of captured shapes.
@@ -207,66 +232,14 @@ impl MultiGraphCache {
         F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<O>>,
         O: Into<GraphOutput>,
     {
-        let mut entries = self
-            .entries
-            .lock()
-            .map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
-        if entries.contains_key(shape) {
-            return Ok(());
-        }
-        let dims: [usize; 4] = shape.try_into().map_err(|_| {
-            EngineError::Shape(format!("expected an NCHW input, got shape {shape:?}"))
-        })?;
-        let numel: usize = dims.iter().product();
-        let staging_in = be.pool.alloc(numel.max(1) * 4)?;
-        be.memset(staging_in.ptr(), 0, numel * 4)?;
-        let out_dims: Vec<[usize; 4]> = {
-            let x = from_nchw(be, staging_in.ptr(), dims)?;
-            let ys = forward(be, &x)?;
-            be.synchronize()?;
-            ys.into_iter().map(|y| y.into().dims()).collect()
-        };
-        be.trim_memory()?;
-        let outs = out_dims
-            .iter()
-            .map(|d| Ok((be.pool.alloc(d.iter().product::<usize>().max(1) * 4)?, *d)))
-            .collect::<Result<Vec<_>>>()?;
-        let graph = capture_warm(be, |b| {
-            let x = from_nchw(b, staging_in.ptr(), dims)?;
-            let ys: Vec<GraphOutput> = forward(b, &x)?.into_iter().map(Into::into).collect();
-            if ys.len() != outs.len() {
-                return Err(EngineError::Invalid(
-                    "the forward pass changed its outputs under capture".into(),
-                ));
-            }
-            for (y, (buf, d)) in ys.iter().zip(&outs) {
-                if y.dims() != *d {
-                    return Err(EngineError::Invalid(
-                        "the forward pass changed its output shapes under capture".into(),
-                    ));
-                }
-                y.write_f32(b, buf.ptr())?;
-            }
-            Ok(())
-        })?;
-        entries.insert(
-            shape.to_vec(),
-            Entry {
-                graph,
-                staging_in,
-                host_in: Transfer::new(be, numel)?,
-                outs,
-            },
-        );
+        let mut entries = self.entries.lock().map_err(|_| poisoned())?;
+        prepare_locked(&mut entries, be, shape, &forward)?;
         Ok(())
     }
 
     /// Enqueues one replay for `shape` (no copies; for timing device work).
     pub fn replay(&self, be: &CudaBackend, shape: &[usize]) -> Result<()> {
-        let entries = self
-            .entries
-            .lock()
-            .map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
+        let entries = self.entries.lock().map_err(|_| poisoned())?;
         let e = entries
             .get(shape)
             .ok_or_else(|| EngineError::Invalid(format!("no graph captured for {shape:?}")))?;
@@ -289,7 +262,8 @@ impl MultiGraphCache {
     }
 
     /// Like [`MultiGraphCache::infer`] through the graph for a batch of `graph_batch`
-    /// (at least `x`'s rows): see [`crate::GraphCache::infer_padded`].
+    /// (at least `x`'s rows): see [`crate::GraphCache::infer_padded`]. The input's host
+    /// conversion and copy hold only an upload slot, not the graph.
     pub fn infer_padded<F, O>(
         &self,
         be: &CudaBackend,
@@ -303,17 +277,20 @@ impl MultiGraphCache {
     {
         let shape = padded_shape(x.shape(), graph_batch)?;
         let rows = x.shape()[0];
-        self.prepare(be, &shape, forward)?;
-        let mut entries = self
-            .entries
-            .lock()
-            .map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
-        let e = entries
-            .get_mut(&shape)
-            .ok_or_else(|| EngineError::Device("graph vanished".into()))?;
-        // The copy is complete before the pinned buffer is written again: every replay
-        // ends with its outputs read back (the stream synchronised).
-        e.host_in.send(be, x, e.staging_in.ptr())?;
+        let uploads = {
+            let mut entries = self.entries.lock().map_err(|_| poisoned())?;
+            prepare_locked(&mut entries, be, &shape, &forward)?
+                .uploads
+                .clone()
+        };
+        // Stage one, beside whatever replay holds the graph now.
+        let mut slot = uploads.acquire()?;
+        slot.upload(be, x)?;
+        // Stage two, the graph alone.
+        let mut entries = self.entries.lock().map_err(|_| poisoned())?;
+        let e = prepare_locked(&mut entries, be, &shape, &forward)?;
+        slot.land_into(be, e.staging_in.ptr())?;
+        drop(slot);
         e.graph.replay(be)?;
         read_outputs(be, e, rows)
     }
@@ -334,20 +311,93 @@ impl MultiGraphCache {
         O: Into<GraphOutput>,
         W: FnOnce(u64, usize) -> Result<()>,
     {
-        self.prepare(be, shape, forward)?;
-        let entries = self
-            .entries
-            .lock()
-            .map_err(|_| EngineError::Device("graph cache poisoned".into()))?;
-        let e = entries
-            .get(shape)
-            .ok_or_else(|| EngineError::Device("graph vanished".into()))?;
+        let mut entries = self.entries.lock().map_err(|_| poisoned())?;
+        let e = prepare_locked(&mut entries, be, shape, &forward)?;
         // Every replay ends with its outputs read back (the stream synchronised), so no
-        // earlier replay still reads the input buffer.
+        // earlier replay still reads the input buffer; inputs from upload slots are
+        // moved in under this lock too.
         fill(e.staging_in.ptr(), shape.iter().product::<usize>() * 4)?;
         e.graph.replay(be)?;
         read_outputs(be, e, shape.first().copied().unwrap_or(0))
     }
+}
+
+/// [`MultiGraphCache::prepare`] with the cache already locked; the entry for `shape`.
+fn prepare_locked<'a, F, O>(
+    entries: &'a mut Entries,
+    be: &CudaBackend,
+    shape: &[usize],
+    forward: &F,
+) -> Result<&'a Entry>
+where
+    F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<O>>,
+    O: Into<GraphOutput>,
+{
+    if !entries.contains_key(shape) {
+        capture_entry(entries, be, shape, forward)?;
+    }
+    entries
+        .get(shape)
+        .ok_or_else(|| EngineError::Device("graph vanished".into()))
+}
+
+/// Runs `forward` eagerly once, then captures it for `shape` into a new entry.
+fn capture_entry<F, O>(
+    entries: &mut Entries,
+    be: &CudaBackend,
+    shape: &[usize],
+    forward: &F,
+) -> Result<()>
+where
+    F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<O>>,
+    O: Into<GraphOutput>,
+{
+    let dims: [usize; 4] = shape
+        .try_into()
+        .map_err(|_| EngineError::Shape(format!("expected an NCHW input, got shape {shape:?}")))?;
+    let numel: usize = dims.iter().product();
+    let staging_in = be.pool.alloc(numel.max(1) * 4)?;
+    be.memset(staging_in.ptr(), 0, numel * 4)?;
+    let out_dims: Vec<[usize; 4]> = {
+        let x = from_nchw(be, staging_in.ptr(), dims)?;
+        let ys = forward(be, &x)?;
+        be.synchronize()?;
+        ys.into_iter().map(|y| y.into().dims()).collect()
+    };
+    be.trim_memory()?;
+    let outs = out_dims
+        .iter()
+        .map(|d| Ok((be.pool.alloc(d.iter().product::<usize>().max(1) * 4)?, *d)))
+        .collect::<Result<Vec<_>>>()?;
+    let graph = capture_warm(be, |b| {
+        let x = from_nchw(b, staging_in.ptr(), dims)?;
+        let ys: Vec<GraphOutput> = forward(b, &x)?.into_iter().map(Into::into).collect();
+        if ys.len() != outs.len() {
+            return Err(EngineError::Invalid(
+                "the forward pass changed its outputs under capture".into(),
+            ));
+        }
+        for (y, (buf, d)) in ys.iter().zip(&outs) {
+            if y.dims() != *d {
+                return Err(EngineError::Invalid(
+                    "the forward pass changed its output shapes under capture".into(),
+                ));
+            }
+            y.write_f32(b, buf.ptr())?;
+        }
+        Ok(())
+    })?;
+    let uploads = UploadSlots::new(be, numel)?;
+    entries.insert(
+        shape.to_vec(),
+        Entry {
+            graph,
+            staging_in,
+            uploads,
+            outs,
+        },
+    );
+    Ok(())
 }
 
 /// The first `rows` batch items of every output of the replay just enqueued, as NHWC

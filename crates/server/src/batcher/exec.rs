@@ -13,7 +13,7 @@ use crate::error::{Result, ServerError};
 use crate::stats::{BatchTimings, ModelStats};
 use crate::tensor_io::{concat_batch, split_rows};
 
-/// Runs a job and tells the batcher the instance is free again.
+/// Runs a job and tells the batcher the worker is free again.
 pub(super) fn run_and_report(
     job: Job,
     instance: usize,
@@ -30,15 +30,16 @@ pub(super) fn run_and_report(
     }
 }
 
-/// A dedicated thread for one model instance: batches arrive over a channel (cheaper
-/// than a blocking-pool task per batch). Exits when the batcher drops its sender.
+/// A dedicated thread for one worker of a model instance: batches arrive over a
+/// channel (cheaper than a blocking-pool task per batch). Exits when the batcher drops
+/// its sender.
 pub(super) fn spawn_worker(
     instance: usize,
     batcher: WeakUnboundedSender<Msg>,
 ) -> Option<std::sync::mpsc::Sender<(Job, u64)>> {
     let (tx, rx) = std::sync::mpsc::channel::<(Job, u64)>();
     let spawned = std::thread::Builder::new()
-        .name(format!("aperture-instance-{instance}"))
+        .name(format!("aperture-worker-{instance}"))
         .spawn(move || {
             while let Ok((job, seq)) = rx.recv() {
                 run_and_report(job, instance, seq, &batcher);

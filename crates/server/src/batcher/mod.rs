@@ -1,8 +1,9 @@
 //! Dynamic batcher with Triton's semantics.
 //!
 //! One task owns the queue and is driven by messages (enqueue, batch done), so the hot
-//! path takes no lock. Batches run on blocking threads, one per idle model instance;
-//! each request's answer goes straight back through its own oneshot channel.
+//! path takes no lock. Batches run on blocking threads, one per idle worker (an
+//! instance has as many workers as its runner takes concurrent calls, sharing the
+//! runner); each request's answer goes straight back through its own oneshot channel.
 //! Backpressure: a request beyond `max_queue_size` is refused at once ([`ServerError::QueueFull`]).
 
 mod exec;
@@ -93,7 +94,8 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the batcher task on the current tokio runtime. One runner per instance.
+    /// Starts the batcher task on the current tokio runtime. One entry of `runners` per
+    /// worker: a runner listed twice runs two batches at once.
     pub fn spawn(
         runners: Vec<Arc<dyn Runner>>,
         cfg: BatcherConfig,
@@ -198,7 +200,7 @@ struct BatcherTask {
     rx: mpsc::UnboundedReceiver<Msg>,
     /// Weak, so the task ends once the [`Batcher`] handle is dropped.
     tx: mpsc::WeakUnboundedSender<Msg>,
-    /// One thread per instance (`None`: run on tokio's blocking pool instead).
+    /// One thread per worker (`None`: run on tokio's blocking pool instead).
     workers: Vec<Option<std::sync::mpsc::Sender<(exec::Job, u64)>>>,
     stats: Arc<ModelStats>,
     next_seq: u64,
