@@ -100,7 +100,7 @@ impl UploadSlots {
                     wire,
                     landed: Marker::new(&be.ctx)?,
                     consumed: Marker::new(&be.ctx)?,
-                    values: 0,
+                    uploaded: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -150,8 +150,8 @@ struct Slot {
     landed: Marker,
     /// Recorded on the backend's stream behind the last read of `landing`.
     consumed: Marker,
-    /// Values of the input now in (or on its way to) `landing`; 0 for none.
-    values: usize,
+    /// Values of the input now in (or on its way to) `landing`, not yet moved out.
+    uploaded: Option<usize>,
 }
 
 impl UploadSlot {
@@ -168,21 +168,24 @@ impl UploadSlot {
     pub(crate) fn upload(&mut self, be: &CudaBackend, x: &HostTensor) -> Result<()> {
         let stream = self.slots.stream.0;
         let slot = self.slot()?;
-        slot.values = 0;
+        slot.uploaded = None;
         be.ctx.bind()?;
         // The host may write the page-locked buffer once its last copies are done, and
         // the device the landing buffer once its last reader is done.
         slot.landed.synchronize()?;
         slot.consumed.hold(stream)?;
-        if let Err(e) = slot.pinned.upload(&be.ctx, stream, x, slot.landing.ptr()) {
-            // Some chunks may be on their way: let them finish before the buffer is
-            // written again or freed.
+        let sent = slot
+            .pinned
+            .upload(&be.ctx, stream, x, slot.landing.ptr())
+            .and_then(|()| Ok(slot.landed.record(stream)?));
+        if let Err(e) = sent {
+            // Some chunks may be on their way, with no event behind them: let them
+            // finish before the buffer is written again or freed.
             // SAFETY: the stream is alive (owned by `self.slots`).
             let _ = unsafe { result::stream::synchronize(stream) };
             return Err(e);
         }
-        slot.landed.record(stream)?;
-        slot.values = x.numel();
+        slot.uploaded = Some(x.numel());
         Ok(())
     }
 
@@ -192,31 +195,35 @@ impl UploadSlot {
     /// copied). The slot may be returned as soon as this has been enqueued.
     pub(crate) fn land_into(&mut self, be: &CudaBackend, staging: u64) -> Result<()> {
         let slot = self.slot()?;
-        let n = slot.values;
-        if n == 0 {
-            return Err(EngineError::Invalid(
-                "no input was uploaded into this slot".into(),
-            ));
-        }
+        let n = slot
+            .uploaded
+            .take()
+            .ok_or_else(|| EngineError::Invalid("no input was uploaded into this slot".into()))?;
         be.ctx.bind()?;
         let compute = be.ctx.stream;
-        slot.landed.hold(compute)?;
-        match slot.wire {
-            Wire::F32 => {
-                // SAFETY: the landing and staging buffers hold at least `n` f32 values
-                // (both sized for this graph's input); ordered on the backend's stream.
-                unsafe {
-                    result::memcpy_dtod_async(staging, slot.landing.ptr(), n * 4, compute)
-                        .map_err(CudaError::from)?
+        let moved = (|| -> Result<()> {
+            slot.landed.hold(compute)?;
+            match slot.wire {
+                Wire::F32 => {
+                    // SAFETY: the landing and staging buffers hold at least `n` f32
+                    // values (both sized for this graph's input); ordered on the stream.
+                    unsafe {
+                        result::memcpy_dtod_async(staging, slot.landing.ptr(), n * 4, compute)
+                            .map_err(CudaError::from)?
+                    }
+                }
+                Wire::F16 | Wire::BF16 => {
+                    convert(be, "widen_to_f32", slot.landing.ptr(), staging, n)?;
                 }
             }
-            Wire::F16 | Wire::BF16 => {
-                convert(be, "widen_to_f32", slot.landing.ptr(), staging, n)?;
-            }
+            Ok(slot.consumed.record(compute)?)
+        })();
+        if moved.is_err() {
+            // A move may be under way with no event behind it: let it finish before the
+            // slot's next upload overwrites the landing buffer.
+            let _ = be.synchronize();
         }
-        slot.consumed.record(compute)?;
-        slot.values = 0;
-        Ok(())
+        moved
     }
 }
 
