@@ -120,8 +120,9 @@ mod pipeline {
     //! then from two threads at once, several rounds (one thread's upload beside the
     //! other's replay, the slots reused many times): every graph result must equal the
     //! eager one bit for bit, for `GraphCache` (Restormer's) and `MultiGraphCache`
-    //! (D-FINE's), in fp32 and fp16, with batches padded into the graph for 4. Then a
-    //! timing: replay alone against one and two callers.
+    //! (D-FINE's), in fp32 and fp16, on small inputs padded into the graph for 4 and on
+    //! 512x512 images padded into the graph for 8 (uploads of several staged chunks).
+    //! Then a timing: replay alone against one and two callers.
 
     use std::sync::Mutex;
     use std::time::Instant;
@@ -131,9 +132,6 @@ mod pipeline {
     use aperture_cuda::{CudaBackend, CudaTensor, GraphCache};
     use aperture_engine::{Backend, HostTensor, Precision};
 
-    /// Graph batch of the parity cases; requests carry 1 to 4 rows.
-    const GRAPH_BATCH: usize = 4;
-    const REQUESTS: usize = 12;
     /// Times each request runs from the two threads.
     const ROUNDS: usize = 4;
 
@@ -171,54 +169,32 @@ mod pipeline {
     pub fn run(gpu: usize, iters: usize) -> anyhow::Result<()> {
         let mut failed = Vec::new();
         let mut cases = 0;
-        let requests = (0..REQUESTS)
-            .map(|i| input(1 + i % GRAPH_BATCH, 32, i as u64 + 1))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let depth = 8;
+        // Small inputs padded into the graph for 4, and batches of 512x512 images padded
+        // into the graph for 8 (several staged chunks per upload).
+        let small = Case::new("small", 12, 4, 32, 8)?;
+        let large = Case::new("512x512", 4, 8, 512, 64)?;
         for p in [Precision::Fp32, Precision::Fp16] {
             let be = CudaBackend::new(gpu, p).context("opening the GPU")?;
             if p == Precision::Fp32 {
                 println!("graph pipeline on {}", be.device_name());
             }
-            let eager = |nhwc: bool| {
-                requests
-                    .iter()
-                    .map(|x| {
-                        let y = chain(&be, &be.upload_nchw(x)?, depth)?;
-                        let host = if nhwc {
-                            be.download_nhwc(&y)?
-                        } else {
-                            be.download_nchw(&y)?
-                        };
-                        Ok(host.to_f32_vec())
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()
-            };
-            let single = GraphCache::new();
-            let run_single = |x: &HostTensor| -> anyhow::Result<Vec<f32>> {
-                let fwd = |b: &CudaBackend, t: &CudaTensor| chain(b, t, depth);
-                Ok(single.infer_padded(&be, x, GRAPH_BATCH, fwd)?.to_f32_vec())
-            };
-            let multi = MultiGraphCache::new();
-            let run_multi = |x: &HostTensor| -> anyhow::Result<Vec<f32>> {
-                let fwd = |b: &CudaBackend, t: &CudaTensor| Ok(vec![chain(b, t, depth)?]);
-                let outs = multi.infer_padded(&be, x, GRAPH_BATCH, fwd)?;
-                Ok(outs.first().map(|y| y.to_f32_vec()).unwrap_or_default())
-            };
-            let checks: [(&str, &Run<'_>, Vec<Vec<f32>>); 2] = [
-                ("GraphCache", &run_single, eager(false)?),
-                ("MultiGraphCache", &run_multi, eager(true)?),
-            ];
-            for (name, run, want) in &checks {
-                cases += 1;
-                if let Err(e) = check(run, &requests, want) {
-                    println!("{p:>5} {name:<16} FAIL: {e:#}");
-                    failed.push(format!("{p} {name}"));
-                } else {
-                    println!(
-                        "{p:>5} {name:<16} PASS: {REQUESTS} requests of 1-{GRAPH_BATCH} rows, \
-                         alone and from 2 threads x {ROUNDS} rounds, bit-identical to eager"
-                    );
+            for case in [&small, &large] {
+                for (cache, result) in case.check_caches(&be)? {
+                    cases += 1;
+                    match result {
+                        Ok(()) => println!(
+                            "{p:>5} {cache:<15} {:<7} PASS: {} requests of {}-{} rows, alone and \
+                             from 2 threads x {ROUNDS} rounds, bit-identical to eager passes",
+                            case.name,
+                            case.requests.len(),
+                            case.graph_batch - 3,
+                            case.graph_batch
+                        ),
+                        Err(e) => {
+                            println!("{p:>5} {cache:<15} {:<7} FAIL: {e:#}", case.name);
+                            failed.push(format!("{p} {cache} {}", case.name));
+                        }
+                    }
                 }
             }
             if p == Precision::Fp16 && iters > 0 {
@@ -230,6 +206,80 @@ mod pipeline {
             bail!("graph pipeline differs: {}", failed.join(", "));
         }
         Ok(())
+    }
+
+    /// Requests of `graph_batch - 3` to `graph_batch` rows run through a graph for
+    /// `graph_batch` and a chain `depth` pairs long.
+    struct Case {
+        name: &'static str,
+        graph_batch: usize,
+        depth: usize,
+        requests: Vec<HostTensor>,
+    }
+
+    impl Case {
+        fn new(
+            name: &'static str,
+            requests: usize,
+            graph_batch: usize,
+            side: usize,
+            depth: usize,
+        ) -> anyhow::Result<Self> {
+            let requests = (0..requests)
+                .map(|i| input(graph_batch - 3 + i % 4, side, (side * 1000 + i) as u64))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok(Self {
+                name,
+                graph_batch,
+                depth,
+                requests,
+            })
+        }
+
+        /// The eager results, as NCHW or (D-FINE's graphs) NHWC f32 values.
+        fn eager(&self, be: &CudaBackend, nhwc: bool) -> anyhow::Result<Vec<Vec<f32>>> {
+            self.requests
+                .iter()
+                .map(|x| {
+                    let y = chain(be, &be.upload_nchw(x)?, self.depth)?;
+                    let host = if nhwc {
+                        be.download_nhwc(&y)?
+                    } else {
+                        be.download_nchw(&y)?
+                    };
+                    Ok(host.to_f32_vec())
+                })
+                .collect()
+        }
+
+        /// Both graph caches against the eager passes, on fresh caches.
+        fn check_caches(
+            &self,
+            be: &CudaBackend,
+        ) -> anyhow::Result<Vec<(&'static str, anyhow::Result<()>)>> {
+            let (gb, depth) = (self.graph_batch, self.depth);
+            let single = GraphCache::new();
+            let run_single = |x: &HostTensor| -> anyhow::Result<Vec<f32>> {
+                let fwd = |b: &CudaBackend, t: &CudaTensor| chain(b, t, depth);
+                Ok(single.infer_padded(be, x, gb, fwd)?.to_f32_vec())
+            };
+            let multi = MultiGraphCache::new();
+            let run_multi = |x: &HostTensor| -> anyhow::Result<Vec<f32>> {
+                let fwd = |b: &CudaBackend, t: &CudaTensor| Ok(vec![chain(b, t, depth)?]);
+                let outs = multi.infer_padded(be, x, gb, fwd)?;
+                Ok(outs.first().map(|y| y.to_f32_vec()).unwrap_or_default())
+            };
+            Ok(vec![
+                (
+                    "GraphCache",
+                    check(&run_single, &self.requests, &self.eager(be, false)?),
+                ),
+                (
+                    "MultiGraphCache",
+                    check(&run_multi, &self.requests, &self.eager(be, true)?),
+                ),
+            ])
+        }
     }
 
     /// One at a time, then two threads at once; every result equal to `want`.
