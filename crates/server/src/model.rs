@@ -112,6 +112,7 @@ impl LoadedModel {
         let images = built.images;
         let runners = workers(&built.runners);
         let workers = runners.len();
+        tracing::info!(model = %name, version, instances, workers, device = %device, "batcher started");
         let batcher = Batcher::spawn(runners, cfg, stats.clone());
         Ok(Self {
             name: name.to_string(),
