@@ -130,18 +130,20 @@ extern "C" __global__ void act_residual(T* __restrict__ y, const T* __restrict__
     }
 }
 
-// After a convolution computed by cuDNN: y = act(y + bias) + res, 16-byte vectors of
-// channels; y's pixel rows are ldy apart (a channel slice of a wider tensor), res dense.
-extern "C" __global__ void conv_epilogue_vec(T* __restrict__ y, const T* __restrict__ bias,
+// After a convolution computed by cuDNN: y = act(src + bias) + res, 16-byte vectors of
+// channels. src's pixel rows are lds apart, y's ldy apart (a channel slice of a wider
+// tensor; src == y in place, or a packed buffer moved into the slice); res is dense.
+extern "C" __global__ void conv_epilogue_vec(const T* src, i64 lds, T* y, i64 ldy,
+                                             const T* __restrict__ bias,
                                              const T* __restrict__ res, i64 pixels, int c,
-                                             i64 ldy, int act) {
+                                             int act) {
     const int V = 16 / sizeof(T);
     const int cv = c / V;
     GRID_LOOP(i, pixels * cv) {
         const i64 p = i / cv;
         const int j = (int)(i - p * cv) * V;
-        uint4* yp = reinterpret_cast<uint4*>(y + p * ldy + j);
-        uint4 yv = *yp, bv = make_uint4(0, 0, 0, 0), rv = make_uint4(0, 0, 0, 0);
+        uint4 yv = *reinterpret_cast<const uint4*>(src + p * lds + j);
+        uint4 bv = make_uint4(0, 0, 0, 0), rv = make_uint4(0, 0, 0, 0);
         if (bias) bv = *reinterpret_cast<const uint4*>(bias + j);
         if (res) rv = *reinterpret_cast<const uint4*>(res + p * c + j);
         T* ye = reinterpret_cast<T*>(&yv);
@@ -155,7 +157,7 @@ extern "C" __global__ void conv_epilogue_vec(T* __restrict__ y, const T* __restr
             if (res) v += ldf(re[k]);
             ye[k] = stf(v);
         }
-        *yp = yv;
+        *reinterpret_cast<uint4*>(y + p * ldy + j) = yv;
     }
 }
 

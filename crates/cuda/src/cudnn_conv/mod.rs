@@ -1,0 +1,383 @@
+//! Convolutions through cuDNN where it is faster than ours (the implicit GEMM, cuBLASLt's
+//! 1x1 products, the depthwise strip kernels).
+//!
+//! On Hopper, cuDNN's convolution engines use the warpgroup matrix instructions that
+//! `conv_igemm` (mma.sync) does not; on D-FINE's shapes PyTorch's cuDNN convolutions run
+//! at about twice our rate. Each distinct launch (shapes, strides, activation, residual)
+//! is timed once, eagerly, both ways: ours, and cuDNN's fastest algorithm
+//! (`cudnnFindConvolutionForwardAlgorithmEx`) followed by a vectorised epilogue kernel
+//! for bias, activation and residual. The faster one is remembered and used from then on,
+//! including under graph capture (a launch first seen while capturing keeps ours: nothing
+//! can be timed there). Where cuDNN has no algorithm for a channel slice of a wider
+//! tensor (the in-place concatenations), the input is packed first and/or the output
+//! goes to a packed buffer that the epilogue moves into the slice.
+//!
+//! 16-bit storage only (fp32/tf32 keep their checked path); the library is loaded on the
+//! first eligible convolution, and a machine without it keeps ours. `APERTURE_CUDNN=0`
+//! turns the path off (for A/B runs), `APERTURE_CUDNN=force` skips the timing and takes
+//! cuDNN wherever it runs (for parity checks of its numerics).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use aperture_engine::backend::Activation;
+use aperture_engine::Result;
+use cudarc::cudnn::sys as dnn;
+
+use crate::backend::{ConvWeights, CudaBackend};
+use crate::conv::act_code;
+use crate::error::CudaError;
+use crate::kernels::Storage;
+
+mod api;
+mod timing;
+
+use api::{Descriptors, Handle, Temps};
+use timing::{graph_ms, Scratch};
+
+const ENV_SWITCH: &str = "APERTURE_CUDNN";
+/// Largest cuDNN workspace taken for one convolution.
+const MAX_WORKSPACE: usize = 256 << 20;
+/// Algorithms asked of cuDNN's search.
+const ALGOS: i32 = 8;
+/// Timed replays per candidate (after one untimed replay).
+const TIMED_RUNS: usize = 3;
+/// Launches per timing graph: small convolutions take microseconds, so each candidate is
+/// timed as a captured graph of several launches, as it will run (no host in between).
+const GRAPH_REPS: usize = 10;
+
+/// One dense convolution launch: input rows `ldx` apart, output rows `ldy` apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct DenseLaunch {
+    /// Input NHWC dims.
+    pub input: [usize; 4],
+    pub ldx: usize,
+    pub out_hw: (usize, usize),
+    pub c_out: usize,
+    pub ldy: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub act: i32,
+    pub residual: bool,
+    pub bias: bool,
+    /// 1 (dense) or the channel count (depthwise).
+    pub groups: usize,
+}
+
+impl DenseLaunch {
+    pub(crate) fn new(
+        input: [usize; 4],
+        ldx: usize,
+        w: &ConvWeights,
+        out_hw: (usize, usize),
+        ldy: usize,
+        act: Activation,
+        residual: bool,
+    ) -> Self {
+        Self {
+            input,
+            ldx,
+            out_hw,
+            c_out: w.c_out,
+            ldy,
+            kh: w.kh,
+            kw: w.kw,
+            stride: w.spec.stride,
+            pad: w.spec.padding,
+            act: act_code(act),
+            residual,
+            bias: w.bias.is_some(),
+            groups: if w.depthwise { w.c_out } else { 1 },
+        }
+    }
+
+    fn pixels_out(&self) -> usize {
+        self.input[0] * self.out_hw.0 * self.out_hw.1
+    }
+}
+
+/// Device pointers of one launch.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DensePtrs {
+    pub x: u64,
+    pub w: u64,
+    pub bias: Option<u64>,
+    pub residual: Option<u64>,
+    pub y: u64,
+}
+
+impl DensePtrs {
+    /// `w`'s weight and bias with the given input, residual and output.
+    pub(crate) fn of(x: u64, w: &ConvWeights, residual: Option<u64>, y: u64) -> Self {
+        let (weight, bias) = w.cudnn_operands();
+        Self {
+            x,
+            w: weight,
+            bias,
+            residual,
+            y,
+        }
+    }
+}
+
+/// Which sides of a launch go through packed buffers (cuDNN has algorithms for fewer
+/// strided layouts than we launch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Staging {
+    pub input: bool,
+    pub output: bool,
+}
+
+impl Staging {
+    /// The layouts to try for `l`, fewest copies first.
+    fn options(l: &DenseLaunch) -> Vec<Staging> {
+        let strided_in = l.ldx != l.input[3];
+        let strided_out = l.ldy != l.c_out;
+        let mut v = vec![Staging {
+            input: false,
+            output: false,
+        }];
+        if strided_out {
+            v.push(Staging {
+                input: false,
+                output: true,
+            });
+        }
+        if strided_in {
+            v.push(Staging {
+                input: true,
+                output: strided_out,
+            });
+        }
+        v
+    }
+}
+
+/// cuDNN's way for one launch.
+struct Plan {
+    algo: dnn::cudnnConvolutionFwdAlgo_t,
+    workspace: usize,
+    staging: Staging,
+    desc: Descriptors,
+}
+
+#[derive(Clone)]
+enum Choice {
+    Ours,
+    Cudnn(Arc<Plan>),
+}
+
+/// The backend's cuDNN state: the handle (made on first use) and the choice per launch.
+#[derive(Default)]
+pub(crate) struct CudnnConvs {
+    handle: OnceLock<Option<Handle>>,
+    choices: Mutex<HashMap<DenseLaunch, Choice>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Off,
+    Timed,
+    Forced,
+}
+
+fn mode() -> Mode {
+    match std::env::var(ENV_SWITCH).as_deref() {
+        Ok("0") | Ok("off") => Mode::Off,
+        Ok("force") => Mode::Forced,
+        _ => Mode::Timed,
+    }
+}
+
+impl CudnnConvs {
+    fn handle(&self, be: &CudaBackend) -> Option<dnn::cudnnHandle_t> {
+        self.handle
+            .get_or_init(|| match api::open(be) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::info!("cuDNN not used for convolutions: {e}");
+                    None
+                }
+            })
+            .as_ref()
+            .map(|h| h.0)
+    }
+}
+
+/// Runs the convolution `l` either with `ours` or through cuDNN, whichever was faster
+/// when `l` was first seen.
+pub(crate) fn run_dense(
+    be: &CudaBackend,
+    l: &DenseLaunch,
+    p: &DensePtrs,
+    ours: impl Fn() -> Result<()>,
+) -> Result<()> {
+    let m = mode();
+    if m == Mode::Off || !eligible(be, l, p) {
+        return ours();
+    }
+    let known = be.cudnn.choices.lock().ok().and_then(|c| c.get(l).cloned());
+    let choice = match known {
+        Some(c) => c,
+        None if be.ctx.is_dry() || crate::gemm::capturing(be.ctx.stream as _) => return ours(),
+        None => {
+            let c = choose(be, l, p, &ours, m == Mode::Forced).unwrap_or_else(|e| {
+                tracing::debug!("cuDNN convolution {l:?} not taken: {e}");
+                Choice::Ours
+            });
+            if let Ok(mut map) = be.cudnn.choices.lock() {
+                map.insert(*l, c.clone());
+            }
+            c
+        }
+    };
+    let Choice::Cudnn(plan) = choice else {
+        return ours();
+    };
+    let handle = be
+        .cudnn
+        .handle(be)
+        .ok_or_else(|| CudaError::Driver("cuDNN handle vanished".into()))?;
+    // Pool blocks: under capture they come from the graph's arena and live with it.
+    let es = be.esize();
+    let [n, h, w, c] = l.input;
+    let alloc = |on: bool, bytes: usize| on.then(|| be.pool.alloc(bytes)).transpose();
+    let ws = alloc(plan.workspace > 0, plan.workspace)?;
+    let x = alloc(plan.staging.input, n * h * w * c * es)?;
+    let y = alloc(plan.staging.output, l.pixels_out() * l.c_out * es)?;
+    let ptr = |b: &Option<crate::pool::DeviceBuffer>| b.as_ref().map(|b| b.ptr()).unwrap_or(0);
+    let temps = Temps {
+        x: ptr(&x),
+        y: ptr(&y),
+        workspace: (ptr(&ws), plan.workspace),
+    };
+    api::launch(
+        be,
+        handle,
+        (l, &plan.desc, plan.staging),
+        p,
+        plan.algo,
+        &temps,
+    )?;
+    Ok(())
+}
+
+/// 16-bit storage, whole 16-byte vectors in the epilogue, sizes within cuDNN's int.
+fn eligible(be: &CudaBackend, l: &DenseLaunch, p: &DensePtrs) -> bool {
+    let vec = 8;
+    let fits_int = |v: usize| v < i32::MAX as usize;
+    let [n, h, w, c] = l.input;
+    be.storage != Storage::F32
+        && l.c_out.is_multiple_of(vec)
+        && l.ldy.is_multiple_of(vec)
+        && p.y.is_multiple_of(16)
+        && p.bias.is_none_or(|b| b.is_multiple_of(16))
+        && p.residual.is_none_or(|r| r.is_multiple_of(16))
+        && fits_int(n * h * w * l.ldx)
+        && fits_int(l.pixels_out() * l.ldy)
+        && fits_int(c * l.kh * l.kw * l.c_out)
+}
+
+/// cuDNN's fastest algorithm for `l` with `staging`, searched on the real inputs into
+/// scratch outputs: some of the algorithms it tries write outside a strided output's
+/// channel slice, which here is the middle of a concatenation whose other slices already
+/// hold results.
+fn search(
+    be: &CudaBackend,
+    handle: dnn::cudnnHandle_t,
+    l: &DenseLaunch,
+    p: &DensePtrs,
+    staging: Staging,
+    temps: &Temps,
+) -> Result<Option<Plan>> {
+    let desc = Descriptors::new(be, l, staging)?;
+    let workspace = Scratch::new(MAX_WORKSPACE)?;
+    let out = Scratch::new(l.pixels_out() * l.ldy.max(l.c_out) * be.esize())?;
+    let x = if staging.input {
+        // Packs the real input into the scratch (the launch does the same).
+        let [n, h, w, c] = l.input;
+        api::pack_input(be, p.x, temps.x, n * h * w, c, l.ldx)?;
+        temps.x
+    } else {
+        p.x
+    };
+    let perf = api::find(
+        handle,
+        &desc,
+        (x, p.w, out.0),
+        (workspace.0, MAX_WORKSPACE),
+        ALGOS,
+    )?;
+    Ok(perf
+        .iter()
+        .find(|r| r.status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS && r.memory <= MAX_WORKSPACE)
+        .map(|best| Plan {
+            algo: best.algo,
+            workspace: best.memory,
+            staging,
+            desc,
+        }))
+}
+
+/// Times ours and cuDNN's fastest way (the first staging it has an algorithm for). Ours
+/// writes the real output (only its slice; the real launch writes it again); cuDNN's
+/// candidate writes scratch buffers.
+fn choose(
+    be: &CudaBackend,
+    l: &DenseLaunch,
+    p: &DensePtrs,
+    ours: &dyn Fn() -> Result<()>,
+    forced: bool,
+) -> Result<Choice> {
+    let handle = be
+        .cudnn
+        .handle(be)
+        .ok_or_else(|| CudaError::Unavailable("cuDNN not loaded".into()))?;
+    let es = be.esize();
+    let [n, h, w, c] = l.input;
+    let x_scratch = Scratch::new(n * h * w * c * es)?;
+    let y_scratch = Scratch::new(l.pixels_out() * l.c_out * es)?;
+    let out = Scratch::new(l.pixels_out() * l.ldy * es)?;
+    let mut temps = Temps {
+        x: x_scratch.0,
+        y: y_scratch.0,
+        workspace: (0, 0),
+    };
+    let mut plan = None;
+    for staging in Staging::options(l) {
+        plan = search(be, handle, l, p, staging, &temps)?;
+        if plan.is_some() {
+            break;
+        }
+    }
+    let plan = plan
+        .ok_or_else(|| CudaError::Driver("cuDNN has no algorithm for this convolution".into()))?;
+    if forced {
+        return Ok(Choice::Cudnn(Arc::new(plan)));
+    }
+    let ws = Scratch::new(plan.workspace)?;
+    temps.workspace = (ws.0, plan.workspace);
+    let p_scratch = DensePtrs { y: out.0, ..*p };
+    let theirs = graph_ms(be, &|| {
+        let l_plan = (l, &plan.desc, plan.staging);
+        api::launch(be, handle, l_plan, &p_scratch, plan.algo, &temps).map_err(Into::into)
+    })?;
+    let mine = graph_ms(be, ours)?;
+    tracing::debug!(
+        "convolution {:?} {}x{} s{} g{} -> {} channels ({:?}): ours {mine:.3} ms, cuDNN {theirs:.3} ms",
+        l.input,
+        l.kh,
+        l.kw,
+        l.stride,
+        l.groups,
+        l.c_out,
+        plan.staging
+    );
+    Ok(if theirs < mine {
+        Choice::Cudnn(Arc::new(plan))
+    } else {
+        Choice::Ours
+    })
+}
