@@ -11,7 +11,7 @@ use cudarc::driver::{result, sys};
 use crate::backend::{CudaBackend, CudaTensor};
 use crate::error::CudaError;
 use crate::pool::{Arena, DeviceBuffer};
-use crate::transfer::{Transfer, UploadSlots, UPLOAD_SLOTS};
+use crate::transfer::{SlotsByShape, Transfer, UploadSlots, UPLOAD_SLOTS};
 
 /// An instantiated graph with the memory its kernels use.
 pub struct CudaGraph {
@@ -141,6 +141,7 @@ pub struct ArenaSize {
 #[derive(Default)]
 pub struct GraphCache {
     entries: Mutex<HashMap<Vec<usize>, Entry>>,
+    slots: SlotsByShape,
     dry: bool,
 }
 
@@ -164,6 +165,7 @@ impl GraphCache {
     pub fn dry_planned() -> Self {
         Self {
             entries: Mutex::new(HashMap::new()),
+            slots: SlotsByShape::default(),
             dry: true,
         }
     }
@@ -329,12 +331,13 @@ impl GraphCache {
     {
         let shape = padded_shape(x.shape(), graph_batch)?;
         let rows = x.shape()[0];
-        let uploads = {
+        let uploads = self.slots.get_or(&shape, || {
             let mut entries = self.entries.lock().map_err(|_| poisoned())?;
-            self.prepare_locked(&mut entries, be, &shape, &forward)?
+            Ok(self
+                .prepare_locked(&mut entries, be, &shape, &forward)?
                 .uploads
-                .clone()
-        };
+                .clone())
+        })?;
         // Stage one, beside whatever replay holds the graph now.
         let mut slot = uploads.acquire()?;
         slot.upload(be, x)?;

@@ -9,6 +9,7 @@
 //! on a stream of their own into a landing buffer, outside the graph's lock, so one
 //! request's input travels while another request's replay runs (see `docs/server.md`).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use aperture_engine::{EngineError, HostTensor, Result};
@@ -321,5 +322,32 @@ impl Drop for Marker {
         unsafe {
             let _ = result::event::destroy(self.0);
         }
+    }
+}
+
+/// Each graph shape's upload slots, reachable without the graph cache's lock (which a
+/// replay holds until its outputs are back: taking it to find the slots would put the
+/// next upload behind that replay).
+#[derive(Default)]
+pub(crate) struct SlotsByShape(Mutex<HashMap<Vec<usize>, Arc<UploadSlots>>>);
+
+impl SlotsByShape {
+    /// The slots for `shape`, from `make` (which may take the cache's lock and capture)
+    /// the first time.
+    pub(crate) fn get_or(
+        &self,
+        shape: &[usize],
+        make: impl FnOnce() -> Result<Arc<UploadSlots>>,
+    ) -> Result<Arc<UploadSlots>> {
+        let poisoned = || EngineError::Device("upload slots poisoned".into());
+        if let Some(s) = self.0.lock().map_err(|_| poisoned())?.get(shape) {
+            return Ok(s.clone());
+        }
+        let made = make()?;
+        self.0
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(shape.to_vec(), made.clone());
+        Ok(made)
     }
 }

@@ -280,6 +280,20 @@ fn eligible(be: &CudaBackend, l: &DenseLaunch, p: &DensePtrs) -> bool {
         && fits_int(c * l.kh * l.kw * l.c_out)
 }
 
+/// Whether `algo` computes the convolution as direct products (fp32 accumulation of the
+/// same terms as ours). FFT and Winograd transforms lose precision in 16-bit storage: on
+/// D-FINE at batch 4 they moved its fp16 logits from 1.4e-3 to 6.4e-3 of fp32.
+fn exact_products(algo: dnn::cudnnConvolutionFwdAlgo_t) -> bool {
+    use dnn::cudnnConvolutionFwdAlgo_t as A;
+    matches!(
+        algo,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM
+            | A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
+            | A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM
+            | A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT
+    )
+}
+
 /// cuDNN's fastest algorithm for `l` with `staging`, searched on the real inputs into
 /// scratch outputs: some of the algorithms it tries write outside a strided output's
 /// channel slice, which here is the middle of a concatenation whose other slices already
@@ -312,7 +326,11 @@ fn search(
     )?;
     Ok(perf
         .iter()
-        .find(|r| r.status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS && r.memory <= MAX_WORKSPACE)
+        .find(|r| {
+            r.status == dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+                && r.memory <= MAX_WORKSPACE
+                && exact_products(r.algo)
+        })
         .map(|best| Plan {
             algo: best.algo,
             workspace: best.memory,
@@ -366,14 +384,15 @@ fn choose(
     })?;
     let mine = graph_ms(be, ours)?;
     tracing::debug!(
-        "convolution {:?} {}x{} s{} g{} -> {} channels ({:?}): ours {mine:.3} ms, cuDNN {theirs:.3} ms",
+        "convolution {:?} {}x{} s{} g{} -> {} channels ({:?}, {:?}): ours {mine:.3} ms, cuDNN {theirs:.3} ms",
         l.input,
         l.kh,
         l.kw,
         l.stride,
         l.groups,
         l.c_out,
-        plan.staging
+        plan.staging,
+        plan.algo
     );
     Ok(if theirs < mine {
         Choice::Cudnn(Arc::new(plan))

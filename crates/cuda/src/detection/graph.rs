@@ -15,7 +15,7 @@ use crate::backend::{CudaBackend, CudaTensor};
 use crate::error::CudaError;
 use crate::graph::padded_shape;
 use crate::pool::{Arena, DeviceBuffer};
-use crate::transfer::{UploadSlots, UPLOAD_SLOTS};
+use crate::transfer::{SlotsByShape, UploadSlots, UPLOAD_SLOTS};
 
 /// An instantiated graph and the arena its kernels read and write.
 struct DetGraph {
@@ -196,6 +196,7 @@ impl From<TopDetections> for GraphOutput {
 #[derive(Default)]
 pub struct MultiGraphCache {
     entries: Mutex<Entries>,
+    slots: SlotsByShape,
 }
 
 impl MultiGraphCache {
@@ -277,12 +278,12 @@ impl MultiGraphCache {
     {
         let shape = padded_shape(x.shape(), graph_batch)?;
         let rows = x.shape()[0];
-        let uploads = {
+        let uploads = self.slots.get_or(&shape, || {
             let mut entries = self.entries.lock().map_err(|_| poisoned())?;
-            prepare_locked(&mut entries, be, &shape, &forward)?
+            Ok(prepare_locked(&mut entries, be, &shape, &forward)?
                 .uploads
-                .clone()
-        };
+                .clone())
+        })?;
         // Stage one, beside whatever replay holds the graph now.
         let mut slot = uploads.acquire()?;
         slot.upload(be, x)?;
