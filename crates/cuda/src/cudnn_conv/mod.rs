@@ -281,8 +281,8 @@ fn eligible(be: &CudaBackend, l: &DenseLaunch, p: &DensePtrs) -> bool {
 }
 
 /// Whether `algo` computes the convolution as direct products (fp32 accumulation of the
-/// same terms as ours). FFT and Winograd transforms lose precision in 16-bit storage: on
-/// D-FINE at batch 4 they moved its fp16 logits from 1.4e-3 to 6.4e-3 of fp32.
+/// same terms as ours). FFT and Winograd transforms round intermediate values that the
+/// direct products never form, so their error in 16-bit storage is not ours to vouch for.
 fn exact_products(algo: dnn::cudnnConvolutionFwdAlgo_t) -> bool {
     use dnn::cudnnConvolutionFwdAlgo_t as A;
     matches!(
