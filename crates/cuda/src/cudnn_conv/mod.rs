@@ -400,3 +400,74 @@ fn choose(
         Choice::Ours
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(c: usize, ldx: usize, c_out: usize, ldy: usize) -> DenseLaunch {
+        DenseLaunch {
+            input: [2, 8, 8, c],
+            ldx,
+            out_hw: (8, 8),
+            c_out,
+            ldy,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: 1,
+            act: 0,
+            residual: false,
+            bias: true,
+            groups: 1,
+        }
+    }
+
+    fn staging(input: bool, output: bool) -> Staging {
+        Staging { input, output }
+    }
+
+    #[test]
+    fn packed_launches_need_no_staging() {
+        assert_eq!(
+            Staging::options(&launch(64, 64, 32, 32)),
+            vec![staging(false, false)]
+        );
+    }
+
+    #[test]
+    fn slices_are_tried_as_they_are_first_then_with_fewest_copies() {
+        // Output into a concatenation slice: as is, then through a packed output.
+        assert_eq!(
+            Staging::options(&launch(64, 64, 32, 448)),
+            vec![staging(false, false), staging(false, true)]
+        );
+        // Input and output slices: as is, output packed, then both packed.
+        assert_eq!(
+            Staging::options(&launch(64, 448, 64, 448)),
+            vec![
+                staging(false, false),
+                staging(false, true),
+                staging(true, true)
+            ]
+        );
+        // Input slice only.
+        assert_eq!(
+            Staging::options(&launch(64, 448, 64, 64)),
+            vec![staging(false, false), staging(true, false)]
+        );
+    }
+
+    #[test]
+    fn only_direct_product_algorithms_are_taken() {
+        use dnn::cudnnConvolutionFwdAlgo_t as A;
+        assert!(exact_products(
+            A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
+        ));
+        assert!(exact_products(A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM));
+        assert!(!exact_products(A::CUDNN_CONVOLUTION_FWD_ALGO_FFT));
+        assert!(!exact_products(
+            A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED
+        ));
+    }
+}
