@@ -60,6 +60,16 @@ pub(crate) fn prepare(
                 }
             }
         }
+        // Rows padded to `kp` are not cuDNN's layout: it gets an unpadded copy.
+        let cudnn = if kp != k && be.storage != crate::kernels::Storage::F32 {
+            let unpadded: Vec<f32> = dense
+                .chunks(kp)
+                .flat_map(|row| row.iter().take(k).copied())
+                .collect();
+            Some((be.upload_storage(&unpadded)?, None))
+        } else {
+            None
+        };
         let weight_f32 = if pointwise {
             Some(be.upload_bytes(&w)?)
         } else {
@@ -77,7 +87,7 @@ pub(crate) fn prepare(
             bias,
             weight_f32,
             depthwise: false,
-            cudnn_depthwise: None,
+            cudnn,
         })
     } else if cig == 1 && spec.groups == c_out {
         let c = c_out;
@@ -90,7 +100,7 @@ pub(crate) fn prepare(
             }
         }
         // PyTorch's `[c][1][kh][kw]` is already cuDNN's grouped KRSC.
-        let cudnn_depthwise = if be.storage != crate::kernels::Storage::F32 {
+        let cudnn = if be.storage != crate::kernels::Storage::F32 {
             let b = bias_f32
                 .as_ref()
                 .map(|b| be.upload_storage(b))
@@ -111,7 +121,7 @@ pub(crate) fn prepare(
             bias,
             weight_f32: None,
             depthwise: true,
-            cudnn_depthwise,
+            cudnn,
         })
     } else {
         Err(EngineError::Unsupported(format!(
@@ -209,7 +219,7 @@ pub(crate) fn conv2d(
     act: Activation,
     residual: Option<&CudaTensor>,
 ) -> Result<CudaTensor> {
-    let [n, h, wd, c] = x.dims;
+    let [n, _, _, c] = x.dims;
     let dims = output_dims(w, x.dims)?;
     let [_, oh, ow, _] = dims;
     if let Some(r) = residual {
@@ -241,118 +251,155 @@ pub(crate) fn conv2d(
             crate::conv_igemm::run(be, x, w, &g, act, residual)
         });
     }
+    let k_real = w.kh * w.kw * w.c_in;
+    let flops = 2.0 * (p_out * k_real * w.c_out) as f64;
+    let pointwise = w.kp == w.c_in && plain_product(w.kh, w.kw, w.spec);
+    let bytes = (x.numel() + p_out * w.c_out + w.c_out * w.kp) as f64 * es + res_bytes;
+    if !pointwise {
+        return be.profiler.op(be, "conv3x3_im2col_gemm", flops, bytes, || {
+            let out = be.alloc_tensor(dims)?;
+            let l = DenseLaunch::new(x.dims, c, w, (oh, ow), w.c_out, act, residual.is_some());
+            let ptrs = DensePtrs::of(x.ptr(), w, residual.map(|r| r.ptr()), out.ptr());
+            crate::cudnn_conv::run_dense(be, &l, &ptrs, || {
+                im2col_product(be, x, w, (oh, ow), act, residual, &out)
+            })?;
+            Ok(out)
+        });
+    }
     let fused_res = if act == Activation::Identity {
         residual.map(|r| r.ptr())
     } else {
         None
     };
-    let k_real = w.kh * w.kw * w.c_in;
-    let flops = 2.0 * (p_out * k_real * w.c_out) as f64;
-    let pointwise = w.kp == w.c_in && plain_product(w.kh, w.kw, w.spec);
-    let name = if pointwise {
-        "conv1x1_gemm"
-    } else {
-        "conv3x3_im2col_gemm"
-    };
-    let bytes = (x.numel() + p_out * w.c_out + w.c_out * w.kp) as f64 * es + res_bytes;
-    let out = be.profiler.op(be, name, flops, bytes, || {
+    let out = be.profiler.op(be, "conv1x1_gemm", flops, bytes, || {
         let out = be.alloc_tensor(dims)?;
-        if pointwise {
-            let l = DenseLaunch::new(
-                x.dims,
-                c,
-                w,
-                (oh, ow),
-                w.c_out,
-                Activation::Identity,
-                fused_res.is_some(),
-            );
-            let ptrs = DensePtrs::of(x.ptr(), w, fused_res, out.ptr());
-            crate::cudnn_conv::run_dense(be, &l, &ptrs, || {
-                gemm_rows(be, x.ptr(), p_out, w.c_in, w, out.ptr(), fused_res, true)
-            })?;
-            return Ok(out);
-        }
-        let per_image = oh * ow * w.kp * be.esize();
-        let chunk = (IM2COL_BUDGET / per_image.max(1)).clamp(1, n);
-        let col = be.pool.alloc(chunk * per_image)?;
-        let esz = be.esize() as u64;
-        let mut n0 = 0;
-        while n0 < n {
-            let nc = chunk.min(n - n0);
-            let x_off = x.ptr() + (n0 * h * wd * c) as u64 * esz;
-            let mut args = vec![Arg::Ptr(x_off), Arg::Ptr(col.ptr())];
-            if nc * oh <= 65_535 {
-                args.extend(
-                    [
-                        h,
-                        wd,
-                        c,
-                        oh,
-                        ow,
-                        w.kh,
-                        w.kw,
-                        w.spec.stride,
-                        w.spec.padding,
-                        w.kp,
-                    ]
-                    .map(|v| Arg::I32(v as i32)),
-                );
-                let per_row = (ow * w.kp).div_ceil(256).min(64) as u32;
-                be.kernels.launch(
-                    &be.ctx,
-                    "im2col_rows",
-                    (per_row, (nc * oh) as u32, 1),
-                    256,
-                    0,
-                    &args,
-                )?;
-            } else {
-                args.extend(
-                    [
-                        nc,
-                        h,
-                        wd,
-                        c,
-                        oh,
-                        ow,
-                        w.kh,
-                        w.kw,
-                        w.spec.stride,
-                        w.spec.padding,
-                        w.kp,
-                    ]
-                    .map(|v| Arg::I32(v as i32)),
-                );
-                be.launch_1d("im2col", nc * oh * ow * w.kp, &args)?;
-            }
-            let o_off = (n0 * oh * ow * w.c_out) as u64 * esz;
-            let res = fused_res.map(|r| r + o_off);
-            gemm_rows(
-                be,
-                col.ptr(),
-                nc * oh * ow,
-                w.kp,
-                w,
-                out.ptr() + o_off,
-                res,
-                true,
-            )?;
-            n0 += nc;
-        }
+        let l = DenseLaunch::new(
+            x.dims,
+            c,
+            w,
+            (oh, ow),
+            w.c_out,
+            Activation::Identity,
+            fused_res.is_some(),
+        );
+        let ptrs = DensePtrs::of(x.ptr(), w, fused_res, out.ptr());
+        crate::cudnn_conv::run_dense(be, &l, &ptrs, || {
+            gemm_rows(be, x.ptr(), p_out, w.c_in, w, out.ptr(), fused_res, true)
+        })?;
         Ok(out)
     })?;
     if act != Activation::Identity {
-        be.launch_1d(
-            "act_residual",
-            out.numel(),
-            &[
-                Arg::Ptr(out.ptr()),
-                Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)),
-                Arg::I64(out.numel() as i64),
-                Arg::I32(act_code(act)),
-            ],
-        )?;
+        act_residual(be, &out, act, residual)?;
     }
     Ok(out)
+}
+
+/// `act(y) + residual` in place over a whole tensor.
+fn act_residual(
+    be: &CudaBackend,
+    y: &CudaTensor,
+    act: Activation,
+    residual: Option<&CudaTensor>,
+) -> Result<()> {
+    be.launch_1d(
+        "act_residual",
+        y.numel(),
+        &[
+            Arg::Ptr(y.ptr()),
+            Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)),
+            Arg::I64(y.numel() as i64),
+            Arg::I32(act_code(act)),
+        ],
+    )?;
+    Ok(())
+}
+
+/// A dense k x k convolution as im2col (in image chunks of at most [`IM2COL_BUDGET`]
+/// bytes of patches) plus a product, into `out`: `act(conv(x) + bias) + residual`.
+fn im2col_product(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    w: &ConvWeights,
+    (oh, ow): (usize, usize),
+    act: Activation,
+    residual: Option<&CudaTensor>,
+    out: &CudaTensor,
+) -> Result<()> {
+    let [n, h, wd, c] = x.dims;
+    let fused_res = if act == Activation::Identity {
+        residual.map(|r| r.ptr())
+    } else {
+        None
+    };
+    let per_image = oh * ow * w.kp * be.esize();
+    let chunk = (IM2COL_BUDGET / per_image.max(1)).clamp(1, n);
+    let col = be.pool.alloc(chunk * per_image)?;
+    let esz = be.esize() as u64;
+    let mut n0 = 0;
+    while n0 < n {
+        let nc = chunk.min(n - n0);
+        let x_off = x.ptr() + (n0 * h * wd * c) as u64 * esz;
+        let mut args = vec![Arg::Ptr(x_off), Arg::Ptr(col.ptr())];
+        if nc * oh <= 65_535 {
+            args.extend(
+                [
+                    h,
+                    wd,
+                    c,
+                    oh,
+                    ow,
+                    w.kh,
+                    w.kw,
+                    w.spec.stride,
+                    w.spec.padding,
+                    w.kp,
+                ]
+                .map(|v| Arg::I32(v as i32)),
+            );
+            let per_row = (ow * w.kp).div_ceil(256).min(64) as u32;
+            be.kernels.launch(
+                &be.ctx,
+                "im2col_rows",
+                (per_row, (nc * oh) as u32, 1),
+                256,
+                0,
+                &args,
+            )?;
+        } else {
+            args.extend(
+                [
+                    nc,
+                    h,
+                    wd,
+                    c,
+                    oh,
+                    ow,
+                    w.kh,
+                    w.kw,
+                    w.spec.stride,
+                    w.spec.padding,
+                    w.kp,
+                ]
+                .map(|v| Arg::I32(v as i32)),
+            );
+            be.launch_1d("im2col", nc * oh * ow * w.kp, &args)?;
+        }
+        let o_off = (n0 * oh * ow * w.c_out) as u64 * esz;
+        let res = fused_res.map(|r| r + o_off);
+        gemm_rows(
+            be,
+            col.ptr(),
+            nc * oh * ow,
+            w.kp,
+            w,
+            out.ptr() + o_off,
+            res,
+            true,
+        )?;
+        n0 += nc;
+    }
+    if act != Activation::Identity {
+        act_residual(be, out, act, residual)?;
+    }
+    Ok(())
 }

@@ -55,17 +55,20 @@ pub struct ConvWeights {
     /// 1x1 only: `[c_out][c_in]` fp32, for folding into attention maps.
     pub(crate) weight_f32: Option<DeviceBuffer>,
     pub(crate) depthwise: bool,
-    /// Depthwise in 16-bit storage only: weight `[c][kh][kw]` and bias in the storage
-    /// type, as cuDNN takes them (crate::cudnn_conv).
-    pub(crate) cudnn_depthwise: Option<(DeviceBuffer, Option<DeviceBuffer>)>,
+    /// 16-bit storage only, where the weight above is not in cuDNN's layout (depthwise;
+    /// dense with padded rows): the weight as KRSC `[c_out][kh][kw][c_in / groups]` and,
+    /// where the bias above is fp32, the bias, both in the storage type
+    /// (crate::cudnn_conv).
+    pub(crate) cudnn: Option<(DeviceBuffer, Option<DeviceBuffer>)>,
 }
 
 impl ConvWeights {
     /// The weight and bias in the layout cuDNN reads (KRSC, storage type).
     pub(crate) fn cudnn_operands(&self) -> (u64, Option<u64>) {
-        match &self.cudnn_depthwise {
-            Some((w, b)) => (w.ptr(), b.as_ref().map(|b| b.ptr())),
-            None => (self.weight.ptr(), self.bias.as_ref().map(|b| b.ptr())),
+        let bias = self.bias.as_ref().map(|b| b.ptr());
+        match &self.cudnn {
+            Some((w, b)) => (w.ptr(), b.as_ref().map(|b| b.ptr()).or(bias)),
+            None => (self.weight.ptr(), bias),
         }
     }
 }
