@@ -69,6 +69,66 @@ extern "C" __global__ void det_upsample(const T* __restrict__ x, T* __restrict__
     }
 }
 
+// 16-byte vector twins of det_pad / det_max_pool / det_upsample, for channel counts
+// whose rows are whole vectors (CV vectors of 16 / sizeof(T) channels per pixel): same
+// values, one vector per thread instead of one element.
+extern "C" __global__ void det_pad_vec(const uint4* __restrict__ x, uint4* __restrict__ y, int N, int H, int W,
+                                       int CV, int top, int left, int OH, int OW) {
+    DET_LOOP(i, (i64)N * OH * OW * CV) {
+        int c = (int)(i % CV);
+        i64 r = i / CV;
+        int ox = (int)(r % OW);
+        int oy = (int)((r / OW) % OH);
+        i64 n = r / ((i64)OW * OH);
+        int iy = oy - top, ix = ox - left;
+        y[i] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? x[((n * H + iy) * W + ix) * CV + c]
+                                                          : make_uint4(0, 0, 0, 0);
+    }
+}
+
+extern "C" __global__ void det_max_pool_vec(const uint4* __restrict__ x, uint4* __restrict__ y, int N, int H,
+                                            int W, int CV, int OH, int OW, int k, int s) {
+    const int V = 16 / sizeof(T);
+    DET_LOOP(i, (i64)N * OH * OW * CV) {
+        int c = (int)(i % CV);
+        i64 r = i / CV;
+        int ox = (int)(r % OW);
+        int oy = (int)((r / OW) % OH);
+        i64 n = r / ((i64)OW * OH);
+        float m[16 / sizeof(T)];
+#pragma unroll
+        for (int e = 0; e < V; e++) m[e] = DET_NEG_INF;
+        for (int ky = 0; ky < k; ky++)
+            for (int kx = 0; kx < k; kx++) {
+                uint4 v = x[((n * H + oy * s + ky) * W + ox * s + kx) * CV + c];
+                const T* ve = reinterpret_cast<const T*>(&v);
+#pragma unroll
+                for (int e = 0; e < V; e++) {
+                    float f = ldf(ve[e]);
+                    if (f > m[e] || isnan(f)) m[e] = f;
+                }
+            }
+        uint4 out;
+        T* oe = reinterpret_cast<T*>(&out);
+#pragma unroll
+        for (int e = 0; e < V; e++) oe[e] = stf(m[e]);
+        y[i] = out;
+    }
+}
+
+extern "C" __global__ void det_upsample_vec(const uint4* __restrict__ x, uint4* __restrict__ y, int N, int H,
+                                            int W, int CV, int f) {
+    int OH = H * f, OW = W * f;
+    DET_LOOP(i, (i64)N * OH * OW * CV) {
+        int c = (int)(i % CV);
+        i64 r = i / CV;
+        int ox = (int)(r % OW);
+        int oy = (int)((r / OW) % OH);
+        i64 n = r / ((i64)OW * OH);
+        y[i] = x[((n * H + oy / f) * W + ox / f) * CV + c];
+    }
+}
+
 // op 0: a * v + b (affine); 1: sigmoid; 2: clamp to [a, b] (NaN stays NaN).
 extern "C" __global__ void det_unary(const T* __restrict__ x, T* __restrict__ y, i64 n, int op, float a, float b) {
     DET_LOOP(i, n) {

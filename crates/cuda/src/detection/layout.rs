@@ -30,6 +30,14 @@ impl CudaBackend {
         Ok(CudaTensor { buf: x.buf, dims })
     }
 
+    /// 16-byte vectors per pixel when `c` channels are whole vectors and every tensor
+    /// starts on a 16-byte boundary (the `*_vec` kernels), else `None`.
+    fn channel_vectors(&self, c: usize, tensors: &[&CudaTensor]) -> Option<usize> {
+        let row = c * self.esize();
+        (row > 0 && row.is_multiple_of(16) && tensors.iter().all(|t| t.ptr().is_multiple_of(16)))
+            .then_some(row / 16)
+    }
+
     pub(crate) fn det_pad_zeros(
         &self,
         x: &CudaTensor,
@@ -49,6 +57,11 @@ impl CudaBackend {
             || {
                 let out = self.alloc_tensor([n, oh, ow, c])?;
                 let mut args = vec![DArg::Ptr(x.ptr()), DArg::Ptr(out.ptr())];
+                if let Some(cv) = self.channel_vectors(c, &[x, &out]) {
+                    args.extend(i32s(&[n, h, w, cv, top, left, oh, ow]));
+                    self.det_launch_1d("det_pad_vec", n * oh * ow * cv, &args)?;
+                    return Ok(out);
+                }
                 args.extend(i32s(&[n, h, w, c, top, left, oh, ow]));
                 self.det_launch_1d("det_pad", out_n, &args)?;
                 Ok(out)
@@ -78,6 +91,11 @@ impl CudaBackend {
             || {
                 let out = self.alloc_tensor([n, oh, ow, c])?;
                 let mut args = vec![DArg::Ptr(x.ptr()), DArg::Ptr(out.ptr())];
+                if let Some(cv) = self.channel_vectors(c, &[x, &out]) {
+                    args.extend(i32s(&[n, h, w, cv, oh, ow, kernel, stride]));
+                    self.det_launch_1d("det_max_pool_vec", n * oh * ow * cv, &args)?;
+                    return Ok(out);
+                }
                 args.extend(i32s(&[n, h, w, c, oh, ow, kernel, stride]));
                 self.det_launch_1d("det_max_pool", out_n, &args)?;
                 Ok(out)
@@ -97,6 +115,11 @@ impl CudaBackend {
             .op(self, "upsample", 0.0, self.bytes(x.numel() + out_n), || {
                 let out = self.alloc_tensor([n, h * factor, w * factor, c])?;
                 let mut args = vec![DArg::Ptr(x.ptr()), DArg::Ptr(out.ptr())];
+                if let Some(cv) = self.channel_vectors(c, &[x, &out]) {
+                    args.extend(i32s(&[n, h, w, cv, factor]));
+                    self.det_launch_1d("det_upsample_vec", out_n / c * cv, &args)?;
+                    return Ok(out);
+                }
                 args.extend(i32s(&[n, h, w, c, factor]));
                 self.det_launch_1d("det_upsample", out_n, &args)?;
                 Ok(out)
