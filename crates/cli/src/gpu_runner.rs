@@ -11,7 +11,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use aperture_cuda::detection::{scale_detections, GraphOutput, MultiGraphCache, DETECTION_VALUES};
+use aperture_cuda::detection::{
+    scale_detections, GraphOutput, MultiGraphCache, PixelGraphCache, PixelGraphKey,
+    DETECTION_VALUES,
+};
 use aperture_cuda::preprocess::{GpuPreprocessor, PreprocessSpec, TensorLayout};
 use aperture_cuda::{CudaBackend, CudaTensor, GraphCache};
 use aperture_engine::{Backend, DType, EngineError, HostTensor, NamedTensors, Runner, TensorSpec};
@@ -90,11 +93,23 @@ type Forward<'a> =
 type PostForward<'a> =
     dyn Fn(&CudaBackend, &CudaTensor) -> aperture_engine::Result<Vec<GraphOutput>> + 'a;
 
+/// Where `GraphDFine::detection_rows` preprocesses a batch of decoded images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PreprocessPath {
+    /// Inside the graph with the forward pass and the post-processing (images of one
+    /// size only): the host copies 8-bit pixels in.
+    InGraph,
+    /// `GpuPreprocessor` on its own stream into the graph's f32 input, then the replay.
+    SeparateStep,
+}
+
 /// D-FINE on the GPU through one CUDA graph per input shape, captured on first use
-/// (`aperture check-dfine` checks replays against eager passes). Two kinds of graph:
-/// forward passes ending in logits and boxes (the tensor API), and forward passes with
-/// post-processing (`detect_*_post`: the host gets K detection rows per image). Falls
-/// back to eager passes and host post-processing if a capture fails.
+/// (`aperture check-dfine` checks replays against eager passes). Three kinds of graph:
+/// forward passes ending in logits and boxes (the tensor API), forward passes with
+/// post-processing (`detect_*_post`: the host gets K detection rows per image), and,
+/// for batches of images of one size, preprocessing + forward pass + post-processing
+/// (`detect_images_post`: the host sends 8-bit pixels). Falls back to eager passes,
+/// host post-processing or separate preprocessing if a capture fails.
 ///
 /// Safe to call from several threads: replays (of either cache) share the backend's
 /// stream, while a capture or an eager pass has it to itself.
@@ -102,8 +117,12 @@ pub struct GraphDFine {
     runner: DFineRunner<CudaBackend>,
     graphs: MultiGraphCache,
     post_graphs: MultiGraphCache,
+    /// Preprocessing, forward pass and post-processing, per (batch, image size, spec).
+    pixel_graphs: PixelGraphCache,
     eager: AtomicBool,
     host_post: AtomicBool,
+    /// Set once preprocessing inside a graph failed: separate preprocessing from then on.
+    separate_pre: AtomicBool,
     /// Read: a replay (with its upload). Write: a capture or an eager pass, whose work
     /// on the stream must not interleave with another thread's.
     stream: RwLock<()>,
@@ -115,8 +134,10 @@ impl GraphDFine {
             runner,
             graphs: MultiGraphCache::new(),
             post_graphs: MultiGraphCache::new(),
+            pixel_graphs: PixelGraphCache::new(),
             eager: AtomicBool::new(false),
             host_post: AtomicBool::new(false),
+            separate_pre: AtomicBool::new(false),
             stream: RwLock::new(()),
         }
     }
@@ -202,9 +223,11 @@ impl GraphDFine {
 
     /// Decoded images -> each image's detections above `threshold` in its own pixels:
     /// preprocessing, forward pass and post-processing (sigmoid, top-K over queries x
-    /// classes, corners) on the GPU in one graph replay; the host receives K rows of 6
-    /// values per image and applies the threshold and the image size. Same detections
-    /// as `post_process` on the logits and boxes.
+    /// classes, corners) on the GPU; the host receives K rows of 6 values per image and
+    /// applies the threshold and the image size. Same detections as `post_process` on
+    /// the logits and boxes. Images of one size run in one graph from their 8-bit
+    /// pixels ([`PreprocessPath::InGraph`]); mixed sizes, or a failed capture of that
+    /// graph, preprocess as a separate step first (same rows, bit for bit).
     pub fn detect_images_post(
         &self,
         pre: &GpuPreprocessor,
@@ -212,14 +235,24 @@ impl GraphDFine {
         spec: &PreprocessSpec,
         threshold: f32,
     ) -> anyhow::Result<Vec<Vec<Detection>>> {
-        let shape = input_shape(images, spec)?;
         let sizes: Vec<(u32, u32)> = images.iter().map(|i| (i.height(), i.width())).collect();
+        if self.post_on() && !self.separate_pre.load(Ordering::Relaxed) {
+            // Not one size (or an invalid spec, reported by the path below): separate.
+            if let Ok(Some(key)) = PixelGraphKey::for_images(images, spec) {
+                let rows = self.pixel_rows(&key, images);
+                match rows.and_then(|r| detections_from_rows(&r, &sizes, threshold)) {
+                    Ok(d) => return Ok(d),
+                    Err(e) => {
+                        tracing::warn!(
+                            "preprocessing inside the CUDA graph failed ({e:#}); preprocessing as a separate step"
+                        );
+                        self.separate_pre.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
         if self.post_on() && spec.layout == TensorLayout::Nchw {
-            let fill = |ptr: u64, bytes: usize| pre.run_into(images, spec, ptr, bytes);
-            let rows = self.post_with(&shape, |forward| {
-                self.post_graphs
-                    .infer_filled(self.runner.backend(), &shape, fill, forward)
-            });
+            let rows = self.separate_rows(pre, images, spec);
             match rows.and_then(|r| detections_from_rows(&r, &sizes, threshold)) {
                 Ok(d) => return Ok(d),
                 Err(e) => self.post_failed(&e),
@@ -227,6 +260,66 @@ impl GraphDFine {
         }
         let (logits, boxes) = self.detect_images(pre, images, spec)?;
         self.host_post_process(&logits, &boxes, &sizes, threshold)
+    }
+
+    /// The detection rows `[B, K, 6]` (f32, unthresholded, boxes as fractions) of
+    /// `images` through `path` alone, without fallback: for checks that the two paths
+    /// agree. [`PreprocessPath::InGraph`] needs images of one size.
+    pub fn detection_rows(
+        &self,
+        pre: &GpuPreprocessor,
+        images: &[&aperture_vision::RgbImage],
+        spec: &PreprocessSpec,
+        path: PreprocessPath,
+    ) -> anyhow::Result<Vec<f32>> {
+        match path {
+            PreprocessPath::InGraph => match PixelGraphKey::for_images(images, spec)? {
+                Some(key) => self.pixel_rows(&key, images),
+                None => anyhow::bail!(
+                    "preprocessing inside the graph needs NCHW output and images of one size"
+                ),
+            },
+            PreprocessPath::SeparateStep => self.separate_rows(pre, images, spec),
+        }
+    }
+
+    /// `pre` into the post-processing graph's input, then its replay.
+    fn separate_rows(
+        &self,
+        pre: &GpuPreprocessor,
+        images: &[&aperture_vision::RgbImage],
+        spec: &PreprocessSpec,
+    ) -> anyhow::Result<Vec<f32>> {
+        let shape = input_shape(images, spec)?;
+        let fill = |ptr: u64, bytes: usize| pre.run_into(images, spec, ptr, bytes);
+        self.post_with(&shape, |forward| {
+            self.post_graphs
+                .infer_filled(self.runner.backend(), &shape, fill, forward)
+        })
+    }
+
+    /// The graph for `key` (captured alone if new) replayed on `images`.
+    fn pixel_rows(
+        &self,
+        key: &PixelGraphKey,
+        images: &[&aperture_vision::RgbImage],
+    ) -> anyhow::Result<Vec<f32>> {
+        let be = self.runner.backend();
+        let model = self.runner.model();
+        let k = model.num_queries();
+        let forward: &PostForward<'_> = &|b, x| {
+            let o = model.forward(b, x)?;
+            Ok(vec![b.top_k_detections(&o.logits, &o.boxes, k)?.into()])
+        };
+        if !self.pixel_graphs.is_captured(key) {
+            let _alone = self.alone();
+            self.pixel_graphs.prepare(be, key, forward)?;
+        }
+        let _shared = self.shared();
+        let outs = self.pixel_graphs.infer(be, key, images, forward)?;
+        let [rows] = <[HostTensor; 1]>::try_from(outs)
+            .map_err(|_| anyhow::anyhow!("the captured forward pass gave other outputs"))?;
+        Ok(rows.to_f32_vec())
     }
 
     /// NCHW pixels (already preprocessed) -> each image's detections above `threshold`,

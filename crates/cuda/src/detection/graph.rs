@@ -18,7 +18,7 @@ use crate::pool::{Arena, DeviceBuffer};
 use crate::transfer::{SlotsByShape, UploadSlots, UPLOAD_SLOTS};
 
 /// An instantiated graph and the arena its kernels read and write.
-struct DetGraph {
+pub(super) struct DetGraph {
     graph: sys::CUgraph,
     exec: sys::CUgraphExec,
     _arena: Arc<Arena>,
@@ -39,7 +39,7 @@ impl Drop for DetGraph {
 }
 
 impl DetGraph {
-    fn replay(&self, be: &CudaBackend) -> Result<()> {
+    pub(super) fn replay(&self, be: &CudaBackend) -> Result<()> {
         be.ctx.bind()?;
         // SAFETY: the executable graph and the stream are alive.
         unsafe { result::graph::launch(self.exec, be.ctx.stream).map_err(CudaError::from)? };
@@ -106,12 +106,12 @@ struct Entry {
     /// Where inputs from the host wait for the graph (page-locked and on the device, in
     /// the storage type for 16-bit models); shared with requests uploading right now.
     uploads: Arc<UploadSlots>,
-    outs: Vec<(DeviceBuffer, [usize; 4])>,
+    outs: Outputs,
 }
 
 type Entries = HashMap<Vec<usize>, Entry>;
 
-fn poisoned() -> EngineError {
+pub(super) fn poisoned() -> EngineError {
     EngineError::Device("graph cache poisoned".into())
 }
 
@@ -359,8 +359,41 @@ where
     let numel: usize = dims.iter().product();
     let staging_in = be.pool.alloc(numel.max(1) * 4)?;
     be.memset(staging_in.ptr(), 0, numel * 4)?;
+    let (graph, outs) = capture_forward(be, dims, staging_in.ptr(), &|_| Ok(()), forward)?;
+    let uploads = UploadSlots::new(be, numel)?;
+    entries.insert(
+        shape.to_vec(),
+        Entry {
+            graph,
+            staging_in,
+            uploads,
+            outs,
+        },
+    );
+    Ok(())
+}
+
+/// The f32 output buffers of a captured forward pass, with their NHWC dims.
+pub(super) type Outputs = Vec<(DeviceBuffer, [usize; 4])>;
+
+/// Captures `prologue` (which writes the NCHW f32 input at `staging_in`, e.g. GPU
+/// preprocessing; a no-op when the input is copied in), the conversion to the NHWC
+/// activation, `forward` and the copies of its outputs to f32 buffers, into one graph.
+/// One eager pass first learns the output shapes and readies kernels and constants.
+pub(super) fn capture_forward<F, O>(
+    be: &CudaBackend,
+    dims: [usize; 4],
+    staging_in: u64,
+    prologue: &dyn Fn(&CudaBackend) -> Result<()>,
+    forward: &F,
+) -> Result<(DetGraph, Outputs)>
+where
+    F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<O>>,
+    O: Into<GraphOutput>,
+{
     let out_dims: Vec<[usize; 4]> = {
-        let x = from_nchw(be, staging_in.ptr(), dims)?;
+        prologue(be)?;
+        let x = from_nchw(be, staging_in, dims)?;
         let ys = forward(be, &x)?;
         be.synchronize()?;
         ys.into_iter().map(|y| y.into().dims()).collect()
@@ -371,7 +404,8 @@ where
         .map(|d| Ok((be.pool.alloc(d.iter().product::<usize>().max(1) * 4)?, *d)))
         .collect::<Result<Vec<_>>>()?;
     let graph = capture_warm(be, |b| {
-        let x = from_nchw(b, staging_in.ptr(), dims)?;
+        prologue(b)?;
+        let x = from_nchw(b, staging_in, dims)?;
         let ys: Vec<GraphOutput> = forward(b, &x)?.into_iter().map(Into::into).collect();
         if ys.len() != outs.len() {
             return Err(EngineError::Invalid(
@@ -388,17 +422,7 @@ where
         }
         Ok(())
     })?;
-    let uploads = UploadSlots::new(be, numel)?;
-    entries.insert(
-        shape.to_vec(),
-        Entry {
-            graph,
-            staging_in,
-            uploads,
-            outs,
-        },
-    );
-    Ok(())
+    Ok((graph, outs))
 }
 
 /// The first `rows` batch items of every output of the replay just enqueued, as NHWC

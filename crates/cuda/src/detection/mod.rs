@@ -6,10 +6,14 @@
 mod boxes;
 mod graph;
 mod layout;
+mod pixel_graph;
+mod pixel_key;
 mod postprocess;
 mod sequence;
 
 pub use graph::{GraphOutput, MultiGraphCache};
+pub use pixel_graph::PixelGraphCache;
+pub use pixel_key::PixelGraphKey;
 pub use postprocess::{scale_detections, TopDetections, DETECTION_VALUES};
 
 use std::collections::HashMap;
@@ -163,6 +167,8 @@ pub struct DetectionState {
     kernels: Mutex<Option<Arc<DetKernels>>>,
     /// Constant buffers by content (f32 bit patterns, tagged by kind).
     consts: Mutex<HashMap<ConstKey, Arc<DeviceBuffer>>>,
+    /// `preprocess.cu` on this backend's context, for preprocessing inside graphs.
+    pre_kernels: Mutex<Option<Arc<crate::kernels::Kernels>>>,
 }
 
 impl CudaBackend {

@@ -18,11 +18,12 @@ use aperture_engine::{EngineError, HostTensor, Result};
 use aperture_vision::RgbImage;
 use cudarc::driver::{result, sys};
 
-use super::plan::{plan_batch, BatchPlan, Region, Step};
-use super::{PreprocessSpec, TensorLayout};
+use super::plan::{plan_batch, BatchPlan, Region};
+use super::steps::{enqueue_steps, Regions};
+use super::PreprocessSpec;
 use crate::driver::Context;
 use crate::error::{CudaError, CudaResult};
-use crate::kernels::{Arg, Kernels};
+use crate::kernels::Kernels;
 
 pub const PREPROCESS_SOURCE: &str = include_str!("../../kernels/preprocess.cu");
 
@@ -71,7 +72,8 @@ impl DevMem {
 }
 
 /// Page-locked host memory that grows on demand (by doubling; see the module notes).
-struct Pinned {
+/// Freed on drop (or earlier by `free`); the owner makes sure no copy still uses it.
+pub(crate) struct Pinned {
     ptr: *mut u8,
     bytes: usize,
     /// Outgrown buffers, freed on drop.
@@ -88,8 +90,17 @@ impl Default for Pinned {
     }
 }
 
+// SAFETY: the pointers are owned allocations; callers serialise access (a mutex).
+unsafe impl Send for Pinned {}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
+
 impl Pinned {
-    fn ensure(&mut self, bytes: usize) -> CudaResult<()> {
+    pub(crate) fn ensure(&mut self, bytes: usize) -> CudaResult<()> {
         if bytes > self.bytes || self.ptr.is_null() {
             let size = bytes.max(1).max(self.bytes.saturating_mul(2));
             // SAFETY: a plain allocation, freed in `free`.
@@ -103,18 +114,18 @@ impl Pinned {
         Ok(())
     }
 
-    fn bytes_mut(&mut self, len: usize) -> &mut [u8] {
+    pub(crate) fn bytes_mut(&mut self, len: usize) -> &mut [u8] {
         // SAFETY: `ptr` holds `self.bytes >= len` bytes owned by self (callers ensure).
         unsafe { std::slice::from_raw_parts_mut(self.ptr, len.min(self.bytes)) }
     }
 
-    fn f32_mut(&mut self, len: usize) -> &mut [f32] {
+    pub(crate) fn f32_mut(&mut self, len: usize) -> &mut [f32] {
         // SAFETY: page-locked allocations are page aligned, so f32-aligned; the length
         // stays within the allocation.
         unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut f32, len.min(self.bytes / 4)) }
     }
 
-    fn free(&mut self) {
+    pub(crate) fn free(&mut self) {
         self.retired.push((self.ptr, self.bytes));
         for (ptr, _) in self.retired.drain(..) {
             if !ptr.is_null() {
@@ -144,11 +155,12 @@ unsafe impl Send for Scratch {}
 
 impl Scratch {
     fn region(&self, r: Region) -> u64 {
-        match r {
-            Region::Input(at) => self.input.ptr + at as u64,
-            Region::Tmp => self.tmp.ptr,
-            Region::Resized => self.resized.ptr,
+        Regions {
+            input: self.input.ptr,
+            tmp: self.tmp.ptr,
+            resized: self.resized.ptr,
         }
+        .at(r)
     }
 
     /// Frees everything; the stream must be idle afterwards before the page-locked
@@ -359,86 +371,12 @@ impl GpuPreprocessor {
             let src = s.pin_in.bytes_mut(plan.input_bytes);
             result::memcpy_htod_async(input, &src[..], stream).map_err(CudaError::from)?;
         }
-        let (norm, mean, std) = match spec.normalize {
-            Some((m, d)) => (1, m, d),
-            None => (0, [0.0; 3], [1.0; 3]),
+        let regions = Regions {
+            input,
+            tmp: s.tmp.ptr,
+            resized: s.resized.ptr,
         };
-        let tap = |at: usize| Arg::Ptr(input + at as u64);
-        for step in &plan.steps {
-            match *step {
-                Step::Horizontal {
-                    src,
-                    dst,
-                    rows,
-                    in_w,
-                    out_w,
-                    taps,
-                    ksize,
-                } => self.kernels.launch_1d(
-                    ctx,
-                    "pre_resize_h",
-                    (rows * out_w) as i64,
-                    &[
-                        Arg::Ptr(s.region(src)),
-                        Arg::Ptr(s.region(dst)),
-                        Arg::I32(rows as i32),
-                        Arg::I32(in_w as i32),
-                        Arg::I32(out_w as i32),
-                        tap(taps),
-                        Arg::I32(ksize as i32),
-                    ],
-                )?,
-                Step::Vertical {
-                    src,
-                    dst,
-                    w,
-                    first_row,
-                    out_h,
-                    taps,
-                    ksize,
-                } => self.kernels.launch_1d(
-                    ctx,
-                    "pre_resize_v",
-                    (out_h * w * 3) as i64,
-                    &[
-                        Arg::Ptr(s.region(src)),
-                        Arg::Ptr(s.region(dst)),
-                        Arg::I32(w as i32),
-                        Arg::I32(first_row as i32),
-                        Arg::I32(out_h as i32),
-                        tap(taps),
-                        Arg::I32(ksize as i32),
-                    ],
-                )?,
-                Step::ToFloat {
-                    src,
-                    pixels,
-                    out: at,
-                } => {
-                    let Some(out) = out else { continue };
-                    self.kernels.launch_1d(
-                        ctx,
-                        "pre_to_float",
-                        (pixels * 3) as i64,
-                        &[
-                            Arg::Ptr(s.region(src)),
-                            Arg::Ptr(out + 4 * at as u64),
-                            Arg::I64(pixels as i64),
-                            Arg::I32((spec.layout == TensorLayout::Nhwc) as i32),
-                            Arg::F32(spec.scale),
-                            Arg::I32(norm),
-                            Arg::F32(mean[0]),
-                            Arg::F32(mean[1]),
-                            Arg::F32(mean[2]),
-                            Arg::F32(std[0]),
-                            Arg::F32(std[1]),
-                            Arg::F32(std[2]),
-                        ],
-                    )?
-                }
-            }
-        }
-        Ok(())
+        enqueue_steps(&self.kernels, ctx, plan, spec, regions, out)
     }
 }
 

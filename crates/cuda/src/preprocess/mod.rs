@@ -16,9 +16,11 @@
 
 pub mod check;
 mod device;
-mod plan;
+pub(crate) mod plan;
+pub(crate) mod steps;
 
 pub use device::GpuPreprocessor;
+pub(crate) use device::{Pinned, PREPROCESS_KERNELS, PREPROCESS_SOURCE};
 
 use aperture_engine::{EngineError, HostTensor, Result};
 use aperture_vision::{normalize_chw, pil_bilinear, to_nchw_f32, RgbImage};

@@ -6,22 +6,35 @@
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use aperture_cuda::detection::MultiGraphCache;
+use aperture_cuda::detection::{MultiGraphCache, PixelGraphCache, PixelGraphKey};
+use aperture_cuda::preprocess::PreprocessSpec;
 use aperture_cuda::{CudaBackend, CudaTensor};
 use aperture_engine::cpu::CpuBackend;
 use aperture_engine::{relative_l2, Backend, HostTensor};
 use aperture_models::dfine::{load_dfine, DFineRunner, DFineSnapshot};
-use serde_json::json;
+use aperture_vision::RgbImage;
+use serde_json::{json, Value};
 
 use super::sweep::{Accuracy, BenchModel, Staged};
-use super::{measure, BenchArgs, Outcome};
+use super::{measure, pixels, BenchArgs, Outcome};
 use crate::commands::check_dfine::align;
+use crate::commands::detect::preprocess_spec;
+
+/// `--preprocess`: synthetic source images of one size and the model's preprocessing.
+struct PixelInput {
+    /// (width, height) of every source image.
+    size: (usize, usize),
+    /// The model's preprocessing, resizing to the benched input size.
+    spec: PreprocessSpec,
+}
 
 /// D-FINE prepared on a backend, with the query count of `--queries`.
 struct DFineBench<B: Backend> {
     runner: DFineRunner<B>,
     /// `--postprocess`: the GPU graph ends in the top-K detection rows.
     postprocess: bool,
+    /// `--preprocess`: the GPU graph starts from 8-bit pixels (and ends in rows).
+    pixels: Option<PixelInput>,
 }
 
 impl<B: Backend> DFineBench<B>
@@ -36,6 +49,7 @@ where
         Ok(Self {
             runner,
             postprocess: false,
+            pixels: None,
         })
     }
 
@@ -106,17 +120,62 @@ impl DFineBench<CudaBackend> {
             Ok(vec![b.top_k_detections(&o.logits, &o.boxes, k)?])
         };
         cache.infer(be, x, fwd)?;
-        // The accuracy column looks at the first image only: one eager pass of it.
+        let outputs = self.first_image_outputs(x)?;
+        let shape = x.shape().to_vec();
+        Ok(Staged {
+            outputs,
+            run: Box::new(move || Ok(cache.replay(be, &shape)?)),
+            memory: None,
+        })
+    }
+
+    /// One graph from 8-bit pixels to detection rows (`--preprocess`): each timed run
+    /// copies the batch's pixels in, replays (preprocessing, forward pass,
+    /// post-processing) and copies the rows out, as `GraphDFine::detect_images_post`
+    /// does for images of one size. The accuracy column compares logits and boxes of
+    /// an eager pass on the sweep's input, as with `--postprocess`.
+    fn stage_pixels(&self, x: &HostTensor, p: &PixelInput) -> anyhow::Result<Staged<'_>> {
+        let (be, model) = (self.runner.backend(), self.runner.model());
+        let k = model.num_queries();
+        let batch = x.shape().first().copied().unwrap_or(1);
+        let images = pixels::images(batch, p.size, 0x5eed);
+        let refs: Vec<&RgbImage> = images.iter().collect();
+        let key = PixelGraphKey::for_images(&refs, &p.spec)?
+            .context("synthetic images of one size must give one graph")?;
+        let input = key.model_input_shape();
+        if x.shape().get(2..) != Some(&input[2..]) {
+            bail!(
+                "preprocessing gives {}x{} inputs, the bench measures {:?}",
+                input[3],
+                input[2],
+                x.shape()
+            );
+        }
+        let cache = PixelGraphCache::new();
+        let fwd = |b: &CudaBackend, t: &CudaTensor| -> aperture_engine::Result<Vec<_>> {
+            let o = model.forward(b, t)?;
+            Ok(vec![b.top_k_detections(&o.logits, &o.boxes, k)?])
+        };
+        cache.infer(be, &key, &refs, fwd)?;
+        let outputs = self.first_image_outputs(x)?;
+        Ok(Staged {
+            outputs,
+            run: Box::new(move || Ok(cache.run_staged(be, &key)?)),
+            memory: None,
+        })
+    }
+
+    /// Logits and boxes of an eager pass on the first image of `x`, shaped as the
+    /// batch's outputs (the sweep takes each output's first 1/batch), the other images
+    /// zero: the accuracy column of graphs that end in detection rows.
+    fn first_image_outputs(&self, x: &HostTensor) -> anyhow::Result<Vec<HostTensor>> {
         let s = x.shape();
         let per: usize = s.iter().skip(1).product();
         let mut one = vec![1];
         one.extend_from_slice(s.get(1..).unwrap_or_default());
         let first = HostTensor::from_f32(one, x.to_f32_vec().into_iter().take(per).collect())?;
-        // Shaped as the batch's outputs (the sweep takes each output's first 1/batch),
-        // the other images zero.
         let batch = s.first().copied().unwrap_or(1);
-        let outputs = self
-            .eager(&first)?
+        self.eager(&first)?
             .outputs
             .into_iter()
             .map(|t| {
@@ -128,13 +187,7 @@ impl DFineBench<CudaBackend> {
                 }
                 Ok(HostTensor::from_f32(dims, v)?)
             })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let shape = x.shape().to_vec();
-        Ok(Staged {
-            outputs,
-            run: Box::new(move || Ok(cache.replay(be, &shape)?)),
-            memory: None,
-        })
+            .collect()
     }
 }
 
@@ -149,6 +202,9 @@ impl BenchModel for DFineBench<CudaBackend> {
     fn stage(&self, x: &HostTensor, graph: bool) -> anyhow::Result<Staged<'_>> {
         if !graph {
             return self.eager(x);
+        }
+        if let Some(p) = &self.pixels {
+            return self.stage_pixels(x, p);
         }
         if self.postprocess {
             return self.stage_postprocess(x);
@@ -170,6 +226,23 @@ impl BenchModel for DFineBench<CudaBackend> {
 
     fn compare(&self, got: &[Vec<f32>], want: &[Vec<f32>]) -> Accuracy {
         self.errors(got, want)
+    }
+
+    fn graph_extra(&self) -> Vec<(&'static str, Value)> {
+        graph_label(self.pixels.as_ref().map(|p| p.size), self.postprocess)
+            .map(|l| vec![("graph", json!(l))])
+            .unwrap_or_default()
+    }
+}
+
+/// What one timed GPU run covers, for the rows: `None` for the plain forward pass.
+fn graph_label(pixels: Option<(usize, usize)>, postprocess: bool) -> Option<String> {
+    match (pixels, postprocess) {
+        (Some((w, h)), _) => Some(format!(
+            "u8 {w}x{h} in -> preprocess+forward+postprocess -> rows out"
+        )),
+        (None, true) => Some("f32 input -> forward+postprocess -> rows".into()),
+        (None, false) => None,
     }
 }
 
@@ -202,7 +275,14 @@ pub fn run(args: &BenchArgs, path: &Path) -> anyhow::Result<Outcome> {
         |p| {
             let be = CudaBackend::new(args.gpu, p).context("opening the GPU")?;
             let mut bench = DFineBench::new(be, &snap, args.queries)?;
-            bench.postprocess = args.postprocess;
+            bench.postprocess = args.postprocess || args.preprocess.is_some();
+            bench.pixels = args.preprocess.map(|size| PixelInput {
+                size,
+                spec: PreprocessSpec {
+                    size: Some((h, w)),
+                    ..preprocess_spec(&snap.processor)
+                },
+            });
             Ok(bench)
         },
     )?;
@@ -210,8 +290,14 @@ pub fn run(args: &BenchArgs, path: &Path) -> anyhow::Result<Outcome> {
     if let Some(q) = args.queries {
         model.push_str(&format!(", {q} of {} queries", snap.config.num_queries));
     }
-    if args.postprocess && args.device == "cuda" {
-        model.push_str(", post-processing in the graph");
+    if args.device == "cuda" {
+        if let Some((sw, sh)) = args.preprocess {
+            model.push_str(&format!(
+                ", preprocessing (8-bit {sw}x{sh} -> {w}x{h}) and post-processing in the graph, pixel copy in and rows copy out timed"
+            ));
+        } else if args.postprocess {
+            model.push_str(", post-processing in the graph");
+        }
     }
     Ok(Outcome {
         model,
@@ -262,6 +348,20 @@ mod tests {
         assert_eq!(field("rel_l2_boxes").unwrap().as_f64(), Some(0.0));
         assert_eq!(field("rows_moved").unwrap().as_u64(), Some(2));
         assert_eq!(a.rel_l2, want_el);
+    }
+
+    #[test]
+    fn rows_name_what_the_graph_covers() {
+        let pre = graph_label(Some((640, 480)), true).unwrap();
+        assert!(pre.starts_with("u8 640x480 in"), "{pre}");
+        assert!(
+            pre.contains("preprocess") && pre.contains("postprocess"),
+            "{pre}"
+        );
+        assert_eq!(graph_label(Some((640, 480)), false), Some(pre));
+        let post = graph_label(None, true).unwrap();
+        assert!(post.contains("postprocess") && !post.contains("preprocess"));
+        assert_eq!(graph_label(None, false), None);
     }
 
     #[test]

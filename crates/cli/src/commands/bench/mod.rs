@@ -4,6 +4,7 @@
 //! per-operation profile. The architecture comes from the model's config.json.
 
 mod dfine;
+mod pixels;
 mod report;
 mod restormer;
 mod sweep;
@@ -85,6 +86,13 @@ pub struct BenchArgs {
     /// graph, as `aperture detect` runs it; the host would receive K rows per image.
     #[arg(long)]
     postprocess: bool,
+    /// D-FINE on the GPU: time from 8-bit pixels of this source size (WIDTHxHEIGHT,
+    /// e.g. 640x480; synthetic images) to detection rows: the pixels' copy in, the
+    /// preprocessing (resize to the model's input, rescale, normalise), the forward
+    /// pass, the post-processing and the rows' copy out, all in one graph replay.
+    /// Implies --postprocess.
+    #[arg(long, value_name = "WxH", value_parser = pixels::parse_size)]
+    preprocess: Option<(usize, usize)>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -198,6 +206,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot tell the architecture of {}", path.display()))?,
         None => Architecture::Restormer,
     };
+    if args.preprocess.is_some() {
+        if args.device != "cuda" {
+            bail!("--preprocess times the GPU graph: it needs --device cuda");
+        }
+        if arch != Architecture::DFine || args.model.is_none() {
+            bail!("--preprocess is for D-FINE models (--model with a D-FINE config.json)");
+        }
+    }
     let outcome = match (arch, &args.model) {
         (Architecture::DFine, Some(path)) => dfine::run(&args, path)?,
         _ => restormer::run(&args)?,

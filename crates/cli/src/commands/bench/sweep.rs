@@ -38,6 +38,11 @@ pub trait BenchModel {
     fn stage(&self, x: &HostTensor, graph: bool) -> anyhow::Result<Staged<'_>>;
     /// Compares the first image's outputs (`got`) with the reference's (`want`).
     fn compare(&self, got: &[Vec<f32>], want: &[Vec<f32>]) -> Accuracy;
+    /// Figures naming what a timed GPU run covers, added to each GPU row (e.g. D-FINE's
+    /// pre- and post-processing inside the graph).
+    fn graph_extra(&self) -> Vec<(&'static str, Value)> {
+        Vec::new()
+    }
 }
 
 /// The sweep's settings, common to every architecture.
@@ -177,6 +182,9 @@ pub fn batches<M: BenchModel>(
                 if let Some(a) = accuracy {
                     row.rel_l2 = Some(a.rel_l2);
                     row.extra = a.extra;
+                }
+                if gpu.is_some() {
+                    row.extra.extend(model.graph_extra());
                 }
                 rows.push(row);
             }

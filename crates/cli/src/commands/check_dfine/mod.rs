@@ -5,6 +5,7 @@
 
 mod model;
 mod ops;
+mod pixels;
 mod postprocess;
 
 pub(crate) use model::align;

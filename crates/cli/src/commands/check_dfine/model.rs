@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use aperture_cuda::detection::MultiGraphCache;
+use aperture_cuda::preprocess::PreprocessSpec;
 use aperture_cuda::{CudaBackend, CudaTensor};
 use aperture_engine::cpu::CpuBackend;
 use aperture_engine::{relative_l2, Backend, EngineError, HostTensor, Precision};
@@ -13,6 +14,8 @@ use aperture_models::dfine::{golden, load_dfine, DFineRunner, DFineSnapshot};
 use serde_json::{json, Value};
 
 use super::{ops::random, CheckDfineArgs};
+use crate::commands::detect::preprocess_spec;
+use crate::gpu_runner::GraphDFine;
 
 /// Query selection is a top-k over scores: near-tied scores swap rows between two
 /// implementations (in fp16/bf16 many do). Each of `want`'s rows is matched, greedily
@@ -143,7 +146,17 @@ pub fn check_model(
         cpu_refs.push((n, x, out));
     }
     let mut timings = Vec::new();
+    let mut pixel_rows = Vec::new();
     let mut profile = Value::Null;
+    // The model's preprocessing at the checked input size, for the in-graph check.
+    let spec = PreprocessSpec {
+        size: Some(
+            snap.processor
+                .size
+                .map_or((args.size, args.size), |(h, w)| (h as usize, w as usize)),
+        ),
+        ..preprocess_spec(&snap.processor)
+    };
     for &p in &args.precisions {
         // A failure in one precision is reported and the others still run.
         let result = (|| -> anyhow::Result<()> {
@@ -307,6 +320,9 @@ pub fn check_model(
                     profile = json!({"precision": p.to_string(), "batch": n, "ops": prof});
                 }
             }
+            // Preprocessing inside the graph, through the served runner.
+            let graph = GraphDFine::new(runner);
+            pixel_rows.extend(super::pixels::check(&graph, &spec, p, failures)?);
             Ok(())
         })();
         if let Err(e) = result {
@@ -314,7 +330,9 @@ pub fn check_model(
             failures.push(format!("model in {p}: {e:#}"));
         }
     }
-    Ok(json!({"accuracy": rows, "timings": timings, "profile": profile}))
+    Ok(
+        json!({"accuracy": rows, "timings": timings, "preprocess_in_graph": pixel_rows, "profile": profile}),
+    )
 }
 
 #[cfg(test)]
