@@ -113,14 +113,25 @@ fn emulate(
     images: &[&RgbImage],
     spec: &PreprocessSpec,
 ) -> (Vec<f32>, Vec<Vec<u8>>) {
+    let mut input = vec![0xAB; plan.input_bytes];
+    let raw: Vec<&[u8]> = images.iter().map(|i| i.as_raw().as_slice()).collect();
+    plan.fill_input(&raw, &mut input).unwrap();
+    emulate_input(plan, input, images.len(), spec)
+}
+
+/// The plan's steps over an input buffer as given (tables and `n` images).
+fn emulate_input(
+    plan: &BatchPlan,
+    input: Vec<u8>,
+    n: usize,
+    spec: &PreprocessSpec,
+) -> (Vec<f32>, Vec<Vec<u8>>) {
     let mut mem = Mem {
-        input: vec![0xAB; plan.input_bytes],
+        input,
         tmp: vec![0xCD; plan.tmp_bytes],
         resized: vec![0xEF; plan.resized_bytes],
     };
-    let raw: Vec<&[u8]> = images.iter().map(|i| i.as_raw().as_slice()).collect();
-    plan.fill_input(&raw, &mut mem.input).unwrap();
-    let mut out = vec![f32::NAN; images.len() * plan.image_elems()];
+    let mut out = vec![f32::NAN; n * plan.image_elems()];
     let mut resized = Vec::new();
     for step in &plan.steps {
         match *step {
@@ -303,6 +314,32 @@ fn scratch_holds_the_first_pass_and_only_rows_that_are_read() {
             ..
         }
     ));
+}
+
+/// The pixel graphs (`crate::detection::PixelGraphCache`) upload the tables once and
+/// then, per call, only the bytes from the first image on: that must be the whole
+/// input of a batch of one size, whichever images it holds.
+#[test]
+fn one_size_batches_rewrite_only_the_images_after_tables_uploaded_once() {
+    let spec = PreprocessSpec::resize(24, 32).rescale(HF_RESCALE_FACTOR);
+    let plan = plan_batch(&[(37, 23); 3], &spec).unwrap();
+    let pixels_at = plan.image_at[0];
+    assert!(pixels_at >= plan.tables.len() * 4);
+    // The device buffer as captured: tables, zeros where the images go.
+    let mut device = vec![0u8; plan.input_bytes];
+    let mut pinned = vec![0x5Au8; plan.input_bytes];
+    plan.fill_input(&[], &mut pinned).unwrap();
+    device[..pixels_at].copy_from_slice(&pinned[..pixels_at]);
+    for seed in [1, 2] {
+        let imgs: Vec<RgbImage> = (0..3).map(|i| test_image(37, 23, seed * 10 + i)).collect();
+        let refs: Vec<&RgbImage> = imgs.iter().collect();
+        let raw: Vec<&[u8]> = refs.iter().map(|i| i.as_raw().as_slice()).collect();
+        plan.fill_input(&raw, &mut pinned).unwrap();
+        device[pixels_at..].copy_from_slice(&pinned[pixels_at..]);
+        let (got, _) = emulate_input(&plan, device.clone(), 3, &spec);
+        let want = preprocess_cpu(&refs, &spec).unwrap().to_f32_vec();
+        assert_eq!(got, want, "call with images of seed {seed}");
+    }
 }
 
 #[test]
