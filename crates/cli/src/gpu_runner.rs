@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use aperture_cuda::detection::{
-    scale_detections, GraphOutput, MultiGraphCache, PixelGraphCache, PixelGraphKey,
-    DETECTION_VALUES,
+    scale_detections, GraphOutput, MultiGraphCache, PixelGraphAdmission, PixelGraphCache,
+    PixelGraphKey, DETECTION_VALUES,
 };
 use aperture_cuda::preprocess::{GpuPreprocessor, PreprocessSpec, TensorLayout};
 use aperture_cuda::{CudaBackend, CudaTensor, GraphCache};
@@ -119,6 +119,8 @@ pub struct GraphDFine {
     post_graphs: MultiGraphCache,
     /// Preprocessing, forward pass and post-processing, per (batch, image size, spec).
     pixel_graphs: PixelGraphCache,
+    /// Which (batch, image size, spec) keys get a pixel graph (sizes met repeatedly).
+    admission: PixelGraphAdmission,
     eager: AtomicBool,
     host_post: AtomicBool,
     /// Set once preprocessing inside a graph failed: separate preprocessing from then on.
@@ -135,6 +137,7 @@ impl GraphDFine {
             graphs: MultiGraphCache::new(),
             post_graphs: MultiGraphCache::new(),
             pixel_graphs: PixelGraphCache::new(),
+            admission: PixelGraphAdmission::default(),
             eager: AtomicBool::new(false),
             host_post: AtomicBool::new(false),
             separate_pre: AtomicBool::new(false),
@@ -226,8 +229,10 @@ impl GraphDFine {
     /// classes, corners) on the GPU; the host receives K rows of 6 values per image and
     /// applies the threshold and the image size. Same detections as `post_process` on
     /// the logits and boxes. Images of one size run in one graph from their 8-bit
-    /// pixels ([`PreprocessPath::InGraph`]); mixed sizes, or a failed capture of that
-    /// graph, preprocess as a separate step first (same rows, bit for bit).
+    /// pixels ([`PreprocessPath::InGraph`]) from the second batch of that size on (up
+    /// to [`PixelGraphAdmission::MAX`] sizes); mixed sizes, sizes met once, or a failed
+    /// capture of that graph preprocess as a separate step first (same rows, bit for
+    /// bit).
     pub fn detect_images_post(
         &self,
         pre: &GpuPreprocessor,
@@ -237,8 +242,11 @@ impl GraphDFine {
     ) -> anyhow::Result<Vec<Vec<Detection>>> {
         let sizes: Vec<(u32, u32)> = images.iter().map(|i| (i.height(), i.width())).collect();
         if self.post_on() && !self.separate_pre.load(Ordering::Relaxed) {
-            // Not one size (or an invalid spec, reported by the path below): separate.
-            if let Ok(Some(key)) = PixelGraphKey::for_images(images, spec) {
+            // Images of one size, from that size's second batch on (PixelGraphAdmission);
+            // mixed sizes or an invalid spec (reported by the path below): separate.
+            let key = PixelGraphKey::for_images(images, spec).ok().flatten();
+            let key = key.filter(|k| self.pixel_graphs.is_captured(k) || self.admission.admit(k));
+            if let Some(key) = key {
                 let rows = self.pixel_rows(&key, images);
                 match rows.and_then(|r| detections_from_rows(&r, &sizes, threshold)) {
                     Ok(d) => return Ok(d),

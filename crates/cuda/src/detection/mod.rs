@@ -13,7 +13,7 @@ mod sequence;
 
 pub use graph::{GraphOutput, MultiGraphCache};
 pub use pixel_graph::PixelGraphCache;
-pub use pixel_key::PixelGraphKey;
+pub use pixel_key::{PixelGraphAdmission, PixelGraphKey};
 pub use postprocess::{scale_detections, TopDetections, DETECTION_VALUES};
 
 use std::collections::HashMap;

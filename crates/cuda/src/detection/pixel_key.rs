@@ -4,6 +4,9 @@
 //! Batches of mixed sizes (or an NHWC spec, which the model does not take) keep the
 //! separate preprocessing step.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use aperture_engine::{EngineError, Result};
 use aperture_vision::RgbImage;
 
@@ -123,6 +126,72 @@ impl PixelGraphKey {
     }
 }
 
+/// Which keys get a pixel graph of their own. A capture costs seconds and holds device
+/// memory for a whole forward pass, while the separate preprocessing step shares one
+/// graph per model input size: so a key gets its graph from its `after`-th batch on
+/// (image sizes met once, as in a folder of photos, keep the separate step) and at
+/// most `max` keys get one.
+pub struct PixelGraphAdmission {
+    after: u32,
+    max: usize,
+    state: Mutex<Admitted>,
+}
+
+#[derive(Default)]
+struct Admitted {
+    /// Batches seen per key not admitted yet.
+    seen: HashMap<PixelGraphKey, u32>,
+    admitted: Vec<PixelGraphKey>,
+}
+
+/// Keys counted before the counts start over (a stream of ever new sizes).
+const MAX_COUNTED: usize = 4096;
+
+impl Default for PixelGraphAdmission {
+    fn default() -> Self {
+        Self::new(Self::AFTER, Self::MAX)
+    }
+}
+
+impl PixelGraphAdmission {
+    /// A key's graph is captured at its second batch...
+    pub const AFTER: u32 = 2;
+    /// ...for at most this many keys.
+    pub const MAX: usize = 8;
+
+    pub fn new(after: u32, max: usize) -> Self {
+        Self {
+            after: after.max(1),
+            max,
+            state: Mutex::new(Admitted::default()),
+        }
+    }
+
+    /// Counts one batch of `key`; whether it runs in its pixel graph.
+    pub fn admit(&self, key: &PixelGraphKey) -> bool {
+        let Ok(mut s) = self.state.lock() else {
+            return false;
+        };
+        if s.admitted.contains(key) {
+            return true;
+        }
+        if s.admitted.len() >= self.max {
+            return false;
+        }
+        if s.seen.len() >= MAX_COUNTED && !s.seen.contains_key(key) {
+            s.seen.clear();
+        }
+        let n = s.seen.entry(key.clone()).or_insert(0);
+        *n += 1;
+        if *n < self.after {
+            return false;
+        }
+        s.seen.remove(key);
+        s.admitted.push(key.clone());
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,6 +260,28 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_ne!(base, other);
+    }
+
+    #[test]
+    fn a_key_is_admitted_from_its_second_batch_and_only_so_many_keys_are() {
+        let key = |w: usize| {
+            PixelGraphKey::for_sizes(&[(480, w)], &spec())
+                .unwrap()
+                .unwrap()
+        };
+        let a = PixelGraphAdmission::new(2, 2);
+        assert!(!a.admit(&key(640)), "first batch of a size: separate step");
+        assert!(!a.admit(&key(500)));
+        assert!(a.admit(&key(640)), "second batch: its own graph");
+        assert!(a.admit(&key(640)), "admitted keys stay admitted");
+        assert!(a.admit(&key(500)));
+        assert!(!a.admit(&key(333)) && !a.admit(&key(333)), "no room left");
+        assert!(a.admit(&key(500)) && a.admit(&key(640)));
+        let eager = PixelGraphAdmission::new(1, 1);
+        assert!(eager.admit(&key(640)));
+        assert!(!eager.admit(&key(500)));
+        let none = PixelGraphAdmission::new(1, 0);
+        assert!(!none.admit(&key(640)));
     }
 
     #[test]
