@@ -29,6 +29,7 @@ use crate::conv::act_code;
 use crate::error::CudaError;
 use crate::kernels::Storage;
 
+mod agree;
 mod api;
 mod timing;
 
@@ -339,9 +340,10 @@ fn search(
         }))
 }
 
-/// Times ours and cuDNN's fastest way (the first staging it has an algorithm for). Ours
-/// writes the real output (only its slice; the real launch writes it again); cuDNN's
-/// candidate writes scratch buffers.
+/// Times ours and cuDNN's fastest way (the first staging it has an algorithm for), and
+/// takes cuDNN only if it is faster and its output agrees with ours. Ours writes the real
+/// output (only its slice; the real launch writes it again); cuDNN's candidate writes
+/// scratch buffers.
 fn choose(
     be: &CudaBackend,
     l: &DenseLaunch,
@@ -372,19 +374,35 @@ fn choose(
     }
     let plan = plan
         .ok_or_else(|| CudaError::Driver("cuDNN has no algorithm for this convolution".into()))?;
-    if forced {
-        return Ok(Choice::Cudnn(Arc::new(plan)));
-    }
     let ws = Scratch::new(plan.workspace)?;
     temps.workspace = (ws.0, plan.workspace);
     let p_scratch = DensePtrs { y: out.0, ..*p };
-    let theirs = graph_ms(be, &|| {
+    let cudnn = || {
         let l_plan = (l, &plan.desc, plan.staging);
         api::launch(be, handle, l_plan, &p_scratch, plan.algo, &temps).map_err(Into::into)
-    })?;
-    let mine = graph_ms(be, ours)?;
+    };
+    // Both write their outputs (ours the real one, cuDNN the scratch) while timed.
+    let times = if forced {
+        cudnn()?;
+        ours()?;
+        None
+    } else {
+        Some((graph_ms(be, &cudnn)?, graph_ms(be, ours)?))
+    };
+    let diff = agree::slice_rel_l2(be, (p.y, out.0), l.pixels_out(), l.c_out, l.ldy)?;
+    if diff > agree::tolerance(be.storage) {
+        tracing::warn!(
+            "cuDNN's convolution {l:?} ({:?}, {:?}) differs from ours by {diff:.2e} (relative L2): keeping ours",
+            plan.staging,
+            plan.algo
+        );
+        return Ok(Choice::Ours);
+    }
+    let Some((theirs, mine)) = times else {
+        return Ok(Choice::Cudnn(Arc::new(plan)));
+    };
     tracing::debug!(
-        "convolution {:?} {}x{} s{} g{} -> {} channels ({:?}, {:?}): ours {mine:.3} ms, cuDNN {theirs:.3} ms",
+        "convolution {:?} {}x{} s{} g{} -> {} channels ({:?}, {:?}): ours {mine:.3} ms, cuDNN {theirs:.3} ms, outputs {diff:.1e} apart",
         l.input,
         l.kh,
         l.kw,

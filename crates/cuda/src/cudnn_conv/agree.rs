@@ -1,0 +1,117 @@
+//! The check a cuDNN candidate passes before it replaces ours: the same output, up to
+//! rounding, on the real inputs of its first launch.
+
+use aperture_engine::Result;
+use half::{bf16, f16};
+
+use crate::backend::CudaBackend;
+use crate::error::CudaError;
+use crate::kernels::Storage;
+
+/// Largest relative L2 distance between cuDNN's output and ours that passes as rounding:
+/// both accumulate in fp32; cuDNN's output is rounded to the storage type once more
+/// before the epilogue. A wrong result is off by far more.
+pub(super) fn tolerance(storage: Storage) -> f64 {
+    match storage {
+        Storage::F16 => 1e-2,
+        Storage::BF16 => 5e-2,
+        Storage::F32 => 1e-4,
+    }
+}
+
+/// Relative L2 distance of `b` from `a` over the first `c` channels of `rows` pixel rows
+/// (`ld` elements apart) in the backend's storage type. Waits for the stream.
+pub(super) fn slice_rel_l2(
+    be: &CudaBackend,
+    (a, b): (u64, u64),
+    rows: usize,
+    c: usize,
+    ld: usize,
+) -> Result<f64> {
+    be.synchronize()?;
+    let values = |ptr: u64| -> Result<Vec<f32>> {
+        let n = rows.saturating_sub(1) * ld + c;
+        be.ctx.bind()?;
+        Ok(match be.storage {
+            Storage::F32 => {
+                let mut v = vec![0f32; n];
+                // SAFETY: `ptr` holds at least `n` values of the storage type.
+                unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut v, ptr) }
+                    .map_err(CudaError::from)?;
+                v
+            }
+            Storage::F16 | Storage::BF16 => {
+                let mut v = vec![0u16; n];
+                // SAFETY: as above, 2-byte values.
+                unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut v, ptr) }
+                    .map_err(CudaError::from)?;
+                let bf = be.storage == Storage::BF16;
+                v.into_iter()
+                    .map(|u| {
+                        if bf {
+                            bf16::from_bits(u).to_f32()
+                        } else {
+                            f16::from_bits(u).to_f32()
+                        }
+                    })
+                    .collect()
+            }
+        })
+    };
+    let (va, vb) = (values(a)?, values(b)?);
+    Ok(rel_l2_rows(&va, &vb, rows, c, ld))
+}
+
+/// Relative L2 distance of `b` from `a` over `c` values in each of `rows` rows `ld`
+/// apart; 0 when both are zero, infinite when either holds a non-finite value.
+pub(super) fn rel_l2_rows(a: &[f32], b: &[f32], rows: usize, c: usize, ld: usize) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for r in 0..rows {
+        let (Some(ra), Some(rb)) = (a.get(r * ld..r * ld + c), b.get(r * ld..r * ld + c)) else {
+            return f64::INFINITY;
+        };
+        for (&x, &y) in ra.iter().zip(rb) {
+            if !x.is_finite() || !y.is_finite() {
+                return f64::INFINITY;
+            }
+            num += f64::from(x - y).powi(2);
+            den += f64::from(x).powi(2);
+        }
+    }
+    if den == 0.0 {
+        if num == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        }
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rel_l2_rows;
+
+    #[test]
+    fn compares_only_the_slice_of_each_row() {
+        // Two rows of 4 with a 2-channel slice; the other channels differ wildly.
+        let a = [1.0, 2.0, 100.0, -7.0, 3.0, 4.0, 5.0, 6.0];
+        let b = [1.0, 2.0, -9.0, 8.0, 3.0, 4.0, 0.0, 0.0];
+        assert_eq!(rel_l2_rows(&a, &b, 2, 2, 4), 0.0);
+        let c = [1.0, 2.0, 0.0, 0.0, 3.0, 5.0, 0.0, 0.0];
+        let want = (1.0f64 / 30.0).sqrt();
+        assert!((rel_l2_rows(&a, &c, 2, 2, 4) - want).abs() < 1e-12);
+    }
+
+    #[test]
+    fn non_finite_or_short_buffers_never_pass() {
+        assert_eq!(
+            rel_l2_rows(&[1.0, f32::NAN], &[1.0, 1.0], 1, 2, 2),
+            f64::INFINITY
+        );
+        assert_eq!(rel_l2_rows(&[1.0, 2.0], &[1.0], 1, 2, 2), f64::INFINITY);
+        assert_eq!(rel_l2_rows(&[0.0], &[1.0], 1, 1, 1), f64::INFINITY);
+        assert_eq!(rel_l2_rows(&[0.0], &[0.0], 1, 1, 1), 0.0);
+    }
+}
