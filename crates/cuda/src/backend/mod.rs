@@ -55,10 +55,9 @@ pub struct ConvWeights {
     /// 1x1 only: `[c_out][c_in]` fp32, for folding into attention maps.
     pub(crate) weight_f32: Option<DeviceBuffer>,
     pub(crate) depthwise: bool,
-    /// 16-bit storage only, where the weight above is not in cuDNN's layout (depthwise;
-    /// dense with padded rows): the weight as KRSC `[c_out][kh][kw][c_in / groups]` and,
-    /// where the bias above is fp32, the bias, both in the storage type
-    /// (crate::cudnn_conv).
+    /// 16-bit storage only, where the weight above is not in cuDNN's layout (depthwise):
+    /// the weight as KRSC `[c_out][kh][kw][c_in / groups]` and, where the bias above is
+    /// fp32, the bias, both in the storage type (crate::cudnn_conv).
     pub(crate) cudnn: Option<(DeviceBuffer, Option<DeviceBuffer>)>,
 }
 
