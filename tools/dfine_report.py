@@ -30,7 +30,8 @@ def main():
            if r["engine"] == "aperture-cuda" and r["against"] == "transformers-fp32"}
     rows = []
     for t in check["timings"]:
-        if t["mode"] != "graph":
+        # Older check-dfine JSON also listed post-processing checks here (no "mode").
+        if t.get("mode") != "graph":
             continue
         rows.append({"engine": "aperture", "precision": t["precision"], "batch": t["batch"],
                      "images_per_s": t["images_per_s"], "p50_ms": t["p50_ms"], "p99_ms": t.get("p99_ms"),

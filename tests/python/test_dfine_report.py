@@ -1,0 +1,40 @@
+"""tools/dfine_report.py: check-dfine JSON + PyTorch peers -> results JSON/markdown."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "dfine_report.py"
+
+
+def test_graph_rows_and_peers_become_results(tmp_path):
+    check = {"model": {
+        "accuracy": [
+            {"engine": "aperture-cuda", "against": "transformers-fp32", "precision": "fp16", "rel_l2_logits": 1.2e-3},
+            {"engine": "aperture-cuda", "against": "cpu", "precision": "fp16", "rel_l2_logits": 9.9},
+        ],
+        "timings": [
+            {"precision": "fp16", "batch": 1, "mode": "eager", "p50_ms": 10.0, "images_per_s": 100.0, "peak_gib": 1.0},
+            {"precision": "fp16", "batch": 32, "mode": "graph", "p50_ms": 32.0, "p99_ms": 33.0,
+             "images_per_s": 1000.0, "peak_gib": 5.0},
+            # Older files listed post-processing checks among the timings.
+            {"case": "model outputs (graph)", "precision": "fp16", "pass": True},
+        ],
+    }}
+    peers = {"rows": [
+        {"engine": "torch-compile", "precision": "fp16", "batch": 32, "p50_ms": 64.0, "images_per_s": 500.0},
+        {"engine": "torch-eager", "precision": "fp16", "batch": 32, "matched_rel_l2_logits": 2e-3},
+    ]}
+    (tmp_path / "check.json").write_text(json.dumps(check))
+    (tmp_path / "peers.json").write_text(json.dumps(peers))
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(TOOL), str(tmp_path / "check.json"), str(tmp_path / "peers.json"),
+                    "--device", "NVIDIA H100 80GB HBM3", "--date", "2026-11-24 15:00 UTC", "--out-dir", str(out)],
+                   check=True, capture_output=True)
+    doc = json.loads((out / "h100-80gb-hbm3-dfine.json").read_text())
+    rows = doc["rows"]
+    assert [(r["engine"], r["batch"]) for r in rows] == [("aperture", 32), ("torch-compile", 32)]
+    assert rows[0]["images_per_s"] == 1000.0 and rows[0]["rel_l2_vs_fp32"] == 1.2e-3
+    md = (out / "h100-80gb-hbm3-dfine.md").read_text()
+    # aperture's batch-32 row against torch.compile's at the same batch: 1000 / 500.
+    assert "| aperture | fp16 | 32 | 1000.0 | 32.00 | 33.00 | 5.00 | 1.20e-03 | 2.00 |" in md
