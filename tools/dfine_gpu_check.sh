@@ -29,9 +29,9 @@ step "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 step "X-shaped weights"
-mkdir -p "$WORK/x"
-python3 tools/dfine_golden.py "$WORK/x/model.safetensors" --materialize tests/fixtures/dfine/x/manifest.json || exit 1
-cp tests/fixtures/dfine/x/config.json tests/fixtures/dfine/x/preprocessor_config.json "$WORK/x/"
+# shellcheck source=tools/lib.sh
+. tools/lib.sh
+dfine_x_folder "$WORK/x" || exit 1
 
 step "check-dfine"
 # shellcheck disable=SC2086
@@ -53,6 +53,10 @@ if [ "${BENCH:-1}" != 0 ]; then
   step "aperture bench --postprocess (fp16; sigmoid + top-k + corners inside the graph)"
   "$BIN" bench --model "$WORK/x" --device cuda --precision fp16 --batch 1,8,32 \
     --iters 20 --postprocess 2>&1 | tee "$OUT/dfine-bench-post.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || BENCH_RC=1
+  step "aperture bench --preprocess 640x480 (8-bit pixels in, detection rows out, one graph)"
+  "$BIN" bench --model "$WORK/x" --device cuda --precision fp16 --batch 1,8,32 \
+    --iters 20 --no-accuracy --postprocess --preprocess 640x480 2>&1 | tee "$OUT/dfine-bench-pre.log"
   [ "${PIPESTATUS[0]}" = 0 ] || BENCH_RC=1
 fi
 

@@ -18,9 +18,9 @@ W=$(mktemp -d)
 export XDG_CACHE_HOME=${XDG_CACHE_HOME:-$W/cache}
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 WINDOW=${WINDOW_MS:-4000}
-mkdir -p "$W/dfine"
-python3 tools/dfine_golden.py "$W/dfine/model.safetensors" --materialize tests/fixtures/dfine/x/manifest.json > /dev/null || exit 1
-cp tests/fixtures/dfine/x/config.json tests/fixtures/dfine/x/preprocessor_config.json "$W/dfine/"
+# shellcheck source=tools/lib.sh
+. tools/lib.sh
+dfine_x_folder "$W/dfine" || exit 1
 # A 640x480 photo-like JPEG (smooth gradients and noise), the size of a COCO image.
 python3 - "$W/photo.jpg" <<'PY' || exit 1
 import sys
@@ -37,10 +37,7 @@ RUST_LOG=${RUST_LOG:-aperture_server::image=debug} "$BIN" serve --model "$W/dfin
   --grpc-port 0 --metrics-port 18002 --max-batch-size 32 --device cuda --precision fp16 \
   > "$OUT/serve.log" 2>&1 &
 pid=$!
-for _ in $(seq 1 600); do
-  (exec 3<>/dev/tcp/127.0.0.1/18000) 2>/dev/null && break
-  sleep 0.2
-done
+wait_for_port 18000
 # Sample NVML through the server and nvidia-smi side by side while the load runs.
 (
   for _ in $(seq 1 20); do

@@ -26,9 +26,9 @@ CLIENTS=${CLIENTS:-2}
 SHM=${SHARED_MEMORY:-none}
 MODELS=${MODELS:-restormer dfine}
 python3 tools/restormer_ref.py "$W/restormer" --size 64 > /dev/null || exit 1
-mkdir -p "$W/dfine"
-python3 tools/dfine_golden.py "$W/dfine/model.safetensors" --materialize tests/fixtures/dfine/x/manifest.json > /dev/null || exit 1
-cp tests/fixtures/dfine/x/config.json tests/fixtures/dfine/x/preprocessor_config.json "$W/dfine/"
+# shellcheck source=tools/lib.sh
+. tools/lib.sh
+dfine_x_folder "$W/dfine" || exit 1
 
 for spec in "restormer 3,512,512 786432" "dfine 3,640,640 1228800"; do
   read -r name shape pixels <<< "$spec"
@@ -44,10 +44,7 @@ for spec in "restormer 3,512,512 786432" "dfine 3,640,640 1228800"; do
       --grpc-port 0 --metrics-port 18002 --max-batch-size "$b" --max-body-mb $(( body > 64 ? body : 64 )) \
       --device cuda --precision "$P" --instances "$INSTANCES" > "$OUT/$tag-serve.log" 2>&1 &
     pid=$!
-    for _ in $(seq 1 600); do
-      (exec 3<>/dev/tcp/127.0.0.1/18000) 2>/dev/null && break
-      sleep 0.2
-    done
+    wait_for_port 18000
     "$BIN" loadgen -m m -u 127.0.0.1:18000 --concurrency-range "$CLIENTS" --shared-memory "$SHM" -b "$b" --shape "$shape" \
       --warmup-ms "$window" --measurement-interval "$window" --csv "$OUT/$tag-loadgen.csv" > "$OUT/$tag-loadgen.log" 2>&1
     served=$(python3 -c "import csv,sys; r=list(csv.DictReader(open(sys.argv[1]))); print('%.1f' % float(r[0]['Inferences/Second']))" "$OUT/$tag-loadgen.csv" 2>/dev/null || echo 0)
