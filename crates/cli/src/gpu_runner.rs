@@ -247,7 +247,14 @@ impl GraphDFine {
             let key = PixelGraphKey::for_images(images, spec).ok().flatten();
             let key = key.filter(|k| self.pixel_graphs.is_captured(k) || self.admission.admit(k));
             if let Some(key) = key {
-                let rows = self.pixel_rows(&key, images);
+                let first = !self.pixel_graphs.is_captured(&key);
+                let rows = self.pixel_rows(&key, images).and_then(|r| {
+                    if first {
+                        self.confirm_first_rows(pre, images, spec, r)
+                    } else {
+                        Ok(r)
+                    }
+                });
                 match rows.and_then(|r| detections_from_rows(&r, &sizes, threshold)) {
                     Ok(d) => return Ok(d),
                     Err(e) => {
@@ -289,6 +296,29 @@ impl GraphDFine {
             },
             PreprocessPath::SeparateStep => self.separate_rows(pre, images, spec),
         }
+    }
+
+    /// A key's first in-graph rows, checked against the separate step's: the two run the
+    /// same kernels, so anything but the same bits means the in-graph path is not to be
+    /// trusted here (an error: the caller then stays on the separate step).
+    fn confirm_first_rows(
+        &self,
+        pre: &GpuPreprocessor,
+        images: &[&aperture_vision::RgbImage],
+        spec: &PreprocessSpec,
+        rows: Vec<f32>,
+    ) -> anyhow::Result<Vec<f32>> {
+        let separate = self.separate_rows(pre, images, spec)?;
+        let same = rows.len() == separate.len()
+            && rows
+                .iter()
+                .zip(&separate)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+        anyhow::ensure!(
+            same,
+            "the first in-graph detection rows differ from the separate preprocessing step's"
+        );
+        Ok(rows)
     }
 
     /// `pre` into the post-processing graph's input, then its replay.
