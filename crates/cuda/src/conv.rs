@@ -284,7 +284,7 @@ pub(crate) fn conv2d(
 }
 
 /// `act(y) + residual` in place over a whole tensor.
-fn act_residual(
+pub(crate) fn act_residual(
     be: &CudaBackend,
     y: &CudaTensor,
     act: Activation,

@@ -20,11 +20,10 @@ use aperture_engine::backend::Activation;
 use aperture_engine::{EngineError, Result};
 
 use crate::backend::{ConvWeights, CudaBackend, CudaParam, CudaTensor};
-use crate::conv::{act_code, out_size, output_dims, plain_product};
+use crate::conv::{act_residual, out_size, output_dims, plain_product};
 use crate::conv_igemm::{DenseConv, Geometry, Tile};
 use crate::cudnn_conv::{DenseLaunch, DensePtrs};
 use crate::gemm::{GemmCall, Operand};
-use crate::kernels::Arg;
 
 /// Channels of a tensor in device memory: `dims[3]` channels per pixel starting at `ptr`,
 /// pixel rows `ld` elements apart (`ld == dims[3]` for a whole tensor).
@@ -266,16 +265,7 @@ fn conv_slice(
             let ptrs = DensePtrs::of(input.ptr, w, None, y.0);
             crate::cudnn_conv::run_dense(be, &l, &ptrs, || product_rows(be, input, w, y))?;
             if let (Some(t), false) = (&fresh, act == Activation::Identity) {
-                be.launch_1d(
-                    "act_residual",
-                    t.numel(),
-                    &[
-                        Arg::Ptr(t.ptr()),
-                        Arg::Ptr(0),
-                        Arg::I64(t.numel() as i64),
-                        Arg::I32(act_code(act)),
-                    ],
-                )?;
+                act_residual(be, t, act, None)?;
             }
             Ok(fresh)
         });
