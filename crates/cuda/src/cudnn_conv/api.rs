@@ -85,9 +85,8 @@ pub(super) fn launch(
     if be.ctx.is_dry() {
         return Ok(());
     }
-    let [n, h, w, c] = l.input;
     let x = if staging.input {
-        pack_input(be, p.x, t.x, n * h * w, c, l.ldx)?;
+        pack_input(be, p.x, t.x, l.pixels_in(), l.input[3], l.ldx)?;
         t.x
     } else {
         p.x

@@ -97,6 +97,10 @@ impl DenseLaunch {
     fn pixels_out(&self) -> usize {
         self.input[0] * self.out_hw.0 * self.out_hw.1
     }
+
+    fn pixels_in(&self) -> usize {
+        self.input[0] * self.input[1] * self.input[2]
+    }
 }
 
 /// Device pointers of one launch.
@@ -243,10 +247,9 @@ pub(crate) fn run_dense(
         .ok_or_else(|| CudaError::Driver("cuDNN handle vanished".into()))?;
     // Pool blocks: under capture they come from the graph's arena and live with it.
     let es = be.esize();
-    let [n, h, w, c] = l.input;
     let alloc = |on: bool, bytes: usize| on.then(|| be.pool.alloc(bytes)).transpose();
     let ws = alloc(plan.workspace > 0, plan.workspace)?;
-    let x = alloc(plan.staging.input, n * h * w * c * es)?;
+    let x = alloc(plan.staging.input, l.pixels_in() * l.input[3] * es)?;
     let y = alloc(plan.staging.output, l.pixels_out() * l.c_out * es)?;
     let ptr = |b: &Option<crate::pool::DeviceBuffer>| b.as_ref().map(|b| b.ptr()).unwrap_or(0);
     let temps = Temps {
@@ -296,24 +299,21 @@ fn exact_products(algo: dnn::cudnnConvolutionFwdAlgo_t) -> bool {
 }
 
 /// cuDNN's fastest algorithm for `l` with `staging`, searched on the real inputs into
-/// scratch outputs: some of the algorithms it tries write outside a strided output's
+/// the scratch output `out` (the extent of `l`'s output) with up to [`MAX_WORKSPACE`]
+/// bytes at `workspace`: some of the algorithms it tries write outside a strided output's
 /// channel slice, which here is the middle of a concatenation whose other slices already
 /// hold results.
 fn search(
     be: &CudaBackend,
     handle: dnn::cudnnHandle_t,
-    l: &DenseLaunch,
-    p: &DensePtrs,
-    staging: Staging,
+    (l, p, staging): (&DenseLaunch, &DensePtrs, Staging),
     temps: &Temps,
+    (out, workspace): (u64, u64),
 ) -> Result<Option<Plan>> {
     let desc = Descriptors::new(be, l, staging)?;
-    let workspace = Scratch::new(MAX_WORKSPACE)?;
-    let out = Scratch::new(l.pixels_out() * l.ldy.max(l.c_out) * be.esize())?;
     let x = if staging.input {
         // Packs the real input into the scratch (the launch does the same).
-        let [n, h, w, c] = l.input;
-        api::pack_input(be, p.x, temps.x, n * h * w, c, l.ldx)?;
+        api::pack_input(be, p.x, temps.x, l.pixels_in(), l.input[3], l.ldx)?;
         temps.x
     } else {
         p.x
@@ -321,8 +321,8 @@ fn search(
     let perf = api::find(
         handle,
         &desc,
-        (x, p.w, out.0),
-        (workspace.0, MAX_WORKSPACE),
+        (x, p.w, out),
+        (workspace, MAX_WORKSPACE),
         ALGOS,
     )?;
     Ok(perf
@@ -356,10 +356,12 @@ fn choose(
         .handle(be)
         .ok_or_else(|| CudaError::Unavailable("cuDNN not loaded".into()))?;
     let es = be.esize();
-    let [n, h, w, c] = l.input;
-    let x_scratch = Scratch::new(n * h * w * c * es)?;
+    let x_scratch = Scratch::new(l.pixels_in() * l.input[3] * es)?;
     let y_scratch = Scratch::new(l.pixels_out() * l.c_out * es)?;
-    let out = Scratch::new(l.pixels_out() * l.ldy * es)?;
+    let out = Scratch::new(l.pixels_out() * l.ldy.max(l.c_out) * es)?;
+    // One workspace for the search and the timing runs (the chosen algorithm needs at
+    // most what the search allowed).
+    let ws = Scratch::new(MAX_WORKSPACE)?;
     let mut temps = Temps {
         x: x_scratch.0,
         y: y_scratch.0,
@@ -367,14 +369,13 @@ fn choose(
     };
     let mut plan = None;
     for staging in Staging::options(l) {
-        plan = search(be, handle, l, p, staging, &temps)?;
+        plan = search(be, handle, (l, p, staging), &temps, (out.0, ws.0))?;
         if plan.is_some() {
             break;
         }
     }
     let plan = plan
         .ok_or_else(|| CudaError::Driver("cuDNN has no algorithm for this convolution".into()))?;
-    let ws = Scratch::new(plan.workspace)?;
     temps.workspace = (ws.0, plan.workspace);
     let p_scratch = DensePtrs { y: out.0, ..*p };
     let cudnn = || {
