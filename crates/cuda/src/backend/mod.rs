@@ -186,6 +186,24 @@ impl CudaBackend {
         e.record(&self.ctx)?;
         Ok(e)
     }
+    /// Runs `f` inside a CUDA profiler range (`cuProfilerStart`/`Stop`): with
+    /// `ncu --profile-from-start off`, only the kernels launched by `f` are profiled.
+    /// Without a profiler attached both calls do nothing.
+    pub fn in_profiler_range<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        self.synchronize()?;
+        // SAFETY: plain driver calls on the current context; no pointers involved.
+        unsafe { cudarc::driver::sys::cuProfilerStart() }
+            .result()
+            .map_err(CudaError::from)?;
+        let out = f();
+        let sync = self.synchronize();
+        // SAFETY: as above.
+        unsafe { cudarc::driver::sys::cuProfilerStop() }
+            .result()
+            .map_err(CudaError::from)?;
+        sync?;
+        Ok(out)
+    }
     /// Per-operation timing: while enabled, every operation is bracketed by events.
     pub fn profiler(&self) -> &Profiler {
         &self.profiler

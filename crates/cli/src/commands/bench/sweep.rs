@@ -109,6 +109,11 @@ fn gib(bytes: usize) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
 
+/// Set, each GPU batch size gets one more run inside a CUDA profiler range, so that
+/// `ncu --profile-from-start off --graph-profiling node` times every kernel of one
+/// graph replay and nothing else.
+const PROFILER_RANGE_ENV: &str = "APERTURE_PROFILER_RANGE";
+
 /// Milliseconds per run: CUDA events around each replay on the GPU (device time), the
 /// wall clock on the CPU.
 fn time(
@@ -129,6 +134,9 @@ fn time(
                 (staged.run)()?;
                 let end = be.record_event()?;
                 ms.push(f64::from(end.elapsed_ms(&start)?));
+            }
+            if std::env::var_os(PROFILER_RANGE_ENV).is_some() {
+                be.in_profiler_range(|| (staged.run)())??;
             }
         }
         None => {
