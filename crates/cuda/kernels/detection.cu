@@ -715,29 +715,99 @@ extern "C" __global__ void det_to_f32(const T* __restrict__ x, float* __restrict
     DET_LOOP(i, n) { y[i] = ldf(x[i]); }
 }
 
-// Whether score a (index ia) ranks before score b (index ib): larger first, NaN first,
-// ties by lower index (the CPU backend's stable sort and torch.topk's order).
-__device__ __forceinline__ bool det_before(float a, int ia, float b, int ib) {
-    bool na = isnan(a), nb = isnan(b);
-    if (na != nb) return na;
-    if (!na && a != b) return a > b;
-    return ia < ib;
+// Order key of a score: a larger score has a larger key, every NaN the largest key, and
+// -0 the key of +0. Rows rank by key, ties by lower index: NaN first, then larger
+// scores (the CPU backend's stable sort and torch.topk's order).
+__device__ __forceinline__ unsigned det_order_key(float v) {
+    if (isnan(v)) return 0xffffffffu;
+    if (v == 0.0f) v = 0.0f;
+    const unsigned b = __float_as_uint(v);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-// Top-k by ranking: each thread counts the rows ranked before its own; rows with rank
-// below k write their index at that rank. grid (ceil(L / blockDim), B), the image's
-// scores staged in shared memory (L floats).
-extern "C" __global__ void det_topk_rank(const float* __restrict__ scores, int* __restrict__ idx, int L, int K) {
-    extern __shared__ float det_scores[];
+// Top-K row indices per image in key order. One block per image (grid (1, B),
+// blockDim a multiple of 32, at most 1024): a radix select, eight bits a pass, finds the
+// K-th largest key T; every key above T is taken, and of the keys equal to T the first
+// by index; the K taken are then ranked among themselves. Dynamic shared memory: K keys
+// and K indices. O(L) per image where ranking every row against every other is O(L^2).
+extern "C" __global__ void det_topk_select(const float* __restrict__ scores, int* __restrict__ idx, int L, int K) {
+    __shared__ unsigned hist[256];
+    __shared__ unsigned warp_counts[32];
+    __shared__ unsigned s_prefix, s_need, s_above;
+    extern __shared__ unsigned det_selected[];
+    unsigned* sel_key = det_selected;
+    int* sel_idx = reinterpret_cast<int*>(det_selected + K);
     const float* s = scores + (i64)blockIdx.y * L;
-    for (int j = threadIdx.x; j < L; j += blockDim.x) det_scores[j] = s[j];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+
+    // 1. The threshold key, and how many keys equal to it are taken.
+    unsigned prefix = 0, mask = 0, need = (unsigned)K;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int d = tid; d < 256; d += blockDim.x) hist[d] = 0;
+        __syncthreads();
+        for (int j = tid; j < L; j += blockDim.x) {
+            const unsigned key = det_order_key(s[j]);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            unsigned above = 0;
+            int d = 255;
+            for (; d > 0 && above + hist[d] < need; --d) above += hist[d];
+            s_prefix = prefix | ((unsigned)d << shift);
+            s_need = need - above;
+            s_above = 0;
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        need = s_need;
+        mask |= 255u << shift;
+    }
+
+    // 2. Keys above the threshold (K - need of them) in any order.
+    for (int j = tid; j < L; j += blockDim.x) {
+        const unsigned key = det_order_key(s[j]);
+        if (key > prefix) {
+            const unsigned at = atomicAdd(&s_above, 1u);
+            sel_key[at] = key;
+            sel_idx[at] = j;
+        }
+    }
+    // Keys equal to it: the first `need` by index, in chunks of blockDim in index order.
+    const unsigned first_equal = (unsigned)K - need;
+    unsigned seen = 0;  // equal keys in earlier chunks; the same in every thread
+    for (int j0 = 0; j0 < L && seen < need; j0 += blockDim.x) {
+        const int j = j0 + tid;
+        const bool eq = j < L && det_order_key(s[j]) == prefix;
+        const unsigned ballot = __ballot_sync(0xffffffffu, eq);
+        if (lane == 0) warp_counts[warp] = __popc(ballot);
+        __syncthreads();
+        unsigned before = seen + __popc(ballot & ((1u << lane) - 1u));
+        unsigned total = 0;
+        for (int w = 0; w < warps; ++w) {
+            if (w < warp) before += warp_counts[w];
+            total += warp_counts[w];
+        }
+        if (eq && before < need) {
+            sel_key[first_equal + before] = prefix;
+            sel_idx[first_equal + before] = j;
+        }
+        __syncthreads();
+        seen += total;
+    }
     __syncthreads();
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= L) return;
-    float v = det_scores[i];
-    int rank = 0;
-    for (int j = 0; j < L; j++) rank += det_before(det_scores[j], j, v, i);
-    if (rank < K) idx[(i64)blockIdx.y * K + rank] = i;
+
+    // 3. Rank the K taken: larger key first, ties by lower index.
+    for (int t = tid; t < K; t += blockDim.x) {
+        const unsigned kt = sel_key[t];
+        const int it = sel_idx[t];
+        int rank = 0;
+        for (int u = 0; u < K; ++u) {
+            const unsigned ku = sel_key[u];
+            rank += (ku > kt) || (ku == kt && sel_idx[u] < it);
+        }
+        idx[(i64)blockIdx.y * K + rank] = it;
+    }
 }
 
 // NCHW f32 (graph input staging) -> NHWC storage type.

@@ -9,10 +9,11 @@ use crate::backend::{CudaBackend, CudaTensor};
 
 /// Largest bin count the distribution kernels hold per thread.
 const MAX_BINS: usize = 128;
-/// Shared memory for one image's scores in the ranking top-k (more rows: host path).
-const RANK_SMEM: usize = 48 * 1024;
-/// Rows ranked per block.
-const RANK_BLOCK: usize = 256;
+/// Shared memory for the rows one image's device top-k keeps (a key and an index each;
+/// more: host path).
+const SELECT_SMEM: usize = 48 * 1024;
+/// Threads per image in the device top-k.
+const SELECT_BLOCK: usize = 1024;
 
 fn check_seq(x: &CudaTensor, what: &str) -> Result<()> {
     if x.dims[1] != 1 {
@@ -70,7 +71,7 @@ impl CudaBackend {
             .collect())
     }
 
-    /// Top-k on the device (a ranking kernel over the row maxima) and gathers by the
+    /// Top-k on the device (a radix select over the row maxima) and gathers by the
     /// device indices: no synchronisation, so a forward pass stays capturable.
     pub(crate) fn det_select_rows(
         &self,
@@ -94,7 +95,7 @@ impl CudaBackend {
                 s.dims, scores.dims
             )));
         }
-        if l * 4 > RANK_SMEM {
+        if k * 8 > SELECT_SMEM {
             let top = self.det_top_k_rows(scores, k)?;
             return sources
                 .iter()
@@ -105,7 +106,7 @@ impl CudaBackend {
         let idx = self.profiler.op(
             self,
             "top_k",
-            (rows * l) as f64,
+            (4 * rows) as f64,
             (scores.numel() * self.esize()) as f64,
             || {
                 let best = self.pool.alloc(rows.max(1) * 4)?;
@@ -120,7 +121,6 @@ impl CudaBackend {
                     ],
                 )?;
                 let idx = self.pool.alloc((n * k).max(1) * 4)?;
-                let blocks = l.div_ceil(RANK_BLOCK);
                 let args = [
                     DArg::Ptr(best.ptr()),
                     DArg::Ptr(idx.ptr()),
@@ -128,10 +128,10 @@ impl CudaBackend {
                     DArg::I32(k as i32),
                 ];
                 self.det_launch_grid(
-                    "det_topk_rank",
-                    (blocks as u32, n as u32),
-                    RANK_BLOCK as u32,
-                    (l * 4) as u32,
+                    "det_topk_select",
+                    (1, n as u32),
+                    SELECT_BLOCK as u32,
+                    (k * 8) as u32,
                     &args,
                 )?;
                 Ok(idx)

@@ -60,7 +60,7 @@ pub const DETECTION_KERNELS: &[&str] = &[
     "det_distribution",
     "det_corner_stats",
     "det_to_f32",
-    "det_topk_rank",
+    "det_topk_select",
     "det_from_nchw",
     "det_score_keys",
     "det_topk_detections",

@@ -7,6 +7,7 @@ mod model;
 mod ops;
 mod pixels;
 mod postprocess;
+mod selection;
 
 pub(crate) use model::align;
 
@@ -92,6 +93,13 @@ pub fn run(args: CheckDfineArgs) -> anyhow::Result<()> {
             );
             op_rows
                 .push(json!({"precision": p.to_string(), "op": name, "rel_l2": err, "pass": pass}));
+        }
+        match selection::check(&gpu, p) {
+            Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+            Err(e) => {
+                println!("{p:>5} query selection FAILED: {e:#}");
+                failures.push(format!("query selection in {p}: {e:#}"));
+            }
         }
     }
     report.insert("ops".into(), Value::Array(op_rows));
