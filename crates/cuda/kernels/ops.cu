@@ -130,6 +130,24 @@ extern "C" __global__ void act_residual(T* __restrict__ y, const T* __restrict__
     }
 }
 
+// act_residual in 16-byte vectors: n / (16 / sizeof(T)) vectors, both tensors aligned.
+extern "C" __global__ void act_residual_vec(T* __restrict__ y, const T* __restrict__ res, i64 vectors, int act) {
+    const int V = 16 / sizeof(T);
+    GRID_LOOP(i, vectors) {
+        uint4 yv = reinterpret_cast<const uint4*>(y)[i];
+        uint4 rv = res ? reinterpret_cast<const uint4*>(res)[i] : make_uint4(0, 0, 0, 0);
+        T* ye = reinterpret_cast<T*>(&yv);
+        const T* re = reinterpret_cast<const T*>(&rv);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            float v = activate(ldf(ye[k]), act);
+            if (res) v += ldf(re[k]);
+            ye[k] = stf(v);
+        }
+        reinterpret_cast<uint4*>(y)[i] = yv;
+    }
+}
+
 // After a convolution computed by cuDNN: y = act(src + bias) + res, 16-byte vectors of
 // channels. src's pixel rows are lds apart, y's ldy apart (a channel slice of a wider
 // tensor; src == y in place, or a packed buffer moved into the slice); res is dense.

@@ -255,48 +255,54 @@ pub(crate) fn conv2d(
             Ok(out)
         });
     }
+    // cuBLASLt's epilogue adds the bias (and the residual when there is no activation);
+    // an activation takes one more pass. cuDNN's epilogue does all three in one, so the
+    // launch carries them and the choice between the two is timed with that pass.
     let fused_res = if act == Activation::Identity {
         residual.map(|r| r.ptr())
     } else {
         None
     };
-    let out = be.profiler.op(be, "conv1x1_gemm", flops, bytes, || {
+    be.profiler.op(be, "conv1x1_gemm", flops, bytes, || {
         let out = be.alloc_tensor(dims)?;
-        let l = DenseLaunch::new(
-            x.dims,
-            c,
-            w,
-            (oh, ow),
-            w.c_out,
-            Activation::Identity,
-            fused_res.is_some(),
-        );
-        let ptrs = DensePtrs::of(x.ptr(), w, fused_res, out.ptr());
+        let l = DenseLaunch::new(x.dims, c, w, (oh, ow), w.c_out, act, residual.is_some());
+        let ptrs = DensePtrs::of(x.ptr(), w, residual.map(|r| r.ptr()), out.ptr());
         crate::cudnn_conv::run_dense(be, &l, &ptrs, || {
-            gemm_rows(be, x.ptr(), p_out, w.c_in, w, out.ptr(), fused_res, true)
+            gemm_rows(be, x.ptr(), p_out, w.c_in, w, out.ptr(), fused_res, true)?;
+            if act != Activation::Identity {
+                act_residual(be, &out, act, residual)?;
+            }
+            Ok(())
         })?;
         Ok(out)
-    })?;
-    if act != Activation::Identity {
-        act_residual(be, &out, act, residual)?;
-    }
-    Ok(out)
+    })
 }
 
-/// `act(y) + residual` in place over a whole tensor.
+/// `act(y) + residual` in place over a whole tensor (16-byte vectors where both tensors
+/// allow them).
 pub(crate) fn act_residual(
     be: &CudaBackend,
     y: &CudaTensor,
     act: Activation,
     residual: Option<&CudaTensor>,
 ) -> Result<()> {
+    let per_vector = 16 / be.esize();
+    let res = residual.map(|r| r.ptr()).unwrap_or(0);
+    let vectors = y.numel().is_multiple_of(per_vector)
+        && y.ptr().is_multiple_of(16)
+        && res.is_multiple_of(16);
+    let (name, n) = if vectors {
+        ("act_residual_vec", y.numel() / per_vector)
+    } else {
+        ("act_residual", y.numel())
+    };
     be.launch_1d(
-        "act_residual",
-        y.numel(),
+        name,
+        n,
         &[
             Arg::Ptr(y.ptr()),
-            Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)),
-            Arg::I64(y.numel() as i64),
+            Arg::Ptr(res),
+            Arg::I64(n as i64),
             Arg::I32(act_code(act)),
         ],
     )?;

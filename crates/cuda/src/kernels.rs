@@ -38,6 +38,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "im2col",
     "im2col_rows",
     "act_residual",
+    "act_residual_vec",
     "gelu_gate",
     "add",
     "concat_channels",
