@@ -20,8 +20,34 @@ use crate::gpu_runner::GraphDFine;
 /// Query selection is a top-k over scores: near-tied scores swap rows between two
 /// implementations (in fp16/bf16 many do). Each of `want`'s rows is matched, greedily
 /// in order, to the unused row of `got` in the same image with the nearest box (L-inf);
-/// returns the aligned logits and boxes and how many rows moved. Rows whose anchor left
-/// the top-k altogether match a poor partner and still count in the error.
+/// returns, per row of `want`, its partner's row index and their box distance. Rows
+/// whose anchor left the top-k altogether match a poor (distant) partner.
+fn partners(got_boxes: &[f32], want_boxes: &[f32], queries: usize) -> Vec<(usize, f32)> {
+    let images = got_boxes.len() / (4 * queries.max(1));
+    let mut out = Vec::with_capacity(images * queries);
+    for img in 0..images {
+        let base = img * queries;
+        let mut used = vec![false; queries];
+        for i in 0..queries {
+            let dist = |j: usize| {
+                (0..4)
+                    .map(|k| (got_boxes[(base + j) * 4 + k] - want_boxes[(base + i) * 4 + k]).abs())
+                    .fold(0f32, f32::max)
+            };
+            let (j, d) = (0..queries)
+                .filter(|&j| !used[j])
+                .map(|j| (j, dist(j)))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .unwrap_or((i, f32::INFINITY));
+            used[j] = true;
+            out.push((base + j, d));
+        }
+    }
+    out
+}
+
+/// `got`'s logits and boxes reordered to `want`'s rows (see [`partners`]) and how many
+/// rows moved. Rows whose anchor left the top-k still count in the error.
 pub(crate) fn align(
     got: (&[f32], &[f32]),
     want_boxes: &[f32],
@@ -29,30 +55,15 @@ pub(crate) fn align(
     classes: usize,
 ) -> (Vec<f32>, Vec<f32>, usize) {
     let (gl, gb) = got;
-    let images = gb.len() / (4 * queries.max(1));
     let (mut al, mut ab, mut moved) = (
         Vec::with_capacity(gl.len()),
         Vec::with_capacity(gb.len()),
         0,
     );
-    for img in 0..images {
-        let base = img * queries;
-        let mut used = vec![false; queries];
-        for i in 0..queries {
-            let dist = |j: usize| {
-                (0..4)
-                    .map(|k| (gb[(base + j) * 4 + k] - want_boxes[(base + i) * 4 + k]).abs())
-                    .fold(0f32, f32::max)
-            };
-            let j = (0..queries)
-                .filter(|&j| !used[j])
-                .min_by(|&a, &b| dist(a).total_cmp(&dist(b)))
-                .unwrap_or(i);
-            used[j] = true;
-            moved += usize::from(j != i);
-            al.extend_from_slice(&gl[(base + j) * classes..(base + j + 1) * classes]);
-            ab.extend_from_slice(&gb[(base + j) * 4..(base + j + 1) * 4]);
-        }
+    for (i, (j, _)) in partners(gb, want_boxes, queries).into_iter().enumerate() {
+        moved += usize::from(j != i);
+        al.extend_from_slice(&gl[j * classes..(j + 1) * classes]);
+        ab.extend_from_slice(&gb[j * 4..(j + 1) * 4]);
     }
     (al, ab, moved)
 }
@@ -77,6 +88,26 @@ fn compare(got: &Outputs, want: &Outputs, q: usize, c: usize) -> (f64, f64, usiz
         relative_l2(&ab, &want.boxes),
         moved,
     )
+}
+
+/// A box farther than this (L-inf, normalised coordinates) from every unused row of the
+/// other output has no partner: its query was selected by one side only.
+const NO_PARTNER: f32 = 0.05;
+
+/// Per image: logits and boxes errors, and how many of `want`'s rows have no partner in
+/// `got` (to tell a query swapped at the top-k boundary from a wrong image).
+fn per_image(got: &Outputs, want: &Outputs, q: usize, c: usize) -> Vec<(f64, f64, usize)> {
+    let (al, ab, _) = align((&got.logits, &got.boxes), &want.boxes, q, c);
+    let lonely = partners(&got.boxes, &want.boxes, q);
+    al.chunks(q * c)
+        .zip(want.logits.chunks(q * c))
+        .zip(ab.chunks(q * 4).zip(want.boxes.chunks(q * 4)))
+        .zip(lonely.chunks(q))
+        .map(|(((gl, wl), (gb, wb)), p)| {
+            let unpartnered = p.iter().filter(|(_, d)| *d > NO_PARTNER).count();
+            (relative_l2(gl, wl), relative_l2(gb, wb), unpartnered)
+        })
+        .collect()
 }
 
 fn pixels(n: usize, size: usize, seed: u64) -> anyhow::Result<HostTensor> {
@@ -203,6 +234,11 @@ pub fn check_model(
                     failures.push(format!(
                     "model {p} batch {n} vs CPU: logits {el:.3e}, boxes {eb:.3e} (limit {tol:e})"
                 ));
+                    for (i, (l, b, u)) in per_image(&got, want, q, c).iter().enumerate() {
+                        println!(
+                            "{p:>5}   image {i}: logits {l:.3e} boxes {b:.3e}, {u} rows without a partner"
+                        );
+                    }
                 }
                 println!(
                 "{p:>5} vs cpu, batch {n}: logits {el:.3e} boxes {eb:.3e} ({moved} rows moved) {}",

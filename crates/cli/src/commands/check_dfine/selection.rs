@@ -15,18 +15,23 @@ use super::ops::random;
 /// storage type.
 const LEVELS: [f32; 11] = [-4.0, -1.5, -0.25, -0.0, 0.0, 0.25, 0.5, 1.75, 2.0, 3.5, 4.0];
 
-/// Rows of one image: NaN first, then larger scores, ties by lower index.
+/// Rows of one image by score, larger first, ties by lower index. A row's score is the
+/// maximum over its channels, which skips NaN (the CPU backend's `f32::max`): with one
+/// channel a NaN row scores -inf.
 fn expected(scores: &[f32], k: usize) -> Vec<usize> {
+    let score = |i: usize| {
+        if scores[i].is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            scores[i]
+        }
+    };
     let mut idx: Vec<usize> = (0..scores.len()).collect();
     idx.sort_by(|&i, &j| {
-        let (a, b) = (scores[i], scores[j]);
-        let by_value = match (a.is_nan(), b.is_nan()) {
-            (true, true) => Ordering::Equal,
-            (true, false) => Ordering::Less,
-            (false, true) => Ordering::Greater,
-            _ => b.partial_cmp(&a).unwrap_or(Ordering::Equal),
-        };
-        by_value.then(i.cmp(&j))
+        score(j)
+            .partial_cmp(&score(i))
+            .unwrap_or(Ordering::Equal)
+            .then(i.cmp(&j))
     });
     idx.truncate(k);
     idx
@@ -101,10 +106,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn expected_order_puts_nan_first_and_keeps_ties_and_zeros_in_index_order() {
-        let s = [0.5, f32::NAN, -0.0, 0.5, 0.0, f32::INFINITY, f32::NAN];
-        assert_eq!(expected(&s, 7), vec![1, 6, 5, 0, 3, 2, 4]);
-        assert_eq!(expected(&s, 2), vec![1, 6]);
+    fn expected_order_ranks_nan_as_minus_infinity_and_keeps_ties_in_index_order() {
+        let s = [
+            0.5,
+            f32::NAN,
+            -0.0,
+            0.5,
+            0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ];
+        assert_eq!(expected(&s, 7), vec![5, 0, 3, 2, 4, 1, 6]);
+        assert_eq!(expected(&s, 2), vec![5, 0]);
     }
 
     #[test]
