@@ -48,7 +48,7 @@ impl DeviceArgs {
                 Architecture::DFine => {
                     let snapshot = aperture_models::dfine::load_dfine(path)?;
                     let runner = DFineRunner::new(gpu, &snapshot, max_batch_size)?;
-                    Box::new(GraphDFine::new(runner))
+                    Box::new(GraphDFine::warmed(runner))
                 }
             });
         }

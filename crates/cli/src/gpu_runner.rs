@@ -6,7 +6,11 @@
 //! Both runners take [`Runner::concurrency`] = 2 calls at once: one call's input is
 //! converted and copied to the GPU while another call's graph replays (see the graph
 //! caches), so a server runs two workers per instance on one runner and one set of
-//! graphs.
+//! graphs. Their backends never time a convolution against cuDNN once built (see
+//! `CudaBackend::freeze_convolution_choices`): that timing captures graphs on the stream
+//! the other call is using. `GraphDFine::warmed` times D-FINE's shapes at load, one eager
+//! pass per graph batch size; Restormer's shapes follow each request's image size, so
+//! its convolutions run on our kernels.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -38,6 +42,7 @@ impl GraphRestormer {
         max_batch_size: usize,
     ) -> Result<Self, ModelError> {
         let model = Restormer::prepare(&backend, config, sd)?;
+        backend.freeze_convolution_choices();
         Ok(Self {
             backend,
             model,
@@ -131,7 +136,53 @@ pub struct GraphDFine {
 }
 
 impl GraphDFine {
+    /// [`GraphDFine::new`] after one eager forward pass per graph batch size (the powers
+    /// of two up to the maximum batch) at the processor's image size: each convolution
+    /// shape the graphs will hold is timed against cuDNN once, before the choices freeze.
+    /// A model without a fixed processor size is not warmed. A failing pass (e.g. out of
+    /// memory at a large batch) ends the warm-up with a warning; the runner still works.
+    pub fn warmed(runner: DFineRunner<CudaBackend>) -> Self {
+        let spec = runner.inputs();
+        let dims = spec.first().map(|s| s.shape.clone()).unwrap_or_default();
+        if let [c, h, w] = dims[..] {
+            if h > 0 && w > 0 {
+                let started = std::time::Instant::now();
+                let max_batch = runner.max_batch_size().max(1);
+                let mut batch = 1;
+                while batch <= max_batch {
+                    let pass = || -> anyhow::Result<()> {
+                        let n = batch * c as usize * h as usize * w as usize;
+                        // A ramp in [0, 1): zeros could take other paths or time apart.
+                        let values = (0..n).map(|i| (i % 251) as f32 / 251.0).collect();
+                        let x = HostTensor::from_f32(
+                            vec![batch, c as usize, h as usize, w as usize],
+                            values,
+                        )?;
+                        let be = runner.backend();
+                        runner.model().forward(be, &be.upload_nchw(&x)?)?;
+                        be.synchronize()?;
+                        Ok(())
+                    };
+                    if let Err(e) = pass() {
+                        tracing::warn!("convolution warm-up stopped at batch {batch}: {e:#}");
+                        break;
+                    }
+                    batch *= 2;
+                }
+                tracing::info!(
+                    "convolutions timed against cuDNN for batches up to {} at {h}x{w} in {:.1?}",
+                    (batch / 2).max(1),
+                    started.elapsed()
+                );
+            }
+        }
+        Self::new(runner)
+    }
+
+    /// Every convolution shape not timed yet runs on our kernels (see the module's
+    /// note on serving).
     pub fn new(runner: DFineRunner<CudaBackend>) -> Self {
+        runner.backend().freeze_convolution_choices();
         Self {
             runner,
             graphs: MultiGraphCache::new(),

@@ -209,6 +209,14 @@ impl CudaBackend {
         &self.profiler
     }
 
+    /// From now on, convolution shapes not timed yet run on our kernels instead of being
+    /// timed against cuDNN at their first launch. Runners that serve several threads at
+    /// once call it: the timing captures CUDA graphs on the stream that the other
+    /// threads' copies and replays use.
+    pub fn freeze_convolution_choices(&self) {
+        self.cudnn.freeze();
+    }
+
     /// Fills every new activation with NaN before the kernel that should write it.
     pub fn set_poison(&self, on: bool) {
         self.poison.store(on, Ordering::Relaxed);

@@ -18,6 +18,7 @@
 //! cuDNN wherever it runs (for parity checks of its numerics).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use aperture_engine::backend::Activation;
@@ -179,6 +180,8 @@ enum Choice {
 pub(crate) struct CudnnConvs {
     handle: OnceLock<Option<Handle>>,
     choices: Mutex<HashMap<DenseLaunch, Choice>>,
+    /// Set: shapes not chosen yet stay on ours (see `CudaBackend::freeze_convolution_choices`).
+    frozen: AtomicBool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -197,6 +200,9 @@ fn mode() -> Mode {
 }
 
 impl CudnnConvs {
+    pub(crate) fn freeze(&self) {
+        self.frozen.store(true, Ordering::Relaxed);
+    }
     fn handle(&self, be: &CudaBackend) -> Option<dnn::cudnnHandle_t> {
         self.handle
             .get_or_init(|| match api::open(be) {
@@ -226,7 +232,12 @@ pub(crate) fn run_dense(
     let known = be.cudnn.choices.lock().ok().and_then(|c| c.get(l).cloned());
     let choice = match known {
         Some(c) => c,
-        None if be.ctx.is_dry() || crate::gemm::capturing(be.ctx.stream as _) => return ours(),
+        None if be.cudnn.frozen.load(Ordering::Relaxed)
+            || be.ctx.is_dry()
+            || crate::gemm::capturing(be.ctx.stream as _) =>
+        {
+            return ours()
+        }
         None => {
             let c = choose(be, l, p, &ours, m == Mode::Forced).unwrap_or_else(|e| {
                 tracing::debug!("cuDNN convolution {l:?} not taken: {e}");
