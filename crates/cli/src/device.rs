@@ -33,7 +33,9 @@ pub struct DeviceArgs {
 
 impl DeviceArgs {
     /// Loads the model at `path` on the chosen backend: the GPU for `cuda` (an error
-    /// when none is usable) and for `auto` when one is, else the CPU.
+    /// when none is usable) and for `auto` when one is, else the CPU. A GPU runner is
+    /// ready to be called from several threads: its convolution choices are made here
+    /// or not at all (see `crate::gpu_runner`).
     pub fn load_runner(
         &self,
         path: &Path,
@@ -43,6 +45,7 @@ impl DeviceArgs {
             return Ok(match aperture_models::detect_architecture(path)? {
                 Architecture::Restormer => {
                     let (config, sd) = load_restormer(path)?;
+                    gpu.freeze_convolution_choices();
                     Box::new(GraphRestormer::new(gpu, config, &sd, max_batch_size)?)
                 }
                 Architecture::DFine => {

@@ -6,11 +6,12 @@
 //! Both runners take [`Runner::concurrency`] = 2 calls at once: one call's input is
 //! converted and copied to the GPU while another call's graph replays (see the graph
 //! caches), so a server runs two workers per instance on one runner and one set of
-//! graphs. Their backends never time a convolution against cuDNN once built (see
-//! `CudaBackend::freeze_convolution_choices`): that timing captures graphs on the stream
-//! the other call is using. `GraphDFine::warmed` times D-FINE's shapes at load, one eager
-//! pass per graph batch size; Restormer's shapes follow each request's image size, so
-//! its convolutions run on our kernels.
+//! graphs. Served that way, a backend must not time a convolution against cuDNN once
+//! serving has begun (`CudaBackend::freeze_convolution_choices`; with choices made while
+//! two calls were in flight, served D-FINE fell to 0.01-0.40 of in-process):
+//! `GraphDFine::warmed` times D-FINE's shapes at load, one eager pass per graph batch
+//! size, then freezes; Restormer's shapes follow each request's image size, so a served
+//! Restormer runs every convolution on our kernels (`crate::device`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -42,7 +43,6 @@ impl GraphRestormer {
         max_batch_size: usize,
     ) -> Result<Self, ModelError> {
         let model = Restormer::prepare(&backend, config, sd)?;
-        backend.freeze_convolution_choices();
         Ok(Self {
             backend,
             model,
@@ -176,13 +176,11 @@ impl GraphDFine {
                 );
             }
         }
+        runner.backend().freeze_convolution_choices();
         Self::new(runner)
     }
 
-    /// Every convolution shape not timed yet runs on our kernels (see the module's
-    /// note on serving).
     pub fn new(runner: DFineRunner<CudaBackend>) -> Self {
-        runner.backend().freeze_convolution_choices();
         Self {
             runner,
             graphs: MultiGraphCache::new(),
