@@ -398,4 +398,29 @@ mod tests {
         assert_eq!(b, want_boxes);
         assert_eq!(moved, 3);
     }
+
+    #[test]
+    fn per_image_counts_a_query_that_only_one_side_selected() {
+        // Two images of three queries, one class. Image 1's last query was swapped for a
+        // box far from every other; image 0 matches exactly.
+        let boxes = |far: f32| -> Vec<f32> {
+            [0.1, 0.4, 0.7, 0.1, 0.4, far]
+                .iter()
+                .flat_map(|&c| [c, c, 0.2, 0.2])
+                .collect()
+        };
+        let want = Outputs {
+            logits: vec![1.0, 2.0, 3.0, 1.0, 2.0, 3.0],
+            boxes: boxes(0.7),
+        };
+        let got = Outputs {
+            logits: vec![1.0, 2.0, 3.0, 1.0, 2.0, -3.0],
+            boxes: boxes(0.95),
+        };
+        let rows = per_image(&got, &want, 3, 1);
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].0, rows[0].1, rows[0].2), (0.0, 0.0, 0));
+        assert_eq!(rows[1].2, 1, "one row without a partner in image 1");
+        assert!(rows[1].0 > 0.5 && rows[1].1 > 0.1);
+    }
 }
