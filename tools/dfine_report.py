@@ -23,6 +23,9 @@ def main():
     ap.add_argument("--device", required=True)
     ap.add_argument("--date", default=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     ap.add_argument("--out-dir", default="bench/results")
+    ap.add_argument("--command", default="`tools/dfine_gpu_check.sh` (one device call: parity, graph timings, profile, peers)",
+                    help="how the figures were obtained (markdown)")
+    ap.add_argument("--note", action="append", default=[], help="a line added under the table (repeatable)")
     a = ap.parse_args()
     check = json.load(open(a.check))["model"]
     peers = json.load(open(a.peers)) if a.peers and os.path.exists(a.peers) else {"rows": []}
@@ -55,7 +58,7 @@ def main():
             best_compile[r["batch"]] = max(best_compile.get(r["batch"], 0), r["images_per_s"])
     fmt = lambda v, f: "" if v is None else format(v, f)
     lines = [f"# D-FINE benchmark: {doc['model']}", "", f"- device: {a.device}", f"- date: {a.date}",
-             "- command: `tools/dfine_gpu_check.sh` (one device call: parity, graph timings, profile, peers)",
+             f"- command: {a.command}",
              "- aperture: one CUDA graph per batch size, device time of a replay (host copies and pre/post-processing excluded)",
              "- rel L2: logits vs transformers fp32 after matching queries by box", "",
              "| engine | precision | batch | images/s | p50 ms | p99 ms | peak GiB | rel L2 vs fp32 | x torch.compile (same batch) |",
@@ -65,6 +68,8 @@ def main():
         lines.append(f"| {r['engine']} | {r['precision']} | {r['batch']} | {r['images_per_s']:.1f} | {r['p50_ms']:.2f} | "
                      f"{fmt(r['p99_ms'], '.2f')} | {fmt(r['peak_gib'], '.2f')} | {fmt(r['rel_l2_vs_fp32'], '.2e')} | "
                      f"{fmt(ratio, '.2f')} |")
+    if a.note:
+        lines += [""] + [f"- {n}" for n in a.note]
     open(base + ".md", "w").write("\n".join(lines) + "\n")
     print("wrote", base + ".json", base + ".md")
 

@@ -38,3 +38,17 @@ def test_graph_rows_and_peers_become_results(tmp_path):
     md = (out / "h100-80gb-hbm3-dfine.md").read_text()
     # aperture's batch-32 row against torch.compile's at the same batch: 1000 / 500.
     assert "| aperture | fp16 | 32 | 1000.0 | 32.00 | 33.00 | 5.00 | 1.20e-03 | 2.00 |" in md
+
+
+def test_command_and_notes_are_written_under_the_table(tmp_path):
+    check = {"model": {"accuracy": [], "timings": [
+        {"precision": "fp16", "batch": 1, "mode": "graph", "p50_ms": 3.0, "p99_ms": 3.1,
+         "images_per_s": 333.0, "peak_gib": 1.0}]}}
+    (tmp_path / "check.json").write_text(json.dumps(check))
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(TOOL), str(tmp_path / "check.json"), "--device", "NVIDIA H100 80GB HBM3",
+                    "--out-dir", str(out), "--command", "`aperture check-dfine` alone",
+                    "--note", "first note", "--note", "second note"], check=True, capture_output=True)
+    md = (out / "h100-80gb-hbm3-dfine.md").read_text()
+    assert "- command: `aperture check-dfine` alone" in md
+    assert md.rstrip().endswith("- first note\n- second note")
