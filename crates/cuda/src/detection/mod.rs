@@ -9,6 +9,8 @@ mod layout;
 mod pixel_graph;
 mod pixel_key;
 mod postprocess;
+#[cfg(test)]
+mod select_sim;
 mod sequence;
 
 pub use graph::{GraphOutput, MultiGraphCache};
