@@ -169,6 +169,11 @@ impl GraphDFine {
                     }
                     batch *= 2;
                 }
+                // The eager passes' blocks stay cached in the pool; the graphs plan
+                // their own memory, so give them back.
+                if let Err(e) = runner.backend().trim_memory() {
+                    tracing::warn!("after the convolution warm-up: {e}");
+                }
                 tracing::info!(
                     "convolutions timed against cuDNN for batches up to {} at {h}x{w} in {:.1?}",
                     (batch / 2).max(1),
