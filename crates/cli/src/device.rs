@@ -35,18 +35,21 @@ impl DeviceArgs {
     /// Loads the model at `path` on the chosen backend: the GPU for `cuda` (an error
     /// when none is usable) and for `auto` when one is, else the CPU. A GPU runner is
     /// ready to be called from several threads: its convolution choices are made here
-    /// or not at all (see `crate::gpu_runner`).
+    /// or not at all (see `crate::gpu_runner`): D-FINE's at its processor's image size,
+    /// Restormer's at `image_size` (height, width) when given.
     pub fn load_runner(
         &self,
         path: &Path,
         max_batch_size: usize,
+        image_size: Option<(usize, usize)>,
     ) -> anyhow::Result<Box<dyn Runner>> {
         if let Some(gpu) = self.cuda_backend(Precision::Fp16)? {
             return Ok(match aperture_models::detect_architecture(path)? {
                 Architecture::Restormer => {
                     let (config, sd) = load_restormer(path)?;
-                    gpu.freeze_convolution_choices();
-                    Box::new(GraphRestormer::new(gpu, config, &sd, max_batch_size)?)
+                    let runner = GraphRestormer::new(gpu, config, &sd, max_batch_size)?;
+                    runner.prepare_for_serving(image_size);
+                    Box::new(runner)
                 }
                 Architecture::DFine => {
                     let snapshot = aperture_models::dfine::load_dfine(path)?;

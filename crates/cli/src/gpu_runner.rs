@@ -52,6 +52,62 @@ impl GraphRestormer {
     }
 }
 
+impl GraphRestormer {
+    /// Readies the runner for concurrent calls: with an image size, one eager pass per
+    /// graph batch size at that size (padded to a multiple of 8, as the server pads)
+    /// times the convolutions against cuDNN; then no more choices are made.
+    pub fn prepare_for_serving(&self, size: Option<(usize, usize)>) {
+        if let Some((h, w)) = size {
+            let forward = |x: &CudaTensor| Ok(self.model.forward(&self.backend, x).map(drop)?);
+            let dims = [3, h.next_multiple_of(8), w.next_multiple_of(8)];
+            warm_convolutions(&self.backend, self.max_batch_size, dims, &forward);
+        }
+        self.backend.freeze_convolution_choices();
+    }
+}
+
+/// One eager forward pass per batch size the graphs will use (see [`graph_batch`]) on
+/// `[batch, c, h, w]` inputs, so that every convolution shape is timed against cuDNN
+/// before serving. A failing pass (e.g. out of memory) ends it with a warning; the
+/// passes' cached blocks go back to the driver (the graphs plan their own memory).
+fn warm_convolutions(
+    be: &CudaBackend,
+    max_batch: usize,
+    [c, h, w]: [usize; 3],
+    forward: &dyn Fn(&CudaTensor) -> anyhow::Result<()>,
+) {
+    let started = std::time::Instant::now();
+    let max_batch = max_batch.max(1);
+    let mut batches: Vec<usize> = (1..=max_batch)
+        .map(|n| graph_batch(&[n], max_batch))
+        .collect();
+    batches.dedup();
+    let mut warmed = 0;
+    for &batch in &batches {
+        let pass = || -> anyhow::Result<()> {
+            let n = batch * c * h * w;
+            // A ramp in [0, 1): zeros could take other paths or time apart.
+            let values = (0..n).map(|i| (i % 251) as f32 / 251.0).collect();
+            let x = HostTensor::from_f32(vec![batch, c, h, w], values)?;
+            forward(&be.upload_nchw(&x)?)?;
+            be.synchronize()?;
+            Ok(())
+        };
+        if let Err(e) = pass() {
+            tracing::warn!("convolution warm-up stopped at batch {batch}: {e:#}");
+            break;
+        }
+        warmed = batch;
+    }
+    if let Err(e) = be.trim_memory() {
+        tracing::warn!("after the convolution warm-up: {e}");
+    }
+    tracing::info!(
+        "convolutions timed against cuDNN for batches up to {warmed} at {h}x{w} in {:.1?}",
+        started.elapsed()
+    );
+}
+
 impl Runner for GraphRestormer {
     fn architecture(&self) -> &str {
         "restormer"
@@ -145,39 +201,14 @@ impl GraphDFine {
         let spec = runner.inputs();
         let dims = spec.first().map(|s| s.shape.clone()).unwrap_or_default();
         if let [c, h, w] = dims[..] {
-            if h > 0 && w > 0 {
-                let started = std::time::Instant::now();
-                let max_batch = runner.max_batch_size().max(1);
-                let mut batch = 1;
-                while batch <= max_batch {
-                    let pass = || -> anyhow::Result<()> {
-                        let n = batch * c as usize * h as usize * w as usize;
-                        // A ramp in [0, 1): zeros could take other paths or time apart.
-                        let values = (0..n).map(|i| (i % 251) as f32 / 251.0).collect();
-                        let x = HostTensor::from_f32(
-                            vec![batch, c as usize, h as usize, w as usize],
-                            values,
-                        )?;
-                        let be = runner.backend();
-                        runner.model().forward(be, &be.upload_nchw(&x)?)?;
-                        be.synchronize()?;
-                        Ok(())
-                    };
-                    if let Err(e) = pass() {
-                        tracing::warn!("convolution warm-up stopped at batch {batch}: {e:#}");
-                        break;
-                    }
-                    batch *= 2;
-                }
-                // The eager passes' blocks stay cached in the pool; the graphs plan
-                // their own memory, so give them back.
-                if let Err(e) = runner.backend().trim_memory() {
-                    tracing::warn!("after the convolution warm-up: {e}");
-                }
-                tracing::info!(
-                    "convolutions timed against cuDNN for batches up to {} at {h}x{w} in {:.1?}",
-                    (batch / 2).max(1),
-                    started.elapsed()
+            if let (Ok(c), Ok(h), Ok(w)) = (c.try_into(), h.try_into(), w.try_into()) {
+                let forward =
+                    |x: &CudaTensor| Ok(runner.model().forward(runner.backend(), x).map(drop)?);
+                warm_convolutions(
+                    runner.backend(),
+                    runner.max_batch_size(),
+                    [c, h, w],
+                    &forward,
                 );
             }
         }

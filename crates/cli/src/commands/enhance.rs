@@ -51,7 +51,7 @@ pub fn run(args: EnhanceArgs) -> anyhow::Result<()> {
         bail!("--jpeg-quality must be between 1 and 100");
     }
     let jobs = plan_jobs(&args.input, &args.output, &args.format)?;
-    let runner = args.device.load_runner(&args.model, 1)?;
+    let runner = args.device.load_runner(&args.model, 1, None)?;
     if runner.architecture() != "restormer" {
         bail!(
             "'aperture enhance' needs a Restormer model; {} holds a {} model",

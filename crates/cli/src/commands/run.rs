@@ -28,7 +28,7 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let runner = args.device.load_runner(&args.model, 0)?;
+    let runner = args.device.load_runner(&args.model, 0, None)?;
     let file = aperture_weights::load(&args.input)
         .with_context(|| format!("reading inputs from {}", args.input.display()))?;
     let inputs = select_inputs(

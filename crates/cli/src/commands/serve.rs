@@ -103,8 +103,14 @@ fn registry(device: &DeviceArgs) -> ArchitectureRegistry {
             let path = ctx
                 .weights_path()
                 .unwrap_or_else(|| ctx.version_dir.to_path_buf());
+            // A fixed image size in the config lets a Restormer time its convolutions
+            // at load (D-FINE takes its processor's size).
+            let image_size = match ctx.config.input_size.as_deref() {
+                Some(&[_, h, w]) if h > 0 && w > 0 => Some((h as usize, w as usize)),
+                _ => None,
+            };
             let runner = device
-                .load_runner(&path, ctx.config.max_batch_size)
+                .load_runner(&path, ctx.config.max_batch_size, image_size)
                 .map_err(|e| -> BuildError { format!("{e:#}").into() })?;
             if runner.architecture() != arch {
                 return Err(format!(
