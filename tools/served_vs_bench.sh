@@ -41,7 +41,7 @@ for spec in "restormer 3,512,512 786432" "dfine 3,640,640 1228800"; do
     inproc=$(python3 -c "import json,sys; print('%.1f' % json.load(open(sys.argv[1]))['rows'][0]['images_per_s'])" "$OUT/$tag-bench.json" 2>/dev/null || echo 0)
     body=$(( b * pixels * 4 / 1048576 + 2 ))
     "$BIN" serve --model "$W/$name" --architecture "$name" --name m --host 127.0.0.1 --http-port 18000 \
-      --grpc-port 0 --metrics-port 18002 --max-batch-size "$b" --max-body-mb $(( body > 64 ? body : 64 )) \
+      --grpc-port 0 --metrics-port 18002 --max-batch-size "$b" --max-body-mb $(( body > 64 ? body : 64 )) --input-size "$shape" \
       --device cuda --precision "$P" --instances "$INSTANCES" > "$OUT/$tag-serve.log" 2>&1 &
     pid=$!
     wait_for_port 18000

@@ -36,6 +36,11 @@ pub struct ServeArgs {
     /// Max batch size for --model without a config.toml.
     #[arg(long, default_value_t = 8)]
     pub max_batch_size: usize,
+    /// Non-batch input dims for --model without a config.toml, e.g. 3,512,512 (-1: any
+    /// size); like config.toml's input_size (a fixed size lets a Restormer on the GPU
+    /// time its convolutions at load).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub input_size: Option<Vec<i64>>,
     /// Model instances (runners running batches in parallel) for --model without a
     /// config.toml.
     #[arg(long, default_value_t = 1)]
@@ -313,6 +318,7 @@ fn model_source(
     config.weights = weights;
     config.max_batch_size = args.max_batch_size.max(1);
     config.instance_group.count = args.instances.max(1);
+    config.input_size = args.input_size.clone();
     Ok((
         name,
         ModelSource::Inline {
