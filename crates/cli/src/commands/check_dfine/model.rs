@@ -54,13 +54,21 @@ pub(crate) fn align(
     queries: usize,
     classes: usize,
 ) -> (Vec<f32>, Vec<f32>, usize) {
-    let (gl, gb) = got;
+    reorder(got, &partners(got.1, want_boxes, queries), classes)
+}
+
+/// `got`'s rows in the order of `pairs` (from [`partners`]) and how many moved.
+fn reorder(
+    (gl, gb): (&[f32], &[f32]),
+    pairs: &[(usize, f32)],
+    classes: usize,
+) -> (Vec<f32>, Vec<f32>, usize) {
     let (mut al, mut ab, mut moved) = (
         Vec::with_capacity(gl.len()),
         Vec::with_capacity(gb.len()),
         0,
     );
-    for (i, (j, _)) in partners(gb, want_boxes, queries).into_iter().enumerate() {
+    for (i, &(j, _)) in pairs.iter().enumerate() {
         moved += usize::from(j != i);
         al.extend_from_slice(&gl[j * classes..(j + 1) * classes]);
         ab.extend_from_slice(&gb[j * 4..(j + 1) * 4]);
@@ -97,12 +105,12 @@ const NO_PARTNER: f32 = 0.05;
 /// Per image: logits and boxes errors, and how many of `want`'s rows have no partner in
 /// `got` (to tell a query swapped at the top-k boundary from a wrong image).
 fn per_image(got: &Outputs, want: &Outputs, q: usize, c: usize) -> Vec<(f64, f64, usize)> {
-    let (al, ab, _) = align((&got.logits, &got.boxes), &want.boxes, q, c);
-    let lonely = partners(&got.boxes, &want.boxes, q);
+    let pairs = partners(&got.boxes, &want.boxes, q);
+    let (al, ab, _) = reorder((&got.logits, &got.boxes), &pairs, c);
     al.chunks(q * c)
         .zip(want.logits.chunks(q * c))
         .zip(ab.chunks(q * 4).zip(want.boxes.chunks(q * 4)))
-        .zip(lonely.chunks(q))
+        .zip(pairs.chunks(q))
         .map(|(((gl, wl), (gb, wb)), p)| {
             let unpartnered = p.iter().filter(|(_, d)| *d > NO_PARTNER).count();
             (relative_l2(gl, wl), relative_l2(gb, wb), unpartnered)
