@@ -10,8 +10,9 @@
 //! serving has begun (`CudaBackend::freeze_convolution_choices`; with choices made while
 //! two calls were in flight, served D-FINE fell to 0.01-0.40 of in-process):
 //! `GraphDFine::warmed` times D-FINE's shapes at load, one eager pass per graph batch
-//! size, then freezes; Restormer's shapes follow each request's image size, so a served
-//! Restormer runs every convolution on our kernels (`crate::device`).
+//! size, then freezes; `GraphRestormer::prepare_for_serving` does the same at a
+//! configured image size, and without one (shapes follow each request's image size) a
+//! served Restormer runs every convolution on our kernels (`crate::device`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -50,9 +51,7 @@ impl GraphRestormer {
             max_batch_size,
         })
     }
-}
 
-impl GraphRestormer {
     /// Readies the runner for concurrent calls: with an image size, one eager pass per
     /// graph batch size at that size (padded to a multiple of 8, as the server pads)
     /// times the convolutions against cuDNN; then no more choices are made.
@@ -192,8 +191,8 @@ pub struct GraphDFine {
 }
 
 impl GraphDFine {
-    /// [`GraphDFine::new`] after one eager forward pass per graph batch size (the powers
-    /// of two up to the maximum batch) at the processor's image size: each convolution
+    /// [`GraphDFine::new`] after one eager forward pass per graph batch size (see
+    /// [`graph_batch`]) at the processor's image size: each convolution
     /// shape the graphs will hold is timed against cuDNN once, before the choices freeze.
     /// A model without a fixed processor size is not warmed. A failing pass (e.g. out of
     /// memory at a large batch) ends the warm-up with a warning; the runner still works.

@@ -248,7 +248,9 @@ pub(crate) fn conv2d(
     if !pointwise {
         // Not offered to cuDNN: with the 3-channel stem taken by cuDNN, D-FINE's fp16
         // model check at batch 4 failed (logits 6.3e-3 from fp32) with every operation
-        // row passing; until that is found, these stay on im2col.
+        // row passing. The same failure later came and went without it, following the
+        // timing-based choices elsewhere (docs/dfine-gpu.md), so the stem is probably not
+        // at fault; it stays on im2col until a GPU run shows it.
         return be.profiler.op(be, "conv3x3_im2col_gemm", flops, bytes, || {
             let out = be.alloc_tensor(dims)?;
             im2col_product(be, x, w, (oh, ow), act, residual, &out)?;
