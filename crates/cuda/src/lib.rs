@@ -57,6 +57,20 @@ pub fn unavailable_reason() -> Option<String> {
     driver::probe().err().map(|e| e.to_string())
 }
 
+/// Deterministic test values in [0, 1) (a 64-bit linear congruential stream from `seed`).
+#[cfg(test)]
+pub(crate) fn test_uniform(n: usize, seed: u64) -> Vec<f32> {
+    let mut z = seed;
+    (0..n)
+        .map(|_| {
+            z = z
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (z >> 40) as f32 / (1u64 << 24) as f32
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -82,19 +82,6 @@ fn select(scores: &[f32], k: usize, block: usize) -> Vec<usize> {
     out
 }
 
-/// Deterministic values in [0, 1).
-fn uniform(seed: u64, n: usize) -> Vec<f32> {
-    let mut z = seed;
-    (0..n)
-        .map(|_| {
-            z = z
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (z >> 40) as f32 / (1u64 << 24) as f32
-        })
-        .collect()
-}
-
 #[test]
 fn order_keys_follow_the_scores() {
     let values = [
@@ -134,7 +121,7 @@ fn radix_select_matches_a_sort_on_ties_zeros_and_infinities() {
     .into_iter()
     .enumerate()
     {
-        let r = uniform(case as u64 + 1, l);
+        let r = crate::test_uniform(l, case as u64 + 1);
         let tied: Vec<f32> = r
             .iter()
             .map(|&v| levels[(v * levels.len() as f32) as usize % levels.len()])
