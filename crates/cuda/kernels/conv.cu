@@ -8,9 +8,11 @@
 //   A[m][k] = x[n, oy*stride + ky - pad, ox*stride + kx - pad, ci], zero outside the image
 //   B[co][k] = w[co*Kp + k]           (weights [Cout][Kp], K contiguous)
 // A is never written to memory: each K chunk is gathered from x straight into shared
-// memory. Two tile shapes: 128 pixels x 64 channels (4 warps, conv_igemm) and 128 x 128
-// (8 warps, conv_igemm_n128, for wide outputs: half the input traffic per product);
-// every warp computes 64 pixels x 32 channels.
+// memory. Three tile shapes: 128 pixels x 64 channels (4 warps, conv_igemm), 128 x 128
+// (8 warps, conv_igemm_n128, for wide outputs: half the input traffic per product) and
+// 64 x 64 (4 warps, conv_igemm_m64: twice the blocks where the others would leave
+// multiprocessors idle, e.g. at batch 1). Two warps along the pixels, each 16*MI pixels x
+// 32 channels.
 // Rows of x are ldx elements apart and rows of y ldy apart (C and Cout for whole tensors;
 // more when x is, or y goes to, a channel slice of a wider tensor such as a concatenation;
 // the residual is always whole). The host guarantees: C % 8 == 0 and ldx % 8 == 0 (so an
@@ -21,7 +23,8 @@
 typedef unsigned short ig_u16;
 typedef long long ig_i64;
 
-#define IG_BM 128     // output pixels per block
+#define IG_BM 128     // output pixels per block of the two large tiles
+#define IG_BM_SMALL 64  // and of conv_igemm_m64
 #define IG_BK 32      // K elements per pipeline stage
 #define IG_STAGES 3   // cp.async pipeline depth
 // Shared row stride in elements: 80 bytes, so the 8 row addresses of one ldmatrix fall
@@ -30,8 +33,8 @@ typedef long long ig_i64;
 // Block shapes: WN warps along the channels (2 or 4), two along the pixels.
 #define IG_BN_SMALL 64
 #define IG_BN_WIDE 128
-// Dynamic shared memory of a block with WN warps along the channels (bytes).
-#define IG_SMEM_BYTES(WN) (IG_STAGES * (IG_BM + 32 * (WN)) * IG_LD * 2)
+// Dynamic shared memory of a block of BM pixels and WN warps along the channels (bytes).
+#define IG_SMEM_BYTES(BM, WN) (IG_STAGES * ((BM) + 32 * (WN)) * IG_LD * 2)
 
 #ifdef IGEMM_BF16
 #define IG_MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
@@ -109,7 +112,7 @@ struct IgLoader {
 };
 
 // Issues the cp.async copies of the next K chunk into one pipeline stage and moves the
-// loader on by one chunk. as, bs: shared addresses of that stage's A [IG_BM][IG_LD] and
+// loader on by one chunk. as, bs: shared addresses of that stage's A [BM][IG_LD] and
 // B [BN][IG_LD]; this thread fills rows lrow + step*i of both.
 template <int AR>
 __device__ __forceinline__ void ig_load_chunk(IgLoader<AR>& L, unsigned as, unsigned bs, int lrow, int step, int seg,
@@ -136,29 +139,31 @@ __device__ __forceinline__ void ig_load_chunk(IgLoader<AR>& L, unsigned as, unsi
 
 extern __shared__ __align__(16) ig_u16 ig_shared[];
 
-// One block per (128-pixel tile, BN-channel tile); the grid is 1-D with the channel tile
-// fastest so that the blocks sharing an input tile run together (L2 reuse).
-template <int WN>
+// One block per (BM-pixel tile, BN-channel tile); the grid is 1-D with the channel tile
+// fastest so that the blocks sharing an input tile run together (L2 reuse). MI: 16-row
+// product tiles per warp along the pixels (BM = 2 * 16 * MI).
+template <int WN, int MI>
 __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                                         const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH,
                                         int OW, int Cout, int KW, int stride, int pad, int M, int K, int Kp,
                                         int n_tiles, int act, int ldx, int ldy) {
     constexpr int THREADS = 64 * WN;
     constexpr int BN = 32 * WN;
+    constexpr int BM = 32 * MI;
     constexpr int STEP = THREADS / 4;     // rows between one thread's A (and B) rows
-    constexpr int AR = IG_BM / STEP;      // A rows per thread
+    constexpr int AR = BM / STEP;         // A rows per thread
     static_assert(BN / STEP == 2, "two B rows per thread");
-    // Shared memory: A [IG_STAGES][IG_BM][IG_LD], then B [IG_STAGES][BN][IG_LD], 2 bytes
+    // Shared memory: A [IG_STAGES][BM][IG_LD], then B [IG_STAGES][BN][IG_LD], 2 bytes
     // per element; As and Bs are their shared-space byte addresses.
     const unsigned As = ig_smem(ig_shared);
-    const unsigned Bs = As + IG_STAGES * IG_BM * IG_LD * 2;
-    constexpr unsigned A_STAGE = IG_BM * IG_LD * 2;
+    const unsigned Bs = As + IG_STAGES * BM * IG_LD * 2;
+    constexpr unsigned A_STAGE = BM * IG_LD * 2;
     constexpr unsigned B_STAGE = BN * IG_LD * 2;
 
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
-    const int m0 = (int)(blockIdx.x / n_tiles) * IG_BM;
+    const int m0 = (int)(blockIdx.x / n_tiles) * BM;
     const int n0 = (int)(blockIdx.x % n_tiles) * BN;
 
     // Loader role: this thread copies the 8-element segment `seg` of each K chunk for
@@ -198,9 +203,9 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
     L.ky = 0;
     ig_advance(L.ci, L.kx, L.ky, L.kb, C, KW);
 
-    float acc[4][4][4];
+    float acc[MI][4][4];
 #pragma unroll
-    for (int a = 0; a < 4; a++)
+    for (int a = 0; a < MI; a++)
 #pragma unroll
         for (int b = 0; b < 4; b++)
 #pragma unroll
@@ -215,7 +220,7 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
         ig_commit();
     }
 
-    const int wm = (warp & 1) * 64;   // warp's first pixel row in the tile
+    const int wm = (warp & 1) * 16 * MI;  // warp's first pixel row in the tile
     const int wn = (warp >> 1) * 32;  // warp's first channel in the tile
     for (int kt = 0; kt < KT; kt++) {
         // Chunk kt has landed (at most STAGES-2 younger groups pending) and every warp
@@ -235,9 +240,9 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
         const unsigned bs = Bs + (kt % IG_STAGES) * B_STAGE;
 #pragma unroll
         for (int kk = 0; kk < IG_BK; kk += 16) {
-            unsigned af[4][4], bf[4][2];
+            unsigned af[MI][4], bf[4][2];
 #pragma unroll
-            for (int mi = 0; mi < 4; mi++) {
+            for (int mi = 0; mi < MI; mi++) {
                 // Lanes 0-15 give rows 0-15 at k 0-7, lanes 16-31 rows 0-15 at k 8-15:
                 // the four 8x8 matrices come back as the mma A fragment a0..a3.
                 int row = wm + mi * 16 + (lane & 15);
@@ -254,7 +259,7 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
                          bf[2 * nj + 1][1]);
             }
 #pragma unroll
-            for (int mi = 0; mi < 4; mi++)
+            for (int mi = 0; mi < MI; mi++)
 #pragma unroll
                 for (int ni = 0; ni < 4; ni++) ig_mma(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
         }
@@ -269,7 +274,7 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
     const int t4 = lane & 3;
     const bool pairs = (Cout & 1) == 0 && (ldy & 1) == 0;
 #pragma unroll
-    for (int mi = 0; mi < 4; mi++) {
+    for (int mi = 0; mi < MI; mi++) {
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             int m = m0 + wm + mi * 16 + g + h * 8;
@@ -313,14 +318,14 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
 #define IG_ARCH_OK 1
 #endif
 
-// The two entry points share one parameter list (conv_igemm.rs passes the same
-// arguments to either); shared memory is dynamic: IG_SMEM_BYTES(WN) at launch.
+// The three entry points share one parameter list (conv_igemm passes the same
+// arguments to each); shared memory is dynamic: IG_SMEM_BYTES(BM, WN) at launch.
 extern "C" __global__ void __launch_bounds__(128, 4)
 conv_igemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
            const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,
            int stride, int pad, int M, int K, int Kp, int n_tiles, int act, int ldx, int ldy) {
 #ifdef IG_ARCH_OK
-    ig_conv<2>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, act, ldx, ldy);
+    ig_conv<2, 4>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, act, ldx, ldy);
 #endif
 }
 
@@ -329,7 +334,16 @@ conv_igemm_n128(const T* __restrict__ x, const T* __restrict__ w, const T* __res
                 const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,
                 int stride, int pad, int M, int K, int Kp, int n_tiles, int act, int ldx, int ldy) {
 #ifdef IG_ARCH_OK
-    ig_conv<4>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, act, ldx, ldy);
+    ig_conv<4, 4>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, act, ldx, ldy);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(128, 4)
+conv_igemm_m64(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+               const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,
+               int stride, int pad, int M, int K, int Kp, int n_tiles, int act, int ldx, int ldy) {
+#ifdef IG_ARCH_OK
+    ig_conv<2, 2>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, act, ldx, ldy);
 #endif
 }
 

@@ -233,11 +233,7 @@ pub(crate) fn conv2d(
     if let Some(g) = crate::conv_igemm::plan(be, x, w, (oh, ow), residual) {
         let flops = 2.0 * (g.m * g.k * g.c_out) as f64;
         let bytes = (x.numel() + g.m * g.c_out + g.c_out * g.kp) as f64 * es + res_bytes;
-        let name = match g.tile {
-            crate::conv_igemm::Tile::N64 => "conv_igemm",
-            crate::conv_igemm::Tile::N128 => "conv_igemm_wide",
-        };
-        return be.profiler.op(be, name, flops, bytes, || {
+        return be.profiler.op(be, g.tile.op_name(), flops, bytes, || {
             crate::conv_igemm::run(be, x, w, &g, act, residual)
         });
     }

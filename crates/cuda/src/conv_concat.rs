@@ -273,11 +273,7 @@ fn conv_slice(
     // The pool's blocks are 512-byte aligned: a new output passes the alignment check.
     let y_probe = dst.map(|d| (d.ptr, d.ld)).unwrap_or((0, w.c_out));
     if let Some(g) = plan_strided(be, input, w, (oh, ow), y_probe) {
-        let name = match g.tile {
-            Tile::N64 => "conv_igemm",
-            Tile::N128 => "conv_igemm_wide",
-        };
-        return be.profiler.op(be, name, flops, bytes, || {
+        return be.profiler.op(be, g.tile.op_name(), flops, bytes, || {
             let fresh = match dst {
                 Some(_) => None,
                 None => Some(be.alloc_tensor(out_dims)?),

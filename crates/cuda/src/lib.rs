@@ -26,6 +26,7 @@ mod depthwise;
 pub mod detection;
 mod driver;
 mod error;
+mod front;
 mod gemm;
 mod graph;
 pub mod kernels;

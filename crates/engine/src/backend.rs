@@ -9,6 +9,36 @@
 use crate::error::{EngineError, Result};
 use crate::tensor::HostTensor;
 
+/// The parameters of [`Backend::norm_pointwise_depthwise`]: a channel LayerNorm (`bias`
+/// `None` for the BiasFree variant), a 1x1 convolution to P channels, a depthwise 3x3
+/// (stride 1, padding 1) over those P channels, and with `gate` the split into halves
+/// `a | b` giving `gelu(a) * b`.
+pub struct FrontHalf<'a, P> {
+    pub norm_weight: &'a P,
+    pub norm_bias: Option<&'a P>,
+    pub eps: f32,
+    pub pointwise: &'a P,
+    pub depthwise: &'a P,
+    pub gate: bool,
+}
+
+/// [`Backend::norm_pointwise_depthwise`] as its four (or three) separate operations: the
+/// reference every backend's fused version is checked against.
+pub fn front_half_unfused<B: Backend>(
+    b: &B,
+    x: &B::Tensor,
+    f: &FrontHalf<'_, B::Param>,
+) -> Result<B::Tensor> {
+    let normed = b.layer_norm(x, f.norm_weight, f.norm_bias, f.eps)?;
+    let product = b.conv2d(&normed, f.pointwise, Activation::Identity, None)?;
+    drop(normed);
+    if f.gate {
+        b.depthwise_gelu_gate(&product, f.depthwise)
+    } else {
+        b.conv2d(&product, f.depthwise, Activation::Identity, None)
+    }
+}
+
 /// Geometry of a 2-D convolution (PyTorch's `Conv2d` arguments).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvSpec {
@@ -148,6 +178,20 @@ pub trait Backend: Send + Sync {
     fn depthwise_gelu_gate(&self, x: &Self::Tensor, conv: &Self::Param) -> Result<Self::Tensor> {
         let hidden = self.conv2d(x, conv, Activation::Identity, None)?;
         self.gelu_gate(&hidden)
+    }
+
+    /// Restormer's block front halves: `depthwise(pointwise(layer_norm(x)))`, and with
+    /// `gate` the GELU gate of that (see [`FrontHalf`]). GPU backends run it as one kernel
+    /// where the wide pointwise output never reaches memory.
+    fn norm_pointwise_depthwise(
+        &self,
+        x: &Self::Tensor,
+        f: &FrontHalf<'_, Self::Param>,
+    ) -> Result<Self::Tensor>
+    where
+        Self: Sized,
+    {
+        front_half_unfused(self, x, f)
     }
 
     /// Restormer's MDTA from the depthwise-convolved `qkv` (3C channels): per head,

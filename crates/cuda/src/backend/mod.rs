@@ -114,6 +114,9 @@ pub struct CudaBackend {
     pub(crate) storage: Storage,
     pub(crate) profiler: Profiler,
     poison: AtomicBool,
+    /// Whether Restormer's front halves run as one kernel (crate::front); off unless
+    /// `APERTURE_FUSED_FRONT=1` (slower than the separate kernels so far).
+    pub(crate) fused_front: AtomicBool,
     /// D-FINE's kernels and constants (crate::detection).
     pub(crate) detection: crate::detection::DetectionState,
     /// cuDNN's handle and the per-launch choice between it and our convolutions.
@@ -145,6 +148,7 @@ impl CudaBackend {
             storage,
             profiler: Profiler::default(),
             poison: AtomicBool::new(false),
+            fused_front: AtomicBool::new(crate::front::enabled_by_environment()),
             detection: Default::default(),
             cudnn: Default::default(),
         })
@@ -220,6 +224,12 @@ impl CudaBackend {
     /// Fills every new activation with NaN before the kernel that should write it.
     pub fn set_poison(&self, on: bool) {
         self.poison.store(on, Ordering::Relaxed);
+    }
+
+    /// Runs Restormer's front halves as one kernel where it applies (crate::front), or
+    /// as separate operations; returns the previous setting.
+    pub fn set_fused_front(&self, on: bool) -> bool {
+        self.fused_front.swap(on, Ordering::Relaxed)
     }
 
     pub(crate) fn elem(&self) -> Elem {

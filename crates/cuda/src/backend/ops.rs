@@ -1,6 +1,8 @@
 //! `impl Backend for CudaBackend`: each engine operation, to its kernel or module.
 
-use aperture_engine::backend::{Activation, Backend, ConvSpec, DeformableSpec};
+use aperture_engine::backend::{
+    front_half_unfused, Activation, Backend, ConvSpec, DeformableSpec, FrontHalf,
+};
 use aperture_engine::{EngineError, HostTensor, Result};
 use cudarc::driver::result;
 
@@ -98,6 +100,17 @@ impl Backend for CudaBackend {
         match crate::depthwise::depthwise_gelu_gate(self, x, conv.conv()?)? {
             Some(out) => Ok(out),
             None => self.gelu_gate(&self.conv2d(x, conv, Activation::Identity, None)?),
+        }
+    }
+
+    fn norm_pointwise_depthwise(
+        &self,
+        x: &CudaTensor,
+        f: &FrontHalf<'_, CudaParam>,
+    ) -> Result<CudaTensor> {
+        match crate::front::norm_pointwise_depthwise(self, x, f)? {
+            Some(out) => Ok(out),
+            None => front_half_unfused(self, x, f),
         }
     }
 

@@ -95,7 +95,7 @@ impl Geometry {
             return None;
         }
         let n_tiles = cv.c_out.div_ceil(tile.channels());
-        let blocks = m.div_ceil(TILE_M).checked_mul(n_tiles)?;
+        let blocks = m.div_ceil(tile.pixels()).checked_mul(n_tiles)?;
         if blocks > i32::MAX as usize {
             return None;
         }

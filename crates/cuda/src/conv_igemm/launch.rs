@@ -118,6 +118,7 @@ fn run_ours(
     let func = match g.tile {
         Tile::N64 => Some(kernel.small),
         Tile::N128 => kernel.wide,
+        Tile::M64 => Some(kernel.m64),
     }
     .ok_or_else(|| EngineError::Device("the 128-channel convolution tile is not loaded".into()))?;
     launch(&be.ctx, func, g.tile, g.blocks as u32, &args)?;

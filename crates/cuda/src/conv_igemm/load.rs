@@ -10,15 +10,18 @@ use crate::error::{CudaError, CudaResult};
 use crate::kernels::Storage;
 use crate::nvrtc;
 
-/// The loaded kernels: the 64-channel tile always, the 128-channel one unless switched
-/// off or refused its shared memory.
+/// The loaded kernels: the 128 x 64 and 64 x 64 tiles always, the 128-channel one unless
+/// switched off or refused its shared memory.
 pub(crate) struct IgemmKernel {
     module: sys::CUmodule,
     pub(super) small: sys::CUfunction,
+    pub(super) m64: sys::CUfunction,
     pub(super) wide: Option<sys::CUfunction>,
     /// `copy_rows16`: vectorised row copies (used by crate::detection's slices and
     /// concatenations where aligned).
     copy: Option<sys::CUfunction>,
+    /// `norm_pointwise_depthwise` (crate::front), where the GPU grants its shared memory.
+    pub(crate) front: Option<sys::CUfunction>,
 }
 
 // SAFETY: module and function handles are immutable driver objects, usable from any
@@ -158,10 +161,36 @@ fn load_kernel(ctx: &Context, source: &str, wide: bool) -> CudaResult<IgemmKerne
             let _ = sys::cuFuncLoad(f);
         }
     }
+    let front = load_front(module);
     Ok(IgemmKernel {
         module,
+        front,
         small: funcs[0],
+        m64: funcs[2],
         wide: wide_ok.then_some(wide_fn),
         copy,
     })
+}
+
+/// The fused front-half kernel with the shared memory of its widest input allowed; `None`
+/// when missing or refused (the caller then runs the operations one by one).
+fn load_front(module: sys::CUmodule) -> Option<sys::CUfunction> {
+    use sys::CUfunction_attribute::*;
+    let name = CString::new("norm_pointwise_depthwise").ok()?;
+    // SAFETY: the module is loaded; the name is NUL-terminated.
+    let f = unsafe { result::module::get_function(module, name) }.ok()?;
+    let want = crate::front::smem_bytes(crate::front::MAX_CHANNELS) as i32;
+    let mut granted = 0i32;
+    // SAFETY: `f` is a function of the loaded module; plain out-parameter.
+    let ok = unsafe {
+        let _ = sys::cuFuncLoad(f);
+        let _ = sys::cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100);
+        let _ = sys::cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, want);
+        sys::cuFuncGetAttribute(
+            &mut granted,
+            CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            f,
+        )
+    } == sys::CUresult::CUDA_SUCCESS;
+    (ok && granted >= want).then_some(f)
 }

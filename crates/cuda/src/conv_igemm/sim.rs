@@ -9,7 +9,6 @@
 use crate::conv_igemm::Tile;
 use crate::conv_igemm::{DenseConv, Geometry};
 
-const BM: usize = 128;
 const BK: usize = 32;
 const STAGES: usize = 3;
 const LD: usize = 40;
@@ -139,20 +138,22 @@ pub(crate) fn run(
 ) -> Vec<f32> {
     let mut y = vec![f32::NAN; g.m * g.c_out];
     let wn = g.tile.warps_n();
-    let (threads, bn) = (64 * wn, 32 * wn);
+    let (threads, bn, bm) = (64 * wn, 32 * wn, g.tile.pixels());
+    // 16-row product tiles per warp along the pixels (two warps share the pixels).
+    let mi_count = bm / 32;
     let step = threads / 4;
     let inp = Inputs {
         g,
         x,
         w,
         step,
-        a_rows: BM / step,
+        a_rows: bm / step,
     };
     let kt_count = g.k.div_ceil(BK);
     for bid in 0..g.blocks {
-        let (m0, n0) = ((bid / g.n_tiles) * BM, (bid % g.n_tiles) * bn);
+        let (m0, n0) = ((bid / g.n_tiles) * bm, (bid % g.n_tiles) * bn);
         // Shared memory starts as NaN: reading a slot nobody wrote poisons the result.
-        let mut a_s = vec![f32::NAN; STAGES * BM * LD];
+        let mut a_s = vec![f32::NAN; STAGES * bm * LD];
         let mut b_s = vec![f32::NAN; STAGES * bn * LD];
         let mut loaders = vec![Loader::default(); threads];
         for (tid, l) in loaders.iter_mut().enumerate() {
@@ -179,7 +180,7 @@ pub(crate) fn run(
             advance(l, start, g.c, g.kw);
         }
         let load = |stage: usize, loaders: &mut [Loader], a_s: &mut [f32], b_s: &mut [f32]| {
-            let a = &mut a_s[stage * BM * LD..(stage + 1) * BM * LD];
+            let a = &mut a_s[stage * bm * LD..(stage + 1) * bm * LD];
             let b = &mut b_s[stage * bn * LD..(stage + 1) * bn * LD];
             for (tid, l) in loaders.iter_mut().enumerate() {
                 load_chunk(l, &inp, a, b, tid);
@@ -197,17 +198,17 @@ pub(crate) fn run(
             }
             let s = kt % STAGES;
             for (warp, acc_w) in acc.iter_mut().enumerate() {
-                let (wm, wn) = ((warp & 1) * 64, (warp >> 1) * 32);
+                let (wm, wn) = ((warp & 1) * 16 * mi_count, (warp >> 1) * 32);
                 if n0 + wn >= g.c_out {
                     continue;
                 }
                 for kk in [0, 16] {
                     let mut af = Vec::new();
-                    for mi in 0..4 {
+                    for mi in 0..mi_count {
                         let addr: [usize; 32] = std::array::from_fn(|lane| {
                             let row = wm + mi * 16 + (lane & 15);
                             let col = kk + (lane >> 4) * 8;
-                            (s * BM + row) * LD + col
+                            (s * bm + row) * LD + col
                         });
                         af.push(ldmatrix_x4(&a_s, &addr));
                     }
@@ -236,10 +237,10 @@ pub(crate) fn run(
             }
         }
         for (warp, acc_w) in acc.iter().enumerate() {
-            let (wm, wn) = ((warp & 1) * 64, (warp >> 1) * 32);
+            let (wm, wn) = ((warp & 1) * 16 * mi_count, (warp >> 1) * 32);
             for lane in 0..32 {
                 let (gr, t4) = (lane >> 2, lane & 3);
-                for mi in 0..4 {
+                for mi in 0..mi_count {
                     for h in 0..2 {
                         let m = m0 + wm + mi * 16 + gr + h * 8;
                         if m >= g.m {
@@ -354,7 +355,7 @@ mod tests {
             let bias = values(co, seed + 3);
             let res = values(n * oh * ow * co, seed + 4);
             let want = direct([n, h, wd, c], cv, oh, ow, &x, &w, &bias, &res);
-            for tile in [Tile::N64, Tile::N128] {
+            for tile in Tile::ALL {
                 let g =
                     Geometry::new([n, h, wd, c], (oh, ow), cv, tile).expect("the kernel takes it");
                 let got = run(&g, &x, &w, Some(&bias), Some(&res));

@@ -104,12 +104,13 @@ fn define(name: &str) -> usize {
 #[test]
 fn host_constants_match_the_kernel() {
     assert_eq!(define("IG_BM"), TILE_M);
+    assert_eq!(define("IG_BM_SMALL"), Tile::M64.pixels());
     assert_eq!(define("IG_BN_SMALL"), Tile::N64.channels());
     assert_eq!(define("IG_BN_WIDE"), Tile::N128.channels());
     assert_eq!(define("IG_LD"), 40);
     assert_eq!(define("IG_STAGES"), 3);
     for tile in Tile::ALL {
-        let smem = define("IG_STAGES") * (TILE_M + tile.channels()) * define("IG_LD") * 2;
+        let smem = define("IG_STAGES") * (tile.pixels() + tile.channels()) * define("IG_LD") * 2;
         assert_eq!(smem, tile.smem_bytes() as usize);
         // Two warps along the pixels, 32 channels per warp.
         assert_eq!(tile.threads() as usize, 2 * 32 * tile.warps_n());
@@ -117,6 +118,7 @@ fn host_constants_match_the_kernel() {
         assert!(smem <= 99 * 1024);
     }
     assert!(Tile::N64.smem_bytes() <= 48 * 1024);
+    assert!(Tile::M64.smem_bytes() <= 48 * 1024);
     // Rows of 16-byte aligned segments for cp.async and ldmatrix.
     assert_eq!(define("IG_LD") * 2 % 16, 0);
     assert_eq!(define("IG_BK") % 16, 0);
@@ -125,19 +127,27 @@ fn host_constants_match_the_kernel() {
 #[test]
 fn wide_tile_only_where_it_fills_the_gpu() {
     // D-FINE's 256-channel 3x3 at 80x80: batch 32 fills 132 SMs with wide tiles,
-    // batch 1 (100 wide blocks) keeps the 64-channel tile (200 blocks).
+    // batch 1 (100 wide blocks, 200 of 128 x 64) takes the small tile (400 blocks);
+    // batch 2 the 128 x 64 one (400 blocks).
     assert_eq!(Tile::choose(256, 32 * 6400, 132, true), Tile::N128);
-    assert_eq!(Tile::choose(256, 6400, 132, true), Tile::N64);
+    assert_eq!(Tile::choose(256, 6400, 132, true), Tile::M64);
+    assert_eq!(Tile::choose(256, 2 * 6400, 132, false), Tile::N64);
     assert_eq!(Tile::choose(256, 32 * 6400, 132, false), Tile::N64);
     assert_eq!(Tile::choose(64, 32 * 6400, 132, true), Tile::N64);
     assert_eq!(Tile::choose(72, 132 * 128, 132, true), Tile::N128);
     let g = Geometry::new([2, 80, 80, 256], (80, 80), conv3(256, 256, 1), Tile::N128);
     assert_eq!(g.map(|g| (g.n_tiles, g.blocks)), Some((2, 100 * 2)));
+    let g = Geometry::new([1, 80, 80, 256], (80, 80), conv3(256, 256, 1), Tile::M64);
+    assert_eq!(g.map(|g| (g.n_tiles, g.blocks)), Some((4, 100 * 4)));
 }
 
 #[test]
 fn launch_arguments_match_the_kernel_signature() {
-    for (tile, bounds) in [(Tile::N64, "128, 4"), (Tile::N128, "256, 2")] {
+    for (tile, bounds) in [
+        (Tile::N64, "128, 4"),
+        (Tile::N128, "256, 2"),
+        (Tile::M64, "128, 4"),
+    ] {
         let decl = format!(
             "extern \"C\" __global__ void __launch_bounds__({bounds})\n{}(",
             tile.entry()

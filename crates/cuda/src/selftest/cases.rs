@@ -92,12 +92,14 @@ pub(super) fn depthwise_cases(rng: &mut Rng) -> Vec<Case> {
 /// them through im2col, still against the CPU): tails of K and of the channel tiles,
 /// chunks spanning taps, strides, 5x5 and 2x2 kernels, odd output counts (Restormer's
 /// 3-channel output with its residual), every activation, residuals, and one
-/// D-FINE-sized 3x3 (batch 2: enough blocks for the 128-channel tile on an H100). Each
-/// name says which path the GPU takes (igemm64, igemm128 or im2col).
+/// D-FINE-sized 3x3 (batch 2: enough blocks for the 128-channel tile on an H100), one
+/// large 64-channel map (enough blocks for the 128 x 64 tile; the small ones take the
+/// 64 x 64 tile). Each name says which path the GPU takes (igemm{pixels}x{channels} or
+/// im2col).
 pub(super) fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
     use crate::conv_igemm::{DenseConv, Geometry, Tile};
     // [n, h, w, c_in, c_out, k, stride, pad], activation, residual
-    let shapes: [([usize; 8], Activation, bool); 13] = [
+    let shapes: [([usize; 8], Activation, bool); 14] = [
         ([2, 17, 23, 64, 64, 3, 1, 1], Activation::Identity, false),
         ([2, 17, 23, 64, 64, 3, 1, 1], Activation::Silu, true),
         ([2, 19, 25, 128, 256, 3, 2, 1], Activation::Relu, false),
@@ -111,6 +113,7 @@ pub(super) fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
         ([1, 20, 24, 96, 3, 3, 1, 1], Activation::Identity, true),
         ([2, 9, 10, 16, 5, 3, 1, 1], Activation::Gelu, false),
         ([2, 80, 80, 256, 256, 3, 1, 1], Activation::Silu, false),
+        ([1, 160, 212, 32, 64, 3, 1, 1], Activation::Relu, true),
     ];
     let ready = gpu.kernels.igemm.reason().is_none();
     let mut cases = Vec::new();
@@ -133,7 +136,7 @@ pub(super) fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
         let sms = gpu.multiprocessors().max(1) as usize;
         let tile = Tile::choose(co, n * oh * ow, sms, gpu.kernels.igemm.wide());
         let path = match Geometry::new([n, h, w, ci], (oh, ow), dense, tile) {
-            Some(_) if ready => format!("igemm{}", tile.channels()),
+            Some(_) if ready => format!("igemm{}x{}", tile.pixels(), tile.channels()),
             _ => "im2col".to_string(),
         };
         let bias = i % 3 != 1;
@@ -170,6 +173,78 @@ pub(super) fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
                 residual,
             },
             xs,
+        ));
+    }
+    cases
+}
+
+/// Restormer's fused front halves (`norm_pointwise_depthwise`, front.cu) against the
+/// separate operations on the CPU: both LayerNorm variants, with and without the gate and
+/// the biases, Restormer-base's widths (48, 96, 192 in; qkv 3C, hidden 2 x 128 / 256 /
+/// 512), partial output tiles at every edge, a last slice only partly used (P not a
+/// multiple of 64, gated half not of 32). Names say whether the GPU took the fused
+/// kernel.
+pub(super) fn front_half_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
+    use crate::conv_igemm::{DenseConv, IgemmSlot};
+    use crate::front::FrontLaunch;
+    // [n, c, h, w, p], gate, LayerNorm bias, product and depthwise biases
+    let shapes: [([usize; 5], bool, bool, bool); 7] = [
+        ([1, 48, 19, 37, 144], false, false, false),
+        ([2, 48, 13, 21, 256], true, true, true),
+        ([1, 96, 33, 40, 512], true, false, false),
+        ([1, 192, 17, 17, 576], false, true, true),
+        ([1, 16, 9, 9, 68], true, true, true),
+        ([1, 64, 8, 16, 100], false, false, true),
+        ([2, 96, 64, 64, 288], false, true, false),
+    ];
+    let front_ready = matches!(&gpu.kernels.igemm, IgemmSlot::Ready(k) if k.front.is_some());
+    let mut cases = Vec::new();
+    for &([n, c, h, w, p], gate, norm_bias, biases) in &shapes {
+        let dense = |c_in, c_out, k: usize, depthwise| DenseConv {
+            c_in,
+            c_out,
+            kh: k,
+            kw: k,
+            stride: 1,
+            pad: k / 2,
+            kp: if depthwise { k * k } else { c_in },
+            depthwise,
+        };
+        let fused = front_ready
+            && FrontLaunch::new(
+                [n, h, w, c],
+                dense(c, p, 1, false),
+                dense(p, p, 3, true),
+                gate,
+            )
+            .is_some();
+        let name = format!(
+            "layer_norm{} + 1x1 + depthwise3x3{} {c}->{p} {h}x{w}x{n}{} [{}]",
+            if norm_bias { "" } else { " (bias-free)" },
+            if gate { " + gelu_gate" } else { "" },
+            if biases { " b" } else { "" },
+            if fused { "fused" } else { "separate" },
+        );
+        let bias = |rng: &mut Rng, len| biases.then(|| rng.tensor(vec![len], 0.3));
+        let norm = (
+            rng.tensor(vec![c], 1.0),
+            norm_bias.then(|| rng.tensor(vec![c], 0.5)),
+        );
+        let pointwise = (
+            rng.tensor(vec![p, c, 1, 1], 1.0 / (c as f32).sqrt()),
+            bias(rng, p),
+        );
+        let depthwise = (rng.tensor(vec![p, 1, 3, 3], 0.4), bias(rng, p));
+        cases.push((
+            name,
+            Op::Front {
+                norm,
+                pointwise,
+                depthwise,
+                gate,
+            },
+            // An offset so that the mean subtraction matters.
+            vec![rng.tensor_around(vec![n, c, h, w], 2.0, 0.5)],
         ));
     }
     cases

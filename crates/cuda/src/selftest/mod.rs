@@ -63,8 +63,13 @@ impl Rng {
         ((z >> 40) as f32 / (1u64 << 23) as f32) - 1.0
     }
     fn tensor(&mut self, shape: Vec<usize>, scale: f32) -> HostTensor {
+        self.tensor_around(shape, scale, 0.0)
+    }
+
+    /// Uniform in `offset +- scale`.
+    fn tensor_around(&mut self, shape: Vec<usize>, scale: f32, offset: f32) -> HostTensor {
         let n = shape.iter().product();
-        let data = (0..n).map(|_| self.next() * scale).collect();
+        let data = (0..n).map(|_| offset + self.next() * scale).collect();
         HostTensor::from_f32(shape, data).unwrap_or_else(|_| HostTensor::zeros(vec![0]))
     }
 }
@@ -86,6 +91,13 @@ enum Op {
     DepthwiseGate {
         w: HostTensor,
         b: Option<HostTensor>,
+    },
+    /// LayerNorm, 1x1 product, depthwise 3x3 (and the GELU gate) as one call.
+    Front {
+        norm: (HostTensor, Option<HostTensor>),
+        pointwise: (HostTensor, Option<HostTensor>),
+        depthwise: (HostTensor, Option<HostTensor>),
+        gate: bool,
     },
     Attention {
         heads: usize,
@@ -137,6 +149,31 @@ fn run<B: Backend>(be: &B, op: &Op, xs: &[HostTensor]) -> Result<HostTensor> {
             let c = w.shape()[0];
             let p = be.prepare_conv(w, b.as_ref(), ConvSpec::depthwise(c, 3))?;
             be.depthwise_gelu_gate(first()?, &p)?
+        }
+        Op::Front {
+            norm,
+            pointwise,
+            depthwise,
+            gate,
+        } => {
+            let nw = be.prepare_vector(&norm.0)?;
+            let nb = norm.1.as_ref().map(|b| be.prepare_vector(b)).transpose()?;
+            let pw = be.prepare_conv(&pointwise.0, pointwise.1.as_ref(), ConvSpec::same(1))?;
+            let c = depthwise.0.shape()[0];
+            let dw = be.prepare_conv(
+                &depthwise.0,
+                depthwise.1.as_ref(),
+                ConvSpec::depthwise(c, 3),
+            )?;
+            let f = aperture_engine::FrontHalf {
+                norm_weight: &nw,
+                norm_bias: nb.as_ref(),
+                eps: 1e-5,
+                pointwise: &pw,
+                depthwise: &dw,
+                gate: *gate,
+            };
+            be.norm_pointwise_depthwise(first()?, &f)?
         }
         Op::Attention {
             heads,

@@ -1,6 +1,6 @@
 //! The Restormer forward graph on any [`Backend`].
 
-use aperture_engine::{Activation, Backend, ConvSpec, HostTensor};
+use aperture_engine::{Activation, Backend, ConvSpec, FrontHalf, HostTensor};
 use aperture_weights::StateDict;
 
 use super::config::{LayerNormType, RestormerConfig};
@@ -257,11 +257,15 @@ impl<B: Backend> Restormer<B> {
     /// residual has read it.
     fn run_block(&self, b: &B, blk: &Block<B::Param>, x: B::Tensor) -> Result<B::Tensor> {
         let none = Activation::Identity;
-        let n1 = b.layer_norm(&x, &blk.norm1.weight, blk.norm1.bias.as_ref(), LN_EPS)?;
-        let qkv = b.conv2d(&n1, &blk.qkv, none, None)?;
-        drop(n1);
-        let qkv_dw = b.conv2d(&qkv, &blk.qkv_dwconv, none, None)?;
-        drop(qkv);
+        let attention_front = FrontHalf {
+            norm_weight: &blk.norm1.weight,
+            norm_bias: blk.norm1.bias.as_ref(),
+            eps: LN_EPS,
+            pointwise: &blk.qkv,
+            depthwise: &blk.qkv_dwconv,
+            gate: false,
+        };
+        let qkv_dw = b.norm_pointwise_depthwise(&x, &attention_front)?;
         let y = b.channel_attention(
             &qkv_dw,
             blk.heads,
@@ -270,11 +274,15 @@ impl<B: Backend> Restormer<B> {
             Some(&x),
         )?;
         drop((qkv_dw, x));
-        let n2 = b.layer_norm(&y, &blk.norm2.weight, blk.norm2.bias.as_ref(), LN_EPS)?;
-        let hidden = b.conv2d(&n2, &blk.project_in, none, None)?;
-        drop(n2);
-        let gated = b.depthwise_gelu_gate(&hidden, &blk.ffn_dwconv)?;
-        drop(hidden);
+        let ffn_front = FrontHalf {
+            norm_weight: &blk.norm2.weight,
+            norm_bias: blk.norm2.bias.as_ref(),
+            eps: LN_EPS,
+            pointwise: &blk.project_in,
+            depthwise: &blk.ffn_dwconv,
+            gate: true,
+        };
+        let gated = b.norm_pointwise_depthwise(&y, &ffn_front)?;
         Ok(b.conv2d(&gated, &blk.ffn_project_out, none, Some(&y))?)
     }
 }
