@@ -323,3 +323,151 @@ norm_pointwise_depthwise(const T* __restrict__ x, const float* __restrict__ ln_w
     ig_wait<0>();
 #endif
 }
+
+// LayerNorm then a 1x1 product, y = W1 . LN(x) + b1, with the normalised pixels only in
+// shared memory (the attention and feed-forward halves' first two steps; the depthwise
+// step stays separate). One block per 128 pixels: the raw rows land by cp.async, are
+// normalised in place, then each 64-product slice runs on tensor cores into a staging
+// tile that leaves in 16-byte stores. The host guarantees: C % 16 == 0, C <= FR_CMAX,
+// P % 8 == 0, ldw % 8 == 0, 16-byte aligned x, W1 and y, M * max(C, P) below 2^31.
+#define NP_BM 128
+#define NP_SMEM_BYTES(C) ((NP_BM * ((C) + 8) + 2 * FR_NS * ((C) + 8) + NP_BM * FR_PLD) * 2)
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+norm_pointwise(const T* __restrict__ x, const float* __restrict__ ln_w, const float* __restrict__ ln_b,
+               const T* __restrict__ w1, const T* __restrict__ b1, T* __restrict__ y, int M, int C, int ldw, int P,
+               float eps) {
+#ifdef IG_ARCH_OK
+    T* A = reinterpret_cast<T*>(ig_shared);
+    T* S = A + NP_BM * (C + 8) + 2 * FR_NS * (C + 8);
+    const unsigned As = ig_smem(A);
+    const unsigned Bs = As + NP_BM * (C + 8) * 2;
+    const unsigned B_STAGE = FR_NS * (C + 8) * 2;
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int m0 = blockIdx.x * NP_BM;
+    const int slices = (P + FR_NS - 1) / FR_NS;
+    const int segs = C >> 3;
+
+    for (int i = tid; i < NP_BM * segs; i += blockDim.x) {
+        const int q = i / segs;
+        const int j = i - q * segs;
+        const bool live = m0 + q < M;
+        ig_cp16(As + (q * (C + 8) + j * 8) * 2, live ? x + (ig_i64)(m0 + q) * C + j * 8 : x, live);
+    }
+    fr_load_slice(Bs, w1, 0, C, ldw, P, 0);
+    ig_commit();
+    ig_wait<0>();
+    __syncthreads();
+
+    // Normalise in place: eight lanes per pixel, values in registers (as layer_norm8).
+    {
+        const int sub = tid & 7;
+        for (int q = tid >> 3; q < NP_BM; q += 32) {
+            T* px = A + q * (C + 8);
+            float v[FR_CMAX / 64][8];
+            float s = 0.0f;
+#pragma unroll
+            for (int k = 0; k < FR_CMAX / 64; k++) {
+                int g = sub + 8 * k;
+                if (g < segs) {
+                    fr_ld8(px + g * 8, v[k]);
+#pragma unroll
+                    for (int j = 0; j < 8; j++) s += v[k][j];
+                }
+            }
+            const float mean = fr_sum8(s) / C;
+            float qs = 0.0f;
+#pragma unroll
+            for (int k = 0; k < FR_CMAX / 64; k++) {
+                if (sub + 8 * k < segs) {
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        float d = v[k][j] - mean;
+                        qs += d * d;
+                    }
+                }
+            }
+            const float inv = 1.0f / sqrtf(fr_sum8(qs) / C + eps);
+#pragma unroll
+            for (int k = 0; k < FR_CMAX / 64; k++) {
+                int g = sub + 8 * k;
+                if (g < segs) {
+                    float r[8];
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        float wv = ln_w[g * 8 + j];
+                        r[j] = ln_b ? (v[k][j] - mean) * inv * wv + ln_b[g * 8 + j] : v[k][j] * inv * wv;
+                    }
+                    fr_st8(px + g * 8, r);
+                }
+            }
+        }
+    }
+
+    // Product warps: 4 along the pixels (32 rows each), 2 along the slice (32 each).
+    const int wm = (warp & 3) * 32;
+    const int wn = (warp >> 2) * 32;
+    const int g8 = lane >> 2;
+    const int t4 = lane & 3;
+    for (int s = 0; s < slices; s++) {
+        if (s + 1 < slices) fr_load_slice(Bs + ((s + 1) & 1) * B_STAGE, w1, s + 1, C, ldw, P, 0);
+        ig_commit();
+        ig_wait<1>();
+        // Slice s's weights and (first time) the normalised rows are visible; the
+        // previous slice's stores are done with S.
+        __syncthreads();
+        float acc[2][4][4];
+#pragma unroll
+        for (int a = 0; a < 2; a++)
+#pragma unroll
+            for (int b = 0; b < 4; b++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;
+        const unsigned bs = Bs + (s & 1) * B_STAGE;
+        for (int kk = 0; kk < C; kk += 16) {
+            unsigned af[2][4], bf[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) {
+                int row = wm + mi * 16 + (lane & 15);
+                int col = kk + (lane >> 4) * 8;
+                ig_ldsm4(As + (row * (C + 8) + col) * 2, af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
+            }
+#pragma unroll
+            for (int nj = 0; nj < 2; nj++) {
+                int row = wn + nj * 16 + ((lane >> 4) << 3) + (lane & 7);
+                int col = kk + ((lane >> 3) & 1) * 8;
+                ig_ldsm4(bs + (row * (C + 8) + col) * 2, bf[2 * nj][0], bf[2 * nj][1], bf[2 * nj + 1][0],
+                         bf[2 * nj + 1][1]);
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                for (int ni = 0; ni < 4; ni++) ig_mma(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++) {
+            const int r = wn + ni * 8 + t4 * 2;
+            const int c = FR_NS * s + r;
+            const float2 pb = b1 && c < P ? make_float2(ldf(b1[c]), ldf(b1[c + 1])) : make_float2(0.0f, 0.0f);
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                for (int hh = 0; hh < 2; hh++)
+                    st2(S + (wm + mi * 16 + g8 + hh * 8) * FR_PLD + r,
+                        make_float2(acc[mi][ni][2 * hh] + pb.x, acc[mi][ni][2 * hh + 1] + pb.y));
+        }
+        __syncthreads();
+        // The slice's 128 x 64 products out in 16-byte vectors (8 per pixel).
+        for (int i = tid; i < NP_BM * (FR_NS / 8); i += blockDim.x) {
+            const int q = i >> 3;
+            const int c = FR_NS * s + (i & 7) * 8;
+            if (m0 + q < M && c < P)
+                *reinterpret_cast<uint4*>(y + (ig_i64)(m0 + q) * P + c) =
+                    *reinterpret_cast<const uint4*>(S + q * FR_PLD + (i & 7) * 8);
+        }
+    }
+    ig_wait<0>();
+#endif
+}

@@ -1,18 +1,23 @@
-//! Restormer's block front halves as one kernel (`kernels/front.cu`): channel LayerNorm,
-//! a 1x1 product to P channels and a depthwise 3x3 over them (and the GELU gate), where
-//! the P-wide product never reaches memory.
+//! Restormer's block front halves on fewer kernels (`kernels/front.cu`):
+//!
+//! * `norm_pointwise`: channel LayerNorm in the prologue of a 1x1 product, so the
+//!   normalised tensor never reaches memory;
+//! * `norm_pointwise_depthwise`: LayerNorm, the 1x1 product to P channels and a depthwise
+//!   3x3 over them (and the GELU gate), where the P-wide product never reaches memory
+//!   either.
+//!
+//! Both are opt-in: on the H100 neither is faster than the separate kernels yet
+//! (Restormer fp16 at batch 32: 68.2 and 66.7 against 71.6 images/s; docs/cuda.md,
+//! version 8). `APERTURE_NORM_PRODUCT=1` and `APERTURE_FUSED_FRONT=1` turn them on for a
+//! run; the self-test turns them on for their parity cases.
 //!
 //! Per pixel and block in fp16 the unfused path moves 2C (LayerNorm in) + 2C (out) + 2C
 //! (product in) + 2P (out) + 2P (depthwise in) + the output; fused, x is read once (1.27x
 //! with the halo) and the output written once. Taken for 16-bit storage with the conv
 //! module loaded, C a multiple of 16 up to 192, P even; else the caller runs the
 //! operations one by one.
-//!
-//! Off by default: on the H100 it is not yet faster than the separate kernels (Restormer
-//! fp16 at batch 32: 66.7 against 71.2 images/s; docs/cuda.md, version 8). The self-test
-//! turns it on for its parity cases; `APERTURE_FUSED_FRONT=1` turns it on for a run.
 
-use aperture_engine::{EngineError, FrontHalf, Result};
+use aperture_engine::{EngineError, FrontHalf, NormProduct, Result};
 
 use crate::backend::{CudaBackend, CudaParam, CudaTensor};
 use crate::conv_igemm::{DenseConv, IgemmSlot};
@@ -28,11 +33,138 @@ pub(crate) const HALO_ROWS: usize = 192;
 pub(crate) const SLICE: usize = 64;
 pub(crate) const PRODUCT_LD: usize = 72;
 pub(crate) const MAX_CHANNELS: usize = 192;
-const ENV_SWITCH: &str = "APERTURE_FUSED_FRONT";
+const FRONT_SWITCH: &str = "APERTURE_FUSED_FRONT";
 
 /// `APERTURE_FUSED_FRONT=1`.
-pub(crate) fn enabled_by_environment() -> bool {
-    std::env::var(ENV_SWITCH).is_ok_and(|v| v.trim() == "1")
+pub(crate) fn fused_front_by_environment() -> bool {
+    std::env::var(FRONT_SWITCH).is_ok_and(|v| v.trim() == "1")
+}
+
+/// `APERTURE_NORM_PRODUCT=1`.
+pub(crate) fn norm_product_by_environment() -> bool {
+    std::env::var(PRODUCT_SWITCH).is_ok_and(|v| v.trim() == "1")
+}
+
+/// Pixels per block of `norm_pointwise` (`NP_BM`).
+pub(crate) const PRODUCT_TILE: usize = 128;
+const PRODUCT_SWITCH: &str = "APERTURE_NORM_PRODUCT";
+
+/// Dynamic shared memory of `norm_pointwise` for `c` input channels (`NP_SMEM_BYTES`).
+pub(crate) fn product_smem_bytes(c: usize) -> usize {
+    (PRODUCT_TILE * (c + 8) + 2 * SLICE * (c + 8) + PRODUCT_TILE * PRODUCT_LD) * 2
+}
+
+/// The sizes of one `norm_pointwise` launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ProductLaunch {
+    /// Pixels.
+    pub m: usize,
+    pub c: usize,
+    pub ldw: usize,
+    pub p: usize,
+}
+
+impl ProductLaunch {
+    /// `None` where the kernel does not take these shapes.
+    pub(crate) fn new(dims: [usize; 4], pointwise: DenseConv) -> Option<Self> {
+        let [n, h, w, c] = dims;
+        let pw_ok = !pointwise.depthwise
+            && (pointwise.kh, pointwise.kw) == (1, 1)
+            && pointwise.stride == 1
+            && pointwise.pad == 0
+            && pointwise.c_in == c
+            && pointwise.kp >= c
+            && pointwise.kp.is_multiple_of(8);
+        let p = pointwise.c_out;
+        let channels_ok = c > 0 && c.is_multiple_of(16) && c <= MAX_CHANNELS;
+        if !(pw_ok && channels_ok && p > 0 && p.is_multiple_of(8)) {
+            return None;
+        }
+        let m = n.checked_mul(h)?.checked_mul(w)?;
+        let fits = |v: usize| v < i32::MAX as usize;
+        if m == 0 || !fits(m.checked_mul(c.max(p))?) || !fits(p.checked_mul(pointwise.kp)?) {
+            return None;
+        }
+        Some(Self {
+            m,
+            c,
+            ldw: pointwise.kp,
+            p,
+        })
+    }
+
+    pub(crate) fn blocks(&self) -> usize {
+        self.m.div_ceil(PRODUCT_TILE)
+    }
+}
+
+/// LayerNorm then a 1x1 product in one kernel where it applies; `None` leaves the caller
+/// to run the two operations.
+pub(crate) fn norm_pointwise(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    f: &NormProduct<'_, CudaParam>,
+) -> Result<Option<CudaTensor>> {
+    let IgemmSlot::Ready(kernels) = &be.kernels.igemm else {
+        return Ok(None);
+    };
+    let Some(func) = kernels.norm_product else {
+        return Ok(None);
+    };
+    if !be.norm_product.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(None);
+    }
+    let pw = f.pointwise.conv()?;
+    let Some(l) = ProductLaunch::new(x.dims, DenseConv::of(pw)) else {
+        return Ok(None);
+    };
+    let (nw, nb) = norm_vectors(f.norm_weight, f.norm_bias, l.c)?;
+    if !(x.ptr().is_multiple_of(16) && pw.weight.ptr().is_multiple_of(16)) {
+        return Ok(None);
+    }
+    let flops = 2 * l.c * l.p * l.m;
+    let bytes = (l.c + l.p) * l.m * be.esize();
+    be.profiler
+        .op(be, "layer_norm_conv1x1", flops as f64, bytes as f64, || {
+            let [n, h, w, _] = x.dims;
+            let out = be.alloc_tensor([n, h, w, l.p])?;
+            let i = |v: usize| Arg::I32(v as i32);
+            let args = [
+                Arg::Ptr(x.ptr()),
+                Arg::Ptr(nw),
+                Arg::Ptr(nb),
+                Arg::Ptr(pw.weight.ptr()),
+                Arg::Ptr(pw.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
+                Arg::Ptr(out.ptr()),
+                i(l.m),
+                i(l.c),
+                i(l.ldw),
+                i(l.p),
+                Arg::F32(f.eps),
+            ];
+            crate::kernels::launch_function(
+                &be.ctx,
+                func,
+                (l.blocks() as u32, 1, 1),
+                THREADS,
+                product_smem_bytes(l.c) as u32,
+                &args,
+            )?;
+            Ok(out)
+        })
+        .map(Some)
+}
+
+/// The LayerNorm's weight and bias pointers (0 for no bias), checked against `c`.
+fn norm_vectors(weight: &CudaParam, bias: Option<&CudaParam>, c: usize) -> Result<(u64, u64)> {
+    let (nw, nw_len) = weight.vector()?;
+    let nb = bias.map(|b| b.vector()).transpose()?;
+    if nw_len != c || nb.is_some_and(|(_, len)| len != c) {
+        return Err(EngineError::Shape(format!(
+            "layer norm over {c} channels got parameters of another size"
+        )));
+    }
+    Ok((nw.ptr(), nb.map(|(b, _)| b.ptr()).unwrap_or(0)))
 }
 
 /// Dynamic shared memory for `c` input channels (`FR_SMEM_BYTES`).
@@ -139,14 +271,7 @@ pub(crate) fn norm_pointwise_depthwise(
     let Some(l) = FrontLaunch::new(x.dims, DenseConv::of(pw), DenseConv::of(dw), f.gate) else {
         return Ok(None);
     };
-    let (nw, nw_len) = f.norm_weight.vector()?;
-    let nb = f.norm_bias.map(|b| b.vector()).transpose()?;
-    if nw_len != l.c || nb.is_some_and(|(_, len)| len != l.c) {
-        return Err(EngineError::Shape(format!(
-            "layer norm over {} channels got parameters of another size",
-            l.c
-        )));
-    }
+    let (nw, nb) = norm_vectors(f.norm_weight, f.norm_bias, l.c)?;
     let aligned = x.ptr().is_multiple_of(16) && pw.weight.ptr().is_multiple_of(16);
     if !aligned {
         return Ok(None);
@@ -165,8 +290,8 @@ pub(crate) fn norm_pointwise_depthwise(
             let i = |v: usize| Arg::I32(v as i32);
             let args = [
                 Arg::Ptr(x.ptr()),
-                Arg::Ptr(nw.ptr()),
-                Arg::Ptr(nb.map(|(b, _)| b.ptr()).unwrap_or(0)),
+                Arg::Ptr(nw),
+                Arg::Ptr(nb),
                 Arg::Ptr(pw.weight.ptr()),
                 Arg::Ptr(pw.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
                 Arg::Ptr(dw.weight.ptr()),
@@ -303,6 +428,46 @@ mod tests {
     }
 
     #[test]
+    fn product_kernel_takes_restormer_base_widths() {
+        let l = ProductLaunch::new([2, 512, 512, 48], pointwise(48, 144)).expect("qkv");
+        assert_eq!((l.m, l.blocks()), (2 * 512 * 512, 2 * 512 * 512 / 128));
+        assert!(ProductLaunch::new([1, 64, 64, 192], pointwise(192, 1024)).is_some());
+        assert!(ProductLaunch::new([1, 7, 9, 96], pointwise(96, 512)).is_some());
+        // Level 4's 384 channels, products not in whole 16-byte vectors, a 3x3.
+        assert!(ProductLaunch::new([1, 32, 32, 384], pointwise(384, 1152)).is_none());
+        assert!(ProductLaunch::new([1, 32, 32, 48], pointwise(48, 150)).is_none());
+        let mut dense3 = pointwise(48, 144);
+        (dense3.kh, dense3.kw, dense3.pad, dense3.kp) = (3, 3, 1, 432);
+        assert!(ProductLaunch::new([1, 32, 32, 48], dense3).is_none());
+        assert_eq!(define("NP_BM"), PRODUCT_TILE);
+        assert!(product_smem_bytes(MAX_CHANNELS) <= 227 * 1024);
+        let start = FRONT_SOURCE
+            .find("norm_pointwise(const")
+            .expect("entry point")
+            + "norm_pointwise(".len();
+        let end = start
+            + FRONT_SOURCE[start..]
+                .find(')')
+                .expect("parameter list ends");
+        assert_eq!(
+            parameter_names(&FRONT_SOURCE[start..end]),
+            ["x", "ln_w", "ln_b", "w1", "b1", "y", "M", "C", "ldw", "P", "eps"]
+        );
+    }
+
+    fn parameter_names(list: &str) -> Vec<String> {
+        list.split(',')
+            .map(|p| {
+                p.split_whitespace()
+                    .last()
+                    .unwrap_or("")
+                    .trim_start_matches('*')
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
     fn launch_arguments_match_the_kernel_signature() {
         let start = FRONT_SOURCE
             .find("norm_pointwise_depthwise(const")
@@ -312,18 +477,8 @@ mod tests {
             + FRONT_SOURCE[start..]
                 .find(')')
                 .expect("parameter list ends");
-        let names: Vec<String> = FRONT_SOURCE[start..end]
-            .split(',')
-            .map(|p| {
-                p.split_whitespace()
-                    .last()
-                    .unwrap_or("")
-                    .trim_start_matches('*')
-                    .to_string()
-            })
-            .collect();
         assert_eq!(
-            names,
+            parameter_names(&FRONT_SOURCE[start..end]),
             [
                 "x", "ln_w", "ln_b", "w1", "b1", "wd", "bd", "y", "H", "W", "C", "ldw", "P",
                 "gate", "tiles_y", "tiles_x", "eps"

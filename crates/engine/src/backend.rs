@@ -22,16 +22,36 @@ pub struct FrontHalf<'a, P> {
     pub gate: bool,
 }
 
-/// [`Backend::norm_pointwise_depthwise`] as its four (or three) separate operations: the
-/// reference every backend's fused version is checked against.
+impl<'a, P> FrontHalf<'a, P> {
+    /// The LayerNorm and the 1x1 product (the first two steps).
+    pub fn norm_product(&self) -> NormProduct<'a, P> {
+        NormProduct {
+            norm_weight: self.norm_weight,
+            norm_bias: self.norm_bias,
+            eps: self.eps,
+            pointwise: self.pointwise,
+        }
+    }
+}
+
+/// The parameters of [`Backend::norm_pointwise`]: a channel LayerNorm (`bias` `None` for
+/// the BiasFree variant) and a 1x1 convolution.
+pub struct NormProduct<'a, P> {
+    pub norm_weight: &'a P,
+    pub norm_bias: Option<&'a P>,
+    pub eps: f32,
+    pub pointwise: &'a P,
+}
+
+/// [`Backend::norm_pointwise_depthwise`] as separate steps: [`Backend::norm_pointwise`],
+/// then the depthwise convolution (with the gate). With the default `norm_pointwise` this
+/// is the reference every backend's fused version is checked against.
 pub fn front_half_unfused<B: Backend>(
     b: &B,
     x: &B::Tensor,
     f: &FrontHalf<'_, B::Param>,
 ) -> Result<B::Tensor> {
-    let normed = b.layer_norm(x, f.norm_weight, f.norm_bias, f.eps)?;
-    let product = b.conv2d(&normed, f.pointwise, Activation::Identity, None)?;
-    drop(normed);
+    let product = b.norm_pointwise(x, &f.norm_product())?;
     if f.gate {
         b.depthwise_gelu_gate(&product, f.depthwise)
     } else {
@@ -178,6 +198,17 @@ pub trait Backend: Send + Sync {
     fn depthwise_gelu_gate(&self, x: &Self::Tensor, conv: &Self::Param) -> Result<Self::Tensor> {
         let hidden = self.conv2d(x, conv, Activation::Identity, None)?;
         self.gelu_gate(&hidden)
+    }
+
+    /// `pointwise(layer_norm(x))` for a 1x1 convolution: GPU backends normalise in the
+    /// product's prologue, so the normalised tensor never reaches memory.
+    fn norm_pointwise(
+        &self,
+        x: &Self::Tensor,
+        f: &NormProduct<'_, Self::Param>,
+    ) -> Result<Self::Tensor> {
+        let normed = self.layer_norm(x, f.norm_weight, f.norm_bias, f.eps)?;
+        self.conv2d(&normed, f.pointwise, Activation::Identity, None)
     }
 
     /// Restormer's block front halves: `depthwise(pointwise(layer_norm(x)))`, and with

@@ -22,7 +22,7 @@ pub mod runner;
 pub mod tensor;
 pub mod trace;
 
-pub use backend::{Activation, Backend, ConvSpec, FrontHalf};
+pub use backend::{Activation, Backend, ConvSpec, FrontHalf, NormProduct};
 pub use dtype::{DType, Precision};
 pub use error::{EngineError, Result};
 pub use runner::{NamedTensors, Runner, TensorSpec};

@@ -117,6 +117,10 @@ pub struct CudaBackend {
     /// Whether Restormer's front halves run as one kernel (crate::front); off unless
     /// `APERTURE_FUSED_FRONT=1` (slower than the separate kernels so far).
     pub(crate) fused_front: AtomicBool,
+    /// Whether LayerNorm runs in the prologue of the following 1x1 product
+    /// (crate::front::norm_pointwise); off unless `APERTURE_NORM_PRODUCT=1` (slower than
+    /// LayerNorm and cuBLASLt so far).
+    pub(crate) norm_product: AtomicBool,
     /// D-FINE's kernels and constants (crate::detection).
     pub(crate) detection: crate::detection::DetectionState,
     /// cuDNN's handle and the per-launch choice between it and our convolutions.
@@ -148,7 +152,8 @@ impl CudaBackend {
             storage,
             profiler: Profiler::default(),
             poison: AtomicBool::new(false),
-            fused_front: AtomicBool::new(crate::front::enabled_by_environment()),
+            fused_front: AtomicBool::new(crate::front::fused_front_by_environment()),
+            norm_product: AtomicBool::new(crate::front::norm_product_by_environment()),
             detection: Default::default(),
             cudnn: Default::default(),
         })
@@ -230,6 +235,12 @@ impl CudaBackend {
     /// as separate operations; returns the previous setting.
     pub fn set_fused_front(&self, on: bool) -> bool {
         self.fused_front.swap(on, Ordering::Relaxed)
+    }
+
+    /// Runs LayerNorm in the prologue of the following 1x1 product where it applies
+    /// (crate::front), or as two operations; returns the previous setting.
+    pub fn set_norm_product(&self, on: bool) -> bool {
+        self.norm_product.swap(on, Ordering::Relaxed)
     }
 
     pub(crate) fn elem(&self) -> Elem {

@@ -22,6 +22,8 @@ pub(crate) struct IgemmKernel {
     copy: Option<sys::CUfunction>,
     /// `norm_pointwise_depthwise` (crate::front), where the GPU grants its shared memory.
     pub(crate) front: Option<sys::CUfunction>,
+    /// `norm_pointwise` (crate::front), likewise.
+    pub(crate) norm_product: Option<sys::CUfunction>,
 }
 
 // SAFETY: module and function handles are immutable driver objects, usable from any
@@ -161,10 +163,20 @@ fn load_kernel(ctx: &Context, source: &str, wide: bool) -> CudaResult<IgemmKerne
             let _ = sys::cuFuncLoad(f);
         }
     }
-    let front = load_front(module);
+    let front = load_with_smem(
+        module,
+        "norm_pointwise_depthwise",
+        crate::front::smem_bytes(crate::front::MAX_CHANNELS),
+    );
+    let norm_product = load_with_smem(
+        module,
+        "norm_pointwise",
+        crate::front::product_smem_bytes(crate::front::MAX_CHANNELS),
+    );
     Ok(IgemmKernel {
         module,
         front,
+        norm_product,
         small: funcs[0],
         m64: funcs[2],
         wide: wide_ok.then_some(wide_fn),
@@ -172,14 +184,14 @@ fn load_kernel(ctx: &Context, source: &str, wide: bool) -> CudaResult<IgemmKerne
     })
 }
 
-/// The fused front-half kernel with the shared memory of its widest input allowed; `None`
-/// when missing or refused (the caller then runs the operations one by one).
-fn load_front(module: sys::CUmodule) -> Option<sys::CUfunction> {
+/// A kernel of the module with `bytes` of dynamic shared memory allowed; `None` when
+/// missing or refused (the caller then runs the operations it fuses one by one).
+fn load_with_smem(module: sys::CUmodule, name: &str, bytes: usize) -> Option<sys::CUfunction> {
     use sys::CUfunction_attribute::*;
-    let name = CString::new("norm_pointwise_depthwise").ok()?;
+    let name = CString::new(name).ok()?;
     // SAFETY: the module is loaded; the name is NUL-terminated.
     let f = unsafe { result::module::get_function(module, name) }.ok()?;
-    let want = crate::front::smem_bytes(crate::front::MAX_CHANNELS) as i32;
+    let want = bytes as i32;
     let mut granted = 0i32;
     // SAFETY: `f` is a function of the loaded module; plain out-parameter.
     let ok = unsafe {

@@ -249,3 +249,56 @@ pub(super) fn front_half_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
     }
     cases
 }
+
+/// LayerNorm in the prologue of a 1x1 product (`norm_pointwise`, front.cu) against the
+/// two operations on the CPU: both LayerNorm variants, with and without the product's
+/// bias, Restormer-base's widths, pixel counts that leave a partial last tile, and a last
+/// slice only partly used (P not a multiple of 64). Names say whether the GPU took the
+/// fused kernel.
+pub(super) fn norm_product_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
+    use crate::conv_igemm::{DenseConv, IgemmSlot};
+    use crate::front::ProductLaunch;
+    // [n, c, h, w, p], LayerNorm bias, product bias
+    let shapes: [([usize; 5], bool, bool); 5] = [
+        ([1, 48, 19, 37, 144], false, false),
+        ([2, 96, 13, 21, 512], true, true),
+        ([1, 192, 17, 17, 576], true, true),
+        ([1, 16, 9, 9, 24], true, false),
+        ([2, 96, 64, 64, 288], false, true),
+    ];
+    let ready = matches!(&gpu.kernels.igemm, IgemmSlot::Ready(k) if k.norm_product.is_some());
+    let mut cases = Vec::new();
+    for &([n, c, h, w, p], norm_bias, bias) in &shapes {
+        let pointwise = DenseConv {
+            c_in: c,
+            c_out: p,
+            kh: 1,
+            kw: 1,
+            stride: 1,
+            pad: 0,
+            kp: c,
+            depthwise: false,
+        };
+        let fused = ready && ProductLaunch::new([n, h, w, c], pointwise).is_some();
+        let name = format!(
+            "layer_norm{} + 1x1 {c}->{p} {h}x{w}x{n}{} [{}]",
+            if norm_bias { "" } else { " (bias-free)" },
+            if bias { " b" } else { "" },
+            if fused { "fused" } else { "separate" },
+        );
+        let norm = (
+            rng.tensor(vec![c], 1.0),
+            norm_bias.then(|| rng.tensor(vec![c], 0.5)),
+        );
+        let pointwise = (
+            rng.tensor(vec![p, c, 1, 1], 1.0 / (c as f32).sqrt()),
+            bias.then(|| rng.tensor(vec![p], 0.3)),
+        );
+        cases.push((
+            name,
+            Op::NormProduct { norm, pointwise },
+            vec![rng.tensor_around(vec![n, c, h, w], 2.0, 0.5)],
+        ));
+    }
+    cases
+}

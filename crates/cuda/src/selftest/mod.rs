@@ -92,6 +92,11 @@ enum Op {
         w: HostTensor,
         b: Option<HostTensor>,
     },
+    /// LayerNorm then a 1x1 product, as one call.
+    NormProduct {
+        norm: (HostTensor, Option<HostTensor>),
+        pointwise: (HostTensor, Option<HostTensor>),
+    },
     /// LayerNorm, 1x1 product, depthwise 3x3 (and the GELU gate) as one call.
     Front {
         norm: (HostTensor, Option<HostTensor>),
@@ -149,6 +154,18 @@ fn run<B: Backend>(be: &B, op: &Op, xs: &[HostTensor]) -> Result<HostTensor> {
             let c = w.shape()[0];
             let p = be.prepare_conv(w, b.as_ref(), ConvSpec::depthwise(c, 3))?;
             be.depthwise_gelu_gate(first()?, &p)?
+        }
+        Op::NormProduct { norm, pointwise } => {
+            let nw = be.prepare_vector(&norm.0)?;
+            let nb = norm.1.as_ref().map(|b| be.prepare_vector(b)).transpose()?;
+            let pw = be.prepare_conv(&pointwise.0, pointwise.1.as_ref(), ConvSpec::same(1))?;
+            let f = aperture_engine::NormProduct {
+                norm_weight: &nw,
+                norm_bias: nb.as_ref(),
+                eps: 1e-5,
+                pointwise: &pw,
+            };
+            be.norm_pointwise(first()?, &f)?
         }
         Op::Front {
             norm,

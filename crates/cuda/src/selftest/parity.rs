@@ -4,7 +4,7 @@ use aperture_engine::backend::{Activation, ConvSpec};
 use aperture_engine::cpu::CpuBackend;
 use aperture_engine::{relative_l2, HostTensor, Result};
 
-use super::cases::{depthwise_cases, front_half_cases, igemm_conv_cases};
+use super::cases::{depthwise_cases, front_half_cases, igemm_conv_cases, norm_product_cases};
 use super::{op_tolerance, run, Op, ParityRow, Rng};
 use crate::backend::CudaBackend;
 
@@ -290,6 +290,7 @@ pub fn op_parity(gpu: &CudaBackend, seed: u64) -> Result<Vec<ParityRow>> {
     cases.extend(igemm_conv_cases(gpu, &mut rng));
     cases.extend(depthwise_cases(&mut rng));
     cases.extend(front_half_cases(gpu, &mut rng));
+    cases.extend(norm_product_cases(gpu, &mut rng));
 
     gpu.set_poison(true);
     let mut rows = Vec::new();
@@ -306,10 +307,12 @@ pub fn op_parity(gpu: &CudaBackend, seed: u64) -> Result<Vec<ParityRow>> {
     }
     for (name, op, xs) in &cases {
         let want = run(&cpu, op, xs)?;
-        // The fused front halves are checked whether or not runs use them by default.
+        // The fused front-half kernels are checked whether or not runs use them.
         let fused = gpu.set_fused_front(matches!(op, Op::Front { .. }));
+        let norm_product = gpu.set_norm_product(matches!(op, Op::NormProduct { .. }));
         let got = run(gpu, op, xs);
         gpu.set_fused_front(fused);
+        gpu.set_norm_product(norm_product);
         let rel_l2 = match got {
             Ok(g) if g.shape() == want.shape() => relative_l2(&g.to_f32_vec(), &want.to_f32_vec()),
             Ok(_) => f64::INFINITY,
