@@ -333,11 +333,29 @@ norm_pointwise_depthwise(const T* __restrict__ x, const float* __restrict__ ln_w
 #define NP_BM 128
 #define NP_SMEM_BYTES(C) ((NP_BM * ((C) + 8) + 2 * FR_NS * ((C) + 8) + NP_BM * FR_PLD) * 2)
 
-extern "C" __global__ void __launch_bounds__(256, 2)
-norm_pointwise(const T* __restrict__ x, const float* __restrict__ ln_w, const float* __restrict__ ln_b,
-               const T* __restrict__ w1, const T* __restrict__ b1, T* __restrict__ y, int M, int C, int ldw, int P,
-               float eps) {
-#ifdef IG_ARCH_OK
+// fr_load_slice without the gate's channel order, the channel count folded when CT > 0.
+template <int CT>
+__device__ __forceinline__ void np_load_slice(unsigned bs, const T* __restrict__ w1, int s, int c_rt, int ldw, int P) {
+    const int C = CT ? CT : c_rt;
+    const int segs = C >> 3;
+#pragma unroll
+    for (int i = threadIdx.x; i < FR_NS * segs; i += 256) {
+        int r = i / segs;
+        int j = i - r * segs;
+        int c = FR_NS * s + r;
+        const bool ok = c < P;
+        ig_cp16(bs + (r * (C + 8) + j * 8) * 2, ok ? w1 + (ig_i64)c * ldw + j * 8 : w1, ok);
+    }
+}
+
+// CT: the channel count when known at compile time (index arithmetic folds, loops
+// unroll), 0 to read it from c_rt.
+template <int CT>
+__device__ __forceinline__ void np_body(const T* __restrict__ x, const float* __restrict__ ln_w,
+                                        const float* __restrict__ ln_b, const T* __restrict__ w1,
+                                        const T* __restrict__ b1, T* __restrict__ y, int M, int c_rt, int ldw, int P,
+                                        float eps) {
+    const int C = CT ? CT : c_rt;
     T* A = reinterpret_cast<T*>(ig_shared);
     T* S = A + NP_BM * (C + 8) + 2 * FR_NS * (C + 8);
     const unsigned As = ig_smem(A);
@@ -356,7 +374,7 @@ norm_pointwise(const T* __restrict__ x, const float* __restrict__ ln_w, const fl
         const bool live = m0 + q < M;
         ig_cp16(As + (q * (C + 8) + j * 8) * 2, live ? x + (ig_i64)(m0 + q) * C + j * 8 : x, live);
     }
-    fr_load_slice(Bs, w1, 0, C, ldw, P, 0);
+    np_load_slice<CT>(Bs, w1, 0, C, ldw, P);
     ig_commit();
     ig_wait<0>();
     __syncthreads();
@@ -412,7 +430,7 @@ norm_pointwise(const T* __restrict__ x, const float* __restrict__ ln_w, const fl
     const int g8 = lane >> 2;
     const int t4 = lane & 3;
     for (int s = 0; s < slices; s++) {
-        if (s + 1 < slices) fr_load_slice(Bs + ((s + 1) & 1) * B_STAGE, w1, s + 1, C, ldw, P, 0);
+        if (s + 1 < slices) np_load_slice<CT>(Bs + ((s + 1) & 1) * B_STAGE, w1, s + 1, C, ldw, P);
         ig_commit();
         ig_wait<1>();
         // Slice s's weights and (first time) the normalised rows are visible; the
@@ -426,6 +444,7 @@ norm_pointwise(const T* __restrict__ x, const float* __restrict__ ln_w, const fl
 #pragma unroll
                 for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;
         const unsigned bs = Bs + (s & 1) * B_STAGE;
+#pragma unroll
         for (int kk = 0; kk < C; kk += 16) {
             unsigned af[2][4], bf[4][2];
 #pragma unroll
@@ -469,5 +488,25 @@ norm_pointwise(const T* __restrict__ x, const float* __restrict__ ln_w, const fl
         }
     }
     ig_wait<0>();
-#endif
 }
+
+// One parameter list for every entry point (front.rs passes the same arguments); the
+// specialisations cover Restormer-base's widths.
+#define NP_PARAMS                                                                                            \
+    const T *__restrict__ x, const float *__restrict__ ln_w, const float *__restrict__ ln_b,                  \
+        const T *__restrict__ w1, const T *__restrict__ b1, T *__restrict__ y, int M, int C, int ldw, int P, \
+        float eps
+#define NP_ARGS x, ln_w, ln_b, w1, b1, y, M, C, ldw, P, eps
+// MINB: blocks per multiprocessor the registers are budgeted for (three where the
+// shared memory allows three: C <= 96).
+#ifdef IG_ARCH_OK
+#define NP_ENTRY(name, CT, MINB) \
+    extern "C" __global__ void __launch_bounds__(256, MINB) name(NP_PARAMS) { np_body<CT>(NP_ARGS); }
+#else
+#define NP_ENTRY(name, CT, MINB) \
+    extern "C" __global__ void __launch_bounds__(256, MINB) name(NP_PARAMS) {}
+#endif
+NP_ENTRY(norm_pointwise, 0, 2)
+NP_ENTRY(norm_pointwise_c48, 48, 3)
+NP_ENTRY(norm_pointwise_c96, 96, 3)
+NP_ENTRY(norm_pointwise_c192, 192, 2)

@@ -7,7 +7,7 @@
 //!   either.
 //!
 //! Both are opt-in: on the H100 neither is faster than the separate kernels yet
-//! (Restormer fp16 at batch 32: 68.2 and 66.7 against 71.6 images/s; docs/cuda.md,
+//! (Restormer fp16 at batch 32: 70.1 and 66.7 against 71.3 images/s; docs/cuda.md,
 //! version 8). `APERTURE_NORM_PRODUCT=1` and `APERTURE_FUSED_FRONT=1` turn them on for a
 //! run; the self-test turns them on for their parity cases.
 //!
@@ -47,6 +47,8 @@ pub(crate) fn norm_product_by_environment() -> bool {
 
 /// Pixels per block of `norm_pointwise` (`NP_BM`).
 pub(crate) const PRODUCT_TILE: usize = 128;
+/// Channel counts with a `norm_pointwise_c{C}` specialisation (Restormer-base's).
+pub(crate) const PRODUCT_SPECIALISED: [usize; 3] = [48, 96, 192];
 const PRODUCT_SWITCH: &str = "APERTURE_NORM_PRODUCT";
 
 /// Dynamic shared memory of `norm_pointwise` for `c` input channels (`NP_SMEM_BYTES`).
@@ -108,14 +110,14 @@ pub(crate) fn norm_pointwise(
     let IgemmSlot::Ready(kernels) = &be.kernels.igemm else {
         return Ok(None);
     };
-    let Some(func) = kernels.norm_product else {
-        return Ok(None);
-    };
     if !be.norm_product.load(std::sync::atomic::Ordering::Relaxed) {
         return Ok(None);
     }
     let pw = f.pointwise.conv()?;
     let Some(l) = ProductLaunch::new(x.dims, DenseConv::of(pw)) else {
+        return Ok(None);
+    };
+    let Some(func) = kernels.norm_product_for(l.c) else {
         return Ok(None);
     };
     let (nw, nb) = norm_vectors(f.norm_weight, f.norm_bias, l.c)?;
@@ -440,17 +442,20 @@ mod tests {
         (dense3.kh, dense3.kw, dense3.pad, dense3.kp) = (3, 3, 1, 432);
         assert!(ProductLaunch::new([1, 32, 32, 48], dense3).is_none());
         assert_eq!(define("NP_BM"), PRODUCT_TILE);
+        for c in PRODUCT_SPECIALISED {
+            assert!(FRONT_SOURCE.contains(&format!("NP_ENTRY(norm_pointwise_c{c}, {c},")));
+            assert!(c.is_multiple_of(16) && c <= MAX_CHANNELS);
+        }
+        assert!(FRONT_SOURCE.contains("NP_ENTRY(norm_pointwise, 0,"));
         assert!(product_smem_bytes(MAX_CHANNELS) <= 227 * 1024);
         let start = FRONT_SOURCE
-            .find("norm_pointwise(const")
-            .expect("entry point")
-            + "norm_pointwise(".len();
-        let end = start
-            + FRONT_SOURCE[start..]
-                .find(')')
-                .expect("parameter list ends");
+            .find("#define NP_PARAMS")
+            .expect("parameter list")
+            + "#define NP_PARAMS".len();
+        let end = start + FRONT_SOURCE[start..].find("#define").expect("list ends");
+        let list = FRONT_SOURCE[start..end].replace('\\', " ");
         assert_eq!(
-            parameter_names(&FRONT_SOURCE[start..end]),
+            parameter_names(&list),
             ["x", "ln_w", "ln_b", "w1", "b1", "y", "M", "C", "ldw", "P", "eps"]
         );
     }

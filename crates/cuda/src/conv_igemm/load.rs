@@ -22,8 +22,10 @@ pub(crate) struct IgemmKernel {
     copy: Option<sys::CUfunction>,
     /// `norm_pointwise_depthwise` (crate::front), where the GPU grants its shared memory.
     pub(crate) front: Option<sys::CUfunction>,
-    /// `norm_pointwise` (crate::front), likewise.
+    /// `norm_pointwise` (crate::front), likewise: any channel count, and its
+    /// specialisations by channel count.
     pub(crate) norm_product: Option<sys::CUfunction>,
+    norm_product_fixed: Vec<(usize, sys::CUfunction)>,
 }
 
 // SAFETY: module and function handles are immutable driver objects, usable from any
@@ -173,15 +175,34 @@ fn load_kernel(ctx: &Context, source: &str, wide: bool) -> CudaResult<IgemmKerne
         "norm_pointwise",
         crate::front::product_smem_bytes(crate::front::MAX_CHANNELS),
     );
+    let norm_product_fixed = crate::front::PRODUCT_SPECIALISED
+        .iter()
+        .filter_map(|&c| {
+            let name = format!("norm_pointwise_c{c}");
+            load_with_smem(module, &name, crate::front::product_smem_bytes(c)).map(|f| (c, f))
+        })
+        .collect();
     Ok(IgemmKernel {
         module,
         front,
         norm_product,
+        norm_product_fixed,
         small: funcs[0],
         m64: funcs[2],
         wide: wide_ok.then_some(wide_fn),
         copy,
     })
+}
+
+impl IgemmKernel {
+    /// `norm_pointwise` for `c` input channels: the specialisation where there is one.
+    pub(crate) fn norm_product_for(&self, c: usize) -> Option<sys::CUfunction> {
+        self.norm_product_fixed
+            .iter()
+            .find(|(fixed, _)| *fixed == c)
+            .map(|&(_, f)| f)
+            .or(self.norm_product)
+    }
 }
 
 /// A kernel of the module with `bytes` of dynamic shared memory allowed; `None` when
