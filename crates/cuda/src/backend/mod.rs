@@ -118,8 +118,8 @@ pub struct CudaBackend {
     /// `APERTURE_FUSED_FRONT=1` (slower than the separate kernels so far).
     pub(crate) fused_front: AtomicBool,
     /// Whether LayerNorm runs in the prologue of the following 1x1 product
-    /// (crate::front::norm_pointwise); off unless `APERTURE_NORM_PRODUCT=1` (slower than
-    /// LayerNorm and cuBLASLt so far).
+    /// (crate::front::norm_pointwise); off unless `APERTURE_NORM_PRODUCT=1` (level with
+    /// LayerNorm and cuBLASLt so far, not faster).
     pub(crate) norm_product: AtomicBool,
     /// D-FINE's kernels and constants (crate::detection).
     pub(crate) detection: crate::detection::DetectionState,
