@@ -14,8 +14,9 @@
 //!
 //! 16-bit storage only (fp32/tf32 keep their checked path); the library is loaded on the
 //! first eligible convolution, and a machine without it keeps ours. `APERTURE_CUDNN=0`
-//! turns the path off (for A/B runs), `APERTURE_CUDNN=force` skips the timing and takes
-//! cuDNN wherever it runs (for parity checks of its numerics).
+//! turns the path off (for A/B runs), `APERTURE_CUDNN=1x1` offers it 1x1 launches only,
+//! `APERTURE_CUDNN=force` skips the timing and takes cuDNN wherever it runs (for parity
+//! checks of its numerics).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -188,6 +189,8 @@ pub(crate) struct CudnnConvs {
 enum Mode {
     Off,
     Timed,
+    /// Timed, 1x1 launches only (A/B runs of the k x k choices).
+    TimedPointwise,
     Forced,
 }
 
@@ -195,6 +198,7 @@ fn mode() -> Mode {
     match std::env::var(ENV_SWITCH).as_deref() {
         Ok("0") | Ok("off") => Mode::Off,
         Ok("force") => Mode::Forced,
+        Ok("1x1") => Mode::TimedPointwise,
         _ => Mode::Timed,
     }
 }
@@ -226,7 +230,12 @@ pub(crate) fn run_dense(
     ours: impl Fn() -> Result<()>,
 ) -> Result<()> {
     let m = mode();
-    if m == Mode::Off || !eligible(be, l, p) {
+    let offered = match m {
+        Mode::Off => false,
+        Mode::TimedPointwise => l.kh == 1 && l.kw == 1,
+        Mode::Timed | Mode::Forced => true,
+    };
+    if !offered || !eligible(be, l, p) {
         return ours();
     }
     let known = be.cudnn.choices.lock().ok().and_then(|c| c.get(l).cloned());
