@@ -52,18 +52,53 @@ __device__ __forceinline__ float fr_sum8(float v) {
     return v;
 }
 
-// Exact-erf GELU with erf from Abramowitz & Stegun 7.1.26 (vector.cu's gelu_as: within
-// 4.3e-7 of 0.5x(1 + erf(x / sqrt 2)) in fp32, 15 instructions against erff's 25).
-__device__ __forceinline__ float fr_gelu(float x) {
-    float t, e;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(t) : "f"(fmaf(fabsf(x), 0.23164188826636045f, 1.0f)));
-    float p = fmaf(0.5307027145f, t, -0.7265760135f);
-    p = fmaf(p, t, 0.7107068705f);
-    p = fmaf(p, t, -0.142248368f);
-    p = fmaf(p, t, 0.127414796f);
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x * x * -0.7213475204444817f));
-    const float h = p * t * e;
-    return x * (x >= 0.0f ? 1.0f - h : h);
+// LayerNorm of one pixel's C values at px (shared memory) in place, by the eight lanes
+// of `sub` 0-7 (every lane of the warp calls it: the sums are shuffles), values in
+// registers as layer_norm8 holds them (C <= FR_CMAX). With keep == false the statistics
+// are still taken part in but the row is left as it is (zeros outside the image).
+template <int CT>
+__device__ __forceinline__ void fr_normalise_row(T* px, int sub, int c_rt, const float* __restrict__ ln_w,
+                                                 const float* __restrict__ ln_b, float eps, bool keep) {
+    const int C = CT ? CT : c_rt;
+    const int groups = C >> 3;
+    float v[FR_CMAX / 64][8];
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < FR_CMAX / 64; k++) {
+        int g = sub + 8 * k;
+        if (g < groups) {
+            fr_ld8(px + g * 8, v[k]);
+#pragma unroll
+            for (int j = 0; j < 8; j++) s += v[k][j];
+        }
+    }
+    const float mean = fr_sum8(s) / C;
+    float qs = 0.0f;
+#pragma unroll
+    for (int k = 0; k < FR_CMAX / 64; k++) {
+        if (sub + 8 * k < groups) {
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                float d = v[k][j] - mean;
+                qs += d * d;
+            }
+        }
+    }
+    const float inv = 1.0f / sqrtf(fr_sum8(qs) / C + eps);
+    if (!keep) return;
+#pragma unroll
+    for (int k = 0; k < FR_CMAX / 64; k++) {
+        int g = sub + 8 * k;
+        if (g < groups) {
+            float r[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                float wv = ln_w[g * 8 + j];
+                r[j] = ln_b ? (v[k][j] - mean) * inv * wv + ln_b[g * 8 + j] : v[k][j] * inv * wv;
+            }
+            fr_st8(px + g * 8, r);
+        }
+    }
 }
 
 // Product channel of slice s, row r (see above); -1 past the last one.
@@ -134,56 +169,15 @@ norm_pointwise_depthwise(const T* __restrict__ x, const float* __restrict__ ln_w
     ig_wait<0>();
     __syncthreads();
 
-    // Normalise them in place: eight lanes per pixel, up to FR_CMAX / 64 groups of eight
-    // channels each, two passes over values in registers (as layer_norm8). Pixels
-    // outside the image stay zero.
+    // Normalise them in place, eight lanes per pixel; pixels outside the image stay zero.
     {
         const int sub = tid & 7;
-        const int groups = C >> 3;
         for (int q = tid >> 3; q < FR_MROWS; q += 32) {
             const int hy = q / (FR_TW + 2);
             const int iy = y0 + hy;
             const int ix = x0 + (q - hy * (FR_TW + 2));
             const bool inside = q < FR_HALO && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W;
-            T* px = A + q * (C + 8);
-            float v[FR_CMAX / 64][8];
-            float s = 0.0f;
-#pragma unroll
-            for (int k = 0; k < FR_CMAX / 64; k++) {
-                int g = sub + 8 * k;
-                if (g < groups) {
-                    fr_ld8(px + g * 8, v[k]);
-#pragma unroll
-                    for (int j = 0; j < 8; j++) s += v[k][j];
-                }
-            }
-            const float mean = fr_sum8(s) / C;
-            float qs = 0.0f;
-#pragma unroll
-            for (int k = 0; k < FR_CMAX / 64; k++) {
-                if (sub + 8 * k < groups) {
-#pragma unroll
-                    for (int j = 0; j < 8; j++) {
-                        float d = v[k][j] - mean;
-                        qs += d * d;
-                    }
-                }
-            }
-            const float inv = 1.0f / sqrtf(fr_sum8(qs) / C + eps);
-            if (!inside) continue;
-#pragma unroll
-            for (int k = 0; k < FR_CMAX / 64; k++) {
-                int g = sub + 8 * k;
-                if (g < groups) {
-                    float r[8];
-#pragma unroll
-                    for (int j = 0; j < 8; j++) {
-                        float wv = ln_w[g * 8 + j];
-                        r[j] = ln_b ? (v[k][j] - mean) * inv * wv + ln_b[g * 8 + j] : v[k][j] * inv * wv;
-                    }
-                    fr_st8(px + g * 8, r);
-                }
-            }
+            fr_normalise_row<0>(A + q * (C + 8), sub, C, ln_w, ln_b, eps, inside);
         }
     }
 
@@ -313,7 +307,7 @@ norm_pointwise_depthwise(const T* __restrict__ x, const float* __restrict__ ln_w
                 const int col = first ? ox : ox + 1;
                 const int oc = first ? c0 : c0 - (P >> 1);
                 if (c0 >= 0 && iy < H && col < W)
-                    st2(row + (ig_i64)col * out_c + oc, make_float2(fr_gelu(a.x) * b.x, fr_gelu(a.y) * b.y));
+                    st2(row + (ig_i64)col * out_c + oc, make_float2(gelu_as(a.x) * b.x, gelu_as(a.y) * b.y));
             } else if (c0 >= 0 && iy < H) {
                 if (ox < W) st2(row + (ig_i64)ox * out_c + c0, d0);
                 if (ox + 1 < W) st2(row + (ig_i64)(ox + 1) * out_c + c0, d1);
@@ -383,44 +377,7 @@ __device__ __forceinline__ void np_body(const T* __restrict__ x, const float* __
     {
         const int sub = tid & 7;
         for (int q = tid >> 3; q < NP_BM; q += 32) {
-            T* px = A + q * (C + 8);
-            float v[FR_CMAX / 64][8];
-            float s = 0.0f;
-#pragma unroll
-            for (int k = 0; k < FR_CMAX / 64; k++) {
-                int g = sub + 8 * k;
-                if (g < segs) {
-                    fr_ld8(px + g * 8, v[k]);
-#pragma unroll
-                    for (int j = 0; j < 8; j++) s += v[k][j];
-                }
-            }
-            const float mean = fr_sum8(s) / C;
-            float qs = 0.0f;
-#pragma unroll
-            for (int k = 0; k < FR_CMAX / 64; k++) {
-                if (sub + 8 * k < segs) {
-#pragma unroll
-                    for (int j = 0; j < 8; j++) {
-                        float d = v[k][j] - mean;
-                        qs += d * d;
-                    }
-                }
-            }
-            const float inv = 1.0f / sqrtf(fr_sum8(qs) / C + eps);
-#pragma unroll
-            for (int k = 0; k < FR_CMAX / 64; k++) {
-                int g = sub + 8 * k;
-                if (g < segs) {
-                    float r[8];
-#pragma unroll
-                    for (int j = 0; j < 8; j++) {
-                        float wv = ln_w[g * 8 + j];
-                        r[j] = ln_b ? (v[k][j] - mean) * inv * wv + ln_b[g * 8 + j] : v[k][j] * inv * wv;
-                    }
-                    fr_st8(px + g * 8, r);
-                }
-            }
+            fr_normalise_row<CT>(A + q * (C + 8), sub, C, ln_w, ln_b, eps, true);
         }
     }
 

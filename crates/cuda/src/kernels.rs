@@ -12,6 +12,8 @@ use crate::nvrtc;
 pub const OPS_SOURCE: &str = include_str!("../kernels/ops.cu");
 pub const ATTENTION_SOURCE: &str = include_str!("../kernels/attention.cu");
 pub const VECTOR_SOURCE: &str = include_str!("../kernels/vector.cu");
+/// Device functions every translation unit uses (after the preamble).
+pub const MATH_SOURCE: &str = include_str!("../kernels/math.cu");
 
 /// Every kernel entry point the backend launches.
 pub const KERNEL_NAMES: &[&str] = &[
@@ -84,11 +86,28 @@ pub fn preamble(s: Storage) -> &'static str {
     }
 }
 
+/// The value of `#define NAME v` in a kernel source (`file` names it in the panic): host
+/// constants are checked against the kernels' with it.
+#[cfg(test)]
+pub(crate) fn source_define(source: &str, file: &str, name: &str) -> usize {
+    let prefix = format!("#define {name} ");
+    let line = source
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("{file} has no {name}"));
+    line[prefix.len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in {file} is not a number"))
+}
+
 /// The full translation unit for one storage type.
 pub fn full_source(s: Storage) -> String {
     format!(
-        "{}\n{}\n{}\n{}\n",
+        "{}\n{}\n{}\n{}\n{}\n",
         preamble(s),
+        MATH_SOURCE,
         OPS_SOURCE,
         ATTENTION_SOURCE,
         VECTOR_SOURCE

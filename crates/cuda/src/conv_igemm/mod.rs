@@ -8,7 +8,7 @@
 //! (see [`Tile`]). `APERTURE_CONV_IGEMM=0` turns the kernel off, `=64` keeps only the 64-wide
 //! tile (for A/B timing or as an escape hatch).
 
-use crate::kernels::{preamble, Storage};
+use crate::kernels::{preamble, Storage, MATH_SOURCE};
 
 mod geometry;
 mod launch;
@@ -117,7 +117,8 @@ pub fn conv_source(s: Storage) -> Option<String> {
         Storage::BF16 => "#define IGEMM_BF16 1\n",
     };
     Some(format!(
-        "{}\n{select}{CONV_SOURCE}\n{FRONT_SOURCE}\n",
-        preamble(s)
+        "{}\n{}\n{select}{CONV_SOURCE}\n{FRONT_SOURCE}\n",
+        preamble(s),
+        MATH_SOURCE
     ))
 }

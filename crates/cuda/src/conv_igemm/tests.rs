@@ -89,16 +89,7 @@ fn leaves_other_convolutions_to_the_previous_paths() {
 
 /// The value of `#define NAME v` in conv.cu.
 fn define(name: &str) -> usize {
-    let prefix = format!("#define {name} ");
-    let line = CONV_SOURCE
-        .lines()
-        .find(|l| l.starts_with(&prefix))
-        .unwrap_or_else(|| panic!("conv.cu has no {name}"));
-    line[prefix.len()..]
-        .split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} is not a number"))
+    crate::kernels::source_define(CONV_SOURCE, "conv.cu", name)
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use aperture_engine::{FrontHalf, Result};
 
-use super::{norm_vectors, MAX_CHANNELS, PRODUCT_LD, SLICE, THREADS};
+use super::{launch_into, leading_args, norm_vectors, MAX_CHANNELS, PRODUCT_LD, SLICE};
 use crate::backend::{CudaBackend, CudaParam, CudaTensor};
 use crate::conv_igemm::{DenseConv, IgemmSlot};
 use crate::kernels::Arg;
@@ -131,19 +131,18 @@ pub(crate) fn norm_pointwise_depthwise(
     } else {
         "front_qkv_fused"
     };
-    be.profiler
-        .op(be, name, flops as f64, bytes as f64, || {
-            let out = be.alloc_tensor([l.n, l.h, l.w, l.out_channels()])?;
-            let i = |v: usize| Arg::I32(v as i32);
-            let args = [
-                Arg::Ptr(x.ptr()),
-                Arg::Ptr(nw),
-                Arg::Ptr(nb),
-                Arg::Ptr(pw.weight.ptr()),
-                Arg::Ptr(pw.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
+    let i = |v: usize| Arg::I32(v as i32);
+    launch_into(
+        be,
+        (name, flops, bytes),
+        (func, l.blocks(), smem_bytes(l.c)),
+        [l.n, l.h, l.w, l.out_channels()],
+        |out| {
+            let mut args = leading_args(x, (nw, nb), pw).to_vec();
+            args.extend([
                 Arg::Ptr(dw.weight.ptr()),
                 Arg::Ptr(dw.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
-                Arg::Ptr(out.ptr()),
+                Arg::Ptr(out),
                 i(l.h),
                 i(l.w),
                 i(l.c),
@@ -153,16 +152,8 @@ pub(crate) fn norm_pointwise_depthwise(
                 i(l.tiles_y),
                 i(l.tiles_x),
                 Arg::F32(f.eps),
-            ];
-            crate::kernels::launch_function(
-                &be.ctx,
-                func,
-                (l.blocks() as u32, 1, 1),
-                THREADS,
-                smem_bytes(l.c) as u32,
-                &args,
-            )?;
-            Ok(out)
-        })
-        .map(Some)
+            ]);
+            args
+        },
+    )
 }

@@ -18,8 +18,10 @@
 //! operations one by one. `product` launches the first kernel, `fused` the second.
 
 use aperture_engine::{EngineError, Result};
+use cudarc::driver::sys;
 
-use crate::backend::CudaParam;
+use crate::backend::{ConvWeights, CudaBackend, CudaParam, CudaTensor};
+use crate::kernels::Arg;
 
 mod fused;
 mod product;
@@ -64,4 +66,42 @@ pub(super) fn norm_vectors(
         )));
     }
     Ok((nw.ptr(), nb.map(|(b, _)| b.ptr()).unwrap_or(0)))
+}
+
+/// The arguments both kernels start with: input, LayerNorm weight and bias, pointwise
+/// weight and bias.
+fn leading_args(x: &CudaTensor, (nw, nb): (u64, u64), pw: &ConvWeights) -> [Arg; 5] {
+    [
+        Arg::Ptr(x.ptr()),
+        Arg::Ptr(nw),
+        Arg::Ptr(nb),
+        Arg::Ptr(pw.weight.ptr()),
+        Arg::Ptr(pw.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
+    ]
+}
+
+/// One launch into a new tensor of `out_dims`, timed by the profiler under `name` with
+/// its (FLOPs, bytes): `blocks` blocks of [`THREADS`] with `smem` bytes of shared
+/// memory; `args` lists the kernel's arguments given the output's address.
+fn launch_into(
+    be: &CudaBackend,
+    (name, flops, bytes): (&'static str, usize, usize),
+    (func, blocks, smem): (sys::CUfunction, usize, usize),
+    out_dims: [usize; 4],
+    args: impl Fn(u64) -> Vec<Arg>,
+) -> Result<Option<CudaTensor>> {
+    be.profiler
+        .op(be, name, flops as f64, bytes as f64, || {
+            let out = be.alloc_tensor(out_dims)?;
+            crate::kernels::launch_function(
+                &be.ctx,
+                func,
+                (blocks as u32, 1, 1),
+                THREADS,
+                smem as u32,
+                &args(out.ptr()),
+            )?;
+            Ok(out)
+        })
+        .map(Some)
 }

@@ -2,7 +2,7 @@
 
 use aperture_engine::{NormProduct, Result};
 
-use super::{norm_vectors, MAX_CHANNELS, PRODUCT_LD, SLICE, THREADS};
+use super::{launch_into, leading_args, norm_vectors, MAX_CHANNELS, PRODUCT_LD, SLICE};
 use crate::backend::{CudaBackend, CudaParam, CudaTensor};
 use crate::conv_igemm::{DenseConv, IgemmSlot};
 use crate::kernels::Arg;
@@ -87,33 +87,24 @@ pub(crate) fn norm_pointwise(
     }
     let flops = 2 * l.c * l.p * l.m;
     let bytes = (l.c + l.p) * l.m * be.esize();
-    be.profiler
-        .op(be, "layer_norm_conv1x1", flops as f64, bytes as f64, || {
-            let [n, h, w, _] = x.dims;
-            let out = be.alloc_tensor([n, h, w, l.p])?;
-            let i = |v: usize| Arg::I32(v as i32);
-            let args = [
-                Arg::Ptr(x.ptr()),
-                Arg::Ptr(nw),
-                Arg::Ptr(nb),
-                Arg::Ptr(pw.weight.ptr()),
-                Arg::Ptr(pw.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
-                Arg::Ptr(out.ptr()),
+    let [n, h, w, _] = x.dims;
+    let i = |v: usize| Arg::I32(v as i32);
+    launch_into(
+        be,
+        ("layer_norm_conv1x1", flops, bytes),
+        (func, l.blocks(), product_smem_bytes(l.c)),
+        [n, h, w, l.p],
+        |out| {
+            let mut args = leading_args(x, (nw, nb), pw).to_vec();
+            args.extend([
+                Arg::Ptr(out),
                 i(l.m),
                 i(l.c),
                 i(l.ldw),
                 i(l.p),
                 Arg::F32(f.eps),
-            ];
-            crate::kernels::launch_function(
-                &be.ctx,
-                func,
-                (l.blocks() as u32, 1, 1),
-                THREADS,
-                product_smem_bytes(l.c) as u32,
-                &args,
-            )?;
-            Ok(out)
-        })
-        .map(Some)
+            ]);
+            args
+        },
+    )
 }

@@ -6,16 +6,7 @@ use super::*;
 use crate::conv_igemm::{DenseConv, FRONT_SOURCE};
 
 fn define(name: &str) -> usize {
-    let prefix = format!("#define {name} ");
-    let line = FRONT_SOURCE
-        .lines()
-        .find(|l| l.starts_with(&prefix))
-        .unwrap_or_else(|| panic!("front.cu has no {name}"));
-    line[prefix.len()..]
-        .split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} is not a number"))
+    crate::kernels::source_define(FRONT_SOURCE, "front.cu", name)
 }
 
 #[test]
