@@ -101,6 +101,31 @@ __device__ __forceinline__ void fr_normalise_row(T* px, int sub, int c_rt, const
     }
 }
 
+// One 16-wide K step of a warp's MI x 4 product tiles (16 pixels x 8 products each):
+// rows wm.. of the normalised pixels at `as`, rows wn.. of the slice's weights at `bs`,
+// both C + 8 elements apart (conv.cu's fragment layouts).
+template <int MI>
+__device__ __forceinline__ void fr_mma_k16(float (&acc)[MI][4][4], unsigned as, unsigned bs, int wm, int wn, int kk,
+                                           int C, int lane) {
+    unsigned af[MI][4], bf[4][2];
+#pragma unroll
+    for (int mi = 0; mi < MI; mi++) {
+        int row = wm + mi * 16 + (lane & 15);
+        int col = kk + (lane >> 4) * 8;
+        ig_ldsm4(as + (row * (C + 8) + col) * 2, af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
+    }
+#pragma unroll
+    for (int nj = 0; nj < 2; nj++) {
+        int row = wn + nj * 16 + ((lane >> 4) << 3) + (lane & 7);
+        int col = kk + ((lane >> 3) & 1) * 8;
+        ig_ldsm4(bs + (row * (C + 8) + col) * 2, bf[2 * nj][0], bf[2 * nj][1], bf[2 * nj + 1][0], bf[2 * nj + 1][1]);
+    }
+#pragma unroll
+    for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++) ig_mma(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+}
+
 // Product channel of slice s, row r (see above); -1 past the last one.
 __device__ __forceinline__ int fr_channel(int s, int r, int P, int gate) {
     if (gate) {
@@ -203,24 +228,7 @@ norm_pointwise_depthwise(const T* __restrict__ x, const float* __restrict__ ln_w
                 for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;
         const unsigned bs = Bs + (s & 1) * B_STAGE;
         for (int kk = 0; kk < C; kk += 16) {
-            unsigned af[3][4], bf[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 3; mi++) {
-                int row = wm + mi * 16 + (lane & 15);
-                int col = kk + (lane >> 4) * 8;
-                ig_ldsm4(As + (row * (C + 8) + col) * 2, af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
-            }
-#pragma unroll
-            for (int nj = 0; nj < 2; nj++) {
-                int row = wn + nj * 16 + ((lane >> 4) << 3) + (lane & 7);
-                int col = kk + ((lane >> 3) & 1) * 8;
-                ig_ldsm4(bs + (row * (C + 8) + col) * 2, bf[2 * nj][0], bf[2 * nj][1], bf[2 * nj + 1][0],
-                         bf[2 * nj + 1][1]);
-            }
-#pragma unroll
-            for (int mi = 0; mi < 3; mi++)
-#pragma unroll
-                for (int ni = 0; ni < 4; ni++) ig_mma(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+            fr_mma_k16<3>(acc, As, bs, wm, wn, kk, C, lane);
         }
         // Products (+ bias) into Pm as T; zero at halo pixels outside the image (the
         // depthwise step's padding).
@@ -403,24 +411,7 @@ __device__ __forceinline__ void np_body(const T* __restrict__ x, const float* __
         const unsigned bs = Bs + (s & 1) * B_STAGE;
 #pragma unroll
         for (int kk = 0; kk < C; kk += 16) {
-            unsigned af[2][4], bf[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 2; mi++) {
-                int row = wm + mi * 16 + (lane & 15);
-                int col = kk + (lane >> 4) * 8;
-                ig_ldsm4(As + (row * (C + 8) + col) * 2, af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
-            }
-#pragma unroll
-            for (int nj = 0; nj < 2; nj++) {
-                int row = wn + nj * 16 + ((lane >> 4) << 3) + (lane & 7);
-                int col = kk + ((lane >> 3) & 1) * 8;
-                ig_ldsm4(bs + (row * (C + 8) + col) * 2, bf[2 * nj][0], bf[2 * nj][1], bf[2 * nj + 1][0],
-                         bf[2 * nj + 1][1]);
-            }
-#pragma unroll
-            for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                for (int ni = 0; ni < 4; ni++) ig_mma(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+            fr_mma_k16<2>(acc, As, bs, wm, wn, kk, C, lane);
         }
 #pragma unroll
         for (int ni = 0; ni < 4; ni++) {

@@ -3,7 +3,7 @@
 
 use aperture_engine::{FrontHalf, Result};
 
-use super::{launch_into, leading_args, norm_vectors, MAX_CHANNELS, PRODUCT_LD, SLICE};
+use super::{launch_into, leading_args, norm_vectors, takes_pointwise, PRODUCT_LD, SLICE};
 use crate::backend::{CudaBackend, CudaParam, CudaTensor};
 use crate::conv_igemm::{DenseConv, IgemmSlot};
 use crate::kernels::Arg;
@@ -45,13 +45,7 @@ impl FrontLaunch {
         gate: bool,
     ) -> Option<Self> {
         let [n, h, w, c] = dims;
-        let pw_ok = !pointwise.depthwise
-            && (pointwise.kh, pointwise.kw) == (1, 1)
-            && pointwise.stride == 1
-            && pointwise.pad == 0
-            && pointwise.c_in == c
-            && pointwise.kp >= c
-            && pointwise.kp.is_multiple_of(8);
+        let pw_ok = takes_pointwise(&pointwise, c);
         let p = pointwise.c_out;
         let dw_ok = depthwise.depthwise
             && (depthwise.kh, depthwise.kw) == (3, 3)
@@ -60,8 +54,7 @@ impl FrontLaunch {
             && depthwise.c_in == p
             && depthwise.c_out == p;
         let even = p.is_multiple_of(2) && (!gate || (p / 2).is_multiple_of(2));
-        let channels_ok = c > 0 && c.is_multiple_of(16) && c <= MAX_CHANNELS;
-        if !(pw_ok && dw_ok && even && channels_ok && p > 0 && h > 0 && w > 0) {
+        if !(pw_ok && dw_ok && even && p > 0 && h > 0 && w > 0) {
             return None;
         }
         let (tiles_y, tiles_x) = (h.div_ceil(TILE_ROWS), w.div_ceil(TILE_COLS));

@@ -21,6 +21,7 @@ use aperture_engine::{EngineError, Result};
 use cudarc::driver::sys;
 
 use crate::backend::{ConvWeights, CudaBackend, CudaParam, CudaTensor};
+use crate::conv_igemm::DenseConv;
 use crate::kernels::Arg;
 
 mod fused;
@@ -66,6 +67,22 @@ pub(super) fn norm_vectors(
         )));
     }
     Ok((nw.ptr(), nb.map(|(b, _)| b.ptr()).unwrap_or(0)))
+}
+
+/// Whether `pointwise` is a plain 1x1 product over the `c` input channels that both
+/// kernels take (C a multiple of 16 up to [`MAX_CHANNELS`], weight rows in whole 16-byte
+/// segments).
+fn takes_pointwise(pointwise: &DenseConv, c: usize) -> bool {
+    !pointwise.depthwise
+        && (pointwise.kh, pointwise.kw) == (1, 1)
+        && pointwise.stride == 1
+        && pointwise.pad == 0
+        && pointwise.c_in == c
+        && pointwise.kp >= c
+        && pointwise.kp.is_multiple_of(8)
+        && c > 0
+        && c.is_multiple_of(16)
+        && c <= MAX_CHANNELS
 }
 
 /// The arguments both kernels start with: input, LayerNorm weight and bias, pointwise

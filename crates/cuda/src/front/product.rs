@@ -2,7 +2,7 @@
 
 use aperture_engine::{NormProduct, Result};
 
-use super::{launch_into, leading_args, norm_vectors, MAX_CHANNELS, PRODUCT_LD, SLICE};
+use super::{launch_into, leading_args, norm_vectors, takes_pointwise, PRODUCT_LD, SLICE};
 use crate::backend::{CudaBackend, CudaParam, CudaTensor};
 use crate::conv_igemm::{DenseConv, IgemmSlot};
 use crate::kernels::Arg;
@@ -31,16 +31,8 @@ impl ProductLaunch {
     /// `None` where the kernel does not take these shapes.
     pub(crate) fn new(dims: [usize; 4], pointwise: DenseConv) -> Option<Self> {
         let [n, h, w, c] = dims;
-        let pw_ok = !pointwise.depthwise
-            && (pointwise.kh, pointwise.kw) == (1, 1)
-            && pointwise.stride == 1
-            && pointwise.pad == 0
-            && pointwise.c_in == c
-            && pointwise.kp >= c
-            && pointwise.kp.is_multiple_of(8);
         let p = pointwise.c_out;
-        let channels_ok = c > 0 && c.is_multiple_of(16) && c <= MAX_CHANNELS;
-        if !(pw_ok && channels_ok && p > 0 && p.is_multiple_of(8)) {
+        if !(takes_pointwise(&pointwise, c) && p > 0 && p.is_multiple_of(8)) {
             return None;
         }
         let m = n.checked_mul(h)?.checked_mul(w)?;
