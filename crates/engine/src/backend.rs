@@ -43,6 +43,17 @@ pub struct NormProduct<'a, P> {
     pub pointwise: &'a P,
 }
 
+/// [`Backend::norm_pointwise`] as its two operations: the reference a fused version is
+/// checked against, and the path where it does not apply.
+pub fn norm_product_unfused<B: Backend>(
+    b: &B,
+    x: &B::Tensor,
+    f: &NormProduct<'_, B::Param>,
+) -> Result<B::Tensor> {
+    let normed = b.layer_norm(x, f.norm_weight, f.norm_bias, f.eps)?;
+    b.conv2d(&normed, f.pointwise, Activation::Identity, None)
+}
+
 /// [`Backend::norm_pointwise_depthwise`] as separate steps: [`Backend::norm_pointwise`],
 /// then the depthwise convolution (with the gate). With the default `norm_pointwise` this
 /// is the reference every backend's fused version is checked against.
@@ -206,9 +217,11 @@ pub trait Backend: Send + Sync {
         &self,
         x: &Self::Tensor,
         f: &NormProduct<'_, Self::Param>,
-    ) -> Result<Self::Tensor> {
-        let normed = self.layer_norm(x, f.norm_weight, f.norm_bias, f.eps)?;
-        self.conv2d(&normed, f.pointwise, Activation::Identity, None)
+    ) -> Result<Self::Tensor>
+    where
+        Self: Sized,
+    {
+        norm_product_unfused(self, x, f)
     }
 
     /// Restormer's block front halves: `depthwise(pointwise(layer_norm(x)))`, and with

@@ -1,7 +1,8 @@
 //! `impl Backend for CudaBackend`: each engine operation, to its kernel or module.
 
 use aperture_engine::backend::{
-    front_half_unfused, Activation, Backend, ConvSpec, DeformableSpec, FrontHalf, NormProduct,
+    front_half_unfused, norm_product_unfused, Activation, Backend, ConvSpec, DeformableSpec,
+    FrontHalf, NormProduct,
 };
 use aperture_engine::{EngineError, HostTensor, Result};
 use cudarc::driver::result;
@@ -106,10 +107,7 @@ impl Backend for CudaBackend {
     fn norm_pointwise(&self, x: &CudaTensor, f: &NormProduct<'_, CudaParam>) -> Result<CudaTensor> {
         match crate::front::norm_pointwise(self, x, f)? {
             Some(out) => Ok(out),
-            None => {
-                let normed = self.layer_norm(x, f.norm_weight, f.norm_bias, f.eps)?;
-                self.conv2d(&normed, f.pointwise, Activation::Identity, None)
-            }
+            None => norm_product_unfused(self, x, f),
         }
     }
 
