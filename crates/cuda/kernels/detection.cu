@@ -715,98 +715,21 @@ extern "C" __global__ void det_to_f32(const T* __restrict__ x, float* __restrict
     DET_LOOP(i, n) { y[i] = ldf(x[i]); }
 }
 
-// Order key of a score: a larger score has a larger key, every NaN the largest key, and
-// -0 the key of +0. Rows rank by key, ties by lower index: NaN first, then larger
-// scores (the CPU backend's stable sort and torch.topk's order).
-__device__ __forceinline__ unsigned det_order_key(float v) {
-    if (isnan(v)) return 0xffffffffu;
-    if (v == 0.0f) v = 0.0f;
-    const unsigned b = __float_as_uint(v);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
-// Top-K row indices per image in key order. One block per image (grid (1, B),
-// blockDim a multiple of 32, at most 1024): a radix select, eight bits a pass, finds the
-// K-th largest key T; every key above T is taken, and of the keys equal to T the first
-// by index; the K taken are then ranked among themselves. Dynamic shared memory: K keys
-// and K indices. O(L) per image where ranking every row against every other is O(L^2).
-extern "C" __global__ void det_topk_select(const float* __restrict__ scores, int* __restrict__ idx, int L, int K) {
-    __shared__ unsigned hist[256];
-    __shared__ unsigned warp_counts[32];
-    __shared__ unsigned s_prefix, s_need, s_above;
-    extern __shared__ unsigned det_selected[];
-    unsigned* sel_key = det_selected;
-    int* sel_idx = reinterpret_cast<int*>(det_selected + K);
-    const float* s = scores + (i64)blockIdx.y * L;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
-
-    // 1. The threshold key, and how many keys equal to it are taken.
-    unsigned prefix = 0, mask = 0, need = (unsigned)K;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int d = tid; d < 256; d += blockDim.x) hist[d] = 0;
-        __syncthreads();
-        for (int j = tid; j < L; j += blockDim.x) {
-            const unsigned key = det_order_key(s[j]);
-            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+// One image's resized HWC bytes -> the NHWC model input in the storage type: v * scale,
+// then (v - mean) / std when `normalize`, with pre_to_float's roundings (preprocess.cu),
+// then stored as det_from_nchw stores the f32 staging values.
+extern "C" __global__ void det_pixels_to_input(const unsigned char* __restrict__ src, T* __restrict__ dst, i64 n,
+                                               float scale, int normalize, float m0, float m1, float m2, float s0,
+                                               float s1, float s2) {
+    DET_LOOP(i, n) {
+        const int c = (int)(i % 3);
+        float v = __fmul_rn((float)src[i], scale);
+        if (normalize) {
+            const float m = c == 0 ? m0 : (c == 1 ? m1 : m2);
+            const float s = c == 0 ? s0 : (c == 1 ? s1 : s2);
+            v = __fdiv_rn(__fsub_rn(v, m), s);
         }
-        __syncthreads();
-        if (tid == 0) {
-            unsigned above = 0;
-            int d = 255;
-            for (; d > 0 && above + hist[d] < need; --d) above += hist[d];
-            s_prefix = prefix | ((unsigned)d << shift);
-            s_need = need - above;
-            s_above = 0;
-        }
-        __syncthreads();
-        prefix = s_prefix;
-        need = s_need;
-        mask |= 255u << shift;
-    }
-
-    // 2. Keys above the threshold (K - need of them) in any order.
-    for (int j = tid; j < L; j += blockDim.x) {
-        const unsigned key = det_order_key(s[j]);
-        if (key > prefix) {
-            const unsigned at = atomicAdd(&s_above, 1u);
-            sel_key[at] = key;
-            sel_idx[at] = j;
-        }
-    }
-    // Keys equal to it: the first `need` by index, in chunks of blockDim in index order.
-    const unsigned first_equal = (unsigned)K - need;
-    unsigned seen = 0;  // equal keys in earlier chunks; the same in every thread
-    for (int j0 = 0; j0 < L && seen < need; j0 += blockDim.x) {
-        const int j = j0 + tid;
-        const bool eq = j < L && det_order_key(s[j]) == prefix;
-        const unsigned ballot = __ballot_sync(0xffffffffu, eq);
-        if (lane == 0) warp_counts[warp] = __popc(ballot);
-        __syncthreads();
-        unsigned before = seen + __popc(ballot & ((1u << lane) - 1u));
-        unsigned total = 0;
-        for (int w = 0; w < warps; ++w) {
-            if (w < warp) before += warp_counts[w];
-            total += warp_counts[w];
-        }
-        if (eq && before < need) {
-            sel_key[first_equal + before] = prefix;
-            sel_idx[first_equal + before] = j;
-        }
-        __syncthreads();
-        seen += total;
-    }
-    __syncthreads();
-
-    // 3. Rank the K taken: larger key first, ties by lower index.
-    for (int t = tid; t < K; t += blockDim.x) {
-        const unsigned kt = sel_key[t];
-        const int it = sel_idx[t];
-        int rank = 0;
-        for (int u = 0; u < K; ++u) {
-            const unsigned ku = sel_key[u];
-            rank += (ku > kt) || (ku == kt && sel_idx[u] < it);
-        }
-        idx[(i64)blockIdx.y * K + rank] = it;
+        dst[i] = stf(v);
     }
 }
 
@@ -826,7 +749,7 @@ extern "C" __global__ void det_from_nchw(const float* __restrict__ x, T* __restr
 // ranked by key: the f32 score's bits (non-negative floats order as unsigned integers),
 // NaN as the largest key (first, as torch.topk).
 
-#define DET_TOPK_ITEMS 64  // keys per thread held in registers (det_topk_detections)
+#define DET_TOPK_ITEMS 24  // keys per thread held in registers (det_topk_detections)
 #define DET_TOPK_NAN_KEY 0xffffffffu
 
 // The CPU's 1 / (1 + exp(-x)), each step rounded to f32. The exponential is computed in
@@ -889,20 +812,26 @@ __device__ __forceinline__ void det_pick_bin(const unsigned* hist, int need, int
     }
 }
 
-// One block per image; thread t owns keys t * chunk to (t + 1) * chunk - 1 (in registers
-// when ITEMS > 0, else read from `keys` each pass). Radix select, four passes of 8-bit
-// digits from the top, finds the K-th largest key `kth` and how many keys equal to it
-// are taken (`need`: those of lowest index). An ordered compaction (a block scan of the
-// per-thread counts) puts the K winners in shared memory; each winner's output row is
-// the number of winners ranked before it. Output rows: (score, label, x0, y0, x1, y1)
-// with the corners normalised, rounded as the CPU's (cx - 0.5 * w) before scaling.
-template <int ITEMS>
-__device__ __forceinline__ void det_topk_select(const unsigned* __restrict__ keys, const T* __restrict__ boxes,
-                                                float* __restrict__ out, int N, int C, int K, unsigned* cand,
-                                                unsigned* hist, int* scan, unsigned* pick_digit, int* pick_need) {
+// Shared memory of one selection block besides the winners.
+struct DetSelectShared {
+    unsigned hist[256];
+    int scan[64];
+    unsigned pick_digit;
+    int pick_need;
+};
+
+// The K largest of N keys per block, in any order, into cand_key/cand_idx (shared):
+// thread t owns keys t * chunk to (t + 1) * chunk - 1 (`key_at(i)`, held in registers
+// when ITEMS > 0, else re-read each pass). Radix select, four passes of 8-bit digits
+// from the top, finds the K-th largest key `kth` and how many keys equal to it are taken
+// (`need`: those of lowest index). An ordered compaction (a block scan of the per-thread
+// counts) puts keys above kth in slots 0 to K - need - 1 and the first `need` keys equal
+// to it in the rest. Ends with a barrier.
+template <int ITEMS, class KeyAt>
+__device__ __forceinline__ void det_select_winners(KeyAt key_at, int N, int K, unsigned* cand_key,
+                                                   unsigned* cand_idx, DetSelectShared& sh) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int nwarps = (int)(blockDim.x >> 5);
-    const unsigned* k = keys + (i64)blockIdx.x * N;
     const int chunk = (N + (int)blockDim.x - 1) / (int)blockDim.x;
     const int first = tid * chunk;
     unsigned reg[ITEMS > 0 ? ITEMS : 1];
@@ -910,86 +839,75 @@ __device__ __forceinline__ void det_topk_select(const unsigned* __restrict__ key
 #pragma unroll
         for (int t = 0; t < ITEMS; t++) {
             const int i = first + t;
-            reg[t] = (t < chunk && i < N) ? k[i] : 0u;
+            reg[t] = (t < chunk && i < N) ? key_at(i) : 0u;
         }
     }
+    auto key_of = [&](int t, int i) -> unsigned {
+        if constexpr (ITEMS > 0) {
+            return reg[t];
+        } else {
+            return i < N ? key_at(i) : 0u;
+        }
+    };
 
     // 1. Radix select.
     unsigned prefix = 0u, mask = 0u;
     int need = K;
     for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int j = tid; j < 256; j += blockDim.x) hist[j] = 0u;
+        for (int j = tid; j < 256; j += blockDim.x) sh.hist[j] = 0u;
         __syncthreads();
 #pragma unroll
         for (int t = 0; t < (ITEMS > 0 ? ITEMS : chunk); t++) {
             if (t >= chunk) break;  // uniform: every lane takes the same steps
             const int i = first + t;
-            unsigned key;
-            if constexpr (ITEMS > 0) {
-                key = reg[t];
-            } else {
-                key = i < N ? k[i] : 0u;
-            }
+            const unsigned key = key_of(t, i);
             const bool act = i < N && (key & mask) == prefix;
             const unsigned am = __ballot_sync(0xffffffffu, act);
-            if (act) det_hist_add(hist, (key >> shift) & 0xffu, am, lane);
+            if (act) det_hist_add(sh.hist, (key >> shift) & 0xffu, am, lane);
         }
         __syncthreads();
-        if (warp == 0) det_pick_bin(hist, need, lane, pick_digit, pick_need);
+        if (warp == 0) det_pick_bin(sh.hist, need, lane, &sh.pick_digit, &sh.pick_need);
         __syncthreads();
         // Read before the next pass's second barrier, after which warp 0 rewrites them.
-        prefix |= *pick_digit << shift;
+        prefix |= sh.pick_digit << shift;
         mask |= 0xffu << shift;
-        need = *pick_need;
+        need = sh.pick_need;
     }
     const unsigned kth = prefix;
     const int gt_total = K - need;
 
-    // 2. Ordered compaction: keys above kth anywhere in slots 0 to gt_total - 1, the
-    // first `need` keys equal to kth (by index) in slots gt_total to K - 1.
+    // 2. Ordered compaction.
     int n_gt = 0, n_eq = 0;
 #pragma unroll
     for (int t = 0; t < (ITEMS > 0 ? ITEMS : chunk); t++) {
         if (t >= chunk) break;
         const int i = first + t;
-        unsigned key;
-        if constexpr (ITEMS > 0) {
-            key = reg[t];
-        } else {
-            key = i < N ? k[i] : 0u;
-        }
+        const unsigned key = key_of(t, i);
         n_gt += (i < N && key > kth) ? 1 : 0;
         n_eq += (i < N && key == kth) ? 1 : 0;
     }
     const int ig = det_warp_scan(n_gt, lane), ie = det_warp_scan(n_eq, lane);
     if (lane == 31) {
-        scan[warp] = ig;
-        scan[32 + warp] = ie;
+        sh.scan[warp] = ig;
+        sh.scan[32 + warp] = ie;
     }
     __syncthreads();
     if (warp == 0) {
-        const int a = lane < nwarps ? scan[lane] : 0, b = lane < nwarps ? scan[32 + lane] : 0;
+        const int a = lane < nwarps ? sh.scan[lane] : 0, b = lane < nwarps ? sh.scan[32 + lane] : 0;
         const int sa = det_warp_scan(a, lane), sb = det_warp_scan(b, lane);
         if (lane < nwarps) {
-            scan[lane] = sa - a;
-            scan[32 + lane] = sb - b;
+            sh.scan[lane] = sa - a;
+            sh.scan[32 + lane] = sb - b;
         }
     }
     __syncthreads();
-    int g = scan[warp] + ig - n_gt, e = scan[32 + warp] + ie - n_eq;
-    unsigned* cand_key = cand;
-    unsigned* cand_idx = cand + K;
+    int g = sh.scan[warp] + ig - n_gt, e = sh.scan[32 + warp] + ie - n_eq;
 #pragma unroll
     for (int t = 0; t < (ITEMS > 0 ? ITEMS : chunk); t++) {
         if (t >= chunk) break;
         const int i = first + t;
         if (i >= N) break;
-        unsigned key;
-        if constexpr (ITEMS > 0) {
-            key = reg[t];
-        } else {
-            key = k[i];
-        }
+        const unsigned key = key_of(t, i);
         // The bounds hold by construction; they only keep a broken count in bounds.
         if (key > kth) {
             if (g < gt_total) {
@@ -1006,16 +924,28 @@ __device__ __forceinline__ void det_topk_select(const unsigned* __restrict__ key
         }
     }
     __syncthreads();
+}
 
-    // 3. Rank the winners and write their rows.
+// Rank of winner j among the K: larger key first, ties by lower index.
+__device__ __forceinline__ int det_winner_rank(const unsigned* cand_key, const unsigned* cand_idx, int K, int j) {
+    const unsigned kj = cand_key[j], ij = cand_idx[j];
+    int rank = 0;
+    for (int m = 0; m < K; m++) {
+        const unsigned km = cand_key[m];
+        rank += (km > kj || (km == kj && cand_idx[m] < ij)) ? 1 : 0;
+    }
+    return rank;
+}
+
+// Detection rows of one image's winners: (score, label, x0, y0, x1, y1) with the corners
+// normalised, rounded as the CPU's (cx - 0.5 * w) before scaling.
+__device__ __forceinline__ void det_write_detections(const unsigned* cand_key, const unsigned* cand_idx,
+                                                     const T* __restrict__ boxes, float* __restrict__ out, int N,
+                                                     int C, int K) {
     const int Q = N / C;
-    for (int j = tid; j < K; j += blockDim.x) {
+    for (int j = threadIdx.x; j < K; j += blockDim.x) {
+        const int rank = det_winner_rank(cand_key, cand_idx, K, j);
         const unsigned kj = cand_key[j], ij = cand_idx[j];
-        int rank = 0;
-        for (int m = 0; m < K; m++) {
-            const unsigned km = cand_key[m];
-            rank += (km > kj || (km == kj && cand_idx[m] < ij)) ? 1 : 0;
-        }
         const int q = (int)(ij / (unsigned)C), label = (int)(ij % (unsigned)C);
         const T* bx = boxes + ((i64)blockIdx.x * Q + q) * 4;
         const float cx = ldf(bx[0]), cy = ldf(bx[1]);
@@ -1033,23 +963,65 @@ __device__ __forceinline__ void det_topk_select(const unsigned* __restrict__ key
 // keys [B, N] (det_score_keys), boxes [B, N / C, 4] cxcywh, out [B, K, 6]; grid B,
 // blockDim a multiple of 32 (at most 1024) with N <= DET_TOPK_ITEMS * blockDim; dynamic
 // shared memory 8 * K bytes.
-extern "C" __global__ void det_topk_detections(const unsigned* __restrict__ keys, const T* __restrict__ boxes,
+extern "C" __global__ void __launch_bounds__(1024) det_topk_detections(const unsigned* __restrict__ keys, const T* __restrict__ boxes,
                                                float* __restrict__ out, int N, int C, int K) {
     extern __shared__ unsigned det_topk_cand[];
-    __shared__ unsigned hist[256];
-    __shared__ int scan[64];
-    __shared__ unsigned pick_digit;
-    __shared__ int pick_need;
-    det_topk_select<DET_TOPK_ITEMS>(keys, boxes, out, N, C, K, det_topk_cand, hist, scan, &pick_digit, &pick_need);
+    __shared__ DetSelectShared sh;
+    const unsigned* k = keys + (i64)blockIdx.x * N;
+    det_select_winners<DET_TOPK_ITEMS>([=](int i) { return k[i]; }, N, K, det_topk_cand, det_topk_cand + K, sh);
+    det_write_detections(det_topk_cand, det_topk_cand + K, boxes, out, N, C, K);
 }
 
 // The same for any N: keys re-read from global memory (L2) in every pass.
 extern "C" __global__ void det_topk_detections_wide(const unsigned* __restrict__ keys, const T* __restrict__ boxes,
                                                     float* __restrict__ out, int N, int C, int K) {
     extern __shared__ unsigned det_topk_cand[];
-    __shared__ unsigned hist[256];
-    __shared__ int scan[64];
-    __shared__ unsigned pick_digit;
-    __shared__ int pick_need;
-    det_topk_select<0>(keys, boxes, out, N, C, K, det_topk_cand, hist, scan, &pick_digit, &pick_need);
+    __shared__ DetSelectShared sh;
+    const unsigned* k = keys + (i64)blockIdx.x * N;
+    det_select_winners<0>([=](int i) { return k[i]; }, N, K, det_topk_cand, det_topk_cand + K, sh);
+    det_write_detections(det_topk_cand, det_topk_cand + K, boxes, out, N, C, K);
+}
+
+// ---- Query selection: per image the K of L rows with the largest score ----
+// Keys are det_order_key(score); rows come back in key order, ties by lower index (the
+// CPU backend's stable sort and torch.topk's order). scores [B, L] f32, idx [B, K];
+// grid B, dynamic shared memory 8 * K bytes.
+
+#define DET_SELECT_ITEMS 16  // scores per thread held in registers (det_topk_select)
+
+// Order key of a score: a larger score has a larger key, every NaN the largest key, and
+// -0 the key of +0. Rows rank by key, ties by lower index: NaN first, then larger
+// scores (the CPU backend's stable sort and torch.topk's order).
+__device__ __forceinline__ unsigned det_order_key(float v) {
+    if (isnan(v)) return 0xffffffffu;
+    if (v == 0.0f) v = 0.0f;
+    const unsigned b = __float_as_uint(v);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ void det_write_indices(const unsigned* cand_key, const unsigned* cand_idx,
+                                                  int* __restrict__ idx, int K) {
+    for (int j = threadIdx.x; j < K; j += blockDim.x)
+        idx[(i64)blockIdx.x * K + det_winner_rank(cand_key, cand_idx, K, j)] = (int)cand_idx[j];
+}
+
+// blockDim a multiple of 32 (at most 1024) with L <= DET_SELECT_ITEMS * blockDim.
+extern "C" __global__ void __launch_bounds__(1024) det_topk_select(const float* __restrict__ scores, int* __restrict__ idx, int L, int K) {
+    extern __shared__ unsigned det_select_cand[];
+    __shared__ DetSelectShared sh;
+    const float* s = scores + (i64)blockIdx.x * L;
+    det_select_winners<DET_SELECT_ITEMS>([=](int i) { return det_order_key(s[i]); }, L, K, det_select_cand,
+                                         det_select_cand + K, sh);
+    det_write_indices(det_select_cand, det_select_cand + K, idx, K);
+}
+
+// The same for any L: scores re-read in every pass.
+extern "C" __global__ void det_topk_select_wide(const float* __restrict__ scores, int* __restrict__ idx, int L,
+                                                int K) {
+    extern __shared__ unsigned det_select_cand[];
+    __shared__ DetSelectShared sh;
+    const float* s = scores + (i64)blockIdx.x * L;
+    det_select_winners<0>([=](int i) { return det_order_key(s[i]); }, L, K, det_select_cand, det_select_cand + K,
+                          sh);
+    det_write_indices(det_select_cand, det_select_cand + K, idx, K);
 }

@@ -42,8 +42,9 @@ extern "C" __global__ void pre_resize_h(const unsigned char* __restrict__ src,
     }
 }
 
-// One output byte per thread: rows of `w` pixels, the input's first row being source
-// row `first_row`, resampled to `out_h` rows.
+// Four consecutive output bytes of one row per thread (the row's taps read once): rows of
+// `w` pixels, the input's first row being source row `first_row`, resampled to `out_h`
+// rows. Launched over out_h * ceil(3 * w / 4) threads.
 extern "C" __global__ void pre_resize_v(const unsigned char* __restrict__ src,
                                         unsigned char* __restrict__ dst, int w, int first_row,
                                         int out_h, const int* __restrict__ taps, int ksize) {
@@ -51,19 +52,27 @@ extern "C" __global__ void pre_resize_v(const unsigned char* __restrict__ src,
     const int* count = taps + out_h;
     const int* coeffs = taps + 2 * out_h;
     long long row_len = (long long)w * 3;
-    long long total = row_len * out_h;
+    long long quads = (row_len + 3) / 4;
+    long long total = quads * out_h;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
-        int yy = (int)(i / row_len);
-        long long e = i - yy * row_len;
+        int yy = (int)(i / quads);
+        long long e = (i - yy * quads) * 4;
+        int lanes = row_len - e < 4 ? (int)(row_len - e) : 4;
         const unsigned char* p = src + (long long)(start[yy] - first_row) * row_len + e;
         const int* k = coeffs + (long long)yy * ksize;
         int n = count[yy];
-        int acc = 1 << (PRE_PRECISION_BITS - 1);
+        int acc[4];
+        for (int j = 0; j < 4; ++j) acc[j] = 1 << (PRE_PRECISION_BITS - 1);
         for (int t = 0; t < n; ++t) {
-            acc += (int)p[t * row_len] * k[t];
+            const unsigned char* r = p + t * row_len;
+            int c = k[t];
+            for (int j = 0; j < 4; ++j)
+                if (j < lanes) acc[j] += (int)r[j] * c;
         }
-        dst[i] = pre_clip8(acc);
+        unsigned char* o = dst + (long long)yy * row_len + e;
+        for (int j = 0; j < 4; ++j)
+            if (j < lanes) o[j] = pre_clip8(acc[j]);
     }
 }
 

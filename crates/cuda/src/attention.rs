@@ -125,6 +125,7 @@ pub(crate) fn channel_attention(
                     d: out,
                     batch: (n * chunks) as i32,
                     bias: None,
+                    relu: false,
                     tf32: be.tf32(),
                 };
                 be.run_gemm(&call)?;
@@ -266,6 +267,7 @@ pub(crate) fn channel_attention(
                 },
                 batch: n as i32,
                 bias: proj.bias.as_ref().map(|b| b.ptr()),
+                relu: false,
                 tf32: be.tf32(),
             };
             be.run_gemm(&call)?;

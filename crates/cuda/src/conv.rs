@@ -121,8 +121,37 @@ pub(crate) fn prepare(
     }
 }
 
-/// `out[p, :] = w x[p, :] (+ bias) (+ res[p, :])` for `p` pixels with `k` inputs each
-/// (row stride `k`), all row-major.
+/// What cuBLASLt's epilogue adds to a product: `act(w x + bias) + residual` needs the
+/// residual inside (`C`, identity only) and the activation ReLU or none.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ProductEpilogue {
+    pub bias: bool,
+    pub residual: Option<u64>,
+    pub relu: bool,
+}
+
+impl ProductEpilogue {
+    /// The epilogue that finishes `act(w x + bias) + residual` in the product where
+    /// cuBLASLt can (ReLU without a residual, or no activation), else `None`.
+    pub(crate) fn complete(act: Activation, residual: Option<u64>) -> Option<Self> {
+        match (act, residual) {
+            (Activation::Identity, r) => Some(Self {
+                bias: true,
+                residual: r,
+                relu: false,
+            }),
+            (Activation::Relu, None) => Some(Self {
+                bias: true,
+                residual: None,
+                relu: true,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// `out[p, :] = w x[p, :]` plus `epi` for `p` pixels with `k` inputs each (row stride
+/// `k`), all row-major.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_rows(
     be: &CudaBackend,
@@ -131,8 +160,7 @@ pub(crate) fn gemm_rows(
     k: usize,
     w: &ConvWeights,
     out: u64,
-    res: Option<u64>,
-    with_bias: bool,
+    epi: ProductEpilogue,
 ) -> Result<()> {
     let elem = be.elem();
     let call = GemmCall {
@@ -154,7 +182,7 @@ pub(crate) fn gemm_rows(
             elem,
         },
         trans_b: false,
-        c: res,
+        c: epi.residual,
         d: Operand {
             ptr: out,
             rows: w.c_out as u64,
@@ -164,11 +192,12 @@ pub(crate) fn gemm_rows(
             elem,
         },
         batch: 1,
-        bias: if with_bias {
+        bias: if epi.bias {
             w.bias.as_ref().map(|b| b.ptr())
         } else {
             None
         },
+        relu: epi.relu,
         tf32: be.tf32(),
     };
     be.run_gemm(&call)?;
@@ -253,21 +282,21 @@ pub(crate) fn conv2d(
             Ok(out)
         });
     }
-    // cuBLASLt's epilogue adds the bias (and the residual when there is no activation);
-    // an activation takes one more pass. cuDNN's epilogue does all three in one, so the
-    // launch carries them and the choice between the two is timed with that pass.
-    let fused_res = if act == Activation::Identity {
-        residual.map(|r| r.ptr())
-    } else {
-        None
-    };
+    // cuBLASLt's epilogue adds the bias, and the residual or a ReLU where that finishes
+    // the job; other activations take one more pass. cuDNN's epilogue does all three in
+    // one, so the launch carries them and the choice between the two is timed with that.
+    let complete = ProductEpilogue::complete(act, residual.map(|r| r.ptr()));
     be.profiler.op(be, "conv1x1_gemm", flops, bytes, || {
         let out = be.alloc_tensor(dims)?;
         let l = DenseLaunch::new(x.dims, c, w, (oh, ow), w.c_out, act, residual.is_some());
         let ptrs = DensePtrs::of(x.ptr(), w, residual.map(|r| r.ptr()), out.ptr());
         crate::cudnn_conv::run_dense(be, &l, &ptrs, || {
-            gemm_rows(be, x.ptr(), p_out, w.c_in, w, out.ptr(), fused_res, true)?;
-            if act != Activation::Identity {
+            let epi = complete.unwrap_or(ProductEpilogue {
+                bias: true,
+                ..Default::default()
+            });
+            gemm_rows(be, x.ptr(), p_out, w.c_in, w, out.ptr(), epi)?;
+            if complete.is_none() {
                 act_residual(be, &out, act, residual)?;
             }
             Ok(())
@@ -319,11 +348,7 @@ fn im2col_product(
     out: &CudaTensor,
 ) -> Result<()> {
     let [n, h, wd, c] = x.dims;
-    let fused_res = if act == Activation::Identity {
-        residual.map(|r| r.ptr())
-    } else {
-        None
-    };
+    let complete = ProductEpilogue::complete(act, residual.map(|r| r.ptr()));
     let per_image = oh * ow * w.kp * be.esize();
     let chunk = (IM2COL_BUDGET / per_image.max(1)).clamp(1, n);
     let col = be.pool.alloc(chunk * per_image)?;
@@ -378,20 +403,20 @@ fn im2col_product(
             be.launch_1d("im2col", nc * oh * ow * w.kp, &args)?;
         }
         let o_off = (n0 * oh * ow * w.c_out) as u64 * esz;
-        let res = fused_res.map(|r| r + o_off);
-        gemm_rows(
-            be,
-            col.ptr(),
-            nc * oh * ow,
-            w.kp,
-            w,
-            out.ptr() + o_off,
-            res,
-            true,
-        )?;
+        let epi = match complete {
+            Some(e) => ProductEpilogue {
+                residual: e.residual.map(|r| r + o_off),
+                ..e
+            },
+            None => ProductEpilogue {
+                bias: true,
+                ..Default::default()
+            },
+        };
+        gemm_rows(be, col.ptr(), nc * oh * ow, w.kp, w, out.ptr() + o_off, epi)?;
         n0 += nc;
     }
-    if act != Activation::Identity {
+    if complete.is_none() {
         act_residual(be, out, act, residual)?;
     }
     Ok(())

@@ -241,8 +241,10 @@ fn conv_slice(
     let flops = 2.0 * (p_out * w.kh * w.kw * w.c_in * w.c_out) as f64;
     let bytes = io_bytes + (w.c_out * w.kp) as f64 * es;
     if plain_product(w.kh, w.kw, w.spec) && w.kp == w.c_in {
-        // The activation runs on a whole output (act_residual is element-wise over it).
-        let target = dst.filter(|_| act == Activation::Identity);
+        // The product's epilogue finishes no activation or a ReLU, in place in a slice;
+        // other activations run on a whole output (act_residual is element-wise over it).
+        let in_product = matches!(act, Activation::Identity | Activation::Relu);
+        let target = dst.filter(|_| in_product);
         return be.profiler.op(be, "conv1x1_gemm", flops, bytes, || {
             let fresh = match target {
                 Some(_) => None,
@@ -259,12 +261,17 @@ fn conv_slice(
                 w,
                 (oh, ow),
                 y.1,
-                Activation::Identity,
+                if in_product {
+                    act
+                } else {
+                    Activation::Identity
+                },
                 false,
             );
             let ptrs = DensePtrs::of(input.ptr, w, None, y.0);
-            crate::cudnn_conv::run_dense(be, &l, &ptrs, || product_rows(be, input, w, y))?;
-            if let (Some(t), false) = (&fresh, act == Activation::Identity) {
+            let relu = act == Activation::Relu;
+            crate::cudnn_conv::run_dense(be, &l, &ptrs, || product_rows(be, input, w, y, relu))?;
+            if let (Some(t), false) = (&fresh, in_product) {
                 act_residual(be, t, act, None)?;
             }
             Ok(fresh)
@@ -324,7 +331,13 @@ fn plan_strided(
 }
 
 /// `y[p, :] = w x[p, :] + bias` over all pixels, rows `ld` apart on both sides.
-fn product_rows(be: &CudaBackend, x: Slice, w: &ConvWeights, (y, ldy): (u64, usize)) -> Result<()> {
+fn product_rows(
+    be: &CudaBackend,
+    x: Slice,
+    w: &ConvWeights,
+    (y, ldy): (u64, usize),
+    relu: bool,
+) -> Result<()> {
     let elem = be.elem();
     let (p, k) = (x.pixels() as u64, w.c_in as u64);
     let call = GemmCall {
@@ -357,6 +370,7 @@ fn product_rows(be: &CudaBackend, x: Slice, w: &ConvWeights, (y, ldy): (u64, usi
         },
         batch: 1,
         bias: w.bias.as_ref().map(|b| b.ptr()),
+        relu,
         tf32: be.tf32(),
     };
     be.run_gemm(&call)?;

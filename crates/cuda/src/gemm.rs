@@ -58,6 +58,8 @@ pub(crate) struct GemmCall {
     pub d: Operand,
     pub batch: i32,
     pub bias: Option<u64>,
+    /// ReLU in the epilogue, after the bias (cuBLASLt has no SiLU).
+    pub relu: bool,
     pub tf32: bool,
 }
 
@@ -69,6 +71,7 @@ struct Key {
     with_c: bool,
     batch: i32,
     bias: bool,
+    relu: bool,
     tf32: bool,
 }
 
@@ -170,8 +173,13 @@ impl Gemm {
             &tb as *const i32 as *const c_void,
             4,
         )?;
-        if call.bias.is_some() {
-            let epi = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+        let epilogue = match (call.bias.is_some(), call.relu) {
+            (true, false) => Some(sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS),
+            (true, true) => Some(sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS),
+            (false, true) => Some(sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU),
+            (false, false) => None,
+        };
+        if let Some(epi) = epilogue {
             set(
                 A::CUBLASLT_MATMUL_DESC_EPILOGUE,
                 &epi as *const _ as *const c_void,
@@ -417,6 +425,7 @@ impl Gemm {
             with_c: call.c.is_some(),
             batch: call.batch,
             bias: call.bias.is_some(),
+            relu: call.relu,
             tf32: call.tf32,
         };
         let mut plans = self

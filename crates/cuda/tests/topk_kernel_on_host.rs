@@ -1,4 +1,4 @@
-//! The top-k detection kernels of detection.cu, run on the host: their source compiled by
+//! The top-k detection and query selection kernels of detection.cu, run on the host: their source compiled by
 //! g++ after `topk_emulation/emu.h` (one std::thread per CUDA thread, warp intrinsics and
 //! barriers emulated) and every output row compared bit for bit with the CPU's
 //! post-processing (`topk_emulation/main.cpp`). Checks the algorithm (radix select, tie
@@ -17,10 +17,16 @@ fn topk_kernels_match_the_cpu_post_processing_on_the_host() {
     let start = src
         .find("// ---- Post-processing")
         .expect("detection.cu has a post-processing section");
-    let kernels = src[start..].replace("extern \"C\" ", "").replace(
-        "extern __shared__ unsigned det_topk_cand[];",
-        "unsigned* det_topk_cand = g_dyn_smem;",
-    );
+    let kernels = src[start..]
+        .replace("extern \"C\" ", "")
+        .replace(
+            "extern __shared__ unsigned det_topk_cand[];",
+            "unsigned* det_topk_cand = g_dyn_smem;",
+        )
+        .replace(
+            "extern __shared__ unsigned det_select_cand[];",
+            "unsigned* det_select_cand = g_dyn_smem;",
+        );
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/topk_emulation");
     let emu = std::fs::read_to_string(dir.join("emu.h")).unwrap();
     let main = std::fs::read_to_string(dir.join("main.cpp")).unwrap();
@@ -49,5 +55,5 @@ fn topk_kernels_match_the_cpu_post_processing_on_the_host() {
     let text = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success() && text.contains("ALL OK"), "{text}");
     // Every case ran.
-    assert_eq!(text.matches(": ok (0 differences)").count(), 7, "{text}");
+    assert_eq!(text.matches(": ok (0 differences)").count(), 11, "{text}");
 }

@@ -71,15 +71,16 @@ pub(super) struct Temps {
     pub workspace: (u64, usize),
 }
 
-/// One launch through cuDNN: the input packed if staged, `cudnnConvolutionForward`, then
-/// bias, activation and residual in one pass that also moves a staged output into its
-/// channel slice.
+/// One launch through cuDNN: the input packed if staged, then either
+/// `cudnnConvolutionForward` followed by bias, activation and residual in one pass that
+/// also moves a staged output into its channel slice, or (`fused`) cuDNN's own
+/// convolution + bias + activation call.
 pub(super) fn launch(
     be: &CudaBackend,
     handle: dnn::cudnnHandle_t,
     (l, d, staging): (&DenseLaunch, &Descriptors, Staging),
     p: &DensePtrs,
-    algo: dnn::cudnnConvolutionFwdAlgo_t,
+    (algo, fused): (dnn::cudnnConvolutionFwdAlgo_t, Option<&FusedEpilogue>),
     t: &Temps,
 ) -> CudaResult<()> {
     if be.ctx.is_dry() {
@@ -94,6 +95,39 @@ pub(super) fn launch(
     let y = if staging.output { t.y } else { p.y };
     let (alpha, beta) = (1f32, 0f32);
     let (ws, ws_bytes) = t.workspace;
+    if let Some(f) = fused {
+        let bias = p
+            .bias
+            .ok_or_else(|| CudaError::Driver("cuDNN's fused epilogue needs the bias".into()))?;
+        // SAFETY: as below; z is y with alpha2 = 0 (not read for its values); the bias
+        // holds c_out values of the storage type.
+        unsafe {
+            check(
+                dnn::cudnnConvolutionBiasActivationForward(
+                    handle,
+                    &alpha as *const f32 as *const c_void,
+                    d.x,
+                    x as *const c_void,
+                    d.w,
+                    p.w as *const c_void,
+                    d.conv,
+                    algo,
+                    ws as *mut c_void,
+                    ws_bytes,
+                    &beta as *const f32 as *const c_void,
+                    d.y,
+                    y as *const c_void,
+                    f.bias,
+                    bias as *const c_void,
+                    f.act,
+                    d.y,
+                    y as *mut c_void,
+                ),
+                "convolution with bias and activation",
+            )?;
+        }
+        return Ok(());
+    }
     // SAFETY: descriptors describe the live buffers; the workspace holds `ws_bytes`;
     // everything is enqueued on the backend's stream.
     unsafe {
@@ -200,6 +234,99 @@ pub(super) fn pack_input(
     }
 }
 
+/// Whether cuDNN's convolution + bias + activation call can finish `l` with `algo`:
+/// bias, ReLU or no activation, no residual, the output written in place (its identity
+/// activation runs with the precomputed implicit GEMM only).
+pub(super) fn can_fuse(
+    l: &DenseLaunch,
+    staging: Staging,
+    algo: dnn::cudnnConvolutionFwdAlgo_t,
+) -> bool {
+    let relu = l.act == 2;
+    let identity = l.act == 0
+        && algo == dnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM;
+    l.bias && !l.residual && !staging.output && (relu || identity)
+}
+
+/// The bias and activation descriptors of cuDNN's fused call.
+pub(super) struct FusedEpilogue {
+    bias: dnn::cudnnTensorDescriptor_t,
+    act: dnn::cudnnActivationDescriptor_t,
+}
+
+// SAFETY: host-side parameter blocks, only read after construction.
+unsafe impl Send for FusedEpilogue {}
+unsafe impl Sync for FusedEpilogue {}
+
+impl FusedEpilogue {
+    /// For `l`: a 1 x c_out x 1 x 1 bias in the storage type, ReLU (NaN not propagated,
+    /// as `fmaxf` in ours) or identity.
+    pub(super) fn new(be: &CudaBackend, l: &DenseLaunch) -> CudaResult<Self> {
+        let mut f = FusedEpilogue {
+            bias: std::ptr::null_mut(),
+            act: std::ptr::null_mut(),
+        };
+        let mode = if l.act == 2 {
+            dnn::cudnnActivationMode_t::CUDNN_ACTIVATION_RELU
+        } else {
+            dnn::cudnnActivationMode_t::CUDNN_ACTIVATION_IDENTITY
+        };
+        // SAFETY: each create writes one descriptor, destroyed in Drop (null ones are
+        // skipped); the setters take plain values.
+        unsafe {
+            check(dnn::cudnnCreateTensorDescriptor(&mut f.bias), "descriptor")?;
+            check(
+                dnn::cudnnCreateActivationDescriptor(&mut f.act),
+                "descriptor",
+            )?;
+            check(
+                dnn::cudnnSetTensor4dDescriptor(
+                    f.bias,
+                    dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+                    data_type(be.storage),
+                    1,
+                    l.c_out as i32,
+                    1,
+                    1,
+                ),
+                "bias descriptor",
+            )?;
+            check(
+                dnn::cudnnSetActivationDescriptor(
+                    f.act,
+                    mode,
+                    dnn::cudnnNanPropagation_t::CUDNN_NOT_PROPAGATE_NAN,
+                    0.0,
+                ),
+                "activation descriptor",
+            )?;
+        }
+        Ok(f)
+    }
+}
+
+impl Drop for FusedEpilogue {
+    fn drop(&mut self) {
+        // SAFETY: each non-null descriptor was created above and is destroyed once.
+        unsafe {
+            if !self.bias.is_null() {
+                let _ = dnn::cudnnDestroyTensorDescriptor(self.bias);
+            }
+            if !self.act.is_null() {
+                let _ = dnn::cudnnDestroyActivationDescriptor(self.act);
+            }
+        }
+    }
+}
+
+fn data_type(storage: Storage) -> dnn::cudnnDataType_t {
+    match storage {
+        Storage::F16 => dnn::cudnnDataType_t::CUDNN_DATA_HALF,
+        Storage::BF16 => dnn::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
+        Storage::F32 => dnn::cudnnDataType_t::CUDNN_DATA_FLOAT,
+    }
+}
+
 /// The tensor, filter and convolution descriptors of one launch (NHWC, KRSC filters,
 /// fp32 accumulation, tensor cores).
 pub(super) struct Descriptors {
@@ -218,11 +345,7 @@ impl Descriptors {
     pub(super) fn new(be: &CudaBackend, l: &DenseLaunch, staging: Staging) -> CudaResult<Self> {
         let ldx = if staging.input { l.input[3] } else { l.ldx };
         let ldy = if staging.output { l.c_out } else { l.ldy };
-        let dtype = match be.storage {
-            Storage::F16 => dnn::cudnnDataType_t::CUDNN_DATA_HALF,
-            Storage::BF16 => dnn::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
-            Storage::F32 => dnn::cudnnDataType_t::CUDNN_DATA_FLOAT,
-        };
+        let dtype = data_type(be.storage);
         let i = |v: usize| v as i32;
         let [n, h, w, c] = l.input;
         let (oh, ow) = l.out_hw;

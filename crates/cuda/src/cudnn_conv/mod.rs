@@ -35,7 +35,7 @@ mod agree;
 mod api;
 mod timing;
 
-use api::{Descriptors, Handle, Temps};
+use api::{Descriptors, FusedEpilogue, Handle, Temps};
 use timing::{graph_ms, Scratch};
 
 const ENV_SWITCH: &str = "APERTURE_CUDNN";
@@ -168,6 +168,8 @@ struct Plan {
     workspace: usize,
     staging: Staging,
     desc: Descriptors,
+    /// Bias and activation in cuDNN's own call instead of our epilogue pass.
+    fused: Option<FusedEpilogue>,
 }
 
 #[derive(Clone)]
@@ -282,7 +284,7 @@ pub(crate) fn run_dense(
         handle,
         (l, &plan.desc, plan.staging),
         p,
-        plan.algo,
+        (plan.algo, plan.fused.as_ref()),
         &temps,
     )?;
     Ok(())
@@ -357,6 +359,7 @@ fn search(
             workspace: best.memory,
             staging,
             desc,
+            fused: None,
         }))
 }
 
@@ -394,22 +397,39 @@ fn choose(
             break;
         }
     }
-    let plan = plan
+    let mut plan = plan
         .ok_or_else(|| CudaError::Driver("cuDNN has no algorithm for this convolution".into()))?;
     temps.workspace = (ws.0, plan.workspace);
     let p_scratch = DensePtrs { y: out.0, ..*p };
-    let cudnn = || {
+    let run = |fused: Option<&FusedEpilogue>| {
         let l_plan = (l, &plan.desc, plan.staging);
-        api::launch(be, handle, l_plan, &p_scratch, plan.algo, &temps).map_err(Into::into)
+        api::launch(be, handle, l_plan, &p_scratch, (plan.algo, fused), &temps).map_err(Into::into)
+    };
+    // cuDNN's own bias + activation where it can finish the launch, if that is faster
+    // than its convolution followed by our epilogue pass.
+    let fused = if api::can_fuse(l, plan.staging, plan.algo) {
+        FusedEpilogue::new(be, l).ok()
+    } else {
+        None
     };
     // Both write their outputs (ours the real one, cuDNN the scratch) while timed.
     let times = if forced {
-        cudnn()?;
         ours()?;
         None
     } else {
-        Some((graph_ms(be, &cudnn)?, graph_ms(be, ours)?))
+        let separate = graph_ms(be, &|| run(None))?;
+        let together = match &fused {
+            Some(f) => graph_ms(be, &|| run(Some(f))).ok(),
+            None => None,
+        };
+        Some((separate, together, graph_ms(be, ours)?))
     };
+    let use_fused = match times {
+        Some((separate, Some(together), _)) => together < separate,
+        _ => false,
+    };
+    // The way that will run writes the scratch last: its output is what is compared.
+    run(if use_fused { fused.as_ref() } else { None })?;
     let diff = agree::slice_rel_l2(be, (p.y, out.0), l.pixels_out(), l.c_out, l.ldy)?;
     if diff > agree::tolerance(be.storage) {
         tracing::warn!(
@@ -419,11 +439,15 @@ fn choose(
         );
         return Ok(Choice::Ours);
     }
-    let Some((theirs, mine)) = times else {
+    if use_fused {
+        plan.fused = fused;
+    }
+    let Some((separate, together, mine)) = times else {
         return Ok(Choice::Cudnn(Arc::new(plan)));
     };
+    let theirs = together.filter(|_| use_fused).unwrap_or(separate);
     tracing::debug!(
-        "convolution {:?} {}x{} s{} g{} -> {} channels ({:?}, {:?}): ours {mine:.3} ms, cuDNN {theirs:.3} ms, outputs {diff:.1e} apart",
+        "convolution {:?} {}x{} s{} g{} -> {} channels ({:?}, {:?}): ours {mine:.3} ms, cuDNN {separate:.3} ms, with its bias/activation {together:?} ms, outputs {diff:.1e} apart",
         l.input,
         l.kh,
         l.kw,
@@ -495,6 +519,40 @@ mod tests {
             Staging::options(&launch(64, 448, 64, 64)),
             vec![staging(false, false), staging(true, false)]
         );
+    }
+
+    #[test]
+    fn cudnn_finishes_bias_with_relu_or_identity_in_place_only() {
+        use dnn::cudnnConvolutionFwdAlgo_t as A;
+        let (precomp, gemm) = (
+            A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+            A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+        );
+        let relu = DenseLaunch {
+            act: 2,
+            ..launch(64, 64, 32, 32)
+        };
+        let plain = staging(false, false);
+        assert!(api::can_fuse(&relu, plain, gemm));
+        // Identity runs with the precomputed implicit GEMM only.
+        let identity = launch(64, 64, 32, 32);
+        assert!(api::can_fuse(&identity, plain, precomp));
+        assert!(!api::can_fuse(&identity, plain, gemm));
+        // SiLU, GELU, a residual, no bias or a staged output stay with our epilogue.
+        for act in [1, 3] {
+            assert!(!api::can_fuse(&DenseLaunch { act, ..relu }, plain, precomp));
+        }
+        let residual = DenseLaunch {
+            residual: true,
+            ..relu
+        };
+        assert!(!api::can_fuse(&residual, plain, precomp));
+        let no_bias = DenseLaunch {
+            bias: false,
+            ..relu
+        };
+        assert!(!api::can_fuse(&no_bias, plain, precomp));
+        assert!(!api::can_fuse(&relu, staging(false, true), precomp));
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::cmp::Ordering;
 
 use aperture_engine::{EngineError, Result};
 
+use super::postprocess::pick_select_kernel;
 use super::DArg;
 use crate::backend::{CudaBackend, CudaTensor};
 
@@ -12,8 +13,11 @@ const MAX_BINS: usize = 128;
 /// Shared memory for the rows one image's device top-k keeps (a key and an index each;
 /// more: host path).
 const SELECT_SMEM: usize = 48 * 1024;
-/// Threads per image in the device top-k.
+/// Threads per image in the device top-k (fewer if the kernel's registers do not allow).
 const SELECT_BLOCK: usize = 1024;
+/// Scores each thread holds in registers (`DET_SELECT_ITEMS` in detection.cu); more rows
+/// per image take the kernel that re-reads them.
+const SELECT_ITEMS: usize = 16;
 
 fn check_seq(x: &CudaTensor, what: &str) -> Result<()> {
     if x.dims[1] != 1 {
@@ -127,13 +131,20 @@ impl CudaBackend {
                     DArg::I32(l as i32),
                     DArg::I32(k as i32),
                 ];
-                self.det_launch_grid(
-                    "det_topk_select",
-                    (1, n as u32),
-                    SELECT_BLOCK as u32,
-                    (k * 8) as u32,
-                    &args,
+                let (kernel, threads) = pick_select_kernel(
+                    l,
+                    SELECT_ITEMS,
+                    SELECT_BLOCK,
+                    (
+                        self.det_max_threads("det_topk_select")?,
+                        self.det_max_threads("det_topk_select_wide")?,
+                    ),
+                    ("det_topk_select", "det_topk_select_wide"),
                 )?;
+                let grid = u32::try_from(n).map_err(|_| {
+                    EngineError::Invalid(format!("top-k: {n} images in one launch"))
+                })?;
+                self.det_launch_grid(kernel, (grid, 1), threads, (k * 8) as u32, &args)?;
                 Ok(idx)
             },
         )?;

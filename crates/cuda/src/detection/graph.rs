@@ -359,7 +359,8 @@ where
     let numel: usize = dims.iter().product();
     let staging_in = be.pool.alloc(numel.max(1) * 4)?;
     be.memset(staging_in.ptr(), 0, numel * 4)?;
-    let (graph, outs) = capture_forward(be, dims, staging_in.ptr(), &|_| Ok(()), forward)?;
+    let staged = staging_in.ptr();
+    let (graph, outs) = capture_forward(be, &|b| from_nchw(b, staged, dims), forward)?;
     let uploads = UploadSlots::new(be, numel)?;
     entries.insert(
         shape.to_vec(),
@@ -376,15 +377,13 @@ where
 /// The f32 output buffers of a captured forward pass, with their NHWC dims.
 pub(super) type Outputs = Vec<(DeviceBuffer, [usize; 4])>;
 
-/// Captures `prologue` (which writes the NCHW f32 input at `staging_in`, e.g. GPU
-/// preprocessing; a no-op when the input is copied in), the conversion to the NHWC
-/// activation, `forward` and the copies of its outputs to f32 buffers, into one graph.
-/// One eager pass first learns the output shapes and readies kernels and constants.
+/// Captures `input` (which enqueues the work that gives the NHWC model input: the
+/// conversion of the copied-in NCHW f32 values, or GPU preprocessing of 8-bit pixels),
+/// `forward` and the copies of its outputs to f32 buffers, into one graph. One eager
+/// pass first learns the output shapes and readies kernels and constants.
 pub(super) fn capture_forward<F, O>(
     be: &CudaBackend,
-    dims: [usize; 4],
-    staging_in: u64,
-    prologue: &dyn Fn(&CudaBackend) -> Result<()>,
+    input: &dyn Fn(&CudaBackend) -> Result<CudaTensor>,
     forward: &F,
 ) -> Result<(DetGraph, Outputs)>
 where
@@ -392,8 +391,7 @@ where
     O: Into<GraphOutput>,
 {
     let out_dims: Vec<[usize; 4]> = {
-        prologue(be)?;
-        let x = from_nchw(be, staging_in, dims)?;
+        let x = input(be)?;
         let ys = forward(be, &x)?;
         be.synchronize()?;
         ys.into_iter().map(|y| y.into().dims()).collect()
@@ -404,8 +402,7 @@ where
         .map(|d| Ok((be.pool.alloc(d.iter().product::<usize>().max(1) * 4)?, *d)))
         .collect::<Result<Vec<_>>>()?;
     let graph = capture_warm(be, |b| {
-        prologue(b)?;
-        let x = from_nchw(b, staging_in, dims)?;
+        let x = input(b)?;
         let ys: Vec<GraphOutput> = forward(b, &x)?.into_iter().map(Into::into).collect();
         if ys.len() != outs.len() {
             return Err(EngineError::Invalid(

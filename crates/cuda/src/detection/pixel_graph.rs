@@ -17,13 +17,14 @@ use cudarc::driver::result;
 
 use super::graph::{capture_forward, poisoned, DetGraph, GraphOutput, Outputs};
 use super::pixel_key::PixelGraphKey;
+use super::DArg;
 use crate::backend::{CudaBackend, CudaTensor};
 use crate::error::CudaError;
 use crate::kernels::Kernels;
 use crate::pool::DeviceBuffer;
 use crate::preprocess::plan::{plan_batch, BatchPlan};
-use crate::preprocess::steps::{enqueue_steps, Regions};
-use crate::preprocess::{Pinned, PREPROCESS_KERNELS, PREPROCESS_SOURCE};
+use crate::preprocess::steps::{enqueue_steps, FloatOut, Regions};
+use crate::preprocess::{Pinned, PreprocessSpec, PREPROCESS_KERNELS, PREPROCESS_SOURCE};
 
 /// One captured graph and the buffers it reads and writes.
 struct PixelEntry {
@@ -33,9 +34,8 @@ struct PixelEntry {
     input: DeviceBuffer,
     /// Where the images start in `input` (after the tables).
     pixels_at: usize,
-    /// Scratch of the resize passes and the f32 NCHW model input; only the graph
-    /// uses them, kept alive with it.
-    _scratch: [DeviceBuffer; 3],
+    /// Scratch of the resize passes; only the graph uses them, kept alive with it.
+    _scratch: [DeviceBuffer; 2],
     /// Page-locked twin of `input` (the host writes the images here).
     pin_in: Pinned,
     /// Page-locked copy of every output, one after the other.
@@ -211,7 +211,6 @@ where
     let tmp = be.pool.alloc(plan.tmp_bytes.max(1))?;
     let resized = be.pool.alloc(plan.resized_bytes.max(1))?;
     let dims = key.model_input_shape();
-    let staging = be.pool.alloc(dims.iter().product::<usize>().max(1) * 4)?;
     // The tables once; the images start as zeros (the warm-up and capture runs read
     // them).
     let mut pin_in = Pinned::default();
@@ -234,18 +233,31 @@ where
         tmp: tmp.ptr(),
         resized: resized.ptr(),
     };
-    let out = staging.ptr();
-    let prologue = |b: &CudaBackend| -> Result<()> {
+    // The resize passes, each image then rescaled straight into the NHWC model input
+    // (before the next image reuses the resize scratch).
+    let [n, c, h, w] = dims;
+    let model_input = |b: &CudaBackend| -> Result<CudaTensor> {
+        let x = b.alloc_tensor([n, h, w, c])?;
+        let convert =
+            |src: u64, pixels: usize, at: usize| pixels_to_input(b, &spec, &x, (src, pixels, at));
         b.ctx.bind()?;
-        enqueue_steps(&kernels, &b.ctx, &plan, &spec, regions, Some(out))
+        enqueue_steps(
+            &kernels,
+            &b.ctx,
+            &plan,
+            &spec,
+            regions,
+            FloatOut::Convert(&convert),
+        )?;
+        Ok(x)
     };
-    let (graph, outs) = capture_forward(be, dims, out, &prologue, forward)?;
+    let (graph, outs) = capture_forward(be, &model_input, forward)?;
     let mut entry = PixelEntry {
         graph,
         plan,
         input,
         pixels_at,
-        _scratch: [tmp, resized, staging],
+        _scratch: [tmp, resized],
         pin_in,
         pin_out: Pinned::default(),
         outs,
@@ -253,6 +265,42 @@ where
     let total = entry.out_values();
     entry.pin_out.ensure(total.max(1) * 4)?;
     Ok(entry)
+}
+
+/// One resized image's HWC bytes at `src` into the NHWC model input `x` at element
+/// `at`, in the storage type: `pre_to_float`'s rescale and normalisation with the same
+/// roundings, each value then stored as the NCHW staging path's conversion stores it
+/// (one kernel instead of the f32 staging buffer and a transpose).
+fn pixels_to_input(
+    be: &CudaBackend,
+    spec: &PreprocessSpec,
+    x: &CudaTensor,
+    (src, pixels, at): (u64, usize, usize),
+) -> Result<()> {
+    if at + pixels * 3 > x.numel() {
+        return Err(EngineError::Shape(format!(
+            "preprocessed image at element {at} does not fit the model input {:?}",
+            x.dims
+        )));
+    }
+    let (norm, mean, std) = match spec.normalize {
+        Some((m, d)) => (1, m, d),
+        None => (0, [0.0; 3], [1.0; 3]),
+    };
+    let args = [
+        DArg::Ptr(src),
+        DArg::Ptr(x.ptr() + (at * be.esize()) as u64),
+        DArg::I64((pixels * 3) as i64),
+        DArg::F32(spec.scale),
+        DArg::I32(norm),
+        DArg::F32(mean[0]),
+        DArg::F32(mean[1]),
+        DArg::F32(mean[2]),
+        DArg::F32(std[0]),
+        DArg::F32(std[1]),
+        DArg::F32(std[2]),
+    ];
+    be.det_launch_1d("det_pixels_to_input", pixels * 3, &args)
 }
 
 impl CudaBackend {

@@ -20,10 +20,10 @@ use crate::pool::DeviceBuffer;
 /// Values per detection row: score, label, x0, y0, x1, y1.
 pub const DETECTION_VALUES: usize = 6;
 /// Threads of the selection block (fewer if the kernel's registers do not allow them).
-const TOPK_THREADS: usize = 512;
+const TOPK_THREADS: usize = 1024;
 /// Keys each thread holds in registers (`DET_TOPK_ITEMS` in detection.cu); more keys
 /// per image take the kernel that re-reads them from memory.
-const TOPK_ITEMS: usize = 64;
+const TOPK_ITEMS: usize = 24;
 /// Most detections per image: the winners' keys and indices sit in shared memory.
 pub(crate) const MAX_DETECTIONS: usize = 4096;
 
@@ -84,28 +84,48 @@ pub(crate) fn topk_launch(
             "top-k detections on the GPU keep at most {MAX_DETECTIONS} per image, asked for {k}"
         )));
     }
-    // Whole warps (the kernels' ballots take every lane), at most 1024.
-    let warps = |max: usize| TOPK_THREADS.min(max).min(1024) / 32 * 32;
-    let (regs, wide) = (warps(max_threads.0), warps(max_threads.1));
-    let (kernel, threads) = if regs > 0 && n <= TOPK_ITEMS * regs {
-        ("det_topk_detections", regs)
-    } else if wide > 0 {
-        ("det_topk_detections_wide", wide)
-    } else {
-        return Err(EngineError::Device(
-            "the top-k detection kernels cannot launch a single warp".into(),
-        ));
-    };
+    let (kernel, threads) = pick_select_kernel(
+        n,
+        TOPK_ITEMS,
+        TOPK_THREADS,
+        max_threads,
+        ("det_topk_detections", "det_topk_detections_wide"),
+    )?;
     Ok(TopkLaunch {
         kernel,
-        threads: threads as u32,
+        threads,
         smem: (8 * k) as u32,
     })
 }
 
+/// Of a one-block-per-image selection kernel pair `(registers, wide)`: the one holding
+/// `items` keys per thread in registers when `n` keys fit, else the one re-reading them,
+/// and its block size: `threads`, or fewer as the kernel's registers allow, in whole
+/// warps (the kernels' ballots take every lane).
+pub(crate) fn pick_select_kernel(
+    n: usize,
+    items: usize,
+    threads: usize,
+    max_threads: (usize, usize),
+    kernels: (&'static str, &'static str),
+) -> Result<(&'static str, u32)> {
+    let warps = |max: usize| threads.min(max).min(1024) / 32 * 32;
+    let (regs, wide) = (warps(max_threads.0), warps(max_threads.1));
+    if regs > 0 && n <= items * regs {
+        Ok((kernels.0, regs as u32))
+    } else if wide > 0 {
+        Ok((kernels.1, wide as u32))
+    } else {
+        Err(EngineError::Device(format!(
+            "the selection kernels {} / {} cannot launch a single warp",
+            kernels.0, kernels.1
+        )))
+    }
+}
+
 impl CudaBackend {
     /// Most threads per block `name` can launch with.
-    fn det_max_threads(&self, name: &str) -> Result<usize> {
+    pub(crate) fn det_max_threads(&self, name: &str) -> Result<usize> {
         let kernels = self.det_kernels()?;
         let f = *kernels
             .funcs
@@ -232,6 +252,7 @@ pub fn scale_detections(
 
 #[cfg(test)]
 mod tests {
+    use super::super::select_sim::simulate;
     use super::*;
 
     /// The CPU's score (`post_process`'s sigmoid) as a rank key, NaN first.
@@ -240,72 +261,6 @@ mod tests {
             return u32::MAX;
         }
         (1.0 / (1.0 + (-x).exp())).to_bits()
-    }
-
-    /// The selection kernel step by step on the host (threads own contiguous chunks;
-    /// warp 0 picks bins lane by lane), returning (key, index) best first.
-    fn simulate(keys: &[u32], k: usize, threads: usize) -> Vec<(u32, usize)> {
-        let n = keys.len();
-        let chunk = n.div_ceil(threads);
-        let (mut prefix, mut mask, mut need) = (0u32, 0u32, k as i64);
-        for shift in [24u32, 16, 8, 0] {
-            let mut hist = [0i64; 256];
-            for &key in keys.iter().filter(|&&key| key & mask == prefix) {
-                hist[((key >> shift) & 0xff) as usize] += 1;
-            }
-            // det_pick_bin: lane l sums bins 255 - 8l - j; inclusive scan over lanes.
-            let mut incl = 0i64;
-            let mut picked = None;
-            for lane in 0..32usize {
-                let c: Vec<i64> = (0..8).map(|j| hist[255 - 8 * lane - j]).collect();
-                let sum: i64 = c.iter().sum();
-                let mut above = incl;
-                incl += sum;
-                if above < need && need <= incl {
-                    for (j, &cj) in c.iter().enumerate() {
-                        if above + cj >= need {
-                            assert!(picked.is_none(), "two lanes picked a bin");
-                            picked = Some(((255 - 8 * lane - j) as u32, need - above));
-                            break;
-                        }
-                        above += cj;
-                    }
-                }
-            }
-            let (digit, left) = picked.expect("a bin holds the k-th key");
-            prefix |= digit << shift;
-            mask |= 0xff << shift;
-            need = left;
-        }
-        let kth = prefix;
-        let gt_total = k - need as usize;
-        // Ordered compaction: exclusive prefix of per-thread counts in thread order.
-        let own = |t: usize| (t * chunk).min(n)..((t + 1) * chunk).min(n);
-        let (mut g, mut e) = (0usize, 0usize);
-        let mut cand = vec![(u32::MAX, usize::MAX); k];
-        for t in 0..threads {
-            for i in own(t) {
-                if keys[i] > kth {
-                    cand[g] = (keys[i], i);
-                    g += 1;
-                } else if keys[i] == kth {
-                    if e < need as usize {
-                        cand[gt_total + e] = (keys[i], i);
-                    }
-                    e += 1;
-                }
-            }
-        }
-        assert_eq!(g, gt_total, "keys above the k-th");
-        let mut out = vec![(0u32, usize::MAX); k];
-        for &(kj, ij) in &cand {
-            let rank = cand
-                .iter()
-                .filter(|&&(km, im)| km > kj || (km == kj && im < ij))
-                .count();
-            out[rank] = (kj, ij);
-        }
-        out
     }
 
     /// The CPU's order: score descending, ties by lower index (NaN keys first).
@@ -391,7 +346,7 @@ mod tests {
         let all = (1024, 1024);
         let l = topk_launch(300, 80, 300, all).unwrap();
         assert_eq!(l.kernel, "det_topk_detections");
-        assert_eq!((l.threads, l.smem), (512, 2400));
+        assert_eq!((l.threads, l.smem), (1024, 2400));
         let fit = topk_launch(TOPK_ITEMS * TOPK_THREADS, 1, 10, all).unwrap();
         assert_eq!(fit.kernel, "det_topk_detections");
         let wide = topk_launch(300, 365, 300, all).unwrap();
@@ -403,7 +358,17 @@ mod tests {
         let spill = topk_launch(300, 80, 300, (256, 1000)).unwrap();
         assert_eq!(
             (spill.kernel, spill.threads),
-            ("det_topk_detections_wide", 512)
+            ("det_topk_detections_wide", 992)
+        );
+        // The query selection: D-FINE's 8,400 encoder rows at 640x640 fit the registers.
+        let names = ("det_topk_select", "det_topk_select_wide");
+        assert_eq!(
+            pick_select_kernel(8400, 16, 1024, all, names).unwrap(),
+            ("det_topk_select", 1024)
+        );
+        assert_eq!(
+            pick_select_kernel(16 * 1024 + 1, 16, 1024, all, names).unwrap(),
+            ("det_topk_select_wide", 1024)
         );
         assert!(topk_launch(300, 80, 300, (0, 16)).is_err());
         assert!(topk_launch(300, 80, 0, all).is_err());

@@ -1,9 +1,11 @@
-//! A host model of `det_topk_select` (kernels/detection.cu), step for step: the order
-//! key, the radix passes over eight-bit digits, the selection of keys above the
-//! threshold and of the first keys equal to it in blockDim-sized chunks, and the rank
-//! among the K taken. Checked against a sort on ties, infinities, NaN and both zeros, so
-//! the algorithm's edge cases are tested without a GPU; the kernel itself is checked
-//! against a host sort by `aperture check-dfine`.
+//! A host model of `det_select_winners` (kernels/detection.cu), the one-block radix
+//! select behind both the query selection (`det_topk_select`, keys from
+//! `det_order_key`) and the detections' top-k (`det_topk_detections`, sigmoid keys),
+//! step for step: threads own contiguous chunks, warp 0 picks each pass's bin lane by
+//! lane, an ordered compaction, the rank among the K taken. Checked against a sort on
+//! ties, infinities, NaN and both zeros, so the algorithm's edge cases are tested
+//! without a GPU; the kernels themselves are checked against a host sort by
+//! `aperture check-dfine`.
 
 use super::boxes::rank;
 
@@ -21,65 +23,79 @@ fn order_key(v: f32) -> u32 {
     }
 }
 
-/// The kernel on one image of `scores` with `block` threads.
-fn select(scores: &[f32], k: usize, block: usize) -> Vec<usize> {
-    let keys: Vec<u32> = scores.iter().map(|&v| order_key(v)).collect();
-    // 1. Radix passes.
-    let (mut prefix, mut mask, mut need) = (0u32, 0u32, k as u32);
+/// The selection kernel step by step on the host (threads own contiguous chunks;
+/// warp 0 picks bins lane by lane), returning (key, index) best first.
+pub(super) fn simulate(keys: &[u32], k: usize, threads: usize) -> Vec<(u32, usize)> {
+    let n = keys.len();
+    let chunk = n.div_ceil(threads);
+    let (mut prefix, mut mask, mut need) = (0u32, 0u32, k as i64);
     for shift in [24u32, 16, 8, 0] {
-        let mut hist = [0u32; 256];
-        for &key in &keys {
-            if key & mask == prefix {
-                hist[((key >> shift) & 255) as usize] += 1;
+        let mut hist = [0i64; 256];
+        for &key in keys.iter().filter(|&&key| key & mask == prefix) {
+            hist[((key >> shift) & 0xff) as usize] += 1;
+        }
+        // det_pick_bin: lane l sums bins 255 - 8l - j; inclusive scan over lanes.
+        let mut incl = 0i64;
+        let mut picked = None;
+        for lane in 0..32usize {
+            let c: Vec<i64> = (0..8).map(|j| hist[255 - 8 * lane - j]).collect();
+            let sum: i64 = c.iter().sum();
+            let mut above = incl;
+            incl += sum;
+            if above < need && need <= incl {
+                for (j, &cj) in c.iter().enumerate() {
+                    if above + cj >= need {
+                        assert!(picked.is_none(), "two lanes picked a bin");
+                        picked = Some(((255 - 8 * lane - j) as u32, need - above));
+                        break;
+                    }
+                    above += cj;
+                }
             }
         }
-        let (mut above, mut d) = (0u32, 255usize);
-        while d > 0 && above + hist[d] < need {
-            above += hist[d];
-            d -= 1;
-        }
-        prefix |= (d as u32) << shift;
-        need -= above;
-        mask |= 255 << shift;
+        let (digit, left) = picked.expect("a bin holds the k-th key");
+        prefix |= digit << shift;
+        mask |= 0xff << shift;
+        need = left;
     }
-    // 2. Keys above the threshold (order does not matter), then equal ones by index.
-    let mut taken: Vec<(u32, usize)> = vec![(0, usize::MAX); k];
-    let mut at = 0;
-    for (j, &key) in keys.iter().enumerate() {
-        if key > prefix {
-            taken[at] = (key, j);
-            at += 1;
-        }
-    }
-    let first_equal = k - need as usize;
-    assert_eq!(at, first_equal, "keys above the threshold");
-    let mut seen = 0usize;
-    let mut j0 = 0;
-    while j0 < keys.len() && seen < need as usize {
-        let chunk = j0..(j0 + block).min(keys.len());
-        for j in chunk.clone() {
-            let before = seen
-                + chunk
-                    .clone()
-                    .filter(|&i| i < j && keys[i] == prefix)
-                    .count();
-            if keys[j] == prefix && before < need as usize {
-                taken[first_equal + before] = (prefix, j);
+    let kth = prefix;
+    let gt_total = k - need as usize;
+    // Ordered compaction: exclusive prefix of per-thread counts in thread order.
+    let own = |t: usize| (t * chunk).min(n)..((t + 1) * chunk).min(n);
+    let (mut g, mut e) = (0usize, 0usize);
+    let mut cand = vec![(u32::MAX, usize::MAX); k];
+    for t in 0..threads {
+        for i in own(t) {
+            if keys[i] > kth {
+                cand[g] = (keys[i], i);
+                g += 1;
+            } else if keys[i] == kth {
+                if e < need as usize {
+                    cand[gt_total + e] = (keys[i], i);
+                }
+                e += 1;
             }
         }
-        seen += chunk.filter(|&i| keys[i] == prefix).count();
-        j0 += block;
     }
-    // 3. Rank among the taken.
-    let mut out = vec![usize::MAX; k];
-    for &(kt, it) in &taken {
-        let r = taken
+    assert_eq!(g, gt_total, "keys above the k-th");
+    let mut out = vec![(0u32, usize::MAX); k];
+    for &(kj, ij) in &cand {
+        let rank = cand
             .iter()
-            .filter(|&&(ku, iu)| ku > kt || (ku == kt && iu < it))
+            .filter(|&&(km, im)| km > kj || (km == kj && im < ij))
             .count();
-        out[r] = it;
+        out[rank] = (kj, ij);
     }
     out
+}
+
+/// The query selection on one image: its order keys through the model above.
+fn select(scores: &[f32], k: usize, threads: usize) -> Vec<usize> {
+    let keys: Vec<u32> = scores.iter().map(|&v| order_key(v)).collect();
+    simulate(&keys, k, threads)
+        .into_iter()
+        .map(|(_, i)| i)
+        .collect()
 }
 
 #[test]

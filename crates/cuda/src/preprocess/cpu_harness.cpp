@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
                 const unsigned char* sp = ptr(sk, so); unsigned char* dp = ptr(dk, dof);
                 const int* tp = (const int*)(input.data() + taps);
                 if (st[0] == 'H') launch(a * c, [&] { pre_resize_h(sp, dp, a, b, c, tp, ks); });
-                else launch(c * a * 3, [&] { pre_resize_v(sp, dp, a, b, c, tp, ks); });
+                else launch(c * ((a * 3 + 3) / 4), [&] { pre_resize_v(sp, dp, a, b, c, tp, ks); });
             } else {
                 int sk; long long so, pixels, o;
                 fscanf(idx, "%d %lld %lld %lld", &sk, &so, &pixels, &o);

@@ -19,7 +19,7 @@ use aperture_vision::RgbImage;
 use cudarc::driver::{result, sys};
 
 use super::plan::{plan_batch, BatchPlan, Region};
-use super::steps::{enqueue_steps, Regions};
+use super::steps::{enqueue_steps, FloatOut, Regions};
 use super::PreprocessSpec;
 use crate::driver::Context;
 use crate::error::{CudaError, CudaResult};
@@ -376,6 +376,7 @@ impl GpuPreprocessor {
             tmp: s.tmp.ptr,
             resized: s.resized.ptr,
         };
+        let out = out.map_or(FloatOut::Skip, FloatOut::F32);
         enqueue_steps(&self.kernels, ctx, plan, spec, regions, out)
     }
 }

@@ -29,16 +29,27 @@ impl Regions {
     }
 }
 
+/// Where a plan's `ToFloat` steps put each resized image.
+#[derive(Clone, Copy)]
+pub(crate) enum FloatOut<'a> {
+    /// Nowhere (the resize passes only).
+    Skip,
+    /// `pre_to_float` into the f32 buffer at this address.
+    F32(u64),
+    /// Another kernel, enqueued in the step's place (the resize scratch is reused by the
+    /// next image): `(resized bytes' address, pixels, element offset of the image)`.
+    Convert(&'a dyn Fn(u64, usize, usize) -> Result<()>),
+}
+
 /// Enqueues every step of `plan` on `ctx`'s stream (the context current); `ToFloat`
-/// writes f32 values to `out` (skipped when `None`). The input must already be on the
-/// device at `regions.input`.
+/// steps as `out` says. The input must already be on the device at `regions.input`.
 pub(crate) fn enqueue_steps(
     kernels: &Kernels,
     ctx: &Context,
     plan: &BatchPlan,
     spec: &PreprocessSpec,
     regions: Regions,
-    out: Option<u64>,
+    out: FloatOut<'_>,
 ) -> Result<()> {
     let (norm, mean, std) = match spec.normalize {
         Some((m, d)) => (1, m, d),
@@ -80,7 +91,7 @@ pub(crate) fn enqueue_steps(
             } => kernels.launch_1d(
                 ctx,
                 "pre_resize_v",
-                (out_h * w * 3) as i64,
+                (out_h * (w * 3).div_ceil(4)) as i64,
                 &[
                     Arg::Ptr(regions.at(src)),
                     Arg::Ptr(regions.at(dst)),
@@ -96,7 +107,14 @@ pub(crate) fn enqueue_steps(
                 pixels,
                 out: at,
             } => {
-                let Some(out) = out else { continue };
+                let out = match out {
+                    FloatOut::Skip => continue,
+                    FloatOut::Convert(convert) => {
+                        convert(regions.at(src), pixels, at)?;
+                        continue;
+                    }
+                    FloatOut::F32(out) => out,
+                };
                 kernels.launch_1d(
                     ctx,
                     "pre_to_float",

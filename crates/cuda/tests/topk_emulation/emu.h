@@ -13,6 +13,7 @@
 #define __forceinline__ inline
 #define __shared__ static
 #define __restrict__
+#define __launch_bounds__(n)
 struct D3 { unsigned x = 0, y = 0, z = 0; };
 thread_local D3 threadIdx;
 D3 blockIdx, blockDim, gridDim;
