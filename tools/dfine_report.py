@@ -1,19 +1,45 @@
-"""Combines `aperture check-dfine --json` and `tools/dfine_torch_peers.py --out` into
-bench/results/<gpu>-dfine.{json,md}, in the Restormer results' layout:
-{"device", "date", "model", "rows": [{"engine", "precision", "batch", "images_per_s",
-"p50_ms", "p99_ms", "peak_gib", "rel_l2_vs_fp32"}]}.
+"""Combines aperture's timings (`aperture check-dfine --json`, or `aperture bench --out`)
+and `tools/dfine_torch_peers.py --out` into bench/results/<gpu>-dfine.{json,md}, in the
+Restormer results' layout: {"device", "date", "model", "rows": [{"engine", "precision",
+"batch", "images_per_s", "p50_ms", "p99_ms", "peak_gib", "rel_l2_vs_fp32"}]}.
 
-    python3 tools/dfine_report.py CHECK.json PEERS.json --device "NVIDIA H100 80GB HBM3" --out-dir bench/results
+    python3 tools/dfine_report.py CHECK_OR_BENCH.json PEERS.json --device "NVIDIA H100 80GB HBM3" \
+        [--pre-post BENCH_PRE.json] --out-dir bench/results
 
 Aperture rows are CUDA-graph replays (device time, pre/post-processing not included);
-rel_l2_vs_fp32 is the logits' relative L2 against transformers fp32 on the golden input
-after matching queries by box (top-k order is not stable across precisions).
+with check-dfine's JSON rel_l2_vs_fp32 is the logits' relative L2 against transformers
+fp32 on the golden input after matching queries by box (top-k order is not stable across
+precisions), with `aperture bench`'s against the CPU backend in fp32. `--pre-post` adds
+`aperture bench --postprocess --preprocess WxH` rows (engine "aperture-pixels": 8-bit
+pixels in, detection rows out, both copies timed).
 """
 import argparse
 import datetime
 import json
 import os
 import re
+
+
+def check_rows(check):
+    """Graph timings of `aperture check-dfine --json`, errors against transformers fp32."""
+    err = {r["precision"]: r["rel_l2_logits"] for r in check["accuracy"]
+           if r["engine"] == "aperture-cuda" and r["against"] == "transformers-fp32"}
+    rows = []
+    for t in check["timings"]:
+        # Older check-dfine JSON also listed post-processing checks here (no "mode").
+        if t.get("mode") != "graph":
+            continue
+        rows.append({"engine": "aperture", "precision": t["precision"], "batch": t["batch"],
+                     "images_per_s": t["images_per_s"], "p50_ms": t["p50_ms"], "p99_ms": t.get("p99_ms"),
+                     "peak_gib": t["peak_gib"], "rel_l2_vs_fp32": err.get(t["precision"])})
+    return rows
+
+
+def bench_rows(bench, engine):
+    """Rows of `aperture bench --out` (already in the results layout) under `engine`."""
+    keys = ("precision", "batch", "images_per_s", "p50_ms", "p99_ms", "peak_gib", "rel_l2_vs_fp32")
+    return [{"engine": engine, **{k: r.get(k) for k in keys}}
+            for r in bench["rows"] if r.get("engine") == "aperture"]
 
 
 def main():
@@ -26,19 +52,13 @@ def main():
     ap.add_argument("--command", default="`tools/dfine_gpu_check.sh` (one device call: parity, graph timings, profile, peers)",
                     help="how the figures were obtained (markdown)")
     ap.add_argument("--note", action="append", default=[], help="a line added under the table (repeatable)")
+    ap.add_argument("--pre-post", help="`aperture bench --postprocess --preprocess WxH --out` JSON")
     a = ap.parse_args()
-    check = json.load(open(a.check))["model"]
+    doc_in = json.load(open(a.check))
     peers = json.load(open(a.peers)) if a.peers and os.path.exists(a.peers) else {"rows": []}
-    err = {r["precision"]: r["rel_l2_logits"] for r in check["accuracy"]
-           if r["engine"] == "aperture-cuda" and r["against"] == "transformers-fp32"}
-    rows = []
-    for t in check["timings"]:
-        # Older check-dfine JSON also listed post-processing checks here (no "mode").
-        if t.get("mode") != "graph":
-            continue
-        rows.append({"engine": "aperture", "precision": t["precision"], "batch": t["batch"],
-                     "images_per_s": t["images_per_s"], "p50_ms": t["p50_ms"], "p99_ms": t.get("p99_ms"),
-                     "peak_gib": t["peak_gib"], "rel_l2_vs_fp32": err.get(t["precision"])})
+    rows = check_rows(doc_in["model"]) if "model" in doc_in else bench_rows(doc_in, "aperture")
+    if a.pre_post:
+        rows += bench_rows(json.load(open(a.pre_post)), "aperture-pixels")
     perr = {r["precision"]: r.get("matched_rel_l2_logits") for r in peers["rows"] if "matched_rel_l2_logits" in r}
     perr["fp32"] = 0.0
     for r in peers["rows"]:
@@ -60,6 +80,8 @@ def main():
     lines = [f"# D-FINE benchmark: {doc['model']}", "", f"- device: {a.device}", f"- date: {a.date}",
              f"- command: {a.command}",
              "- aperture: one CUDA graph per batch size, device time of a replay (host copies and pre/post-processing excluded)",
+             *(["- aperture-pixels: the same graph from 8-bit pixels to detection rows (resize, rescale, forward, "
+                "sigmoid + top-k + boxes), both host copies timed"] if a.pre_post else []),
              "- rel L2: logits vs transformers fp32 after matching queries by box", "",
              "| engine | precision | batch | images/s | p50 ms | p99 ms | peak GiB | rel L2 vs fp32 | x torch.compile (same batch) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -270,6 +270,11 @@ pub(crate) fn conv2d(
     let flops = 2.0 * (p_out * k_real * w.c_out) as f64;
     let pointwise = w.kp == w.c_in && plain_product(w.kh, w.kw, w.spec);
     let bytes = (x.numel() + p_out * w.c_out + w.c_out * w.kp) as f64 * es + res_bytes;
+    if !pointwise && crate::conv_small::fits(w) {
+        return be.profiler.op(be, "conv_small_taps", flops, bytes, || {
+            crate::conv_small::run(be, x, w, act, residual, dims)
+        });
+    }
     if !pointwise {
         // Not offered to cuDNN: with the 3-channel stem taken by cuDNN, D-FINE's fp16
         // model check at batch 4 failed (logits 6.3e-3 from fp32) with every operation

@@ -20,6 +20,7 @@ mod conv;
 mod conv_concat;
 mod conv_concat_check;
 mod conv_igemm;
+mod conv_small;
 mod copy_rows;
 mod cudnn_conv;
 mod depthwise;

@@ -116,6 +116,52 @@ pub(super) fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
         ([1, 160, 212, 32, 64, 3, 1, 1], Activation::Relu, true),
     ];
     let ready = gpu.kernels.igemm.reason().is_none();
+    let sms = gpu.multiprocessors().max(1) as usize;
+    dense_conv_cases(
+        &shapes,
+        rng,
+        |[n, h, w, ci, co, k, stride, pad], (oh, ow)| {
+            let dense = DenseConv {
+                c_in: ci,
+                c_out: co,
+                kh: k,
+                kw: k,
+                stride,
+                pad,
+                kp: k * k * ci,
+                depthwise: false,
+            };
+            let tile = Tile::choose(co, n * oh * ow, sms, gpu.kernels.igemm.wide());
+            match Geometry::new([n, h, w, ci], (oh, ow), dense, tile) {
+                Some(_) if ready => format!("igemm{}x{}", tile.pixels(), tile.channels()),
+                _ => "im2col".to_string(),
+            }
+        },
+    )
+}
+
+/// Dense convolutions with few taps per output (`conv_small_taps`, ops.cu: K = kh * kw *
+/// c_in <= 32, c_out a multiple of 8 up to 64): D-FINE's 3-channel stride-2 stem,
+/// Restormer's 3 -> 48 patch embedding, one input channel with a 5x5 and a residual, a
+/// 2x2 over four channels without bias, every activation, a grid of many blocks.
+pub(super) fn small_taps_conv_cases(rng: &mut Rng) -> Vec<Case> {
+    let shapes: [([usize; 8], Activation, bool); 5] = [
+        ([2, 33, 41, 3, 32, 3, 2, 1], Activation::Relu, false),
+        ([1, 20, 24, 3, 48, 3, 1, 1], Activation::Identity, false),
+        ([2, 9, 10, 1, 8, 5, 2, 2], Activation::Silu, true),
+        ([1, 7, 6, 4, 64, 2, 1, 0], Activation::Gelu, false),
+        ([3, 96, 80, 3, 16, 3, 2, 1], Activation::Relu, true),
+    ];
+    dense_conv_cases(&shapes, rng, |_, _| "small".to_string())
+}
+
+/// Cases for `[n, h, w, c_in, c_out, k, stride, pad]` shapes, each named with the path
+/// `path(shape, output size)` says the GPU takes; every third without bias.
+fn dense_conv_cases(
+    shapes: &[([usize; 8], Activation, bool)],
+    rng: &mut Rng,
+    path: impl Fn([usize; 8], (usize, usize)) -> String,
+) -> Vec<Case> {
     let mut cases = Vec::new();
     for (i, &(dims, act, residual)) in shapes.iter().enumerate() {
         let [n, h, w, ci, co, k, stride, pad] = dims;
@@ -123,22 +169,7 @@ pub(super) fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
             (h + 2 * pad - k) / stride + 1,
             (w + 2 * pad - k) / stride + 1,
         );
-        let dense = DenseConv {
-            c_in: ci,
-            c_out: co,
-            kh: k,
-            kw: k,
-            stride,
-            pad,
-            kp: k * k * ci,
-            depthwise: false,
-        };
-        let sms = gpu.multiprocessors().max(1) as usize;
-        let tile = Tile::choose(co, n * oh * ow, sms, gpu.kernels.igemm.wide());
-        let path = match Geometry::new([n, h, w, ci], (oh, ow), dense, tile) {
-            Some(_) if ready => format!("igemm{}x{}", tile.pixels(), tile.channels()),
-            _ => "im2col".to_string(),
-        };
+        let path = path(dims, (oh, ow));
         let bias = i % 3 != 1;
         let act_name = match act {
             Activation::Identity => "id",

@@ -4,7 +4,9 @@ use aperture_engine::backend::{Activation, ConvSpec};
 use aperture_engine::cpu::CpuBackend;
 use aperture_engine::{relative_l2, HostTensor, Result};
 
-use super::cases::{depthwise_cases, front_half_cases, igemm_conv_cases, norm_product_cases};
+use super::cases::{
+    depthwise_cases, front_half_cases, igemm_conv_cases, norm_product_cases, small_taps_conv_cases,
+};
 use super::{op_tolerance, run, Op, ParityRow, Rng};
 use crate::backend::CudaBackend;
 
@@ -288,6 +290,7 @@ pub fn op_parity(gpu: &CudaBackend, seed: u64) -> Result<Vec<ParityRow>> {
     ));
 
     cases.extend(igemm_conv_cases(gpu, &mut rng));
+    cases.extend(small_taps_conv_cases(&mut rng));
     cases.extend(depthwise_cases(&mut rng));
     cases.extend(front_half_cases(gpu, &mut rng));
     cases.extend(norm_product_cases(gpu, &mut rng));

@@ -1,0 +1,78 @@
+//! Dense convolutions with few taps per output (`K = kh * kw * c_in <= 32`: the
+//! 3-channel stems of image models) on `conv_small_taps` (kernels/ops.cu). im2col would
+//! write a K-wide copy of the whole output grid for a product whose K is tiny (D-FINE's
+//! 3x3 stride-2 stem at batch 32: a 210 MB copy); here each thread reads its pixel's taps
+//! and writes every output channel once.
+
+use aperture_engine::backend::Activation;
+use aperture_engine::Result;
+
+use crate::backend::{ConvWeights, CudaBackend, CudaTensor};
+use crate::conv::act_code;
+use crate::kernels::Arg;
+
+/// Most taps per output (`SMALL_MAX_TAPS` in ops.cu: registers per thread).
+const MAX_TAPS: usize = 32;
+/// Most output channels (`SMALL_MAX_OUT`: the weights sit in shared memory).
+const MAX_OUT: usize = 64;
+const THREADS: u32 = 256;
+
+/// Whether `w` runs on the small-taps kernel: dense, few taps, whole 8-channel groups.
+pub(crate) fn fits(w: &ConvWeights) -> bool {
+    !w.depthwise
+        && w.kh * w.kw * w.c_in <= MAX_TAPS
+        && w.c_out <= MAX_OUT
+        && w.c_out.is_multiple_of(8)
+}
+
+/// `act(conv(x) + bias) + residual` into a new `dims` tensor.
+pub(crate) fn run(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    w: &ConvWeights,
+    act: Activation,
+    residual: Option<&CudaTensor>,
+    dims: [usize; 4],
+) -> Result<CudaTensor> {
+    let [n, h, wd, c] = x.dims;
+    let [_, oh, ow, _] = dims;
+    let out = be.alloc_tensor(dims)?;
+    let pixels = n * oh * ow;
+    let blocks = pixels
+        .div_ceil(THREADS as usize)
+        .clamp(1, be.ctx.multiprocessors.max(1) as usize * 16) as u32;
+    let mut args = vec![
+        Arg::Ptr(x.ptr()),
+        Arg::Ptr(w.weight.ptr()),
+        Arg::Ptr(w.bias.as_ref().map_or(0, |b| b.ptr())),
+        Arg::Ptr(residual.map_or(0, |r| r.ptr())),
+        Arg::Ptr(out.ptr()),
+    ];
+    args.extend(
+        [
+            n,
+            h,
+            wd,
+            c,
+            oh,
+            ow,
+            w.kh,
+            w.kw,
+            w.spec.stride,
+            w.spec.padding,
+            w.kp,
+            w.c_out,
+        ]
+        .map(|v| Arg::I32(v as i32)),
+    );
+    args.push(Arg::I32(act_code(act)));
+    be.kernels.launch(
+        &be.ctx,
+        "conv_small_taps",
+        (blocks, 1, 1),
+        THREADS,
+        0,
+        &args,
+    )?;
+    Ok(out)
+}
