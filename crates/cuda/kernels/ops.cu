@@ -417,41 +417,22 @@ extern "C" __global__ void layer_norm2(const T* __restrict__ x, T* __restrict__ 
 #define SMALL_MAX_TAPS 32
 #define SMALL_MAX_OUT 64
 
-// Dense k x k convolution with few taps per output (K = KH * KW * C <= 32: the 3-channel
-// stem), where im2col would write a K-wide copy of the whole output grid before the
-// product reads it back: one thread per output pixel computes every output channel from
-// each of the pixel's K taps read once and multiplied into every channel's accumulator.
-// Weights sit in shared memory as fp32 [k][c_out] (four channels of one tap per 16-byte
-// load, read by the whole warp at once); eight channels per 16-byte store. w is the product layout [c_out, Kp] with K ordered (ky, kx,
-// c) as im2col's; res (optional) is [P, c_out]. act(sum + bias) + res, as the product's
-// epilogue and act_residual give it. c_out a multiple of 8, at most SMALL_MAX_OUT.
-extern "C" __global__ void __launch_bounds__(256, 2) conv_small_taps(const T* __restrict__ x, const T* __restrict__ w,
-                                           const T* __restrict__ bias, const T* __restrict__ res,
-                                           T* __restrict__ y, int N, int H, int W, int C, int OH, int OW, int KH,
-                                           int KW, int stride, int pad, int Kp, int c_out, int act) {
-    __shared__ __align__(16) float sw[SMALL_MAX_TAPS * SMALL_MAX_OUT];
-    __shared__ float sb[SMALL_MAX_OUT];
-    __shared__ int s_dy[SMALL_MAX_TAPS], s_dx[SMALL_MAX_TAPS], s_c[SMALL_MAX_TAPS];
-    const int K = KH * KW * C;
-    for (int i = threadIdx.x; i < c_out * K; i += blockDim.x) {
-        const int co = i / K, k = i - co * K;
-        sw[k * c_out + co] = ldf(w[co * Kp + k]);
-    }
-    for (int i = threadIdx.x; i < c_out; i += blockDim.x) sb[i] = bias ? ldf(bias[i]) : 0.0f;
-    for (int k = threadIdx.x; k < K; k += blockDim.x) {
-        s_c[k] = k % C;
-        s_dx[k] = (k / C) % KW - pad;
-        s_dy[k] = k / (C * KW) - pad;
-    }
-    __syncthreads();
+// conv_small_taps' pixels with OUT accumulators (c_out <= OUT): the loops over channels
+// unroll to OUT, so a narrow output does not pay for the widest one.
+template <int OUT>
+__device__ __forceinline__ void conv_small_pixels(const T* __restrict__ x, const float* sw, const float* sb,
+                                                  const int* s_dy, const int* s_dx, const int* s_c,
+                                                  const T* __restrict__ res, T* __restrict__ y, int N, int H,
+                                                  int W, int C, int OH, int OW, int stride, int K, int c_out,
+                                                  int act) {
     const i64 P = (i64)N * OH * OW;
     GRID_LOOP(p, P) {
         const int ox = (int)(p % OW), oy = (int)((p / OW) % OH);
         const i64 n = p / ((i64)OW * OH);
         const T* img = x + n * H * W * C;
-        float acc[SMALL_MAX_OUT];
+        float acc[OUT];
 #pragma unroll
-        for (int j = 0; j < SMALL_MAX_OUT; ++j) acc[j] = 0.0f;
+        for (int j = 0; j < OUT; ++j) acc[j] = 0.0f;
         // Each tap once, into every output channel (four per 16-byte weight load).
 #pragma unroll 3
         for (int k = 0; k < K; ++k) {
@@ -460,7 +441,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_small_taps(const T* __
                 (iy >= 0 && iy < H && ix >= 0 && ix < W) ? ldf(img[((i64)iy * W + ix) * C + s_c[k]]) : 0.0f;
             const float4* wk = reinterpret_cast<const float4*>(sw + k * c_out);
 #pragma unroll
-            for (int q = 0; q < SMALL_MAX_OUT / 4; ++q) {
+            for (int q = 0; q < OUT / 4; ++q) {
                 if (4 * q < c_out) {
                     const float4 w4 = wk[q];
                     acc[4 * q] += t * w4.x;
@@ -471,7 +452,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_small_taps(const T* __
             }
         }
 #pragma unroll
-        for (int g = 0; g < SMALL_MAX_OUT / 8; ++g) {
+        for (int g = 0; g < OUT / 8; ++g) {
             const int co = 8 * g;
             if (co < c_out) {
                 uint4 packed[sizeof(T) * 8 / 16];
@@ -489,3 +470,48 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_small_taps(const T* __
         }
     }
 }
+
+// Dense k x k convolution with few taps per output (K = KH * KW * C <= 32: the 3-channel
+// stem), where im2col would write a K-wide copy of the whole output grid before the
+// product reads it back: one thread per output pixel computes every output channel from
+// each of the pixel's K taps read once and multiplied into every channel's accumulator.
+// Weights sit in shared memory as fp32 [k][c_out] (four channels of one tap per 16-byte
+// load, read by the whole warp at once); eight channels per 16-byte store. w is the
+// product layout [c_out, Kp] with K ordered (ky, kx, c) as im2col's; res (optional) is [P, c_out]. act(sum + bias) + res, as the product's
+// epilogue and act_residual give it. c_out a multiple of 8, at most SMALL_MAX_OUT.
+// (Kernels conv_small_taps32 / conv_small_taps64 below.)
+// The weights (transposed to [k][c_out], fp32), the bias and each tap's offsets into
+// shared memory.
+__device__ __forceinline__ void conv_small_stage(const T* __restrict__ w, const T* __restrict__ bias, float* sw,
+                                                 float* sb, int* s_dy, int* s_dx, int* s_c, int C, int KH,
+                                                 int KW, int pad, int Kp, int c_out) {
+    const int K = KH * KW * C;
+    for (int i = threadIdx.x; i < c_out * K; i += blockDim.x) {
+        const int co = i / K, k = i - co * K;
+        sw[k * c_out + co] = ldf(w[co * Kp + k]);
+    }
+    for (int i = threadIdx.x; i < c_out; i += blockDim.x) sb[i] = bias ? ldf(bias[i]) : 0.0f;
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        s_c[k] = k % C;
+        s_dx[k] = (k / C) % KW - pad;
+        s_dy[k] = k / (C * KW) - pad;
+    }
+    __syncthreads();
+}
+
+#define CONV_SMALL_KERNEL(NAME, OUT, MINB)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, MINB) NAME(                                                \
+        const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias, const T* __restrict__ res, \
+        T* __restrict__ y, int N, int H, int W, int C, int OH, int OW, int KH, int KW, int stride, int pad,       \
+        int Kp, int c_out, int act) {                                                                           \
+        __shared__ __align__(16) float sw[SMALL_MAX_TAPS * OUT];                                                  \
+        __shared__ float sb[OUT];                                                                                 \
+        __shared__ int s_dy[SMALL_MAX_TAPS], s_dx[SMALL_MAX_TAPS], s_c[SMALL_MAX_TAPS];                           \
+        conv_small_stage(w, bias, sw, sb, s_dy, s_dx, s_c, C, KH, KW, pad, Kp, c_out);                            \
+        conv_small_pixels<OUT>(x, sw, sb, s_dy, s_dx, s_c, res, y, N, H, W, C, OH, OW, stride, KH * KW * C,       \
+                               c_out, act);                                                                       \
+    }
+
+// Up to 32 output channels (three blocks per multiprocessor) and up to 64 (two).
+CONV_SMALL_KERNEL(conv_small_taps32, 32, 3)
+CONV_SMALL_KERNEL(conv_small_taps64, SMALL_MAX_OUT, 2)

@@ -1,5 +1,6 @@
 //! Dense convolutions with few taps per output (`K = kh * kw * c_in <= 32`: the
-//! 3-channel stems of image models) on `conv_small_taps` (kernels/ops.cu). im2col would
+//! 3-channel stems of image models) on `conv_small_taps{32,64}` (kernels/ops.cu, by the
+//! output width). im2col would
 //! write a K-wide copy of the whole output grid for a product whose K is tiny (D-FINE's
 //! 3x3 stride-2 stem at batch 32: a 210 MB copy); here each thread reads its pixel's taps
 //! and writes every output channel once.
@@ -15,6 +16,8 @@ use crate::kernels::Arg;
 const MAX_TAPS: usize = 32;
 /// Most output channels (`SMALL_MAX_OUT`: the weights sit in shared memory).
 const MAX_OUT: usize = 64;
+/// Outputs of the narrow kernel (fewer accumulators, more blocks per multiprocessor).
+const NARROW_OUT: usize = 32;
 const THREADS: u32 = 256;
 
 /// Whether `w` runs on the small-taps kernel: dense, few taps, whole 8-channel groups.
