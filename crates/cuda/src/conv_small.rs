@@ -69,13 +69,12 @@ pub(crate) fn run(
         .map(|v| Arg::I32(v as i32)),
     );
     args.push(Arg::I32(act_code(act)));
-    be.kernels.launch(
-        &be.ctx,
-        "conv_small_taps",
-        (blocks, 1, 1),
-        THREADS,
-        0,
-        &args,
-    )?;
+    let name = if w.c_out <= NARROW_OUT {
+        "conv_small_taps32"
+    } else {
+        "conv_small_taps64"
+    };
+    be.kernels
+        .launch(&be.ctx, name, (blocks, 1, 1), THREADS, 0, &args)?;
     Ok(out)
 }
