@@ -56,7 +56,7 @@ def test_command_and_notes_are_written_under_the_table(tmp_path):
 
 def test_bench_rows_with_pixels_in_are_compared_with_torch_compile(tmp_path):
     def bench(p50, ips):
-        return {"device": "x", "rows": [
+        return {"device": "x", "model": "dfine_x", "rows": [
             {"engine": "aperture", "precision": "fp16", "batch": 32, "p50_ms": p50, "p99_ms": p50 + 1,
              "images_per_s": ips, "peak_gib": 4.4, "rel_l2_vs_fp32": 1.2e-3},
             {"engine": "torch-eager", "precision": "fp16", "batch": 32, "p50_ms": 1.0, "images_per_s": 1.0}]}
