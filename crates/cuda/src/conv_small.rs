@@ -3,7 +3,9 @@
 //! output width). im2col would
 //! write a K-wide copy of the whole output grid for a product whose K is tiny (D-FINE's
 //! 3x3 stride-2 stem at batch 32: a 210 MB copy); here each thread reads its pixel's taps
-//! and writes every output channel once.
+//! and writes every output channel once. `APERTURE_SMALL_TAPS=0` keeps im2col (A/B runs).
+
+use std::sync::OnceLock;
 
 use aperture_engine::backend::Activation;
 use aperture_engine::Result;
@@ -20,9 +22,16 @@ const MAX_OUT: usize = 64;
 const NARROW_OUT: usize = 32;
 const THREADS: u32 = 256;
 
+/// Whether the small-taps kernel is on (`APERTURE_SMALL_TAPS=0` turns it off).
+fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("APERTURE_SMALL_TAPS").as_deref() != Ok("0"))
+}
+
 /// Whether `w` runs on the small-taps kernel: dense, few taps, whole 8-channel groups.
 pub(crate) fn fits(w: &ConvWeights) -> bool {
-    !w.depthwise
+    enabled()
+        && !w.depthwise
         && w.kh * w.kw * w.c_in <= MAX_TAPS
         && w.c_out <= MAX_OUT
         && w.c_out.is_multiple_of(8)
