@@ -2,6 +2,8 @@
 //! residual and multi-scale deformable attention (CPU twins: `cpu::sequence`,
 //! `cpu::deformable`).
 
+use std::sync::OnceLock;
+
 use aperture_engine::backend::DeformableSpec;
 use aperture_engine::{EngineError, Result};
 
@@ -255,7 +257,7 @@ impl CudaBackend {
                     DArg::Levels(levels),
                 ];
                 self.det_launch(
-                    "det_deformable",
+                    deformable_kernel(c, d),
                     b * q * heads * 32,
                     (WARPS * 32) as u32,
                     0,
@@ -266,10 +268,33 @@ impl CudaBackend {
     }
 }
 
+/// `det_deformable_vec` (four taps per load instruction, four channels per lane) where
+/// heads and rows allow its vector loads (`c` and `d` multiples of 4), else
+/// `det_deformable`; `APERTURE_DEFORMABLE=scalar` keeps the latter (A/B runs).
+fn deformable_kernel(c: usize, d: usize) -> &'static str {
+    static SCALAR: OnceLock<bool> = OnceLock::new();
+    let scalar =
+        *SCALAR.get_or_init(|| std::env::var("APERTURE_DEFORMABLE").as_deref() == Ok("scalar"));
+    if !scalar && c.is_multiple_of(4) && d.is_multiple_of(4) {
+        "det_deformable_vec"
+    } else {
+        "det_deformable"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::detection::DETECTION_KERNELS;
+
+    #[test]
+    fn vector_deformable_kernel_needs_whole_four_channel_groups() {
+        assert_eq!(deformable_kernel(256, 32), "det_deformable_vec");
+        assert_eq!(deformable_kernel(384, 128), "det_deformable_vec");
+        assert_eq!(deformable_kernel(30, 6), "det_deformable");
+        assert_eq!(deformable_kernel(18, 9), "det_deformable");
+        assert!(DETECTION_KERNELS.contains(&"det_deformable_vec"));
+    }
 
     #[test]
     fn tensor_cores_serve_16_bit_heads_of_16_to_128_channels() {
