@@ -42,7 +42,13 @@ inline float __shfl_xor_sync(unsigned mask, float v, int o) {
     let exe = tmp.join("deformable_emulation");
     std::fs::write(&cpp, format!("{emu}\n{prelude}\n{kernels}\n{main}")).unwrap();
     let built = Command::new("g++")
-        .args(["-std=c++17", "-O1", "-pthread", "-Wno-unknown-pragmas", "-o"])
+        .args([
+            "-std=c++17",
+            "-O1",
+            "-pthread",
+            "-Wno-unknown-pragmas",
+            "-o",
+        ])
         .arg(&exe)
         .arg(&cpp)
         .output()
