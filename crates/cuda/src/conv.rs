@@ -131,21 +131,34 @@ pub(crate) struct ProductEpilogue {
 }
 
 impl ProductEpilogue {
-    /// The epilogue that finishes `act(w x + bias) + residual` in the product where
-    /// cuBLASLt can (ReLU without a residual, or no activation), else `None`.
-    pub(crate) fn complete(act: Activation, residual: Option<u64>) -> Option<Self> {
+    /// The epilogue of a product that computes `act(w x + bias) + residual`: all of it
+    /// where cuBLASLt can (no activation, or ReLU without a residual), else the bias only,
+    /// with `true` when `act_residual` must follow.
+    pub(crate) fn for_launch(act: Activation, residual: Option<u64>) -> (Self, bool) {
         match (act, residual) {
-            (Activation::Identity, r) => Some(Self {
-                bias: true,
-                residual: r,
-                relu: false,
-            }),
-            (Activation::Relu, None) => Some(Self {
-                bias: true,
-                residual: None,
-                relu: true,
-            }),
-            _ => None,
+            (Activation::Identity, r) => (
+                Self {
+                    bias: true,
+                    residual: r,
+                    relu: false,
+                },
+                false,
+            ),
+            (Activation::Relu, None) => (
+                Self {
+                    bias: true,
+                    residual: None,
+                    relu: true,
+                },
+                false,
+            ),
+            _ => (
+                Self {
+                    bias: true,
+                    ..Self::default()
+                },
+                true,
+            ),
         }
     }
 }
@@ -290,18 +303,14 @@ pub(crate) fn conv2d(
     // cuBLASLt's epilogue adds the bias, and the residual or a ReLU where that finishes
     // the job; other activations take one more pass. cuDNN's epilogue does all three in
     // one, so the launch carries them and the choice between the two is timed with that.
-    let complete = ProductEpilogue::complete(act, residual.map(|r| r.ptr()));
+    let (epi, act_pass) = ProductEpilogue::for_launch(act, residual.map(|r| r.ptr()));
     be.profiler.op(be, "conv1x1_gemm", flops, bytes, || {
         let out = be.alloc_tensor(dims)?;
         let l = DenseLaunch::new(x.dims, c, w, (oh, ow), w.c_out, act, residual.is_some());
         let ptrs = DensePtrs::of(x.ptr(), w, residual.map(|r| r.ptr()), out.ptr());
         crate::cudnn_conv::run_dense(be, &l, &ptrs, || {
-            let epi = complete.unwrap_or(ProductEpilogue {
-                bias: true,
-                ..Default::default()
-            });
             gemm_rows(be, x.ptr(), p_out, w.c_in, w, out.ptr(), epi)?;
-            if complete.is_none() {
+            if act_pass {
                 act_residual(be, &out, act, residual)?;
             }
             Ok(())
@@ -353,7 +362,7 @@ fn im2col_product(
     out: &CudaTensor,
 ) -> Result<()> {
     let [n, h, wd, c] = x.dims;
-    let complete = ProductEpilogue::complete(act, residual.map(|r| r.ptr()));
+    let (epi, act_pass) = ProductEpilogue::for_launch(act, residual.map(|r| r.ptr()));
     let per_image = oh * ow * w.kp * be.esize();
     let chunk = (IM2COL_BUDGET / per_image.max(1)).clamp(1, n);
     let col = be.pool.alloc(chunk * per_image)?;
@@ -408,21 +417,54 @@ fn im2col_product(
             be.launch_1d("im2col", nc * oh * ow * w.kp, &args)?;
         }
         let o_off = (n0 * oh * ow * w.c_out) as u64 * esz;
-        let epi = match complete {
-            Some(e) => ProductEpilogue {
-                residual: e.residual.map(|r| r + o_off),
-                ..e
-            },
-            None => ProductEpilogue {
-                bias: true,
-                ..Default::default()
-            },
+        let chunk_epi = ProductEpilogue {
+            residual: epi.residual.map(|r| r + o_off),
+            ..epi
         };
-        gemm_rows(be, col.ptr(), nc * oh * ow, w.kp, w, out.ptr() + o_off, epi)?;
+        gemm_rows(
+            be,
+            col.ptr(),
+            nc * oh * ow,
+            w.kp,
+            w,
+            out.ptr() + o_off,
+            chunk_epi,
+        )?;
         n0 += nc;
     }
-    if complete.is_none() {
+    if act_pass {
         act_residual(be, out, act, residual)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_product_epilogue_finishes_identity_and_residual_free_relu_only() {
+        let (e, pass) = ProductEpilogue::for_launch(Activation::Identity, Some(64));
+        assert_eq!(
+            (e.bias, e.residual, e.relu, pass),
+            (true, Some(64), false, false)
+        );
+        let (e, pass) = ProductEpilogue::for_launch(Activation::Relu, None);
+        assert_eq!(
+            (e.bias, e.residual, e.relu, pass),
+            (true, None, true, false)
+        );
+        // ReLU before a residual, SiLU and GELU: bias in the product, the rest after it.
+        for (act, res) in [
+            (Activation::Relu, Some(64)),
+            (Activation::Silu, None),
+            (Activation::Gelu, Some(64)),
+        ] {
+            let (e, pass) = ProductEpilogue::for_launch(act, res);
+            assert_eq!(
+                (e.bias, e.residual, e.relu, pass),
+                (true, None, false, true)
+            );
+        }
+    }
 }
