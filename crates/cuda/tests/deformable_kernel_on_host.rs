@@ -1,7 +1,8 @@
 //! The two deformable-attention kernels of detection.cu, run on the host: their source
 //! compiled by g++ after `topk_emulation/emu.h` (one std::thread per CUDA thread, warp
 //! intrinsics emulated) and `det_deformable_vec` (four taps per load, groups summed by
-//! shuffles) compared with `det_deformable` on random inputs
+//! shuffles) compared with `det_deformable` on random inputs, in fp32 and in a 2-byte
+//! storage type
 //! (`deformable_emulation/main.cpp`; g++ required). On the GPU both are
 //! checked against the CPU backend by `aperture check-dfine`.
 
@@ -29,12 +30,30 @@ inline float __shfl_xor_sync(unsigned mask, float v, int o) {
     return __uint_as_float(all[(threadIdx.x % 32) ^ o]);
 }
 "#;
-    let source = format!(
-        "{}\n{prelude}\n{kernels}\n{}",
-        common::emulation_header(),
-        common::test_file("deformable_emulation/main.cpp")
-    );
-    let text = common::build_and_run("deformable_emulation", &source);
-    assert!(text.contains("ALL OK"), "{text}");
-    assert_eq!(text.matches(" ok\n").count(), 6, "{text}");
+    // 2-byte storage: bf16 bits, rounded to nearest even (the vector kernel then loads
+    // four channels as 8 bytes); its outputs may differ by a last-bit rounding.
+    let bf16 = r#"
+#define EMU_CUSTOM_T
+#include <cstring>
+struct T { unsigned short bits; };
+inline float ldf(T v) { unsigned u = (unsigned)v.bits << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline T stf(float f) {
+    unsigned u; std::memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return T{(unsigned short)(u >> 16)};
+}
+"#;
+    let main = common::test_file("deformable_emulation/main.cpp");
+    for (name, storage, tolerance) in [
+        ("deformable_emulation", "", "1e-6"),
+        ("deformable_emulation_bf16", bf16, "1e-2"),
+    ] {
+        let source = format!(
+            "{storage}\n{}\n{prelude}\n#define TOLERANCE {tolerance}\n{kernels}\n{main}",
+            common::emulation_header(),
+        );
+        let text = common::build_and_run(name, &source);
+        assert!(text.contains("ALL OK"), "{name}: {text}");
+        assert_eq!(text.matches(" ok\n").count(), 6, "{name}: {text}");
+    }
 }

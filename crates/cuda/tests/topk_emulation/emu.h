@@ -17,9 +17,13 @@
 struct D3 { unsigned x = 0, y = 0, z = 0; };
 thread_local D3 threadIdx;
 D3 blockIdx, blockDim, gridDim;
+// The storage type: fp32, unless the includer defines EMU_CUSTOM_T and its own T,
+// ldf() and stf() first.
+#ifndef EMU_CUSTOM_T
 typedef float T;
 inline float ldf(float v) { return v; }
 inline float stf(float v) { return v; }
+#endif
 struct Sync {
     std::mutex m; std::condition_variable cv; int arrived = 0; unsigned gen = 0; unsigned vals[32];
     void wait(int n) {
