@@ -27,7 +27,7 @@ fn topk_kernels_match_the_cpu_post_processing_on_the_host() {
         common::emulation_header(),
         common::test_file("topk_emulation/main.cpp")
     );
-    let text = common::build_and_run("topk_emulation", &source);
+    let text = common::build_and_run("topk_emulation", &source, &[]);
     assert!(text.contains("ALL OK"), "{text}");
     // Every case ran.
     assert_eq!(text.matches(": ok (0 differences)").count(), 11, "{text}");

@@ -19,10 +19,10 @@ pub fn test_file(relative: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Builds `source` as `name` with g++ and runs it: its standard output, after asserting
-/// that it built and exited with status 0 (g++ must be installed: the test fails, not
-/// skips, without it).
-pub fn build_and_run(name: &str, source: &str) -> String {
+/// Builds `source` as `name` with g++ and runs it with `args`: its standard output, after
+/// asserting that it built and exited with status 0 (g++ must be installed: the test
+/// fails, not skips, without it).
+pub fn build_and_run(name: &str, source: &str, args: &[&str]) -> String {
     assert!(
         Command::new("g++").arg("--version").output().is_ok(),
         "g++ is needed to run the kernel source on the host"
@@ -48,7 +48,10 @@ pub fn build_and_run(name: &str, source: &str) -> String {
         "{}",
         String::from_utf8_lossy(&built.stderr)
     );
-    let run = Command::new(&exe).output().expect("the emulation runs");
+    let run = Command::new(&exe)
+        .args(args)
+        .output()
+        .expect("the emulation runs");
     let text = String::from_utf8_lossy(&run.stdout).into_owned();
     assert!(run.status.success(), "{text}");
     text

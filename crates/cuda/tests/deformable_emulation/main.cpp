@@ -3,9 +3,23 @@
 // channels, samples partly outside the maps, and compares the outputs (the kernels differ
 // only in the order of the final additions). Built once with fp32 storage and once with
 // a 2-byte storage type (bf16 bits: the vector kernel's 8-byte loads), TOLERANCE apart.
+// With a folder argument, each case's inputs and both outputs are also written there
+// (case<i>.bin: 13 int32 of shape, then value, offsets, logits, boxes and the two
+// outputs as f32) for a comparison with the CPU backend.
 #include <algorithm>
 #include <cstdio>
 #include <random>
+#include <string>
+
+static const char* g_dump = nullptr;
+static int g_case = 0;
+
+static void dump_values(FILE* f, const std::vector<T>& v) {
+    for (const T& x : v) {
+        const float y = ldf(x);
+        fwrite(&y, 4, 1, f);
+    }
+}
 typedef void (*Kernel)(const T*, const T*, const T*, const T*, T*, int, int, int, int, int, int, float, int,
                        DetLevels);
 
@@ -59,13 +73,24 @@ static int check(const char* name, int d, int discrete) {
         num += (x - y) * (x - y);
         den += x * x;
     }
+    if (g_dump) {
+        const std::string path = std::string(g_dump) + "/case" + std::to_string(g_case++) + ".bin";
+        FILE* f = fopen(path.c_str(), "wb");
+        if (!f) return 1;
+        const int head[13] = {B, Q, C, heads, 2, shapes[0][0], shapes[0][1], shapes[0][2],
+                              shapes[1][0], shapes[1][1], shapes[1][2], discrete, 0};
+        fwrite(head, 4, 13, f);
+        for (const auto* v : {&value, &off, &logits, &boxes, &a, &b}) dump_values(f, *v);
+        fclose(f);
+    }
     const double rel = std::sqrt(num / std::max(den, 1e-30));
     const bool ok = rel <= TOLERANCE && den > 0;
     printf("%-24s d %3d: relative L2 %.2e %s\n", name, d, rel, ok ? "ok" : "FAIL");
     return ok ? 0 : 1;
 }
 
-int main() {
+int main(int argc, char** argv) {
+    if (argc > 1) g_dump = argv[1];
     int bad = 0;
     for (int d : {16, 32, 48}) {
         bad += check("bilinear", d, 0);
