@@ -543,6 +543,72 @@ struct DetLevels {
     int v[16];
 };
 
+// One (query row, head) task of the deformable attention: its attention logits and
+// offsets, the reference box, and the softmax's max and sum over the P points.
+struct DetDeformTask {
+    i64 row, bi;
+    int h, d, P;
+    const T* lg;
+    const T* of;
+    float bx0, bx1, bx2, bx3, m, z;
+};
+
+__device__ __forceinline__ DetDeformTask det_deform_task(i64 task, const T* __restrict__ off,
+                                                         const T* __restrict__ logits,
+                                                         const T* __restrict__ boxes, int Q, int C, int heads,
+                                                         int levels, const DetLevels& lv) {
+    DetDeformTask t;
+    t.h = (int)(task % heads);
+    t.row = task / heads;
+    t.bi = t.row / Q;
+    t.d = C / heads;
+    t.P = 0;
+    for (int l = 0; l < levels; l++) t.P += lv.v[l * 4 + 3];
+    t.lg = logits + t.row * heads * t.P + t.h * t.P;
+    t.of = off + (t.row * heads * t.P + (i64)t.h * t.P) * 2;
+    t.bx0 = ldf(boxes[t.row * 4 + 0]);
+    t.bx1 = ldf(boxes[t.row * 4 + 1]);
+    t.bx2 = ldf(boxes[t.row * 4 + 2]);
+    t.bx3 = ldf(boxes[t.row * 4 + 3]);
+    t.m = DET_NEG_INF;
+    for (int p = 0; p < t.P; p++) t.m = fmaxf(t.m, ldf(t.lg[p]));
+    t.z = 0.0f;
+    for (int p = 0; p < t.P; p++) t.z += expf(ldf(t.lg[p]) - t.m);
+    return t;
+}
+
+// Point p's attention weight and where it samples, in [0, 1] units: offset * (1/n) *
+// wh * offset_scale added to the box centre, in PyTorch's order.
+__device__ __forceinline__ float det_deform_point(const DetDeformTask& t, int p, float sc, float offset_scale,
+                                                  float* lx, float* ly) {
+    const float ox = ldf(t.of[p * 2]), oy = ldf(t.of[p * 2 + 1]);
+    *lx = __fadd_rn(t.bx0, __fmul_rn(__fmul_rn(__fmul_rn(ox, sc), t.bx2), offset_scale));
+    *ly = __fadd_rn(t.bx1, __fmul_rn(__fmul_rn(__fmul_rn(oy, sc), t.bx3), offset_scale));
+    return expf(ldf(t.lg[p]) - t.m) / t.z;
+}
+
+// The discrete sample's pixel: the nearest one, clamped to the map.
+__device__ __forceinline__ void det_deform_nearest(float lx, float ly, int lw, int lh, int* x, int* y) {
+    const long long xi = (long long)__fadd_rn(__fmul_rn(lx, (float)lw), 0.5f);
+    const long long yi = (long long)__fadd_rn(__fmul_rn(ly, (float)lh), 0.5f);
+    *x = (int)min(max(xi, 0LL), (long long)(lw - 1));
+    *y = (int)min(max(yi, 0LL), (long long)(lh - 1));
+}
+
+// The bilinear sample's top-left pixel and fractions (grid_sample, align_corners=False).
+__device__ __forceinline__ void det_deform_bilinear(float lx, float ly, int lw, int lh, int* x0, int* y0,
+                                                    float* fx, float* fy) {
+    const float gx = __fsub_rn(__fmul_rn(2.0f, lx), 1.0f);
+    const float gy = __fsub_rn(__fmul_rn(2.0f, ly), 1.0f);
+    const float ix = __fdiv_rn(__fsub_rn(__fmul_rn(__fadd_rn(gx, 1.0f), (float)lw), 1.0f), 2.0f);
+    const float iy = __fdiv_rn(__fsub_rn(__fmul_rn(__fadd_rn(gy, 1.0f), (float)lh), 1.0f), 2.0f);
+    const float xf = floorf(ix), yf = floorf(iy);
+    *fx = ix - xf;
+    *fy = iy - yf;
+    *x0 = (int)xf;
+    *y0 = (int)yf;
+}
+
 extern "C" __global__ void det_deformable(const T* __restrict__ value, const T* __restrict__ off,
                                           const T* __restrict__ logits, const T* __restrict__ boxes,
                                           T* __restrict__ y, int B, int Q, int C, int heads, int S, int levels,
@@ -550,72 +616,49 @@ extern "C" __global__ void det_deformable(const T* __restrict__ value, const T* 
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     i64 task = (i64)blockIdx.x * (blockDim.x >> 5) + warp;
     if (task >= (i64)B * Q * heads) return;
-    int h = (int)(task % heads);
-    i64 row = task / heads;
-    i64 bi = row / Q;
-    int d = C / heads;
-    int P = 0;
-    for (int l = 0; l < levels; l++) P += lv.v[l * 4 + 3];
-    const T* lg = logits + row * heads * P + h * P;
-    const T* of = off + (row * heads * P + (i64)h * P) * 2;
-    float bx0 = ldf(boxes[row * 4 + 0]), bx1 = ldf(boxes[row * 4 + 1]);
-    float bx2 = ldf(boxes[row * 4 + 2]), bx3 = ldf(boxes[row * 4 + 3]);
-    float m = DET_NEG_INF;
-    for (int p = 0; p < P; p++) m = fmaxf(m, ldf(lg[p]));
-    float z = 0.0f;
-    for (int p = 0; p < P; p++) z += expf(ldf(lg[p]) - m);
+    const DetDeformTask t = det_deform_task(task, off, logits, boxes, Q, C, heads, levels, lv);
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     int p = 0;
     for (int l = 0; l < levels; l++) {
         int lh = lv.v[l * 4], lw = lv.v[l * 4 + 1], start = lv.v[l * 4 + 2], np = lv.v[l * 4 + 3];
         float sc = 1.0f / (float)np;
-        const T* level = value + (bi * S + start) * C + h * d;
+        const T* level = value + (t.bi * S + start) * C + t.h * t.d;
         for (int e = 0; e < np; e++, p++) {
-            float w = expf(ldf(lg[p]) - m) / z;
-            float ox = ldf(of[p * 2]), oy = ldf(of[p * 2 + 1]);
-            // offset * (1/n) * wh * offset_scale, in PyTorch's order.
-            float lx = __fadd_rn(bx0, __fmul_rn(__fmul_rn(__fmul_rn(ox, sc), bx2), offset_scale));
-            float ly = __fadd_rn(bx1, __fmul_rn(__fmul_rn(__fmul_rn(oy, sc), bx3), offset_scale));
+            float lx, ly;
+            const float w = det_deform_point(t, p, sc, offset_scale, &lx, &ly);
             int ys[4], xs[4];
             float ws[4];
             int taps;
             if (discrete) {
-                long long xi = (long long)__fadd_rn(__fmul_rn(lx, (float)lw), 0.5f);
-                long long yi = (long long)__fadd_rn(__fmul_rn(ly, (float)lh), 0.5f);
-                xs[0] = (int)min(max(xi, 0LL), (long long)(lw - 1));
-                ys[0] = (int)min(max(yi, 0LL), (long long)(lh - 1));
+                det_deform_nearest(lx, ly, lw, lh, &xs[0], &ys[0]);
                 ws[0] = w;
                 taps = 1;
             } else {
-                float gx = __fsub_rn(__fmul_rn(2.0f, lx), 1.0f);
-                float gy = __fsub_rn(__fmul_rn(2.0f, ly), 1.0f);
-                float ix = __fdiv_rn(__fsub_rn(__fmul_rn(__fadd_rn(gx, 1.0f), (float)lw), 1.0f), 2.0f);
-                float iy = __fdiv_rn(__fsub_rn(__fmul_rn(__fadd_rn(gy, 1.0f), (float)lh), 1.0f), 2.0f);
-                float x0 = floorf(ix), y0 = floorf(iy);
-                float fx = ix - x0, fy = iy - y0;
-                int x0i = (int)x0, y0i = (int)y0;
+                int x0i, y0i;
+                float fx, fy;
+                det_deform_bilinear(lx, ly, lw, lh, &x0i, &y0i, &fx, &fy);
                 xs[0] = x0i; ys[0] = y0i; ws[0] = w * (1.0f - fx) * (1.0f - fy);
                 xs[1] = x0i + 1; ys[1] = y0i; ws[1] = w * fx * (1.0f - fy);
                 xs[2] = x0i; ys[2] = y0i + 1; ws[2] = w * (1.0f - fx) * fy;
                 xs[3] = x0i + 1; ys[3] = y0i + 1; ws[3] = w * fx * fy;
                 taps = 4;
             }
-            for (int t = 0; t < taps; t++) {
-                if (ws[t] == 0.0f || xs[t] < 0 || ys[t] < 0 || xs[t] >= lw || ys[t] >= lh) continue;
-                const T* src = level + ((i64)ys[t] * lw + xs[t]) * C;
+            for (int k = 0; k < taps; k++) {
+                if (ws[k] == 0.0f || xs[k] < 0 || ys[k] < 0 || xs[k] >= lw || ys[k] >= lh) continue;
+                const T* src = level + ((i64)ys[k] * lw + xs[k]) * C;
 #pragma unroll
                 for (int u = 0; u < 4; u++) {
                     int c = lane + 32 * u;
-                    if (c < d) acc[u] += ws[t] * ldf(src[c]);
+                    if (c < t.d) acc[u] += ws[k] * ldf(src[c]);
                 }
             }
         }
     }
-    T* out = y + row * C + h * d;
+    T* out = y + t.row * C + t.h * t.d;
 #pragma unroll
     for (int u = 0; u < 4; u++) {
         int c = lane + 32 * u;
-        if (c < d) out[c] = stf(acc[u]);
+        if (c < t.d) out[c] = stf(acc[u]);
     }
 }
 
@@ -648,20 +691,7 @@ extern "C" __global__ void det_deformable_vec(const T* __restrict__ value, const
     i64 task = (i64)blockIdx.x * (blockDim.x >> 5) + warp;
     if (task >= (i64)B * Q * heads) return;
     const int g = lane >> 3, sub = lane & 7;
-    int h = (int)(task % heads);
-    i64 row = task / heads;
-    i64 bi = row / Q;
-    int d = C / heads;
-    int P = 0;
-    for (int l = 0; l < levels; l++) P += lv.v[l * 4 + 3];
-    const T* lg = logits + row * heads * P + h * P;
-    const T* of = off + (row * heads * P + (i64)h * P) * 2;
-    float bx0 = ldf(boxes[row * 4 + 0]), bx1 = ldf(boxes[row * 4 + 1]);
-    float bx2 = ldf(boxes[row * 4 + 2]), bx3 = ldf(boxes[row * 4 + 3]);
-    float m = DET_NEG_INF;
-    for (int p = 0; p < P; p++) m = fmaxf(m, ldf(lg[p]));
-    float z = 0.0f;
-    for (int p = 0; p < P; p++) z += expf(ldf(lg[p]) - m);
+    const DetDeformTask t = det_deform_task(task, off, logits, boxes, Q, C, heads, levels, lv);
     float acc[4][4];
 #pragma unroll
     for (int u = 0; u < 4; u++)
@@ -671,29 +701,21 @@ extern "C" __global__ void det_deformable_vec(const T* __restrict__ value, const
     for (int l = 0; l < levels; l++) {
         int lh = lv.v[l * 4], lw = lv.v[l * 4 + 1], start = lv.v[l * 4 + 2], np = lv.v[l * 4 + 3];
         float sc = 1.0f / (float)np;
-        const T* level = value + (bi * S + start) * C + h * d;
+        const T* level = value + (t.bi * S + start) * C + t.h * t.d;
         for (int e = 0; e < np; e++, p++) {
-            float w = expf(ldf(lg[p]) - m) / z;
-            float ox = ldf(of[p * 2]), oy = ldf(of[p * 2 + 1]);
-            float lx = __fadd_rn(bx0, __fmul_rn(__fmul_rn(__fmul_rn(ox, sc), bx2), offset_scale));
-            float ly = __fadd_rn(bx1, __fmul_rn(__fmul_rn(__fmul_rn(oy, sc), bx3), offset_scale));
+            float lx, ly;
+            const float w = det_deform_point(t, p, sc, offset_scale, &lx, &ly);
             int xt, yt;
             float wt;
             if (discrete) {
-                long long xi = (long long)__fadd_rn(__fmul_rn(lx, (float)lw), 0.5f);
-                long long yi = (long long)__fadd_rn(__fmul_rn(ly, (float)lh), 0.5f);
-                xt = (int)min(max(xi, 0LL), (long long)(lw - 1));
-                yt = (int)min(max(yi, 0LL), (long long)(lh - 1));
+                det_deform_nearest(lx, ly, lw, lh, &xt, &yt);
                 wt = g == 0 ? w : 0.0f;
             } else {
-                float gx = __fsub_rn(__fmul_rn(2.0f, lx), 1.0f);
-                float gy = __fsub_rn(__fmul_rn(2.0f, ly), 1.0f);
-                float ix = __fdiv_rn(__fsub_rn(__fmul_rn(__fadd_rn(gx, 1.0f), (float)lw), 1.0f), 2.0f);
-                float iy = __fdiv_rn(__fsub_rn(__fmul_rn(__fadd_rn(gy, 1.0f), (float)lh), 1.0f), 2.0f);
-                float x0 = floorf(ix), y0 = floorf(iy);
-                float fx = ix - x0, fy = iy - y0;
-                xt = (int)x0 + (g & 1);
-                yt = (int)y0 + (g >> 1);
+                int x0i, y0i;
+                float fx, fy;
+                det_deform_bilinear(lx, ly, lw, lh, &x0i, &y0i, &fx, &fy);
+                xt = x0i + (g & 1);
+                yt = y0i + (g >> 1);
                 wt = w * ((g & 1) ? fx : 1.0f - fx) * ((g >> 1) ? fy : 1.0f - fy);
             }
             if (wt == 0.0f || xt < 0 || yt < 0 || xt >= lw || yt >= lh) continue;
@@ -701,7 +723,7 @@ extern "C" __global__ void det_deformable_vec(const T* __restrict__ value, const
 #pragma unroll
             for (int u = 0; u < 4; u++) {
                 const int c = 32 * u + 4 * sub;
-                if (c < d) {
+                if (c < t.d) {
                     float v[4];
                     det_load4(src + c, v);
 #pragma unroll
@@ -718,11 +740,11 @@ extern "C" __global__ void det_deformable_vec(const T* __restrict__ value, const
             acc[u][j] += __shfl_xor_sync(0xffffffffu, acc[u][j], 16);
         }
     if (g != 0) return;
-    T* out = y + row * C + h * d;
+    T* out = y + t.row * C + t.h * t.d;
 #pragma unroll
     for (int u = 0; u < 4; u++) {
         const int c = 32 * u + 4 * sub;
-        if (c < d)
+        if (c < t.d)
 #pragma unroll
             for (int j = 0; j < 4; j++) out[c + j] = stf(acc[u][j]);
     }
