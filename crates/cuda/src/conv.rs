@@ -23,6 +23,30 @@ pub(crate) fn act_code(a: Activation) -> i32 {
     }
 }
 
+/// The geometry the direct convolution kernels (`dwconv`, `conv_small_taps*`) take, in
+/// their order: the input's n, h, w, c, the output's height and width, kh, kw, stride,
+/// padding.
+pub(crate) fn geometry_args(
+    input: [usize; 4],
+    (oh, ow): (usize, usize),
+    w: &ConvWeights,
+) -> [Arg; 10] {
+    let [n, h, wd, c] = input;
+    [
+        n,
+        h,
+        wd,
+        c,
+        oh,
+        ow,
+        w.kh,
+        w.kw,
+        w.spec.stride,
+        w.spec.padding,
+    ]
+    .map(|v| Arg::I32(v as i32))
+}
+
 /// Whether a convolution is a plain product over pixels: every output pixel reads
 /// exactly its own input pixel (1x1, stride 1, no padding).
 pub(crate) fn plain_product(kh: usize, kw: usize, spec: ConvSpec) -> bool {

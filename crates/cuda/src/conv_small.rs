@@ -11,7 +11,7 @@ use aperture_engine::backend::Activation;
 use aperture_engine::Result;
 
 use crate::backend::{ConvWeights, CudaBackend, CudaTensor};
-use crate::conv::act_code;
+use crate::conv::{act_code, geometry_args};
 use crate::kernels::Arg;
 
 /// Most taps per output (`SMALL_MAX_TAPS` in ops.cu: registers per thread).
@@ -46,8 +46,7 @@ pub(crate) fn run(
     residual: Option<&CudaTensor>,
     dims: [usize; 4],
 ) -> Result<CudaTensor> {
-    let [n, h, wd, c] = x.dims;
-    let [_, oh, ow, _] = dims;
+    let [n, oh, ow, _] = dims;
     let out = be.alloc_tensor(dims)?;
     let pixels = n * oh * ow;
     let blocks = pixels
@@ -60,23 +59,8 @@ pub(crate) fn run(
         Arg::Ptr(residual.map_or(0, |r| r.ptr())),
         Arg::Ptr(out.ptr()),
     ];
-    args.extend(
-        [
-            n,
-            h,
-            wd,
-            c,
-            oh,
-            ow,
-            w.kh,
-            w.kw,
-            w.spec.stride,
-            w.spec.padding,
-            w.kp,
-            w.c_out,
-        ]
-        .map(|v| Arg::I32(v as i32)),
-    );
+    args.extend(geometry_args(x.dims, (oh, ow), w));
+    args.extend([w.kp, w.c_out].map(|v| Arg::I32(v as i32)));
     args.push(Arg::I32(act_code(act)));
     let name = if w.c_out <= NARROW_OUT {
         "conv_small_taps32"

@@ -7,7 +7,7 @@ use aperture_engine::backend::Activation;
 use aperture_engine::Result;
 
 use crate::backend::{ConvWeights, CudaBackend, CudaTensor};
-use crate::conv::act_code;
+use crate::conv::{act_code, geometry_args};
 use crate::cudnn_conv::{DenseLaunch, DensePtrs};
 use crate::kernels::Arg;
 
@@ -285,21 +285,7 @@ pub(crate) fn depthwise(
         )?;
         return Ok(out);
     }
-    args.extend(
-        [
-            n,
-            h,
-            wd,
-            c,
-            oh,
-            ow,
-            w.kh,
-            w.kw,
-            w.spec.stride,
-            w.spec.padding,
-        ]
-        .map(|v| Arg::I32(v as i32)),
-    );
+    args.extend(geometry_args(x.dims, (oh, ow), w));
     args.push(Arg::I32(act_code(act)));
     be.launch_1d("dwconv", out.numel(), &args)?;
     Ok(out)
