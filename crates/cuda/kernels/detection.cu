@@ -587,6 +587,26 @@ __device__ __forceinline__ float det_deform_point(const DetDeformTask& t, int p,
     return expf(ldf(t.lg[p]) - t.m) / t.z;
 }
 
+// Calls f(level, lw, lh, w, lx, ly) for every sampling point of task t, level by level:
+// the level's first value row for this head, its width and height, the point's
+// attention weight and where it samples.
+template <class F>
+__device__ __forceinline__ void det_deform_points(const DetDeformTask& t, const T* __restrict__ value, int S,
+                                                  int C, int levels, const DetLevels& lv, float offset_scale,
+                                                  F f) {
+    int p = 0;
+    for (int l = 0; l < levels; l++) {
+        int lh = lv.v[l * 4], lw = lv.v[l * 4 + 1], start = lv.v[l * 4 + 2], np = lv.v[l * 4 + 3];
+        float sc = 1.0f / (float)np;
+        const T* level = value + (t.bi * S + start) * C + t.h * t.d;
+        for (int e = 0; e < np; e++, p++) {
+            float lx, ly;
+            const float w = det_deform_point(t, p, sc, offset_scale, &lx, &ly);
+            f(level, lw, lh, w, lx, ly);
+        }
+    }
+}
+
 // The discrete sample's pixel: the nearest one, clamped to the map.
 __device__ __forceinline__ void det_deform_nearest(float lx, float ly, int lw, int lh, int* x, int* y) {
     const long long xi = (long long)__fadd_rn(__fmul_rn(lx, (float)lw), 0.5f);
@@ -618,42 +638,35 @@ extern "C" __global__ void det_deformable(const T* __restrict__ value, const T* 
     if (task >= (i64)B * Q * heads) return;
     const DetDeformTask t = det_deform_task(task, off, logits, boxes, Q, C, heads, levels, lv);
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    int p = 0;
-    for (int l = 0; l < levels; l++) {
-        int lh = lv.v[l * 4], lw = lv.v[l * 4 + 1], start = lv.v[l * 4 + 2], np = lv.v[l * 4 + 3];
-        float sc = 1.0f / (float)np;
-        const T* level = value + (t.bi * S + start) * C + t.h * t.d;
-        for (int e = 0; e < np; e++, p++) {
-            float lx, ly;
-            const float w = det_deform_point(t, p, sc, offset_scale, &lx, &ly);
-            int ys[4], xs[4];
-            float ws[4];
-            int taps;
-            if (discrete) {
-                det_deform_nearest(lx, ly, lw, lh, &xs[0], &ys[0]);
-                ws[0] = w;
-                taps = 1;
-            } else {
-                int x0i, y0i;
-                float fx, fy;
-                det_deform_bilinear(lx, ly, lw, lh, &x0i, &y0i, &fx, &fy);
-                xs[0] = x0i; ys[0] = y0i; ws[0] = w * (1.0f - fx) * (1.0f - fy);
-                xs[1] = x0i + 1; ys[1] = y0i; ws[1] = w * fx * (1.0f - fy);
-                xs[2] = x0i; ys[2] = y0i + 1; ws[2] = w * (1.0f - fx) * fy;
-                xs[3] = x0i + 1; ys[3] = y0i + 1; ws[3] = w * fx * fy;
-                taps = 4;
-            }
-            for (int k = 0; k < taps; k++) {
-                if (ws[k] == 0.0f || xs[k] < 0 || ys[k] < 0 || xs[k] >= lw || ys[k] >= lh) continue;
-                const T* src = level + ((i64)ys[k] * lw + xs[k]) * C;
+    det_deform_points(t, value, S, C, levels, lv, offset_scale,
+                      [&](const T* level, int lw, int lh, float w, float lx, float ly) {
+        int ys[4], xs[4];
+        float ws[4];
+        int taps;
+        if (discrete) {
+            det_deform_nearest(lx, ly, lw, lh, &xs[0], &ys[0]);
+            ws[0] = w;
+            taps = 1;
+        } else {
+            int x0i, y0i;
+            float fx, fy;
+            det_deform_bilinear(lx, ly, lw, lh, &x0i, &y0i, &fx, &fy);
+            xs[0] = x0i; ys[0] = y0i; ws[0] = w * (1.0f - fx) * (1.0f - fy);
+            xs[1] = x0i + 1; ys[1] = y0i; ws[1] = w * fx * (1.0f - fy);
+            xs[2] = x0i; ys[2] = y0i + 1; ws[2] = w * (1.0f - fx) * fy;
+            xs[3] = x0i + 1; ys[3] = y0i + 1; ws[3] = w * fx * fy;
+            taps = 4;
+        }
+        for (int k = 0; k < taps; k++) {
+            if (ws[k] == 0.0f || xs[k] < 0 || ys[k] < 0 || xs[k] >= lw || ys[k] >= lh) continue;
+            const T* src = level + ((i64)ys[k] * lw + xs[k]) * C;
 #pragma unroll
-                for (int u = 0; u < 4; u++) {
-                    int c = lane + 32 * u;
-                    if (c < t.d) acc[u] += ws[k] * ldf(src[c]);
-                }
+            for (int u = 0; u < 4; u++) {
+                int c = lane + 32 * u;
+                if (c < t.d) acc[u] += ws[k] * ldf(src[c]);
             }
         }
-    }
+    });
     T* out = y + t.row * C + t.h * t.d;
 #pragma unroll
     for (int u = 0; u < 4; u++) {
@@ -697,41 +710,34 @@ extern "C" __global__ void det_deformable_vec(const T* __restrict__ value, const
     for (int u = 0; u < 4; u++)
 #pragma unroll
         for (int j = 0; j < 4; j++) acc[u][j] = 0.0f;
-    int p = 0;
-    for (int l = 0; l < levels; l++) {
-        int lh = lv.v[l * 4], lw = lv.v[l * 4 + 1], start = lv.v[l * 4 + 2], np = lv.v[l * 4 + 3];
-        float sc = 1.0f / (float)np;
-        const T* level = value + (t.bi * S + start) * C + t.h * t.d;
-        for (int e = 0; e < np; e++, p++) {
-            float lx, ly;
-            const float w = det_deform_point(t, p, sc, offset_scale, &lx, &ly);
-            int xt, yt;
-            float wt;
-            if (discrete) {
-                det_deform_nearest(lx, ly, lw, lh, &xt, &yt);
-                wt = g == 0 ? w : 0.0f;
-            } else {
-                int x0i, y0i;
-                float fx, fy;
-                det_deform_bilinear(lx, ly, lw, lh, &x0i, &y0i, &fx, &fy);
-                xt = x0i + (g & 1);
-                yt = y0i + (g >> 1);
-                wt = w * ((g & 1) ? fx : 1.0f - fx) * ((g >> 1) ? fy : 1.0f - fy);
-            }
-            if (wt == 0.0f || xt < 0 || yt < 0 || xt >= lw || yt >= lh) continue;
-            const T* src = level + ((i64)yt * lw + xt) * C;
+    det_deform_points(t, value, S, C, levels, lv, offset_scale,
+                      [&](const T* level, int lw, int lh, float w, float lx, float ly) {
+        int xt, yt;
+        float wt;
+        if (discrete) {
+            det_deform_nearest(lx, ly, lw, lh, &xt, &yt);
+            wt = g == 0 ? w : 0.0f;
+        } else {
+            int x0i, y0i;
+            float fx, fy;
+            det_deform_bilinear(lx, ly, lw, lh, &x0i, &y0i, &fx, &fy);
+            xt = x0i + (g & 1);
+            yt = y0i + (g >> 1);
+            wt = w * ((g & 1) ? fx : 1.0f - fx) * ((g >> 1) ? fy : 1.0f - fy);
+        }
+        if (wt == 0.0f || xt < 0 || yt < 0 || xt >= lw || yt >= lh) return;
+        const T* src = level + ((i64)yt * lw + xt) * C;
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int c = 32 * u + 4 * sub;
-                if (c < t.d) {
-                    float v[4];
-                    det_load4(src + c, v);
+        for (int u = 0; u < 4; u++) {
+            const int c = 32 * u + 4 * sub;
+            if (c < t.d) {
+                float v[4];
+                det_load4(src + c, v);
 #pragma unroll
-                    for (int j = 0; j < 4; j++) acc[u][j] += wt * v[j];
-                }
+                for (int j = 0; j < 4; j++) acc[u][j] += wt * v[j];
             }
         }
-    }
+    });
 #pragma unroll
     for (int u = 0; u < 4; u++)
 #pragma unroll
