@@ -326,7 +326,7 @@ fn plan_strided(
         .saturating_mul(out_hw.0)
         .saturating_mul(out_hw.1);
     let sms = be.multiprocessors().max(1) as usize;
-    let tile = Tile::choose(w.c_out, m, sms, be.kernels.igemm.wide());
+    let tile = Tile::choose(w.c_out, m, sms, be.kernels.igemm.tiles());
     Geometry::new(input.dims, out_hw, DenseConv::of(w), tile)
 }
 

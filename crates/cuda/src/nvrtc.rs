@@ -119,7 +119,20 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Compiles `source` to a CUBIN for `sm_{major}{minor}`, or reads it from the cache.
 /// Returns the binary and whether it came from the cache.
 pub fn compile_cached(source: &str, capability: (i32, i32)) -> CudaResult<(Vec<u8>, bool)> {
-    let arch = format!("sm_{}{}", capability.0, capability.1);
+    compile_for(source, &format!("sm_{}{}", capability.0, capability.1))
+}
+
+/// [`compile_cached`] for the architecture-specific target `sm_{major}{minor}a` (Hopper's
+/// `wgmma` and `setmaxnreg` exist only there; the binary runs on exactly that
+/// architecture).
+pub fn compile_cached_specific(
+    source: &str,
+    capability: (i32, i32),
+) -> CudaResult<(Vec<u8>, bool)> {
+    compile_for(source, &format!("sm_{}{}a", capability.0, capability.1))
+}
+
+fn compile_for(source: &str, arch: &str) -> CudaResult<(Vec<u8>, bool)> {
     let mut options = vec![
         format!("--gpu-architecture={arch}"),
         "--std=c++17".to_string(),
@@ -134,7 +147,7 @@ pub fn compile_cached(source: &str, capability: (i32, i32)) -> CudaResult<(Vec<u
             }
         }
     }
-    let cubin = compile(source, &options, &arch)?;
+    let cubin = compile(source, &options, arch)?;
     if let Some(p) = &path {
         // A cache that cannot be written only costs a recompilation next time.
         if let Err(e) = write_atomic(p, &cubin) {

@@ -30,7 +30,7 @@ pub(crate) fn plan(
     let [n, ..] = x.dims;
     let m = n.saturating_mul(out_hw.0).saturating_mul(out_hw.1);
     let sms = be.multiprocessors().max(1) as usize;
-    let tile = Tile::choose(w.c_out, m, sms, kernel.wide.is_some());
+    let tile = Tile::choose(w.c_out, m, sms, kernel.tiles());
     Geometry::new(x.dims, out_hw, DenseConv::of(w), tile)
 }
 
@@ -119,8 +119,12 @@ fn run_ours(
         Tile::N64 => Some(kernel.small),
         Tile::N128 => kernel.wide,
         Tile::M64 => Some(kernel.m64),
+        Tile::Wg128 => kernel.wgmma.map(|f| f[0]),
+        Tile::Wg64 => kernel.wgmma.map(|f| f[1]),
     }
-    .ok_or_else(|| EngineError::Device("the 128-channel convolution tile is not loaded".into()))?;
+    .ok_or_else(|| {
+        EngineError::Device(format!("the convolution tile {:?} is not loaded", g.tile))
+    })?;
     launch(&be.ctx, func, g.tile, g.blocks as u32, &args)?;
     Ok(())
 }

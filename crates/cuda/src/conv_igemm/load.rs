@@ -4,7 +4,7 @@ use std::ffi::{c_void, CString};
 
 use cudarc::driver::{result, sys};
 
-use super::{conv_source, Tile, ENV_SWITCH};
+use super::{conv_source, Tile, Tiles, ENV_SWITCH, WGMMA_SWITCH};
 use crate::driver::Context;
 use crate::error::{CudaError, CudaResult};
 use crate::kernels::Storage;
@@ -17,6 +17,10 @@ pub(crate) struct IgemmKernel {
     pub(super) small: sys::CUfunction,
     pub(super) m64: sys::CUfunction,
     pub(super) wide: Option<sys::CUfunction>,
+    /// The `wgmma` tiles (128 and 64 channels), where the module was built for sm_90a
+    /// and they got their shared memory.
+    pub(super) wgmma: Option<[sys::CUfunction; 2]>,
+    wgmma_always: bool,
     /// `copy_rows16`: vectorised row copies (used by crate::detection's slices and
     /// concatenations where aligned).
     copy: Option<sys::CUfunction>,
@@ -97,14 +101,31 @@ impl IgemmSlot {
         }
     }
 
-    /// Whether the 128-channel tile is loaded.
-    pub(crate) fn wide(&self) -> bool {
-        matches!(self, Self::Ready(k) if k.wide.is_some())
+    /// The tiles [`Tile::choose`] may take (none when not ready: then nothing launches).
+    pub(crate) fn tiles(&self) -> Tiles {
+        match self {
+            Self::Ready(k) => k.tiles(),
+            _ => Tiles::default(),
+        }
     }
 }
 
+/// Compiles the module: for sm_90a on Hopper (with the `wgmma` tiles; `true`), else, or
+/// where that build fails, for the plain architecture.
+fn compile(ctx: &Context, source: &str) -> CudaResult<(Vec<u8>, bool)> {
+    let wanted =
+        ctx.capability == (9, 0) && !std::env::var(WGMMA_SWITCH).is_ok_and(|v| v.trim() == "0");
+    if wanted {
+        match nvrtc::compile_cached_specific(source, ctx.capability) {
+            Ok((cubin, _)) => return Ok((cubin, true)),
+            Err(e) => eprintln!("warning: sm_90a build failed, convolutions without wgmma: {e}"),
+        }
+    }
+    Ok((nvrtc::compile_cached(source, ctx.capability)?.0, false))
+}
+
 fn load_kernel(ctx: &Context, source: &str, wide: bool) -> CudaResult<IgemmKernel> {
-    let (cubin, _) = nvrtc::compile_cached(source, ctx.capability)?;
+    let (cubin, specific) = compile(ctx, source)?;
     ctx.bind()?;
     // SAFETY: `cubin` is a complete CUBIN image for this device.
     let module = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void)? };
@@ -154,6 +175,17 @@ fn load_kernel(ctx: &Context, source: &str, wide: bool) -> CudaResult<IgemmKerne
             )
         } == sys::CUresult::CUDA_SUCCESS
         && granted >= Tile::N128.smem_bytes() as i32;
+    let wgmma = if specific {
+        let n128 = load_with_smem(
+            module,
+            Tile::Wg128.entry(),
+            Tile::Wg128.smem_bytes() as usize,
+        );
+        let n64 = load_with_smem(module, Tile::Wg64.entry(), Tile::Wg64.smem_bytes() as usize);
+        n128.zip(n64).map(|(a, b)| [a, b])
+    } else {
+        None
+    };
     // SAFETY: the module is loaded; the name is NUL-terminated. Optional: a missing
     // entry only keeps the copies on the element-wise kernel.
     let copy = CString::new("copy_rows16")
@@ -190,11 +222,21 @@ fn load_kernel(ctx: &Context, source: &str, wide: bool) -> CudaResult<IgemmKerne
         small: funcs[0],
         m64: funcs[2],
         wide: wide_ok.then_some(wide_fn),
+        wgmma,
+        wgmma_always: std::env::var(WGMMA_SWITCH).is_ok_and(|v| v.trim() == "force"),
         copy,
     })
 }
 
 impl IgemmKernel {
+    pub(super) fn tiles(&self) -> Tiles {
+        Tiles {
+            wide: self.wide.is_some(),
+            wgmma: self.wgmma.is_some(),
+            wgmma_always: self.wgmma_always,
+        }
+    }
+
     /// `norm_pointwise` for `c` input channels: the specialisation where there is one.
     pub(crate) fn norm_product_for(&self, c: usize) -> Option<sys::CUfunction> {
         self.norm_product_fixed

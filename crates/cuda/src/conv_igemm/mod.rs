@@ -4,9 +4,11 @@
 //!
 //! Taken for 16-bit storage on sm_80+ when the input channel count is a multiple of 8 (an
 //! 8-channel segment is one 16-byte copy); everything else (fp32/tf32, the 3-channel
-//! image input, 1x1 products, depthwise) keeps its previous path. Three block shapes
-//! (see [`Tile`]). `APERTURE_CONV_IGEMM=0` turns the kernel off, `=64` keeps only the 64-wide
-//! tile (for A/B timing or as an escape hatch).
+//! image input, 1x1 products, depthwise) keeps its previous path. Three `mma.sync` block
+//! shapes and, on Hopper (the module built for sm_90a), two `wgmma` ones (see [`Tile`]).
+//! `APERTURE_CONV_IGEMM=0` turns the kernel off, `=64` keeps only the 64-wide `mma.sync`
+//! tile (for A/B timing or as an escape hatch); `APERTURE_WGMMA=0` keeps the `mma.sync`
+//! tiles only, `=force` takes the `wgmma` tiles for every grid (for checks).
 
 use crate::kernels::{preamble, Storage, MATH_SOURCE};
 
@@ -25,16 +27,25 @@ pub(crate) use load::IgemmSlot;
 pub const CONV_SOURCE: &str = include_str!("../../kernels/conv.cu");
 /// Restormer's fused front halves (crate::front), built on conv.cu's helpers.
 pub const FRONT_SOURCE: &str = include_str!("../../kernels/front.cu");
+/// The `wgmma` tiles, appended to conv.cu's translation unit (empty kernels unless built
+/// for sm_90a).
+pub const WGMMA_SOURCE: &str = include_str!("../../kernels/conv_wgmma.cu");
 
 /// Pixels per block of the two large tiles (`conv.cu`'s IG_BM; a test checks).
 const TILE_M: usize = 128;
 /// Pixels per block of the small tile (`IG_BM_SMALL`).
 const TILE_M_SMALL: usize = 64;
+/// K stages of the `wgmma` tiles (`WG_STAGES_N128`, `WG_STAGES_N64`; a test checks).
+const WG_STAGES_N128: usize = 5;
+const WG_STAGES_N64: usize = 4;
 /// Environment switch: `0` keeps every convolution on the im2col path, `64` uses only
 /// the 64-channel tile (for A/B timing of the two shapes).
 const ENV_SWITCH: &str = "APERTURE_CONV_IGEMM";
+/// Environment switch of the `wgmma` tiles: `0` off, `force` for every grid.
+const WGMMA_SWITCH: &str = "APERTURE_WGMMA";
 
-/// The block shapes of `conv.cu`: pixels x output channels.
+/// The block shapes: pixels x output channels. The first three are `conv.cu`'s
+/// (`mma.sync`), the last two `conv_wgmma.cu`'s (Hopper's `wgmma`, sm_90a only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Tile {
     /// `conv_igemm`: 128 x 64, 4 warps.
@@ -43,16 +54,36 @@ pub(crate) enum Tile {
     N128,
     /// `conv_igemm_m64`: 64 x 64, 4 warps: twice the blocks of `N64` for small grids.
     M64,
+    /// `conv_wgmma_n128`: 128 x 128, two warpgroups, five 64-wide K stages.
+    Wg128,
+    /// `conv_wgmma_n64`: 128 x 64, two warpgroups, four stages (two blocks per SM).
+    Wg64,
+}
+
+/// Which tiles a loaded module offers [`Tile::choose`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Tiles {
+    /// `conv_igemm_n128` got its shared memory.
+    pub wide: bool,
+    /// The `wgmma` tiles are loaded (an sm_90a build on a Hopper GPU).
+    pub wgmma: bool,
+    /// Take the `wgmma` tiles whatever the grid (`APERTURE_WGMMA=force`, for checks).
+    pub wgmma_always: bool,
 }
 
 impl Tile {
+    /// The `mma.sync` tiles, always loaded together (the host model in `sim` covers them).
     const ALL: [Tile; 3] = [Tile::N64, Tile::N128, Tile::M64];
+    /// The `wgmma` tiles, loaded where the module was built for sm_90a.
+    pub(crate) const WGMMA: [Tile; 2] = [Tile::Wg128, Tile::Wg64];
 
     fn entry(self) -> &'static str {
         match self {
             Tile::N64 => "conv_igemm",
             Tile::N128 => "conv_igemm_n128",
             Tile::M64 => "conv_igemm_m64",
+            Tile::Wg128 => "conv_wgmma_n128",
+            Tile::Wg64 => "conv_wgmma_n64",
         }
     }
     /// The operation's name in profiles.
@@ -61,44 +92,69 @@ impl Tile {
             Tile::N64 => "conv_igemm",
             Tile::N128 => "conv_igemm_wide",
             Tile::M64 => "conv_igemm_m64",
+            Tile::Wg128 => "conv_wgmma",
+            Tile::Wg64 => "conv_wgmma_n64",
         }
     }
-    /// Warps along the channels (two along the pixels).
+    /// Warps along the channels of the `mma.sync` tiles (two along the pixels).
+    #[cfg(test)]
     pub(crate) fn warps_n(self) -> usize {
-        match self {
-            Tile::N64 | Tile::M64 => 2,
-            Tile::N128 => 4,
-        }
+        self.channels() / 32
     }
     pub(crate) fn channels(self) -> usize {
-        32 * self.warps_n()
+        match self {
+            Tile::N64 | Tile::M64 | Tile::Wg64 => 64,
+            Tile::N128 | Tile::Wg128 => 128,
+        }
     }
     /// Output pixels per block.
     pub(crate) fn pixels(self) -> usize {
         match self {
-            Tile::N64 | Tile::N128 => TILE_M,
             Tile::M64 => TILE_M_SMALL,
+            _ => TILE_M,
         }
     }
     fn threads(self) -> u32 {
-        64 * self.warps_n() as u32
+        match self {
+            Tile::N64 | Tile::M64 => 128,
+            Tile::N128 | Tile::Wg128 | Tile::Wg64 => 256,
+        }
     }
-    /// Dynamic shared memory: 3 stages of A [pixels][40] and B [channels][40], 2 bytes
-    /// each (`IG_SMEM_BYTES` in conv.cu).
+    /// Dynamic shared memory. `mma.sync` tiles: 3 stages of A [pixels][40] and B
+    /// [channels][40] (`IG_SMEM_BYTES` in conv.cu); `wgmma` tiles: their stages of A
+    /// [128][64] and B [channels][64] and 1 KB of alignment (`WG_SMEM_BYTES`); 2 bytes an
+    /// element.
     fn smem_bytes(self) -> u32 {
-        (3 * (self.pixels() + self.channels()) * 40 * 2) as u32
+        let rows = self.pixels() + self.channels();
+        let bytes = match self {
+            Tile::N64 | Tile::N128 | Tile::M64 => 3 * rows * 40 * 2,
+            Tile::Wg128 => WG_STAGES_N128 * rows * 64 * 2 + 1024,
+            Tile::Wg64 => WG_STAGES_N64 * rows * 64 * 2 + 1024,
+        };
+        bytes as u32
     }
     fn blocks(self, c_out: usize, m: usize) -> usize {
         m.div_ceil(self.pixels()) * c_out.div_ceil(self.channels())
     }
 
-    /// The wide tile where the outputs fill it and it still gives every multiprocessor
-    /// a block; else the 128 x 64 one where it gives each two; else the small one (a
-    /// grid of fewer blocks leaves most of each multiprocessor's warp slots empty, as at
-    /// batch 1 on 40x40 and 20x20 maps).
-    pub(crate) fn choose(c_out: usize, m: usize, multiprocessors: usize, wide_ok: bool) -> Tile {
+    /// Where loaded, a `wgmma` tile when its grid gives every multiprocessor a block (the
+    /// 128-channel one for outputs wider than 64); else the `mma.sync` wide tile where
+    /// the outputs fill it and it still gives every multiprocessor a block; else the 128
+    /// x 64 one where it gives each two; else the small one (a grid of fewer blocks leaves
+    /// most of each multiprocessor's warp slots empty, as at batch 1 on 40x40 and 20x20
+    /// maps).
+    pub(crate) fn choose(c_out: usize, m: usize, multiprocessors: usize, t: Tiles) -> Tile {
+        if t.wgmma {
+            let fills = |tile: Tile| t.wgmma_always || tile.blocks(c_out, m) >= multiprocessors;
+            if c_out > 64 && fills(Tile::Wg128) {
+                return Tile::Wg128;
+            }
+            if fills(Tile::Wg64) {
+                return Tile::Wg64;
+            }
+        }
         let wide = Tile::N128.blocks(c_out, m);
-        if wide_ok && c_out > Tile::N64.channels() && wide >= multiprocessors {
+        if t.wide && c_out > Tile::N64.channels() && wide >= multiprocessors {
             Tile::N128
         } else if Tile::N64.blocks(c_out, m) >= 2 * multiprocessors {
             Tile::N64
@@ -117,7 +173,7 @@ pub fn conv_source(s: Storage) -> Option<String> {
         Storage::BF16 => "#define IGEMM_BF16 1\n",
     };
     Some(format!(
-        "{}\n{}\n{select}{CONV_SOURCE}\n{FRONT_SOURCE}\n",
+        "{}\n{}\n{select}{CONV_SOURCE}\n{FRONT_SOURCE}\n{WGMMA_SOURCE}\n",
         preamble(s),
         MATH_SOURCE
     ))

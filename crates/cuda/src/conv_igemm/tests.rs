@@ -110,26 +110,72 @@ fn host_constants_match_the_kernel() {
     }
     assert!(Tile::N64.smem_bytes() <= 48 * 1024);
     assert!(Tile::M64.smem_bytes() <= 48 * 1024);
+    let wg = |name: &str| crate::kernels::source_define(WGMMA_SOURCE, "conv_wgmma.cu", name);
+    assert_eq!(wg("WG_BM"), TILE_M);
+    assert_eq!(wg("WG_BK"), 64);
+    assert_eq!(wg("WG_STAGES_N128"), WG_STAGES_N128);
+    assert_eq!(wg("WG_STAGES_N64"), WG_STAGES_N64);
+    for tile in Tile::WGMMA {
+        assert_eq!(tile.pixels(), wg("WG_BM"));
+        assert!(tile.smem_bytes() as usize <= 227 * 1024);
+    }
+    // One block of 128 x 128 per multiprocessor, two of 128 x 64 (228 KB on sm_90).
+    assert!(Tile::Wg128.smem_bytes() as usize > 114 * 1024);
+    assert!(2 * Tile::Wg64.smem_bytes() as usize <= 228 * 1024 - 2 * 1024);
     // Rows of 16-byte aligned segments for cp.async and ldmatrix.
     assert_eq!(define("IG_LD") * 2 % 16, 0);
     assert_eq!(define("IG_BK") % 16, 0);
 }
+
+const MMA_SYNC: Tiles = Tiles {
+    wide: true,
+    wgmma: false,
+    wgmma_always: false,
+};
 
 #[test]
 fn wide_tile_only_where_it_fills_the_gpu() {
     // D-FINE's 256-channel 3x3 at 80x80: batch 32 fills 132 SMs with wide tiles,
     // batch 1 (100 wide blocks, 200 of 128 x 64) takes the small tile (400 blocks);
     // batch 2 the 128 x 64 one (400 blocks).
-    assert_eq!(Tile::choose(256, 32 * 6400, 132, true), Tile::N128);
-    assert_eq!(Tile::choose(256, 6400, 132, true), Tile::M64);
-    assert_eq!(Tile::choose(256, 2 * 6400, 132, false), Tile::N64);
-    assert_eq!(Tile::choose(256, 32 * 6400, 132, false), Tile::N64);
-    assert_eq!(Tile::choose(64, 32 * 6400, 132, true), Tile::N64);
-    assert_eq!(Tile::choose(72, 132 * 128, 132, true), Tile::N128);
+    let narrow = Tiles {
+        wide: false,
+        ..MMA_SYNC
+    };
+    assert_eq!(Tile::choose(256, 32 * 6400, 132, MMA_SYNC), Tile::N128);
+    assert_eq!(Tile::choose(256, 6400, 132, MMA_SYNC), Tile::M64);
+    assert_eq!(Tile::choose(256, 2 * 6400, 132, narrow), Tile::N64);
+    assert_eq!(Tile::choose(256, 32 * 6400, 132, narrow), Tile::N64);
+    assert_eq!(Tile::choose(64, 32 * 6400, 132, MMA_SYNC), Tile::N64);
+    assert_eq!(Tile::choose(72, 132 * 128, 132, MMA_SYNC), Tile::N128);
     let g = Geometry::new([2, 80, 80, 256], (80, 80), conv3(256, 256, 1), Tile::N128);
     assert_eq!(g.map(|g| (g.n_tiles, g.blocks)), Some((2, 100 * 2)));
     let g = Geometry::new([1, 80, 80, 256], (80, 80), conv3(256, 256, 1), Tile::M64);
     assert_eq!(g.map(|g| (g.n_tiles, g.blocks)), Some((4, 100 * 4)));
+}
+
+#[test]
+fn wgmma_tiles_where_loaded_and_their_grid_fills_the_gpu() {
+    let hopper = Tiles {
+        wgmma: true,
+        ..MMA_SYNC
+    };
+    // Batch 32 at 80x80, 256 channels: 3,200 blocks of 128 x 128.
+    assert_eq!(Tile::choose(256, 32 * 6400, 132, hopper), Tile::Wg128);
+    // Batch 2: 200 blocks of 128 x 128; 64 channels: the 64-wide wgmma tile.
+    assert_eq!(Tile::choose(256, 2 * 6400, 132, hopper), Tile::Wg128);
+    assert_eq!(Tile::choose(64, 32 * 6400, 132, hopper), Tile::Wg64);
+    // Batch 1 at 40x40 (13 pixel tiles): 104 blocks of 128 x 64 for 512 channels, too
+    // few for either: the mma.sync tiles' rule.
+    assert_eq!(Tile::choose(512, 1600, 132, hopper), Tile::M64);
+    // 100 blocks of 128 x 128 but 200 of 128 x 64: the narrower wgmma tile.
+    assert_eq!(Tile::choose(256, 6400, 132, hopper), Tile::Wg64);
+    let forced = Tiles {
+        wgmma_always: true,
+        ..hopper
+    };
+    assert_eq!(Tile::choose(512, 1600, 132, forced), Tile::Wg128);
+    assert_eq!(Tile::choose(8, 64, 132, forced), Tile::Wg64);
 }
 
 #[test]
@@ -138,14 +184,21 @@ fn launch_arguments_match_the_kernel_signature() {
         (Tile::N64, "128, 4"),
         (Tile::N128, "256, 2"),
         (Tile::M64, "128, 4"),
+        (Tile::Wg128, "256, 1"),
+        (Tile::Wg64, "256, 2"),
     ] {
         let decl = format!(
             "extern \"C\" __global__ void __launch_bounds__({bounds})\n{}(",
             tile.entry()
         );
-        let start = CONV_SOURCE.find(&decl).expect("entry point is declared") + decl.len();
-        let end = start + CONV_SOURCE[start..].find(')').expect("parameter list ends");
-        check_parameters(&CONV_SOURCE[start..end]);
+        let source = if Tile::WGMMA.contains(&tile) {
+            WGMMA_SOURCE
+        } else {
+            CONV_SOURCE
+        };
+        let start = source.find(&decl).expect("entry point is declared") + decl.len();
+        let end = start + source[start..].find(')').expect("parameter list ends");
+        check_parameters(&source[start..end]);
         assert_eq!(
             bounds.split(',').next(),
             Some(tile.threads().to_string().as_str())

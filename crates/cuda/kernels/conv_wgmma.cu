@@ -1,0 +1,291 @@
+// Implicit-GEMM dense convolution on Hopper's warpgroup tensor-core instruction (wgmma,
+// sm_90a only: the kernels are empty elsewhere and the host never launches them). The
+// same product as conv.cu's conv_igemm (see there for m, k, A and B and for the host's
+// guarantees: C % 8 == 0, ldx % 8 == 0, 16-byte aligned pointers), the same parameter
+// list, the same epilogue; appended to conv.cu's translation unit and using its helpers.
+//
+// A block computes 128 output pixels x BN channels (BN = 128 or 64) with two warpgroups,
+// each 64 pixels x BN. K advances in chunks of 64 elements (128 bytes per row): each
+// chunk's A rows are gathered from x by cp.async, 16 bytes per copy, straight into the
+// layout wgmma reads (K-major, 128-byte swizzle: 16-byte piece j of row r sits at piece
+// j ^ (r % 8); 8-row groups 1024 bytes apart), B rows likewise from the weights. STAGES
+// chunks are in flight; wgmma of chunk kt runs while chunk kt + STAGES - 2 loads.
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define WG_ARCH_OK 1
+#endif
+
+#define WG_BM 128  // output pixels per block
+#define WG_BK 64   // K elements per chunk: one 128-byte swizzled row
+// Dynamic shared memory (bytes) of a block: STAGES chunks of A [128][64] and B [BN][64],
+// 2 bytes each, and 1 KB to align the first stage to the swizzle's 1,024-byte period.
+#define WG_SMEM_BYTES(BN, STAGES) ((STAGES) * (WG_BM + (BN)) * WG_BK * 2 + 1024)
+
+#ifdef IGEMM_BF16
+#define WG_TYPE "bf16"
+#else
+#define WG_TYPE "f16"
+#endif
+
+#ifdef WG_ARCH_OK
+// Shared-memory matrix descriptor of a K-major tile with 128-byte swizzle whose rows are
+// 128 bytes apart: start address, leading offset (unused by this layout: 1), stride
+// between 8-row groups (1,024 bytes), swizzle mode 1 (128 bytes) in bits 62-63.
+__device__ __forceinline__ unsigned long long wg_desc(unsigned addr) {
+    unsigned long long d = (unsigned long long)((addr & 0x3FFFF) >> 4);
+    d |= 1ull << 16;
+    d |= (unsigned long long)(1024 >> 4) << 32;
+    d |= 1ull << 62;
+    return d;
+}
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// cp.async writes reach the tensor cores' (async proxy) view of shared memory only
+// after this fence in each writing thread.
+__device__ __forceinline__ void wg_fence_async_smem() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Keeps the compiler from moving accumulator reads or writes across the asynchronous
+// wgmma window.
+template <int R>
+__device__ __forceinline__ void wg_pin(float* d) {
+#pragma unroll
+    for (int i = 0; i < R; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d (+)= A . B^T for one k16 step: A {64 x 16} and B {128 x 16} K-major in shared memory
+// (128-byte swizzle), 64 fp32 accumulators per thread; scale_d 0 overwrites d.
+__device__ __forceinline__ void wg_mma_n128(float* d, unsigned long long da, unsigned long long db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." WG_TYPE "." WG_TYPE " "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+
+// d (+)= A . B^T for one k16 step: A {64 x 16} and B {64 x 16} K-major in shared memory
+// (128-byte swizzle), 32 fp32 accumulators per thread; scale_d 0 overwrites d.
+__device__ __forceinline__ void wg_mma_n64(float* d, unsigned long long da, unsigned long long db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." WG_TYPE "." WG_TYPE " "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+
+template <int BN>
+__device__ __forceinline__ void wg_mma(float* d, unsigned long long da, unsigned long long db, int scale_d) {
+    if constexpr (BN == 128)
+        wg_mma_n128(d, da, db, scale_d);
+    else
+        wg_mma_n64(d, da, db, scale_d);
+}
+
+// The gather state of one thread: AR A rows and BR B rows (32 rows apart), the 16-byte
+// piece `seg` of each, and where in K that piece of the next chunk lies.
+template <int AR, int BR>
+struct WgLoader {
+    int iy0[AR], ix0[AR], pix[AR];
+    const T* wrow[BR];
+    bool wok[BR];
+    int kb, ci, kx, ky;
+};
+
+template <int AR, int BR>
+__device__ __forceinline__ void wg_load_chunk(WgLoader<AR, BR>& L, unsigned as, unsigned bs, int lrow, int seg,
+                                              const T* __restrict__ x, const T* __restrict__ w, int H, int W,
+                                              int C, int KW, int K, int ldx) {
+    const bool kin = L.kb < K;
+#pragma unroll
+    for (int i = 0; i < AR; i++) {
+        int r = lrow + 32 * i;
+        int iy = L.iy0[i] + L.ky;
+        int ix = L.ix0[i] + L.kx;
+        bool ok = kin && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W;
+        const T* src = ok ? x + ((ig_i64)(L.pix[i] + iy * W + ix) * ldx + L.ci) : x;
+        ig_cp16(as + r * 128 + ((seg ^ (r & 7)) << 4), src, ok);
+    }
+#pragma unroll
+    for (int j = 0; j < BR; j++) {
+        int r = lrow + 32 * j;
+        bool ok = kin && L.wok[j];
+        const T* src = ok ? L.wrow[j] + L.kb : w;
+        ig_cp16(bs + r * 128 + ((seg ^ (r & 7)) << 4), src, ok);
+    }
+    L.kb += WG_BK;
+    ig_advance(L.ci, L.kx, L.ky, WG_BK, C, KW);
+}
+
+template <int BN, int STAGES>
+__device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+                                        const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH,
+                                        int OW, int Cout, int KW, int stride, int pad, int M, int K, int Kp,
+                                        int n_tiles, int act, int ldx, int ldy) {
+    constexpr int AR = WG_BM / 32;  // 256 threads: 8 pieces per row, 32 rows per pass
+    constexpr int BR = BN / 32;
+    constexpr int ACC = BN / 2;      // accumulators per thread (64 x BN per warpgroup)
+    constexpr unsigned A_STAGE = WG_BM * 128;
+    constexpr unsigned B_STAGE = BN * 128;
+    const unsigned base = (ig_smem(ig_shared) + 1023u) & ~1023u;
+    const unsigned As = base;
+    const unsigned Bs = base + STAGES * A_STAGE;
+
+    const int tid = threadIdx.x;
+    const int m0 = (int)(blockIdx.x / n_tiles) * WG_BM;
+    const int n0 = (int)(blockIdx.x % n_tiles) * BN;
+    const int seg = tid & 7;
+    const int lrow = tid >> 3;
+
+    WgLoader<AR, BR> L;
+    const int ohw = OH * OW;
+#pragma unroll
+    for (int i = 0; i < AR; i++) {
+        int m = m0 + lrow + 32 * i;
+        if (m < M) {
+            int n = m / ohw;
+            int r = m - n * ohw;
+            int oy = r / OW;
+            int ox = r - oy * OW;
+            L.iy0[i] = oy * stride - pad;
+            L.ix0[i] = ox * stride - pad;
+            L.pix[i] = n * H * W;
+        } else {
+            L.iy0[i] = -(1 << 30);  // every tap outside the image: zeros
+            L.ix0[i] = 0;
+            L.pix[i] = 0;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < BR; j++) {
+        int co = n0 + lrow + 32 * j;
+        L.wok[j] = co < Cout;
+        L.wrow[j] = L.wok[j] ? w + (ig_i64)co * Kp : w;
+    }
+    L.kb = seg * 8;
+    L.ci = 0;
+    L.kx = 0;
+    L.ky = 0;
+    ig_advance(L.ci, L.kx, L.ky, L.kb, C, KW);
+
+    float acc[ACC];
+#pragma unroll
+    for (int i = 0; i < ACC; i++) acc[i] = 0.0f;
+
+    constexpr int AHEAD = STAGES - 2;  // chunks loading while one is multiplied
+    const int KT = (K + WG_BK - 1) / WG_BK;
+#pragma unroll
+    for (int s = 0; s < AHEAD; s++) {
+        if (s < KT) wg_load_chunk<AR, BR>(L, As + s * A_STAGE, Bs + s * B_STAGE, lrow, seg, x, w, H, W, C, KW, K, ldx);
+        ig_commit();  // always (possibly empty): group i is chunk i
+    }
+
+    const int wg = tid >> 7;  // warpgroup: pixels 64*wg .. 64*wg+63 of the tile
+    for (int kt = 0; kt < KT; kt++) {
+        // Chunk kt has landed (AHEAD-1 younger groups may be pending) and, after the
+        // barrier, every warpgroup has retired its wgmma of chunk kt-2, whose stage the
+        // load below overwrites.
+        ig_wait<AHEAD - 1>();
+        wg_fence_async_smem();
+        __syncthreads();
+        if (kt + AHEAD < KT) {
+            const int ls = (kt + AHEAD) % STAGES;
+            wg_load_chunk<AR, BR>(L, As + ls * A_STAGE, Bs + ls * B_STAGE, lrow, seg, x, w, H, W, C, KW, K, ldx);
+        }
+        ig_commit();
+
+        const int st = kt % STAGES;
+        const unsigned a_tile = As + st * A_STAGE + wg * 64 * 128;
+        const unsigned b_tile = Bs + st * B_STAGE;
+        wg_pin<ACC>(acc);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < WG_BK / 16; kk++) {
+            // 16 elements = 32 bytes further along the swizzled rows.
+            wg_mma<BN>(acc, wg_desc(a_tile + kk * 32), wg_desc(b_tile + kk * 32), 1);
+        }
+        wg_commit();
+        wg_wait<1>();
+        wg_pin<ACC>(acc);
+    }
+    wg_wait<0>();
+    wg_pin<ACC>(acc);
+    ig_wait<0>();
+
+    // Epilogue: warp w of the warpgroup holds rows 16w + g and 16w + g + 8 of its 64, and
+    // in each 8-channel group j channels 8j + 2*t4 and 8j + 2*t4 + 1 (acc[4j .. 4j+3]:
+    // (g, 2t4), (g, 2t4+1), (g+8, 2t4), (g+8, 2t4+1)), as mma.sync's 16x8 tiles.
+    const int lane = tid & 31;
+    const int warp = (tid >> 5) & 3;
+    const int g = lane >> 2;
+    const int t4 = lane & 3;
+    const bool pairs = (Cout & 1) == 0 && (ldy & 1) == 0;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        int m = m0 + wg * 64 + warp * 16 + g + h * 8;
+        if (m >= M) continue;
+        T* yrow = y + (ig_i64)m * ldy;
+        const T* rrow = res ? res + (ig_i64)m * Cout : res;
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++) {
+            int co = n0 + j * 8 + t4 * 2;
+            if (co >= Cout) continue;
+            const bool second = co + 1 < Cout;
+            float v0 = acc[4 * j + 2 * h];
+            float v1 = acc[4 * j + 2 * h + 1];
+            if (bias) {
+                v0 += ldf(bias[co]);
+                if (second) v1 += ldf(bias[co + 1]);
+            }
+            v0 = ig_activate(v0, act);
+            v1 = ig_activate(v1, act);
+            if (pairs) {
+                if (res) {
+                    float2 r = ld2(rrow + co);
+                    v0 += r.x;
+                    v1 += r.y;
+                }
+                st2(yrow + co, make_float2(v0, v1));
+            } else {
+                if (res) v0 += ldf(rrow[co]);
+                yrow[co] = stf(v0);
+                if (second) {
+                    if (res) v1 += ldf(rrow[co + 1]);
+                    yrow[co + 1] = stf(v1);
+                }
+            }
+        }
+    }
+}
+#endif  // WG_ARCH_OK
+
+// 128 x 128 (five stages, 161 KB: one block per multiprocessor) and 128 x 64 (four stages,
+// 97 KB: two blocks); the parameter list is conv_igemm's.
+#define WG_STAGES_N128 5
+#define WG_STAGES_N64 4
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+conv_wgmma_n128(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+                const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,
+                int stride, int pad, int M, int K, int Kp, int n_tiles, int act, int ldx, int ldy) {
+#ifdef WG_ARCH_OK
+    wg_conv<128, WG_STAGES_N128>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, act,
+                                 ldx, ldy);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+conv_wgmma_n64(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+               const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,
+               int stride, int pad, int M, int K, int Kp, int n_tiles, int act, int ldx, int ldy) {
+#ifdef WG_ARCH_OK
+    wg_conv<64, WG_STAGES_N64>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, act,
+                               ldx, ldy);
+#endif
+}
