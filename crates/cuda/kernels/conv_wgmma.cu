@@ -4,7 +4,7 @@
 // guarantees: C % 8 == 0, ldx % 8 == 0, 16-byte aligned pointers), the same parameter
 // list, the same epilogue; appended to conv.cu's translation unit and using its helpers.
 //
-// A block computes 128 output pixels x BN channels (BN = 128 or 64) with two warpgroups,
+// A block computes 128 output pixels x BN channels (BN = 192, 128 or 64) with two warpgroups,
 // each 64 pixels x BN. K advances in chunks of 64 elements (128 bytes per row): each
 // chunk's A rows are gathered from x by cp.async, 16 bytes per copy, straight into the
 // layout wgmma reads (K-major, 128-byte swizzle: 16-byte piece j of row r sits at piece
@@ -69,6 +69,16 @@ __device__ __forceinline__ void wg_mma_n128(float* d, unsigned long long da, uns
         : "l"(da), "l"(db), "r"(scale_d));
 }
 
+// The same with B {192 x 16}, 96 accumulators.
+__device__ __forceinline__ void wg_mma_n192(float* d, unsigned long long da, unsigned long long db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n192k16.f32." WG_TYPE "." WG_TYPE " "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95}, %96, %97, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+
 // d (+)= A . B^T for one k16 step: A {64 x 16} and B {64 x 16} K-major in shared memory
 // (128-byte swizzle), 32 fp32 accumulators per thread; scale_d 0 overwrites d.
 __device__ __forceinline__ void wg_mma_n64(float* d, unsigned long long da, unsigned long long db, int scale_d) {
@@ -82,14 +92,28 @@ __device__ __forceinline__ void wg_mma_n64(float* d, unsigned long long da, unsi
 
 template <int BN>
 __device__ __forceinline__ void wg_mma(float* d, unsigned long long da, unsigned long long db, int scale_d) {
-    if constexpr (BN == 128)
+    if constexpr (BN == 192)
+        wg_mma_n192(d, da, db, scale_d);
+    else if constexpr (BN == 128)
         wg_mma_n128(d, da, db, scale_d);
     else
         wg_mma_n64(d, da, db, scale_d);
 }
 
+// 16 bytes global -> shared through L1 (cp.async.ca): the input rows a block gathers
+// again for the neighbouring taps (see WgLoader) are then served from L1.
+__device__ __forceinline__ void wg_cp16_l1(unsigned dst, const void* src, bool full) {
+    int n = full ? 16 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
+
 // The gather state of one thread: AR A rows and BR B rows (32 rows apart), the 16-byte
 // piece `seg` of each, and where in K that piece of the next chunk lies.
+// Chunk order: with C % 64 == 0 (TAP_INNER) a chunk is 64 channels of one tap and the
+// taps run innermost (ci0 = 0: taps 0..KH*KW-1, then ci0 = 64, ...): consecutive chunks
+// read the same input pixels shifted by one tap, so A is gathered through L1 and most of
+// it is read from L2 once instead of KH*KW times. Otherwise K runs in its stored order
+// ((ky, kx, ci), a chunk may span taps) and A bypasses L1 as in conv.cu.
 template <int AR, int BR>
 struct WgLoader {
     int iy0[AR], ix0[AR], pix[AR];
@@ -98,11 +122,11 @@ struct WgLoader {
     int kb, ci, kx, ky;
 };
 
-template <int AR, int BR>
+template <int AR, int BR, bool TAP_INNER>
 __device__ __forceinline__ void wg_load_chunk(WgLoader<AR, BR>& L, unsigned as, unsigned bs, int lrow, int seg,
                                               const T* __restrict__ x, const T* __restrict__ w, int H, int W,
                                               int C, int KW, int K, int ldx) {
-    const bool kin = L.kb < K;
+    const bool kin = TAP_INNER ? L.ci < C : L.kb < K;
 #pragma unroll
     for (int i = 0; i < AR; i++) {
         int r = lrow + 32 * i;
@@ -110,7 +134,10 @@ __device__ __forceinline__ void wg_load_chunk(WgLoader<AR, BR>& L, unsigned as, 
         int ix = L.ix0[i] + L.kx;
         bool ok = kin && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W;
         const T* src = ok ? x + ((ig_i64)(L.pix[i] + iy * W + ix) * ldx + L.ci) : x;
-        ig_cp16(as + r * 128 + ((seg ^ (r & 7)) << 4), src, ok);
+        if (TAP_INNER)
+            wg_cp16_l1(as + r * 128 + ((seg ^ (r & 7)) << 4), src, ok);
+        else
+            ig_cp16(as + r * 128 + ((seg ^ (r & 7)) << 4), src, ok);
     }
 #pragma unroll
     for (int j = 0; j < BR; j++) {
@@ -119,11 +146,26 @@ __device__ __forceinline__ void wg_load_chunk(WgLoader<AR, BR>& L, unsigned as, 
         const T* src = ok ? L.wrow[j] + L.kb : w;
         ig_cp16(bs + r * 128 + ((seg ^ (r & 7)) << 4), src, ok);
     }
-    L.kb += WG_BK;
-    ig_advance(L.ci, L.kx, L.ky, WG_BK, C, KW);
+    if (TAP_INNER) {
+        // Next tap; after the last, the first tap of the next 64 channels.
+        L.kb += C;
+        if (++L.kx == KW) {
+            L.kx = 0;
+            ++L.ky;
+        }
+        if (L.kb >= K) {
+            L.kx = 0;
+            L.ky = 0;
+            L.ci += WG_BK;
+            L.kb = L.ci;
+        }
+    } else {
+        L.kb += WG_BK;
+        ig_advance(L.ci, L.kx, L.ky, WG_BK, C, KW);
+    }
 }
 
-template <int BN, int STAGES>
+template <int BN, int STAGES, bool TAP_INNER>
 __device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                                         const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH,
                                         int OW, int Cout, int KW, int stride, int pad, int M, int K, int Kp,
@@ -169,10 +211,13 @@ __device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __rest
         L.wrow[j] = L.wok[j] ? w + (ig_i64)co * Kp : w;
     }
     L.kb = seg * 8;
-    L.ci = 0;
+    L.ci = seg * 8;
     L.kx = 0;
     L.ky = 0;
-    ig_advance(L.ci, L.kx, L.ky, L.kb, C, KW);
+    if (!TAP_INNER) {
+        L.ci = 0;
+        ig_advance(L.ci, L.kx, L.ky, L.kb, C, KW);
+    }
 
     float acc[ACC];
 #pragma unroll
@@ -182,7 +227,7 @@ __device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __rest
     const int KT = (K + WG_BK - 1) / WG_BK;
 #pragma unroll
     for (int s = 0; s < AHEAD; s++) {
-        if (s < KT) wg_load_chunk<AR, BR>(L, As + s * A_STAGE, Bs + s * B_STAGE, lrow, seg, x, w, H, W, C, KW, K, ldx);
+        if (s < KT) wg_load_chunk<AR, BR, TAP_INNER>(L, As + s * A_STAGE, Bs + s * B_STAGE, lrow, seg, x, w, H, W, C, KW, K, ldx);
         ig_commit();  // always (possibly empty): group i is chunk i
     }
 
@@ -196,7 +241,7 @@ __device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __rest
         __syncthreads();
         if (kt + AHEAD < KT) {
             const int ls = (kt + AHEAD) % STAGES;
-            wg_load_chunk<AR, BR>(L, As + ls * A_STAGE, Bs + ls * B_STAGE, lrow, seg, x, w, H, W, C, KW, K, ldx);
+            wg_load_chunk<AR, BR, TAP_INNER>(L, As + ls * A_STAGE, Bs + ls * B_STAGE, lrow, seg, x, w, H, W, C, KW, K, ldx);
         }
         ig_commit();
 
@@ -265,18 +310,38 @@ __device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __rest
 }
 #endif  // WG_ARCH_OK
 
-// 128 x 128 (five stages, 161 KB: one block per multiprocessor) and 128 x 64 (four stages,
-// 97 KB: two blocks); the parameter list is conv_igemm's.
+// 128 x 192 (four stages, 161 KB) and 128 x 128 (five stages, 161 KB): one block per
+// multiprocessor; 128 x 64 (four stages, 97 KB): two blocks. The parameter list is
+// conv_igemm's.
+#define WG_STAGES_N192 4
 #define WG_STAGES_N128 5
 #define WG_STAGES_N64 4
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+conv_wgmma_n192(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+                const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,
+                int stride, int pad, int M, int K, int Kp, int n_tiles, int act, int ldx, int ldy) {
+#ifdef WG_ARCH_OK
+    if (C % WG_BK == 0)
+        wg_conv<192, WG_STAGES_N192, true>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp,
+                                           n_tiles, act, ldx, ldy);
+    else
+        wg_conv<192, WG_STAGES_N192, false>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp,
+                                            n_tiles, act, ldx, ldy);
+#endif
+}
 
 extern "C" __global__ void __launch_bounds__(256, 1)
 conv_wgmma_n128(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                 const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,
                 int stride, int pad, int M, int K, int Kp, int n_tiles, int act, int ldx, int ldy) {
 #ifdef WG_ARCH_OK
-    wg_conv<128, WG_STAGES_N128>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, act,
-                                 ldx, ldy);
+    if (C % WG_BK == 0)
+        wg_conv<128, WG_STAGES_N128, true>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp,
+                                           n_tiles, act, ldx, ldy);
+    else
+        wg_conv<128, WG_STAGES_N128, false>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp,
+                                            n_tiles, act, ldx, ldy);
 #endif
 }
 
@@ -285,7 +350,11 @@ conv_wgmma_n64(const T* __restrict__ x, const T* __restrict__ w, const T* __rest
                const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,
                int stride, int pad, int M, int K, int Kp, int n_tiles, int act, int ldx, int ldy) {
 #ifdef WG_ARCH_OK
-    wg_conv<64, WG_STAGES_N64>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, act,
-                               ldx, ldy);
+    if (C % WG_BK == 0)
+        wg_conv<64, WG_STAGES_N64, true>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles,
+                                         act, ldx, ldy);
+    else
+        wg_conv<64, WG_STAGES_N64, false>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles,
+                                          act, ldx, ldy);
 #endif
 }

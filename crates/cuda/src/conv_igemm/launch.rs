@@ -119,8 +119,9 @@ fn run_ours(
         Tile::N64 => Some(kernel.small),
         Tile::N128 => kernel.wide,
         Tile::M64 => Some(kernel.m64),
-        Tile::Wg128 => kernel.wgmma.map(|f| f[0]),
-        Tile::Wg64 => kernel.wgmma.map(|f| f[1]),
+        Tile::Wg192 => kernel.wgmma.map(|f| f[0]),
+        Tile::Wg128 => kernel.wgmma.map(|f| f[1]),
+        Tile::Wg64 => kernel.wgmma.map(|f| f[2]),
     }
     .ok_or_else(|| {
         EngineError::Device(format!("the convolution tile {:?} is not loaded", g.tile))

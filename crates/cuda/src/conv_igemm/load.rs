@@ -17,9 +17,9 @@ pub(crate) struct IgemmKernel {
     pub(super) small: sys::CUfunction,
     pub(super) m64: sys::CUfunction,
     pub(super) wide: Option<sys::CUfunction>,
-    /// The `wgmma` tiles (128 and 64 channels), where the module was built for sm_90a
-    /// and they got their shared memory.
-    pub(super) wgmma: Option<[sys::CUfunction; 2]>,
+    /// The `wgmma` tiles (in `Tile::WGMMA`'s order), where the module was built for
+    /// sm_90a and they got their shared memory.
+    pub(super) wgmma: Option<[sys::CUfunction; 3]>,
     wgmma_always: bool,
     /// `copy_rows16`: vectorised row copies (used by crate::detection's slices and
     /// concatenations where aligned).
@@ -176,13 +176,8 @@ fn load_kernel(ctx: &Context, source: &str, wide: bool) -> CudaResult<IgemmKerne
         } == sys::CUresult::CUDA_SUCCESS
         && granted >= Tile::N128.smem_bytes() as i32;
     let wgmma = if specific {
-        let n128 = load_with_smem(
-            module,
-            Tile::Wg128.entry(),
-            Tile::Wg128.smem_bytes() as usize,
-        );
-        let n64 = load_with_smem(module, Tile::Wg64.entry(), Tile::Wg64.smem_bytes() as usize);
-        n128.zip(n64).map(|(a, b)| [a, b])
+        let funcs: Option<Vec<_>> = Tile::WGMMA.iter().map(|&t| load_wgmma(module, t)).collect();
+        funcs.and_then(|f| f.try_into().ok())
     } else {
         None
     };
@@ -249,7 +244,28 @@ impl IgemmKernel {
 
 /// A kernel of the module with `bytes` of dynamic shared memory allowed; `None` when
 /// missing or refused (the caller then runs the operations it fuses one by one).
+/// A `wgmma` tile with its shared memory and no more: the rest of the multiprocessor's
+/// 256 KB stays L1, which serves the taps' repeated input reads (conv_wgmma.cu).
+fn load_wgmma(module: sys::CUmodule, tile: Tile) -> Option<sys::CUfunction> {
+    const SMEM_LIMIT: usize = 228 * 1024;
+    let bytes = tile.smem_bytes() as usize;
+    let per_sm = tile.blocks_per_multiprocessor() * (bytes + 1024);
+    let carveout = (per_sm * 100).div_ceil(SMEM_LIMIT).min(100) as i32;
+    load_with_smem_carveout(module, tile.entry(), bytes, carveout)
+}
+
 fn load_with_smem(module: sys::CUmodule, name: &str, bytes: usize) -> Option<sys::CUfunction> {
+    load_with_smem_carveout(module, name, bytes, 100)
+}
+
+/// A kernel of the module that may use `bytes` of dynamic shared memory, with
+/// `carveout` percent of the multiprocessor's shared-memory maximum preferred over L1.
+fn load_with_smem_carveout(
+    module: sys::CUmodule,
+    name: &str,
+    bytes: usize,
+    carveout: i32,
+) -> Option<sys::CUfunction> {
     use sys::CUfunction_attribute::*;
     let name = CString::new(name).ok()?;
     // SAFETY: the module is loaded; the name is NUL-terminated.
@@ -259,7 +275,11 @@ fn load_with_smem(module: sys::CUmodule, name: &str, bytes: usize) -> Option<sys
     // SAFETY: `f` is a function of the loaded module; plain out-parameter.
     let ok = unsafe {
         let _ = sys::cuFuncLoad(f);
-        let _ = sys::cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100);
+        let _ = sys::cuFuncSetAttribute(
+            f,
+            CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+            carveout,
+        );
         let _ = sys::cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, want);
         sys::cuFuncGetAttribute(
             &mut granted,

@@ -36,6 +36,7 @@ const TILE_M: usize = 128;
 /// Pixels per block of the small tile (`IG_BM_SMALL`).
 const TILE_M_SMALL: usize = 64;
 /// K stages of the `wgmma` tiles (`WG_STAGES_N128`, `WG_STAGES_N64`; a test checks).
+const WG_STAGES_N192: usize = 4;
 const WG_STAGES_N128: usize = 5;
 const WG_STAGES_N64: usize = 4;
 /// Environment switch: `0` keeps every convolution on the im2col path, `64` uses only
@@ -54,7 +55,9 @@ pub(crate) enum Tile {
     N128,
     /// `conv_igemm_m64`: 64 x 64, 4 warps: twice the blocks of `N64` for small grids.
     M64,
-    /// `conv_wgmma_n128`: 128 x 128, two warpgroups, five 64-wide K stages.
+    /// `conv_wgmma_n192`: 128 x 192, two warpgroups, four 64-wide K stages.
+    Wg192,
+    /// `conv_wgmma_n128`: 128 x 128, two warpgroups, five stages.
     Wg128,
     /// `conv_wgmma_n64`: 128 x 64, two warpgroups, four stages (two blocks per SM).
     Wg64,
@@ -75,13 +78,14 @@ impl Tile {
     /// The `mma.sync` tiles, always loaded together (the host model in `sim` covers them).
     const ALL: [Tile; 3] = [Tile::N64, Tile::N128, Tile::M64];
     /// The `wgmma` tiles, loaded where the module was built for sm_90a.
-    pub(crate) const WGMMA: [Tile; 2] = [Tile::Wg128, Tile::Wg64];
+    pub(crate) const WGMMA: [Tile; 3] = [Tile::Wg192, Tile::Wg128, Tile::Wg64];
 
     fn entry(self) -> &'static str {
         match self {
             Tile::N64 => "conv_igemm",
             Tile::N128 => "conv_igemm_n128",
             Tile::M64 => "conv_igemm_m64",
+            Tile::Wg192 => "conv_wgmma_n192",
             Tile::Wg128 => "conv_wgmma_n128",
             Tile::Wg64 => "conv_wgmma_n64",
         }
@@ -92,6 +96,7 @@ impl Tile {
             Tile::N64 => "conv_igemm",
             Tile::N128 => "conv_igemm_wide",
             Tile::M64 => "conv_igemm_m64",
+            Tile::Wg192 => "conv_wgmma_n192",
             Tile::Wg128 => "conv_wgmma",
             Tile::Wg64 => "conv_wgmma_n64",
         }
@@ -105,6 +110,7 @@ impl Tile {
         match self {
             Tile::N64 | Tile::M64 | Tile::Wg64 => 64,
             Tile::N128 | Tile::Wg128 => 128,
+            Tile::Wg192 => 192,
         }
     }
     /// Output pixels per block.
@@ -117,7 +123,7 @@ impl Tile {
     fn threads(self) -> u32 {
         match self {
             Tile::N64 | Tile::M64 => 128,
-            Tile::N128 | Tile::Wg128 | Tile::Wg64 => 256,
+            Tile::N128 | Tile::Wg192 | Tile::Wg128 | Tile::Wg64 => 256,
         }
     }
     /// Dynamic shared memory. `mma.sync` tiles: 3 stages of A [pixels][40] and B
@@ -128,29 +134,39 @@ impl Tile {
         let rows = self.pixels() + self.channels();
         let bytes = match self {
             Tile::N64 | Tile::N128 | Tile::M64 => 3 * rows * 40 * 2,
+            Tile::Wg192 => WG_STAGES_N192 * rows * 64 * 2 + 1024,
             Tile::Wg128 => WG_STAGES_N128 * rows * 64 * 2 + 1024,
             Tile::Wg64 => WG_STAGES_N64 * rows * 64 * 2 + 1024,
         };
         bytes as u32
     }
+    /// Blocks a multiprocessor runs at once (the kernels' `__launch_bounds__`).
+    fn blocks_per_multiprocessor(self) -> usize {
+        match self {
+            Tile::N64 | Tile::M64 => 4,
+            Tile::N128 | Tile::Wg64 => 2,
+            Tile::Wg192 | Tile::Wg128 => 1,
+        }
+    }
     fn blocks(self, c_out: usize, m: usize) -> usize {
         m.div_ceil(self.pixels()) * c_out.div_ceil(self.channels())
     }
 
-    /// Where loaded, a `wgmma` tile when its grid gives every multiprocessor a block (the
-    /// 128-channel one for outputs wider than 64); else the `mma.sync` wide tile where
-    /// the outputs fill it and it still gives every multiprocessor a block; else the 128
-    /// x 64 one where it gives each two; else the small one (a grid of fewer blocks leaves
-    /// most of each multiprocessor's warp slots empty, as at batch 1 on 40x40 and 20x20
-    /// maps).
+    /// Where loaded, the `wgmma` tile whose grid gives every multiprocessor a block and
+    /// that pads the output channels least (the wider on ties: fewer input re-reads);
+    /// else the `mma.sync` wide tile where the outputs fill it and it still gives every
+    /// multiprocessor a block; else the 128 x 64 one where it gives each two; else the
+    /// small one (a grid of fewer blocks leaves most of each multiprocessor's warp slots
+    /// empty, as at batch 1 on 40x40 and 20x20 maps).
     pub(crate) fn choose(c_out: usize, m: usize, multiprocessors: usize, t: Tiles) -> Tile {
         if t.wgmma {
-            let fills = |tile: Tile| t.wgmma_always || tile.blocks(c_out, m) >= multiprocessors;
-            if c_out > 64 && fills(Tile::Wg128) {
-                return Tile::Wg128;
-            }
-            if fills(Tile::Wg64) {
-                return Tile::Wg64;
+            let padded = |tile: Tile| c_out.div_ceil(tile.channels()) * tile.channels();
+            let best = Tile::WGMMA
+                .into_iter()
+                .filter(|&tile| t.wgmma_always || tile.blocks(c_out, m) >= multiprocessors)
+                .min_by_key(|&tile| (padded(tile), usize::MAX - tile.channels()));
+            if let Some(tile) = best {
+                return tile;
             }
         }
         let wide = Tile::N128.blocks(c_out, m);

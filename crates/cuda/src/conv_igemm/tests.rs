@@ -113,14 +113,17 @@ fn host_constants_match_the_kernel() {
     let wg = |name: &str| crate::kernels::source_define(WGMMA_SOURCE, "conv_wgmma.cu", name);
     assert_eq!(wg("WG_BM"), TILE_M);
     assert_eq!(wg("WG_BK"), 64);
+    assert_eq!(wg("WG_STAGES_N192"), WG_STAGES_N192);
     assert_eq!(wg("WG_STAGES_N128"), WG_STAGES_N128);
     assert_eq!(wg("WG_STAGES_N64"), WG_STAGES_N64);
     for tile in Tile::WGMMA {
         assert_eq!(tile.pixels(), wg("WG_BM"));
         assert!(tile.smem_bytes() as usize <= 227 * 1024);
     }
-    // One block of 128 x 128 per multiprocessor, two of 128 x 64 (228 KB on sm_90).
+    // One block of 128 x 192 or 128 x 128 per multiprocessor, two of 128 x 64 (228 KB on
+    // sm_90).
     assert!(Tile::Wg128.smem_bytes() as usize > 114 * 1024);
+    assert!(Tile::Wg192.smem_bytes() as usize > 114 * 1024);
     assert!(2 * Tile::Wg64.smem_bytes() as usize <= 228 * 1024 - 2 * 1024);
     // Rows of 16-byte aligned segments for cp.async and ldmatrix.
     assert_eq!(define("IG_LD") * 2 % 16, 0);
@@ -165,6 +168,8 @@ fn wgmma_tiles_where_loaded_and_their_grid_fills_the_gpu() {
     // Batch 2: 200 blocks of 128 x 128; 64 channels: the 64-wide wgmma tile.
     assert_eq!(Tile::choose(256, 2 * 6400, 132, hopper), Tile::Wg128);
     assert_eq!(Tile::choose(64, 32 * 6400, 132, hopper), Tile::Wg64);
+    // 192 channels: one 192-wide tile instead of 128 + a half-empty second one.
+    assert_eq!(Tile::choose(192, 32 * 6400, 132, hopper), Tile::Wg192);
     // Batch 1 at 40x40 (13 pixel tiles): 104 blocks of 128 x 64 for 512 channels, too
     // few for either: the mma.sync tiles' rule.
     assert_eq!(Tile::choose(512, 1600, 132, hopper), Tile::M64);
@@ -184,6 +189,7 @@ fn launch_arguments_match_the_kernel_signature() {
         (Tile::N64, "128, 4"),
         (Tile::N128, "256, 2"),
         (Tile::M64, "128, 4"),
+        (Tile::Wg192, "256, 1"),
         (Tile::Wg128, "256, 1"),
         (Tile::Wg64, "256, 2"),
     ] {
@@ -199,10 +205,9 @@ fn launch_arguments_match_the_kernel_signature() {
         let start = source.find(&decl).expect("entry point is declared") + decl.len();
         let end = start + source[start..].find(')').expect("parameter list ends");
         check_parameters(&source[start..end]);
-        assert_eq!(
-            bounds.split(',').next(),
-            Some(tile.threads().to_string().as_str())
-        );
+        let (threads, blocks) = bounds.split_once(", ").expect("two bounds");
+        assert_eq!(threads, tile.threads().to_string());
+        assert_eq!(blocks, tile.blocks_per_multiprocessor().to_string());
     }
 }
 

@@ -99,7 +99,7 @@ pub(super) fn depthwise_cases(rng: &mut Rng) -> Vec<Case> {
 pub(super) fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
     use crate::conv_igemm::{DenseConv, Geometry, Tile};
     // [n, h, w, c_in, c_out, k, stride, pad], activation, residual
-    let shapes: [([usize; 8], Activation, bool); 18] = [
+    let shapes: [([usize; 8], Activation, bool); 20] = [
         ([2, 17, 23, 64, 64, 3, 1, 1], Activation::Identity, false),
         ([2, 17, 23, 64, 64, 3, 1, 1], Activation::Silu, true),
         ([2, 19, 25, 128, 256, 3, 2, 1], Activation::Relu, false),
@@ -114,13 +114,17 @@ pub(super) fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
         ([2, 9, 10, 16, 5, 3, 1, 1], Activation::Gelu, false),
         ([2, 80, 80, 256, 256, 3, 1, 1], Activation::Silu, false),
         ([1, 160, 212, 32, 64, 3, 1, 1], Activation::Relu, true),
-        // Grids that fill 132 multiprocessors with wgmma tiles: a partial channel tile,
+        // Grids that fill 132 multiprocessors with wgmma tiles (64 input channels: taps
+        // innermost, the input through L1): a partial channel tile,
         // 40 input channels (a K chunk spans taps), stride 2 with 200 outputs, an odd
         // output count (element-wise stores).
         ([4, 40, 40, 64, 136, 3, 1, 1], Activation::Silu, true),
         ([8, 40, 40, 40, 96, 3, 1, 1], Activation::Gelu, true),
         ([10, 64, 60, 128, 200, 3, 2, 1], Activation::Relu, false),
         ([12, 40, 40, 64, 45, 3, 1, 1], Activation::Identity, false),
+        // 192 outputs (the 192-wide tile), taps innermost (64 input channels) and not.
+        ([8, 48, 44, 64, 192, 3, 1, 1], Activation::Silu, true),
+        ([8, 48, 44, 40, 192, 3, 1, 1], Activation::Gelu, false),
     ];
     let ready = gpu.kernels.igemm.reason().is_none();
     let sms = gpu.multiprocessors().max(1) as usize;
