@@ -107,8 +107,9 @@ __device__ __forceinline__ void wg_cp16_l1(unsigned dst, const void* src, bool f
     asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
 }
 
-// The gather state of one thread: AR A rows and BR B rows (32 rows apart), the 16-byte
-// piece `seg` of each, and where in K that piece of the next chunk lies.
+// The gather state of one thread: AR A rows and BR B rows (STEP rows apart: the copying
+// threads / 8), the 16-byte piece `seg` of each, and where in K that piece of the next
+// chunk lies.
 // Chunk order: with C % 64 == 0 (TAP_INNER) a chunk is 64 channels of one tap and the
 // taps run innermost (ci0 = 0: taps 0..KH*KW-1, then ci0 = 64, ...): consecutive chunks
 // read the same input pixels shifted by one tap, so A is gathered through L1 and most of
@@ -122,14 +123,14 @@ struct WgLoader {
     int kb, ci, kx, ky;
 };
 
-template <int AR, int BR, bool TAP_INNER>
+template <int AR, int BR, int STEP, bool TAP_INNER>
 __device__ __forceinline__ void wg_load_chunk(WgLoader<AR, BR>& L, unsigned as, unsigned bs, int lrow, int seg,
                                               const T* __restrict__ x, const T* __restrict__ w, int H, int W,
                                               int C, int KW, int K, int ldx) {
     const bool kin = TAP_INNER ? L.ci < C : L.kb < K;
 #pragma unroll
     for (int i = 0; i < AR; i++) {
-        int r = lrow + 32 * i;
+        int r = lrow + STEP * i;
         int iy = L.iy0[i] + L.ky;
         int ix = L.ix0[i] + L.kx;
         bool ok = kin && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W;
@@ -141,7 +142,7 @@ __device__ __forceinline__ void wg_load_chunk(WgLoader<AR, BR>& L, unsigned as, 
     }
 #pragma unroll
     for (int j = 0; j < BR; j++) {
-        int r = lrow + 32 * j;
+        int r = lrow + STEP * j;
         bool ok = kin && L.wok[j];
         const T* src = ok ? L.wrow[j] + L.kb : w;
         ig_cp16(bs + r * 128 + ((seg ^ (r & 7)) << 4), src, ok);
@@ -165,31 +166,16 @@ __device__ __forceinline__ void wg_load_chunk(WgLoader<AR, BR>& L, unsigned as, 
     }
 }
 
-template <int BN, int STAGES, bool TAP_INNER>
-__device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
-                                        const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH,
-                                        int OW, int Cout, int KW, int stride, int pad, int M, int K, int Kp,
-                                        int n_tiles, int act, int ldx, int ldy) {
-    constexpr int AR = WG_BM / 32;  // 256 threads: 8 pieces per row, 32 rows per pass
-    constexpr int BR = BN / 32;
-    constexpr int ACC = BN / 2;      // accumulators per thread (64 x BN per warpgroup)
-    constexpr unsigned A_STAGE = WG_BM * 128;
-    constexpr unsigned B_STAGE = BN * 128;
-    const unsigned base = (ig_smem(ig_shared) + 1023u) & ~1023u;
-    const unsigned As = base;
-    const unsigned Bs = base + STAGES * A_STAGE;
-
-    const int tid = threadIdx.x;
-    const int m0 = (int)(blockIdx.x / n_tiles) * WG_BM;
-    const int n0 = (int)(blockIdx.x % n_tiles) * BN;
-    const int seg = tid & 7;
-    const int lrow = tid >> 3;
-
-    WgLoader<AR, BR> L;
+// Sets up a loader: this thread's A rows are output pixels m0 + lrow + STEP*i, its B
+// rows output channels n0 + lrow + STEP*j, and its piece `seg` starts at K position 0.
+template <int AR, int BR, int STEP, bool TAP_INNER>
+__device__ __forceinline__ void wg_loader_init(WgLoader<AR, BR>& L, int lrow, int seg, int m0, int n0,
+                                               const T* __restrict__ w, int H, int W, int C, int OH, int OW,
+                                               int Cout, int KW, int stride, int pad, int M, int Kp) {
     const int ohw = OH * OW;
 #pragma unroll
     for (int i = 0; i < AR; i++) {
-        int m = m0 + lrow + 32 * i;
+        int m = m0 + lrow + STEP * i;
         if (m < M) {
             int n = m / ohw;
             int r = m - n * ohw;
@@ -206,7 +192,7 @@ __device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __rest
     }
 #pragma unroll
     for (int j = 0; j < BR; j++) {
-        int co = n0 + lrow + 32 * j;
+        int co = n0 + lrow + STEP * j;
         L.wok[j] = co < Cout;
         L.wrow[j] = L.wok[j] ? w + (ig_i64)co * Kp : w;
     }
@@ -219,50 +205,29 @@ __device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __rest
         ig_advance(L.ci, L.kx, L.ky, L.kb, C, KW);
     }
 
-    float acc[ACC];
-#pragma unroll
-    for (int i = 0; i < ACC; i++) acc[i] = 0.0f;
+}
 
-    constexpr int AHEAD = STAGES - 2;  // chunks loading while one is multiplied
-    const int KT = (K + WG_BK - 1) / WG_BK;
+// The k16 steps of one K chunk for the calling warpgroup: its 64 A rows at a_tile, the
+// BN B rows at b_tile (shared addresses of swizzled stages), committed as one group.
+template <int BN>
+__device__ __forceinline__ void wg_chunk_mma(float* acc, unsigned a_tile, unsigned b_tile) {
+    wg_pin<BN / 2>(acc);
+    wg_fence();
 #pragma unroll
-    for (int s = 0; s < AHEAD; s++) {
-        if (s < KT) wg_load_chunk<AR, BR, TAP_INNER>(L, As + s * A_STAGE, Bs + s * B_STAGE, lrow, seg, x, w, H, W, C, KW, K, ldx);
-        ig_commit();  // always (possibly empty): group i is chunk i
+    for (int kk = 0; kk < WG_BK / 16; kk++) {
+        // 16 elements = 32 bytes further along the swizzled rows.
+        wg_mma<BN>(acc, wg_desc(a_tile + kk * 32), wg_desc(b_tile + kk * 32), 1);
     }
+    wg_commit();
+}
 
-    const int wg = tid >> 7;  // warpgroup: pixels 64*wg .. 64*wg+63 of the tile
-    for (int kt = 0; kt < KT; kt++) {
-        // Chunk kt has landed (AHEAD-1 younger groups may be pending) and, after the
-        // barrier, every warpgroup has retired its wgmma of chunk kt-2, whose stage the
-        // load below overwrites.
-        ig_wait<AHEAD - 1>();
-        wg_fence_async_smem();
-        __syncthreads();
-        if (kt + AHEAD < KT) {
-            const int ls = (kt + AHEAD) % STAGES;
-            wg_load_chunk<AR, BR, TAP_INNER>(L, As + ls * A_STAGE, Bs + ls * B_STAGE, lrow, seg, x, w, H, W, C, KW, K, ldx);
-        }
-        ig_commit();
-
-        const int st = kt % STAGES;
-        const unsigned a_tile = As + st * A_STAGE + wg * 64 * 128;
-        const unsigned b_tile = Bs + st * B_STAGE;
-        wg_pin<ACC>(acc);
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < WG_BK / 16; kk++) {
-            // 16 elements = 32 bytes further along the swizzled rows.
-            wg_mma<BN>(acc, wg_desc(a_tile + kk * 32), wg_desc(b_tile + kk * 32), 1);
-        }
-        wg_commit();
-        wg_wait<1>();
-        wg_pin<ACC>(acc);
-    }
-    wg_wait<0>();
-    wg_pin<ACC>(acc);
-    ig_wait<0>();
-
+// Bias, activation, residual and the store of one warpgroup's 64 x BN accumulators for
+// output pixels m_first .. m_first + 63 and channels n0 .. n0 + BN - 1.
+template <int BN>
+__device__ __forceinline__ void wg_epilogue(const float* acc, int m_first, int n0, const T* __restrict__ bias,
+                                            const T* __restrict__ res, T* __restrict__ y, int M, int Cout, int act,
+                                            int ldy) {
+    const int tid = threadIdx.x;
     // Epilogue: warp w of the warpgroup holds rows 16w + g and 16w + g + 8 of its 64, and
     // in each 8-channel group j channels 8j + 2*t4 and 8j + 2*t4 + 1 (acc[4j .. 4j+3]:
     // (g, 2t4), (g, 2t4+1), (g+8, 2t4), (g+8, 2t4+1)), as mma.sync's 16x8 tiles.
@@ -273,7 +238,7 @@ __device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __rest
     const bool pairs = (Cout & 1) == 0 && (ldy & 1) == 0;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-        int m = m0 + wg * 64 + warp * 16 + g + h * 8;
+        int m = m_first + warp * 16 + g + h * 8;
         if (m >= M) continue;
         T* yrow = y + (ig_i64)m * ldy;
         const T* rrow = res ? res + (ig_i64)m * Cout : res;
@@ -307,6 +272,67 @@ __device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __rest
             }
         }
     }
+}
+
+template <int BN, int STAGES, bool TAP_INNER>
+__device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+                                        const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH,
+                                        int OW, int Cout, int KW, int stride, int pad, int M, int K, int Kp,
+                                        int n_tiles, int act, int ldx, int ldy) {
+    constexpr int AR = WG_BM / 32;  // 256 threads: 8 pieces per row, 32 rows per pass
+    constexpr int BR = BN / 32;
+    constexpr int ACC = BN / 2;      // accumulators per thread (64 x BN per warpgroup)
+    constexpr unsigned A_STAGE = WG_BM * 128;
+    constexpr unsigned B_STAGE = BN * 128;
+    const unsigned base = (ig_smem(ig_shared) + 1023u) & ~1023u;
+    const unsigned As = base;
+    const unsigned Bs = base + STAGES * A_STAGE;
+
+    const int tid = threadIdx.x;
+    const int m0 = (int)(blockIdx.x / n_tiles) * WG_BM;
+    const int n0 = (int)(blockIdx.x % n_tiles) * BN;
+    const int seg = tid & 7;
+    const int lrow = tid >> 3;
+
+    WgLoader<AR, BR> L;
+    wg_loader_init<AR, BR, 32, TAP_INNER>(L, lrow, seg, m0, n0, w, H, W, C, OH, OW, Cout, KW, stride, pad, M, Kp);
+
+    float acc[ACC];
+#pragma unroll
+    for (int i = 0; i < ACC; i++) acc[i] = 0.0f;
+
+    constexpr int AHEAD = STAGES - 2;  // chunks loading while one is multiplied
+    const int KT = (K + WG_BK - 1) / WG_BK;
+#pragma unroll
+    for (int s = 0; s < AHEAD; s++) {
+        if (s < KT) wg_load_chunk<AR, BR, 32, TAP_INNER>(L, As + s * A_STAGE, Bs + s * B_STAGE, lrow, seg, x, w, H, W, C, KW, K, ldx);
+        ig_commit();  // always (possibly empty): group i is chunk i
+    }
+
+    const int wg = tid >> 7;  // warpgroup: pixels 64*wg .. 64*wg+63 of the tile
+    for (int kt = 0; kt < KT; kt++) {
+        // Chunk kt has landed (AHEAD-1 younger groups may be pending) and, after the
+        // barrier, every warpgroup has retired its wgmma of chunk kt-2, whose stage the
+        // load below overwrites.
+        ig_wait<AHEAD - 1>();
+        wg_fence_async_smem();
+        __syncthreads();
+        if (kt + AHEAD < KT) {
+            const int ls = (kt + AHEAD) % STAGES;
+            wg_load_chunk<AR, BR, 32, TAP_INNER>(L, As + ls * A_STAGE, Bs + ls * B_STAGE, lrow, seg, x, w, H, W, C, KW, K, ldx);
+        }
+        ig_commit();
+
+        const int st = kt % STAGES;
+        wg_chunk_mma<BN>(acc, As + st * A_STAGE + wg * 64 * 128, Bs + st * B_STAGE);
+        wg_wait<1>();
+        wg_pin<ACC>(acc);
+    }
+    wg_wait<0>();
+    wg_pin<ACC>(acc);
+    ig_wait<0>();
+
+    wg_epilogue<BN>(acc, m0 + wg * 64, n0, bias, res, y, M, Cout, act, ldy);
 }
 #endif  // WG_ARCH_OK
 
