@@ -334,6 +334,111 @@ __device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __rest
 
     wg_epilogue<BN>(acc, m0 + wg * 64, n0, bias, res, y, M, Cout, act, ldy);
 }
+
+// ---- Warp-specialised variant (`conv_wgmma_ws_*`, opt-in: APERTURE_WGMMA=ws) ----
+// Three warpgroups: the first only gathers (128 threads, STEP 16), the other two only
+// multiply, each 64 pixels x BN as above. Stages pass between them through mbarriers
+// instead of one block barrier per chunk: full[s] completes when the copying threads'
+// cp.async writes of the chunk in stage s have landed (each copier waits for its own
+// copies, fences them for the tensor cores and arrives: 128 arrivals), empty[s] when the
+// eight math warps have each seen their wgmma reading stage s retire (one arrival each). The
+// copiers keep WS_AHEAD chunks of copies in flight and may run up to STAGES chunks ahead.
+
+#define WG_WS_AHEAD 2
+
+__device__ __forceinline__ void wg_mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void wg_mbar_arrive(unsigned bar) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+// Waits for the completion of phase `parity` (0, 1, 0, ...: the barrier's uses).
+__device__ __forceinline__ void wg_mbar_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+
+template <int BN, int STAGES, bool TAP_INNER>
+__device__ __forceinline__ void wg_conv_ws(const T* __restrict__ x, const T* __restrict__ w,
+                                           const T* __restrict__ bias, const T* __restrict__ res, T* __restrict__ y,
+                                           int H, int W, int C, int OH, int OW, int Cout, int KW, int stride, int pad,
+                                           int M, int K, int Kp, int n_tiles, int act, int ldx, int ldy) {
+    static_assert(WG_WS_AHEAD < STAGES, "the copiers must not wait for stages they still hold");
+    constexpr int ACC = BN / 2;
+    constexpr unsigned A_STAGE = WG_BM * 128;
+    constexpr unsigned B_STAGE = BN * 128;
+    const unsigned base = (ig_smem(ig_shared) + 1023u) & ~1023u;
+    const unsigned As = base;
+    const unsigned Bs = base + STAGES * A_STAGE;
+    const unsigned full = Bs + STAGES * B_STAGE;  // STAGES mbarriers of 8 bytes
+    const unsigned empty = full + STAGES * 8;
+
+    const int tid = threadIdx.x;
+    const int wg = tid >> 7;
+    const int m0 = (int)(blockIdx.x / n_tiles) * WG_BM;
+    const int n0 = (int)(blockIdx.x % n_tiles) * BN;
+    const int KT = (K + WG_BK - 1) / WG_BK;
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; s++) {
+            wg_mbar_init(full + 8 * s, 128);
+            wg_mbar_init(empty + 8 * s, 8);
+        }
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // Copier: chunk c goes to stage c % STAGES once the math warpgroups have released
+        // that stage's previous chunk (c - STAGES).
+        constexpr int AR = WG_BM / 16;
+        constexpr int BR = BN / 16;
+        const int seg = tid & 7;
+        const int lrow = tid >> 3;
+        WgLoader<AR, BR> L;
+        wg_loader_init<AR, BR, 16, TAP_INNER>(L, lrow, seg, m0, n0, w, H, W, C, OH, OW, Cout, KW, stride, pad, M,
+                                              Kp);
+        for (int c = 0; c < KT; c++) {
+            const int s = c % STAGES;
+            if (c >= STAGES) wg_mbar_wait(empty + 8 * s, ((c / STAGES) - 1) & 1);
+            wg_load_chunk<AR, BR, 16, TAP_INNER>(L, As + s * A_STAGE, Bs + s * B_STAGE, lrow, seg, x, w, H, W, C, KW,
+                                                  K, ldx);
+            ig_commit();
+            if (c >= WG_WS_AHEAD) {
+                // Chunk c - AHEAD has landed for this thread: hand it over.
+                ig_wait<WG_WS_AHEAD>();
+                wg_fence_async_smem();
+                wg_mbar_arrive(full + 8 * ((c - WG_WS_AHEAD) % STAGES));
+            }
+        }
+        ig_wait<0>();
+        wg_fence_async_smem();
+        for (int c = KT > WG_WS_AHEAD ? KT - WG_WS_AHEAD : 0; c < KT; c++) wg_mbar_arrive(full + 8 * (c % STAGES));
+        return;
+    }
+
+    float acc[ACC];
+#pragma unroll
+    for (int i = 0; i < ACC; i++) acc[i] = 0.0f;
+    const int mw = wg - 1;  // math warpgroup: pixels 64*mw .. 64*mw+63 of the tile
+    for (int kt = 0; kt < KT; kt++) {
+        const int s = kt % STAGES;
+        wg_mbar_wait(full + 8 * s, (kt / STAGES) & 1);
+        wg_chunk_mma<BN>(acc, As + s * A_STAGE + mw * 64 * 128, Bs + s * B_STAGE);
+        wg_wait<1>();
+        wg_pin<ACC>(acc);
+        // The wgmma of chunk kt - 1 has retired for this warp: its stage may be refilled
+        // once all eight have said so.
+        if (kt > 0 && (tid & 31) == 0) wg_mbar_arrive(empty + 8 * ((kt - 1) % STAGES));
+    }
+    wg_wait<0>();
+    wg_pin<ACC>(acc);
+    wg_epilogue<BN>(acc, m0 + mw * 64, n0, bias, res, y, M, Cout, act, ldy);
+}
 #endif  // WG_ARCH_OK
 
 // 128 x 192 (four stages, 161 KB) and 128 x 128 (five stages, 161 KB): one block per
@@ -384,3 +489,27 @@ conv_wgmma_n64(const T* __restrict__ x, const T* __restrict__ w, const T* __rest
                                           act, ldx, ldy);
 #endif
 }
+
+// The warp-specialised entry points: 384 threads, one block per multiprocessor, the same
+// stages as above plus 2 * STAGES mbarriers (WG_SMEM_BYTES + 256 bytes at launch).
+#define WG_WS_ENTRY(NAME, BN, STAGES)                                                                              \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                                           \
+        NAME(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,                         \
+             const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,   \
+             int stride, int pad, int M, int K, int Kp, int n_tiles, int act, int ldx, int ldy) {                 \
+        WG_WS_BODY(BN, STAGES)                                                                                     \
+    }
+#ifdef WG_ARCH_OK
+#define WG_WS_BODY(BN, STAGES)                                                                                     \
+    if (C % WG_BK == 0)                                                                                            \
+        wg_conv_ws<BN, STAGES, true>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, \
+                                     act, ldx, ldy);                                                               \
+    else                                                                                                           \
+        wg_conv_ws<BN, STAGES, false>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp,        \
+                                      n_tiles, act, ldx, ldy);
+#else
+#define WG_WS_BODY(BN, STAGES)
+#endif
+WG_WS_ENTRY(conv_wgmma_ws_n192, 192, WG_STAGES_N192)
+WG_WS_ENTRY(conv_wgmma_ws_n128, 128, WG_STAGES_N128)
+WG_WS_ENTRY(conv_wgmma_ws_n64, 64, WG_STAGES_N64)

@@ -126,25 +126,19 @@ fn run_ours(
     .ok_or_else(|| {
         EngineError::Device(format!("the convolution tile {:?} is not loaded", g.tile))
     })?;
-    launch(&be.ctx, func, g.tile, g.blocks as u32, &args)?;
+    let (threads, smem) = g.tile.launch_shape(kernel.warp_specialised);
+    launch(&be.ctx, func, (threads, smem), g.blocks as u32, &args)?;
     Ok(())
 }
 
 fn launch(
     ctx: &Context,
     func: sys::CUfunction,
-    tile: Tile,
+    (threads, smem): (u32, u32),
     blocks: u32,
     args: &[Arg],
 ) -> CudaResult<()> {
     // The arguments mirror the entry points' shared parameter list (a test counts
-    // them); the dynamic shared memory is the tile's, allowed at load.
-    crate::kernels::launch_function(
-        ctx,
-        func,
-        (blocks.max(1), 1, 1),
-        tile.threads(),
-        tile.smem_bytes(),
-        args,
-    )
+    // them); the dynamic shared memory is the kernel's, allowed at load.
+    crate::kernels::launch_function(ctx, func, (blocks.max(1), 1, 1), threads, smem, args)
 }

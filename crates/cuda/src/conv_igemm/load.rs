@@ -21,6 +21,8 @@ pub(crate) struct IgemmKernel {
     /// sm_90a and they got their shared memory.
     pub(super) wgmma: Option<[sys::CUfunction; 3]>,
     wgmma_always: bool,
+    /// `wgmma` holds the warp-specialised kernels (384 threads, mbarriers).
+    pub(super) warp_specialised: bool,
     /// `copy_rows16`: vectorised row copies (used by crate::detection's slices and
     /// concatenations where aligned).
     copy: Option<sys::CUfunction>,
@@ -175,8 +177,13 @@ fn load_kernel(ctx: &Context, source: &str, wide: bool) -> CudaResult<IgemmKerne
             )
         } == sys::CUresult::CUDA_SUCCESS
         && granted >= Tile::N128.smem_bytes() as i32;
+    let switch = std::env::var(WGMMA_SWITCH).unwrap_or_default();
+    let warp_specialised = switch.trim().starts_with("ws");
     let wgmma = if specific {
-        let funcs: Option<Vec<_>> = Tile::WGMMA.iter().map(|&t| load_wgmma(module, t)).collect();
+        let funcs: Option<Vec<_>> = Tile::WGMMA
+            .iter()
+            .map(|&t| load_wgmma(module, t, warp_specialised))
+            .collect();
         funcs.and_then(|f| f.try_into().ok())
     } else {
         None
@@ -218,7 +225,8 @@ fn load_kernel(ctx: &Context, source: &str, wide: bool) -> CudaResult<IgemmKerne
         m64: funcs[2],
         wide: wide_ok.then_some(wide_fn),
         wgmma,
-        wgmma_always: std::env::var(WGMMA_SWITCH).is_ok_and(|v| v.trim() == "force"),
+        wgmma_always: matches!(switch.trim(), "force" | "ws-force"),
+        warp_specialised,
         copy,
     })
 }
@@ -229,6 +237,7 @@ impl IgemmKernel {
             wide: self.wide.is_some(),
             wgmma: self.wgmma.is_some(),
             wgmma_always: self.wgmma_always,
+            warp_specialised: self.warp_specialised,
         }
     }
 
@@ -244,14 +253,23 @@ impl IgemmKernel {
 
 /// A kernel of the module with `bytes` of dynamic shared memory allowed; `None` when
 /// missing or refused (the caller then runs the operations it fuses one by one).
-/// A `wgmma` tile with its shared memory and no more: the rest of the multiprocessor's
-/// 256 KB stays L1, which serves the taps' repeated input reads (conv_wgmma.cu).
-fn load_wgmma(module: sys::CUmodule, tile: Tile) -> Option<sys::CUfunction> {
+/// A `wgmma` tile (its warp-specialised kernel when `ws`) with its shared memory and no
+/// more: the rest of the multiprocessor's 256 KB stays L1, which serves the taps'
+/// repeated input reads (conv_wgmma.cu).
+fn load_wgmma(module: sys::CUmodule, tile: Tile, ws: bool) -> Option<sys::CUfunction> {
     const SMEM_LIMIT: usize = 228 * 1024;
-    let bytes = tile.smem_bytes() as usize;
-    let per_sm = tile.blocks_per_multiprocessor() * (bytes + 1024);
+    let (name, bytes, blocks) = if ws {
+        (tile.ws_entry()?, tile.ws_smem_bytes() as usize, 1)
+    } else {
+        (
+            tile.entry(),
+            tile.smem_bytes() as usize,
+            tile.blocks_per_multiprocessor(),
+        )
+    };
+    let per_sm = blocks * (bytes + 1024);
     let carveout = (per_sm * 100).div_ceil(SMEM_LIMIT).min(100) as i32;
-    load_with_smem_carveout(module, tile.entry(), bytes, carveout)
+    load_with_smem_carveout(module, name, bytes, carveout)
 }
 
 fn load_with_smem(module: sys::CUmodule, name: &str, bytes: usize) -> Option<sys::CUfunction> {

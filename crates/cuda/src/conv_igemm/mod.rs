@@ -42,7 +42,8 @@ const WG_STAGES_N64: usize = 4;
 /// Environment switch: `0` keeps every convolution on the im2col path, `64` uses only
 /// the 64-channel tile (for A/B timing of the two shapes).
 const ENV_SWITCH: &str = "APERTURE_CONV_IGEMM";
-/// Environment switch of the `wgmma` tiles: `0` off, `force` for every grid.
+/// Environment switch of the `wgmma` tiles: `0` off, `force` for every grid, `ws` as
+/// their warp-specialised kernels, `ws-force` both.
 const WGMMA_SWITCH: &str = "APERTURE_WGMMA";
 
 /// The block shapes: pixels x output channels. The first three are `conv.cu`'s
@@ -72,7 +73,15 @@ pub(crate) struct Tiles {
     pub wgmma: bool,
     /// Take the `wgmma` tiles whatever the grid (`APERTURE_WGMMA=force`, for checks).
     pub wgmma_always: bool,
+    /// The `wgmma` tiles run as their warp-specialised kernels (`APERTURE_WGMMA=ws`).
+    pub warp_specialised: bool,
 }
+
+/// Threads of the warp-specialised `wgmma` kernels: a copying warpgroup and two that
+/// multiply (`conv_wgmma_ws_*`).
+const WS_THREADS: u32 = 384;
+/// Shared memory of their mbarriers, after the stages (2 x stages x 8 bytes, rounded).
+const WS_BARRIER_BYTES: u32 = 256;
 
 impl Tile {
     /// The `mma.sync` tiles, always loaded together (the host model in `sim` covers them).
@@ -88,6 +97,15 @@ impl Tile {
             Tile::Wg192 => "conv_wgmma_n192",
             Tile::Wg128 => "conv_wgmma_n128",
             Tile::Wg64 => "conv_wgmma_n64",
+        }
+    }
+    /// The warp-specialised kernel of a `wgmma` tile.
+    fn ws_entry(self) -> Option<&'static str> {
+        match self {
+            Tile::Wg192 => Some("conv_wgmma_ws_n192"),
+            Tile::Wg128 => Some("conv_wgmma_ws_n128"),
+            Tile::Wg64 => Some("conv_wgmma_ws_n64"),
+            _ => None,
         }
     }
     /// The operation's name in profiles.
@@ -139,6 +157,18 @@ impl Tile {
             Tile::Wg64 => WG_STAGES_N64 * rows * 64 * 2 + 1024,
         };
         bytes as u32
+    }
+    /// Threads and shared memory of the kernel that runs this tile.
+    fn launch_shape(self, warp_specialised: bool) -> (u32, u32) {
+        if warp_specialised && Tile::WGMMA.contains(&self) {
+            (WS_THREADS, self.ws_smem_bytes())
+        } else {
+            (self.threads(), self.smem_bytes())
+        }
+    }
+    /// Shared memory of the warp-specialised kernel: the stages and the mbarriers.
+    fn ws_smem_bytes(self) -> u32 {
+        self.smem_bytes() + WS_BARRIER_BYTES
     }
     /// Blocks a multiprocessor runs at once (the kernels' `__launch_bounds__`).
     fn blocks_per_multiprocessor(self) -> usize {

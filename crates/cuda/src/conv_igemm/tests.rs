@@ -134,6 +134,7 @@ const MMA_SYNC: Tiles = Tiles {
     wide: true,
     wgmma: false,
     wgmma_always: false,
+    warp_specialised: false,
 };
 
 #[test]
@@ -209,6 +210,44 @@ fn launch_arguments_match_the_kernel_signature() {
         assert_eq!(threads, tile.threads().to_string());
         assert_eq!(blocks, tile.blocks_per_multiprocessor().to_string());
     }
+}
+
+#[test]
+fn warp_specialised_kernels_match_their_launch() {
+    // Declared through WG_WS_ENTRY(name, BN, STAGES) with the shared parameter list.
+    let start = WGMMA_SOURCE
+        .find("#define WG_WS_ENTRY(")
+        .expect("entry macro");
+    let body = &WGMMA_SOURCE[start..];
+    assert!(body.contains("__launch_bounds__(384, 1)"));
+    let params_start = body.find("NAME(").expect("parameter list") + "NAME(".len();
+    let params_end = params_start + body[params_start..].find(')').expect("list ends");
+    let params = body[params_start..params_end].replace('\\', " ");
+    check_parameters(&params);
+    for (tile, stages) in [
+        (Tile::Wg192, "WG_STAGES_N192"),
+        (Tile::Wg128, "WG_STAGES_N128"),
+        (Tile::Wg64, "WG_STAGES_N64"),
+    ] {
+        let name = tile.ws_entry().expect("a wgmma tile");
+        let decl = format!("WG_WS_ENTRY({name}, {}, {stages})", tile.channels());
+        assert!(WGMMA_SOURCE.contains(&decl), "{decl}");
+        assert_eq!(tile.launch_shape(true), (WS_THREADS, tile.ws_smem_bytes()));
+        assert_eq!(
+            tile.launch_shape(false),
+            (tile.threads(), tile.smem_bytes())
+        );
+        assert!(tile.ws_smem_bytes() as usize <= 227 * 1024);
+    }
+    // The mbarriers (full and empty per stage, 8 bytes each) fit their area.
+    let wg = |name: &str| crate::kernels::source_define(WGMMA_SOURCE, "conv_wgmma.cu", name);
+    let stages = wg("WG_STAGES_N192")
+        .max(wg("WG_STAGES_N128"))
+        .max(wg("WG_STAGES_N64"));
+    assert!(2 * stages * 8 <= WS_BARRIER_BYTES as usize);
+    assert!(wg("WG_WS_AHEAD") < stages.min(wg("WG_STAGES_N64")));
+    assert_eq!(Tile::N64.ws_entry(), None);
+    assert_eq!(Tile::N64.launch_shape(true), (128, Tile::N64.smem_bytes()));
 }
 
 fn check_parameters(list: &str) {

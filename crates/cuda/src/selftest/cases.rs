@@ -115,9 +115,9 @@ pub(super) fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
         ([2, 80, 80, 256, 256, 3, 1, 1], Activation::Silu, false),
         ([1, 160, 212, 32, 64, 3, 1, 1], Activation::Relu, true),
         // Grids that fill 132 multiprocessors with wgmma tiles (64 input channels: taps
-        // innermost, the input through L1): a partial channel tile,
-        // 40 input channels (a K chunk spans taps), stride 2 with 200 outputs, an odd
-        // output count (element-wise stores).
+        // innermost, the input through L1): a partial channel tile, 40 input channels (a
+        // K chunk spans taps), stride 2 with 200 outputs, an odd output count
+        // (element-wise stores).
         ([4, 40, 40, 64, 136, 3, 1, 1], Activation::Silu, true),
         ([8, 40, 40, 40, 96, 3, 1, 1], Activation::Gelu, true),
         ([10, 64, 60, 128, 200, 3, 2, 1], Activation::Relu, false),
@@ -145,10 +145,11 @@ pub(super) fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
             let tile = Tile::choose(co, n * oh * ow, sms, gpu.kernels.igemm.tiles());
             match Geometry::new([n, h, w, ci], (oh, ow), dense, tile) {
                 Some(_) if ready => {
-                    let kind = if Tile::WGMMA.contains(&tile) {
-                        "wgmma"
-                    } else {
-                        "igemm"
+                    let ws = gpu.kernels.igemm.tiles().warp_specialised;
+                    let kind = match (Tile::WGMMA.contains(&tile), ws) {
+                        (true, true) => "wgmma_ws",
+                        (true, false) => "wgmma",
+                        _ => "igemm",
                     };
                     format!("{kind}{}x{}", tile.pixels(), tile.channels())
                 }
