@@ -271,7 +271,7 @@ impl CudaBackend {
 /// `det_deformable_vec` (four taps per load instruction, four channels per lane) where
 /// heads and rows allow its vector loads (`c` and `d` multiples of 4), else
 /// `det_deformable`; `APERTURE_DEFORMABLE=scalar` keeps `det_deformable` (A/B runs).
-/// On the H100 the vector kernel took D-FINE-X from 26.2 to 25.4 ms per batch of 32.
+/// On the H100 the vector kernel took D-FINE-X from 26.2 to 25.4 ms per batch of 32 (p50).
 fn deformable_kernel(c: usize, d: usize) -> &'static str {
     static VEC: OnceLock<bool> = OnceLock::new();
     let vec = *VEC.get_or_init(|| std::env::var("APERTURE_DEFORMABLE").as_deref() != Ok("scalar"));
