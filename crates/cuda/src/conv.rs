@@ -328,6 +328,13 @@ pub(crate) fn conv2d(
     // the job; other activations take one more pass. cuDNN's epilogue does all three in
     // one, so the launch carries them and the choice between the two is timed with that.
     let (epi, act_pass) = ProductEpilogue::for_launch(act, residual.map(|r| r.ptr()));
+    if act_pass {
+        if let Some(g) = crate::conv_igemm::plan_pointwise(be, x, w, residual) {
+            return be.profiler.op(be, "conv1x1_wgmma", flops, bytes, || {
+                crate::conv_igemm::run(be, x, w, &g, act, residual)
+            });
+        }
+    }
     be.profiler.op(be, "conv1x1_gemm", flops, bytes, || {
         let out = be.alloc_tensor(dims)?;
         let l = DenseLaunch::new(x.dims, c, w, (oh, ow), w.c_out, act, residual.is_some());

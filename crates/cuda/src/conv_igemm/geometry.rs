@@ -68,10 +68,32 @@ impl Geometry {
         cv: DenseConv,
         tile: Tile,
     ) -> Option<Self> {
+        let pointwise = cv.kh == 1 && cv.kw == 1 && cv.stride == 1 && cv.pad == 0;
+        if pointwise {
+            return None;
+        }
+        Self::any(input, out_hw, cv, tile)
+    }
+
+    /// A 1x1 stride-1 product on a `wgmma` tile (the kernel takes it as a 1x1
+    /// convolution; see `plan_pointwise`), with [`Geometry::new`]'s other conditions.
+    pub(crate) fn pointwise(
+        input: [usize; 4],
+        out_hw: (usize, usize),
+        cv: DenseConv,
+        tile: Tile,
+    ) -> Option<Self> {
+        let pointwise = cv.kh == 1 && cv.kw == 1 && cv.stride == 1 && cv.pad == 0;
+        if !pointwise || !Tile::WGMMA.contains(&tile) {
+            return None;
+        }
+        Self::any(input, out_hw, cv, tile)
+    }
+
+    fn any(input: [usize; 4], out_hw: (usize, usize), cv: DenseConv, tile: Tile) -> Option<Self> {
         let [n, h, w, c] = input;
         let (oh, ow) = out_hw;
-        let pointwise = cv.kh == 1 && cv.kw == 1 && cv.stride == 1 && cv.pad == 0;
-        if cv.depthwise || pointwise || c != cv.c_in || cv.stride == 0 {
+        if cv.depthwise || c != cv.c_in || cv.stride == 0 {
             return None;
         }
         if c == 0 || !c.is_multiple_of(8) || cv.c_out == 0 {

@@ -34,6 +34,38 @@ pub(crate) fn plan(
     Geometry::new(x.dims, out_hw, DenseConv::of(w), tile)
 }
 
+/// A 1x1 product with an activation cuBLASLt's epilogue cannot finish, on a `wgmma` tile
+/// with the activation and residual in its epilogue (one pass instead of product +
+/// `act_residual`). Opt-in (`APERTURE_WGMMA_1X1=1`) until timed on a GPU.
+pub(crate) fn plan_pointwise(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    w: &ConvWeights,
+    residual: Option<&CudaTensor>,
+) -> Option<Geometry> {
+    if !pointwise_wanted() {
+        return None;
+    }
+    let IgemmSlot::Ready(kernel) = &be.kernels.igemm else {
+        return None;
+    };
+    let aligned = |p: u64| p.is_multiple_of(16);
+    if !aligned(x.ptr()) || !aligned(w.weight.ptr()) || !residual.is_none_or(|r| aligned(r.ptr())) {
+        return None;
+    }
+    let [n, h, wd, _] = x.dims;
+    let m = n.saturating_mul(h).saturating_mul(wd);
+    let sms = be.multiprocessors().max(1) as usize;
+    let tile = Tile::choose(w.c_out, m, sms, kernel.tiles());
+    Geometry::pointwise(x.dims, (h, wd), DenseConv::of(w), tile)
+}
+
+/// Whether `APERTURE_WGMMA_1X1=1` asks for [`plan_pointwise`].
+pub(crate) fn pointwise_wanted() -> bool {
+    static WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WANTED.get_or_init(|| std::env::var("APERTURE_WGMMA_1X1").is_ok_and(|v| v.trim() == "1"))
+}
+
 /// Runs the planned convolution: `act(conv(x) + bias) + residual` into a new tensor.
 pub(crate) fn run(
     be: &CudaBackend,

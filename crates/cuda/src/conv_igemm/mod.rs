@@ -19,9 +19,11 @@ mod load;
 mod sim;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod ws_model;
 
 pub(crate) use geometry::{DenseConv, Geometry};
-pub(crate) use launch::{plan, run, run_strided};
+pub(crate) use launch::{plan, plan_pointwise, pointwise_wanted, run, run_strided};
 pub(crate) use load::IgemmSlot;
 
 pub const CONV_SOURCE: &str = include_str!("../../kernels/conv.cu");

@@ -50,6 +50,24 @@ fn takes_dense_convolutions_with_channels_in_eights() {
 }
 
 #[test]
+fn pointwise_products_only_on_wgmma_tiles() {
+    let pointwise = DenseConv {
+        kh: 1,
+        kw: 1,
+        pad: 0,
+        kp: 64,
+        ..conv3(64, 128, 1)
+    };
+    let g = Geometry::pointwise([8, 40, 44, 64], (40, 44), pointwise, Tile::Wg128);
+    assert_eq!(g.map(|g| (g.m, g.k, g.n_tiles)), Some((8 * 40 * 44, 64, 1)));
+    assert!(Geometry::pointwise([8, 40, 44, 64], (40, 44), pointwise, Tile::N128).is_none());
+    assert!(Geometry::new([8, 40, 44, 64], (40, 44), pointwise, Tile::Wg128).is_none());
+    // A 3x3 is not a pointwise product.
+    let three = conv3(64, 128, 1);
+    assert!(Geometry::pointwise([8, 40, 44, 64], (40, 44), three, Tile::Wg128).is_none());
+}
+
+#[test]
 fn leaves_other_convolutions_to_the_previous_paths() {
     // The 3-channel image input, other odd inputs, pointwise, depthwise, padded K.
     let image = DenseConv {

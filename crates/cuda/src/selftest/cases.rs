@@ -99,7 +99,7 @@ pub(super) fn depthwise_cases(rng: &mut Rng) -> Vec<Case> {
 pub(super) fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
     use crate::conv_igemm::{DenseConv, Geometry, Tile};
     // [n, h, w, c_in, c_out, k, stride, pad], activation, residual
-    let shapes: [([usize; 8], Activation, bool); 20] = [
+    let shapes: [([usize; 8], Activation, bool); 22] = [
         ([2, 17, 23, 64, 64, 3, 1, 1], Activation::Identity, false),
         ([2, 17, 23, 64, 64, 3, 1, 1], Activation::Silu, true),
         ([2, 19, 25, 128, 256, 3, 2, 1], Activation::Relu, false),
@@ -125,6 +125,10 @@ pub(super) fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
         // 192 outputs (the 192-wide tile), taps innermost (64 input channels) and not.
         ([8, 48, 44, 64, 192, 3, 1, 1], Activation::Silu, true),
         ([8, 48, 44, 40, 192, 3, 1, 1], Activation::Gelu, false),
+        // 1x1 products whose activation cuBLASLt cannot apply (a wgmma tile with
+        // APERTURE_WGMMA_1X1=1, else cuBLASLt + a separate pass).
+        ([8, 40, 44, 64, 128, 1, 1, 0], Activation::Silu, true),
+        ([8, 40, 44, 96, 192, 1, 1, 0], Activation::Gelu, false),
     ];
     let ready = gpu.kernels.igemm.reason().is_none();
     let sms = gpu.multiprocessors().max(1) as usize;
@@ -143,6 +147,15 @@ pub(super) fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
                 depthwise: false,
             };
             let tile = Tile::choose(co, n * oh * ow, sms, gpu.kernels.igemm.tiles());
+            if k == 1 && stride == 1 && pad == 0 {
+                let pointwise = Geometry::pointwise([n, h, w, ci], (oh, ow), dense, tile);
+                return match pointwise {
+                    Some(_) if ready && crate::conv_igemm::pointwise_wanted() => {
+                        format!("wgmma1x1 {}x{}", tile.pixels(), tile.channels())
+                    }
+                    _ => "gemm".to_string(),
+                };
+            }
             match Geometry::new([n, h, w, ci], (oh, ow), dense, tile) {
                 Some(_) if ready => {
                     let ws = gpu.kernels.igemm.tiles().warp_specialised;
