@@ -11,6 +11,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${APERTURE_BIN:-.carry/aperture}
 OUT=${OUT:-out}
+if [ ! -x "$BIN" ]; then
+  echo "no aperture binary at $BIN (build it: cargo build --release -p aperture-cli; set APERTURE_BIN)" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
