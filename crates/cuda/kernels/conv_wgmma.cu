@@ -210,13 +210,13 @@ __device__ __forceinline__ void wg_loader_init(WgLoader<AR, BR>& L, int lrow, in
 // The k16 steps of one K chunk for the calling warpgroup: its 64 A rows at a_tile, the
 // BN B rows at b_tile (shared addresses of swizzled stages), committed as one group.
 template <int BN>
-__device__ __forceinline__ void wg_chunk_mma(float* acc, unsigned a_tile, unsigned b_tile) {
+__device__ __forceinline__ void wg_chunk_mma(float* acc, unsigned a_tile, unsigned b_tile, int accumulate = 1) {
     wg_pin<BN / 2>(acc);
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < WG_BK / 16; kk++) {
         // 16 elements = 32 bytes further along the swizzled rows.
-        wg_mma<BN>(acc, wg_desc(a_tile + kk * 32), wg_desc(b_tile + kk * 32), 1);
+        wg_mma<BN>(acc, wg_desc(a_tile + kk * 32), wg_desc(b_tile + kk * 32), kk == 0 ? accumulate : 1);
     }
     wg_commit();
 }
@@ -354,14 +354,10 @@ __device__ __forceinline__ void wg_mbar_arrive(unsigned bar) {
 }
 // Waits for the completion of phase `parity` (0, 1, 0, ...: the barrier's uses).
 __device__ __forceinline__ void wg_mbar_wait(unsigned bar, unsigned parity) {
-    unsigned done;
-    do {
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
-    } while (!done);
+    asm volatile(
+        "{\n.reg .pred p;\nWG_WAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WG_WAIT;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
 }
 
 template <int BN, int STAGES, bool TAP_INNER>
@@ -422,15 +418,12 @@ __device__ __forceinline__ void wg_conv_ws(const T* __restrict__ x, const T* __r
     }
 
     float acc[ACC];
-#pragma unroll
-    for (int i = 0; i < ACC; i++) acc[i] = 0.0f;
     const int mw = wg - 1;  // math warpgroup: pixels 64*mw .. 64*mw+63 of the tile
     for (int kt = 0; kt < KT; kt++) {
         const int s = kt % STAGES;
         wg_mbar_wait(full + 8 * s, (kt / STAGES) & 1);
-        wg_chunk_mma<BN>(acc, As + s * A_STAGE + mw * 64 * 128, Bs + s * B_STAGE);
+        wg_chunk_mma<BN>(acc, As + s * A_STAGE + mw * 64 * 128, Bs + s * B_STAGE, kt > 0);
         wg_wait<1>();
-        wg_pin<ACC>(acc);
         // The wgmma of chunk kt - 1 has retired for this warp: its stage may be refilled
         // once all eight have said so.
         if (kt > 0 && (tid & 31) == 0) wg_mbar_arrive(empty + 8 * ((kt - 1) % STAGES));
@@ -448,68 +441,31 @@ __device__ __forceinline__ void wg_conv_ws(const T* __restrict__ x, const T* __r
 #define WG_STAGES_N128 5
 #define WG_STAGES_N64 4
 
-extern "C" __global__ void __launch_bounds__(256, 1)
-conv_wgmma_n192(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
-                const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,
-                int stride, int pad, int M, int K, int Kp, int n_tiles, int act, int ldx, int ldy) {
-#ifdef WG_ARCH_OK
-    if (C % WG_BK == 0)
-        wg_conv<192, WG_STAGES_N192, true>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp,
-                                           n_tiles, act, ldx, ldy);
-    else
-        wg_conv<192, WG_STAGES_N192, false>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp,
-                                            n_tiles, act, ldx, ldy);
-#endif
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-conv_wgmma_n128(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
-                const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,
-                int stride, int pad, int M, int K, int Kp, int n_tiles, int act, int ldx, int ldy) {
-#ifdef WG_ARCH_OK
-    if (C % WG_BK == 0)
-        wg_conv<128, WG_STAGES_N128, true>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp,
-                                           n_tiles, act, ldx, ldy);
-    else
-        wg_conv<128, WG_STAGES_N128, false>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp,
-                                            n_tiles, act, ldx, ldy);
-#endif
-}
-
-extern "C" __global__ void __launch_bounds__(256, 2)
-conv_wgmma_n64(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
-               const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,
-               int stride, int pad, int M, int K, int Kp, int n_tiles, int act, int ldx, int ldy) {
-#ifdef WG_ARCH_OK
-    if (C % WG_BK == 0)
-        wg_conv<64, WG_STAGES_N64, true>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles,
-                                         act, ldx, ldy);
-    else
-        wg_conv<64, WG_STAGES_N64, false>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles,
-                                          act, ldx, ldy);
-#endif
-}
-
-// The warp-specialised entry points: 384 threads, one block per multiprocessor, the same
-// stages as above plus 2 * STAGES mbarriers (WG_SMEM_BYTES + 256 bytes at launch).
-#define WG_WS_ENTRY(NAME, BN, STAGES)                                                                              \
-    extern "C" __global__ void __launch_bounds__(384, 1)                                                           \
+// Every entry point has conv_igemm's parameter list: NAME runs FN (wg_conv or the
+// warp-specialised wg_conv_ws) on a BN-wide tile with STAGES chunks, taps innermost where
+// C % 64 == 0. The warp-specialised ones: 384 threads, one block per multiprocessor, the
+// same stages plus 2 * STAGES mbarriers (WG_SMEM_BYTES + 256 bytes at launch).
+#define WG_ENTRY(NAME, FN, THREADS, BLOCKS, BN, STAGES)                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS)                                                  \
         NAME(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,                         \
              const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH, int OW, int Cout, int KW,   \
              int stride, int pad, int M, int K, int Kp, int n_tiles, int act, int ldx, int ldy) {                 \
-        WG_WS_BODY(BN, STAGES)                                                                                     \
+        WG_BODY(FN, BN, STAGES)                                                                                    \
     }
 #ifdef WG_ARCH_OK
-#define WG_WS_BODY(BN, STAGES)                                                                                     \
+#define WG_BODY(FN, BN, STAGES)                                                                                    \
     if (C % WG_BK == 0)                                                                                            \
-        wg_conv_ws<BN, STAGES, true>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, \
-                                     act, ldx, ldy);                                                               \
+        FN<BN, STAGES, true>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, act,   \
+                             ldx, ldy);                                                                            \
     else                                                                                                           \
-        wg_conv_ws<BN, STAGES, false>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp,        \
-                                      n_tiles, act, ldx, ldy);
+        FN<BN, STAGES, false>(x, w, bias, res, y, H, W, C, OH, OW, Cout, KW, stride, pad, M, K, Kp, n_tiles, act,  \
+                              ldx, ldy);
 #else
-#define WG_WS_BODY(BN, STAGES)
+#define WG_BODY(FN, BN, STAGES)
 #endif
-WG_WS_ENTRY(conv_wgmma_ws_n192, 192, WG_STAGES_N192)
-WG_WS_ENTRY(conv_wgmma_ws_n128, 128, WG_STAGES_N128)
-WG_WS_ENTRY(conv_wgmma_ws_n64, 64, WG_STAGES_N64)
+WG_ENTRY(conv_wgmma_n192, wg_conv, 256, 1, 192, WG_STAGES_N192)
+WG_ENTRY(conv_wgmma_n128, wg_conv, 256, 1, 128, WG_STAGES_N128)
+WG_ENTRY(conv_wgmma_n64, wg_conv, 256, 2, 64, WG_STAGES_N64)
+WG_ENTRY(conv_wgmma_ws_n192, wg_conv_ws, 384, 1, 192, WG_STAGES_N192)
+WG_ENTRY(conv_wgmma_ws_n128, wg_conv_ws, 384, 1, 128, WG_STAGES_N128)
+WG_ENTRY(conv_wgmma_ws_n64, wg_conv_ws, 384, 1, 64, WG_STAGES_N64)

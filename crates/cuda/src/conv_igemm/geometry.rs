@@ -43,6 +43,11 @@ pub(crate) struct DenseConv {
 }
 
 impl DenseConv {
+    /// A 1x1 stride-1 product without padding.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+
     pub(crate) fn of(w: &ConvWeights) -> Self {
         Self {
             c_in: w.c_in,
@@ -68,8 +73,7 @@ impl Geometry {
         cv: DenseConv,
         tile: Tile,
     ) -> Option<Self> {
-        let pointwise = cv.kh == 1 && cv.kw == 1 && cv.stride == 1 && cv.pad == 0;
-        if pointwise {
+        if cv.is_pointwise() {
             return None;
         }
         Self::any(input, out_hw, cv, tile)
@@ -83,8 +87,7 @@ impl Geometry {
         cv: DenseConv,
         tile: Tile,
     ) -> Option<Self> {
-        let pointwise = cv.kh == 1 && cv.kw == 1 && cv.stride == 1 && cv.pad == 0;
-        if !pointwise || !Tile::WGMMA.contains(&tile) {
+        if !cv.is_pointwise() || !Tile::WGMMA.contains(&tile) {
             return None;
         }
         Self::any(input, out_hw, cv, tile)

@@ -208,47 +208,47 @@ fn launch_arguments_match_the_kernel_signature() {
         (Tile::N64, "128, 4"),
         (Tile::N128, "256, 2"),
         (Tile::M64, "128, 4"),
-        (Tile::Wg192, "256, 1"),
-        (Tile::Wg128, "256, 1"),
-        (Tile::Wg64, "256, 2"),
     ] {
         let decl = format!(
             "extern \"C\" __global__ void __launch_bounds__({bounds})\n{}(",
             tile.entry()
         );
-        let source = if Tile::WGMMA.contains(&tile) {
-            WGMMA_SOURCE
-        } else {
-            CONV_SOURCE
-        };
-        let start = source.find(&decl).expect("entry point is declared") + decl.len();
-        let end = start + source[start..].find(')').expect("parameter list ends");
-        check_parameters(&source[start..end]);
+        let start = CONV_SOURCE.find(&decl).expect("entry point is declared") + decl.len();
+        let end = start + CONV_SOURCE[start..].find(')').expect("parameter list ends");
+        check_parameters(&CONV_SOURCE[start..end]);
         let (threads, blocks) = bounds.split_once(", ").expect("two bounds");
         assert_eq!(threads, tile.threads().to_string());
         assert_eq!(blocks, tile.blocks_per_multiprocessor().to_string());
     }
 }
 
-#[test]
-fn warp_specialised_kernels_match_their_launch() {
-    // Declared through WG_WS_ENTRY(name, BN, STAGES) with the shared parameter list.
-    let start = WGMMA_SOURCE
-        .find("#define WG_WS_ENTRY(")
-        .expect("entry macro");
+/// The parameter list of conv_wgmma.cu's WG_ENTRY macro, which declares every `wgmma`
+/// entry point.
+fn wgmma_entry_parameters() -> String {
+    let start = WGMMA_SOURCE.find("#define WG_ENTRY(").expect("entry macro");
     let body = &WGMMA_SOURCE[start..];
-    assert!(body.contains("__launch_bounds__(384, 1)"));
+    assert!(body.contains("__launch_bounds__(THREADS, BLOCKS)"));
     let params_start = body.find("NAME(").expect("parameter list") + "NAME(".len();
     let params_end = params_start + body[params_start..].find(')').expect("list ends");
-    let params = body[params_start..params_end].replace('\\', " ");
-    check_parameters(&params);
-    for (tile, stages) in [
-        (Tile::Wg192, "WG_STAGES_N192"),
-        (Tile::Wg128, "WG_STAGES_N128"),
-        (Tile::Wg64, "WG_STAGES_N64"),
-    ] {
-        let name = tile.ws_entry().expect("a wgmma tile");
-        let decl = format!("WG_WS_ENTRY({name}, {}, {stages})", tile.channels());
+    body[params_start..params_end].replace('\\', " ")
+}
+
+#[test]
+fn wgmma_entry_points_match_their_launch() {
+    check_parameters(&wgmma_entry_parameters());
+    let stages = |tile: Tile| match tile {
+        Tile::Wg192 => "WG_STAGES_N192",
+        Tile::Wg128 => "WG_STAGES_N128",
+        _ => "WG_STAGES_N64",
+    };
+    for tile in Tile::WGMMA {
+        let (name, bn, s) = (tile.entry(), tile.channels(), stages(tile));
+        let (threads, blocks) = (tile.threads(), tile.blocks_per_multiprocessor());
+        let decl = format!("WG_ENTRY({name}, wg_conv, {threads}, {blocks}, {bn}, {s})");
+        assert!(WGMMA_SOURCE.contains(&decl), "{decl}");
+        // The warp-specialised kernel of the tile: 384 threads, one block per SM.
+        let ws = tile.ws_entry().expect("a wgmma tile");
+        let decl = format!("WG_ENTRY({ws}, wg_conv_ws, {WS_THREADS}, 1, {bn}, {s})");
         assert!(WGMMA_SOURCE.contains(&decl), "{decl}");
         assert_eq!(tile.launch_shape(true), (WS_THREADS, tile.ws_smem_bytes()));
         assert_eq!(
@@ -259,11 +259,10 @@ fn warp_specialised_kernels_match_their_launch() {
     }
     // The mbarriers (full and empty per stage, 8 bytes each) fit their area.
     let wg = |name: &str| crate::kernels::source_define(WGMMA_SOURCE, "conv_wgmma.cu", name);
-    let stages = wg("WG_STAGES_N192")
+    let most = wg("WG_STAGES_N192")
         .max(wg("WG_STAGES_N128"))
         .max(wg("WG_STAGES_N64"));
-    assert!(2 * stages * 8 <= WS_BARRIER_BYTES as usize);
-    assert!(wg("WG_WS_AHEAD") < stages.min(wg("WG_STAGES_N64")));
+    assert!(2 * most * 8 <= WS_BARRIER_BYTES as usize);
     assert_eq!(Tile::N64.ws_entry(), None);
     assert_eq!(Tile::N64.launch_shape(true), (128, Tile::N64.smem_bytes()));
 }
