@@ -52,6 +52,34 @@ __device__ __forceinline__ float ig_activate(float y, int act) {
     return y;
 }
 
+// Output channels co and co + 1 (the second only when `second`) of one pixel row:
+// bias, activation, residual (row rrow of res, when there is one), rounded once and stored; with `pairs` (even
+// Cout and ldy) as one 4-byte load/store, else element by element.
+__device__ __forceinline__ void ig_store_pair(T* yrow, const T* res, const T* rrow, const T* __restrict__ bias, int co,
+                                              bool second, bool pairs, float v0, float v1, int act) {
+    if (bias) {
+        v0 += ldf(bias[co]);
+        if (second) v1 += ldf(bias[co + 1]);
+    }
+    v0 = ig_activate(v0, act);
+    v1 = ig_activate(v1, act);
+    if (pairs) {
+        if (res) {
+            float2 r = ld2(rrow + co);
+            v0 += r.x;
+            v1 += r.y;
+        }
+        st2(yrow + co, make_float2(v0, v1));
+    } else {
+        if (res) v0 += ldf(rrow[co]);
+        yrow[co] = stf(v0);
+        if (second) {
+            if (res) v1 += ldf(rrow[co + 1]);
+            yrow[co + 1] = stf(v1);
+        }
+    }
+}
+
 // Shared-space byte address of a generic pointer to shared memory (taken once per block;
 // the loops add byte offsets to it).
 __device__ __forceinline__ unsigned ig_smem(const void* p) {
@@ -285,30 +313,8 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
             for (int ni = 0; ni < 4; ni++) {
                 int co = n0 + wn + ni * 8 + t4 * 2;
                 if (co >= Cout) continue;
-                const bool second = co + 1 < Cout;
-                float v0 = acc[mi][ni][2 * h];
-                float v1 = acc[mi][ni][2 * h + 1];
-                if (bias) {
-                    v0 += ldf(bias[co]);
-                    if (second) v1 += ldf(bias[co + 1]);
-                }
-                v0 = ig_activate(v0, act);
-                v1 = ig_activate(v1, act);
-                if (pairs) {
-                    if (res) {
-                        float2 r = ld2(rrow + co);
-                        v0 += r.x;
-                        v1 += r.y;
-                    }
-                    st2(yrow + co, make_float2(v0, v1));
-                } else {
-                    if (res) v0 += ldf(rrow[co]);
-                    yrow[co] = stf(v0);
-                    if (second) {
-                        if (res) v1 += ldf(rrow[co + 1]);
-                        yrow[co + 1] = stf(v1);
-                    }
-                }
+                ig_store_pair(yrow, res, rrow, bias, co, co + 1 < Cout, pairs, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1],
+                              act);
             }
         }
     }

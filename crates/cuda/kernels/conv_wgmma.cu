@@ -246,30 +246,7 @@ __device__ __forceinline__ void wg_epilogue(const float* acc, int m_first, int n
         for (int j = 0; j < BN / 8; j++) {
             int co = n0 + j * 8 + t4 * 2;
             if (co >= Cout) continue;
-            const bool second = co + 1 < Cout;
-            float v0 = acc[4 * j + 2 * h];
-            float v1 = acc[4 * j + 2 * h + 1];
-            if (bias) {
-                v0 += ldf(bias[co]);
-                if (second) v1 += ldf(bias[co + 1]);
-            }
-            v0 = ig_activate(v0, act);
-            v1 = ig_activate(v1, act);
-            if (pairs) {
-                if (res) {
-                    float2 r = ld2(rrow + co);
-                    v0 += r.x;
-                    v1 += r.y;
-                }
-                st2(yrow + co, make_float2(v0, v1));
-            } else {
-                if (res) v0 += ldf(rrow[co]);
-                yrow[co] = stf(v0);
-                if (second) {
-                    if (res) v1 += ldf(rrow[co + 1]);
-                    yrow[co + 1] = stf(v1);
-                }
-            }
+            ig_store_pair(yrow, res, rrow, bias, co, co + 1 < Cout, pairs, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], act);
         }
     }
 }
