@@ -20,17 +20,7 @@ pub(crate) fn plan(
     out_hw: (usize, usize),
     residual: Option<&CudaTensor>,
 ) -> Option<Geometry> {
-    let IgemmSlot::Ready(kernel) = &be.kernels.igemm else {
-        return None;
-    };
-    let aligned = |p: u64| p.is_multiple_of(16);
-    if !aligned(x.ptr()) || !aligned(w.weight.ptr()) || !residual.is_none_or(|r| aligned(r.ptr())) {
-        return None;
-    }
-    let [n, ..] = x.dims;
-    let m = n.saturating_mul(out_hw.0).saturating_mul(out_hw.1);
-    let sms = be.multiprocessors().max(1) as usize;
-    let tile = Tile::choose(w.c_out, m, sms, kernel.tiles());
+    let tile = choose_tile(be, x, w, out_hw, residual)?;
     Geometry::new(x.dims, out_hw, DenseConv::of(w), tile)
 }
 
@@ -46,6 +36,20 @@ pub(crate) fn plan_pointwise(
     if !pointwise_wanted() {
         return None;
     }
+    let out_hw = (x.dims[1], x.dims[2]);
+    let tile = choose_tile(be, x, w, out_hw, residual)?;
+    Geometry::pointwise(x.dims, out_hw, DenseConv::of(w), tile)
+}
+
+/// The tile for an output of `out_hw` per image, when the kernels are loaded and every
+/// pointer is 16-byte aligned.
+fn choose_tile(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    w: &ConvWeights,
+    out_hw: (usize, usize),
+    residual: Option<&CudaTensor>,
+) -> Option<Tile> {
     let IgemmSlot::Ready(kernel) = &be.kernels.igemm else {
         return None;
     };
@@ -53,11 +57,9 @@ pub(crate) fn plan_pointwise(
     if !aligned(x.ptr()) || !aligned(w.weight.ptr()) || !residual.is_none_or(|r| aligned(r.ptr())) {
         return None;
     }
-    let [n, h, wd, _] = x.dims;
-    let m = n.saturating_mul(h).saturating_mul(wd);
+    let m = x.dims[0].saturating_mul(out_hw.0).saturating_mul(out_hw.1);
     let sms = be.multiprocessors().max(1) as usize;
-    let tile = Tile::choose(w.c_out, m, sms, kernel.tiles());
-    Geometry::pointwise(x.dims, (h, wd), DenseConv::of(w), tile)
+    Some(Tile::choose(w.c_out, m, sms, kernel.tiles()))
 }
 
 /// Whether `APERTURE_WGMMA_1X1=1` asks for [`plan_pointwise`].
