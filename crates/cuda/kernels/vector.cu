@@ -539,6 +539,142 @@ extern "C" __global__ void __launch_bounds__(256, 2) dwk5s2(DWK_PARAMS) { dwk_pl
 extern "C" __global__ void __launch_bounds__(256, 2) dwk7s1(DWK_PARAMS) { dwk_plain<7, 1, 1, 1, 7, 1>(DWK_ARGS); }
 extern "C" __global__ void __launch_bounds__(256, 2) dwk7s2(DWK_PARAMS) { dwk_plain<7, 2, 1, 1, 4, 1>(DWK_ARGS); }
 
+// ---------------------------------------------------------------------------------------
+// Depthwise k x k, stride 1, padding k/2, with the input staged in shared memory (dws{k}).
+// The register-window kernels above wait on their own global loads (latency-bound at
+// two blocks of 256 per multiprocessor: ~0.4 instructions issued per cycle per
+// scheduler on D-FINE's 5x5 maps); here a block streams input rows into a ring of DWS_NR
+// shared rows with cp.async, DWS_NR - K rows ahead of the row it computes, so the
+// arithmetic never waits on memory.
+// Block: `cb` channels (64 or 128) of one image, a strip of `rows` output rows, all W
+// columns. Lane -> channel pair within a 64-channel half, warp -> (half, column group of
+// X columns); one output row per step. Staged rows hold W + K - 1 columns (zero padding
+// included) of cb channels, pixel-major, so a warp reads 128 contiguous bytes.
+// Host guarantees: C % cb == 0, 16-byte aligned x, C * sizeof(T) % 16 == 0, y and res
+// 2-element aligned, ldo even, sm_80+.
+#define DWS_NR 7
+
+__device__ __forceinline__ void dws_copy16(unsigned dst, const void* src, bool keep) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(keep ? 16 : 0) : "memory");
+#endif
+}
+__device__ __forceinline__ void dws_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void dws_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+template <int K, int X>
+__device__ __forceinline__ void dws_conv(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
+                                         const float* __restrict__ bias, const T* __restrict__ res, int H, int W,
+                                         int C, int rows, int cb, int act, int ldo) {
+    extern __shared__ __align__(16) unsigned char dws_smem[];
+    T* ring = reinterpret_cast<T*>(dws_smem);
+    constexpr int P = K / 2;
+    constexpr int PIECE = 16 / sizeof(T);  // elements per 16-byte copy
+    const int WP = W + K - 1;
+    const int row_elems = WP * cb;
+    const int c0 = blockIdx.x * cb;
+    const int strips = (H + rows - 1) / rows;
+    const int n = blockIdx.y / strips;
+    const int oy0 = (blockIdx.y - n * strips) * rows;
+    const int steps = min(oy0 + rows, H) - oy0;
+    const int in_rows = steps + K - 1;
+    const T* img = x + (i64)n * H * W * C + c0;
+    const int per_pixel = cb / PIECE;
+    const int pieces = WP * per_pixel;
+    unsigned ring_addr;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }\n" : "=r"(ring_addr) : "l"(ring));
+    // Strip-relative input row r (image row oy0 - P + r) into slot r % DWS_NR; one commit
+    // group per call, empty past the strip, so the wait counts below hold at the end.
+    auto stage = [&](int r) {
+        if (r < in_rows) {
+            const int iy = oy0 - P + r;
+            const bool row_ok = iy >= 0 && iy < H;
+            const unsigned slot = ring_addr + (unsigned)((r % DWS_NR) * row_elems * (int)sizeof(T));
+            for (int i = threadIdx.x; i < pieces; i += blockDim.x) {
+                const int px = i / per_pixel;
+                const int part = i - px * per_pixel;
+                const int ix = px - P;
+                const bool ok = row_ok && ix >= 0 && ix < W;
+                const T* src = ok ? img + ((i64)iy * W + ix) * C + part * PIECE : img;
+                dws_copy16(slot + (unsigned)((px * cb + part * PIECE) * (int)sizeof(T)), src, ok);
+            }
+        }
+        dws_commit();
+    };
+    const int halves = cb / 64;
+    const int warp = threadIdx.x / 32;
+    const int c_local = (warp % halves) * 64 + 2 * (threadIdx.x & 31);
+    const int c = c0 + c_local;
+    float tw[K * K][2], tb[2];
+    dwk_taps<K * K, 2>(tw, tb, w, bias, C, c, c);
+    const int groups = (W + X - 1) / X;
+    const int warps_per_row = (int)(blockDim.x / 32) / halves;
+#pragma unroll 1
+    for (int r = 0; r < DWS_NR - 1; r++) stage(r);
+#pragma unroll 1
+    for (int s = 0; s < steps; s++) {
+        __syncthreads();  // step s - 1 has finished reading slot (s - 1) % DWS_NR
+        stage(s + DWS_NR - 1);
+        dws_wait<DWS_NR - K>();  // rows up to s + K - 1 have landed (this thread's copies)
+        __syncthreads();         // ... and everyone's
+        const int oy = oy0 + s;
+#pragma unroll 1
+        for (int g = warp / halves; g < groups; g += warps_per_row) {
+            const int ox0 = g * X;
+            float acc[X][2];
+#pragma unroll
+            for (int xo = 0; xo < X; xo++) {
+                acc[xo][0] = tb[0];
+                acc[xo][1] = tb[1];
+            }
+#pragma unroll
+            for (int ky = 0; ky < K; ky++) {
+                const T* row = ring + ((s + ky) % DWS_NR) * row_elems + c_local;
+                float2 in[X + K - 1];
+#pragma unroll
+                for (int j = 0; j < X + K - 1; j++) in[j] = ld2(row + min(ox0 + j, WP - 1) * cb);
+#pragma unroll
+                for (int xo = 0; xo < X; xo++)
+#pragma unroll
+                    for (int kx = 0; kx < K; kx++) {
+                        acc[xo][0] = fmaf(in[xo + kx].x, tw[ky * K + kx][0], acc[xo][0]);
+                        acc[xo][1] = fmaf(in[xo + kx].y, tw[ky * K + kx][1], acc[xo][1]);
+                    }
+            }
+#pragma unroll
+            for (int xo = 0; xo < X; xo++) {
+                if (ox0 + xo >= W) break;
+                const i64 px = ((i64)n * H + oy) * W + ox0 + xo;
+                float2 v = make_float2(activate(acc[xo][0], act), activate(acc[xo][1], act));
+                if (res) {
+                    const float2 r = ld2(res + px * C + c);
+                    v.x += r.x;
+                    v.y += r.y;
+                }
+                st2(y + px * ldo + c, v);
+            }
+        }
+    }
+}
+
+// X = 5 columns per thread: D-FINE's 40- and 20-wide maps split into 8 and 4 groups.
+#define DWS_PARAMS                                                                                          \
+    const T *__restrict__ x, T *__restrict__ y, const float *__restrict__ w, const float *__restrict__ bias, \
+        const T *__restrict__ res, int H, int W, int C, int rows, int cb, int act, int ldo
+extern "C" __global__ void dws5(DWS_PARAMS);
+extern "C" __global__ void __launch_bounds__(256, 2) dws5(DWS_PARAMS) {
+    dws_conv<5, 5>(x, y, w, bias, res, H, W, C, rows, cb, act, ldo);
+}
+
 // gelu_as: math.cu.
 
 // Depthwise 3x3 over C = 2*Ch channels fused with the GELU gate, on the strip scheme

@@ -1,7 +1,7 @@
-//! Depthwise convolutions (groups == channels): strip-streaming kernels for k x k at
-//! stride 1 and 2 (`dwk*`, vector.cu), the gated 3x3 fused with the GELU gate, and the
-//! per-row / generic kernels where those do not apply (`APERTURE_DEPTHWISE` selects
-//! older kernels for A/B runs).
+//! Depthwise convolutions (groups == channels): the shared-memory staged 5x5 (`dws5`,
+//! vector.cu), strip-streaming kernels for k x k at stride 1 and 2 (`dwk*`), the gated
+//! 3x3 fused with the GELU gate, and the per-row / generic kernels where those do not
+//! apply (`APERTURE_DEPTHWISE` selects older kernels for A/B runs).
 
 use aperture_engine::backend::Activation;
 use aperture_engine::Result;
@@ -54,8 +54,10 @@ enum DepthwiseKernels {
     /// `strip`: the first strip kernels, `dwconv3x3_vec` / `dwconv3x3_gate_vec` (3x3,
     /// stride 1 only).
     Strip,
-    /// Default: the `dwk*` kernels (k = 3, 5, 7; stride 1 or 2; fused gate).
+    /// `tiled`: the `dwk*` kernels (k = 3, 5, 7; stride 1 or 2; fused gate).
     Tiled,
+    /// Default: `dws5` for 5x5 stride 1 where it fits, the `dwk*` kernels for the rest.
+    Staged,
 }
 
 fn depthwise_kernels() -> DepthwiseKernels {
@@ -63,7 +65,8 @@ fn depthwise_kernels() -> DepthwiseKernels {
     *ON.get_or_init(|| match std::env::var("APERTURE_DEPTHWISE").as_deref() {
         Ok("scalar") => DepthwiseKernels::Scalar,
         Ok("strip") => DepthwiseKernels::Strip,
-        _ => DepthwiseKernels::Tiled,
+        Ok("tiled") => DepthwiseKernels::Tiled,
+        _ => DepthwiseKernels::Staged,
     })
 }
 
@@ -133,7 +136,9 @@ pub(crate) fn depthwise_gelu_gate(
             ];
             let aligned = x.ptr().is_multiple_of(4);
             match depthwise_kernels() {
-                DepthwiseKernels::Tiled if aligned && fits_u32(h * wd * c) => {
+                DepthwiseKernels::Tiled | DepthwiseKernels::Staged
+                    if aligned && fits_u32(h * wd * c) =>
+                {
                     // A thread per (two columns, channel pair of each half), strips of
                     // `rows` rows (dwk3_gate in vector.cu).
                     let per_row = wd.div_ceil(2) * half / 2;
@@ -170,6 +175,83 @@ pub(crate) fn depthwise_gelu_gate(
         .map(Some)
 }
 
+/// Input rows `dws5` keeps in shared memory (DWS_NR in vector.cu).
+const DWS_NR: usize = 7;
+/// Output columns per thread of `dws5` (its X).
+const DWS_COLUMNS: usize = 5;
+/// Dynamic shared memory `dws5` may take without opting in to more.
+const DWS_MAX_SMEM: usize = 48 * 1024;
+
+/// A launch of the staged 5x5 kernel: channels per block, output rows per strip, grid and
+/// shared memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StagedPlan {
+    cb: usize,
+    rows: usize,
+    grid: (u32, u32, u32),
+    smem: u32,
+}
+
+impl StagedPlan {
+    /// The plan for a 5x5 stride-1 depthwise convolution of `x`, output rows `ldo`
+    /// elements apart at `y`; `None` where the kernel does not apply.
+    fn new(
+        be: &CudaBackend,
+        x: &CudaTensor,
+        (y, ldo): (u64, usize),
+        residual: Option<&CudaTensor>,
+    ) -> Option<Self> {
+        let [_, h, w, c] = x.dims;
+        let esize = be.esize();
+        let pair = (2 * esize) as u64;
+        // cp.async moves 16 bytes: the image and every pixel row start on 16 bytes.
+        let aligned = x.ptr().is_multiple_of(16)
+            && (c * esize).is_multiple_of(16)
+            && y.is_multiple_of(pair)
+            && residual.is_none_or(|r| r.ptr().is_multiple_of(pair));
+        let fits = aligned
+            && be.capability().0 >= 8
+            && ldo >= c
+            && ldo.is_multiple_of(2)
+            && h * w * ldo <= i32::MAX as usize
+            && fits_u32(h * w * c);
+        let slots = 2 * be.multiprocessors().max(1) as usize;
+        fits.then(|| Self::shape(x.dims, esize, slots)).flatten()
+    }
+
+    /// Channels per block (128 where a row has at most four column groups, so all eight
+    /// warps have work; else 64), and the strip height minimising the busiest
+    /// multiprocessor's rows (waves of `slots` blocks times rows plus the 4-row halo).
+    fn shape([n, h, w, c]: [usize; 4], esize: usize, slots: usize) -> Option<Self> {
+        let groups = w.div_ceil(DWS_COLUMNS);
+        let cb = if groups <= 4 && c.is_multiple_of(128) {
+            128
+        } else {
+            64
+        };
+        let smem = DWS_NR * (w + 4) * cb * esize;
+        if !c.is_multiple_of(cb) || smem > DWS_MAX_SMEM || n == 0 || h == 0 {
+            return None;
+        }
+        let base = (c / cb) * n;
+        // Strips of at least two rows; ties go to fewer strips (less halo).
+        let cost = |strips: usize| (base * strips).div_ceil(slots) * (h.div_ceil(strips) + 4);
+        let strips = (1..=h.div_ceil(2)).min_by_key(|&s| (cost(s), s))?;
+        let rows = h.div_ceil(strips);
+        let strips = h.div_ceil(rows);
+        let grid_y = n * strips;
+        if grid_y > MAX_GRID_Y {
+            return None;
+        }
+        Some(Self {
+            cb,
+            rows,
+            grid: ((c / cb) as u32, grid_y as u32, 1),
+            smem: smem as u32,
+        })
+    }
+}
+
 /// The `dwk*` strip kernel for a depthwise convolution writing output pixels `ldo`
 /// elements apart at `y` (a channel slice of a wider tensor when `ldo > C`): `false`,
 /// with nothing launched, where the kernels are switched off or shape, strides or
@@ -185,8 +267,15 @@ pub(crate) fn depthwise_tiled(
 ) -> Result<bool> {
     let [n, h, wd, c] = x.dims;
     let square = w.kh == w.kw && w.spec.padding == w.kh / 2;
+    let mode = depthwise_kernels();
+    if mode == DepthwiseKernels::Staged && square && w.kh == 5 && w.spec.stride == 1 {
+        if let Some(plan) = StagedPlan::new(be, x, (y, ldo), residual) {
+            run_staged(be, x, w, act, residual, (y, ldo), &plan)?;
+            return Ok(true);
+        }
+    }
     let tiled = tiled_kernel(w.kh, w.spec.stride).filter(|_| square);
-    let (DepthwiseKernels::Tiled, Some(tk)) = (depthwise_kernels(), tiled) else {
+    let (DepthwiseKernels::Tiled | DepthwiseKernels::Staged, Some(tk)) = (mode, tiled) else {
         return Ok(false);
     };
     let v = tk.channels;
@@ -209,13 +298,7 @@ pub(crate) fn depthwise_tiled(
     if !fits {
         return Ok(false);
     }
-    let mut args = vec![
-        Arg::Ptr(x.ptr()),
-        Arg::Ptr(y),
-        Arg::Ptr(w.weight.ptr()),
-        Arg::Ptr(w.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
-        Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)),
-    ];
+    let mut args = pointer_args(x, y, w, residual);
     args.extend([h, wd, c, oh, ow, rows].map(|v| Arg::I32(v as i32)));
     args.push(Arg::I32(act_code(act)));
     args.push(Arg::I32(ldo as i32));
@@ -227,6 +310,46 @@ pub(crate) fn depthwise_tiled(
         Ok(be.kernels.launch(&be.ctx, tk.name, grid, 256, 0, &args)?)
     })?;
     Ok(true)
+}
+
+/// `dws5` as planned (timed against cuDNN like every dense launch).
+fn run_staged(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    w: &ConvWeights,
+    act: Activation,
+    residual: Option<&CudaTensor>,
+    (y, ldo): (u64, usize),
+    plan: &StagedPlan,
+) -> Result<()> {
+    let [_, h, wd, c] = x.dims;
+    let mut args = pointer_args(x, y, w, residual);
+    args.extend([h, wd, c, plan.rows, plan.cb].map(|v| Arg::I32(v as i32)));
+    args.push(Arg::I32(act_code(act)));
+    args.push(Arg::I32(ldo as i32));
+    let launch = DenseLaunch::new(x.dims, c, w, (h, wd), ldo, act, residual.is_some());
+    let ptrs = DensePtrs::of(x.ptr(), w, residual.map(|r| r.ptr()), y);
+    crate::cudnn_conv::run_dense(be, &launch, &ptrs, || {
+        Ok(be
+            .kernels
+            .launch(&be.ctx, "dws5", plan.grid, 256, plan.smem, &args)?)
+    })
+}
+
+/// The leading arguments of every depthwise kernel: input, output, taps, bias, residual.
+fn pointer_args(
+    x: &CudaTensor,
+    y: u64,
+    w: &ConvWeights,
+    residual: Option<&CudaTensor>,
+) -> Vec<Arg> {
+    vec![
+        Arg::Ptr(x.ptr()),
+        Arg::Ptr(y),
+        Arg::Ptr(w.weight.ptr()),
+        Arg::Ptr(w.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
+        Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)),
+    ]
 }
 
 /// Depthwise convolution with bias, activation and residual fused: the `dwk*` strip
@@ -246,13 +369,7 @@ pub(crate) fn depthwise(
     if depthwise_tiled(be, x, w, act, residual, (out.ptr(), c), (oh, ow))? {
         return Ok(out);
     }
-    let mut args = vec![
-        Arg::Ptr(x.ptr()),
-        Arg::Ptr(out.ptr()),
-        Arg::Ptr(w.weight.ptr()),
-        Arg::Ptr(w.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
-        Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)),
-    ];
+    let mut args = pointer_args(x, out.ptr(), w, residual);
     let mode = depthwise_kernels();
     let fast = w.kh == 3
         && w.kw == 3
@@ -306,6 +423,48 @@ mod tests {
         assert_eq!(strip_rows(10 * 256, 1, 20, 132), 4);
         // Never below 4, whatever the grid.
         assert_eq!(strip_rows(1, 1, 1, 132), 4);
+    }
+
+    #[test]
+    fn staged_plan_fits_dfine_maps_and_refuses_the_rest() {
+        let slots = 2 * 132;
+        // 40x40x256 at batch 32: 64 channels per block, two strips of 20 rows (one wave
+        // of 256 blocks beats two waves of shorter strips with their halos).
+        let p = StagedPlan::shape([32, 40, 40, 256], 2, slots).expect("fits");
+        assert_eq!((p.cb, p.rows, p.grid), (64, 20, (4, 64, 1)));
+        assert_eq!(p.smem as usize, DWS_NR * 44 * 64 * 2);
+        // 20x20x512: four column groups, so 128 channels per block keep eight warps busy.
+        let p = StagedPlan::shape([32, 20, 20, 512], 2, slots).expect("fits");
+        assert_eq!((p.cb, p.rows, p.grid), (128, 10, (4, 64, 1)));
+        // Batch 1 takes short strips (at least two rows) to fill the GPU.
+        let p = StagedPlan::shape([1, 40, 40, 256], 2, slots).expect("fits");
+        assert_eq!(p.rows, 2);
+        assert_eq!(p.grid, (4, 20, 1));
+        // Every strip is non-empty and they cover the map.
+        for h in 1..50 {
+            let p = StagedPlan::shape([3, h, 24, 64], 2, slots).expect("fits");
+            let strips = p.grid.1 as usize / 3;
+            assert!(p.rows * strips >= h && p.rows * (strips - 1) < h, "h {h}");
+        }
+        // fp32 rows overflow 48 KB; channels off the block width; wide maps; nothing.
+        assert!(StagedPlan::shape([32, 40, 40, 256], 4, slots).is_none());
+        assert!(StagedPlan::shape([32, 40, 40, 96], 2, slots).is_none());
+        assert!(StagedPlan::shape([2, 64, 64, 512], 2, slots).is_none());
+        assert!(StagedPlan::shape([0, 40, 40, 256], 2, slots).is_none());
+        assert!(StagedPlan::shape([1, 0, 40, 256], 2, slots).is_none());
+    }
+
+    #[test]
+    fn staged_constants_match_the_kernel() {
+        let src = crate::kernels::VECTOR_SOURCE;
+        assert_eq!(
+            crate::kernels::source_define(src, "vector.cu", "DWS_NR"),
+            DWS_NR
+        );
+        assert!(
+            src.contains("dws_conv<5, 5>"),
+            "dws5 takes X = {DWS_COLUMNS}"
+        );
     }
 
     #[test]

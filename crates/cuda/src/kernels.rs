@@ -34,6 +34,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "dwk7s1",
     "dwk7s2",
     "dwk3_gate",
+    "dws5",
     "dwconv",
     "dwconv3x3",
     "dwconv3x3_gate",

@@ -12,7 +12,7 @@ use crate::backend::CudaBackend;
 /// sizes. Names read "depthwise{k}x{k}/{stride} {c} {h}x{w}x{n} ...".
 pub(super) fn depthwise_cases(rng: &mut Rng) -> Vec<Case> {
     // [n, h, w, c, k, stride], activation, bias, residual
-    let shapes: [([usize; 6], Activation, bool, bool); 15] = [
+    let shapes: [([usize; 6], Activation, bool, bool); 18] = [
         ([2, 17, 23, 64, 5, 1], Activation::Relu, true, false),
         ([2, 9, 10, 32, 5, 1], Activation::Identity, false, true),
         ([1, 40, 3, 8, 5, 1], Activation::Silu, true, false),
@@ -30,6 +30,12 @@ pub(super) fn depthwise_cases(rng: &mut Rng) -> Vec<Case> {
         // Enough blocks for full 16-row strips on a 132-SM GPU (smaller grids get
         // shorter strips).
         ([3, 64, 64, 512, 5, 1], Activation::Relu, true, false),
+        // The staged 5x5 (dws5): D-FINE's map widths (eight column groups of 64
+        // channels; four groups of 128 with a residual), and a short strip with a
+        // partial column group and no bias.
+        ([2, 40, 40, 128, 5, 1], Activation::Silu, true, false),
+        ([3, 20, 20, 256, 5, 1], Activation::Relu, true, true),
+        ([2, 7, 13, 192, 5, 1], Activation::Gelu, false, false),
     ];
     let mut cases = Vec::new();
     for &([n, h, w, c, k, stride], act, bias, residual) in &shapes {
