@@ -1,29 +1,39 @@
-//! Dense aggregations (HGNetV2's HG block, [`Backend::conv_chain_concat`]) with every
-//! layer output written straight into its channels of the concatenation: the producer's
-//! epilogue stores rows `total` elements apart, and the next layer reads its input from
-//! there, so the only copy left is the block input's. Per convolution:
-//! - 1x1 products: cuBLASLt with the concatenation's width as leading dimension (input
-//!   and output; an activation other than identity runs on a separate output, as in
-//!   `conv2d`);
+//! Blocks of convolutions feeding one channel concatenation
+//! ([`Backend::conv_nodes_concat`]: D-FINE's RepNCSPELAN4; [`Backend::conv_chain_concat`],
+//! HGNetV2's HG block, is one such block) with every concatenated output written straight
+//! into its channels: the producer's epilogue stores rows `total` elements apart, and
+//! the nodes that read it (all of it or a channel range) take their input from there, so
+//! the only copies left are the block input's and the fallbacks'. Per convolution:
+//! - 1x1 products: cuBLASLt with the input's and the output's row strides as leading
+//!   dimensions; an activation other than ReLU, or a residual, follows as one vector pass
+//!   in place in the slice (`conv_epilogue_vec`), or on a new output where the slice's
+//!   channels are off whole 16-byte vectors;
 //! - dense k x k: the implicit GEMM (`conv.cu`, `ldx`/`ldy`) where it is loaded;
 //! - depthwise: the `dwk*` strip kernels (`vector.cu`, `ldo`);
 //! - anything else (fp32 3x3, odd channel counts, switched-off kernels): the plain
-//!   `conv2d` on a whole tensor and one copy into the slice, as before.
+//!   `conv2d` on a whole tensor and one copy into the slice.
+//!
+//! Residuals are whole tensors (the kernels read them with rows `C` apart): one that only
+//! lives in the concatenation is copied out first. A node's input that is all of a whole
+//! tensor with its output not concatenated runs the plain `conv2d`.
 //!
 //! The concatenation is allocated first and lives until the caller drops it, so the
 //! memory plan (crate::plan) sees every slice written while it is alive; everything is a
 //! kernel launch on the backend's stream (capturable).
 //!
+//! [`Backend::conv_nodes_concat`]: aperture_engine::Backend::conv_nodes_concat
 //! [`Backend::conv_chain_concat`]: aperture_engine::Backend::conv_chain_concat
 
 use aperture_engine::backend::Activation;
-use aperture_engine::{EngineError, Result};
+use aperture_engine::conv_nodes::{check_conv_nodes, last_reads};
+use aperture_engine::{ConvNode, EngineError, NodeRef, NodeSource, Result};
 
 use crate::backend::{ConvWeights, CudaBackend, CudaParam, CudaTensor};
-use crate::conv::{act_residual, out_size, output_dims, plain_product};
+use crate::conv::{act_code, act_residual, output_dims, plain_product, ProductEpilogue};
 use crate::conv_igemm::{DenseConv, Geometry, Tile};
 use crate::cudnn_conv::{DenseLaunch, DensePtrs};
 use crate::gemm::{GemmCall, Operand};
+use crate::kernels::Arg;
 
 /// Channels of a tensor in device memory: `dims[3]` channels per pixel starting at `ptr`,
 /// pixel rows `ld` elements apart (`ld == dims[3]` for a whole tensor).
@@ -107,179 +117,274 @@ fn copy_into(be: &CudaBackend, name: &'static str, src: Slice, dst: Slice) -> Re
     })
 }
 
-/// Where the next layer reads its input.
-#[derive(Clone, Copy)]
-enum Prev {
-    /// The block input.
-    Input,
-    /// A slice of the concatenation.
-    Slice(Slice),
-    /// The tensor in `held` (a fallback's whole output).
-    Held,
+/// A node's output once computed: its slice of the concatenation (a concatenated node),
+/// a whole tensor (an output nothing concatenates, or a fallback's before its copy into
+/// the slice), or both.
+struct Value {
+    whole: Option<CudaTensor>,
+    slice: Option<Slice>,
 }
 
+/// HGNetV2's HG-block aggregation as a node block: the chains one after the other, each
+/// reading the previous chain's output, concatenated after the block input.
 pub(crate) fn conv_chain_concat(
     be: &CudaBackend,
     x: &CudaTensor,
     layers: &[Vec<(&CudaParam, Activation)>],
 ) -> Result<CudaTensor> {
-    let [n, h, wd, cx] = x.dims;
-    let widths = layer_widths(x, layers)?;
-    let total = cx + widths.iter().sum::<usize>();
-    let es = be.esize();
-    let cat = be.alloc_tensor([n, h, wd, total])?;
-    let slice_at = |at: usize, c: usize| Slice {
-        ptr: cat.ptr() + (at * es) as u64,
-        ld: total,
-        dims: [n, h, wd, c],
-    };
-    copy_into(be, "concat_input", Slice::whole(x), slice_at(0, cx))?;
-    let mut prev = Prev::Input;
-    let mut held: Option<CudaTensor> = None;
-    let mut at = cx;
-    for (chain, &c) in layers.iter().zip(&widths) {
-        let dst = slice_at(at, c);
-        let mut tmp: Option<CudaTensor> = None;
-        let mut written = false;
-        for (i, (param, act)) in chain.iter().enumerate() {
-            let input = match (&tmp, prev, &held) {
-                (Some(t), _, _) => Src::Whole(t),
-                (None, Prev::Input, _) => Src::Whole(x),
-                (None, Prev::Slice(s), _) => Src::Slice(s),
-                (None, Prev::Held, Some(t)) => Src::Whole(t),
-                (None, Prev::Held, None) => {
-                    return Err(EngineError::Device(
-                        "aggregation lost its previous layer output".into(),
-                    ))
-                }
-            };
-            let last = i + 1 == chain.len();
-            let out = conv_slice(be, input, param.conv()?, *act, last.then_some(dst))?;
-            match out {
-                Some(t) => tmp = Some(t),
-                None => written = true,
-            }
-        }
-        if written {
-            prev = Prev::Slice(dst);
-            held = None;
-        } else {
-            let t = tmp.ok_or_else(|| {
-                EngineError::Invalid("a chain of the aggregation has no convolution".into())
-            })?;
-            copy_into(be, "concat_part", Slice::whole(&t), dst)?;
-            held = Some(t);
-            prev = Prev::Held;
-        }
-        at += c;
-    }
-    Ok(cat)
-}
-
-/// Output channels of each chain, checking that the chains connect and keep H x W.
-fn layer_widths(x: &CudaTensor, layers: &[Vec<(&CudaParam, Activation)>]) -> Result<Vec<usize>> {
-    let [_, h, wd, cx] = x.dims;
-    let mut c = cx;
-    let mut widths = Vec::with_capacity(layers.len());
+    let mut nodes: Vec<ConvNode<'_, CudaParam>> = Vec::new();
+    let mut concat = vec![NodeRef::Input];
+    let mut prev = NodeRef::Input;
     for chain in layers {
         if chain.is_empty() {
             return Err(EngineError::Invalid(
                 "a chain of the aggregation has no convolution".into(),
             ));
         }
-        for (param, _) in chain {
-            let w = param.conv()?;
-            if w.c_in != c {
-                return Err(EngineError::Shape(format!(
-                    "aggregation layer expects {} input channels, the previous one gives {c}",
-                    w.c_in
-                )));
-            }
-            if out_size(w, h, wd)? != (h, wd) {
-                return Err(EngineError::Shape(format!(
-                    "aggregation layers must keep the {h}x{wd} size ({}x{} kernel, stride {}, padding {})",
-                    w.kh, w.kw, w.spec.stride, w.spec.padding
-                )));
-            }
-            c = w.c_out;
+        for &(conv, act) in chain {
+            nodes.push(ConvNode {
+                input: NodeSource::whole(prev),
+                conv,
+                act,
+                residual: None,
+            });
+            prev = NodeRef::Node(nodes.len() - 1);
         }
-        widths.push(c);
+        concat.push(prev);
     }
-    Ok(widths)
+    conv_nodes_concat(be, x, &nodes, &concat)
 }
 
-/// `act(conv(input) + bias)`: into `dst` when given and the producing kernel can store
-/// there (returns `None`), else into a new whole tensor (returned).
+/// [`Backend::conv_nodes_concat`]: the concatenation is allocated first; a node it
+/// names stores straight into its slice where the producing kernel can (else a whole
+/// output and one copy, the whole tensor kept for the node's readers), the block input
+/// is copied in, and channel ranges are read in place (rows `ld` apart). Whole node
+/// outputs are freed after their last reader.
+///
+/// [`Backend::conv_nodes_concat`]: aperture_engine::Backend::conv_nodes_concat
+pub(crate) fn conv_nodes_concat(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    nodes: &[ConvNode<'_, CudaParam>],
+    concat: &[NodeRef],
+) -> Result<CudaTensor> {
+    check_conv_nodes(nodes, concat)?;
+    let dims = node_dims(x, nodes)?;
+    let dims_of = |r: NodeRef| match r {
+        NodeRef::Input => x.dims,
+        NodeRef::Node(i) => dims[i],
+    };
+    let first = dims_of(concat[0]);
+    if let Some(d) = concat
+        .iter()
+        .map(|&r| dims_of(r))
+        .find(|d| d[..3] != first[..3])
+    {
+        return Err(EngineError::Shape(format!(
+            "cannot concatenate {first:?} and {d:?} along channels"
+        )));
+    }
+    let [n, h, wd, _] = first;
+    let total: usize = concat.iter().map(|&r| dims_of(r)[3]).sum();
+    let es = be.esize();
+    let cat = be.alloc_tensor([n, h, wd, total])?;
+    // Each concatenated tensor's slices: the first is a node's own, the others copies.
+    let mut slices: Vec<Vec<Slice>> = vec![Vec::new(); nodes.len()];
+    let mut at = 0;
+    for &r in concat {
+        let c = dims_of(r)[3];
+        let s = Slice {
+            ptr: cat.ptr() + (at * es) as u64,
+            ld: total,
+            dims: [n, h, wd, c],
+        };
+        match r {
+            NodeRef::Input => copy_into(be, "concat_input", Slice::whole(x), s)?,
+            NodeRef::Node(i) => slices[i].push(s),
+        }
+        at += c;
+    }
+    let last = last_reads(nodes);
+    let mut values: Vec<Value> = Vec::with_capacity(nodes.len());
+    for (i, node) in nodes.iter().enumerate() {
+        let home = slices[i].first().copied();
+        let out = {
+            let src = source(be, x, &values, node.input)?;
+            let residual = node
+                .residual
+                .map(|r| residual_of(be, x, &values, r))
+                .transpose()?;
+            conv_slice(
+                be,
+                src,
+                node.conv.conv()?,
+                node.act,
+                residual.as_ref().map(Held::get),
+                home,
+            )?
+        };
+        let value = match (out, home) {
+            (None, _) => Value {
+                whole: None,
+                slice: home,
+            },
+            (Some(t), Some(d)) => {
+                copy_into(be, "concat_part", Slice::whole(&t), d)?;
+                Value {
+                    whole: Some(t),
+                    slice: home,
+                }
+            }
+            (Some(t), None) => Value {
+                whole: Some(t),
+                slice: None,
+            },
+        };
+        let view = value
+            .whole
+            .as_ref()
+            .map(Slice::whole)
+            .or(value.slice)
+            .ok_or_else(|| EngineError::Device(format!("node {i} left no output")))?;
+        for &s in slices[i].iter().skip(1) {
+            copy_into(be, "concat_part", view, s)?;
+        }
+        values.push(value);
+        // Whole outputs nothing reads any more go back to the pool now.
+        for (k, v) in values.iter_mut().enumerate() {
+            if last[k].is_none_or(|l| l <= i) {
+                v.whole = None;
+            }
+        }
+    }
+    Ok(cat)
+}
+
+/// The NHWC output dims of every node, checking channel ranges, input channels and
+/// residual dims before anything runs.
+fn node_dims(x: &CudaTensor, nodes: &[ConvNode<'_, CudaParam>]) -> Result<Vec<[usize; 4]>> {
+    let mut dims: Vec<[usize; 4]> = Vec::with_capacity(nodes.len());
+    for (i, node) in nodes.iter().enumerate() {
+        let of = |r: NodeRef| match r {
+            NodeRef::Input => x.dims,
+            NodeRef::Node(k) => dims[k],
+        };
+        let at = |e: EngineError| match e {
+            EngineError::Shape(m) => EngineError::Shape(format!("node {i}: {m}")),
+            other => other,
+        };
+        let [n, h, wd, c] = of(node.input.of);
+        let (_, len) = node.input.range(c).map_err(at)?;
+        let out = output_dims(node.conv.conv()?, [n, h, wd, len]).map_err(at)?;
+        if let Some(r) = node.residual.map(of).filter(|r| *r != out) {
+            return Err(EngineError::Shape(format!(
+                "node {i}: residual {r:?} does not match convolution output {out:?}"
+            )));
+        }
+        dims.push(out);
+    }
+    Ok(dims)
+}
+
+/// A node's input: a whole tensor where it reads all of one, else a slice view (a
+/// channel range keeps its parent's row stride).
+fn source<'a>(
+    be: &CudaBackend,
+    x: &'a CudaTensor,
+    values: &'a [Value],
+    src: NodeSource,
+) -> Result<Src<'a>> {
+    let (whole, slice) = match src.of {
+        NodeRef::Input => (Some(x), None),
+        NodeRef::Node(k) => {
+            let v = values
+                .get(k)
+                .ok_or_else(|| EngineError::Invalid(format!("node {k} is read before it runs")))?;
+            (v.whole.as_ref(), v.slice)
+        }
+    };
+    let view = whole
+        .map(Slice::whole)
+        .or(slice)
+        .ok_or_else(|| EngineError::Device("a node block lost an output it reads".into()))?;
+    let c = view.dims[3];
+    let (start, len) = src.range(c)?;
+    if (start, len) == (0, c) {
+        return Ok(whole.map(Src::Whole).unwrap_or(Src::Slice(view)));
+    }
+    let [n, h, wd, _] = view.dims;
+    Ok(Src::Slice(Slice {
+        ptr: view.ptr + (start * be.esize()) as u64,
+        ld: view.ld,
+        dims: [n, h, wd, len],
+    }))
+}
+
+/// A residual as a whole tensor (the kernels read residuals with rows `C` apart): the
+/// block input, a node's whole output, or a copy of its slice.
+fn residual_of<'a>(
+    be: &CudaBackend,
+    x: &'a CudaTensor,
+    values: &'a [Value],
+    r: NodeRef,
+) -> Result<Held<'a>> {
+    whole(be, source(be, x, values, NodeSource::whole(r))?)
+}
+
+/// `act(conv(input) + bias) + residual` (the residual whole, with the output's dims):
+/// into `dst` when given and the producing kernel can store there (returns `None`),
+/// else into a new whole tensor (returned).
 fn conv_slice(
     be: &CudaBackend,
     src: Src<'_>,
     w: &ConvWeights,
     act: Activation,
+    residual: Option<&CudaTensor>,
     dst: Option<Slice>,
 ) -> Result<Option<CudaTensor>> {
+    if let (Src::Whole(x), None) = (src, dst) {
+        // Nothing strided: the plain convolution's own choice of kernel.
+        return crate::conv::conv2d(be, x, w, act, residual).map(Some);
+    }
     let input = src.view();
     let c = input.dims[3];
     let out_dims = output_dims(w, input.dims)?;
+    if let Some(r) = residual.filter(|r| r.dims != out_dims) {
+        return Err(EngineError::Shape(format!(
+            "residual {:?} does not match convolution output {out_dims:?}",
+            r.dims
+        )));
+    }
     let [n, oh, ow, _] = out_dims;
     let es = be.esize() as f64;
     let p_out = n * oh * ow;
-    let io_bytes = (input.pixels() * c + p_out * w.c_out) as f64 * es;
+    let res_bytes = residual.map(|r| r.numel()).unwrap_or(0) as f64 * es;
+    let io_bytes = (input.pixels() * c + p_out * w.c_out) as f64 * es + res_bytes;
     if w.depthwise {
         let held = whole(be, src)?;
         let x = held.get();
         if let Some(d) = dst {
             let flops = 2.0 * (w.kh * w.kw * p_out * w.c_out) as f64;
             let done = be.profiler.op(be, "conv_depthwise", flops, io_bytes, || {
-                crate::depthwise::depthwise_tiled(be, x, w, act, None, (d.ptr, d.ld), (oh, ow))
+                crate::depthwise::depthwise_tiled(be, x, w, act, residual, (d.ptr, d.ld), (oh, ow))
             })?;
             if done {
                 return Ok(None);
             }
         }
-        return crate::conv::conv2d(be, x, w, act, None).map(Some);
+        return crate::conv::conv2d(be, x, w, act, residual).map(Some);
     }
     let flops = 2.0 * (p_out * w.kh * w.kw * w.c_in * w.c_out) as f64;
     let bytes = io_bytes + (w.c_out * w.kp) as f64 * es;
     if plain_product(w.kh, w.kw, w.spec) && w.kp == w.c_in {
-        // The product's epilogue finishes no activation or a ReLU, in place in a slice;
-        // other activations run on a whole output (act_residual is element-wise over it).
-        let in_product = matches!(act, Activation::Identity | Activation::Relu);
-        let target = dst.filter(|_| in_product);
         return be.profiler.op(be, "conv1x1_gemm", flops, bytes, || {
-            let fresh = match target {
-                Some(_) => None,
-                None => Some(be.alloc_tensor(out_dims)?),
-            };
-            let y = match (&fresh, target) {
-                (Some(t), _) => (t.ptr(), w.c_out),
-                (None, Some(d)) => (d.ptr, d.ld),
-                (None, None) => return Err(EngineError::Device("1x1 output missing".into())),
-            };
-            let l = DenseLaunch::new(
-                input.dims,
-                input.ld,
-                w,
-                (oh, ow),
-                y.1,
-                if in_product {
-                    act
-                } else {
-                    Activation::Identity
-                },
-                false,
-            );
-            let ptrs = DensePtrs::of(input.ptr, w, None, y.0);
-            let relu = act == Activation::Relu;
-            crate::cudnn_conv::run_dense(be, &l, &ptrs, || product_rows(be, input, w, y, relu))?;
-            if let (Some(t), false) = (&fresh, in_product) {
-                act_residual(be, t, act, None)?;
-            }
-            Ok(fresh)
+            pointwise(be, input, w, act, residual, dst, out_dims)
         });
     }
     // The pool's blocks are 512-byte aligned: a new output passes the alignment check.
     let y_probe = dst.map(|d| (d.ptr, d.ld)).unwrap_or((0, w.c_out));
-    if let Some(g) = plan_strided(be, input, w, (oh, ow), y_probe) {
+    let res = residual.map(|r| r.ptr());
+    if let Some(g) = plan_strided(be, input, w, (oh, ow), y_probe, res) {
         return be.profiler.op(be, g.tile.op_name(), flops, bytes, || {
             let fresh = match dst {
                 Some(_) => None,
@@ -289,22 +394,124 @@ fn conv_slice(
                 .as_ref()
                 .map(|t| (t.ptr(), w.c_out))
                 .unwrap_or(y_probe);
-            crate::conv_igemm::run_strided(be, (input.ptr, input.ld), w, &g, act, None, y)?;
+            crate::conv_igemm::run_strided(be, (input.ptr, input.ld), w, &g, act, res, y)?;
             Ok(fresh)
         });
     }
     let held = whole(be, src)?;
-    crate::conv::conv2d(be, held.get(), w, act, None).map(Some)
+    crate::conv::conv2d(be, held.get(), w, act, residual).map(Some)
+}
+
+/// A 1x1 product over all pixels (input rows `ld` apart) into `dst` or a new tensor.
+/// cuBLASLt's epilogue adds the bias, and a ReLU or, on a new output without an
+/// activation, the residual (its `C` has the output's layout); anything else runs as
+/// one vector pass after the product, in place in the slice (`conv_epilogue_vec`) or
+/// over the new tensor (`act_residual`). A slice the vector pass cannot cover (channel
+/// counts or strides off whole 16-byte vectors) gets a new tensor.
+fn pointwise(
+    be: &CudaBackend,
+    input: Slice,
+    w: &ConvWeights,
+    act: Activation,
+    residual: Option<&CudaTensor>,
+    dst: Option<Slice>,
+    out_dims: [usize; 4],
+) -> Result<Option<CudaTensor>> {
+    let [_, oh, ow, _] = out_dims;
+    let res = residual.map(|r| r.ptr());
+    let in_product = residual.is_none() && matches!(act, Activation::Identity | Activation::Relu);
+    let target = dst.filter(|d| in_product || epilogue_fits(be, *d, w.c_out, res));
+    let fresh = match target {
+        Some(_) => None,
+        None => Some(be.alloc_tensor(out_dims)?),
+    };
+    let y = match (&fresh, target) {
+        (Some(t), _) => (t.ptr(), w.c_out),
+        (None, Some(d)) => (d.ptr, d.ld),
+        (None, None) => return Err(EngineError::Device("1x1 output missing".into())),
+    };
+    let (epi, pass) = match target {
+        Some(_) if in_product => (
+            ProductEpilogue {
+                bias: true,
+                residual: None,
+                relu: act == Activation::Relu,
+            },
+            false,
+        ),
+        Some(_) => (
+            ProductEpilogue {
+                bias: true,
+                ..ProductEpilogue::default()
+            },
+            true,
+        ),
+        None => ProductEpilogue::for_launch(act, res),
+    };
+    let l = DenseLaunch::new(input.dims, input.ld, w, (oh, ow), y.1, act, res.is_some());
+    let ptrs = DensePtrs::of(input.ptr, w, res, y.0);
+    crate::cudnn_conv::run_dense(be, &l, &ptrs, || {
+        product_rows(be, input, w, y, epi)?;
+        if pass {
+            match &fresh {
+                Some(t) => act_residual(be, t, act, residual)?,
+                None => epilogue_in_place(be, y, input.pixels(), w.c_out, act, res)?,
+            }
+        }
+        Ok(())
+    })?;
+    Ok(fresh)
+}
+
+/// Whether `conv_epilogue_vec` can run over `c` channels of `d` (whole 16-byte vectors,
+/// aligned pointers).
+fn epilogue_fits(be: &CudaBackend, d: Slice, c: usize, residual: Option<u64>) -> bool {
+    let v = 16 / be.esize();
+    c.is_multiple_of(v)
+        && d.ld.is_multiple_of(v)
+        && d.ptr.is_multiple_of(16)
+        && residual.is_none_or(|r| r.is_multiple_of(16))
+}
+
+/// `y = act(y) + residual` over `c` channels of `pixels` rows `ld` apart, in place
+/// (the residual whole: rows `c` apart).
+fn epilogue_in_place(
+    be: &CudaBackend,
+    (y, ld): (u64, usize),
+    pixels: usize,
+    c: usize,
+    act: Activation,
+    residual: Option<u64>,
+) -> Result<()> {
+    let v = 16 / be.esize();
+    be.launch_1d(
+        "conv_epilogue_vec",
+        pixels * c / v,
+        &[
+            Arg::Ptr(y),
+            Arg::I64(ld as i64),
+            Arg::Ptr(y),
+            Arg::I64(ld as i64),
+            Arg::Ptr(0),
+            Arg::Ptr(residual.unwrap_or(0)),
+            Arg::I64(pixels as i64),
+            Arg::I32(c as i32),
+            Arg::I32(act_code(act)),
+        ],
+    )?;
+    Ok(())
 }
 
 /// The implicit-GEMM launch for a (possibly strided) input and output, when the kernel is
-/// loaded and takes shapes, strides and pointers (16-byte aligned, `ldx % 8 == 0`).
+/// loaded and takes shapes, strides and pointers (16-byte aligned, `ldx % 8 == 0`; the
+/// residual, when there is one, is whole).
 fn plan_strided(
     be: &CudaBackend,
     input: Slice,
     w: &ConvWeights,
     out_hw: (usize, usize),
     (y, ldy): (u64, usize),
+    residual: Option<u64>,
 ) -> Option<Geometry> {
     if be.kernels.igemm.reason().is_some() {
         return None;
@@ -318,7 +525,8 @@ fn plan_strided(
         && ldy < i32::MAX as usize
         && aligned(input.ptr)
         && aligned(y)
-        && aligned(w.weight.ptr());
+        && aligned(w.weight.ptr())
+        && residual.is_none_or(aligned);
     if !fits {
         return None;
     }
@@ -330,13 +538,14 @@ fn plan_strided(
     Geometry::new(input.dims, out_hw, DenseConv::of(w), tile)
 }
 
-/// `y[p, :] = w x[p, :] + bias` over all pixels, rows `ld` apart on both sides.
+/// `y[p, :] = w x[p, :]` plus `epi` over all pixels, rows `ld` apart on both sides (a
+/// residual in `epi` has the output's layout).
 fn product_rows(
     be: &CudaBackend,
     x: Slice,
     w: &ConvWeights,
     (y, ldy): (u64, usize),
-    relu: bool,
+    epi: ProductEpilogue,
 ) -> Result<()> {
     let elem = be.elem();
     let (p, k) = (x.pixels() as u64, w.c_in as u64);
@@ -359,7 +568,7 @@ fn product_rows(
             elem,
         },
         trans_b: false,
-        c: None,
+        c: epi.residual,
         d: Operand {
             ptr: y,
             rows: w.c_out as u64,
@@ -369,8 +578,12 @@ fn product_rows(
             elem,
         },
         batch: 1,
-        bias: w.bias.as_ref().map(|b| b.ptr()),
-        relu,
+        bias: if epi.bias {
+            w.bias.as_ref().map(|b| b.ptr())
+        } else {
+            None
+        },
+        relu: epi.relu,
         tf32: be.tf32(),
     };
     be.run_gemm(&call)?;

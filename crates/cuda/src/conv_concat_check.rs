@@ -1,11 +1,12 @@
-//! Self-test cases for [`crate::conv_concat`]: HG-block aggregations on the GPU (layer
-//! outputs written into the concatenation) against the CPU backend's plain convolutions
-//! followed by `concat_channels_n`, with every GPU allocation poisoned (NaN) first so
-//! that a slice nobody wrote shows.
+//! Self-test cases for [`crate::conv_concat`]: HG-block aggregations and node blocks
+//! (ELAN-shaped) on the GPU (outputs written into the concatenation, channel ranges read
+//! in place) against the CPU backend's plain convolutions followed by
+//! `concat_channels_n`, with every GPU allocation poisoned (NaN) first so that a slice
+//! nobody wrote shows.
 
 use aperture_engine::backend::{Activation, Backend, ConvSpec};
 use aperture_engine::cpu::CpuBackend;
-use aperture_engine::{relative_l2, HostTensor, Result};
+use aperture_engine::{relative_l2, ConvNode, HostTensor, NodeRef, NodeSource, Result};
 
 use crate::backend::CudaBackend;
 use crate::selftest::{op_tolerance, ParityRow};
@@ -133,6 +134,196 @@ pub(crate) fn parity(gpu: &CudaBackend, seed: u64) -> Result<Vec<ParityRow>> {
         };
         rows.push(ParityRow {
             case: format!("conv_chain_concat {name}"),
+            rel_l2,
+            tolerance: tol,
+        });
+    }
+    rows.extend(node_parity(gpu, &cpu, seed.wrapping_add(50_000))?);
+    Ok(rows)
+}
+
+/// One node of a case: what it reads, its convolution `(c_in, c_out, kernel,
+/// depthwise)`, activation and residual.
+struct NodeSpec {
+    input: NodeSource,
+    conv: (usize, usize, usize, bool),
+    act: Activation,
+    residual: Option<NodeRef>,
+}
+
+/// A node case: name, NCHW input shape, the nodes, the concatenation.
+type NodeCase = (&'static str, [usize; 4], Vec<NodeSpec>, Vec<NodeRef>);
+
+/// RepNCSPELAN4 as D-FINE's encoder runs it, for an input of `cx` channels: `y` = 1x1
+/// SiLU to `2 * half` channels (concatenated), a CSP branch on `y`'s second half read in
+/// place (1x1 SiLU, `blocks` 3x3 SiLU bottlenecks, 1x1 SiLU plus the bottleneck output),
+/// `b1` = 3x3 SiLU (concatenated), the same branch on `b1`, `b2` = 3x3 SiLU
+/// (concatenated).
+fn elan(cx: usize, half: usize, c4: usize, blocks: usize) -> (Vec<NodeSpec>, Vec<NodeRef>) {
+    let silu = Activation::Silu;
+    let mut nodes = vec![NodeSpec {
+        input: NodeSource::whole(NodeRef::Input),
+        conv: (cx, 2 * half, 1, false),
+        act: silu,
+        residual: None,
+    }];
+    let mut concat = vec![NodeRef::Node(0)];
+    let mut branch_in = NodeSource::channels(NodeRef::Node(0), half, half);
+    let mut c_in = half;
+    for _ in 0..2 {
+        nodes.push(NodeSpec {
+            input: branch_in,
+            conv: (c_in, c4, 1, false),
+            act: silu,
+            residual: None,
+        });
+        for _ in 0..blocks {
+            nodes.push(NodeSpec {
+                input: NodeSource::whole(NodeRef::Node(nodes.len() - 1)),
+                conv: (c4, c4, 3, false),
+                act: silu,
+                residual: None,
+            });
+        }
+        nodes.push(NodeSpec {
+            input: branch_in,
+            conv: (c_in, c4, 1, false),
+            act: silu,
+            residual: Some(NodeRef::Node(nodes.len() - 1)),
+        });
+        nodes.push(NodeSpec {
+            input: NodeSource::whole(NodeRef::Node(nodes.len() - 1)),
+            conv: (c4, c4, 3, false),
+            act: silu,
+            residual: None,
+        });
+        let b = NodeRef::Node(nodes.len() - 1);
+        concat.push(b);
+        branch_in = NodeSource::whole(b);
+        c_in = c4;
+    }
+    (nodes, concat)
+}
+
+/// Residuals into concatenation slices on every kernel kind: a 1x1 ReLU (in the
+/// product), a depthwise 3x3 with a residual that lives in a slice (copied out), a 1x1
+/// without activation on a channel range of the input plus a residual (vector pass in
+/// place), a 3x3 GELU plus a residual; the block input and one node concatenated twice.
+fn residuals(cx: usize, c: usize) -> (Vec<NodeSpec>, Vec<NodeRef>) {
+    let n = NodeRef::Node;
+    let nodes = vec![
+        NodeSpec {
+            input: NodeSource::whole(NodeRef::Input),
+            conv: (cx, c, 1, false),
+            act: Activation::Relu,
+            residual: None,
+        },
+        NodeSpec {
+            input: NodeSource::whole(n(0)),
+            conv: (c, c, 3, true),
+            act: Activation::Relu,
+            residual: Some(n(0)),
+        },
+        NodeSpec {
+            input: NodeSource::channels(NodeRef::Input, cx - c, c),
+            conv: (c, c, 1, false),
+            act: Activation::Identity,
+            residual: Some(n(1)),
+        },
+        NodeSpec {
+            input: NodeSource::whole(n(2)),
+            conv: (c, c, 3, false),
+            act: Activation::Gelu,
+            residual: Some(n(0)),
+        },
+    ];
+    let concat = vec![NodeRef::Input, n(0), n(1), n(2), n(3), n(0)];
+    (nodes, concat)
+}
+
+/// A node block on one backend: NCHW input in, NCHW concatenation out.
+fn run_nodes<B: Backend>(
+    be: &B,
+    x: &HostTensor,
+    specs: &[NodeSpec],
+    weights: &[(HostTensor, HostTensor, ConvSpec)],
+    concat: &[NodeRef],
+) -> Result<HostTensor> {
+    let params = weights
+        .iter()
+        .map(|(w, b, spec)| be.prepare_conv(w, Some(b), *spec))
+        .collect::<Result<Vec<_>>>()?;
+    let nodes: Vec<ConvNode<'_, B::Param>> = specs
+        .iter()
+        .zip(&params)
+        .map(|(s, p)| ConvNode {
+            input: s.input,
+            conv: p,
+            act: s.act,
+            residual: s.residual,
+        })
+        .collect();
+    let xt = be.upload_nchw(x)?;
+    be.download_nchw(&be.conv_nodes_concat(&xt, &nodes, concat)?)
+}
+
+/// Node blocks ([`Backend::conv_nodes_concat`]): ELAN-shaped with channel counts in
+/// whole 16-byte vectors (1x1s into and out of slices, the 3x3s on the implicit GEMM)
+/// and with odd ones (the fallbacks: copies of strided inputs and residuals, whole
+/// outputs copied into the slices), and the residual case.
+fn node_parity(gpu: &CudaBackend, cpu: &CpuBackend, seed: u64) -> Result<Vec<ParityRow>> {
+    let tol = op_tolerance(gpu.precision());
+    let cases: Vec<NodeCase> = {
+        let (a, ac) = elan(48, 32, 16, 2);
+        let (b, bc) = elan(14, 10, 6, 1);
+        let (r, rc) = residuals(32, 16);
+        vec![
+            (
+                "elan 48->2x32, c4 16, 2 blocks 11x9x2",
+                [2, 48, 11, 9],
+                a,
+                ac,
+            ),
+            ("elan odd 14->2x10, c4 6 7x6x2", [2, 14, 7, 6], b, bc),
+            (
+                "residuals dw/1x1/3x3 into slices 9x10x2",
+                [2, 32, 9, 10],
+                r,
+                rc,
+            ),
+        ]
+    };
+    let mut rows = Vec::new();
+    for (i, (name, [n, c, h, w], specs, concat)) in cases.into_iter().enumerate() {
+        let base = seed.wrapping_add(1000 * i as u64);
+        let x = host(base, vec![n, c, h, w], 1.0)?;
+        let mut weights = Vec::new();
+        for (k, s) in specs.iter().enumerate() {
+            let k = k as u64 + 1;
+            let (ci, co, kernel, depthwise) = s.conv;
+            let per_group = if depthwise { 1 } else { ci };
+            let scale = 1.0 / ((per_group * kernel * kernel) as f32).sqrt();
+            let wt = host(base + 2 * k, vec![co, per_group, kernel, kernel], scale)?;
+            let b = host(base + 2 * k + 1, vec![co], 0.5)?;
+            let spec = ConvSpec {
+                stride: 1,
+                padding: kernel / 2,
+                groups: if depthwise { ci } else { 1 },
+            };
+            weights.push((wt, b, spec));
+        }
+        let want = run_nodes(cpu, &x, &specs, &weights, &concat)?;
+        gpu.set_poison(true);
+        let got = run_nodes(gpu, &x, &specs, &weights, &concat);
+        gpu.set_poison(false);
+        let got = got?;
+        let rel_l2 = if got.shape() == want.shape() {
+            relative_l2(&got.to_f32_vec(), &want.to_f32_vec())
+        } else {
+            f64::INFINITY
+        };
+        rows.push(ParityRow {
+            case: format!("conv_nodes_concat {name}"),
             rel_l2,
             tolerance: tol,
         });

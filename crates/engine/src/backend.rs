@@ -6,6 +6,7 @@
 //! trait so that a GPU backend can run them as one kernel while the CPU backend keeps a
 //! plain reference implementation with the same semantics.
 
+use crate::conv_nodes::{eval_conv_nodes, ConvNode, NodeRef};
 use crate::error::{EngineError, Result};
 use crate::tensor::HostTensor;
 
@@ -339,6 +340,27 @@ pub trait Backend: Send + Sync {
         let mut parts: Vec<&Self::Tensor> = vec![x];
         parts.extend(outs.iter());
         self.concat_channels_n(&parts)
+    }
+    /// A block of convolutions feeding one channel concatenation (D-FINE's
+    /// RepNCSPELAN4): evaluates `nodes` in order, node `i` computing
+    /// `act(conv(input) + bias) + residual` from the block input `x` or earlier nodes'
+    /// outputs (an input may be a channel range, see [`ConvNode`]), and returns
+    /// `concat_channels_n` of the tensors `concat` names (`NodeRef::Input` is `x`). Nodes
+    /// may read only `x` and earlier nodes; a residual is all of an earlier tensor with
+    /// the output's dims. The default runs exactly those plain operations
+    /// ([`eval_conv_nodes`]); a GPU backend allocates the concatenation first, lets each
+    /// concatenated node's kernel store straight into its channels and reads channel
+    /// ranges in place (rows the concatenation's width apart) instead of copying them.
+    fn conv_nodes_concat(
+        &self,
+        x: &Self::Tensor,
+        nodes: &[ConvNode<'_, Self::Param>],
+        concat: &[NodeRef],
+    ) -> Result<Self::Tensor>
+    where
+        Self: Sized,
+    {
+        eval_conv_nodes(self, x, nodes, concat)
     }
     /// Concatenates sequences `[B, 1, L_i, C]` along their length: `[B, 1, sum L_i, C]`.
     fn concat_rows(&self, parts: &[&Self::Tensor]) -> Result<Self::Tensor> {

@@ -15,6 +15,7 @@
 //! ```
 
 pub mod backend;
+pub mod conv_nodes;
 pub mod cpu;
 pub mod dtype;
 pub mod error;
@@ -23,6 +24,7 @@ pub mod tensor;
 pub mod trace;
 
 pub use backend::{Activation, Backend, ConvSpec, FrontHalf, NormProduct};
+pub use conv_nodes::{eval_conv_nodes, ConvNode, NodeRef, NodeSource};
 pub use dtype::{DType, Precision};
 pub use error::{EngineError, Result};
 pub use runner::{NamedTensors, Runner, TensorSpec};

@@ -4,7 +4,7 @@ use aperture_engine::backend::{
     front_half_unfused, norm_product_unfused, Activation, Backend, ConvSpec, DeformableSpec,
     FrontHalf, NormProduct,
 };
-use aperture_engine::{EngineError, HostTensor, Result};
+use aperture_engine::{ConvNode, EngineError, HostTensor, NodeRef, Result};
 use cudarc::driver::result;
 
 use super::{CudaBackend, CudaParam, CudaTensor};
@@ -376,6 +376,14 @@ impl Backend for CudaBackend {
         layers: &[Vec<(&CudaParam, Activation)>],
     ) -> Result<CudaTensor> {
         crate::conv_concat::conv_chain_concat(self, x, layers)
+    }
+    fn conv_nodes_concat(
+        &self,
+        x: &CudaTensor,
+        nodes: &[ConvNode<'_, CudaParam>],
+        concat: &[NodeRef],
+    ) -> Result<CudaTensor> {
+        crate::conv_concat::conv_nodes_concat(self, x, nodes, concat)
     }
     fn concat_rows(&self, parts: &[&CudaTensor]) -> Result<CudaTensor> {
         self.det_concat_rows(parts)

@@ -13,6 +13,12 @@ mod parity;
 
 pub use parity::op_parity;
 
+/// The in-place concatenation blocks (HG aggregations, ELAN-shaped node blocks, odd
+/// channel counts for the fallbacks) against the CPU backend, GPU allocations poisoned.
+pub fn concat_parity(gpu: &crate::CudaBackend, seed: u64) -> Result<Vec<ParityRow>> {
+    crate::conv_concat_check::parity(gpu, seed)
+}
+
 /// One compared operation.
 #[derive(Clone, Debug)]
 pub struct ParityRow {

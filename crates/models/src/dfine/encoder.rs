@@ -3,7 +3,7 @@
 //! map, then a top-down FPN and a bottom-up PAN built from RepNCSPELAN4 blocks
 //! (CSP branches of merged RepVGG blocks) and SCDown downsampling.
 
-use aperture_engine::{Activation, Backend, HostTensor};
+use aperture_engine::{Activation, Backend, ConvNode, HostTensor, NodeRef, NodeSource};
 
 use super::blocks::{activation, copy, ConvShape, ConvUnit, LayerNorm, Linear};
 use super::config::DFineConfig;
@@ -32,6 +32,9 @@ struct CspRep<B: Backend> {
     conv2: ConvUnit<B>,
     bottlenecks: Vec<ConvUnit<B>>,
 }
+
+/// A node block and the tensors it concatenates.
+type NodeBlock<'a, B> = (Vec<ConvNode<'a, <B as Backend>::Param>>, Vec<NodeRef>);
 
 struct Elan<B: Backend> {
     conv1: ConvUnit<B>,
@@ -178,6 +181,38 @@ impl<B: Backend> CspRep<B> {
         }
         self.conv2.forward_residual(b, x, Some(&h1))
     }
+
+    fn units(&self) -> impl Iterator<Item = &ConvUnit<B>> {
+        [&self.conv1, &self.conv2]
+            .into_iter()
+            .chain(self.bottlenecks.iter())
+    }
+
+    /// Appends this branch on `input` and `then` (the ELAN convolution after it) to
+    /// `nodes`, as [`CspRep::forward`] computes it (no unit with a learnable affine);
+    /// returns `then`'s node.
+    fn push_nodes<'a>(
+        &'a self,
+        nodes: &mut Vec<ConvNode<'a, B::Param>>,
+        input: NodeSource,
+        then: &'a ConvUnit<B>,
+    ) -> NodeRef {
+        let mut push = |u: &'a ConvUnit<B>, input: NodeSource, residual: Option<NodeRef>| {
+            nodes.push(ConvNode {
+                input,
+                conv: &u.conv,
+                act: u.act,
+                residual,
+            });
+            NodeRef::Node(nodes.len() - 1)
+        };
+        let mut h = push(&self.conv1, input, None);
+        for blk in &self.bottlenecks {
+            h = push(blk, h.into(), None);
+        }
+        let c2 = push(&self.conv2, input, Some(h));
+        push(then, c2.into(), None)
+    }
 }
 
 impl<B: Backend> Elan<B> {
@@ -208,13 +243,48 @@ impl<B: Backend> Elan<B> {
     }
 
     fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        let cat = match self.nodes() {
+            Some((nodes, concat)) => b.conv_nodes_concat(x, &nodes, &concat)?,
+            None => self.aggregate_plain(b, x)?,
+        };
+        self.conv4.forward(b, &cat)
+    }
+
+    /// `[y | b1 | b2]` as one node block (a GPU backend writes y, b1 and b2 straight into
+    /// the concatenation and reads y's second half in place), or `None` when a unit has a
+    /// learnable affine block, which is no convolution epilogue.
+    fn nodes(&self) -> Option<NodeBlock<'_, B>> {
+        let mut units = [&self.conv1, &self.conv2, &self.conv3]
+            .into_iter()
+            .chain(self.csp1.units())
+            .chain(self.csp2.units());
+        if units.any(|u| u.lab.is_some()) {
+            return None;
+        }
+        let mut nodes = vec![ConvNode {
+            input: NodeRef::Input.into(),
+            conv: &self.conv1.conv,
+            act: self.conv1.act,
+            residual: None,
+        }];
+        let y = NodeRef::Node(0);
+        let b1 = self.csp1.push_nodes(
+            &mut nodes,
+            NodeSource::channels(y, self.half, self.half),
+            &self.conv2,
+        );
+        let b2 = self.csp2.push_nodes(&mut nodes, b1.into(), &self.conv3);
+        Some((nodes, vec![y, b1, b2]))
+    }
+
+    /// `[y | b1 | b2]` with each tensor computed on its own and copied together.
+    fn aggregate_plain(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
         let y = self.conv1.forward(b, x)?;
         let second = b.slice_channels(&y, self.half, self.half)?;
         let b1 = self.conv2.forward(b, &self.csp1.forward(b, &second)?)?;
         let b2 = self.conv3.forward(b, &self.csp2.forward(b, &b1)?)?;
         // [first half | second half] is y itself.
-        self.conv4
-            .forward(b, &b.concat_channels_n(&[&y, &b1, &b2])?)
+        Ok(b.concat_channels_n(&[&y, &b1, &b2])?)
     }
 }
 
@@ -400,4 +470,98 @@ pub fn position_embedding(
     }
     let data: Vec<f32> = std::iter::repeat_n(one, n).flatten().collect();
     Ok(HostTensor::from_f32(vec![n, 1, h * w, dim], data)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use aperture_engine::cpu::CpuBackend;
+    use aperture_engine::ConvSpec;
+
+    use super::*;
+
+    fn unit(b: &CpuBackend, seed: u64, ci: usize, co: usize, k: usize) -> ConvUnit<CpuBackend> {
+        let n = co * ci * k * k;
+        let vals = |s: u64, n: usize, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| scale * (((s * 7919 + i as u64 * 104_729) % 2001) as f32 / 1000.0 - 1.0))
+                .collect()
+        };
+        let w = HostTensor::from_f32(
+            vec![co, ci, k, k],
+            vals(seed, n, 1.0 / ((ci * k * k) as f32).sqrt()),
+        )
+        .unwrap();
+        let bias = HostTensor::from_f32(vec![co], vals(seed + 1, co, 0.5)).unwrap();
+        ConvUnit {
+            conv: b.prepare_conv(&w, Some(&bias), ConvSpec::same(k)).unwrap(),
+            act: Activation::Silu,
+            lab: None,
+        }
+    }
+
+    fn csp(b: &CpuBackend, seed: u64, cin: usize, c4: usize) -> CspRep<CpuBackend> {
+        CspRep {
+            conv1: unit(b, seed, cin, c4, 1),
+            conv2: unit(b, seed + 2, cin, c4, 1),
+            bottlenecks: vec![unit(b, seed + 4, c4, c4, 3), unit(b, seed + 6, c4, c4, 3)],
+        }
+    }
+
+    fn elan(b: &CpuBackend, hd: usize, c4: usize) -> Elan<CpuBackend> {
+        Elan {
+            conv1: unit(b, 1, 2 * hd, 2 * hd, 1),
+            csp1: csp(b, 10, hd, c4),
+            conv2: unit(b, 20, c4, c4, 3),
+            csp2: csp(b, 30, c4, c4),
+            conv3: unit(b, 40, c4, c4, 3),
+            conv4: unit(b, 50, 2 * hd + 2 * c4, hd, 1),
+            half: hd,
+        }
+    }
+
+    #[test]
+    fn the_elan_node_block_computes_the_plain_aggregation_exactly() {
+        let b = CpuBackend::new();
+        let (hd, c4) = (6, 4);
+        let x = b
+            .upload_nchw(
+                &HostTensor::from_f32(
+                    vec![2, 2 * hd, 5, 4],
+                    (0..2 * 2 * hd * 20)
+                        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+                        .collect(),
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        let mut m = elan(&b, hd, c4);
+        let (nodes, concat) = m.nodes().unwrap();
+        assert_eq!(nodes.len(), 1 + 2 * (2 + 2 + 1));
+        assert_eq!(
+            concat,
+            vec![NodeRef::Node(0), NodeRef::Node(5), NodeRef::Node(10)]
+        );
+        let got = m.forward(&b, &x).unwrap();
+        let want = m
+            .conv4
+            .forward(&b, &m.aggregate_plain(&b, &x).unwrap())
+            .unwrap();
+        assert_eq!(b.dims(&got), [2, 5, 4, hd]);
+        assert_eq!(
+            b.download_nchw(&got).unwrap().to_f32_vec(),
+            b.download_nchw(&want).unwrap().to_f32_vec()
+        );
+        // A learnable affine anywhere keeps the plain path.
+        m.csp2.bottlenecks[1].lab = Some((1.5, -0.25));
+        assert!(m.nodes().is_none());
+        let with_lab = m.forward(&b, &x).unwrap();
+        let want = m
+            .conv4
+            .forward(&b, &m.aggregate_plain(&b, &x).unwrap())
+            .unwrap();
+        assert_eq!(
+            b.download_nchw(&with_lab).unwrap().to_f32_vec(),
+            b.download_nchw(&want).unwrap().to_f32_vec()
+        );
+    }
 }

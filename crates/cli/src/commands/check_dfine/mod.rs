@@ -94,6 +94,31 @@ pub fn run(args: CheckDfineArgs) -> anyhow::Result<()> {
             op_rows
                 .push(json!({"precision": p.to_string(), "op": name, "rel_l2": err, "pass": pass}));
         }
+        match aperture_cuda::selftest::concat_parity(&gpu, 17) {
+            Ok(rows) => {
+                for row in rows {
+                    let pass = row.passed();
+                    if !pass {
+                        failures.push(format!(
+                            "{} in {p}: relative L2 {:.3e} (tolerance {:.1e})",
+                            row.case, row.rel_l2, row.tolerance
+                        ));
+                    }
+                    println!(
+                        "{p:>5} {:<36} {:.3e} {}",
+                        row.case,
+                        row.rel_l2,
+                        if pass { "ok" } else { "FAIL" }
+                    );
+                    op_rows.push(json!({"precision": p.to_string(), "op": row.case,
+                        "rel_l2": row.rel_l2, "pass": pass}));
+                }
+            }
+            Err(e) => {
+                println!("{p:>5} in-place concatenations FAILED: {e}");
+                failures.push(format!("in-place concatenations in {p}: {e}"));
+            }
+        }
         match selection::check(&gpu, p) {
             Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
             Err(e) => {

@@ -1,7 +1,7 @@
 //! Every D-FINE backend operation on random inputs, run on two backends and compared.
 
 use aperture_engine::backend::DeformableSpec;
-use aperture_engine::{Backend, HostTensor, Result};
+use aperture_engine::{Backend, ConvNode, HostTensor, NodeRef, NodeSource, Result};
 
 /// Deterministic pseudo-random values in `[lo, hi)` (SplitMix64).
 pub fn random(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
@@ -235,6 +235,45 @@ pub fn run_ops<B: Backend>(b: &B) -> Result<Vec<(String, HostTensor)>> {
     out.push((
         "conv_chain_concat hg light 1x1+dw5x5".into(),
         b.download_nhwc(&b.conv_chain_concat(&hx, &chains)?)?,
+    ));
+    // RepNCSPELAN4 as a node block: y = 1x1 SiLU (concatenated), a CSP branch on y's
+    // second half read in place (1x1 SiLU, a 3x3 bottleneck, 1x1 SiLU plus the
+    // bottleneck's output), b1 = 3x3 SiLU (concatenated), the same branch on b1, b2 =
+    // 3x3 SiLU (concatenated).
+    let silu = aperture_engine::Activation::Silu;
+    let e = [
+        conv(91, 32, 32, 1, 1)?,
+        conv(93, 16, 16, 1, 1)?,
+        conv(95, 16, 16, 3, 1)?,
+        conv(97, 16, 16, 1, 1)?,
+        conv(99, 16, 16, 3, 1)?,
+        conv(101, 16, 16, 1, 1)?,
+        conv(103, 16, 16, 3, 1)?,
+        conv(105, 16, 16, 1, 1)?,
+        conv(107, 16, 16, 3, 1)?,
+    ];
+    let node = |i: usize, input: NodeSource, residual: Option<NodeRef>| ConvNode {
+        input,
+        conv: &e[i],
+        act: silu,
+        residual,
+    };
+    let n = NodeRef::Node;
+    let half = NodeSource::channels(n(0), 16, 16);
+    let nodes = [
+        node(0, NodeRef::Input.into(), None),
+        node(1, half, None),
+        node(2, n(1).into(), None),
+        node(3, half, Some(n(2))),
+        node(4, n(3).into(), None),
+        node(5, n(4).into(), None),
+        node(6, n(5).into(), None),
+        node(7, n(4).into(), Some(n(6))),
+        node(8, n(7).into(), None),
+    ];
+    out.push((
+        "conv_nodes_concat elan".into(),
+        b.download_nhwc(&b.conv_nodes_concat(&hx, &nodes, &[n(0), n(4), n(8)])?)?,
     ));
     // Slices and concatenations in whole 8-channel vectors (the 16-byte copy kernel in
     // 16-bit storage; the rows above use odd counts, the element-wise one).
