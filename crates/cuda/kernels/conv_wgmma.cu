@@ -443,6 +443,11 @@ __device__ __forceinline__ void wg_conv_ws(const T* __restrict__ x, const T* __r
 WG_ENTRY(conv_wgmma_n192, wg_conv, 256, 1, 192, WG_STAGES_N192)
 WG_ENTRY(conv_wgmma_n128, wg_conv, 256, 1, 128, WG_STAGES_N128)
 WG_ENTRY(conv_wgmma_n64, wg_conv, 256, 2, 64, WG_STAGES_N64)
+// Opt-in (APERTURE_WGMMA=ws|ws-force): built only then, since they add 60-70 % to the module's
+// compile time (NVRTC 12.9, sm_90a, one core: 76-79 s without, 124-140 s with them) for no
+// measured gain.
+#ifdef WG_WARP_SPECIALISED
 WG_ENTRY(conv_wgmma_ws_n192, wg_conv_ws, 384, 1, 192, WG_STAGES_N192)
 WG_ENTRY(conv_wgmma_ws_n128, wg_conv_ws, 384, 1, 128, WG_STAGES_N128)
 WG_ENTRY(conv_wgmma_ws_n64, wg_conv_ws, 384, 1, 64, WG_STAGES_N64)
+#endif

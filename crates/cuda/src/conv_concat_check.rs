@@ -123,20 +123,13 @@ pub(crate) fn parity(gpu: &CudaBackend, seed: u64) -> Result<Vec<ParityRow>> {
             weights.push(convs);
         }
         let want = run(&cpu, &x, &weights)?;
-        gpu.set_poison(true);
-        let got = run(gpu, &x, &weights);
-        gpu.set_poison(false);
-        let got = got?;
-        let rel_l2 = if got.shape() == want.shape() {
-            relative_l2(&got.to_f32_vec(), &want.to_f32_vec())
-        } else {
-            f64::INFINITY
-        };
-        rows.push(ParityRow {
-            case: format!("conv_chain_concat {name}"),
-            rel_l2,
-            tolerance: tol,
-        });
+        rows.push(poisoned_row(
+            gpu,
+            format!("conv_chain_concat {name}"),
+            tol,
+            &want,
+            || run(gpu, &x, &weights),
+        )?);
     }
     rows.extend(node_parity(gpu, &cpu, seed.wrapping_add(50_000))?);
     Ok(rows)
@@ -313,20 +306,39 @@ fn node_parity(gpu: &CudaBackend, cpu: &CpuBackend, seed: u64) -> Result<Vec<Par
             weights.push((wt, b, spec));
         }
         let want = run_nodes(cpu, &x, &specs, &weights, &concat)?;
-        gpu.set_poison(true);
-        let got = run_nodes(gpu, &x, &specs, &weights, &concat);
-        gpu.set_poison(false);
-        let got = got?;
-        let rel_l2 = if got.shape() == want.shape() {
-            relative_l2(&got.to_f32_vec(), &want.to_f32_vec())
-        } else {
-            f64::INFINITY
-        };
-        rows.push(ParityRow {
-            case: format!("conv_nodes_concat {name}"),
-            rel_l2,
-            tolerance: tol,
-        });
+        rows.push(poisoned_row(
+            gpu,
+            format!("conv_nodes_concat {name}"),
+            tol,
+            &want,
+            || run_nodes(gpu, &x, &specs, &weights, &concat),
+        )?);
     }
     Ok(rows)
+}
+
+/// The row of `case`: `on_gpu` run with every GPU allocation poisoned (NaN), so an
+/// unwritten element fails, against the CPU's `want` (a shape mismatch is an infinite
+/// error).
+fn poisoned_row(
+    gpu: &CudaBackend,
+    case: String,
+    tolerance: f64,
+    want: &HostTensor,
+    on_gpu: impl FnOnce() -> Result<HostTensor>,
+) -> Result<ParityRow> {
+    gpu.set_poison(true);
+    let got = on_gpu();
+    gpu.set_poison(false);
+    let got = got?;
+    let rel_l2 = if got.shape() == want.shape() {
+        relative_l2(&got.to_f32_vec(), &want.to_f32_vec())
+    } else {
+        f64::INFINITY
+    };
+    Ok(ParityRow {
+        case,
+        rel_l2,
+        tolerance,
+    })
 }

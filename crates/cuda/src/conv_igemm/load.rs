@@ -4,7 +4,7 @@ use std::ffi::{c_void, CString};
 
 use cudarc::driver::{result, sys};
 
-use super::{conv_source, Tile, Tiles, ENV_SWITCH, WGMMA_SWITCH};
+use super::{conv_source, warp_specialised_requested, Tile, Tiles, ENV_SWITCH, WGMMA_SWITCH};
 use crate::driver::Context;
 use crate::error::{CudaError, CudaResult};
 use crate::kernels::Storage;
@@ -61,7 +61,8 @@ impl IgemmSlot {
     /// Compiles (or reads from the cache) and loads the kernel where it applies. Never
     /// fails: a backend without it runs im2col as before.
     pub(crate) fn load(ctx: &Context, storage: Storage) -> Self {
-        let Some(source) = conv_source(storage) else {
+        let warp_specialised = warp_specialised_requested();
+        let Some(source) = conv_source(storage, warp_specialised) else {
             return Self::Disabled("fp32 storage uses im2col and cuBLASLt".into());
         };
         if std::env::var(ENV_SWITCH).is_ok_and(|v| v.trim() == "0") {
@@ -74,7 +75,7 @@ impl IgemmSlot {
             ));
         }
         let wide = !std::env::var(ENV_SWITCH).is_ok_and(|v| v.trim() == "64");
-        match load_kernel(ctx, &source, wide) {
+        match load_kernel(ctx, &source, wide, warp_specialised) {
             Ok(k) => Self::Ready(k),
             Err(e) => {
                 eprintln!("warning: implicit-GEMM convolution unavailable, using im2col: {e}");
@@ -126,7 +127,12 @@ fn compile(ctx: &Context, source: &str) -> CudaResult<(Vec<u8>, bool)> {
     Ok((nvrtc::compile_cached(source, ctx.capability)?.0, false))
 }
 
-fn load_kernel(ctx: &Context, source: &str, wide: bool) -> CudaResult<IgemmKernel> {
+fn load_kernel(
+    ctx: &Context,
+    source: &str,
+    wide: bool,
+    warp_specialised: bool,
+) -> CudaResult<IgemmKernel> {
     let (cubin, specific) = compile(ctx, source)?;
     ctx.bind()?;
     // SAFETY: `cubin` is a complete CUBIN image for this device.
@@ -178,7 +184,6 @@ fn load_kernel(ctx: &Context, source: &str, wide: bool) -> CudaResult<IgemmKerne
         } == sys::CUresult::CUDA_SUCCESS
         && granted >= Tile::N128.smem_bytes() as i32;
     let switch = std::env::var(WGMMA_SWITCH).unwrap_or_default();
-    let warp_specialised = switch.trim().starts_with("ws");
     let wgmma = if specific {
         let funcs: Option<Vec<_>> = Tile::WGMMA
             .iter()

@@ -48,6 +48,12 @@ const ENV_SWITCH: &str = "APERTURE_CONV_IGEMM";
 /// their warp-specialised kernels, `ws-force` both.
 const WGMMA_SWITCH: &str = "APERTURE_WGMMA";
 
+/// Whether `APERTURE_WGMMA` asks for the warp-specialised kernels (`ws`, `ws-force`):
+/// only then are they compiled (`WG_WARP_SPECIALISED` in conv_wgmma.cu).
+fn warp_specialised_requested() -> bool {
+    std::env::var(WGMMA_SWITCH).is_ok_and(|v| v.trim().starts_with("ws"))
+}
+
 /// The block shapes: pixels x output channels. The first three are `conv.cu`'s
 /// (`mma.sync`), the last two `conv_wgmma.cu`'s (Hopper's `wgmma`, sm_90a only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -214,14 +220,20 @@ impl Tile {
 
 /// The translation unit for a storage type, or `None` for fp32 (no 16-bit tensor-core
 /// product to run).
-pub fn conv_source(s: Storage) -> Option<String> {
+/// With `warp_specialised`, the warp-specialised `wgmma` kernels are built too.
+pub fn conv_source(s: Storage, warp_specialised: bool) -> Option<String> {
     let select = match s {
         Storage::F32 => return None,
         Storage::F16 => "",
         Storage::BF16 => "#define IGEMM_BF16 1\n",
     };
+    let ws = if warp_specialised {
+        "#define WG_WARP_SPECIALISED 1\n"
+    } else {
+        ""
+    };
     Some(format!(
-        "{}\n{}\n{select}{CONV_SOURCE}\n{FRONT_SOURCE}\n{WGMMA_SOURCE}\n",
+        "{}\n{}\n{select}{ws}{CONV_SOURCE}\n{FRONT_SOURCE}\n{WGMMA_SOURCE}\n",
         preamble(s),
         MATH_SOURCE
     ))

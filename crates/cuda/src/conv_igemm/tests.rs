@@ -289,12 +289,28 @@ fn check_parameters(list: &str) {
 
 #[test]
 fn sources_per_storage_type() {
-    assert!(conv_source(Storage::F32).is_none());
-    let f16 = conv_source(Storage::F16).expect("fp16 source");
-    let bf16 = conv_source(Storage::BF16).expect("bf16 source");
+    assert!(conv_source(Storage::F32, false).is_none());
+    let f16 = conv_source(Storage::F16, false).expect("fp16 source");
+    let bf16 = conv_source(Storage::BF16, false).expect("bf16 source");
+    let ws = conv_source(Storage::F16, true).expect("fp16 source with ws");
     assert!(f16.contains("typedef __half T;") && !f16.contains("#define IGEMM_BF16"));
     assert!(bf16.contains("typedef __nv_bfloat16 T;") && bf16.contains("#define IGEMM_BF16 1"));
-    for src in [f16, bf16] {
+    // The warp-specialised entries are built only on request (their compile time).
+    assert!(!f16.contains("#define WG_WARP_SPECIALISED"));
+    assert!(ws.contains("#define WG_WARP_SPECIALISED 1"));
+    for name in [
+        "conv_wgmma_ws_n192",
+        "conv_wgmma_ws_n128",
+        "conv_wgmma_ws_n64",
+    ] {
+        let entry = ws.find(&format!("WG_ENTRY({name},")).expect("entry");
+        let gate = ws.find("#ifdef WG_WARP_SPECIALISED").expect("gate");
+        assert!(
+            gate < entry,
+            "{name} is outside the WG_WARP_SPECIALISED block"
+        );
+    }
+    for src in [f16, bf16, ws] {
         assert!(!src.contains('\0'));
         assert_eq!(src.matches('{').count(), src.matches('}').count());
         assert_eq!(src.matches('(').count(), src.matches(')').count());
