@@ -147,7 +147,14 @@ fn compile_for(source: &str, arch: &str) -> CudaResult<(Vec<u8>, bool)> {
             }
         }
     }
+    announce_first_compile(arch, path.as_deref());
+    let started = std::time::Instant::now();
     let cubin = compile(source, &options, arch)?;
+    tracing::info!(
+        "compiled {} kernel bytes for {arch} in {:.1} s",
+        source.len(),
+        started.elapsed().as_secs_f64()
+    );
     if let Some(p) = &path {
         // A cache that cannot be written only costs a recompilation next time.
         if let Err(e) = write_atomic(p, &cubin) {
@@ -155,6 +162,22 @@ fn compile_for(source: &str, arch: &str) -> CudaResult<(Vec<u8>, bool)> {
         }
     }
     Ok((cubin, false))
+}
+
+/// One line on stderr at the first compilation of a process: a start without a kernel
+/// cache spends a minute or more in NVRTC (the Hopper convolution module alone takes
+/// ~80 s on one core), which otherwise looks like a hang.
+fn announce_first_compile(arch: &str, cached_at: Option<&Path>) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let cache = match cached_at.and_then(Path::parent) {
+            Some(dir) => format!("cached in {} for later starts", dir.display()),
+            None => "no cache folder (set XDG_CACHE_HOME or HOME)".to_string(),
+        };
+        eprintln!(
+            "note: compiling GPU kernels for {arch} ({cache}); the first start of a build can take a minute or two"
+        );
+    });
 }
 
 #[cfg(test)]
