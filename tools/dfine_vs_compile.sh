@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# D-FINE-X against torch.compile in one device call, sized for a 600 s call: aperture's
+# CUDA-graph timings (forward, and 8-bit pixels in / detection rows out) at batch 1, 32
+# and 64, then torch.compile reduce-overhead fp16 on the same weights, best batch first
+# (each batch size compiles anew: ~140 s apiece on an H100, so a short limit still
+# yields the batch-64 ratio). bench/results/<gpu>-dfine.{json,md} combine them
+# (tools/dfine_report.py).
+#
+#   tools/dfine_vs_compile.sh
+#
+# Environment: APERTURE_BIN (default .carry/aperture), OUT (default ./out), ITERS
+# (default 30), PEER_BATCHES (default 64,32,1), PEER_TIMEOUT seconds (default 420).
+# A kernel cache carried as .carry/cache.tgz (a tar of $XDG_CACHE_HOME's contents) is
+# unpacked first and saved back to $OUT/cache.tgz, so later calls skip NVRTC.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=${APERTURE_BIN:-.carry/aperture}
+OUT=${OUT:-out}
+ITERS=${ITERS:-30}
+if [ ! -x "$BIN" ]; then
+  echo "no aperture binary at $BIN (build it: cargo build --release -p aperture-cli; set APERTURE_BIN)" >&2
+  exit 2
+fi
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+export PYTHONUNBUFFERED=1
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export XDG_CACHE_HOME=${XDG_CACHE_HOME:-$WORK/cache}
+mkdir -p "$XDG_CACHE_HOME"
+[ -f .carry/cache.tgz ] && tar xzf .carry/cache.tgz -C "$XDG_CACHE_HOME"
+step() { echo "=== $* ($(date -u +%H:%M:%S))"; }
+# shellcheck source=tools/lib.sh
+. tools/lib.sh
+dfine_x_folder "$WORK/x" || exit 1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+status=0
+
+step "aperture forward"
+"$BIN" bench --model "$WORK/x" --device cuda --precision fp16 --batch 1,32,64 --iters "$ITERS" \
+  --out "$OUT/forward.json" > "$OUT/forward.log" 2>&1 || status=1
+grep -E "^aperture" "$OUT/forward.log"
+step "aperture pixels in, rows out"
+"$BIN" bench --model "$WORK/x" --device cuda --precision fp16 --batch 1,32,64 --iters "$ITERS" \
+  --no-accuracy --postprocess --preprocess 640x480 --out "$OUT/pixels.json" > "$OUT/pixels.log" 2>&1 || status=1
+grep -E "^aperture" "$OUT/pixels.log"
+(cd "$XDG_CACHE_HOME" && tar czf "$OUT/cache.tgz" .)
+
+step "torch.compile reduce-overhead fp16, batches ${PEER_BATCHES:-64,32,1}"
+timeout "${PEER_TIMEOUT:-420}" python3 tools/dfine_torch_peers.py "$WORK/x" --batches "${PEER_BATCHES:-64,32,1}" \
+  --iters 20 --compile --compile-modes reduce-overhead --skip-study --skip-eager --out "$OUT/peers.json" \
+  > "$OUT/peers.log" 2>&1
+echo "peers exit $? (124: stopped by PEER_TIMEOUT; the batches done are in peers.json)"
+grep -E "torch-compile" "$OUT/peers.log"
+step "done"
+exit $status
