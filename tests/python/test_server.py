@@ -214,6 +214,58 @@ def test_http_infer(hc, binary):
     np.testing.assert_allclose(r.as_numpy("OUTPUT1"), a - b, rtol=1e-6)
 
 
+@pytest.mark.parametrize("request_alg,response_alg", [("gzip", None), ("deflate", "deflate"), (None, "gzip"), ("gzip", "gzip")])
+@pytest.mark.parametrize("binary", [False, True])
+def test_http_infer_compressed(hc, request_alg, response_alg, binary):
+    # tritonclient compresses the whole body and decompresses the answer itself from
+    # its Content-Encoding (Inference-Header-Content-Length counts the plain header).
+    ins, a, b = simple_inputs(httpclient, binary=binary, batch=5, seed=3)
+    outs = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary),
+            httpclient.InferRequestedOutput("OUTPUT1", binary_data=binary)]
+    r = hc.infer("simple", ins, outputs=outs, request_compression_algorithm=request_alg,
+                 response_compression_algorithm=response_alg)
+    np.testing.assert_allclose(r.as_numpy("OUTPUT0"), a + b, rtol=1e-6)
+    np.testing.assert_allclose(r.as_numpy("OUTPUT1"), a - b, rtol=1e-6)
+
+
+def test_http_compressed_answer_headers(server):
+    import gzip
+    import zlib
+    body = json.dumps({"inputs": [
+        {"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": [1.0] * 16},
+        {"name": "INPUT1", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}).encode()
+    for enc, unpack in [("gzip", gzip.decompress), ("deflate", zlib.decompress)]:
+        status, raw, headers = server.request(
+            "POST", "/v2/models/simple/infer", body=gzip.compress(body),
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip",
+                     "Accept-Encoding": f"br;q=1, {enc};q=0.8"})
+        assert status == 200, raw
+        headers = {k.lower(): v for k, v in headers.items()}
+        assert headers["content-encoding"] == enc
+        assert int(headers["content-length"]) == len(raw)
+        outs = {o["name"]: o["data"] for o in json.loads(unpack(raw))["outputs"]}
+        assert outs["OUTPUT0"] == [1.5] * 16 and outs["OUTPUT1"] == [0.5] * 16
+
+
+def test_http_compressed_request_errors(server):
+    import gzip
+    limit = 1 << 20  # --max-body-mb 1
+    cases = [
+        # Corrupt data: 400 naming the coding.
+        (b"\x1f\x8b not really gzip", "gzip", 400, "failed to decompress the gzip request body"),
+        # A kilobyte that inflates past --max-body-mb: 413.
+        (gzip.compress(b" " * (limit + 1)), "gzip", 413, "decompressed request body exceeds"),
+        (b"x", "br", 400, "Content-Encoding 'br'"),
+    ]
+    for data, enc, status, needle in cases:
+        got, raw, _ = server.request("POST", "/v2/models/simple/infer", body=data,
+                                     headers={"Content-Type": "application/json", "Content-Encoding": enc})
+        assert got == status, raw
+        assert needle in raw.decode(), raw
+    # Still serving.
+    assert server.request("GET", "/v2/health/ready")[0] == 200
+
+
 def test_grpc_infer_async_and_stream(gc, hc):
     ins, a, b = simple_inputs(grpcclient, seed=3)
     r = gc.infer("simple", ins, outputs=[grpcclient.InferRequestedOutput("OUTPUT1")])

@@ -216,10 +216,19 @@ async fn malformed_requests_are_4xx_with_a_message() {
     .await;
     assert!(e.contains("4096 bytes"), "{e}");
     let req = Request::post("/v2/models/simple/infer")
-        .header("content-encoding", "gzip")
+        .header("content-encoding", "br")
         .body(Body::from("x"))
         .unwrap();
-    assert!(error_of(&s, req, bad).await.contains("Content-Encoding"));
+    assert!(error_of(&s, req, bad)
+        .await
+        .contains("Content-Encoding 'br'"));
+    let req = Request::post("/v2/models/simple/infer")
+        .header("content-encoding", "gzip")
+        .body(Body::from("not gzip"))
+        .unwrap();
+    assert!(error_of(&s, req, bad)
+        .await
+        .contains("failed to decompress the gzip request body"));
     assert!(error_of(&s, get("/v2/nothing/here"), StatusCode::NOT_FOUND)
         .await
         .contains("Not Found"));

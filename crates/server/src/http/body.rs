@@ -4,13 +4,14 @@
 //! The body limit is enforced here (the Content-Length up front, then while reading).
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
 
 use super::codec::{
     decode_request_with_shm, header_beyond_body, BinaryLen, DecodedRequest, PendingRequest,
     HEADER_LENGTH,
 };
+use super::compression::{decompress, request_coding, Coding};
 use crate::error::{Result, ServerError};
 use crate::shm::ShmRegistry;
 
@@ -31,6 +32,16 @@ pub async fn read_infer_request_with_shm(
     limit: usize,
     shm: Option<&ShmRegistry>,
 ) -> Result<DecodedRequest> {
+    let coding = match request_coding(headers) {
+        Ok(c) => c,
+        Err(e) => {
+            drain_body(body, limit).await;
+            return Err(e);
+        }
+    };
+    if coding != Coding::Identity {
+        return read_compressed(body, headers, limit, shm, coding).await;
+    }
     let mut reader = Reader {
         body,
         read: 0,
@@ -97,6 +108,46 @@ async fn decode_stream(
         pending.feed(&chunk)?;
     }
     pending.finish()
+}
+
+/// A gzip or deflate body: read whole (at most `limit` bytes), inflated off the async
+/// threads (at most `limit` bytes out), then decoded as an uncompressed one.
+async fn read_compressed(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    shm: Option<&ShmRegistry>,
+    coding: Coding,
+) -> Result<DecodedRequest> {
+    let mut reader = Reader {
+        body,
+        read: 0,
+        limit,
+    };
+    let mut packed = Vec::new();
+    loop {
+        match reader.next().await {
+            Ok(Some(chunk)) => packed.extend_from_slice(&chunk),
+            Ok(None) => break,
+            Err(e) => {
+                reader.drain().await;
+                return Err(e);
+            }
+        }
+    }
+    let plain = tokio::task::spawn_blocking(move || decompress(&packed, coding, limit))
+        .await
+        .map_err(|e| ServerError::Internal(format!("decompressing the request body: {e}")))??;
+    let mut plain_headers = headers.clone();
+    plain_headers.remove(header::CONTENT_ENCODING);
+    plain_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(plain.len()));
+    Box::pin(read_infer_request_with_shm(
+        Body::from(plain),
+        &plain_headers,
+        limit,
+        shm,
+    ))
+    .await
 }
 
 /// Reads (and drops) up to `limit` bytes of a body that will not be used, so a client

@@ -13,6 +13,9 @@ use serde_json::{json, Value};
 
 use super::body::{drain_body, read_infer_request_with_shm};
 use super::codec::HEADER_LENGTH;
+use super::compression::{
+    compress, header_value as compression_header, request_coding, response_coding, Coding,
+};
 use super::response::{encode_response_placed, OutputPlace};
 use crate::error::{Result, ServerError};
 use crate::model::LoadedModel;
@@ -270,7 +273,7 @@ async fn run_infer(
     body: Body,
 ) -> Result<Response> {
     let limit = s.options.max_body_bytes;
-    let model = match check_encoding(headers).and_then(|_| s.repository.get(name, version)) {
+    let model = match request_coding(headers).and_then(|_| s.repository.get(name, version)) {
         Ok(m) => m,
         Err(e) => {
             drain_body(body, limit).await;
@@ -295,7 +298,19 @@ async fn run_infer(
         .collect();
     let enc = encode_response_placed(&model.name, model.version, &id, outputs, places)?;
     let header_len = enc.header_len;
-    let mut resp = Response::new(Body::new(enc.into_body()));
+    let coding = response_coding(headers);
+    let mut resp = if coding == Coding::Identity {
+        Response::new(Body::new(enc.into_body()))
+    } else {
+        let plain = enc.to_vec();
+        let packed = tokio::task::spawn_blocking(move || compress(&plain, coding))
+            .await
+            .map_err(|e| ServerError::Internal(format!("compressing the answer: {e}")))??;
+        let mut resp = Response::new(Body::from(packed));
+        resp.headers_mut()
+            .insert(header::CONTENT_ENCODING, compression_header(coding));
+        resp
+    };
     let h = resp.headers_mut();
     match header_len {
         Some(n) => {
@@ -313,18 +328,6 @@ async fn run_infer(
         }
     }
     Ok(resp)
-}
-
-fn check_encoding(headers: &HeaderMap) -> Result<()> {
-    match headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(enc) if enc != "identity" => Err(ServerError::Unsupported(format!(
-            "Content-Encoding '{enc}' is not supported; send the body uncompressed"
-        ))),
-        _ => Ok(()),
-    }
 }
 
 #[derive(serde::Deserialize, Default)]

@@ -2,6 +2,7 @@
 
 mod body;
 mod codec;
+mod compression;
 mod handlers;
 mod image;
 mod multipart;
