@@ -266,6 +266,27 @@ def test_http_compressed_request_errors(server):
     assert server.request("GET", "/v2/health/ready")[0] == 200
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_grpc_infer_compressed(gc, algorithm):
+    ins, a, b = simple_inputs(grpcclient, batch=4, seed=5)
+    r = gc.infer("simple", ins, compression_algorithm=algorithm)
+    np.testing.assert_allclose(r.as_numpy("OUTPUT0"), a + b, rtol=1e-6)
+    np.testing.assert_allclose(r.as_numpy("OUTPUT1"), a - b, rtol=1e-6)
+
+
+def test_grpc_compressed_request_past_the_limit(gc):
+    # 1.5 MiB of zeros compresses to a few kilobytes; inflated it passes --max-body-mb 1.
+    n = 3 * (1 << 16)
+    ins = [grpcclient.InferInput("INPUT0", [n // 16, 16], "FP32"),
+           grpcclient.InferInput("INPUT1", [n // 16, 16], "FP32")]
+    for i in ins:
+        i.set_data_from_numpy(np.zeros((n // 16, 16), np.float32))
+    with pytest.raises(InferenceServerException) as e:
+        gc.infer("simple", ins, compression_algorithm="gzip")
+    assert "RESOURCE_EXHAUSTED" in str(e.value) and "size limit" in str(e.value), str(e.value)
+    assert gc.is_server_live()
+
+
 def test_grpc_infer_async_and_stream(gc, hc):
     ins, a, b = simple_inputs(grpcclient, seed=3)
     r = gc.infer("simple", ins, outputs=[grpcclient.InferRequestedOutput("OUTPUT1")])

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio_stream::StreamExt;
+use tonic::codec::CompressionEncoding;
 
 use crate::server::Shared;
 use inference::grpc_inference_service_server::GrpcInferenceServiceServer;
@@ -24,9 +25,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let limit = shared.options.max_body_bytes;
+    // Compressed requests (tritonclient's `compression_algorithm`) are inflated within
+    // the same limit; answers go uncompressed, as Triton sends them by default.
     let svc = GrpcInferenceServiceServer::new(InferenceService::new(shared))
         .max_decoding_message_size(limit)
-        .max_encoding_message_size(usize::MAX);
+        .max_encoding_message_size(usize::MAX)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
         conn.inspect(|tcp| {
             let _ = tcp.set_nodelay(true);
