@@ -136,6 +136,10 @@ impl DetKernels {
             .funcs
             .get(name)
             .ok_or_else(|| CudaError::Driver(format!("kernel {name} is not loaded")))?;
+        // A dry run (memory planning) launches nothing, as kernels::launch_function.
+        if ctx.is_dry() {
+            return Ok(());
+        }
         let mut vals: Vec<DArg> = args.to_vec();
         let mut ptrs: Vec<*mut c_void> = vals
             .iter_mut()
