@@ -34,6 +34,24 @@ fn host(seed: u64, shape: Vec<usize>, scale: f32) -> Result<HostTensor> {
     HostTensor::from_f32(shape, values(seed, n, scale))
 }
 
+/// Weights (seed `seed`), bias (seed `seed + 1`) and a same-size spec of a stride-1
+/// convolution `(c_in, c_out, kernel, depthwise)`, scaled to keep activations near unit.
+fn seeded_conv(
+    seed: u64,
+    (ci, co, kernel, depthwise): (usize, usize, usize, bool),
+) -> Result<(HostTensor, HostTensor, ConvSpec)> {
+    let per_group = if depthwise { 1 } else { ci };
+    let scale = 1.0 / ((per_group * kernel * kernel) as f32).sqrt();
+    let wt = host(seed, vec![co, per_group, kernel, kernel], scale)?;
+    let b = host(seed + 1, vec![co], 0.5)?;
+    let spec = ConvSpec {
+        stride: 1,
+        padding: kernel / 2,
+        groups: if depthwise { ci } else { 1 },
+    };
+    Ok((wt, b, spec))
+}
+
 /// The aggregation on one backend: NCHW input in, NCHW concatenation out.
 fn run<B: Backend>(
     be: &B,
@@ -109,15 +127,7 @@ pub(crate) fn parity(gpu: &CudaBackend, seed: u64) -> Result<Vec<ParityRow>> {
             let mut convs = Vec::new();
             for (ci, co, kernel, depthwise, act) in chain {
                 k += 1;
-                let per_group = if depthwise { 1 } else { ci };
-                let scale = 1.0 / ((per_group * kernel * kernel) as f32).sqrt();
-                let wt = host(base + 2 * k, vec![co, per_group, kernel, kernel], scale)?;
-                let b = host(base + 2 * k + 1, vec![co], 0.5)?;
-                let spec = ConvSpec {
-                    stride: 1,
-                    padding: kernel / 2,
-                    groups: if depthwise { ci } else { 1 },
-                };
+                let (wt, b, spec) = seeded_conv(base + 2 * k, (ci, co, kernel, depthwise))?;
                 convs.push((wt, b, spec, act));
             }
             weights.push(convs);
@@ -293,17 +303,7 @@ fn node_parity(gpu: &CudaBackend, cpu: &CpuBackend, seed: u64) -> Result<Vec<Par
         let mut weights = Vec::new();
         for (k, s) in specs.iter().enumerate() {
             let k = k as u64 + 1;
-            let (ci, co, kernel, depthwise) = s.conv;
-            let per_group = if depthwise { 1 } else { ci };
-            let scale = 1.0 / ((per_group * kernel * kernel) as f32).sqrt();
-            let wt = host(base + 2 * k, vec![co, per_group, kernel, kernel], scale)?;
-            let b = host(base + 2 * k + 1, vec![co], 0.5)?;
-            let spec = ConvSpec {
-                stride: 1,
-                padding: kernel / 2,
-                groups: if depthwise { ci } else { 1 },
-            };
-            weights.push((wt, b, spec));
+            weights.push(seeded_conv(base + 2 * k, s.conv)?);
         }
         let want = run_nodes(cpu, &x, &specs, &weights, &concat)?;
         rows.push(poisoned_row(
