@@ -9,12 +9,17 @@ dfine_x_folder() {
   cp tests/fixtures/dfine/x/config.json tests/fixtures/dfine/x/preprocessor_config.json "$1/"
 }
 
-# wait_for_port PORT [TRIES]: returns once 127.0.0.1:PORT accepts connections (tries
-# 0.2 s apart, 600 by default); fails when it never does.
-wait_for_port() {
-  local _
-  for _ in $(seq 1 "${2:-600}"); do
-    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
+# wait_for_ready PORT [TRIES]: returns once `aperture serve` on 127.0.0.1:PORT answers
+# 200 to GET /v2/health/ready (tries 0.2 s apart, 1200 by default: the port opens
+# before the models load, and a first GPU start compiles kernels); fails when it never
+# does.
+wait_for_ready() {
+  local _ status
+  for _ in $(seq 1 "${2:-1200}"); do
+    status=$( (exec 3<>/dev/tcp/127.0.0.1/"$1" &&
+      printf 'GET /v2/health/ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n' >&3 &&
+      head -c 12 <&3) 2>/dev/null)
+    [ "${status#HTTP/1.1 }" = "200" ] && return 0
     sleep 0.2
   done
   return 1

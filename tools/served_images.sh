@@ -37,7 +37,7 @@ RUST_LOG=${RUST_LOG:-aperture_server::image=debug} "$BIN" serve --model "$W/dfin
   --grpc-port 0 --metrics-port 18002 --max-batch-size 32 --device cuda --precision fp16 \
   > "$OUT/serve.log" 2>&1 &
 pid=$!
-wait_for_port 18000
+wait_for_ready 18000
 # Sample NVML through the server and nvidia-smi side by side while the load runs.
 (
   for _ in $(seq 1 20); do

@@ -44,7 +44,7 @@ for spec in "restormer 3,512,512 786432" "dfine 3,640,640 1228800"; do
       --grpc-port 0 --metrics-port 18002 --max-batch-size "$b" --max-body-mb $(( body > 64 ? body : 64 )) --input-size "$shape" \
       --device cuda --precision "$P" --instances "$INSTANCES" > "$OUT/$tag-serve.log" 2>&1 &
     pid=$!
-    wait_for_port 18000
+    wait_for_ready 18000
     "$BIN" loadgen -m m -u 127.0.0.1:18000 --concurrency-range "$CLIENTS" --shared-memory "$SHM" -b "$b" --shape "$shape" \
       --warmup-ms "$window" --measurement-interval "$window" --csv "$OUT/$tag-loadgen.csv" > "$OUT/$tag-loadgen.log" 2>&1
     served=$(python3 -c "import csv,sys; r=list(csv.DictReader(open(sys.argv[1]))); print('%.1f' % float(r[0]['Inferences/Second']))" "$OUT/$tag-loadgen.csv" 2>/dev/null || echo 0)

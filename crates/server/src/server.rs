@@ -86,12 +86,16 @@ pub struct Shared {
     pub gpu_metrics: Option<Arc<dyn GpuMetrics>>,
     /// Registered system shared-memory regions (Triton's extension).
     pub shared_memory: ShmRegistry,
+    /// The startup load of the repository is under way (endpoints answer, not ready).
+    starting: AtomicBool,
     shutting_down: AtomicBool,
 }
 
 impl Shared {
+    /// Ready for inference: the startup load has finished and no shutdown has begun
+    /// (live is always true while the process answers).
     pub fn is_ready(&self) -> bool {
-        !self.shutting_down.load(Ordering::Relaxed)
+        !self.starting.load(Ordering::Relaxed) && !self.shutting_down.load(Ordering::Relaxed)
     }
 
     /// Runs a request under the server-wide timeout; encoded images (a KServe BYTES
@@ -159,6 +163,7 @@ impl Server {
                 options,
                 gpu_metrics: gpu,
                 shared_memory: ShmRegistry::new(shared_memory),
+                starting: AtomicBool::new(false),
                 shutting_down: AtomicBool::new(false),
             }),
         }
@@ -168,15 +173,15 @@ impl Server {
         self.shared.clone()
     }
 
-    /// Loads every model, serves until `shutdown` resolves, then drains in-flight work.
+    /// Opens the endpoints, loads every model (live but not ready meanwhile: a first GPU
+    /// start compiles kernels for a minute or more, and a liveness probe must not kill
+    /// it), serves until `shutdown` resolves, then drains in-flight work.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let shared = self.shared;
-        for (name, err) in shared.repository.load_all().await {
-            tracing::warn!(model = %name, error = %err, "model not loaded; fix it and load it through the repository API");
-        }
+        shared.starting.store(true, Ordering::Relaxed);
         let opts = shared.options.clone();
         let http = tokio::net::TcpListener::bind(opts.http_addr).await?;
         tracing::info!(addr = %http.local_addr()?, "HTTP listening");
@@ -205,6 +210,15 @@ impl Server {
             tracing::info!(addr = %l.local_addr()?, "metrics listening");
             tasks.spawn(crate::metrics::serve(l, shared.clone(), stopped()));
         }
+        // Not among `tasks`: a shutdown during the load must not wait for it.
+        let loading = shared.clone();
+        tokio::spawn(async move {
+            for (name, err) in loading.repository.load_all().await {
+                tracing::warn!(model = %name, error = %err, "model not loaded; fix it and load it through the repository API");
+            }
+            loading.starting.store(false, Ordering::Relaxed);
+            tracing::info!("startup load finished: ready");
+        });
         let sh = shared.clone();
         let grace = opts.shutdown_grace;
         let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);

@@ -2,6 +2,7 @@
 //! ports, driven over HTTP by the loadgen library (binary tensors, a few concurrent clients), one
 //! row per request batch size.
 
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -67,18 +68,32 @@ fn start(
         cmd.args(["--precision", precision.as_str()]);
     }
     let mut server = Server(cmd.spawn()?, log_path.clone());
-    // Models load before the port opens; a GPU start can take a while.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while TcpStream::connect(("127.0.0.1", http)).is_err() {
+    // The port opens first, then the model loads (a first GPU start compiles kernels):
+    // wait for readiness.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while !is_ready(http) {
         if let Ok(Some(status)) = server.0.try_wait() {
             anyhow::bail!("`aperture serve` exited ({status}): {}", log_tail());
         }
         if Instant::now() > deadline {
-            anyhow::bail!("the server did not open port {http} within 120 s");
+            anyhow::bail!("the server on port {http} was not ready within 240 s");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok((server, http))
+}
+
+/// Whether `GET /v2/health/ready` on the loopback `port` answers 200.
+fn is_ready(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let req = "GET /v2/health/ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let mut answer = String::new();
+    s.write_all(req.as_bytes()).is_ok()
+        && s.read_to_string(&mut answer).is_ok()
+        && answer.split_whitespace().nth(1) == Some("200")
 }
 
 /// Adds one "served (HTTP)" row per batch size, or a note saying why not.

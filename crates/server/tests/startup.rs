@@ -1,0 +1,93 @@
+//! Startup over real sockets: the endpoints answer while the repository loads (live,
+//! not ready), and readiness follows once the load has finished, whatever its outcome.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aperture_server::{
+    ArchitectureRegistry, BuildError, ModelConfig, ModelSource, Repository, ServeOptions, Server,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The status code of `GET path`, or `None` while nothing listens.
+async fn status(port: u16, path: &str) -> Option<u16> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.ok()?;
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_while_models_load_ready_once_they_have() {
+    // A model whose build waits for the test's signal (as a first GPU start waits for
+    // NVRTC), then fails: readiness must follow the load, not its success.
+    let (release, gate) = mpsc::channel::<()>();
+    let gate = Arc::new(Mutex::new(gate));
+    let mut registry = ArchitectureRegistry::with_builtins();
+    registry.register("gated", move |_| -> Result<_, BuildError> {
+        if let Ok(g) = gate.lock() {
+            let _ = g.recv_timeout(Duration::from_secs(10));
+        }
+        Err("the gated model refuses to build".into())
+    });
+    let repo = Repository::new(None, Arc::new(registry));
+    repo.add_source(
+        "slow",
+        ModelSource::Inline {
+            config: Box::new(ModelConfig::with_architecture("gated")),
+            dir: ".".into(),
+        },
+    );
+    let port = free_port();
+    let options = ServeOptions {
+        http_addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        grpc_addr: None,
+        metrics_addr: None,
+        ..ServeOptions::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(Server::new(options, repo).run(async {
+        let _ = stopped.await;
+    }));
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let live = loop {
+        if let Some(code) = status(port, "/v2/health/live").await {
+            break code;
+        }
+        assert!(Instant::now() < deadline, "the HTTP port never opened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(live, 200);
+    // Not ready: 400, as Triton answers.
+    assert_eq!(status(port, "/v2/health/ready").await, Some(400));
+
+    release.send(()).expect("the builder is waiting");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status(port, "/v2/health/ready").await != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "not ready after the load finished"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status(port, "/v2/models/slow/ready").await, Some(400));
+
+    let _ = stop.send(());
+    let ran = tokio::time::timeout(Duration::from_secs(20), server)
+        .await
+        .expect("the server stops");
+    assert!(matches!(ran, Ok(Ok(()))), "{ran:?}");
+}
