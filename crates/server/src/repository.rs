@@ -35,6 +35,32 @@ pub struct IndexEntry {
 struct Entry {
     versions: BTreeMap<u64, Arc<LoadedModel>>,
     reason: String,
+    /// A load is under way (the index says LOADING while no version is ready).
+    loading: bool,
+}
+
+/// Marks a model as loading for as long as it lives.
+struct LoadingMark<'a> {
+    models: &'a RwLock<BTreeMap<String, Entry>>,
+    name: String,
+}
+
+impl<'a> LoadingMark<'a> {
+    fn new(models: &'a RwLock<BTreeMap<String, Entry>>, name: &str) -> Self {
+        write(models).entry(name.to_string()).or_default().loading = true;
+        Self {
+            models,
+            name: name.to_string(),
+        }
+    }
+}
+
+impl Drop for LoadingMark<'_> {
+    fn drop(&mut self) {
+        if let Some(e) = write(self.models).get_mut(&self.name) {
+            e.loading = false;
+        }
+    }
 }
 
 pub struct Repository {
@@ -107,6 +133,7 @@ impl Repository {
             ModelSource::Inline { config, dir } => ((**config).clone(), dir.clone()),
         };
         let versions = select_versions(&base, &config)?;
+        let _loading = LoadingMark::new(&self.models, name);
         let mut loaded = BTreeMap::new();
         for (version, dir) in versions {
             let factory = self.factory.clone();
@@ -135,6 +162,7 @@ impl Repository {
             Entry {
                 versions: loaded,
                 reason: String::new(),
+                loading: false,
             },
         );
         Ok(())
@@ -166,12 +194,19 @@ impl Repository {
     /// The model version to serve: the given one, or the highest loaded.
     pub fn get(&self, name: &str, version: Option<&str>) -> Result<Arc<LoadedModel>> {
         let models = read(&self.models);
-        let entry = models
-            .get(name)
-            .filter(|e| !e.versions.is_empty())
-            .ok_or_else(|| {
-                ServerError::NotFound(format!("Request for unknown model: '{name}' is not found"))
-            })?;
+        let entry = match models.get(name) {
+            Some(e) if !e.versions.is_empty() => e,
+            Some(e) if e.loading => {
+                return Err(ServerError::Unavailable(format!(
+                    "model '{name}' is loading; it serves once /v2/models/{name}/ready answers 200"
+                )))
+            }
+            _ => {
+                return Err(ServerError::NotFound(format!(
+                    "Request for unknown model: '{name}' is not found"
+                )))
+            }
+        };
         match version.filter(|v| !v.is_empty()) {
             None => entry.versions.values().next_back().cloned().ok_or_else(|| {
                 ServerError::NotFound(format!(
@@ -220,6 +255,12 @@ impl Repository {
                         reason: String::new(),
                     }))
                 }
+                Some(e) if e.loading && !ready_only => out.push(IndexEntry {
+                    name: name.clone(),
+                    version: String::new(),
+                    state: "LOADING".into(),
+                    reason: String::new(),
+                }),
                 other if !ready_only => out.push(IndexEntry {
                     name: name.clone(),
                     version: String::new(),
