@@ -82,25 +82,7 @@ __device__ __forceinline__ void ig_store_pair(T* yrow, const T* res, const T* rr
 
 // Shared-space byte address of a generic pointer to shared memory (taken once per block;
 // the loops add byte offsets to it).
-__device__ __forceinline__ unsigned ig_smem(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }\n" : "=r"(a) : "l"(p));
-    return a;
-}
-
-// 16 bytes global -> shared; with full == false nothing is read and 16 zero bytes are
-// written (the padding of the image and the tails of K and Cout).
-__device__ __forceinline__ void ig_cp16(unsigned dst, const void* src, bool full) {
-    int n = full ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
-}
-
-__device__ __forceinline__ void ig_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void ig_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
+// smem_addr, cp_async16, cp_async_commit, cp_async_wait: math.cu.
 
 __device__ __forceinline__ void ig_ldsm4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -153,13 +135,13 @@ __device__ __forceinline__ void ig_load_chunk(IgLoader<AR>& L, unsigned as, unsi
         int ix = L.ix0[i] + L.kx;
         bool ok = kin && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W;
         const T* src = ok ? x + ((ig_i64)(L.pix[i] + iy * W + ix) * ldx + L.ci) : x;
-        ig_cp16(as + ((lrow + step * i) * IG_LD + seg * 8) * 2, src, ok);
+        cp_async16(as + ((lrow + step * i) * IG_LD + seg * 8) * 2, src, ok);
     }
 #pragma unroll
     for (int j = 0; j < 2; j++) {
         bool ok = kin && L.wok[j];
         const T* src = ok ? L.wrow[j] + L.kb : w;
-        ig_cp16(bs + ((lrow + step * j) * IG_LD + seg * 8) * 2, src, ok);
+        cp_async16(bs + ((lrow + step * j) * IG_LD + seg * 8) * 2, src, ok);
     }
     L.kb += IG_BK;
     ig_advance(L.ci, L.kx, L.ky, IG_BK, C, KW);
@@ -183,7 +165,7 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
     static_assert(BN / STEP == 2, "two B rows per thread");
     // Shared memory: A [IG_STAGES][BM][IG_LD], then B [IG_STAGES][BN][IG_LD], 2 bytes
     // per element; As and Bs are their shared-space byte addresses.
-    const unsigned As = ig_smem(ig_shared);
+    const unsigned As = smem_addr(ig_shared);
     const unsigned Bs = As + IG_STAGES * BM * IG_LD * 2;
     constexpr unsigned A_STAGE = BM * IG_LD * 2;
     constexpr unsigned B_STAGE = BN * IG_LD * 2;
@@ -245,7 +227,7 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
         if (s < KT)
             ig_load_chunk<AR>(L, As + s * A_STAGE, Bs + s * B_STAGE, lrow, STEP, seg, x, w, H, W, C, KW, K, ldx);
         // Always commit (possibly an empty group) so that group i is chunk i.
-        ig_commit();
+        cp_async_commit();
     }
 
     const int wm = (warp & 1) * 16 * MI;  // warp's first pixel row in the tile
@@ -253,13 +235,13 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
     for (int kt = 0; kt < KT; kt++) {
         // Chunk kt has landed (at most STAGES-2 younger groups pending) and every warp
         // is done with the stage the next load overwrites (it held chunk kt-1).
-        ig_wait<IG_STAGES - 2>();
+        cp_async_wait<IG_STAGES - 2>();
         __syncthreads();
         if (kt + IG_STAGES - 1 < KT) {
             const int ls = (kt + IG_STAGES - 1) % IG_STAGES;
             ig_load_chunk<AR>(L, As + ls * A_STAGE, Bs + ls * B_STAGE, lrow, STEP, seg, x, w, H, W, C, KW, K, ldx);
         }
-        ig_commit();
+        cp_async_commit();
 
         // A warp whose 32 channels all lie past Cout (small Cout, or the last channel
         // tile) has nothing to compute; the condition is uniform across the warp.
@@ -292,7 +274,7 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
                 for (int ni = 0; ni < 4; ni++) ig_mma(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
         }
     }
-    ig_wait<0>();
+    cp_async_wait<0>();
 
     // Epilogue: accumulator (mi, ni) holds rows g and g+8, channels 2*t4 and 2*t4+1 of its
     // 16x8 tile. With an even Cout both channels exist and the pair is 4-byte aligned

@@ -138,14 +138,14 @@ __device__ __forceinline__ void wg_load_chunk(WgLoader<AR, BR>& L, unsigned as, 
         if (TAP_INNER)
             wg_cp16_l1(as + r * 128 + ((seg ^ (r & 7)) << 4), src, ok);
         else
-            ig_cp16(as + r * 128 + ((seg ^ (r & 7)) << 4), src, ok);
+            cp_async16(as + r * 128 + ((seg ^ (r & 7)) << 4), src, ok);
     }
 #pragma unroll
     for (int j = 0; j < BR; j++) {
         int r = lrow + STEP * j;
         bool ok = kin && L.wok[j];
         const T* src = ok ? L.wrow[j] + L.kb : w;
-        ig_cp16(bs + r * 128 + ((seg ^ (r & 7)) << 4), src, ok);
+        cp_async16(bs + r * 128 + ((seg ^ (r & 7)) << 4), src, ok);
     }
     if (TAP_INNER) {
         // Next tap; after the last, the first tap of the next 64 channels.
@@ -261,7 +261,7 @@ __device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __rest
     constexpr int ACC = BN / 2;      // accumulators per thread (64 x BN per warpgroup)
     constexpr unsigned A_STAGE = WG_BM * 128;
     constexpr unsigned B_STAGE = BN * 128;
-    const unsigned base = (ig_smem(ig_shared) + 1023u) & ~1023u;
+    const unsigned base = (smem_addr(ig_shared) + 1023u) & ~1023u;
     const unsigned As = base;
     const unsigned Bs = base + STAGES * A_STAGE;
 
@@ -283,7 +283,7 @@ __device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __rest
 #pragma unroll
     for (int s = 0; s < AHEAD; s++) {
         if (s < KT) wg_load_chunk<AR, BR, 32, TAP_INNER>(L, As + s * A_STAGE, Bs + s * B_STAGE, lrow, seg, x, w, H, W, C, KW, K, ldx);
-        ig_commit();  // always (possibly empty): group i is chunk i
+        cp_async_commit();  // always (possibly empty): group i is chunk i
     }
 
     const int wg = tid >> 7;  // warpgroup: pixels 64*wg .. 64*wg+63 of the tile
@@ -291,14 +291,14 @@ __device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __rest
         // Chunk kt has landed (AHEAD-1 younger groups may be pending) and, after the
         // barrier, every warpgroup has retired its wgmma of chunk kt-2, whose stage the
         // load below overwrites.
-        ig_wait<AHEAD - 1>();
+        cp_async_wait<AHEAD - 1>();
         wg_fence_async_smem();
         __syncthreads();
         if (kt + AHEAD < KT) {
             const int ls = (kt + AHEAD) % STAGES;
             wg_load_chunk<AR, BR, 32, TAP_INNER>(L, As + ls * A_STAGE, Bs + ls * B_STAGE, lrow, seg, x, w, H, W, C, KW, K, ldx);
         }
-        ig_commit();
+        cp_async_commit();
 
         const int st = kt % STAGES;
         wg_chunk_mma<BN>(acc, As + st * A_STAGE + wg * 64 * 128, Bs + st * B_STAGE);
@@ -307,7 +307,7 @@ __device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __rest
     }
     wg_wait<0>();
     wg_pin<ACC>(acc);
-    ig_wait<0>();
+    cp_async_wait<0>();
 
     wg_epilogue<BN>(acc, m0 + wg * 64, n0, bias, res, y, M, Cout, act, ldy);
 }
@@ -346,7 +346,7 @@ __device__ __forceinline__ void wg_conv_ws(const T* __restrict__ x, const T* __r
     constexpr int ACC = BN / 2;
     constexpr unsigned A_STAGE = WG_BM * 128;
     constexpr unsigned B_STAGE = BN * 128;
-    const unsigned base = (ig_smem(ig_shared) + 1023u) & ~1023u;
+    const unsigned base = (smem_addr(ig_shared) + 1023u) & ~1023u;
     const unsigned As = base;
     const unsigned Bs = base + STAGES * A_STAGE;
     const unsigned full = Bs + STAGES * B_STAGE;  // STAGES mbarriers of 8 bytes
@@ -380,15 +380,15 @@ __device__ __forceinline__ void wg_conv_ws(const T* __restrict__ x, const T* __r
             if (c >= STAGES) wg_mbar_wait(empty + 8 * s, ((c / STAGES) - 1) & 1);
             wg_load_chunk<AR, BR, 16, TAP_INNER>(L, As + s * A_STAGE, Bs + s * B_STAGE, lrow, seg, x, w, H, W, C, KW,
                                                   K, ldx);
-            ig_commit();
+            cp_async_commit();
             if (c >= WG_WS_AHEAD) {
                 // Chunk c - AHEAD has landed for this thread: hand it over.
-                ig_wait<WG_WS_AHEAD>();
+                cp_async_wait<WG_WS_AHEAD>();
                 wg_fence_async_smem();
                 wg_mbar_arrive(full + 8 * ((c - WG_WS_AHEAD) % STAGES));
             }
         }
-        ig_wait<0>();
+        cp_async_wait<0>();
         wg_fence_async_smem();
         for (int c = KT > WG_WS_AHEAD ? KT - WG_WS_AHEAD : 0; c < KT; c++) wg_mbar_arrive(full + 8 * (c % STAGES));
         return;

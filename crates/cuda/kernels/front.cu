@@ -146,7 +146,7 @@ __device__ __forceinline__ void fr_load_slice(unsigned bs, const T* __restrict__
         int j = i - r * segs;
         int c = fr_channel(s, r, P, gate);
         const T* src = c >= 0 ? w1 + (ig_i64)c * ldw + j * 8 : w1;
-        ig_cp16(bs + (r * (C + 8) + j * 8) * 2, src, c >= 0);
+        cp_async16(bs + (r * (C + 8) + j * 8) * 2, src, c >= 0);
     }
 }
 
@@ -158,7 +158,7 @@ norm_pointwise_depthwise(const T* __restrict__ x, const float* __restrict__ ln_w
 #ifdef IG_ARCH_OK
     T* A = reinterpret_cast<T*>(ig_shared);
     T* Pm = A + FR_MROWS * (C + 8) + 2 * FR_NS * (C + 8);
-    const unsigned As = ig_smem(A);
+    const unsigned As = smem_addr(A);
     const unsigned Bs = As + FR_MROWS * (C + 8) * 2;
     const unsigned B_STAGE = FR_NS * (C + 8) * 2;
 
@@ -186,12 +186,12 @@ norm_pointwise_depthwise(const T* __restrict__ x, const float* __restrict__ ln_w
             const int ix = x0 + (q - hy * (FR_TW + 2));
             const bool inside = q < FR_HALO && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W;
             const T* src = inside ? x + ((ig_i64)(n * H + iy) * W + ix) * C + j * 8 : x;
-            ig_cp16(As + (q * (C + 8) + j * 8) * 2, src, inside);
+            cp_async16(As + (q * (C + 8) + j * 8) * 2, src, inside);
         }
     }
     fr_load_slice(Bs, w1, 0, C, ldw, P, gate);
-    ig_commit();
-    ig_wait<0>();
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
 
     // Normalise them in place, eight lanes per pixel; pixels outside the image stay zero.
@@ -213,8 +213,8 @@ norm_pointwise_depthwise(const T* __restrict__ x, const float* __restrict__ ln_w
     const int t4 = lane & 3;
     for (int s = 0; s < slices; s++) {
         if (s + 1 < slices) fr_load_slice(Bs + ((s + 1) & 1) * B_STAGE, w1, s + 1, C, ldw, P, gate);
-        ig_commit();
-        ig_wait<1>();
+        cp_async_commit();
+        cp_async_wait<1>();
         // Slice s's weights and (first time) the normalised A are visible; the previous
         // slice's depthwise step is done with Pm.
         __syncthreads();
@@ -322,7 +322,7 @@ norm_pointwise_depthwise(const T* __restrict__ x, const float* __restrict__ ln_w
             }
         }
     }
-    ig_wait<0>();
+    cp_async_wait<0>();
 #endif
 }
 
@@ -346,7 +346,7 @@ __device__ __forceinline__ void np_load_slice(unsigned bs, const T* __restrict__
         int j = i - r * segs;
         int c = FR_NS * s + r;
         const bool ok = c < P;
-        ig_cp16(bs + (r * (C + 8) + j * 8) * 2, ok ? w1 + (ig_i64)c * ldw + j * 8 : w1, ok);
+        cp_async16(bs + (r * (C + 8) + j * 8) * 2, ok ? w1 + (ig_i64)c * ldw + j * 8 : w1, ok);
     }
 }
 
@@ -360,7 +360,7 @@ __device__ __forceinline__ void np_body(const T* __restrict__ x, const float* __
     const int C = CT ? CT : c_rt;
     T* A = reinterpret_cast<T*>(ig_shared);
     T* S = A + NP_BM * (C + 8) + 2 * FR_NS * (C + 8);
-    const unsigned As = ig_smem(A);
+    const unsigned As = smem_addr(A);
     const unsigned Bs = As + NP_BM * (C + 8) * 2;
     const unsigned B_STAGE = FR_NS * (C + 8) * 2;
     const int tid = threadIdx.x;
@@ -374,11 +374,11 @@ __device__ __forceinline__ void np_body(const T* __restrict__ x, const float* __
         const int q = i / segs;
         const int j = i - q * segs;
         const bool live = m0 + q < M;
-        ig_cp16(As + (q * (C + 8) + j * 8) * 2, live ? x + (ig_i64)(m0 + q) * C + j * 8 : x, live);
+        cp_async16(As + (q * (C + 8) + j * 8) * 2, live ? x + (ig_i64)(m0 + q) * C + j * 8 : x, live);
     }
     np_load_slice<CT>(Bs, w1, 0, C, ldw, P);
-    ig_commit();
-    ig_wait<0>();
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
 
     // Normalise in place: eight lanes per pixel, values in registers (as layer_norm8).
@@ -396,8 +396,8 @@ __device__ __forceinline__ void np_body(const T* __restrict__ x, const float* __
     const int t4 = lane & 3;
     for (int s = 0; s < slices; s++) {
         if (s + 1 < slices) np_load_slice<CT>(Bs + ((s + 1) & 1) * B_STAGE, w1, s + 1, C, ldw, P);
-        ig_commit();
-        ig_wait<1>();
+        cp_async_commit();
+        cp_async_wait<1>();
         // Slice s's weights and (first time) the normalised rows are visible; the
         // previous slice's stores are done with S.
         __syncthreads();
@@ -435,7 +435,7 @@ __device__ __forceinline__ void np_body(const T* __restrict__ x, const float* __
                     *reinterpret_cast<const uint4*>(S + q * FR_PLD + (i & 7) * 8);
         }
     }
-    ig_wait<0>();
+    cp_async_wait<0>();
 }
 
 // One parameter list for every entry point (front.rs passes the same arguments); the

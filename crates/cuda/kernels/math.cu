@@ -18,3 +18,34 @@ __device__ __forceinline__ float gelu_as(float x) {
     const float h = p * t * e;
     return x * (x >= 0.0f ? 1.0f - h : h);
 }
+
+// Shared-memory address of a generic pointer, for cp.async, ldmatrix and mbarriers.
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }\n" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// cp.async (sm_80 and later; the modules built for older GPUs launch none of its
+// callers): 16 bytes global -> shared through L2 only; with full == false nothing is
+// read and 16 zero bytes are written (padding, tails).
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool full) {
+#if __CUDA_ARCH__ >= 800
+    int n = full ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}

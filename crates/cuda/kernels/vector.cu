@@ -554,22 +554,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) dwk7s2(DWK_PARAMS) { dwk_pl
 // 2-element aligned, ldo even, sm_80+.
 #define DWS_NR 7
 
-__device__ __forceinline__ void dws_copy16(unsigned dst, const void* src, bool keep) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(keep ? 16 : 0) : "memory");
-#endif
-}
-__device__ __forceinline__ void dws_commit() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-template <int N>
-__device__ __forceinline__ void dws_wait() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
+// cp_async16, cp_async_commit, cp_async_wait, smem_addr: math.cu.
 
 template <int K, int X>
 __device__ __forceinline__ void dws_conv(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
@@ -590,8 +575,7 @@ __device__ __forceinline__ void dws_conv(const T* __restrict__ x, T* __restrict_
     const T* img = x + (i64)n * H * W * C + c0;
     const int per_pixel = cb / PIECE;
     const int pieces = WP * per_pixel;
-    unsigned ring_addr;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }\n" : "=r"(ring_addr) : "l"(ring));
+    const unsigned ring_addr = smem_addr(ring);
     // Strip-relative input row r (image row oy0 - P + r) into slot r % DWS_NR; one commit
     // group per call, empty past the strip, so the wait counts below hold at the end.
     auto stage = [&](int r) {
@@ -605,10 +589,10 @@ __device__ __forceinline__ void dws_conv(const T* __restrict__ x, T* __restrict_
                 const int ix = px - P;
                 const bool ok = row_ok && ix >= 0 && ix < W;
                 const T* src = ok ? img + ((i64)iy * W + ix) * C + part * PIECE : img;
-                dws_copy16(slot + (unsigned)((px * cb + part * PIECE) * (int)sizeof(T)), src, ok);
+                cp_async16(slot + (unsigned)((px * cb + part * PIECE) * (int)sizeof(T)), src, ok);
             }
         }
-        dws_commit();
+        cp_async_commit();
     };
     const int halves = cb / 64;
     const int warp = threadIdx.x / 32;
@@ -624,7 +608,7 @@ __device__ __forceinline__ void dws_conv(const T* __restrict__ x, T* __restrict_
     for (int s = 0; s < steps; s++) {
         __syncthreads();  // step s - 1 has finished reading slot (s - 1) % DWS_NR
         stage(s + DWS_NR - 1);
-        dws_wait<DWS_NR - K>();  // rows up to s + K - 1 have landed (this thread's copies)
+        cp_async_wait<DWS_NR - K>();  // rows up to s + K - 1 have landed (this thread's copies)
         __syncthreads();         // ... and everyone's
         const int oy = oy0 + s;
 #pragma unroll 1
