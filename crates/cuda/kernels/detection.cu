@@ -283,32 +283,7 @@ struct DetTc<__nv_bfloat16> {
 };
 #endif
 
-__device__ __forceinline__ unsigned det_tc_smem(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }\n" : "=r"(a) : "l"(p));
-    return a;
-}
-
-// 16 bytes global -> shared; with full == false nothing is read and zeros are written.
-__device__ __forceinline__ void det_tc_cp16(unsigned dst, const void* src, bool full) {
-#if __CUDA_ARCH__ >= 800
-    int n = full ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void det_tc_commit() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-template <int N>
-__device__ __forceinline__ void det_tc_wait() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
+// smem_addr, cp_async16, cp_async_commit, cp_async_wait: math.cu.
 
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i.
 __device__ __forceinline__ void det_tc_ldsm4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
@@ -372,17 +347,17 @@ __device__ __forceinline__ void det_attention_tc(const T* __restrict__ q, const 
 
     // Issues the copies of key tile `it` into stage `st` (one commit group).
     auto load = [&](int it, int st) {
-        const unsigned ks = det_tc_smem(&kv[st][0][0]), vs = det_tc_smem(&kv[st][1][0]);
+        const unsigned ks = smem_addr(&kv[st][0][0]), vs = smem_addr(&kv[st][1][0]);
         for (int i = threadIdx.x; i < KT * CH; i += DET_TC_THREADS) {
             const int r = i / CH, c = (i % CH) * 8;
             const int key = it * KT + r;
             const bool in = key < Lk;
             const i64 off = (i64)(in ? key : 0) * C + c;
             const unsigned dst = (unsigned)((r * LD + c) * 2);
-            det_tc_cp16(ks + dst, kb + off, in);
-            det_tc_cp16(vs + dst, vb + off, in);
+            cp_async16(ks + dst, kb + off, in);
+            cp_async16(vs + dst, vb + off, in);
         }
-        det_tc_commit();
+        cp_async_commit();
     };
 
     float o[ND][4];
@@ -398,12 +373,12 @@ __device__ __forceinline__ void det_attention_tc(const T* __restrict__ q, const 
         const int st = it & 1;
         if (it + 1 < tiles) {
             load(it + 1, st ^ 1);
-            det_tc_wait<1>();
+            cp_async_wait<1>();
         } else {
-            det_tc_wait<0>();
+            cp_async_wait<0>();
         }
         __syncthreads();
-        const unsigned ks = det_tc_smem(&kv[st][0][0]), vs = det_tc_smem(&kv[st][1][0]);
+        const unsigned ks = smem_addr(&kv[st][0][0]), vs = smem_addr(&kv[st][1][0]);
 
         // S = Q K^T: matrices (keys +0, d +0), (keys +0, d +8), (keys +8, d +0), (keys +8,
         // d +8) are b0, b1 of one 8-key tile and b0, b1 of the next.

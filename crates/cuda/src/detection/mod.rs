@@ -27,7 +27,7 @@ use cudarc::driver::{result, sys};
 use crate::backend::{CudaBackend, CudaTensor};
 use crate::driver::Context;
 use crate::error::{CudaError, CudaResult};
-use crate::kernels::{preamble, Storage};
+use crate::kernels::{preamble, Storage, MATH_SOURCE};
 use crate::nvrtc;
 use crate::pool::DeviceBuffer;
 use aperture_engine::{EngineError, HostTensor, Result};
@@ -82,7 +82,7 @@ pub(crate) const MAX_LEVELS: usize = 4;
 
 /// The translation unit for one storage type.
 pub fn detection_source(s: Storage) -> String {
-    format!("{}\n{}\n", preamble(s), DETECTION_SOURCE)
+    format!("{}\n{}\n{}\n", preamble(s), MATH_SOURCE, DETECTION_SOURCE)
 }
 
 /// A kernel argument, kept by value until the launch returns.
