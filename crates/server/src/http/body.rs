@@ -42,11 +42,7 @@ pub async fn read_infer_request_with_shm(
     if coding != Coding::Identity {
         return read_compressed(body, headers, limit, shm, coding).await;
     }
-    let mut reader = Reader {
-        body,
-        read: 0,
-        limit,
-    };
+    let mut reader = Reader::new(body, limit);
     let content_length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -78,10 +74,7 @@ async fn decode_stream(
     let limit = reader.limit;
     let Some(head_len) = header_len else {
         // Plain JSON: the whole body is the header.
-        let mut all = Vec::with_capacity(content_length.unwrap_or(0));
-        while let Some(chunk) = reader.next().await? {
-            all.extend_from_slice(&chunk);
-        }
+        let all = reader.read_all(content_length.unwrap_or(0)).await?;
         return decode_request_with_shm(&all, None, shm);
     };
     if let Some(n) = content_length.filter(|&n| head_len > n) {
@@ -119,22 +112,14 @@ async fn read_compressed(
     shm: Option<&ShmRegistry>,
     coding: Coding,
 ) -> Result<DecodedRequest> {
-    let mut reader = Reader {
-        body,
-        read: 0,
-        limit,
-    };
-    let mut packed = Vec::new();
-    loop {
-        match reader.next().await {
-            Ok(Some(chunk)) => packed.extend_from_slice(&chunk),
-            Ok(None) => break,
-            Err(e) => {
-                reader.drain().await;
-                return Err(e);
-            }
+    let mut reader = Reader::new(body, limit);
+    let packed = match reader.read_all(0).await {
+        Ok(p) => p,
+        Err(e) => {
+            reader.drain().await;
+            return Err(e);
         }
-    }
+    };
     let plain = tokio::task::spawn_blocking(move || decompress(&packed, coding, limit))
         .await
         .map_err(|e| ServerError::Internal(format!("decompressing the request body: {e}")))??;
@@ -153,13 +138,7 @@ async fn read_compressed(
 /// Reads (and drops) up to `limit` bytes of a body that will not be used, so a client
 /// still sending it receives the error answer rather than a reset connection.
 pub async fn drain_body(body: Body, limit: usize) {
-    Reader {
-        body,
-        read: 0,
-        limit,
-    }
-    .drain()
-    .await;
+    Reader::new(body, limit).drain().await;
 }
 
 fn header_length(headers: &HeaderMap) -> Result<Option<usize>> {
@@ -192,6 +171,23 @@ struct Reader {
 }
 
 impl Reader {
+    fn new(body: Body, limit: usize) -> Self {
+        Self {
+            body,
+            read: 0,
+            limit,
+        }
+    }
+
+    /// The rest of the body in one buffer (`capacity` reserved up front).
+    async fn read_all(&mut self, capacity: usize) -> Result<Vec<u8>> {
+        let mut all = Vec::with_capacity(capacity.min(self.limit));
+        while let Some(chunk) = self.next().await? {
+            all.extend_from_slice(&chunk);
+        }
+        Ok(all)
+    }
+
     /// Discards the rest of the body, stopping at the limit or a read error.
     async fn drain(&mut self) {
         while let Ok(Some(_)) = self.next().await {}
