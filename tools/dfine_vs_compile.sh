@@ -9,7 +9,8 @@
 #   tools/dfine_vs_compile.sh
 #
 # Environment: APERTURE_BIN (default .carry/aperture), OUT (default ./out), ITERS
-# (default 30), PEER_BATCHES (default 64,32,1), PEER_TIMEOUT seconds (default 420).
+# (default 30), PEER_BATCHES (default 64,32,1), PEER_TIMEOUT seconds (default 420), or
+# CALL_LIMIT seconds: the peers get what is left of it after aperture's steps (less 20 s).
 # A kernel cache carried as .carry/cache.tgz (a tar of $XDG_CACHE_HOME's contents) is
 # unpacked first and saved back to $OUT/cache.tgz, so later calls skip NVRTC.
 set -uo pipefail
@@ -45,8 +46,12 @@ step "aperture pixels in, rows out"
 grep -E "^aperture" "$OUT/pixels.log"
 (cd "$XDG_CACHE_HOME" && tar czf "$OUT/cache.tgz" .)
 
-step "torch.compile reduce-overhead fp16, batches ${PEER_BATCHES:-64,32,1}"
-timeout "${PEER_TIMEOUT:-420}" python3 tools/dfine_torch_peers.py "$WORK/x" --batches "${PEER_BATCHES:-64,32,1}" \
+PEER_TIMEOUT=${PEER_TIMEOUT:-420}
+if [ -n "${CALL_LIMIT:-}" ]; then
+  PEER_TIMEOUT=$((CALL_LIMIT - SECONDS - 20))
+fi
+step "torch.compile reduce-overhead fp16, batches ${PEER_BATCHES:-64,32,1}, ${PEER_TIMEOUT} s"
+timeout "$PEER_TIMEOUT" python3 tools/dfine_torch_peers.py "$WORK/x" --batches "${PEER_BATCHES:-64,32,1}" \
   --iters 20 --compile --compile-modes reduce-overhead --skip-study --skip-eager --out "$OUT/peers.json" \
   > "$OUT/peers.log" 2>&1
 echo "peers exit $? (124: stopped by PEER_TIMEOUT; the batches done are in peers.json)"

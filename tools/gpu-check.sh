@@ -8,7 +8,11 @@
 #
 # Environment: APERTURE_BIN (default .carry/aperture), OUT (default ./out),
 # BATCHES and ITERS (the fp16 sweep), OTHER_PRECISIONS and OTHER_BATCHES (a shorter
-# sweep), PROFILE_BATCHES=1,32 for per-operation tables, PEERS=0 to skip PyTorch.
+# sweep), PROFILE_BATCHES=1,32 for per-operation tables, PEERS=0 to skip PyTorch,
+# PEERS_TIMEOUT seconds for them (default 240) or CALL_LIMIT seconds for the whole call
+# (the peers then get what is left, less 40 s for the results step). A kernel cache
+# carried as .carry/cache.tgz (a tar of $XDG_CACHE_HOME's contents) is unpacked first
+# and saved back to $OUT/cache.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${APERTURE_BIN:-.carry/aperture}
@@ -18,6 +22,8 @@ WORK=$(mktemp -d)
 export PYTHONUNBUFFERED=1
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export XDG_CACHE_HOME=${XDG_CACHE_HOME:-$WORK/cache}
+mkdir -p "$XDG_CACHE_HOME"
+[ -f .carry/cache.tgz ] && tar xzf .carry/cache.tgz -C "$XDG_CACHE_HOME"
 if [ "${QUICK:-0}" = 1 ]; then
   BATCHES=${BATCHES:-1,8,32}; ITERS=${ITERS:-20}
   OTHER_PRECISIONS=${OTHER_PRECISIONS:-bf16}; OTHER_BATCHES=${OTHER_BATCHES:-1,8}
@@ -64,10 +70,16 @@ json.dump(a, open(sys.argv[1], "w"), indent=1)
 PY
 fi
 
+(cd "$XDG_CACHE_HOME" && tar czf "$OUT/cache.tgz" .)
+
 if [ "${PEERS:-1}" = 1 ]; then
-  step "PyTorch peers"
+  PEERS_TIMEOUT=${PEERS_TIMEOUT:-240}
+  if [ -n "${CALL_LIMIT:-}" ]; then
+    PEERS_TIMEOUT=$((CALL_LIMIT - SECONDS - 40))
+  fi
+  step "PyTorch peers (${PEERS_TIMEOUT} s)"
   # shellcheck disable=SC2086
-  timeout "${PEERS_TIMEOUT:-240}" python3 tools/torch_peers.py bench --weights "$WORK/base" --json "$WORK/torch.json" $PEER_ARGS 2>&1 | tee "$OUT/peers.log"
+  timeout "$PEERS_TIMEOUT" python3 tools/torch_peers.py bench --weights "$WORK/base" --json "$WORK/torch.json" $PEER_ARGS 2>&1 | tee "$OUT/peers.log"
 fi
 
 step "results"

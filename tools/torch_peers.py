@@ -121,7 +121,12 @@ def cmd_bench(a):
         model = make()
         fn = lambda x: model(x)
         with torch.no_grad():
-            for b in bs:
+            for i, b in enumerate(bs):
+                if engine == "torch-compile" and i > 0:
+                    # A second input shape would recompile with a dynamic batch size
+                    # (slower kernels): each batch size gets a fresh static compile.
+                    torch._dynamo.reset()
+                    model = make()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 x = torch.rand(b, 3, a.size, a.size, generator=g).cuda().to(dtype)

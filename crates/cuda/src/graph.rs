@@ -41,7 +41,8 @@ impl CudaBackend {
         self.capture_in(self.pool.new_arena(), f)
     }
 
-    fn capture_in<T>(
+    /// As [`Self::capture`], with the allocations of `f` served from `arena`.
+    pub(crate) fn capture_in<T>(
         &self,
         arena: Arc<Arena>,
         f: impl FnOnce(&Self) -> Result<T>,

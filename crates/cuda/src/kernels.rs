@@ -124,6 +124,8 @@ pub enum Arg {
     I32(i32),
     I64(i64),
     F32(f32),
+    /// A by-value struct of 16 ints (detection's per-level table, `DetLevels`).
+    I32x16([i32; 16]),
 }
 
 pub struct Kernels {
@@ -142,8 +144,18 @@ unsafe impl Sync for Kernels {}
 
 impl Kernels {
     pub fn load(ctx: &Context, storage: Storage) -> CudaResult<Self> {
-        let mut k = Self::load_source(ctx, &full_source(storage), KERNEL_NAMES)?;
-        k.igemm = crate::conv_igemm::IgemmSlot::load(ctx, storage);
+        // The two modules compile independently: on a first start (no cached binaries)
+        // NVRTC takes a minute or more for each, so they run on two threads.
+        let (main, igemm) = std::thread::scope(|scope| {
+            let igemm = scope.spawn(|| crate::conv_igemm::IgemmSlot::load(ctx, storage));
+            let main = Self::load_source(ctx, &full_source(storage), KERNEL_NAMES);
+            let igemm = igemm.join().unwrap_or_else(|_| {
+                crate::conv_igemm::IgemmSlot::Failed("the compiling thread panicked".into())
+            });
+            (main, igemm)
+        });
+        let mut k = main?;
+        k.igemm = igemm;
         Ok(k)
     }
 
@@ -188,11 +200,15 @@ impl Kernels {
         smem: u32,
         args: &[Arg],
     ) -> CudaResult<()> {
-        let f = *self
-            .funcs
+        launch_function(ctx, self.function(name)?, grid, block, smem, args)
+    }
+
+    /// The entry point `name` of this module.
+    pub(crate) fn function(&self, name: &str) -> CudaResult<sys::CUfunction> {
+        self.funcs
             .get(name)
-            .ok_or_else(|| CudaError::Driver(format!("kernel {name} is not loaded")))?;
-        launch_function(ctx, f, grid, block, smem, args)
+            .copied()
+            .ok_or_else(|| CudaError::Driver(format!("kernel {name} is not loaded")))
     }
 
     /// Launches an element-wise kernel over `n` items with a grid-stride loop.
@@ -225,6 +241,7 @@ pub(crate) fn launch_function(
             Arg::I32(v) => v as *mut i32 as *mut c_void,
             Arg::I64(v) => v as *mut i64 as *mut c_void,
             Arg::F32(v) => v as *mut f32 as *mut c_void,
+            Arg::I32x16(v) => v.as_mut_ptr() as *mut c_void,
         })
         .collect();
     // SAFETY: the argument list matches the kernel's signature (see above); values live

@@ -39,6 +39,45 @@ pub(super) fn check(status: dnn::cudnnStatus_t, what: &str) -> CudaResult<()> {
     )))
 }
 
+/// A cuDNN descriptor destroyed when dropped.
+pub(super) struct Owned<T> {
+    raw: *mut T,
+    destroy: unsafe fn(*mut T) -> dnn::cudnnStatus_t,
+}
+
+impl<T> Owned<T> {
+    /// Creates one descriptor with `create`; `destroy` releases it on drop.
+    fn new(
+        create: unsafe fn(*mut *mut T) -> dnn::cudnnStatus_t,
+        destroy: unsafe fn(*mut T) -> dnn::cudnnStatus_t,
+    ) -> CudaResult<Self> {
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: the create call writes one descriptor handle.
+        check(unsafe { create(&mut raw) }, "descriptor")?;
+        Ok(Self { raw, destroy })
+    }
+
+    pub(super) fn get(&self) -> *mut T {
+        self.raw
+    }
+}
+
+impl<T> Drop for Owned<T> {
+    fn drop(&mut self) {
+        // SAFETY: created by the matching create call and destroyed once.
+        unsafe {
+            let _ = (self.destroy)(self.raw);
+        }
+    }
+}
+
+fn tensor_descriptor() -> CudaResult<Owned<dnn::cudnnTensorStruct>> {
+    Owned::new(
+        dnn::cudnnCreateTensorDescriptor,
+        dnn::cudnnDestroyTensorDescriptor,
+    )
+}
+
 /// Loads the library (if present) and makes a handle on the backend's stream.
 pub(super) fn open(be: &CudaBackend) -> CudaResult<Handle> {
     // SAFETY: the probe only tries to dlopen candidate library names.
@@ -106,21 +145,21 @@ pub(super) fn launch(
                 dnn::cudnnConvolutionBiasActivationForward(
                     handle,
                     &alpha as *const f32 as *const c_void,
-                    d.x,
+                    d.x.get(),
                     x as *const c_void,
-                    d.w,
+                    d.w.get(),
                     p.w as *const c_void,
-                    d.conv,
+                    d.conv.get(),
                     algo,
                     ws as *mut c_void,
                     ws_bytes,
                     &beta as *const f32 as *const c_void,
-                    d.y,
+                    d.y.get(),
                     y as *const c_void,
-                    f.bias,
+                    f.bias.get(),
                     bias as *const c_void,
-                    f.act,
-                    d.y,
+                    f.act.get(),
+                    d.y.get(),
                     y as *mut c_void,
                 ),
                 "convolution with bias and activation",
@@ -135,16 +174,16 @@ pub(super) fn launch(
             dnn::cudnnConvolutionForward(
                 handle,
                 &alpha as *const f32 as *const c_void,
-                d.x,
+                d.x.get(),
                 x as *const c_void,
-                d.w,
+                d.w.get(),
                 p.w as *const c_void,
-                d.conv,
+                d.conv.get(),
                 algo,
                 ws as *mut c_void,
                 ws_bytes,
                 &beta as *const f32 as *const c_void,
-                d.y,
+                d.y.get(),
                 y as *mut c_void,
             ),
             "convolution",
@@ -188,12 +227,12 @@ pub(super) fn find(
         check(
             dnn::cudnnFindConvolutionForwardAlgorithmEx(
                 handle,
-                d.x,
+                d.x.get(),
                 x as *const c_void,
-                d.w,
+                d.w.get(),
                 w as *const c_void,
-                d.conv,
-                d.y,
+                d.conv.get(),
+                d.y.get(),
                 y as *mut c_void,
                 count,
                 &mut returned,
@@ -250,8 +289,8 @@ pub(super) fn can_fuse(
 
 /// The bias and activation descriptors of cuDNN's fused call.
 pub(super) struct FusedEpilogue {
-    bias: dnn::cudnnTensorDescriptor_t,
-    act: dnn::cudnnActivationDescriptor_t,
+    bias: Owned<dnn::cudnnTensorStruct>,
+    act: Owned<dnn::cudnnActivationStruct>,
 }
 
 // SAFETY: host-side parameter blocks, only read after construction.
@@ -262,26 +301,23 @@ impl FusedEpilogue {
     /// For `l`: a 1 x c_out x 1 x 1 bias in the storage type, ReLU (NaN not propagated,
     /// as `fmaxf` in ours) or identity.
     pub(super) fn new(be: &CudaBackend, l: &DenseLaunch) -> CudaResult<Self> {
-        let mut f = FusedEpilogue {
-            bias: std::ptr::null_mut(),
-            act: std::ptr::null_mut(),
+        let f = FusedEpilogue {
+            bias: tensor_descriptor()?,
+            act: Owned::new(
+                dnn::cudnnCreateActivationDescriptor,
+                dnn::cudnnDestroyActivationDescriptor,
+            )?,
         };
         let mode = if l.act == 2 {
             dnn::cudnnActivationMode_t::CUDNN_ACTIVATION_RELU
         } else {
             dnn::cudnnActivationMode_t::CUDNN_ACTIVATION_IDENTITY
         };
-        // SAFETY: each create writes one descriptor, destroyed in Drop (null ones are
-        // skipped); the setters take plain values.
+        // SAFETY: the setters write plain values into descriptors created above.
         unsafe {
-            check(dnn::cudnnCreateTensorDescriptor(&mut f.bias), "descriptor")?;
-            check(
-                dnn::cudnnCreateActivationDescriptor(&mut f.act),
-                "descriptor",
-            )?;
             check(
                 dnn::cudnnSetTensor4dDescriptor(
-                    f.bias,
+                    f.bias.get(),
                     dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
                     data_type(be.storage),
                     1,
@@ -293,7 +329,7 @@ impl FusedEpilogue {
             )?;
             check(
                 dnn::cudnnSetActivationDescriptor(
-                    f.act,
+                    f.act.get(),
                     mode,
                     dnn::cudnnNanPropagation_t::CUDNN_NOT_PROPAGATE_NAN,
                     0.0,
@@ -302,20 +338,6 @@ impl FusedEpilogue {
             )?;
         }
         Ok(f)
-    }
-}
-
-impl Drop for FusedEpilogue {
-    fn drop(&mut self) {
-        // SAFETY: each non-null descriptor was created above and is destroyed once.
-        unsafe {
-            if !self.bias.is_null() {
-                let _ = dnn::cudnnDestroyTensorDescriptor(self.bias);
-            }
-            if !self.act.is_null() {
-                let _ = dnn::cudnnDestroyActivationDescriptor(self.act);
-            }
-        }
     }
 }
 
@@ -330,10 +352,10 @@ fn data_type(storage: Storage) -> dnn::cudnnDataType_t {
 /// The tensor, filter and convolution descriptors of one launch (NHWC, KRSC filters,
 /// fp32 accumulation, tensor cores).
 pub(super) struct Descriptors {
-    x: dnn::cudnnTensorDescriptor_t,
-    y: dnn::cudnnTensorDescriptor_t,
-    w: dnn::cudnnFilterDescriptor_t,
-    conv: dnn::cudnnConvolutionDescriptor_t,
+    x: Owned<dnn::cudnnTensorStruct>,
+    y: Owned<dnn::cudnnTensorStruct>,
+    w: Owned<dnn::cudnnFilterStruct>,
+    conv: Owned<dnn::cudnnConvolutionStruct>,
 }
 
 // SAFETY: descriptors are host-side parameter blocks, only read after construction.
@@ -349,25 +371,23 @@ impl Descriptors {
         let i = |v: usize| v as i32;
         let [n, h, w, c] = l.input;
         let (oh, ow) = l.out_hw;
-        let mut d = Descriptors {
-            x: std::ptr::null_mut(),
-            y: std::ptr::null_mut(),
-            w: std::ptr::null_mut(),
-            conv: std::ptr::null_mut(),
+        let d = Descriptors {
+            x: tensor_descriptor()?,
+            y: tensor_descriptor()?,
+            w: Owned::new(
+                dnn::cudnnCreateFilterDescriptor,
+                dnn::cudnnDestroyFilterDescriptor,
+            )?,
+            conv: Owned::new(
+                dnn::cudnnCreateConvolutionDescriptor,
+                dnn::cudnnDestroyConvolutionDescriptor,
+            )?,
         };
-        // SAFETY: each create writes one descriptor, destroyed in Drop (null ones are
-        // skipped); the setters take plain values.
+        // SAFETY: the setters write plain values into descriptors created above.
         unsafe {
-            check(dnn::cudnnCreateTensorDescriptor(&mut d.x), "descriptor")?;
-            check(dnn::cudnnCreateTensorDescriptor(&mut d.y), "descriptor")?;
-            check(dnn::cudnnCreateFilterDescriptor(&mut d.w), "descriptor")?;
-            check(
-                dnn::cudnnCreateConvolutionDescriptor(&mut d.conv),
-                "descriptor",
-            )?;
             check(
                 dnn::cudnnSetTensor4dDescriptorEx(
-                    d.x,
+                    d.x.get(),
                     dtype,
                     i(n),
                     i(c),
@@ -382,7 +402,7 @@ impl Descriptors {
             )?;
             check(
                 dnn::cudnnSetTensor4dDescriptorEx(
-                    d.y,
+                    d.y.get(),
                     dtype,
                     i(n),
                     i(l.c_out),
@@ -397,7 +417,7 @@ impl Descriptors {
             )?;
             check(
                 dnn::cudnnSetFilter4dDescriptor(
-                    d.w,
+                    d.w.get(),
                     dtype,
                     dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
                     i(l.c_out),
@@ -409,7 +429,7 @@ impl Descriptors {
             )?;
             check(
                 dnn::cudnnSetConvolution2dDescriptor(
-                    d.conv,
+                    d.conv.get(),
                     i(l.pad),
                     i(l.pad),
                     i(l.stride),
@@ -423,36 +443,16 @@ impl Descriptors {
             )?;
             check(
                 dnn::cudnnSetConvolutionMathType(
-                    d.conv,
+                    d.conv.get(),
                     dnn::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
                 ),
                 "math type",
             )?;
             check(
-                dnn::cudnnSetConvolutionGroupCount(d.conv, i(l.groups.max(1))),
+                dnn::cudnnSetConvolutionGroupCount(d.conv.get(), i(l.groups.max(1))),
                 "group count",
             )?;
         }
         Ok(d)
-    }
-}
-
-impl Drop for Descriptors {
-    fn drop(&mut self) {
-        // SAFETY: each non-null descriptor was created above and is destroyed once.
-        unsafe {
-            if !self.x.is_null() {
-                let _ = dnn::cudnnDestroyTensorDescriptor(self.x);
-            }
-            if !self.y.is_null() {
-                let _ = dnn::cudnnDestroyTensorDescriptor(self.y);
-            }
-            if !self.w.is_null() {
-                let _ = dnn::cudnnDestroyFilterDescriptor(self.w);
-            }
-            if !self.conv.is_null() {
-                let _ = dnn::cudnnDestroyConvolutionDescriptor(self.conv);
-            }
-        }
     }
 }

@@ -5,7 +5,7 @@ use std::cmp::Ordering;
 use aperture_engine::{EngineError, Result};
 
 use super::postprocess::pick_select_kernel;
-use super::DArg;
+use super::Arg;
 use crate::backend::{CudaBackend, CudaTensor};
 
 /// Largest bin count the distribution kernels hold per thread.
@@ -61,10 +61,10 @@ impl CudaBackend {
             "det_row_max",
             rows,
             &[
-                DArg::Ptr(x.ptr()),
-                DArg::Ptr(best.ptr()),
-                DArg::I64(rows as i64),
-                DArg::I32(c as i32),
+                Arg::Ptr(x.ptr()),
+                Arg::Ptr(best.ptr()),
+                Arg::I64(rows as i64),
+                Arg::I32(c as i32),
             ],
         )?;
         let scores = self.det_read_f32(best.ptr(), rows)?;
@@ -118,18 +118,18 @@ impl CudaBackend {
                     "det_row_max",
                     rows,
                     &[
-                        DArg::Ptr(scores.ptr()),
-                        DArg::Ptr(best.ptr()),
-                        DArg::I64(rows as i64),
-                        DArg::I32(c as i32),
+                        Arg::Ptr(scores.ptr()),
+                        Arg::Ptr(best.ptr()),
+                        Arg::I64(rows as i64),
+                        Arg::I32(c as i32),
                     ],
                 )?;
                 let idx = self.pool.alloc((n * k).max(1) * 4)?;
                 let args = [
-                    DArg::Ptr(best.ptr()),
-                    DArg::Ptr(idx.ptr()),
-                    DArg::I32(l as i32),
-                    DArg::I32(k as i32),
+                    Arg::Ptr(best.ptr()),
+                    Arg::Ptr(idx.ptr()),
+                    Arg::I32(l as i32),
+                    Arg::I32(k as i32),
                 ];
                 let (kernel, threads) = pick_select_kernel(
                     l,
@@ -165,13 +165,13 @@ impl CudaBackend {
             || {
                 let out = self.alloc_tensor([n, 1, k, c])?;
                 let args = [
-                    DArg::Ptr(x.ptr()),
-                    DArg::Ptr(idx),
-                    DArg::Ptr(out.ptr()),
-                    DArg::I32(n as i32),
-                    DArg::I32(l as i32),
-                    DArg::I32(k as i32),
-                    DArg::I32(c as i32),
+                    Arg::Ptr(x.ptr()),
+                    Arg::Ptr(idx),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I32(n as i32),
+                    Arg::I32(l as i32),
+                    Arg::I32(k as i32),
+                    Arg::I32(c as i32),
                 ];
                 self.det_launch_1d("det_gather", n * k * c, &args)?;
                 Ok(out)
@@ -207,13 +207,13 @@ impl CudaBackend {
             || {
                 let out = self.alloc_tensor([n, 1, k, c])?;
                 let args = [
-                    DArg::Ptr(x.ptr()),
-                    DArg::Ptr(idx_buf.ptr()),
-                    DArg::Ptr(out.ptr()),
-                    DArg::I32(n as i32),
-                    DArg::I32(l as i32),
-                    DArg::I32(k as i32),
-                    DArg::I32(c as i32),
+                    Arg::Ptr(x.ptr()),
+                    Arg::Ptr(idx_buf.ptr()),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I32(n as i32),
+                    Arg::I32(l as i32),
+                    Arg::I32(k as i32),
+                    Arg::I32(c as i32),
                 ];
                 self.det_launch_1d("det_gather", n * k * c, &args)?;
                 Ok(out)
@@ -241,10 +241,10 @@ impl CudaBackend {
             || {
                 let out = self.alloc_tensor(boxes.dims)?;
                 let args = [
-                    DArg::Ptr(delta.ptr()),
-                    DArg::Ptr(boxes.ptr()),
-                    DArg::Ptr(out.ptr()),
-                    DArg::I64(n as i64),
+                    Arg::Ptr(delta.ptr()),
+                    Arg::Ptr(boxes.ptr()),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I64(n as i64),
                 ];
                 self.det_launch_1d("det_refine", n, &args)?;
                 Ok(out)
@@ -283,13 +283,13 @@ impl CudaBackend {
             || {
                 let out = self.alloc_tensor(reference.dims)?;
                 let args = [
-                    DArg::Ptr(corners.ptr()),
-                    DArg::Ptr(reference.ptr()),
-                    DArg::Ptr(proj.ptr()),
-                    DArg::Ptr(out.ptr()),
-                    DArg::I64(rows as i64),
-                    DArg::I32(bins as i32),
-                    DArg::F32(reg_scale),
+                    Arg::Ptr(corners.ptr()),
+                    Arg::Ptr(reference.ptr()),
+                    Arg::Ptr(proj.ptr()),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I64(rows as i64),
+                    Arg::I32(bins as i32),
+                    Arg::F32(reg_scale),
                 ];
                 self.det_launch("det_distribution", rows, 128, 0, &args)?;
                 Ok(out)
@@ -325,11 +325,11 @@ impl CudaBackend {
             || {
                 let out = self.alloc_tensor([n, 1, l, 4 * per])?;
                 let args = [
-                    DArg::Ptr(corners.ptr()),
-                    DArg::Ptr(out.ptr()),
-                    DArg::I64(rows as i64),
-                    DArg::I32(bins as i32),
-                    DArg::I32(top_k as i32),
+                    Arg::Ptr(corners.ptr()),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I64(rows as i64),
+                    Arg::I32(bins as i32),
+                    Arg::I32(top_k as i32),
                 ];
                 self.det_launch("det_corner_stats", rows * 4, 128, 0, &args)?;
                 Ok(out)

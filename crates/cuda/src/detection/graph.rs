@@ -7,101 +7,31 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use aperture_engine::{EngineError, HostTensor, Result};
-use cudarc::driver::{result, sys};
+use cudarc::driver::result;
 
 use super::postprocess::TopDetections;
-use super::DArg;
+use super::Arg;
 use crate::backend::{CudaBackend, CudaTensor};
 use crate::error::CudaError;
-use crate::graph::padded_shape;
-use crate::pool::{Arena, DeviceBuffer};
+use crate::graph::{padded_shape, CudaGraph};
+use crate::pool::DeviceBuffer;
 use crate::transfer::{SlotsByShape, UploadSlots, UPLOAD_SLOTS};
-
-/// An instantiated graph and the arena its kernels read and write.
-pub(super) struct DetGraph {
-    graph: sys::CUgraph,
-    exec: sys::CUgraphExec,
-    _arena: Arc<Arena>,
-}
-
-// SAFETY: graph handles are driver objects; launches are serialised on the stream.
-unsafe impl Send for DetGraph {}
-unsafe impl Sync for DetGraph {}
-
-impl Drop for DetGraph {
-    fn drop(&mut self) {
-        // SAFETY: destroyed once, after which the handles are not used.
-        unsafe {
-            let _ = result::graph::exec_destroy(self.exec);
-            let _ = result::graph::destroy(self.graph);
-        }
-    }
-}
-
-impl DetGraph {
-    pub(super) fn replay(&self, be: &CudaBackend) -> Result<()> {
-        be.ctx.bind()?;
-        // SAFETY: the executable graph and the stream are alive.
-        unsafe { result::graph::launch(self.exec, be.ctx.stream).map_err(CudaError::from)? };
-        Ok(())
-    }
-}
 
 /// Captures `f` into a graph over a private arena. `f` runs once eagerly into the same
 /// arena first, so that under capture every allocation is served from the arena's
 /// cache: no cuMemAlloc, and above all no cuMemFree (which would invalidate the capture
 /// when the allocator makes room), whatever the batch size.
-fn capture_warm(be: &CudaBackend, f: impl Fn(&CudaBackend) -> Result<()>) -> Result<DetGraph> {
+fn capture_warm(be: &CudaBackend, f: impl Fn(&CudaBackend) -> Result<()>) -> Result<CudaGraph> {
     let arena = be.pool.new_arena();
     be.pool.set_capture_arena(Some(arena.clone()));
     let warm = f(be).and_then(|()| be.synchronize());
-    if let Err(e) = warm {
-        be.pool.set_capture_arena(None);
-        return Err(e);
-    }
-    be.ctx.bind()?;
-    // SAFETY: the stream is alive; relaxed mode tolerates the allocator's calls.
-    let begun = unsafe {
-        result::stream::begin_capture(
-            be.ctx.stream,
-            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
-        )
-    };
-    if let Err(e) = begun {
-        be.pool.set_capture_arena(None);
-        return Err(CudaError::from(e).into());
-    }
-    let out = f(be);
-    // SAFETY: ends the capture begun above, also when `f` failed.
-    let ended = unsafe { result::stream::end_capture(be.ctx.stream) };
     be.pool.set_capture_arena(None);
-    let graph = ended.map_err(CudaError::from)?;
-    let destroy = |g| {
-        // SAFETY: the graph came from end_capture and is not used again.
-        unsafe {
-            let _ = result::graph::destroy(g);
-        }
-    };
-    if let Err(e) = out {
-        destroy(graph);
-        return Err(e);
-    }
-    // SAFETY: `graph` is a complete captured graph.
-    match unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) } {
-        Ok(exec) => Ok(DetGraph {
-            graph,
-            exec,
-            _arena: arena,
-        }),
-        Err(e) => {
-            destroy(graph);
-            Err(CudaError::from(e).into())
-        }
-    }
+    warm?;
+    Ok(be.capture_in(arena, f)?.0)
 }
 
 struct Entry {
-    graph: DetGraph,
+    graph: CudaGraph,
     staging_in: DeviceBuffer,
     /// Where inputs from the host wait for the graph (page-locked and on the device, in
     /// the storage type for 16-bit models); shared with requests uploading right now.
@@ -119,11 +49,11 @@ pub(super) fn poisoned() -> EngineError {
 fn from_nchw(be: &CudaBackend, staging: u64, [n, c, h, w]: [usize; 4]) -> Result<CudaTensor> {
     let out = be.alloc_tensor([n, h, w, c])?;
     let args = [
-        DArg::Ptr(staging),
-        DArg::Ptr(out.ptr()),
-        DArg::I32(n as i32),
-        DArg::I32(c as i32),
-        DArg::I64((h * w) as i64),
+        Arg::Ptr(staging),
+        Arg::Ptr(out.ptr()),
+        Arg::I32(n as i32),
+        Arg::I32(c as i32),
+        Arg::I64((h * w) as i64),
     ];
     be.det_launch_1d("det_from_nchw", n * c * h * w, &args)?;
     Ok(out)
@@ -155,7 +85,7 @@ impl GraphOutput {
             Output::Storage(y) => be.det_launch_1d(
                 "det_to_f32",
                 n,
-                &[DArg::Ptr(y.ptr()), DArg::Ptr(dst), DArg::I64(n as i64)],
+                &[Arg::Ptr(y.ptr()), Arg::Ptr(dst), Arg::I64(n as i64)],
             ),
             Output::F32 { buf, .. } => {
                 be.ctx.bind()?;
@@ -244,7 +174,7 @@ impl MultiGraphCache {
         let e = entries
             .get(shape)
             .ok_or_else(|| EngineError::Invalid(format!("no graph captured for {shape:?}")))?;
-        e.graph.replay(be)
+        be.replay(&e.graph)
     }
 
     /// Copy in, replay, copy every output out (NHWC f32).
@@ -292,7 +222,7 @@ impl MultiGraphCache {
         let e = prepare_locked(&mut entries, be, &shape, &forward)?;
         slot.land_into(be, e.staging_in.ptr())?;
         drop(slot);
-        e.graph.replay(be)?;
+        be.replay(&e.graph)?;
         read_outputs(be, e, rows)
     }
 
@@ -318,7 +248,7 @@ impl MultiGraphCache {
         // earlier replay still reads the input buffer; inputs from upload slots are
         // moved in under this lock too.
         fill(e.staging_in.ptr(), shape.iter().product::<usize>() * 4)?;
-        e.graph.replay(be)?;
+        be.replay(&e.graph)?;
         read_outputs(be, e, shape.first().copied().unwrap_or(0))
     }
 }
@@ -385,7 +315,7 @@ pub(super) fn capture_forward<F, O>(
     be: &CudaBackend,
     input: &dyn Fn(&CudaBackend) -> Result<CudaTensor>,
     forward: &F,
-) -> Result<(DetGraph, Outputs)>
+) -> Result<(CudaGraph, Outputs)>
 where
     F: Fn(&CudaBackend, &CudaTensor) -> Result<Vec<O>>,
     O: Into<GraphOutput>,

@@ -3,7 +3,7 @@
 
 use aperture_engine::{EngineError, Result};
 
-use super::DArg;
+use super::Arg;
 use crate::backend::{CudaBackend, CudaTensor};
 
 /// `det_unary`'s operation codes.
@@ -11,8 +11,8 @@ const AFFINE: i32 = 0;
 const SIGMOID: i32 = 1;
 const CLAMP: i32 = 2;
 
-fn i32s(v: &[usize]) -> Vec<DArg> {
-    v.iter().map(|&x| DArg::I32(x as i32)).collect()
+fn i32s(v: &[usize]) -> Vec<Arg> {
+    v.iter().map(|&x| Arg::I32(x as i32)).collect()
 }
 
 impl CudaBackend {
@@ -56,7 +56,7 @@ impl CudaBackend {
             self.bytes(x.numel() + out_n),
             || {
                 let out = self.alloc_tensor([n, oh, ow, c])?;
-                let mut args = vec![DArg::Ptr(x.ptr()), DArg::Ptr(out.ptr())];
+                let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(out.ptr())];
                 if let Some(cv) = self.channel_vectors(c, &[x, &out]) {
                     args.extend(i32s(&[n, h, w, cv, top, left, oh, ow]));
                     self.det_launch_1d("det_pad_vec", n * oh * ow * cv, &args)?;
@@ -90,7 +90,7 @@ impl CudaBackend {
             self.bytes(x.numel() + out_n),
             || {
                 let out = self.alloc_tensor([n, oh, ow, c])?;
-                let mut args = vec![DArg::Ptr(x.ptr()), DArg::Ptr(out.ptr())];
+                let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(out.ptr())];
                 if let Some(cv) = self.channel_vectors(c, &[x, &out]) {
                     args.extend(i32s(&[n, h, w, cv, oh, ow, kernel, stride]));
                     self.det_launch_1d("det_max_pool_vec", n * oh * ow * cv, &args)?;
@@ -114,7 +114,7 @@ impl CudaBackend {
         self.profiler
             .op(self, "upsample", 0.0, self.bytes(x.numel() + out_n), || {
                 let out = self.alloc_tensor([n, h * factor, w * factor, c])?;
-                let mut args = vec![DArg::Ptr(x.ptr()), DArg::Ptr(out.ptr())];
+                let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(out.ptr())];
                 if let Some(cv) = self.channel_vectors(c, &[x, &out]) {
                     args.extend(i32s(&[n, h, w, cv, factor]));
                     self.det_launch_1d("det_upsample_vec", out_n / c * cv, &args)?;
@@ -139,12 +139,12 @@ impl CudaBackend {
             .op(self, name, n as f64, self.bytes(2 * n), || {
                 let out = self.alloc_tensor(x.dims)?;
                 let args = [
-                    DArg::Ptr(x.ptr()),
-                    DArg::Ptr(out.ptr()),
-                    DArg::I64(n as i64),
-                    DArg::I32(op),
-                    DArg::F32(a),
-                    DArg::F32(b),
+                    Arg::Ptr(x.ptr()),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I64(n as i64),
+                    Arg::I32(op),
+                    Arg::F32(a),
+                    Arg::F32(b),
                 ];
                 self.det_launch_1d("det_unary", n, &args)?;
                 Ok(out)
@@ -189,14 +189,14 @@ impl CudaBackend {
             return Ok(());
         }
         let args = [
-            DArg::Ptr(src),
-            DArg::Ptr(dst),
-            DArg::I64(rows as i64),
-            DArg::I64(len as i64),
-            DArg::I64(src_stride as i64),
-            DArg::I64(src_off as i64),
-            DArg::I64(dst_stride as i64),
-            DArg::I64(dst_off as i64),
+            Arg::Ptr(src),
+            Arg::Ptr(dst),
+            Arg::I64(rows as i64),
+            Arg::I64(len as i64),
+            Arg::I64(src_stride as i64),
+            Arg::I64(src_off as i64),
+            Arg::I64(dst_stride as i64),
+            Arg::I64(dst_off as i64),
         ];
         self.det_launch_1d("det_copy_block", rows * len, &args)
     }
@@ -320,12 +320,12 @@ impl CudaBackend {
             || {
                 let out = self.alloc_tensor(a.dims)?;
                 let args = [
-                    DArg::Ptr(a.ptr()),
-                    DArg::Ptr(b.ptr()),
-                    DArg::Ptr(out.ptr()),
-                    DArg::I64(p as i64),
-                    DArg::I32(c as i32),
-                    DArg::I32(bc as i32),
+                    Arg::Ptr(a.ptr()),
+                    Arg::Ptr(b.ptr()),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I64(p as i64),
+                    Arg::I32(c as i32),
+                    Arg::I32(bc as i32),
                 ];
                 self.det_launch_1d("det_mul", a.numel(), &args)?;
                 Ok(out)

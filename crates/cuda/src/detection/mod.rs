@@ -19,16 +19,13 @@ pub use pixel_key::{PixelGraphAdmission, PixelGraphKey};
 pub use postprocess::{scale_detections, TopDetections, DETECTION_VALUES};
 
 use std::collections::HashMap;
-use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{result, sys};
+use cudarc::driver::result;
 
 use crate::backend::{CudaBackend, CudaTensor};
-use crate::driver::Context;
-use crate::error::{CudaError, CudaResult};
-use crate::kernels::{preamble, Storage, MATH_SOURCE};
-use crate::nvrtc;
+use crate::error::CudaError;
+use crate::kernels::{preamble, Arg, Kernels, Storage, MATH_SOURCE};
 use crate::pool::DeviceBuffer;
 use aperture_engine::{EngineError, HostTensor, Result};
 
@@ -85,95 +82,13 @@ pub fn detection_source(s: Storage) -> String {
     format!("{}\n{}\n{}\n", preamble(s), MATH_SOURCE, DETECTION_SOURCE)
 }
 
-/// A kernel argument, kept by value until the launch returns.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum DArg {
-    Ptr(u64),
-    I32(i32),
-    I64(i64),
-    F32(f32),
-    /// The `DetLevels` struct: (height, width, first row, points) per level.
-    Levels([i32; 4 * MAX_LEVELS]),
-}
-
-pub(crate) struct DetKernels {
-    module: sys::CUmodule,
-    funcs: HashMap<&'static str, sys::CUfunction>,
-}
-
-// SAFETY: module and function handles are immutable driver objects, usable from any
-// thread with the context current.
-unsafe impl Send for DetKernels {}
-unsafe impl Sync for DetKernels {}
-
-impl DetKernels {
-    fn load(ctx: &Context, storage: Storage) -> CudaResult<Self> {
-        let (cubin, _) = nvrtc::compile_cached(&detection_source(storage), ctx.capability)?;
-        ctx.bind()?;
-        // SAFETY: `cubin` is a complete CUBIN image for this device.
-        let module = unsafe { result::module::load_data(cubin.as_ptr() as *const c_void)? };
-        let mut funcs = HashMap::new();
-        for &name in DETECTION_KERNELS {
-            let cname = CString::new(name)
-                .map_err(|_| CudaError::Driver(format!("bad kernel name {name}")))?;
-            // SAFETY: the module is loaded; the name is NUL-terminated.
-            let f = unsafe { result::module::get_function(module, cname)? };
-            funcs.insert(name, f);
-        }
-        Ok(Self { module, funcs })
-    }
-
-    fn launch(
-        &self,
-        ctx: &Context,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        smem: u32,
-        args: &[DArg],
-    ) -> CudaResult<()> {
-        let f = *self
-            .funcs
-            .get(name)
-            .ok_or_else(|| CudaError::Driver(format!("kernel {name} is not loaded")))?;
-        // A dry run (memory planning) launches nothing, as kernels::launch_function.
-        if ctx.is_dry() {
-            return Ok(());
-        }
-        let mut vals: Vec<DArg> = args.to_vec();
-        let mut ptrs: Vec<*mut c_void> = vals
-            .iter_mut()
-            .map(|a| match a {
-                DArg::Ptr(p) => p as *mut u64 as *mut c_void,
-                DArg::I32(v) => v as *mut i32 as *mut c_void,
-                DArg::I64(v) => v as *mut i64 as *mut c_void,
-                DArg::F32(v) => v as *mut f32 as *mut c_void,
-                DArg::Levels(v) => v.as_mut_ptr() as *mut c_void,
-            })
-            .collect();
-        // SAFETY: each call site mirrors the kernel's declaration in detection.cu; the
-        // values live in `vals` until the call returns and the driver copies them.
-        unsafe { result::launch_kernel(f, grid, (block, 1, 1), smem, ctx.stream, &mut ptrs)? };
-        Ok(())
-    }
-}
-
-impl Drop for DetKernels {
-    fn drop(&mut self) {
-        // SAFETY: unloaded once; the functions are not used afterwards.
-        unsafe {
-            let _ = result::module::unload(self.module);
-        }
-    }
-}
-
 /// A constant's cache key: (1 for fp32, 0 for the storage type; f32 bit patterns).
 type ConstKey = (u8, Vec<u32>);
 
 /// Per-backend state of the detection operations.
 #[derive(Default)]
 pub struct DetectionState {
-    kernels: Mutex<Option<Arc<DetKernels>>>,
+    kernels: Mutex<Option<Arc<Kernels>>>,
     /// Constant buffers by content (f32 bit patterns, tagged by kind).
     consts: Mutex<HashMap<ConstKey, Arc<DeviceBuffer>>>,
     /// `preprocess.cu` on this backend's context, for preprocessing inside graphs.
@@ -181,7 +96,7 @@ pub struct DetectionState {
 }
 
 impl CudaBackend {
-    fn det_kernels(&self) -> Result<Arc<DetKernels>> {
+    fn det_kernels(&self) -> Result<Arc<Kernels>> {
         let mut k = self
             .detection
             .kernels
@@ -190,7 +105,11 @@ impl CudaBackend {
         if let Some(k) = k.as_ref() {
             return Ok(k.clone());
         }
-        let loaded = Arc::new(DetKernels::load(&self.ctx, self.storage)?);
+        let loaded = Arc::new(Kernels::load_source(
+            &self.ctx,
+            &detection_source(self.storage),
+            DETECTION_KERNELS,
+        )?);
         *k = Some(loaded.clone());
         Ok(loaded)
     }
@@ -202,7 +121,7 @@ impl CudaBackend {
         threads: usize,
         block: u32,
         smem: u32,
-        args: &[DArg],
+        args: &[Arg],
     ) -> Result<()> {
         let k = self.det_kernels()?;
         let blocks = threads.div_ceil(block as usize).max(1);
@@ -222,7 +141,7 @@ impl CudaBackend {
         grid: (u32, u32),
         block: u32,
         smem: u32,
-        args: &[DArg],
+        args: &[Arg],
     ) -> Result<()> {
         let k = self.det_kernels()?;
         k.launch(
@@ -237,7 +156,7 @@ impl CudaBackend {
     }
 
     /// Grid-stride element-wise launch over `n` items.
-    pub(crate) fn det_launch_1d(&self, name: &str, n: usize, args: &[DArg]) -> Result<()> {
+    pub(crate) fn det_launch_1d(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
         let cap = self.ctx.multiprocessors.max(1) as usize * 32 * 256;
         self.det_launch(name, n.clamp(1, cap), 256, 0, args)
     }
@@ -288,14 +207,14 @@ impl CudaBackend {
         let out = self.alloc_tensor(dims)?;
         let n = data.len() as i64;
         let args = [
-            DArg::Ptr(cached.ptr()),
-            DArg::Ptr(out.ptr()),
-            DArg::I64(1),
-            DArg::I64(n),
-            DArg::I64(n),
-            DArg::I64(0),
-            DArg::I64(n),
-            DArg::I64(0),
+            Arg::Ptr(cached.ptr()),
+            Arg::Ptr(out.ptr()),
+            Arg::I64(1),
+            Arg::I64(n),
+            Arg::I64(n),
+            Arg::I64(0),
+            Arg::I64(n),
+            Arg::I64(0),
         ];
         self.det_launch_1d("det_copy_block", data.len(), &args)?;
         Ok(out)
@@ -309,9 +228,9 @@ impl CudaBackend {
             "det_to_f32",
             n,
             &[
-                DArg::Ptr(x.ptr()),
-                DArg::Ptr(staging.ptr()),
-                DArg::I64(n as i64),
+                Arg::Ptr(x.ptr()),
+                Arg::Ptr(staging.ptr()),
+                Arg::I64(n as i64),
             ],
         )?;
         let host = self.det_read_f32(staging.ptr(), n)?;

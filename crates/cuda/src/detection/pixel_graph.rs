@@ -15,11 +15,12 @@ use aperture_engine::{EngineError, HostTensor, Result};
 use aperture_vision::RgbImage;
 use cudarc::driver::result;
 
-use super::graph::{capture_forward, poisoned, DetGraph, GraphOutput, Outputs};
+use super::graph::{capture_forward, poisoned, GraphOutput, Outputs};
 use super::pixel_key::PixelGraphKey;
-use super::DArg;
+use super::Arg;
 use crate::backend::{CudaBackend, CudaTensor};
 use crate::error::CudaError;
+use crate::graph::CudaGraph;
 use crate::kernels::Kernels;
 use crate::pool::DeviceBuffer;
 use crate::preprocess::plan::{plan_batch, BatchPlan};
@@ -28,7 +29,7 @@ use crate::preprocess::{Pinned, PreprocessSpec, PREPROCESS_KERNELS, PREPROCESS_S
 
 /// One captured graph and the buffers it reads and writes.
 struct PixelEntry {
-    graph: DetGraph,
+    graph: CudaGraph,
     plan: BatchPlan,
     /// Tap tables and images, as `plan` lays them out.
     input: DeviceBuffer,
@@ -68,7 +69,7 @@ impl PixelEntry {
             result::memcpy_htod_async(self.input.ptr() + from as u64, pixels, stream)
                 .map_err(CudaError::from)?
         };
-        self.graph.replay(be)?;
+        be.replay(&self.graph)?;
         let total = self.out_values();
         let host = self.pin_out.f32_mut(total);
         let mut at = 0;
@@ -288,17 +289,17 @@ fn pixels_to_input(
         None => (0, [0.0; 3], [1.0; 3]),
     };
     let args = [
-        DArg::Ptr(src),
-        DArg::Ptr(x.ptr() + (at * be.esize()) as u64),
-        DArg::I64((pixels * 3) as i64),
-        DArg::F32(spec.scale),
-        DArg::I32(norm),
-        DArg::F32(mean[0]),
-        DArg::F32(mean[1]),
-        DArg::F32(mean[2]),
-        DArg::F32(std[0]),
-        DArg::F32(std[1]),
-        DArg::F32(std[2]),
+        Arg::Ptr(src),
+        Arg::Ptr(x.ptr() + (at * be.esize()) as u64),
+        Arg::I64((pixels * 3) as i64),
+        Arg::F32(spec.scale),
+        Arg::I32(norm),
+        Arg::F32(mean[0]),
+        Arg::F32(mean[1]),
+        Arg::F32(mean[2]),
+        Arg::F32(std[0]),
+        Arg::F32(std[1]),
+        Arg::F32(std[2]),
     ];
     be.det_launch_1d("det_pixels_to_input", pixels * 3, &args)
 }

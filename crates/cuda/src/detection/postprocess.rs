@@ -12,7 +12,7 @@
 use aperture_engine::{EngineError, HostTensor, Result};
 use cudarc::driver::{result, sys};
 
-use super::DArg;
+use super::Arg;
 use crate::backend::{CudaBackend, CudaTensor};
 use crate::error::CudaError;
 use crate::pool::DeviceBuffer;
@@ -127,10 +127,7 @@ impl CudaBackend {
     /// Most threads per block `name` can launch with.
     pub(crate) fn det_max_threads(&self, name: &str) -> Result<usize> {
         let kernels = self.det_kernels()?;
-        let f = *kernels
-            .funcs
-            .get(name)
-            .ok_or_else(|| EngineError::Device(format!("kernel {name} is not loaded")))?;
+        let f = kernels.function(name)?;
         self.ctx.bind()?;
         // SAFETY: `f` is a function of the loaded module; the query writes one integer.
         let v = unsafe {
@@ -189,9 +186,9 @@ impl CudaBackend {
                     "det_score_keys",
                     b * n,
                     &[
-                        DArg::Ptr(logits.ptr()),
-                        DArg::Ptr(keys.ptr()),
-                        DArg::I64((b * n) as i64),
+                        Arg::Ptr(logits.ptr()),
+                        Arg::Ptr(keys.ptr()),
+                        Arg::I64((b * n) as i64),
                     ],
                 )?;
                 let out = self.pool.alloc(b * k * DETECTION_VALUES * 4)?;
@@ -204,12 +201,12 @@ impl CudaBackend {
                     launch.threads,
                     launch.smem,
                     &[
-                        DArg::Ptr(keys.ptr()),
-                        DArg::Ptr(boxes.ptr()),
-                        DArg::Ptr(out.ptr()),
-                        DArg::I32(n as i32),
-                        DArg::I32(c as i32),
-                        DArg::I32(k as i32),
+                        Arg::Ptr(keys.ptr()),
+                        Arg::Ptr(boxes.ptr()),
+                        Arg::Ptr(out.ptr()),
+                        Arg::I32(n as i32),
+                        Arg::I32(c as i32),
+                        Arg::I32(k as i32),
                     ],
                 )?;
                 Ok(TopDetections {

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use aperture_engine::backend::DeformableSpec;
 use aperture_engine::{EngineError, Result};
 
-use super::{DArg, MAX_LEVELS};
+use super::{Arg, MAX_LEVELS};
 use crate::backend::{CudaBackend, CudaTensor};
 use crate::kernels::Storage;
 
@@ -96,10 +96,10 @@ impl CudaBackend {
                 return Ok(out);
             }
             let ptrs = [
-                DArg::Ptr(q.ptr()),
-                DArg::Ptr(k.ptr()),
-                DArg::Ptr(v.ptr()),
-                DArg::Ptr(out.ptr()),
+                Arg::Ptr(q.ptr()),
+                Arg::Ptr(k.ptr()),
+                Arg::Ptr(v.ptr()),
+                Arg::Ptr(out.ptr()),
             ];
             if let Some(name) = tc {
                 if out.ptr() % 16 != 0 {
@@ -109,23 +109,23 @@ impl CudaBackend {
                 }
                 let mut args = ptrs.to_vec();
                 args.extend([
-                    DArg::I32(lq as i32),
-                    DArg::I32(lk as i32),
-                    DArg::I32(c as i32),
-                    DArg::I32(heads as i32),
-                    DArg::F32(scale),
+                    Arg::I32(lq as i32),
+                    Arg::I32(lk as i32),
+                    Arg::I32(c as i32),
+                    Arg::I32(heads as i32),
+                    Arg::F32(scale),
                 ]);
                 self.det_launch_grid(name, (blocks as u32, 1), TC_THREADS, 0, &args)?;
                 return Ok(out);
             }
             let mut args = ptrs.to_vec();
             args.extend([
-                DArg::I32(b as i32),
-                DArg::I32(lq as i32),
-                DArg::I32(lk as i32),
-                DArg::I32(c as i32),
-                DArg::I32(heads as i32),
-                DArg::F32(scale),
+                Arg::I32(b as i32),
+                Arg::I32(lq as i32),
+                Arg::I32(lk as i32),
+                Arg::I32(c as i32),
+                Arg::I32(heads as i32),
+                Arg::F32(scale),
             ]);
             let smem = WARPS * (d + lk) * 4;
             self.det_launch(
@@ -164,12 +164,12 @@ impl CudaBackend {
             || {
                 let out = self.alloc_tensor(a.dims)?;
                 let args = [
-                    DArg::Ptr(a.ptr()),
-                    DArg::Ptr(b.ptr()),
-                    DArg::Ptr(gates.ptr()),
-                    DArg::Ptr(out.ptr()),
-                    DArg::I64(p as i64),
-                    DArg::I32(c as i32),
+                    Arg::Ptr(a.ptr()),
+                    Arg::Ptr(b.ptr()),
+                    Arg::Ptr(gates.ptr()),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I64(p as i64),
+                    Arg::I32(c as i32),
                 ];
                 self.det_launch_1d("det_gated_sum", a.numel(), &args)?;
                 Ok(out)
@@ -241,20 +241,20 @@ impl CudaBackend {
             .op(self, "deformable_attention", flops, bytes, || {
                 let out = self.alloc_tensor([b, 1, q, c])?;
                 let args = [
-                    DArg::Ptr(value.ptr()),
-                    DArg::Ptr(offsets.ptr()),
-                    DArg::Ptr(logits.ptr()),
-                    DArg::Ptr(boxes.ptr()),
-                    DArg::Ptr(out.ptr()),
-                    DArg::I32(b as i32),
-                    DArg::I32(q as i32),
-                    DArg::I32(c as i32),
-                    DArg::I32(heads as i32),
-                    DArg::I32(s_total as i32),
-                    DArg::I32(spec.shapes.len() as i32),
-                    DArg::F32(spec.offset_scale),
-                    DArg::I32(spec.discrete as i32),
-                    DArg::Levels(levels),
+                    Arg::Ptr(value.ptr()),
+                    Arg::Ptr(offsets.ptr()),
+                    Arg::Ptr(logits.ptr()),
+                    Arg::Ptr(boxes.ptr()),
+                    Arg::Ptr(out.ptr()),
+                    Arg::I32(b as i32),
+                    Arg::I32(q as i32),
+                    Arg::I32(c as i32),
+                    Arg::I32(heads as i32),
+                    Arg::I32(s_total as i32),
+                    Arg::I32(spec.shapes.len() as i32),
+                    Arg::F32(spec.offset_scale),
+                    Arg::I32(spec.discrete as i32),
+                    Arg::I32x16(levels),
                 ];
                 self.det_launch(
                     deformable_kernel(c, d),
