@@ -172,6 +172,9 @@ def cmd_merge(a):
         rel = "-" if r.get("rel_l2_vs_fp32") is None else f"{r['rel_l2_vs_fp32']:.2e}"
         lines.append(f"| {r['engine']} | {r['precision']} | {r['batch']} | {r['images_per_s']:.1f} | {r['p50_ms']:.2f} | "
                      f"{r['p99_ms']:.2f} | {r['peak_gib']:.2f} | {rel} | {ratio} |")
+    if a.note:
+        lines.append("")
+        lines += [f"- {n}" for n in a.note]
     open(a.out_md, "w").write("\n".join(lines) + "\n")
     print("\nsummary (best images/s per engine and precision; batch-1 p50):")
     seen = []
@@ -213,6 +216,7 @@ def main():
     m.add_argument("--torch", required=True)
     m.add_argument("--out-json", required=True)
     m.add_argument("--out-md", required=True)
+    m.add_argument("--note", action="append", default=[], help="a line under the table (repeatable)")
     m.add_argument("--version", default="-")
     a = p.parse_args()
     {"reference": cmd_reference, "bench": cmd_bench, "merge": cmd_merge}[a.cmd](a)

@@ -273,18 +273,24 @@ pub(super) fn pack_input(
     }
 }
 
+/// Turns off the offer of SiLU in cuDNN's fused call (for A/B runs).
+const FUSED_SILU_SWITCH: &str = "APERTURE_CUDNN_SILU";
+
 /// Whether cuDNN's convolution + bias + activation call can finish `l` with `algo`:
-/// bias, ReLU or no activation, no residual, the output written in place (its identity
-/// activation runs with the precomputed implicit GEMM only).
+/// bias, ReLU, SiLU (swish) or no activation, no residual, the output written in place
+/// (its identity activation runs with the precomputed implicit GEMM only). SiLU is an
+/// offer: where cuDNN does not support it the call fails while timed and our epilogue
+/// stays; where it runs, its output is checked against ours like every cuDNN choice.
 pub(super) fn can_fuse(
     l: &DenseLaunch,
     staging: Staging,
     algo: dnn::cudnnConvolutionFwdAlgo_t,
 ) -> bool {
     let relu = l.act == 2;
+    let silu = l.act == 3 && !std::env::var(FUSED_SILU_SWITCH).is_ok_and(|v| v.trim() == "0");
     let identity = l.act == 0
         && algo == dnn::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM;
-    l.bias && !l.residual && !staging.output && (relu || identity)
+    l.bias && !l.residual && !staging.output && (relu || silu || identity)
 }
 
 /// The bias and activation descriptors of cuDNN's fused call.
@@ -299,7 +305,7 @@ unsafe impl Sync for FusedEpilogue {}
 
 impl FusedEpilogue {
     /// For `l`: a 1 x c_out x 1 x 1 bias in the storage type, ReLU (NaN not propagated,
-    /// as `fmaxf` in ours) or identity.
+    /// as `fmaxf` in ours), SiLU (swish with beta 1) or identity.
     pub(super) fn new(be: &CudaBackend, l: &DenseLaunch) -> CudaResult<Self> {
         let f = FusedEpilogue {
             bias: tensor_descriptor()?,
@@ -308,10 +314,10 @@ impl FusedEpilogue {
                 dnn::cudnnDestroyActivationDescriptor,
             )?,
         };
-        let mode = if l.act == 2 {
-            dnn::cudnnActivationMode_t::CUDNN_ACTIVATION_RELU
-        } else {
-            dnn::cudnnActivationMode_t::CUDNN_ACTIVATION_IDENTITY
+        let mode = match l.act {
+            2 => dnn::cudnnActivationMode_t::CUDNN_ACTIVATION_RELU,
+            3 => dnn::cudnnActivationMode_t::CUDNN_ACTIVATION_SWISH,
+            _ => dnn::cudnnActivationMode_t::CUDNN_ACTIVATION_IDENTITY,
         };
         // SAFETY: the setters write plain values into descriptors created above.
         unsafe {
@@ -336,6 +342,12 @@ impl FusedEpilogue {
                 ),
                 "activation descriptor",
             )?;
+            if l.act == 3 {
+                check(
+                    dnn::cudnnSetActivationDescriptorSwishBeta(f.act.get(), 1.0),
+                    "swish beta",
+                )?;
+            }
         }
         Ok(f)
     }

@@ -522,7 +522,7 @@ mod tests {
     }
 
     #[test]
-    fn cudnn_finishes_bias_with_relu_or_identity_in_place_only() {
+    fn cudnn_finishes_bias_with_relu_silu_or_identity_in_place_only() {
         use dnn::cudnnConvolutionFwdAlgo_t as A;
         let (precomp, gemm) = (
             A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
@@ -538,10 +538,12 @@ mod tests {
         let identity = launch(64, 64, 32, 32);
         assert!(api::can_fuse(&identity, plain, precomp));
         assert!(!api::can_fuse(&identity, plain, gemm));
-        // SiLU, GELU, a residual, no bias or a staged output stay with our epilogue.
-        for act in [1, 3] {
-            assert!(!api::can_fuse(&DenseLaunch { act, ..relu }, plain, precomp));
-        }
+        // SiLU is offered to cuDNN (which may turn it down while timed).
+        let silu = DenseLaunch { act: 3, ..relu };
+        assert!(api::can_fuse(&silu, plain, precomp));
+        assert!(api::can_fuse(&silu, plain, gemm));
+        // GELU, a residual, no bias or a staged output stay with our epilogue.
+        assert!(!api::can_fuse(&DenseLaunch { act: 1, ..relu }, plain, precomp));
         let residual = DenseLaunch {
             residual: true,
             ..relu
