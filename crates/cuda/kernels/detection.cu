@@ -514,8 +514,9 @@ extern "C" __global__ void det_attention_tc128(const T* __restrict__ q, const T*
 // Multi-scale deformable attention: one warp per (query row, head), lanes over the
 // head's channels (up to 128). Levels (at most 4) come as (height, width, first row,
 // points) quadruples in `lv`.
+#define DET_MAX_LEVELS 4
 struct DetLevels {
-    int v[16];
+    int v[4 * DET_MAX_LEVELS];
 };
 
 // One (query row, head) task of the deformable attention: its attention logits and
@@ -531,14 +532,20 @@ struct DetDeformTask {
 __device__ __forceinline__ DetDeformTask det_deform_task(i64 task, const T* __restrict__ off,
                                                          const T* __restrict__ logits,
                                                          const T* __restrict__ boxes, int Q, int C, int heads,
-                                                         int levels, const DetLevels& lv) {
+                                                         int levels, const DetLevels& lv,
+                                                         bool lane_points = false) {
+    // B * Q * heads < 2^31 (checked on the host): 32-bit division is a few
+    // instructions where a 64-bit one is a long call.
     DetDeformTask t;
-    t.h = (int)(task % heads);
-    t.row = task / heads;
-    t.bi = t.row / Q;
+    const int task32 = (int)task;
+    t.h = task32 % heads;
+    t.row = task32 / heads;
+    t.bi = (int)t.row / Q;
     t.d = C / heads;
     t.P = 0;
-    for (int l = 0; l < levels; l++) t.P += lv.v[l * 4 + 3];
+#pragma unroll
+    for (int l = 0; l < DET_MAX_LEVELS; l++)
+        if (l < levels) t.P += lv.v[l * 4 + 3];
     t.lg = logits + t.row * heads * t.P + t.h * t.P;
     t.of = off + (t.row * heads * t.P + (i64)t.h * t.P) * 2;
     t.bx0 = ldf(boxes[t.row * 4 + 0]);
@@ -546,9 +553,13 @@ __device__ __forceinline__ DetDeformTask det_deform_task(i64 task, const T* __re
     t.bx2 = ldf(boxes[t.row * 4 + 2]);
     t.bx3 = ldf(boxes[t.row * 4 + 3]);
     t.m = DET_NEG_INF;
-    for (int p = 0; p < t.P; p++) t.m = fmaxf(t.m, ldf(t.lg[p]));
     t.z = 0.0f;
-    for (int p = 0; p < t.P; p++) t.z += expf(ldf(t.lg[p]) - t.m);
+    // With at most 32 points the vector kernel's lanes do the softmax together
+    // (det_deform_lane_point); otherwise each lane walks the points.
+    if (!lane_points) {
+        for (int p = 0; p < t.P; p++) t.m = fmaxf(t.m, ldf(t.lg[p]));
+        for (int p = 0; p < t.P; p++) t.z += expf(ldf(t.lg[p]) - t.m);
+    }
     return t;
 }
 
@@ -570,7 +581,10 @@ __device__ __forceinline__ void det_deform_points(const DetDeformTask& t, const 
                                                   int C, int levels, const DetLevels& lv, float offset_scale,
                                                   F f) {
     int p = 0;
-    for (int l = 0; l < levels; l++) {
+    // Constant level indices keep `lv` in parameter space (no local copy).
+#pragma unroll
+    for (int l = 0; l < DET_MAX_LEVELS; l++) {
+        if (l >= levels) break;
         int lh = lv.v[l * 4], lw = lv.v[l * 4 + 1], start = lv.v[l * 4 + 2], np = lv.v[l * 4 + 3];
         float sc = 1.0f / (float)np;
         const T* level = value + (t.bi * S + start) * C + t.h * t.d;
@@ -671,50 +685,153 @@ __device__ __forceinline__ void det_load4(const T* p, float* v) {
 // sums meet by shuffles at the end. The sampling arithmetic and each tap's weight are
 // det_deformable's; only the order of the final additions differs. Heads of d % 4 == 0
 // channels (up to 128) with C % 4 == 0.
-extern "C" __global__ void det_deformable_vec(const T* __restrict__ value, const T* __restrict__ off,
-                                              const T* __restrict__ logits, const T* __restrict__ boxes,
-                                              T* __restrict__ y, int B, int Q, int C, int heads, int S, int levels,
-                                              float offset_scale, int discrete, DetLevels lv) {
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    i64 task = (i64)blockIdx.x * (blockDim.x >> 5) + warp;
-    if (task >= (i64)B * Q * heads) return;
-    const int g = lane >> 3, sub = lane & 7;
-    const DetDeformTask t = det_deform_task(task, off, logits, boxes, Q, C, heads, levels, lv);
-    float acc[4][4];
+// Where a point samples in pixels of its level: the nearest pixel (a, b) when discrete,
+// else the bilinear top-left pixel (a, b) and fractions (fx, fy).
+struct DetSample {
+    int a, b;
+    float fx, fy;
+};
+
+__device__ __forceinline__ DetSample det_deform_sample(float lx, float ly, int lw, int lh, int discrete) {
+    DetSample q;
+    q.fx = 0.0f;
+    q.fy = 0.0f;
+    if (discrete)
+        det_deform_nearest(lx, ly, lw, lh, &q.a, &q.b);
+    else
+        det_deform_bilinear(lx, ly, lw, lh, &q.a, &q.b, &q.fx, &q.fy);
+    return q;
+}
+
+// Lane p (< P <= 32) of the task's warp loads point p's logit and offsets, the softmax
+// over the points runs as warp reductions, and the lane ends with its point's attention
+// weight and sample (det_deform_point's and det_deform_sample's arithmetic): one round
+// trip to memory and one pass of the arithmetic per point instead of per lane and point.
+__device__ __forceinline__ DetSample det_deform_lane_point(const DetDeformTask& t, int lane, int levels,
+                                                           const DetLevels& lv, float offset_scale, int discrete,
+                                                           float* w) {
+    const bool valid = lane < t.P;
+    const float lg = valid ? ldf(t.lg[lane]) : DET_NEG_INF;
+    const float ox = valid ? ldf(t.of[lane * 2]) : 0.0f;
+    const float oy = valid ? ldf(t.of[lane * 2 + 1]) : 0.0f;
+    const float m = det_warp_max(lg);
+    const float e = valid ? expf(lg - m) : 0.0f;
+    const float z = det_warp_sum(e);
+    float sc = 1.0f;
+    int lw = 1, lh = 1;
+    int first = 0;
 #pragma unroll
-    for (int u = 0; u < 4; u++)
-#pragma unroll
-        for (int j = 0; j < 4; j++) acc[u][j] = 0.0f;
-    det_deform_points(t, value, S, C, levels, lv, offset_scale,
-                      [&](const T* level, int lw, int lh, float w, float lx, float ly) {
-        int xt, yt;
-        float wt;
-        if (discrete) {
-            det_deform_nearest(lx, ly, lw, lh, &xt, &yt);
-            wt = g == 0 ? w : 0.0f;
-        } else {
-            int x0i, y0i;
-            float fx, fy;
-            det_deform_bilinear(lx, ly, lw, lh, &x0i, &y0i, &fx, &fy);
-            xt = x0i + (g & 1);
-            yt = y0i + (g >> 1);
-            wt = w * ((g & 1) ? fx : 1.0f - fx) * ((g >> 1) ? fy : 1.0f - fy);
+    for (int l = 0; l < DET_MAX_LEVELS; l++) {
+        if (l >= levels) break;
+        const int np = lv.v[l * 4 + 3];
+        if (lane >= first && lane < first + np) {
+            sc = 1.0f / (float)np;
+            lh = lv.v[l * 4];
+            lw = lv.v[l * 4 + 1];
         }
-        if (wt == 0.0f || xt < 0 || yt < 0 || xt >= lw || yt >= lh) return;
-        const T* src = level + ((i64)yt * lw + xt) * C;
+        first += np;
+    }
+    const float lx = __fadd_rn(t.bx0, __fmul_rn(__fmul_rn(__fmul_rn(ox, sc), t.bx2), offset_scale));
+    const float ly = __fadd_rn(t.bx1, __fmul_rn(__fmul_rn(__fmul_rn(oy, sc), t.bx3), offset_scale));
+    *w = e / z;
+    return det_deform_sample(lx, ly, lw, lh, discrete);
+}
+
+// Tap g (0..3) of a sample with attention weight w: its pixel and weight (the nearest
+// pixel counts once, as tap 0).
+__device__ __forceinline__ void det_deform_tap(const DetSample& q, float w, int discrete, int g, int* xt, int* yt,
+                                               float* wt) {
+    if (discrete) {
+        *xt = q.a;
+        *yt = q.b;
+        *wt = g == 0 ? w : 0.0f;
+    } else {
+        *xt = q.a + (g & 1);
+        *yt = q.b + (g >> 1);
+        *wt = w * ((g & 1) ? q.fx : 1.0f - q.fx) * ((g >> 1) ? q.fy : 1.0f - q.fy);
+    }
+}
+
+// Adds wt x pixel (xt, yt) of a level, four channels per lane for up to four 32-channel
+// groups. The load is issued from an address clamped into the map whether or not the
+// tap counts, so that consecutive points' loads can be in flight together; a tap outside
+// the map or with zero weight adds nothing (as if skipped).
+template <int G>
+__device__ __forceinline__ void det_deform_tap4(const T* __restrict__ level, int lw, int lh, int xt, int yt,
+                                                float wt, int sub, int d, int C, float acc[G][4]) {
+    const bool counts = wt != 0.0f && xt >= 0 && yt >= 0 && xt < lw && yt < lh;
+    const T* src = level + ((i64)min(max(yt, 0), lh - 1) * lw + min(max(xt, 0), lw - 1)) * C;
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            const int c = 32 * u + 4 * sub;
-            if (c < t.d) {
-                float v[4];
-                det_load4(src + c, v);
+    for (int u = 0; u < G; u++) {
+        const int c = 32 * u + 4 * sub;
+        if (c < d) {
+            float v[4];
+            det_load4(src + c, v);
+            if (counts) {
 #pragma unroll
                 for (int j = 0; j < 4; j++) acc[u][j] += wt * v[j];
             }
         }
-    });
+    }
+}
+
+// The vector kernel for heads of up to 32 G channels (G = 1 for D-FINE's 32-channel
+// heads: one accumulator group, no idle group loops).
+template <int G>
+__device__ __forceinline__ void det_deformable_vec_body(const T* __restrict__ value, const T* __restrict__ off,
+                                                        const T* __restrict__ logits, const T* __restrict__ boxes,
+                                                        T* __restrict__ y, int B, int Q, int C, int heads, int S,
+                                                        int levels, float offset_scale, int discrete,
+                                                        const DetLevels& lv) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    i64 task = (i64)blockIdx.x * (blockDim.x >> 5) + warp;
+    if (task >= (i64)B * Q * heads) return;
+    const int g = lane >> 3, sub = lane & 7;
+    int P = 0;
 #pragma unroll
-    for (int u = 0; u < 4; u++)
+    for (int l = 0; l < DET_MAX_LEVELS; l++)
+        if (l < levels) P += lv.v[l * 4 + 3];
+    const bool lane_points = P <= 32;
+    const DetDeformTask t = det_deform_task(task, off, logits, boxes, Q, C, heads, levels, lv, lane_points);
+    float acc[G][4];
+#pragma unroll
+    for (int u = 0; u < G; u++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[u][j] = 0.0f;
+    int xt, yt;
+    float wt;
+    if (lane_points) {
+        float pw;
+        const DetSample mine = det_deform_lane_point(t, lane, levels, lv, offset_scale, discrete, &pw);
+        int p = 0;
+        // Constant level indices keep `lv` in parameter space (no local copy).
+#pragma unroll
+        for (int l = 0; l < DET_MAX_LEVELS; l++) {
+            if (l >= levels) break;
+            const int lh = lv.v[l * 4], lw = lv.v[l * 4 + 1], start = lv.v[l * 4 + 2], np = lv.v[l * 4 + 3];
+            const T* level = value + (t.bi * S + start) * C + t.h * t.d;
+#pragma unroll 4
+            for (int e = 0; e < np; e++) {
+                DetSample q;
+                q.a = __shfl_sync(0xffffffffu, mine.a, p + e);
+                q.b = __shfl_sync(0xffffffffu, mine.b, p + e);
+                q.fx = __shfl_sync(0xffffffffu, mine.fx, p + e);
+                q.fy = __shfl_sync(0xffffffffu, mine.fy, p + e);
+                const float w = __shfl_sync(0xffffffffu, pw, p + e);
+                det_deform_tap(q, w, discrete, g, &xt, &yt, &wt);
+                det_deform_tap4<G>(level, lw, lh, xt, yt, wt, sub, t.d, C, acc);
+            }
+            p += np;
+        }
+    } else {
+        det_deform_points(t, value, S, C, levels, lv, offset_scale,
+                          [&](const T* level, int lw, int lh, float w, float lx, float ly) {
+            det_deform_tap(det_deform_sample(lx, ly, lw, lh, discrete), w, discrete, g, &xt, &yt, &wt);
+            det_deform_tap4<G>(level, lw, lh, xt, yt, wt, sub, t.d, C, acc);
+        });
+    }
+#pragma unroll
+    for (int u = 0; u < G; u++)
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             acc[u][j] += __shfl_xor_sync(0xffffffffu, acc[u][j], 8);
@@ -723,12 +840,28 @@ extern "C" __global__ void det_deformable_vec(const T* __restrict__ value, const
     if (g != 0) return;
     T* out = y + t.row * C + t.h * t.d;
 #pragma unroll
-    for (int u = 0; u < 4; u++) {
+    for (int u = 0; u < G; u++) {
         const int c = 32 * u + 4 * sub;
         if (c < t.d)
 #pragma unroll
             for (int j = 0; j < 4; j++) out[c + j] = stf(acc[u][j]);
     }
+}
+
+extern "C" __global__ void det_deformable_vec(const T* __restrict__ value, const T* __restrict__ off,
+                                              const T* __restrict__ logits, const T* __restrict__ boxes,
+                                              T* __restrict__ y, int B, int Q, int C, int heads, int S, int levels,
+                                              float offset_scale, int discrete, DetLevels lv) {
+    det_deformable_vec_body<4>(value, off, logits, boxes, y, B, Q, C, heads, S, levels, offset_scale, discrete,
+                               lv);
+}
+
+extern "C" __global__ void det_deformable_vec32(const T* __restrict__ value, const T* __restrict__ off,
+                                                const T* __restrict__ logits, const T* __restrict__ boxes,
+                                                T* __restrict__ y, int B, int Q, int C, int heads, int S,
+                                                int levels, float offset_scale, int discrete, DetLevels lv) {
+    det_deformable_vec_body<1>(value, off, logits, boxes, y, B, Q, C, heads, S, levels, offset_scale, discrete,
+                               lv);
 }
 
 // Per row, the largest channel (NaN ignored, as Rust's f32::max), in fp32.

@@ -543,7 +543,11 @@ mod tests {
         assert!(api::can_fuse(&silu, plain, precomp));
         assert!(api::can_fuse(&silu, plain, gemm));
         // GELU, a residual, no bias or a staged output stay with our epilogue.
-        assert!(!api::can_fuse(&DenseLaunch { act: 1, ..relu }, plain, precomp));
+        assert!(!api::can_fuse(
+            &DenseLaunch { act: 1, ..relu },
+            plain,
+            precomp
+        ));
         let residual = DenseLaunch {
             residual: true,
             ..relu

@@ -54,6 +54,7 @@ pub const DETECTION_KERNELS: &[&str] = &[
     "det_attention_tc128",
     "det_deformable",
     "det_deformable_vec",
+    "det_deformable_vec32",
     "det_row_max",
     "det_gather",
     "det_refine",

@@ -222,6 +222,11 @@ impl CudaBackend {
                 )));
             }
         }
+        if b * q * heads > i32::MAX as usize {
+            return Err(EngineError::Unsupported(format!(
+                "the CUDA deformable attention takes fewer than 2^31 (image, query, head) tasks; got {b} x {q} x {heads}"
+            )));
+        }
         let mut levels = [0i32; 4 * MAX_LEVELS];
         let mut start = 0;
         for (l, (&(h, w), &np)) in spec.shapes.iter().zip(&spec.points).enumerate() {
@@ -268,8 +273,10 @@ impl CudaBackend {
     }
 }
 
-/// `det_deformable_vec` (four taps per load instruction, four channels per lane) where
-/// heads and rows allow its vector loads (`c` and `d` multiples of 4), else
+/// `det_deformable_vec` (four taps per load instruction, four channels per lane; with
+/// up to 32 points the lanes share the softmax and sample arithmetic, one point per lane)
+/// where heads and rows allow its vector loads (`c` and `d` multiples of 4), in its
+/// one-group form `det_deformable_vec32` for heads of up to 32 channels, else
 /// `det_deformable`; `APERTURE_DEFORMABLE=scalar` keeps `det_deformable` (A/B runs).
 /// On the H100 the vector kernel took D-FINE-X from 26.2 to 25.4 ms per batch of 32 (p50).
 fn deformable_kernel(c: usize, d: usize) -> &'static str {
@@ -280,7 +287,12 @@ fn deformable_kernel(c: usize, d: usize) -> &'static str {
 
 fn deformable_kernel_for(vec: bool, c: usize, d: usize) -> &'static str {
     if vec && c.is_multiple_of(4) && d.is_multiple_of(4) {
-        "det_deformable_vec"
+        // One 32-channel group per lane set where the heads are that narrow.
+        if d <= 32 {
+            "det_deformable_vec32"
+        } else {
+            "det_deformable_vec"
+        }
     } else {
         "det_deformable"
     }
@@ -292,9 +304,17 @@ mod tests {
     use crate::detection::DETECTION_KERNELS;
 
     #[test]
+    fn kernel_level_limit_matches_the_host() {
+        let define = format!("#define DET_MAX_LEVELS {MAX_LEVELS}\n");
+        assert!(crate::detection::DETECTION_SOURCE.contains(&define));
+    }
+
+    #[test]
     fn vector_deformable_kernel_needs_whole_four_channel_groups() {
-        assert_eq!(deformable_kernel_for(true, 256, 32), "det_deformable_vec");
+        assert_eq!(deformable_kernel_for(true, 256, 32), "det_deformable_vec32");
+        assert_eq!(deformable_kernel_for(true, 64, 16), "det_deformable_vec32");
         assert_eq!(deformable_kernel_for(true, 384, 128), "det_deformable_vec");
+        assert_eq!(deformable_kernel_for(true, 384, 48), "det_deformable_vec");
         assert_eq!(deformable_kernel_for(true, 30, 6), "det_deformable");
         assert_eq!(deformable_kernel_for(true, 18, 9), "det_deformable");
         assert_eq!(deformable_kernel_for(false, 256, 32), "det_deformable");

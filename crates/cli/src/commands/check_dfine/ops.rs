@@ -105,12 +105,12 @@ pub fn run_ops<B: Backend>(b: &B) -> Result<Vec<(String, HostTensor)>> {
         b.download_nhwc(&b.concat_rows(&[&a, &r, &a2])?)?,
     ));
 
-    // Deformable attention over three levels of a 640x640 input (stride 8, 16, 32).
+    // Deformable attention over three levels of a 640x640 input (stride 8, 16, 32):
+    // D-FINE-X's 8 heads of 32 channels and 12 points, 4 heads of 64 (two channel groups
+    // per lane set), and 2 heads of 128 with 36 points (more points than lanes).
     let shapes = vec![(80, 80), (40, 40), (20, 20)];
     let s_total: usize = shapes.iter().map(|(h, w)| h * w).sum();
     let value = up(&tensor(30, [2, 1, s_total, 256], -1.0, 1.0)?)?;
-    let offsets = up(&tensor(31, [2, 1, 300, 8 * 12 * 2], -3.0, 3.0)?)?;
-    let logits = up(&tensor(32, [2, 1, 300, 8 * 12], -2.0, 2.0)?)?;
     let mut boxes = random(33, 2 * 300 * 4, 0.02, 0.98);
     // Some boxes hang over the border so that zero padding is exercised.
     boxes
@@ -118,19 +118,31 @@ pub fn run_ops<B: Backend>(b: &B) -> Result<Vec<(String, HostTensor)>> {
         .step_by(7)
         .for_each(|v| *v = *v * 1.4 - 0.2);
     let boxes = up(&HostTensor::from_f32(vec![2, 1, 300, 4], boxes)?)?;
-    for discrete in [false, true] {
-        let spec = DeformableSpec {
-            heads: 8,
-            shapes: shapes.clone(),
-            points: vec![3, 6, 3],
-            offset_scale: 0.5,
-            discrete,
-        };
-        let y = b.deformable_attention(&value, &offsets, &logits, &boxes, &spec)?;
-        out.push((
-            format!("deformable_attention discrete={discrete}"),
-            b.download_nhwc(&y)?,
-        ));
+    for (heads, points) in [
+        (8, vec![3, 6, 3]),
+        (4, vec![4, 4, 4]),
+        (2, vec![12, 12, 12]),
+    ] {
+        let p_total: usize = points.iter().sum();
+        let offsets = up(&tensor(31, [2, 1, 300, heads * p_total * 2], -3.0, 3.0)?)?;
+        let logits = up(&tensor(32, [2, 1, 300, heads * p_total], -2.0, 2.0)?)?;
+        for discrete in [false, true] {
+            let spec = DeformableSpec {
+                heads,
+                shapes: shapes.clone(),
+                points: points.clone(),
+                offset_scale: 0.5,
+                discrete,
+            };
+            let y = b.deformable_attention(&value, &offsets, &logits, &boxes, &spec)?;
+            out.push((
+                format!(
+                    "deformable_attention {heads}x{} {points:?} discrete={discrete}",
+                    256 / heads
+                ),
+                b.download_nhwc(&y)?,
+            ));
+        }
     }
 
     // Query selection and boxes.
