@@ -1,7 +1,9 @@
-//! The two deformable-attention kernels of detection.cu, run on the host: their source
+//! The deformable-attention kernels of detection.cu, run on the host: their source
 //! compiled by g++ after `topk_emulation/emu.h` (one std::thread per CUDA thread, warp
-//! intrinsics emulated) and `det_deformable_vec` (four taps per load, groups summed by
-//! shuffles) compared with `det_deformable` on random inputs, in fp32 and in a 2-byte
+//! intrinsics emulated) and the vector kernels (`det_deformable_vec32` /
+//! `det_deformable_vec`: four taps per load, the points' softmax and samples shared
+//! across lanes, groups summed by shuffles) compared with `det_deformable` on random
+//! inputs, with fewer and with more points than lanes, in fp32 and in a 2-byte
 //! storage type
 //! (`deformable_emulation/main.cpp`; g++ required), and both against the CPU backend's
 //! deformable attention on the same inputs. On the GPU both are
@@ -26,6 +28,17 @@ fn vector_deformable_kernel_matches_the_scalar_one_on_the_host() {
         .map(|e| start + e)
         .expect("the deformable attention is followed by det_row_max");
     let kernels = src[start..end].replace("extern \"C\" ", "");
+    // The warp reductions the vector kernels share with the rest of detection.cu.
+    let reductions = {
+        let from = src
+            .find("__device__ __forceinline__ float det_warp_sum")
+            .expect("detection.cu has det_warp_sum");
+        let to = src[from..]
+            .find("__device__ __forceinline__ float det_sigmoid")
+            .map(|e| from + e)
+            .expect("det_warp_max is followed by det_sigmoid");
+        &src[from..to]
+    };
     // What the deformable kernels use beyond the top-k kernels' emulation.
     let prelude = r#"
 #define DET_NEG_INF (-INFINITY)
@@ -35,6 +48,14 @@ struct float4 { float x, y, z, w; };
 inline float __shfl_xor_sync(unsigned mask, float v, int o) {
     unsigned all[32]; exchange(mask, __float_as_uint(v), all);
     return __uint_as_float(all[(threadIdx.x % 32) ^ o]);
+}
+inline float __shfl_sync(unsigned mask, float v, int src) {
+    unsigned all[32]; exchange(mask, __float_as_uint(v), all);
+    return __uint_as_float(all[src & 31]);
+}
+inline int __shfl_sync(unsigned mask, int v, int src) {
+    unsigned all[32]; exchange(mask, (unsigned)v, all);
+    return (int)all[src & 31];
 }
 "#;
     // 2-byte storage: bf16 bits, rounded to nearest even (the vector kernel then loads
@@ -59,23 +80,23 @@ inline T stf(float f) {
         ("deformable_emulation_bf16", bf16, "1e-2", vec![]),
     ] {
         let source = format!(
-            "{storage}\n{}\n{prelude}\n#define TOLERANCE {tolerance}\n{kernels}\n{main}",
+            "{storage}\n{}\n{prelude}\n{reductions}\n#define TOLERANCE {tolerance}\n{kernels}\n{main}",
             common::emulation_header(),
         );
         let text = common::build_and_run(name, &source, &args);
         assert!(text.contains("ALL OK"), "{name}: {text}");
-        assert_eq!(text.matches(" ok\n").count(), 6, "{name}: {text}");
+        assert_eq!(text.matches(" ok\n").count(), 12, "{name}: {text}");
     }
     // Both fp32 kernels against the CPU backend's deformable attention on each case:
     // det_deformable follows its operation order (identical), the vector kernel adds the
     // four taps' sums in another order.
-    for i in 0..6 {
+    for i in 0..12 {
         let bytes = std::fs::read(dump.join(format!("case{i}.bin"))).expect("case written");
         let case = Case::parse(&bytes);
         let want = case.cpu_output();
         for (kernel, got, limit) in [
             ("det_deformable", &case.scalar, 0.0),
-            ("det_deformable_vec", &case.vector, 1e-6),
+            ("the vector kernel", &case.vector, 1e-6),
         ] {
             let err = relative_l2(got, &want);
             assert!(

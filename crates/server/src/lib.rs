@@ -57,5 +57,7 @@ pub mod metrics;
 pub mod server;
 
 pub use metrics::GpuMetrics;
-pub use server::{run_until_signal, shutdown_signal, ServeOptions, Server, Shared};
+pub use server::{
+    run_until_signal, shutdown_signal, GrpcCompression, ServeOptions, Server, Shared,
+};
 pub mod loadgen;

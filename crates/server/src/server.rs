@@ -60,6 +60,29 @@ pub struct ServeOptions {
     /// Triton's system shared-memory extension (clients on this host register regions
     /// of /dev/shm the server then reads and writes).
     pub shared_memory: bool,
+    /// Compression of gRPC answers for clients that accept it (Triton's
+    /// `--grpc-infer-response-compression-level`); none by default, as Triton.
+    pub grpc_response_compression: Option<GrpcCompression>,
+}
+
+/// A gRPC message compression the server can send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrpcCompression {
+    Gzip,
+    Deflate,
+}
+
+impl std::str::FromStr for GrpcCompression {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "gzip" => Ok(Self::Gzip),
+            "deflate" => Ok(Self::Deflate),
+            other => Err(format!(
+                "unknown gRPC compression {other:?} (expected gzip or deflate)"
+            )),
+        }
+    }
 }
 
 impl Default for ServeOptions {
@@ -75,6 +98,7 @@ impl Default for ServeOptions {
             admin_key: None,
             shutdown_grace: Duration::from_secs(30),
             shared_memory: true,
+            grpc_response_compression: None,
         }
     }
 }

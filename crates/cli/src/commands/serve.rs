@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// otherwise have the server read and write any /dev/shm object it can open).
     #[arg(long)]
     pub no_shared_memory: bool,
+    /// Compress gRPC answers (gzip or deflate) for clients that accept the encoding;
+    /// off by default, as in Triton (requests may always come compressed).
+    #[arg(long, value_name = "gzip|deflate")]
+    pub grpc_response_compression: Option<aperture_server::GrpcCompression>,
     /// Run a bare echo peer (same routes, no parsing or model) instead of the server,
     /// to measure the server's own overhead with `aperture loadgen`.
     #[arg(long)]
@@ -253,6 +257,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         admin_key: args.admin_key.clone(),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
         shared_memory: !args.no_shared_memory,
+        grpc_response_compression: args.grpc_response_compression,
     };
     eprintln!(
         "aperture serve: HTTP {} gRPC {} metrics {}",

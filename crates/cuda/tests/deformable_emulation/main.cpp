@@ -1,7 +1,9 @@
-// Runs det_deformable and det_deformable_vec (detection.cu, after emu.h) on the host on
-// the same random inputs, bilinear and discrete sampling, heads of 16, 32 and 48
-// channels, samples partly outside the maps, and compares the outputs (the kernels differ
-// only in the order of the final additions). Built once with fp32 storage and once with
+// Runs det_deformable and the vector kernel the host takes for the head width
+// (det_deformable_vec32 up to 32 channels, else det_deformable_vec; detection.cu, after
+// emu.h) on the host on the same random inputs, bilinear and discrete sampling, heads of
+// 16, 32 and 48 channels, 6 points (one per lane) or 34 (more points than lanes), samples
+// partly outside the maps, and compares the outputs (the kernels differ only in the order
+// of the softmax sum and of the final additions). Built once with fp32 storage and once with
 // a 2-byte storage type (bf16 bits: the vector kernel's 8-byte loads), TOLERANCE apart.
 // With a folder argument, each case's inputs and both outputs are also written there
 // (case<i>.bin: 13 int32 of shape, then value, offsets, logits, boxes and the two
@@ -41,9 +43,11 @@ static void run(Kernel k, const std::vector<T>& value, const std::vector<T>& off
     }
 }
 
-static int check(const char* name, int d, int discrete) {
+static int check(const char* name, int d, int discrete, bool many_points) {
     const int B = 2, Q = 5, heads = 2, C = heads * d;
-    const int shapes[2][3] = {{6, 7, 4}, {3, 4, 2}};  // h, w, points
+    const int few[2][3] = {{6, 7, 4}, {3, 4, 2}};  // h, w, points
+    const int many[2][3] = {{6, 7, 20}, {3, 4, 14}};
+    const int (&shapes)[2][3] = many_points ? many : few;
     DetLevels lv{};
     int S = 0, P = 0;
     for (int l = 0; l < 2; l++) {
@@ -54,7 +58,7 @@ static int check(const char* name, int d, int discrete) {
         S += shapes[l][0] * shapes[l][1];
         P += shapes[l][2];
     }
-    std::mt19937 rng(d * 7 + discrete);
+    std::mt19937 rng(d * 7 + discrete + (many_points ? 1000 : 0));
     auto fill = [&](std::vector<T>& v, float lo, float hi) {
         std::uniform_real_distribution<float> u(lo, hi);
         for (auto& x : v) x = stf(u(rng));
@@ -66,7 +70,8 @@ static int check(const char* name, int d, int discrete) {
     fill(boxes, 0.05f, 0.95f);
     std::vector<T> a(B * Q * C, stf(-7.0f)), b(B * Q * C, stf(-7.0f));
     run(det_deformable, value, off, logits, boxes, a, B, Q, C, heads, S, 2, discrete, lv);
-    run(det_deformable_vec, value, off, logits, boxes, b, B, Q, C, heads, S, 2, discrete, lv);
+    run(d <= 32 ? det_deformable_vec32 : det_deformable_vec, value, off, logits, boxes, b, B, Q, C, heads, S, 2,
+        discrete, lv);
     double num = 0, den = 0;
     for (size_t i = 0; i < a.size(); i++) {
         const double x = ldf(a[i]), y = ldf(b[i]);
@@ -85,17 +90,18 @@ static int check(const char* name, int d, int discrete) {
     }
     const double rel = std::sqrt(num / std::max(den, 1e-30));
     const bool ok = rel <= TOLERANCE && den > 0;
-    printf("%-24s d %3d: relative L2 %.2e %s\n", name, d, rel, ok ? "ok" : "FAIL");
+    printf("%-24s d %3d, %2d points: relative L2 %.2e %s\n", name, d, P, rel, ok ? "ok" : "FAIL");
     return ok ? 0 : 1;
 }
 
 int main(int argc, char** argv) {
     if (argc > 1) g_dump = argv[1];
     int bad = 0;
-    for (int d : {16, 32, 48}) {
-        bad += check("bilinear", d, 0);
-        bad += check("discrete", d, 1);
-    }
+    for (bool many_points : {false, true})
+        for (int d : {16, 32, 48}) {
+            bad += check("bilinear", d, 0, many_points);
+            bad += check("discrete", d, 1, many_points);
+        }
     printf(bad ? "FAILED\n" : "ALL OK\n");
     return bad != 0;
 }
