@@ -753,24 +753,24 @@ __device__ __forceinline__ void det_deform_tap(const DetSample& q, float w, int 
 }
 
 // Adds wt x pixel (xt, yt) of a level, four channels per lane for up to four 32-channel
-// groups. The load is issued from an address clamped into the map whether or not the
-// tap counts, so that consecutive points' loads can be in flight together; a tap outside
-// the map or with zero weight adds nothing (as if skipped).
+// groups. Every load is issued, from an address clamped into the map and into the head
+// (channels past d re-read the head's last four), whether or not it counts, so that
+// consecutive points' loads can be in flight together; a tap outside the map or with
+// zero weight, and channels past d, add nothing (as if skipped). Offsets within an
+// image's values fit 32 bits (S * C < 2^31, checked on the host).
 template <int G>
 __device__ __forceinline__ void det_deform_tap4(const T* __restrict__ level, int lw, int lh, int xt, int yt,
                                                 float wt, int sub, int d, int C, float acc[G][4]) {
     const bool counts = wt != 0.0f && xt >= 0 && yt >= 0 && xt < lw && yt < lh;
-    const T* src = level + ((i64)min(max(yt, 0), lh - 1) * lw + min(max(xt, 0), lw - 1)) * C;
+    const T* src = level + (min(max(yt, 0), lh - 1) * lw + min(max(xt, 0), lw - 1)) * C;
 #pragma unroll
     for (int u = 0; u < G; u++) {
         const int c = 32 * u + 4 * sub;
-        if (c < d) {
-            float v[4];
-            det_load4(src + c, v);
-            if (counts) {
+        float v[4];
+        det_load4(src + min(c, d - 4), v);
+        if (counts && c < d) {
 #pragma unroll
-                for (int j = 0; j < 4; j++) acc[u][j] += wt * v[j];
-            }
+            for (int j = 0; j < 4; j++) acc[u][j] += wt * v[j];
         }
     }
 }

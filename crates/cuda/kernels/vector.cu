@@ -546,35 +546,39 @@ extern "C" __global__ void __launch_bounds__(256, 2) dwk7s2(DWK_PARAMS) { dwk_pl
 // scheduler on D-FINE's 5x5 maps); here a block streams input rows into a ring of DWS_NR
 // shared rows with cp.async, DWS_NR - K rows ahead of the row it computes, so the
 // arithmetic never waits on memory.
-// Block: `cb` channels (64 or 128) of one image, a strip of `rows` output rows, all W
-// columns. Lane -> channel pair within a 64-channel half, warp -> (half, column group of
-// X columns); one output row per step. Staged rows hold W + K - 1 columns (zero padding
-// included) of cb channels, pixel-major, so a warp reads 128 contiguous bytes.
+// Block: CB channels (64 or 128, one entry point each) of one image, a strip of `rows`
+// output rows, all W columns. Lane -> channel pair within a 64-channel half, warp ->
+// (half, column group of X columns); one output row per step. Staged rows hold W + K - 1
+// columns (zero padding included) of CB channels, pixel-major, so a warp reads 128
+// contiguous bytes; a row's slot is sized for whole column groups (groups * X + K - 1
+// columns, the columns past W + K - 1 never written nor stored from), so no load is
+// clamped, and with CB fixed every load of a row is one base address plus a constant.
 // Host guarantees: C % cb == 0, 16-byte aligned x, C * sizeof(T) % 16 == 0, y and res
 // 2-element aligned, ldo even, sm_80+.
 #define DWS_NR 7
 
 // cp_async16, cp_async_commit, cp_async_wait, smem_addr: math.cu.
 
-template <int K, int X>
+template <int K, int X, int CB>
 __device__ __forceinline__ void dws_conv(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
                                          const float* __restrict__ bias, const T* __restrict__ res, int H, int W,
-                                         int C, int rows, int cb, int act, int ldo) {
+                                         int C, int rows, int act, int ldo) {
     extern __shared__ __align__(16) unsigned char dws_smem[];
     T* ring = reinterpret_cast<T*>(dws_smem);
     constexpr int P = K / 2;
     constexpr int PIECE = 16 / sizeof(T);  // elements per 16-byte copy
-    const int WP = W + K - 1;
-    const int row_elems = WP * cb;
-    const int c0 = blockIdx.x * cb;
+    constexpr int HALVES = CB / 64;
+    const int groups = (W + X - 1) / X;
+    const int row_elems = (groups * X + K - 1) * CB;
+    const int c0 = blockIdx.x * CB;
     const int strips = (H + rows - 1) / rows;
     const int n = blockIdx.y / strips;
     const int oy0 = (blockIdx.y - n * strips) * rows;
     const int steps = min(oy0 + rows, H) - oy0;
     const int in_rows = steps + K - 1;
     const T* img = x + (i64)n * H * W * C + c0;
-    const int per_pixel = cb / PIECE;
-    const int pieces = WP * per_pixel;
+    constexpr int per_pixel = CB / PIECE;
+    const int pieces = (W + K - 1) * per_pixel;
     const unsigned ring_addr = smem_addr(ring);
     // Strip-relative input row r (image row oy0 - P + r) into slot r % DWS_NR; one commit
     // group per call, empty past the strip, so the wait counts below hold at the end.
@@ -589,19 +593,17 @@ __device__ __forceinline__ void dws_conv(const T* __restrict__ x, T* __restrict_
                 const int ix = px - P;
                 const bool ok = row_ok && ix >= 0 && ix < W;
                 const T* src = ok ? img + ((i64)iy * W + ix) * C + part * PIECE : img;
-                cp_async16(slot + (unsigned)((px * cb + part * PIECE) * (int)sizeof(T)), src, ok);
+                cp_async16(slot + (unsigned)((px * CB + part * PIECE) * (int)sizeof(T)), src, ok);
             }
         }
         cp_async_commit();
     };
-    const int halves = cb / 64;
     const int warp = threadIdx.x / 32;
-    const int c_local = (warp % halves) * 64 + 2 * (threadIdx.x & 31);
+    const int c_local = (warp % HALVES) * 64 + 2 * (threadIdx.x & 31);
     const int c = c0 + c_local;
     float tw[K * K][2], tb[2];
     dwk_taps<K * K, 2>(tw, tb, w, bias, C, c, c);
-    const int groups = (W + X - 1) / X;
-    const int warps_per_row = (int)(blockDim.x / 32) / halves;
+    const int warps_per_row = (int)(blockDim.x / 32) / HALVES;
 #pragma unroll 1
     for (int r = 0; r < DWS_NR - 1; r++) stage(r);
 #pragma unroll 1
@@ -611,8 +613,12 @@ __device__ __forceinline__ void dws_conv(const T* __restrict__ x, T* __restrict_
         cp_async_wait<DWS_NR - K>();  // rows up to s + K - 1 have landed (this thread's copies)
         __syncthreads();         // ... and everyone's
         const int oy = oy0 + s;
+        // This step's K input rows, at this thread's channel pair.
+        const T* in_row[K];
+#pragma unroll
+        for (int ky = 0; ky < K; ky++) in_row[ky] = ring + ((s + ky) % DWS_NR) * row_elems + c_local;
 #pragma unroll 1
-        for (int g = warp / halves; g < groups; g += warps_per_row) {
+        for (int g = warp / HALVES; g < groups; g += warps_per_row) {
             const int ox0 = g * X;
             float acc[X][2];
 #pragma unroll
@@ -622,10 +628,10 @@ __device__ __forceinline__ void dws_conv(const T* __restrict__ x, T* __restrict_
             }
 #pragma unroll
             for (int ky = 0; ky < K; ky++) {
-                const T* row = ring + ((s + ky) % DWS_NR) * row_elems + c_local;
+                const T* row = in_row[ky] + ox0 * CB;
                 float2 in[X + K - 1];
 #pragma unroll
-                for (int j = 0; j < X + K - 1; j++) in[j] = ld2(row + min(ox0 + j, WP - 1) * cb);
+                for (int j = 0; j < X + K - 1; j++) in[j] = ld2(row + j * CB);
 #pragma unroll
                 for (int xo = 0; xo < X; xo++)
 #pragma unroll
@@ -651,12 +657,17 @@ __device__ __forceinline__ void dws_conv(const T* __restrict__ x, T* __restrict_
 }
 
 // X = 5 columns per thread: D-FINE's 40- and 20-wide maps split into 8 and 4 groups.
+// dws5: 64 channels per block; dws5_128: 128.
 #define DWS_PARAMS                                                                                          \
     const T *__restrict__ x, T *__restrict__ y, const float *__restrict__ w, const float *__restrict__ bias, \
-        const T *__restrict__ res, int H, int W, int C, int rows, int cb, int act, int ldo
+        const T *__restrict__ res, int H, int W, int C, int rows, int act, int ldo
 extern "C" __global__ void dws5(DWS_PARAMS);
 extern "C" __global__ void __launch_bounds__(256, 2) dws5(DWS_PARAMS) {
-    dws_conv<5, 5>(x, y, w, bias, res, H, W, C, rows, cb, act, ldo);
+    dws_conv<5, 5, 64>(x, y, w, bias, res, H, W, C, rows, act, ldo);
+}
+extern "C" __global__ void dws5_128(DWS_PARAMS);
+extern "C" __global__ void __launch_bounds__(256, 2) dws5_128(DWS_PARAMS) {
+    dws_conv<5, 5, 128>(x, y, w, bias, res, H, W, C, rows, act, ldo);
 }
 
 // gelu_as: math.cu.

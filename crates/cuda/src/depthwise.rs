@@ -193,6 +193,15 @@ struct StagedPlan {
 }
 
 impl StagedPlan {
+    /// The entry point for the plan's channels per block.
+    fn kernel(&self) -> &'static str {
+        if self.cb == 128 {
+            "dws5_128"
+        } else {
+            "dws5"
+        }
+    }
+
     /// The plan for a 5x5 stride-1 depthwise convolution of `x`, output rows `ldo`
     /// elements apart at `y`; `None` where the kernel does not apply.
     fn new(
@@ -229,7 +238,8 @@ impl StagedPlan {
         } else {
             64
         };
-        let smem = DWS_NR * (w + 4) * cb * esize;
+        // Each ring slot holds whole column groups (the kernel never clamps a load).
+        let smem = DWS_NR * (w.div_ceil(DWS_COLUMNS) * DWS_COLUMNS + 4) * cb * esize;
         if !c.is_multiple_of(cb) || smem > DWS_MAX_SMEM || n == 0 || h == 0 {
             return None;
         }
@@ -324,7 +334,7 @@ fn run_staged(
 ) -> Result<()> {
     let [_, h, wd, c] = x.dims;
     let mut args = pointer_args(x, y, w, residual);
-    args.extend([h, wd, c, plan.rows, plan.cb].map(|v| Arg::I32(v as i32)));
+    args.extend([h, wd, c, plan.rows].map(|v| Arg::I32(v as i32)));
     args.push(Arg::I32(act_code(act)));
     args.push(Arg::I32(ldo as i32));
     let launch = DenseLaunch::new(x.dims, c, w, (h, wd), ldo, act, residual.is_some());
@@ -332,7 +342,7 @@ fn run_staged(
     crate::cudnn_conv::run_dense(be, &launch, &ptrs, || {
         Ok(be
             .kernels
-            .launch(&be.ctx, "dws5", plan.grid, 256, plan.smem, &args)?)
+            .launch(&be.ctx, plan.kernel(), plan.grid, 256, plan.smem, &args)?)
     })
 }
 
@@ -436,10 +446,15 @@ mod tests {
         // 20x20x512: four column groups, so 128 channels per block keep eight warps busy.
         let p = StagedPlan::shape([32, 20, 20, 512], 2, slots).expect("fits");
         assert_eq!((p.cb, p.rows, p.grid), (128, 10, (4, 64, 1)));
+        assert_eq!(p.kernel(), "dws5_128");
         // Batch 1 takes short strips (at least two rows) to fill the GPU.
         let p = StagedPlan::shape([1, 40, 40, 256], 2, slots).expect("fits");
         assert_eq!(p.rows, 2);
         assert_eq!(p.grid, (4, 20, 1));
+        assert_eq!(p.kernel(), "dws5");
+        // A width off the column groups: slots sized for whole groups (7 groups of 5).
+        let p = StagedPlan::shape([2, 33, 33, 64], 2, slots).expect("fits");
+        assert_eq!(p.smem as usize, DWS_NR * (35 + 4) * 64 * 2);
         // Every strip is non-empty and they cover the map.
         for h in 1..50 {
             let p = StagedPlan::shape([3, h, 24, 64], 2, slots).expect("fits");
@@ -461,10 +476,12 @@ mod tests {
             crate::kernels::source_define(src, "vector.cu", "DWS_NR"),
             DWS_NR
         );
-        assert!(
-            src.contains("dws_conv<5, 5>"),
-            "dws5 takes X = {DWS_COLUMNS}"
-        );
+        for (cb, name) in [(64, "dws5"), (128, "dws5_128")] {
+            assert!(
+                src.contains(&format!("dws_conv<5, {DWS_COLUMNS}, {cb}>")),
+                "{name} takes X = {DWS_COLUMNS} and {cb} channels per block"
+            );
+        }
     }
 
     #[test]

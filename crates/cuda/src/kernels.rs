@@ -35,6 +35,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "dwk7s2",
     "dwk3_gate",
     "dws5",
+    "dws5_128",
     "dwconv",
     "dwconv3x3",
     "dwconv3x3_gate",

@@ -222,9 +222,9 @@ impl CudaBackend {
                 )));
             }
         }
-        if b * q * heads > i32::MAX as usize {
+        if b * q * heads > i32::MAX as usize || s_total * c > i32::MAX as usize {
             return Err(EngineError::Unsupported(format!(
-                "the CUDA deformable attention takes fewer than 2^31 (image, query, head) tasks; got {b} x {q} x {heads}"
+                "the CUDA deformable attention takes fewer than 2^31 (image, query, head) tasks and value elements per image; got {b} x {q} x {heads} tasks, {s_total} x {c} values"
             )));
         }
         let mut levels = [0i32; 4 * MAX_LEVELS];
