@@ -34,6 +34,7 @@
 pub mod batcher;
 pub mod builtin;
 pub mod config;
+pub mod connections;
 pub mod echo;
 pub mod error;
 pub mod factory;

@@ -134,6 +134,15 @@ pub fn render(shared: &Shared) -> String {
             "{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {count}"
         );
     }
+    if let (Some(open), Some(max)) = (shared.connections.open(), shared.connections.max()) {
+        let _ = writeln!(
+            out,
+            "# HELP aperture_open_connections HTTP and gRPC connections open now\n\
+             # TYPE aperture_open_connections gauge\naperture_open_connections {open}\n\
+             # HELP aperture_max_connections Bound on open connections (--max-connections)\n\
+             # TYPE aperture_max_connections gauge\naperture_max_connections {max}"
+        );
+    }
     if let Some(gpu) = &shared.gpu_metrics {
         gpu.render(&mut out);
     }

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use aperture_engine::NamedTensors;
 
+use crate::connections::ConnectionLimit;
 use crate::error::{Result, ServerError};
 use crate::metrics::GpuMetrics;
 use crate::model::{InferRequest, LoadedModel};
@@ -63,6 +64,9 @@ pub struct ServeOptions {
     /// Compression of gRPC answers for clients that accept it (Triton's
     /// `--grpc-infer-response-compression-level`); none by default, as Triton.
     pub grpc_response_compression: Option<GrpcCompression>,
+    /// Most HTTP and gRPC connections open at once (together); past it new clients wait
+    /// in the accept queue. None: unbounded (as Triton).
+    pub max_connections: Option<usize>,
 }
 
 /// A gRPC message compression the server can send.
@@ -99,6 +103,7 @@ impl Default for ServeOptions {
             shutdown_grace: Duration::from_secs(30),
             shared_memory: true,
             grpc_response_compression: None,
+            max_connections: None,
         }
     }
 }
@@ -110,6 +115,8 @@ pub struct Shared {
     pub gpu_metrics: Option<Arc<dyn GpuMetrics>>,
     /// Registered system shared-memory regions (Triton's extension).
     pub shared_memory: ShmRegistry,
+    /// Permits for open connections (`max_connections`), shared by HTTP and gRPC.
+    pub connections: ConnectionLimit,
     /// The startup load of the repository is under way (endpoints answer, not ready).
     starting: AtomicBool,
     shutting_down: AtomicBool,
@@ -181,12 +188,14 @@ impl Server {
         gpu: Option<Arc<dyn GpuMetrics>>,
     ) -> Self {
         let shared_memory = options.shared_memory;
+        let connections = ConnectionLimit::new(options.max_connections);
         Self {
             shared: Arc::new(Shared {
                 repository,
                 options,
                 gpu_metrics: gpu,
                 shared_memory: ShmRegistry::new(shared_memory),
+                connections,
                 starting: AtomicBool::new(false),
                 shutting_down: AtomicBool::new(false),
             }),

@@ -82,6 +82,10 @@ pub struct ServeArgs {
     /// off by default, as in Triton (requests may always come compressed).
     #[arg(long, value_name = "gzip|deflate")]
     pub grpc_response_compression: Option<aperture_server::GrpcCompression>,
+    /// Most HTTP and gRPC connections open at once (0: unbounded); past it new clients
+    /// wait in the accept queue until a connection closes.
+    #[arg(long, default_value_t = 0)]
+    pub max_connections: usize,
     /// Run a bare echo peer (same routes, no parsing or model) instead of the server,
     /// to measure the server's own overhead with `aperture loadgen`.
     #[arg(long)]
@@ -258,6 +262,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
         shared_memory: !args.no_shared_memory,
         grpc_response_compression: args.grpc_response_compression,
+        max_connections: Some(args.max_connections).filter(|&m| m > 0),
     };
     eprintln!(
         "aperture serve: HTTP {} gRPC {} metrics {}",

@@ -9,9 +9,10 @@ pub mod inference;
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio_stream::StreamExt;
+use axum::serve::Listener;
 use tonic::codec::CompressionEncoding;
 
+use crate::connections::LimitedListener;
 use crate::server::{GrpcCompression, Shared};
 use inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 
@@ -26,6 +27,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let limit = shared.options.max_body_bytes;
     let answers = shared.options.grpc_response_compression;
+    let limit_of_connections = shared.connections.clone();
     // Compressed requests (tritonclient's `compression_algorithm`) are inflated within
     // the same limit; answers go uncompressed unless the server was asked to compress
     // them (and then only to clients that accept the encoding), as Triton does.
@@ -40,10 +42,13 @@ pub async fn serve(
             GrpcCompression::Deflate => CompressionEncoding::Deflate,
         });
     }
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        })
+    // Accepted under the server's connection bound (axum's listener retries failed
+    // accepts), Nagle off.
+    let listener = LimitedListener::new(listener, limit_of_connections);
+    let incoming = futures_util::stream::unfold(listener, |mut l| async move {
+        let (conn, _) = l.accept().await;
+        let _ = conn.get_ref().set_nodelay(true);
+        Some((Ok::<_, std::io::Error>(conn), l))
     });
     tonic::transport::Server::builder()
         .add_service(svc)

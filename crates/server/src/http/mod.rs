@@ -19,6 +19,7 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::Router;
 
+use crate::connections::LimitedListener;
 use crate::error::ServerError;
 use crate::server::Shared;
 
@@ -153,6 +154,7 @@ pub async fn serve(
             tracing::debug!(error = %e, "TCP_NODELAY");
         }
     });
+    let listener = LimitedListener::new(listener, shared.connections.clone());
     axum::serve(listener, router(shared))
         .with_graceful_shutdown(shutdown)
         .await
