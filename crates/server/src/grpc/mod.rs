@@ -1,10 +1,14 @@
 //! KServe v2 gRPC (`inference.GRPCInferenceService`) as Triton speaks it (tonic).
 
 mod convert;
+mod health;
 mod service;
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod inference;
+
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod health_proto;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,9 +18,11 @@ use tonic::codec::CompressionEncoding;
 
 use crate::connections::LimitedListener;
 use crate::server::{GrpcCompression, Shared};
+use health_proto::health_server::HealthServer;
 use inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 
 pub use convert::{request_from_proto, response_to_proto};
+pub use health::HealthService;
 pub use service::InferenceService;
 
 /// Serves gRPC on `listener` until `shutdown` resolves, then finishes in-flight calls.
@@ -31,6 +37,7 @@ pub async fn serve(
     // Compressed requests (tritonclient's `compression_algorithm`) are inflated within
     // the same limit; answers go uncompressed unless the server was asked to compress
     // them (and then only to clients that accept the encoding), as Triton does.
+    let health = HealthServer::new(HealthService::new(shared.clone()));
     let mut svc = GrpcInferenceServiceServer::new(InferenceService::new(shared))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX)
@@ -52,6 +59,7 @@ pub async fn serve(
     });
     tonic::transport::Server::builder()
         .add_service(svc)
+        .add_service(health)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(std::io::Error::other)

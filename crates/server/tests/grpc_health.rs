@@ -1,0 +1,143 @@
+//! `grpc.health.v1.Health` over real sockets, as Kubernetes' gRPC probes call it: the
+//! server (empty name or the KServe service) SERVING once ready, a loaded model SERVING,
+//! a known model that failed to load NOT_SERVING, an unknown name NOT_FOUND in Check and
+//! SERVICE_UNKNOWN in Watch.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aperture_server::grpc::health_proto::health_check_response::ServingStatus;
+use aperture_server::grpc::health_proto::health_client::HealthClient;
+use aperture_server::grpc::health_proto::HealthCheckRequest;
+use aperture_server::{
+    ArchitectureRegistry, BuildError, ModelConfig, ModelSource, Repository, ServeOptions, Server,
+};
+use tonic::transport::Channel;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A server with "simple" (loads) and "broken" (its build fails), gRPC on the port.
+fn start() -> (u16, tokio::sync::oneshot::Sender<()>) {
+    let mut registry = ArchitectureRegistry::with_builtins();
+    registry.register("refuses", |_| -> Result<_, BuildError> {
+        Err("this model refuses to build".into())
+    });
+    let repo = Repository::new(None, Arc::new(registry));
+    let mut simple = ModelConfig::with_architecture("add_sub");
+    simple.input_size = Some(vec![16]);
+    for (name, config) in [
+        ("simple", simple),
+        ("broken", ModelConfig::with_architecture("refuses")),
+    ] {
+        repo.add_source(
+            name,
+            ModelSource::Inline {
+                config: Box::new(config),
+                dir: ".".into(),
+            },
+        );
+    }
+    let grpc = free_port();
+    let options = ServeOptions {
+        http_addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+        grpc_addr: Some(SocketAddr::from(([127, 0, 0, 1], grpc))),
+        metrics_addr: None,
+        ..ServeOptions::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(Server::new(options, repo).run(async {
+        let _ = stopped.await;
+    }));
+    (grpc, stop)
+}
+
+async fn client(port: u16) -> HealthClient<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let endpoint =
+            Channel::from_shared(format!("http://127.0.0.1:{port}")).expect("a valid endpoint");
+        if let Ok(channel) = endpoint.connect().await {
+            return HealthClient::new(channel);
+        }
+        assert!(Instant::now() < deadline, "the gRPC port never opened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn check(c: &mut HealthClient<Channel>, service: &str) -> Result<ServingStatus, tonic::Code> {
+    c.check(HealthCheckRequest {
+        service: service.into(),
+    })
+    .await
+    .map(|r| r.into_inner().status())
+    .map_err(|s| s.code())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_the_server_and_each_model() {
+    let (port, _stop) = start();
+    let mut c = client(port).await;
+    // The server turns SERVING once the startup load has finished.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while check(&mut c, "").await != Ok(ServingStatus::Serving) {
+        assert!(Instant::now() < deadline, "the server never became SERVING");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        check(&mut c, "inference.GRPCInferenceService").await,
+        Ok(ServingStatus::Serving)
+    );
+    assert_eq!(check(&mut c, "simple").await, Ok(ServingStatus::Serving));
+    assert_eq!(check(&mut c, "broken").await, Ok(ServingStatus::NotServing));
+    assert_eq!(
+        check(&mut c, "no_such_model").await,
+        Err(tonic::Code::NotFound)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sends_the_current_status_first() {
+    let (port, _stop) = start();
+    let mut c = client(port).await;
+    let mut unknown = c
+        .watch(HealthCheckRequest {
+            service: "no_such_model".into(),
+        })
+        .await
+        .expect("watch starts")
+        .into_inner();
+    let first = unknown
+        .message()
+        .await
+        .expect("a message")
+        .expect("the stream is open");
+    assert_eq!(first.status(), ServingStatus::ServiceUnknown);
+    // The server's stream ends on SERVING once the load has finished (if it started
+    // NOT_SERVING, the change follows).
+    let mut server = c
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("watch starts")
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), server.message())
+            .await
+            .expect("a status within the deadline")
+            .expect("a message")
+            .expect("the stream is open");
+        if m.status() == ServingStatus::Serving {
+            break;
+        }
+        assert_eq!(m.status(), ServingStatus::NotServing);
+        assert!(Instant::now() < deadline, "never SERVING");
+    }
+}
