@@ -287,6 +287,26 @@ def test_grpc_compressed_request_past_the_limit(gc):
     assert gc.is_server_live()
 
 
+def test_grpc_health_checking_protocol(server):
+    """grpc.health.v1.Health/Check through grpcio, as Kubernetes' gRPC probes call it:
+    the messages are encoded by hand (field 1: service name; field 1: status)."""
+    import grpc
+
+    def check(service):
+        req = b"\x0a" + bytes([len(service)]) + service.encode() if service else b""
+        with grpc.insecure_channel(server.grpc_url) as ch:
+            call = ch.unary_unary("/grpc.health.v1.Health/Check")
+            return call(req, timeout=10)
+
+    serving = b"\x08\x01"
+    assert check("") == serving
+    assert check("inference.GRPCInferenceService") == serving
+    assert check("simple") == serving
+    with pytest.raises(grpc.RpcError) as e:
+        check("no_such_model")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_grpc_infer_async_and_stream(gc, hc):
     ins, a, b = simple_inputs(grpcclient, seed=3)
     r = gc.infer("simple", ins, outputs=[grpcclient.InferRequestedOutput("OUTPUT1")])
