@@ -3,8 +3,8 @@
 # CUDA-graph timings (forward, and 8-bit pixels in / detection rows out) at batch 1, 32
 # and 64, then torch.compile reduce-overhead fp16 on the same weights, best batch first
 # (each batch size compiles anew: ~140 s apiece on an H100, so a short limit still
-# yields the batch-64 ratio). bench/results/<gpu>-dfine.{json,md} combine them
-# (tools/dfine_report.py).
+# yields the batch-64 ratio). The script ends by combining them into
+# $OUT/results/<gpu>-dfine.{json,md} (tools/dfine_report.py; copy into bench/results/).
 #
 #   tools/dfine_vs_compile.sh
 #
@@ -56,5 +56,19 @@ timeout "$PEER_TIMEOUT" python3 tools/dfine_torch_peers.py "$WORK/x" --batches "
   > "$OUT/peers.log" 2>&1
 echo "peers exit $? (124: stopped by PEER_TIMEOUT; the batches done are in peers.json)"
 grep -E "torch-compile" "$OUT/peers.log"
+
+step "results"
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ -f "$OUT/forward.json" ] && [ -f "$OUT/peers.json" ]; then
+  python3 tools/dfine_report.py "$OUT/forward.json" "$OUT/peers.json" --pre-post "$OUT/pixels.json" \
+    --device "$GPU_NAME" --out-dir "$OUT/results" \
+    --command "one device call (commit $COMMIT), \`tools/dfine_vs_compile.sh\`: aperture forward and 8-bit pixels to rows at batch 1/32/64, torch.compile reduce-overhead fp16 at ${PEER_BATCHES:-64,32,1} (each compiled afresh)" \
+    || status=1
+  echo "bench/results files written to $OUT/results (copy them into bench/results/)"
+else
+  echo "no results file: aperture's or the peers' timings are missing"
+  status=1
+fi
 step "done"
 exit $status
