@@ -110,6 +110,41 @@ __device__ __forceinline__ void ig_advance(int& ci, int& kx, int& ky, int d, int
     }
 }
 
+// A loader's rows: A row i is output pixel m0 + lrow + STEP*i (the input row and column
+// of its tap (0, 0) and its image's first pixel; rows past M get taps outside the image,
+// so zeros), B row j is output channel n0 + lrow + STEP*j (its weights, none past Cout).
+// Shared by the mma.sync loader (IgLoader) and the wgmma one (WgLoader).
+template <int AR, int BR, int STEP>
+__device__ __forceinline__ void ig_loader_rows(int (&iy0)[AR], int (&ix0)[AR], int (&pix)[AR],
+                                               const T* (&wrow)[BR], bool (&wok)[BR], int lrow, int m0, int n0,
+                                               const T* __restrict__ w, int H, int W, int OH, int OW, int Cout,
+                                               int stride, int pad, int M, int Kp) {
+    const int ohw = OH * OW;
+#pragma unroll
+    for (int i = 0; i < AR; i++) {
+        int m = m0 + lrow + STEP * i;
+        if (m < M) {
+            int n = m / ohw;
+            int r = m - n * ohw;
+            int oy = r / OW;
+            int ox = r - oy * OW;
+            iy0[i] = oy * stride - pad;
+            ix0[i] = ox * stride - pad;
+            pix[i] = n * H * W;
+        } else {
+            iy0[i] = -(1 << 30);
+            ix0[i] = 0;
+            pix[i] = 0;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < BR; j++) {
+        int co = n0 + lrow + STEP * j;
+        wok[j] = co < Cout;
+        wrow[j] = wok[j] ? w + (ig_i64)co * Kp : w;
+    }
+}
+
 // The gather state of one thread: its A rows (input pixel of tap (0, 0), or far outside
 // the image for rows past M), its 2 B rows, and where in K its segment of the next chunk
 // lies. AR = A rows per thread (4 with 128 threads, 2 with 256).
@@ -181,31 +216,8 @@ __device__ __forceinline__ void ig_conv(const T* __restrict__ x, const T* __rest
     const int seg = tid & 3;
     const int lrow = tid >> 2;
     IgLoader<AR> L;
-    const int ohw = OH * OW;
-#pragma unroll
-    for (int i = 0; i < AR; i++) {
-        int m = m0 + lrow + STEP * i;
-        if (m < M) {
-            int n = m / ohw;
-            int r = m - n * ohw;
-            int oy = r / OW;
-            int ox = r - oy * OW;
-            L.iy0[i] = oy * stride - pad;
-            L.ix0[i] = ox * stride - pad;
-            L.pix[i] = n * H * W;
-        } else {
-            // Rows past the last pixel: every tap falls outside the image (zeros).
-            L.iy0[i] = -(1 << 30);
-            L.ix0[i] = 0;
-            L.pix[i] = 0;
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < 2; j++) {
-        int co = n0 + lrow + STEP * j;
-        L.wok[j] = co < Cout;
-        L.wrow[j] = L.wok[j] ? w + (ig_i64)co * Kp : w;
-    }
+    ig_loader_rows<AR, 2, STEP>(L.iy0, L.ix0, L.pix, L.wrow, L.wok, lrow, m0, n0, w, H, W, OH, OW, Cout, stride,
+                                pad, M, Kp);
     // Position in K of this thread's segment in the first chunk.
     L.kb = seg * 8;
     L.ci = 0;

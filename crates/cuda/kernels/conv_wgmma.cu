@@ -172,30 +172,8 @@ template <int AR, int BR, int STEP, bool TAP_INNER>
 __device__ __forceinline__ void wg_loader_init(WgLoader<AR, BR>& L, int lrow, int seg, int m0, int n0,
                                                const T* __restrict__ w, int H, int W, int C, int OH, int OW,
                                                int Cout, int KW, int stride, int pad, int M, int Kp) {
-    const int ohw = OH * OW;
-#pragma unroll
-    for (int i = 0; i < AR; i++) {
-        int m = m0 + lrow + STEP * i;
-        if (m < M) {
-            int n = m / ohw;
-            int r = m - n * ohw;
-            int oy = r / OW;
-            int ox = r - oy * OW;
-            L.iy0[i] = oy * stride - pad;
-            L.ix0[i] = ox * stride - pad;
-            L.pix[i] = n * H * W;
-        } else {
-            L.iy0[i] = -(1 << 30);  // every tap outside the image: zeros
-            L.ix0[i] = 0;
-            L.pix[i] = 0;
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < BR; j++) {
-        int co = n0 + lrow + STEP * j;
-        L.wok[j] = co < Cout;
-        L.wrow[j] = L.wok[j] ? w + (ig_i64)co * Kp : w;
-    }
+    ig_loader_rows<AR, BR, STEP>(L.iy0, L.ix0, L.pix, L.wrow, L.wok, lrow, m0, n0, w, H, W, OH, OW, Cout, stride,
+                                 pad, M, Kp);
     L.kb = seg * 8;
     L.ci = seg * 8;
     L.kx = 0;
