@@ -2,37 +2,28 @@
 //! once an open connection closes, the metrics endpoint (not bounded) reports the open
 //! and maximum counts, and without a bound nothing is reported.
 
-use std::net::{SocketAddr, TcpListener};
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aperture_server::{ArchitectureRegistry, Repository, ServeOptions, Server};
+use aperture_server::{ArchitectureRegistry, Repository, ServeOptions};
+use common::{free_port, loopback, spawn_server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// An empty-repository server with HTTP and metrics on the returned ports.
 fn start(max_connections: Option<usize>) -> (u16, u16, tokio::sync::oneshot::Sender<()>) {
     let repo = Repository::new(None, Arc::new(ArchitectureRegistry::with_builtins()));
     let (http, metrics) = (free_port(), free_port());
     let options = ServeOptions {
-        http_addr: SocketAddr::from(([127, 0, 0, 1], http)),
+        http_addr: loopback(http),
         grpc_addr: None,
-        metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], metrics))),
+        metrics_addr: Some(loopback(metrics)),
         max_connections,
         ..ServeOptions::default()
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(Server::new(options, repo).run(async {
-        let _ = stopped.await;
-    }));
-    (http, metrics, stop)
+    (http, metrics, spawn_server(options, repo))
 }
 
 /// The full answer to `GET path` on a new connection (closed by the server afterwards).

@@ -2,67 +2,43 @@
 //! with `grpc_response_compression` for clients that accept it, and plain for clients
 //! that do not, whatever the server was asked.
 
-use std::net::{SocketAddr, TcpListener};
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aperture_server::grpc::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use aperture_server::grpc::inference::model_infer_request::InferInputTensor;
 use aperture_server::grpc::inference::{ModelInferRequest, ServerReadyRequest};
-use aperture_server::{
-    ArchitectureRegistry, GrpcCompression, ModelConfig, ModelSource, Repository, ServeOptions,
-    Server,
-};
+use aperture_server::{ArchitectureRegistry, GrpcCompression, Repository, ServeOptions};
+use common::{add_simple, free_port, grpc_channel, loopback, spawn_server};
 use tonic::codec::CompressionEncoding;
 use tonic::transport::Channel;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A server with Triton's "simple" model (add_sub over 16 values) answering gRPC on the
-/// returned port; dropping the sender stops it.
+/// A server with Triton's "simple" model answering gRPC on the returned port; dropping
+/// the sender stops it.
 fn start(compression: Option<GrpcCompression>) -> (u16, tokio::sync::oneshot::Sender<()>) {
     let repo = Repository::new(None, Arc::new(ArchitectureRegistry::with_builtins()));
-    let mut cfg = ModelConfig::with_architecture("add_sub");
-    cfg.input_size = Some(vec![16]);
-    repo.add_source(
-        "simple",
-        ModelSource::Inline {
-            config: Box::new(cfg),
-            dir: ".".into(),
-        },
-    );
+    add_simple(&repo);
     let grpc = free_port();
     let options = ServeOptions {
-        http_addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
-        grpc_addr: Some(SocketAddr::from(([127, 0, 0, 1], grpc))),
+        http_addr: loopback(free_port()),
+        grpc_addr: Some(loopback(grpc)),
         metrics_addr: None,
         grpc_response_compression: compression,
         ..ServeOptions::default()
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(Server::new(options, repo).run(async {
-        let _ = stopped.await;
-    }));
-    (grpc, stop)
+    (grpc, spawn_server(options, repo))
 }
 
 /// A client once the server reports ready.
 async fn ready_client(port: u16) -> GrpcInferenceServiceClient<Channel> {
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut c = GrpcInferenceServiceClient::new(grpc_channel(port).await);
     loop {
-        let endpoint =
-            Channel::from_shared(format!("http://127.0.0.1:{port}")).expect("a valid endpoint");
-        if let Ok(channel) = endpoint.connect().await {
-            let mut c = GrpcInferenceServiceClient::new(channel);
-            if let Ok(r) = c.server_ready(ServerReadyRequest {}).await {
-                if r.into_inner().ready {
-                    return c;
-                }
+        if let Ok(r) = c.server_ready(ServerReadyRequest {}).await {
+            if r.into_inner().ready {
+                return c;
             }
         }
         assert!(

@@ -3,7 +3,8 @@
 //! a known model that failed to load NOT_SERVING, an unknown name NOT_FOUND in Check and
 //! SERVICE_UNKNOWN in Watch.
 
-use std::net::{SocketAddr, TcpListener};
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,16 +12,10 @@ use aperture_server::grpc::health_proto::health_check_response::ServingStatus;
 use aperture_server::grpc::health_proto::health_client::HealthClient;
 use aperture_server::grpc::health_proto::HealthCheckRequest;
 use aperture_server::{
-    ArchitectureRegistry, BuildError, ModelConfig, ModelSource, Repository, ServeOptions, Server,
+    ArchitectureRegistry, BuildError, ModelConfig, ModelSource, Repository, ServeOptions,
 };
+use common::{add_simple, free_port, grpc_channel, loopback, spawn_server};
 use tonic::transport::Channel;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// A server with "simple" (loads) and "broken" (its build fails), gRPC on the port.
 fn start() -> (u16, tokio::sync::oneshot::Sender<()>) {
@@ -29,45 +24,26 @@ fn start() -> (u16, tokio::sync::oneshot::Sender<()>) {
         Err("this model refuses to build".into())
     });
     let repo = Repository::new(None, Arc::new(registry));
-    let mut simple = ModelConfig::with_architecture("add_sub");
-    simple.input_size = Some(vec![16]);
-    for (name, config) in [
-        ("simple", simple),
-        ("broken", ModelConfig::with_architecture("refuses")),
-    ] {
-        repo.add_source(
-            name,
-            ModelSource::Inline {
-                config: Box::new(config),
-                dir: ".".into(),
-            },
-        );
-    }
+    add_simple(&repo);
+    repo.add_source(
+        "broken",
+        ModelSource::Inline {
+            config: Box::new(ModelConfig::with_architecture("refuses")),
+            dir: ".".into(),
+        },
+    );
     let grpc = free_port();
     let options = ServeOptions {
-        http_addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
-        grpc_addr: Some(SocketAddr::from(([127, 0, 0, 1], grpc))),
+        http_addr: loopback(free_port()),
+        grpc_addr: Some(loopback(grpc)),
         metrics_addr: None,
         ..ServeOptions::default()
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(Server::new(options, repo).run(async {
-        let _ = stopped.await;
-    }));
-    (grpc, stop)
+    (grpc, spawn_server(options, repo))
 }
 
 async fn client(port: u16) -> HealthClient<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let endpoint =
-            Channel::from_shared(format!("http://127.0.0.1:{port}")).expect("a valid endpoint");
-        if let Ok(channel) = endpoint.connect().await {
-            return HealthClient::new(channel);
-        }
-        assert!(Instant::now() < deadline, "the gRPC port never opened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    HealthClient::new(grpc_channel(port).await)
 }
 
 async fn check(c: &mut HealthClient<Channel>, service: &str) -> Result<ServingStatus, tonic::Code> {

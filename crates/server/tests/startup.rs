@@ -1,21 +1,17 @@
 //! Startup over real sockets: the endpoints answer while the repository loads (live,
 //! not ready), and readiness follows once the load has finished, whatever its outcome.
 
-use std::net::{SocketAddr, TcpListener};
+mod common;
+
+use std::net::SocketAddr;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aperture_server::{
     ArchitectureRegistry, BuildError, ModelConfig, ModelSource, Repository, ServeOptions, Server,
 };
+use common::free_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// Status code and body of `method path` with `body`, or `None` while nothing listens.
 async fn request(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
