@@ -84,8 +84,15 @@ fi
 
 step "results"
 VERSION=$("$BIN" --version | awk '{print $2}')
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+PASSED=$(grep -cE " ok$" "$OUT/parity.log")
+# The rows over their bounds, by precision (their names repeat per reference input).
+OVER=$(grep -E " FAIL$" "$OUT/parity.log" | awk '{print $NF=="FAIL" ? $(NF-3) : ""}' | sort | uniq -c \
+  | awk '{printf "%s%s: %d rows", (NR>1 ? ", " : ""), $2, $1}')
 python3 tools/torch_peers.py merge --aperture "$WORK/aperture.json" --torch "$WORK/torch.json" \
-  --out-json "bench/results/$GPU-restormer.json" --out-md "bench/results/$GPU-restormer.md" --version "$VERSION"
+  --out-json "bench/results/$GPU-restormer.json" --out-md "bench/results/$GPU-restormer.md" --version "$VERSION" \
+  --note "one device call at commit $COMMIT (\`tools/gpu-check.sh\`: parity, benchmark and peers; full logs with the call's output)" \
+  --note "parity (\`aperture bench --check --reference\`, 512x512 and 520x776): $PASSED rows within their bounds${OVER:+; over their bounds: $OVER}"
 cp "bench/results/$GPU-restormer.json" "bench/results/$GPU-restormer.md" "$OUT/" 2>/dev/null
 echo
 grep -E "FAIL|^model|^graph" "$OUT/parity.log" | sed 's/^/  /'
