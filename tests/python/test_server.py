@@ -274,6 +274,25 @@ def test_grpc_infer_compressed(gc, algorithm):
     np.testing.assert_allclose(r.as_numpy("OUTPUT1"), a - b, rtol=1e-6)
 
 
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_grpc_compressed_answers_reach_tritonclient(tmp_path, algorithm):
+    """A server started with --grpc-response-compression answers tritonclient (grpcio,
+    which accepts gzip and deflate) with compressed messages it decodes to the same
+    values; --max-connections leaves a client within the bound unaffected."""
+    s = Server(make_repo(tmp_path / "repo"), "--grpc-response-compression", algorithm, "--max-connections", "8")
+    try:
+        c = grpcclient.InferenceServerClient(s.grpc_url)
+        ins, a, b = simple_inputs(grpcclient, seed=11)
+        r = c.infer("simple", ins, compression_algorithm=algorithm)
+        np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), a + b)
+        np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), a - b)
+        c.close()
+        status, body, _ = s.request("GET", "/metrics", port=s.metrics)
+        assert status == 200 and b"aperture_max_connections 8" in body
+    finally:
+        s.stop()
+
 def test_grpc_compressed_request_past_the_limit(gc):
     # 1.5 MiB of zeros compresses to a few kilobytes; inflated it passes --max-body-mb 1.
     n = 3 * (1 << 16)
