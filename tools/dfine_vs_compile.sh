@@ -24,14 +24,10 @@ if [ ! -x "$BIN" ]; then
 fi
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
-export PYTHONUNBUFFERED=1
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-export XDG_CACHE_HOME=${XDG_CACHE_HOME:-$WORK/cache}
-mkdir -p "$XDG_CACHE_HOME"
-[ -f .carry/cache.tgz ] && tar xzf .carry/cache.tgz -C "$XDG_CACHE_HOME"
-step() { echo "=== $* ($(date -u +%H:%M:%S))"; }
 # shellcheck source=tools/lib.sh
 . tools/lib.sh
+gpu_tool_env "$WORK"
+step() { echo "=== $* ($(date -u +%H:%M:%S))"; }
 dfine_x_folder "$WORK/x" || exit 1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 status=0
@@ -44,7 +40,7 @@ step "aperture pixels in, rows out"
 "$BIN" bench --model "$WORK/x" --device cuda --precision fp16 --batch 1,32,64 --iters "$ITERS" \
   --no-accuracy --postprocess --preprocess 640x480 --out "$OUT/pixels.json" > "$OUT/pixels.log" 2>&1 || status=1
 grep -E "^aperture" "$OUT/pixels.log"
-(cd "$XDG_CACHE_HOME" && tar czf "$OUT/cache.tgz" .)
+kernel_cache_save "$OUT"
 
 PEER_TIMEOUT=${PEER_TIMEOUT:-420}
 if [ -n "${CALL_LIMIT:-}" ]; then

@@ -19,11 +19,9 @@ BIN=${APERTURE_BIN:-.carry/aperture}
 OUT=${OUT:-out}
 mkdir -p "$OUT" bench/results
 WORK=$(mktemp -d)
-export PYTHONUNBUFFERED=1
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-export XDG_CACHE_HOME=${XDG_CACHE_HOME:-$WORK/cache}
-mkdir -p "$XDG_CACHE_HOME"
-[ -f .carry/cache.tgz ] && tar xzf .carry/cache.tgz -C "$XDG_CACHE_HOME"
+# shellcheck source=tools/lib.sh
+. tools/lib.sh
+gpu_tool_env "$WORK"
 if [ "${QUICK:-0}" = 1 ]; then
   BATCHES=${BATCHES:-1,8,32}; ITERS=${ITERS:-20}
   OTHER_PRECISIONS=${OTHER_PRECISIONS:-bf16}; OTHER_BATCHES=${OTHER_BATCHES:-1,8}
@@ -70,7 +68,7 @@ json.dump(a, open(sys.argv[1], "w"), indent=1)
 PY
 fi
 
-(cd "$XDG_CACHE_HOME" && tar czf "$OUT/cache.tgz" .)
+kernel_cache_save "$OUT"
 
 if [ "${PEERS:-1}" = 1 ]; then
   PEERS_TIMEOUT=${PEERS_TIMEOUT:-240}

@@ -24,3 +24,22 @@ wait_for_ready() {
   done
   return 1
 }
+
+# gpu_tool_env WORK: the environment of a device-call script: CUDA libraries on the
+# loader path, unbuffered Python, and the NVRTC kernel cache in $XDG_CACHE_HOME (default
+# WORK/cache), seeded from .carry/cache.tgz when carried (a tar of a cache folder's
+# contents; save it back with `kernel_cache_save OUT`).
+gpu_tool_env() {
+  export PYTHONUNBUFFERED=1
+  export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+  export XDG_CACHE_HOME=${XDG_CACHE_HOME:-$1/cache}
+  mkdir -p "$XDG_CACHE_HOME"
+  if [ -f .carry/cache.tgz ]; then
+    tar xzf .carry/cache.tgz -C "$XDG_CACHE_HOME"
+  fi
+}
+
+# kernel_cache_save OUT: the kernel cache as OUT/cache.tgz, for the next call to carry.
+kernel_cache_save() {
+  (cd "$XDG_CACHE_HOME" && tar czf "$1/cache.tgz" .)
+}
