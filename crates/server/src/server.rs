@@ -129,6 +129,11 @@ impl Shared {
         !self.starting.load(Ordering::Relaxed) && !self.shutting_down.load(Ordering::Relaxed)
     }
 
+    /// A shutdown has begun (the listeners drain and close).
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+
     /// Runs a request under the server-wide timeout; encoded images (a KServe BYTES
     /// input) are decoded and preprocessed by the model's image pipeline first.
     pub async fn run_with_timeout(

@@ -117,3 +117,39 @@ async fn watch_sends_the_current_status_first() {
         assert!(Instant::now() < deadline, "never SERVING");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_end_when_the_server_shuts_down() {
+    let (port, stop) = start();
+    let mut c = client(port).await;
+    let mut server = c
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("watch starts")
+        .into_inner();
+    // Wait for SERVING, then shut down: the stream reports NOT_SERVING and ends well
+    // within the shutdown grace (30 s by default) instead of holding it.
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), server.message())
+            .await
+            .expect("a status within the deadline")
+            .expect("a message")
+            .expect("the stream is open");
+        if m.status() == ServingStatus::Serving {
+            break;
+        }
+    }
+    stop.send(()).expect("the server runs");
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match server.message().await {
+                Ok(Some(m)) => assert_eq!(m.status(), ServingStatus::NotServing),
+                Ok(None) | Err(_) => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the watch outlived the shutdown");
+}

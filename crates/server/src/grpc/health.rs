@@ -81,7 +81,9 @@ impl Health for HealthService {
 
     type WatchStream = WatchStream;
 
-    /// The current status at once, then each change, until the client goes away.
+    /// The current status at once, then each change, until the client goes away or the
+    /// server shuts down (after NOT_SERVING, so that open watches do not hold the
+    /// graceful shutdown).
     async fn watch(
         &self,
         req: Request<HealthCheckRequest>,
@@ -98,6 +100,9 @@ impl Health for HealthService {
                         return;
                     }
                     last = Some(now);
+                }
+                if shared.is_shutting_down() {
+                    return;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(WATCH_PERIOD) => {}
