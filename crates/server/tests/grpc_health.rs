@@ -10,12 +10,13 @@ use std::time::{Duration, Instant};
 
 use aperture_server::grpc::health_proto::health_check_response::ServingStatus;
 use aperture_server::grpc::health_proto::health_client::HealthClient;
-use aperture_server::grpc::health_proto::HealthCheckRequest;
+use aperture_server::grpc::health_proto::{HealthCheckRequest, HealthCheckResponse};
 use aperture_server::{
     ArchitectureRegistry, BuildError, ModelConfig, ModelSource, Repository, ServeOptions,
 };
 use common::{add_simple, free_port, grpc_channel, loopback, spawn_server};
 use tonic::transport::Channel;
+use tonic::Streaming;
 
 /// A server with "simple" (loads) and "broken" (its build fails), gRPC on the port.
 fn start() -> (u16, tokio::sync::oneshot::Sender<()>) {
@@ -55,6 +56,35 @@ async fn check(c: &mut HealthClient<Channel>, service: &str) -> Result<ServingSt
     .map_err(|s| s.code())
 }
 
+async fn watch(c: &mut HealthClient<Channel>, service: &str) -> Streaming<HealthCheckResponse> {
+    c.watch(HealthCheckRequest {
+        service: service.into(),
+    })
+    .await
+    .expect("watch starts")
+    .into_inner()
+}
+
+/// The next status on `stream`, within 20 s.
+async fn next_status(stream: &mut Streaming<HealthCheckResponse>) -> ServingStatus {
+    tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("a status within the deadline")
+        .expect("a message")
+        .expect("the stream is open")
+        .status()
+}
+
+/// Reads the server's watch until SERVING (NOT_SERVING before it, while loading).
+async fn until_serving(stream: &mut Streaming<HealthCheckResponse>) {
+    loop {
+        match next_status(stream).await {
+            ServingStatus::Serving => return,
+            other => assert_eq!(other, ServingStatus::NotServing),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_the_server_and_each_model() {
     let (port, _stop) = start();
@@ -81,66 +111,24 @@ async fn check_reports_the_server_and_each_model() {
 async fn watch_sends_the_current_status_first() {
     let (port, _stop) = start();
     let mut c = client(port).await;
-    let mut unknown = c
-        .watch(HealthCheckRequest {
-            service: "no_such_model".into(),
-        })
-        .await
-        .expect("watch starts")
-        .into_inner();
-    let first = unknown
-        .message()
-        .await
-        .expect("a message")
-        .expect("the stream is open");
-    assert_eq!(first.status(), ServingStatus::ServiceUnknown);
-    // The server's stream ends on SERVING once the load has finished (if it started
+    let mut unknown = watch(&mut c, "no_such_model").await;
+    assert_eq!(
+        next_status(&mut unknown).await,
+        ServingStatus::ServiceUnknown
+    );
+    // The server's stream reaches SERVING once the load has finished (if it started
     // NOT_SERVING, the change follows).
-    let mut server = c
-        .watch(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .expect("watch starts")
-        .into_inner();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(20), server.message())
-            .await
-            .expect("a status within the deadline")
-            .expect("a message")
-            .expect("the stream is open");
-        if m.status() == ServingStatus::Serving {
-            break;
-        }
-        assert_eq!(m.status(), ServingStatus::NotServing);
-        assert!(Instant::now() < deadline, "never SERVING");
-    }
+    until_serving(&mut watch(&mut c, "").await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_end_when_the_server_shuts_down() {
     let (port, stop) = start();
     let mut c = client(port).await;
-    let mut server = c
-        .watch(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .expect("watch starts")
-        .into_inner();
+    let mut server = watch(&mut c, "").await;
     // Wait for SERVING, then shut down: the stream reports NOT_SERVING and ends well
     // within the shutdown grace (30 s by default) instead of holding it.
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(20), server.message())
-            .await
-            .expect("a status within the deadline")
-            .expect("a message")
-            .expect("the stream is open");
-        if m.status() == ServingStatus::Serving {
-            break;
-        }
-    }
+    until_serving(&mut server).await;
     stop.send(()).expect("the server runs");
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
