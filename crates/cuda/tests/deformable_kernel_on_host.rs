@@ -20,25 +20,18 @@ use aperture_engine::HostTensor;
 #[test]
 fn vector_deformable_kernel_matches_the_scalar_one_on_the_host() {
     let src = aperture_cuda::detection::DETECTION_SOURCE;
-    let start = src
-        .find("// Multi-scale deformable attention")
-        .expect("detection.cu has the deformable attention");
-    let end = src[start..]
-        .find("// Per row, the largest channel")
-        .map(|e| start + e)
-        .expect("the deformable attention is followed by det_row_max");
-    let kernels = src[start..end].replace("extern \"C\" ", "");
+    let kernels = common::source_between(
+        src,
+        "// Multi-scale deformable attention",
+        "// Per row, the largest channel",
+    )
+    .replace("extern \"C\" ", "");
     // The warp reductions the vector kernels share with the rest of detection.cu.
-    let reductions = {
-        let from = src
-            .find("__device__ __forceinline__ float det_warp_sum")
-            .expect("detection.cu has det_warp_sum");
-        let to = src[from..]
-            .find("__device__ __forceinline__ float det_sigmoid")
-            .map(|e| from + e)
-            .expect("det_warp_max is followed by det_sigmoid");
-        &src[from..to]
-    };
+    let reductions = common::source_between(
+        src,
+        "__device__ __forceinline__ float det_warp_sum",
+        "__device__ __forceinline__ float det_sigmoid",
+    );
     // What the deformable kernels use beyond the top-k kernels' emulation.
     let prelude = r#"
 #define DET_NEG_INF (-INFINITY)

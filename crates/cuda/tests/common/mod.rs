@@ -19,6 +19,20 @@ pub fn test_file(relative: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// The part of `src` from the first `from` up to the next `to` after it (each must be
+/// there: the test names what it extracts).
+#[allow(dead_code)] // each test binary compiles this module; not all of them extract
+pub fn source_between<'a>(src: &'a str, from: &str, to: &str) -> &'a str {
+    let start = src
+        .find(from)
+        .unwrap_or_else(|| panic!("the source has {from:?}"));
+    let end = src[start..]
+        .find(to)
+        .map(|e| start + e)
+        .unwrap_or_else(|| panic!("{from:?} is followed by {to:?}"));
+    &src[start..end]
+}
+
 /// Builds `source` as `name` with g++ and runs it with `args`: its standard output, after
 /// asserting that it built and exited with status 0 (g++ must be installed: the test
 /// fails, not skips, without it).
