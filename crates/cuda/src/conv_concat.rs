@@ -385,6 +385,24 @@ fn conv_slice(
     let y_probe = dst.map(|d| (d.ptr, d.ld)).unwrap_or((0, w.c_out));
     let res = residual.map(|r| r.ptr());
     if let Some(g) = plan_strided(be, input, w, (oh, ow), y_probe, res) {
+        let staged = |d: Slice| {
+            crate::conv_igemm::strided_output_staged(
+                be,
+                (input.ptr, input.ld),
+                w,
+                &g,
+                act,
+                res,
+                (d.ptr, d.ld),
+            )
+        };
+        if whole_outputs_for_staged() && dst.is_some_and(staged) {
+            // cuDNN would write a packed buffer and move it into the slice anyway: a
+            // whole output (moved by the caller) costs the same and spares the nodes
+            // reading it a packing copy of their input.
+            let held = whole(be, src)?;
+            return crate::conv::conv2d(be, held.get(), w, act, residual).map(Some);
+        }
         return be.profiler.op(be, g.tile.op_name(), flops, bytes, || {
             let fresh = match dst {
                 Some(_) => None,
@@ -400,6 +418,12 @@ fn conv_slice(
     }
     let held = whole(be, src)?;
     crate::conv::conv2d(be, held.get(), w, act, residual).map(Some)
+}
+
+/// `APERTURE_CONCAT_STAGED=slice` keeps cuDNN's staged launches writing into their slice
+/// (for A/B runs of the whole outputs above).
+fn whole_outputs_for_staged() -> bool {
+    std::env::var("APERTURE_CONCAT_STAGED").as_deref() != Ok("slice")
 }
 
 /// A 1x1 product over all pixels (input rows `ld` apart) into `dst` or a new tensor.

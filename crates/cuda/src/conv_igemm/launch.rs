@@ -110,6 +110,39 @@ pub(crate) fn run_strided(
     residual: Option<u64>,
     (y, ldy): (u64, usize),
 ) -> Result<()> {
+    let (l, ptrs) = dense_launch(x, ldx, w, g, act, residual, (y, ldy));
+    crate::cudnn_conv::run_dense(be, &l, &ptrs, || {
+        run_ours(be, (x, ldx), w, g, act, residual, (y, ldy))
+    })
+}
+
+/// Whether [`run_strided`] with these operands would go through cuDNN into a packed
+/// output moved into `y` afterwards (the choice is made here if it is not made yet).
+pub(crate) fn strided_output_staged(
+    be: &CudaBackend,
+    (x, ldx): (u64, usize),
+    w: &ConvWeights,
+    g: &Geometry,
+    act: Activation,
+    residual: Option<u64>,
+    (y, ldy): (u64, usize),
+) -> bool {
+    let (l, ptrs) = dense_launch(x, ldx, w, g, act, residual, (y, ldy));
+    crate::cudnn_conv::stages_output(be, &l, &ptrs, || {
+        run_ours(be, (x, ldx), w, g, act, residual, (y, ldy))
+    })
+}
+
+/// The launch key and pointers of one strided convolution.
+fn dense_launch(
+    x: u64,
+    ldx: usize,
+    w: &ConvWeights,
+    g: &Geometry,
+    act: Activation,
+    residual: Option<u64>,
+    (y, ldy): (u64, usize),
+) -> (DenseLaunch, DensePtrs) {
     let n = g.m / (g.oh * g.ow).max(1);
     let l = DenseLaunch::new(
         [n, g.h, g.w, g.c],
@@ -120,10 +153,7 @@ pub(crate) fn run_strided(
         act,
         residual.is_some(),
     );
-    let ptrs = DensePtrs::of(x, w, residual, y);
-    crate::cudnn_conv::run_dense(be, &l, &ptrs, || {
-        run_ours(be, (x, ldx), w, g, act, residual, (y, ldy))
-    })
+    (l, DensePtrs::of(x, w, residual, y))
 }
 
 /// [`run_strided`] with the implicit-GEMM kernel.

@@ -23,7 +23,9 @@ mod tests;
 mod ws_model;
 
 pub(crate) use geometry::{DenseConv, Geometry};
-pub(crate) use launch::{plan, plan_pointwise, pointwise_wanted, run, run_strided};
+pub(crate) use launch::{
+    plan, plan_pointwise, pointwise_wanted, run, run_strided, strided_output_staged,
+};
 pub(crate) use load::IgemmSlot;
 
 pub const CONV_SOURCE: &str = include_str!("../../kernels/conv.cu");

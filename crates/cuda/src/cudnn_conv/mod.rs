@@ -223,6 +223,54 @@ impl CudnnConvs {
     }
 }
 
+/// The way `l` runs: the one remembered, else (eagerly, outside capture) timed now.
+/// `Choice::Ours` where cuDNN is not offered or nothing can be timed.
+fn choice_for(
+    be: &CudaBackend,
+    l: &DenseLaunch,
+    p: &DensePtrs,
+    ours: &dyn Fn() -> Result<()>,
+) -> Choice {
+    let m = mode();
+    let offered = match m {
+        Mode::Off => false,
+        Mode::TimedPointwise => l.kh == 1 && l.kw == 1,
+        Mode::Timed | Mode::Forced => true,
+    };
+    if !offered || !eligible(be, l, p) {
+        return Choice::Ours;
+    }
+    if let Some(c) = be.cudnn.choices.lock().ok().and_then(|c| c.get(l).cloned()) {
+        return c;
+    }
+    if be.cudnn.frozen.load(Ordering::Relaxed)
+        || be.ctx.is_dry()
+        || crate::gemm::capturing(be.ctx.stream as _)
+    {
+        return Choice::Ours;
+    }
+    let c = choose(be, l, p, ours, m == Mode::Forced).unwrap_or_else(|e| {
+        tracing::debug!("cuDNN convolution {l:?} not taken: {e}");
+        Choice::Ours
+    });
+    if let Ok(mut map) = be.cudnn.choices.lock() {
+        map.insert(*l, c.clone());
+    }
+    c
+}
+
+/// Whether `l` runs through cuDNN into a packed buffer that is then moved into its
+/// (strided) output: making the choice first where it is not made yet, which may run
+/// `ours` into the real output while timing.
+pub(crate) fn stages_output(
+    be: &CudaBackend,
+    l: &DenseLaunch,
+    p: &DensePtrs,
+    ours: impl Fn() -> Result<()>,
+) -> bool {
+    matches!(choice_for(be, l, p, &ours), Choice::Cudnn(plan) if plan.staging.output)
+}
+
 /// Runs the convolution `l` either with `ours` or through cuDNN, whichever was faster
 /// when `l` was first seen.
 pub(crate) fn run_dense(
@@ -231,36 +279,7 @@ pub(crate) fn run_dense(
     p: &DensePtrs,
     ours: impl Fn() -> Result<()>,
 ) -> Result<()> {
-    let m = mode();
-    let offered = match m {
-        Mode::Off => false,
-        Mode::TimedPointwise => l.kh == 1 && l.kw == 1,
-        Mode::Timed | Mode::Forced => true,
-    };
-    if !offered || !eligible(be, l, p) {
-        return ours();
-    }
-    let known = be.cudnn.choices.lock().ok().and_then(|c| c.get(l).cloned());
-    let choice = match known {
-        Some(c) => c,
-        None if be.cudnn.frozen.load(Ordering::Relaxed)
-            || be.ctx.is_dry()
-            || crate::gemm::capturing(be.ctx.stream as _) =>
-        {
-            return ours()
-        }
-        None => {
-            let c = choose(be, l, p, &ours, m == Mode::Forced).unwrap_or_else(|e| {
-                tracing::debug!("cuDNN convolution {l:?} not taken: {e}");
-                Choice::Ours
-            });
-            if let Ok(mut map) = be.cudnn.choices.lock() {
-                map.insert(*l, c.clone());
-            }
-            c
-        }
-    };
-    let Choice::Cudnn(plan) = choice else {
+    let Choice::Cudnn(plan) = choice_for(be, l, p, &ours) else {
         return ours();
     };
     let handle = be
