@@ -34,7 +34,7 @@ fn full_check() -> bool {
 }
 
 /// Relative L2 distance of `b` from `a` over the first `c` channels of pixel rows (`ld`
-/// elements apart) in the backend's storage type: the first and the last
+/// elements apart) in the backend's storage type: the first, the middle and the last
 /// [`SAMPLE_ROWS`] of `rows` (all of them when fewer). Waits for the stream.
 pub(super) fn slice_rel_l2(
     be: &CudaBackend,
@@ -46,12 +46,7 @@ pub(super) fn slice_rel_l2(
     be.synchronize()?;
     let es = be.esize() as u64;
     let sample = if full_check() { rows } else { SAMPLE_ROWS };
-    let head = rows.min(sample);
-    let tail_start = rows.saturating_sub(sample).max(head);
-    let mut ranges = vec![(0, head)];
-    if tail_start < rows {
-        ranges.push((tail_start, rows - tail_start));
-    }
+    let ranges = sample_ranges(rows, sample);
     let (mut va, mut vb) = (Vec::new(), Vec::new());
     let mut sampled = 0;
     for (first, count) in ranges {
@@ -61,6 +56,46 @@ pub(super) fn slice_rel_l2(
         sampled += count;
     }
     Ok(rel_l2_rows(&va, &vb, sampled, c, c))
+}
+
+/// Whether the sampled rows of the poisoned buffer at `ptr` (every byte 0xFF before the
+/// launch) still hold the poison outside their first `c` of `ld` channels: a launch into
+/// a channel slice must leave the concatenation's other slices alone. Waits for the
+/// stream. 16-bit storage.
+pub(super) fn outside_slice_untouched(
+    be: &CudaBackend,
+    ptr: u64,
+    rows: usize,
+    c: usize,
+    ld: usize,
+) -> Result<bool> {
+    if ld == c {
+        return Ok(true);
+    }
+    be.synchronize()?;
+    be.ctx.bind()?;
+    for (first, count) in sample_ranges(rows, SAMPLE_ROWS) {
+        let mut v = vec![0u16; count * ld];
+        let at = ptr + (first * ld * 2) as u64;
+        // SAFETY: the buffer holds `rows` rows of `ld` 16-bit values.
+        unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut v, at) }.map_err(CudaError::from)?;
+        if v.chunks(ld)
+            .any(|row| row[c..].iter().any(|&u| u != 0xFFFF))
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// `(first, count)` row ranges of `sample` rows at the start, in the middle and at the end
+/// of `rows`, in order and without overlap (one range when `rows <= 3 * sample`).
+fn sample_ranges(rows: usize, sample: usize) -> Vec<(usize, usize)> {
+    if rows <= 3 * sample {
+        return vec![(0, rows)];
+    }
+    let middle = (rows - sample) / 2;
+    vec![(0, sample), (middle, sample), (rows - sample, sample)]
 }
 
 /// The first `c` values of `rows` rows `ld` apart at `ptr`, packed, as f32.
@@ -137,6 +172,14 @@ mod tests {
         let c = [1.0, 2.0, 0.0, 0.0, 3.0, 5.0, 0.0, 0.0];
         let want = (1.0f64 / 30.0).sqrt();
         assert!((rel_l2_rows(&a, &c, 2, 2, 4) - want).abs() < 1e-12);
+    }
+
+    #[test]
+    fn samples_cover_the_start_the_middle_and_the_end() {
+        use super::sample_ranges;
+        assert_eq!(sample_ranges(10, 4), vec![(0, 10)]);
+        assert_eq!(sample_ranges(12, 4), vec![(0, 12)]);
+        assert_eq!(sample_ranges(100, 4), vec![(0, 4), (48, 4), (96, 4)]);
     }
 
     #[test]

@@ -33,6 +33,7 @@ use crate::kernels::Storage;
 
 mod agree;
 mod api;
+mod graph;
 mod timing;
 
 use api::{Descriptors, FusedEpilogue, Handle, Temps};
@@ -176,6 +177,7 @@ struct Plan {
 enum Choice {
     Ours,
     Cudnn(Arc<Plan>),
+    Graph(Arc<graph::GraphPlan>),
 }
 
 /// The backend's cuDNN state: the handle (made on first use) and the choice per launch.
@@ -185,6 +187,8 @@ pub(crate) struct CudnnConvs {
     choices: Mutex<HashMap<DenseLaunch, Choice>>,
     /// Set: shapes not chosen yet stay on ours (see `CudaBackend::freeze_convolution_choices`).
     frozen: AtomicBool,
+    /// Operation-graph plans of captured launches (see `run_graph`).
+    captured: Mutex<Vec<graph::GraphPlan>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -279,8 +283,10 @@ pub(crate) fn run_dense(
     p: &DensePtrs,
     ours: impl Fn() -> Result<()>,
 ) -> Result<()> {
-    let Choice::Cudnn(plan) = choice_for(be, l, p, &ours) else {
-        return ours();
+    let plan = match choice_for(be, l, p, &ours) {
+        Choice::Ours => return ours(),
+        Choice::Graph(g) => return run_graph(be, l, &g, p),
+        Choice::Cudnn(plan) => plan,
     };
     let handle = be
         .cudnn
@@ -306,6 +312,38 @@ pub(crate) fn run_dense(
         (plan.algo, plan.fused.as_ref()),
         &temps,
     )?;
+    Ok(())
+}
+
+/// One launch of an operation-graph plan (its workspace from the pool). Under graph
+/// capture each launch gets a plan of its own, kept for the backend's life: a captured
+/// execution keeps reading state of the plan it was made from when the graph replays, so
+/// a plan shared by several launches (or run again eagerly) would hand them one launch's
+/// operands.
+fn run_graph(be: &CudaBackend, l: &DenseLaunch, g: &graph::GraphPlan, p: &DensePtrs) -> Result<()> {
+    if be.ctx.is_dry() {
+        return Ok(());
+    }
+    let handle = be
+        .cudnn
+        .handle(be)
+        .ok_or_else(|| CudaError::Driver("cuDNN handle vanished".into()))?;
+    let ws = (g.workspace > 0)
+        .then(|| be.pool.alloc(g.workspace))
+        .transpose()?;
+    let ws = ws.as_ref().map_or(0, |b| b.ptr());
+    if !crate::gemm::capturing(be.ctx.stream as _) {
+        g.launch(handle, p, ws)?;
+        return Ok(());
+    }
+    let own = graph::plan_at(handle, l, be.storage, g.engine)?;
+    if own.workspace > g.workspace {
+        return Err(CudaError::Driver("cuDNN's rebuilt plan needs more workspace".into()).into());
+    }
+    own.launch(handle, p, ws)?;
+    if let Ok(mut kept) = be.cudnn.captured.lock() {
+        kept.push(own);
+    }
     Ok(())
 }
 
@@ -382,10 +420,39 @@ fn search(
         }))
 }
 
-/// Times ours and cuDNN's fastest way (the first staging it has an algorithm for), and
-/// takes cuDNN only if it is faster and its output agrees with ours. Ours writes the real
-/// output (only its slice; the real launch writes it again); cuDNN's candidate writes
-/// scratch buffers.
+/// cuDNN's ways for one launch, as timed.
+enum Way {
+    /// The legacy call, with its own bias/activation or followed by our epilogue pass.
+    Legacy { fused: bool },
+    /// The i-th operation-graph plan.
+    Graph(usize),
+}
+
+fn way_name(w: &Way) -> String {
+    match w {
+        Way::Legacy { fused: false } => "legacy + epilogue".into(),
+        Way::Legacy { fused: true } => "legacy fused".into(),
+        Way::Graph(i) => format!("graph #{i}"),
+    }
+}
+
+/// Whether operation-graph plans are offered for `l` (opt-in: their eager results agree
+/// with ours, but CUDA-graph replays of a forward pass that uses them differ from its
+/// eager run, see docs/dfine-gpu.md): `APERTURE_CUDNN_GRAPH=packed` for launches with
+/// whole operands, `=strided` for channel slices as well.
+fn graph_offered(l: &DenseLaunch) -> bool {
+    match std::env::var("APERTURE_CUDNN_GRAPH").as_deref() {
+        Ok("strided") => true,
+        Ok("packed") => l.ldx == l.input[3] && l.ldy == l.c_out,
+        _ => false,
+    }
+}
+
+/// Times ours and cuDNN's ways (the legacy call with the first staging it has an
+/// algorithm for, with and without its own bias/activation, and the operation-graph
+/// plans), and takes cuDNN's fastest only if it beats ours and its output agrees with
+/// ours. Ours writes the real output (only its slice; the real launch writes it again);
+/// cuDNN's candidates write scratch buffers.
 fn choose(
     be: &CudaBackend,
     l: &DenseLaunch,
@@ -401,85 +468,143 @@ fn choose(
     let x_scratch = Scratch::new(l.pixels_in() * l.input[3] * es)?;
     let y_scratch = Scratch::new(l.pixels_out() * l.c_out * es)?;
     let out = Scratch::new(l.pixels_out() * l.ldy.max(l.c_out) * es)?;
-    // One workspace for the search and the timing runs (the chosen algorithm needs at
-    // most what the search allowed).
+    // One workspace for the search and the timing runs (the chosen way needs at most
+    // what the search allowed).
     let ws = Scratch::new(MAX_WORKSPACE)?;
     let mut temps = Temps {
         x: x_scratch.0,
         y: y_scratch.0,
         workspace: (0, 0),
     };
-    let mut plan = None;
+    let mut legacy = None;
     for staging in Staging::options(l) {
-        plan = search(be, handle, (l, p, staging), &temps, (out.0, ws.0))?;
-        if plan.is_some() {
+        legacy = search(be, handle, (l, p, staging), &temps, (out.0, ws.0))?;
+        if legacy.is_some() {
             break;
         }
     }
-    let mut plan = plan
-        .ok_or_else(|| CudaError::Driver("cuDNN has no algorithm for this convolution".into()))?;
-    temps.workspace = (ws.0, plan.workspace);
+    let graphs = if graph_offered(l) && graph::expressible(l, be.storage) {
+        graph::plans(handle, l, be.storage, MAX_WORKSPACE).unwrap_or_else(|e| {
+            tracing::debug!("no cuDNN graph for {l:?}: {e}");
+            Vec::new()
+        })
+    } else {
+        Vec::new()
+    };
+    if legacy.is_none() && graphs.is_empty() {
+        return Err(CudaError::Driver("cuDNN has no algorithm for this convolution".into()).into());
+    }
+    if let Some(plan) = &legacy {
+        temps.workspace = (ws.0, plan.workspace);
+    }
     let p_scratch = DensePtrs { y: out.0, ..*p };
-    let run = |fused: Option<&FusedEpilogue>| {
-        let l_plan = (l, &plan.desc, plan.staging);
-        api::launch(be, handle, l_plan, &p_scratch, (plan.algo, fused), &temps).map_err(Into::into)
+    // cuDNN's own bias + activation where the legacy call can finish the launch.
+    let fused = legacy
+        .as_ref()
+        .filter(|plan| api::can_fuse(l, plan.staging, plan.algo))
+        .and_then(|_| FusedEpilogue::new(be, l).ok());
+    let run = |way: &Way| -> Result<()> {
+        match (way, &legacy) {
+            (Way::Legacy { fused: f }, Some(plan)) => {
+                let l_plan = (l, &plan.desc, plan.staging);
+                let epi = if *f { fused.as_ref() } else { None };
+                api::launch(be, handle, l_plan, &p_scratch, (plan.algo, epi), &temps)
+                    .map_err(Into::into)
+            }
+            (Way::Graph(i), _) => graphs[*i]
+                .launch(handle, &p_scratch, ws.0)
+                .map_err(Into::into),
+            (Way::Legacy { .. }, None) => {
+                Err(CudaError::Driver("no legacy cuDNN plan".into()).into())
+            }
+        }
     };
-    // cuDNN's own bias + activation where it can finish the launch, if that is faster
-    // than its convolution followed by our epilogue pass.
-    let fused = if api::can_fuse(l, plan.staging, plan.algo) {
-        FusedEpilogue::new(be, l).ok()
-    } else {
-        None
-    };
-    // Both write their outputs (ours the real one, cuDNN the scratch) while timed.
-    let times = if forced {
+    let mut ways: Vec<Way> = Vec::new();
+    if legacy.is_some() {
+        ways.push(Way::Legacy { fused: false });
+        if fused.is_some() {
+            ways.push(Way::Legacy { fused: true });
+        }
+    }
+    ways.extend((0..graphs.len()).map(Way::Graph));
+    // Every candidate writes while timed (ours the real output, cuDNN's the scratch).
+    let (best, times) = if forced {
         ours()?;
-        None
-    } else {
-        let separate = graph_ms(be, &|| run(None))?;
-        let together = match &fused {
-            Some(f) => graph_ms(be, &|| run(Some(f))).ok(),
-            None => None,
+        // A forced run checks the graph's numerics where there is one.
+        let way = if graphs.is_empty() {
+            Way::Legacy { fused: false }
+        } else {
+            Way::Graph(0)
         };
-        Some((separate, together, graph_ms(be, ours)?))
+        (way, None)
+    } else {
+        let mut timed: Vec<(Way, f32)> = Vec::new();
+        for way in ways {
+            if let Ok(ms) = graph_ms(be, &|| run(&way)) {
+                timed.push((way, ms));
+            }
+        }
+        let mine = graph_ms(be, ours)?;
+        let summary = timed
+            .iter()
+            .map(|(w, t)| format!("{} {t:.3}", way_name(w)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let Some((best, fastest)) = timed.into_iter().min_by(|a, b| a.1.total_cmp(&b.1)) else {
+            return Ok(Choice::Ours);
+        };
+        (best, Some((fastest, mine, summary)))
     };
-    let use_fused = match times {
-        Some((separate, Some(together), _)) => together < separate,
-        _ => false,
-    };
-    // The way that will run writes the scratch last: its output is what is compared.
-    run(if use_fused { fused.as_ref() } else { None })?;
+    // The way that will run writes the scratch last: its output is what is compared,
+    // over a scratch poisoned first (NaN), so that elements it leaves unwritten fail.
+    be.memset(out.0, 0xFF, l.pixels_out() * l.ldy.max(l.c_out) * es)?;
+    run(&best)?;
     let diff = agree::slice_rel_l2(be, (p.y, out.0), l.pixels_out(), l.c_out, l.ldy)?;
     if diff > agree::tolerance(be.storage) {
         tracing::warn!(
-            "cuDNN's convolution {l:?} ({:?}, {:?}) differs from ours by {diff:.2e} (relative L2): keeping ours",
-            plan.staging,
-            plan.algo
+            "cuDNN's convolution {l:?} ({}) differs from ours by {diff:.2e} (relative L2): keeping ours",
+            way_name(&best)
         );
         return Ok(Choice::Ours);
     }
-    if use_fused {
-        plan.fused = fused;
+    let in_place = matches!(best, Way::Graph(_));
+    if in_place && !agree::outside_slice_untouched(be, out.0, l.pixels_out(), l.c_out, l.ldy)? {
+        tracing::warn!(
+            "cuDNN's convolution {l:?} ({}) writes outside its channel slice: keeping ours",
+            way_name(&best)
+        );
+        return Ok(Choice::Ours);
     }
-    let Some((separate, together, mine)) = times else {
-        return Ok(Choice::Cudnn(Arc::new(plan)));
-    };
-    let theirs = together.filter(|_| use_fused).unwrap_or(separate);
-    tracing::debug!(
-        "convolution {:?} {}x{} s{} g{} -> {} channels ({:?}, {:?}): ours {mine:.3} ms, cuDNN {separate:.3} ms, with its bias/activation {together:?} ms, outputs {diff:.1e} apart",
-        l.input,
-        l.kh,
-        l.kw,
-        l.stride,
-        l.groups,
-        l.c_out,
-        plan.staging,
-        plan.algo
-    );
-    Ok(if theirs < mine {
-        Choice::Cudnn(Arc::new(plan))
-    } else {
-        Choice::Ours
+    if let Some((fastest, mine, summary)) = &times {
+        tracing::debug!(
+            "convolution {:?} {}x{} s{} g{} -> {} channels (ldx {}, ldy {}, act {}): ours {mine:.3} ms, cuDNN {summary} ms, outputs {diff:.1e} apart",
+            l.input,
+            l.kh,
+            l.kw,
+            l.stride,
+            l.groups,
+            l.c_out,
+            l.ldx,
+            l.ldy,
+            l.act,
+        );
+        if fastest >= mine {
+            return Ok(Choice::Ours);
+        }
+    }
+    Ok(match best {
+        Way::Graph(i) => {
+            let mut graphs = graphs;
+            Choice::Graph(Arc::new(graphs.swap_remove(i)))
+        }
+        Way::Legacy { fused: f } => {
+            let mut plan =
+                legacy.ok_or_else(|| CudaError::Driver("no legacy cuDNN plan".into()))?;
+            if f {
+                plan.fused = fused;
+            }
+            Choice::Cudnn(Arc::new(plan))
+        }
     })
 }
 

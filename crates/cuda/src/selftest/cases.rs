@@ -181,14 +181,17 @@ pub(super) fn igemm_conv_cases(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Case> {
 /// Dense convolutions with few taps per output (`conv_small_taps`, ops.cu: K = kh * kw *
 /// c_in <= 32, c_out a multiple of 8 up to 64): D-FINE's 3-channel stride-2 stem,
 /// Restormer's 3 -> 48 patch embedding, one input channel with a 5x5 and a residual, a
-/// 2x2 over four channels without bias, every activation, a grid of many blocks.
+/// 2x2 over four channels without bias, every activation, a grid of many blocks, the stem's
+/// shape at stride 1 with a residual and on a 3 x 3 output.
 pub(super) fn small_taps_conv_cases(rng: &mut Rng) -> Vec<Case> {
-    let shapes: [([usize; 8], Activation, bool); 5] = [
+    let shapes: [([usize; 8], Activation, bool); 7] = [
         ([2, 33, 41, 3, 32, 3, 2, 1], Activation::Relu, false),
         ([1, 20, 24, 3, 48, 3, 1, 1], Activation::Identity, false),
         ([2, 9, 10, 1, 8, 5, 2, 2], Activation::Silu, true),
         ([1, 7, 6, 4, 64, 2, 1, 0], Activation::Gelu, false),
         ([3, 96, 80, 3, 16, 3, 2, 1], Activation::Relu, true),
+        ([1, 17, 19, 3, 32, 3, 1, 1], Activation::Silu, true),
+        ([1, 5, 5, 3, 32, 3, 2, 1], Activation::Gelu, false),
     ];
     dense_conv_cases(&shapes, rng, |_, _| "small".to_string())
 }
