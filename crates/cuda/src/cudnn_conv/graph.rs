@@ -529,15 +529,26 @@ fn workspace_size(plan: &Desc) -> CudaResult<usize> {
     Ok(bytes.max(0) as usize)
 }
 
+/// The operands of one execution (kept alive with a captured graph that replays it).
+pub(super) struct VariantPack {
+    _pack: Desc,
+    _ptrs: Vec<*mut c_void>,
+    _uids: Vec<i64>,
+}
+
+// SAFETY: the pack is only kept (never read or changed) after its execution.
+unsafe impl Send for VariantPack {}
+unsafe impl Sync for VariantPack {}
+
 impl GraphPlan {
     /// Enqueues the plan on the handle's stream with these operands and `workspace`
-    /// (at least `self.workspace` bytes).
+    /// (at least `self.workspace` bytes); returns the variant pack it ran with.
     pub(super) fn launch(
         &self,
         handle: dnn::cudnnHandle_t,
         p: &DensePtrs,
         workspace: u64,
-    ) -> CudaResult<()> {
+    ) -> CudaResult<VariantPack> {
         let bias = p
             .bias
             .ok_or_else(|| CudaError::Driver("a cuDNN graph launch needs its bias".into()))?;
@@ -573,7 +584,12 @@ impl GraphPlan {
         check(
             unsafe { dnn::cudnnBackendExecute(handle, self.plan.0, pack.0) },
             "graph execution",
-        )
+        )?;
+        Ok(VariantPack {
+            _pack: pack,
+            _ptrs: ptrs,
+            _uids: uids,
+        })
     }
 }
 

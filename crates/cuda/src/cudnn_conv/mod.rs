@@ -187,8 +187,8 @@ pub(crate) struct CudnnConvs {
     choices: Mutex<HashMap<DenseLaunch, Choice>>,
     /// Set: shapes not chosen yet stay on ours (see `CudaBackend::freeze_convolution_choices`).
     frozen: AtomicBool,
-    /// Operation-graph plans of captured launches (see `run_graph`).
-    captured: Mutex<Vec<graph::GraphPlan>>,
+    /// Operation-graph plans of captured launches and their operands (see `run_graph`).
+    captured: Mutex<Vec<(graph::GraphPlan, graph::VariantPack)>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -316,10 +316,8 @@ pub(crate) fn run_dense(
 }
 
 /// One launch of an operation-graph plan (its workspace from the pool). Under graph
-/// capture each launch gets a plan of its own, kept for the backend's life: a captured
-/// execution keeps reading state of the plan it was made from when the graph replays, so
-/// a plan shared by several launches (or run again eagerly) would hand them one launch's
-/// operands.
+/// capture each launch gets a plan of its own, kept with its variant pack for the
+/// backend's life, in case a captured execution reads either when the graph replays.
 fn run_graph(be: &CudaBackend, l: &DenseLaunch, g: &graph::GraphPlan, p: &DensePtrs) -> Result<()> {
     if be.ctx.is_dry() {
         return Ok(());
@@ -340,9 +338,9 @@ fn run_graph(be: &CudaBackend, l: &DenseLaunch, g: &graph::GraphPlan, p: &DenseP
     if own.workspace > g.workspace {
         return Err(CudaError::Driver("cuDNN's rebuilt plan needs more workspace".into()).into());
     }
-    own.launch(handle, p, ws)?;
+    let pack = own.launch(handle, p, ws)?;
     if let Ok(mut kept) = be.cudnn.captured.lock() {
-        kept.push(own);
+        kept.push((own, pack));
     }
     Ok(())
 }
@@ -513,6 +511,7 @@ fn choose(
             }
             (Way::Graph(i), _) => graphs[*i]
                 .launch(handle, &p_scratch, ws.0)
+                .map(drop)
                 .map_err(Into::into),
             (Way::Legacy { .. }, None) => {
                 Err(CudaError::Driver("no legacy cuDNN plan".into()).into())
