@@ -318,9 +318,46 @@ fn operation_graph(
     graph.finalize()
 }
 
-/// Numerical notes that rule an engine out: transforms that round intermediate values,
-/// reductions below fp32, and results that vary between runs.
-fn acceptable(cfg: &Desc) -> CudaResult<bool> {
+/// What a configuration's engine is: cuDNN's global engine number, whether its numerics
+/// are acceptable (no transforms that round intermediate values, no reduction below
+/// fp32, no run-to-run variation) and whether its kernels are compiled at run time.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct EngineInfo {
+    pub global_index: i64,
+    pub acceptable: bool,
+    pub runtime_compiled: bool,
+}
+
+/// One array attribute of `desc` (at most `N` elements; the rest keep `fill`).
+fn get_array<T: Copy, const N: usize>(
+    desc: &Desc,
+    name: Attr,
+    ty: Ty,
+    fill: T,
+    what: &str,
+) -> CudaResult<Vec<T>> {
+    let mut values = [fill; N];
+    let mut count = 0i64;
+    // SAFETY: room for N values of the C type `ty` names; `count` says how many were
+    // written.
+    check(
+        unsafe {
+            dnn::cudnnBackendGetAttribute(
+                desc.0,
+                name,
+                ty,
+                N as i64,
+                &mut count,
+                values.as_mut_ptr() as *mut c_void,
+            )
+        },
+        what,
+    )?;
+    Ok(values[..count.clamp(0, N as i64) as usize].to_vec())
+}
+
+fn engine_info(cfg: &Desc) -> CudaResult<EngineInfo> {
+    use dnn::cudnnBackendBehaviorNote_t as Bn;
     use dnn::cudnnBackendNumericalNote_t as N;
     let engine = Desc::new(Kind::CUDNN_BACKEND_ENGINE_DESCRIPTOR)?;
     let mut count = 0i64;
@@ -339,35 +376,45 @@ fn acceptable(cfg: &Desc) -> CudaResult<bool> {
         },
         "engine of a configuration",
     )?;
-    let mut notes = [N::CUDNN_NUMERICAL_NOTE_TENSOR_CORE; 16];
-    // SAFETY: room for 16 notes; `count` says how many were written.
-    check(
-        unsafe {
-            dnn::cudnnBackendGetAttribute(
-                engine.0,
-                Attr::CUDNN_ATTR_ENGINE_NUMERICAL_NOTE,
-                Ty::CUDNN_TYPE_NUMERICAL_NOTE,
-                notes.len() as i64,
-                &mut count,
-                notes.as_mut_ptr() as *mut c_void,
-            )
-        },
+    let notes = get_array::<_, 16>(
+        &engine,
+        Attr::CUDNN_ATTR_ENGINE_NUMERICAL_NOTE,
+        Ty::CUDNN_TYPE_NUMERICAL_NOTE,
+        N::CUDNN_NUMERICAL_NOTE_TENSOR_CORE,
         "numerical notes",
     )?;
-    let count = count.clamp(0, notes.len() as i64) as usize;
-    Ok(!notes[..count].iter().any(|n| {
-        matches!(
-            n,
-            N::CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS
-                | N::CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION
-                | N::CUDNN_NUMERICAL_NOTE_FFT
-                | N::CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC
-                | N::CUDNN_NUMERICAL_NOTE_WINOGRAD
-                | N::CUDNN_NUMERICAL_NOTE_WINOGRAD_TILE_4x4
-                | N::CUDNN_NUMERICAL_NOTE_WINOGRAD_TILE_6x6
-                | N::CUDNN_NUMERICAL_NOTE_WINOGRAD_TILE_13x13
-        )
-    }))
+    let behaviour = get_array::<_, 16>(
+        &engine,
+        Attr::CUDNN_ATTR_ENGINE_BEHAVIOR_NOTE,
+        Ty::CUDNN_TYPE_BEHAVIOR_NOTE,
+        Bn::CUDNN_BEHAVIOR_NOTE_TYPE_COUNT,
+        "behaviour notes",
+    )
+    .unwrap_or_default();
+    let index = get_array::<_, 1>(
+        &engine,
+        Attr::CUDNN_ATTR_ENGINE_GLOBAL_INDEX,
+        Ty::CUDNN_TYPE_INT64,
+        -1i64,
+        "engine index",
+    )?;
+    Ok(EngineInfo {
+        global_index: index.first().copied().unwrap_or(-1),
+        acceptable: !notes.iter().any(|n| {
+            matches!(
+                n,
+                N::CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS
+                    | N::CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION
+                    | N::CUDNN_NUMERICAL_NOTE_FFT
+                    | N::CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC
+                    | N::CUDNN_NUMERICAL_NOTE_WINOGRAD
+                    | N::CUDNN_NUMERICAL_NOTE_WINOGRAD_TILE_4x4
+                    | N::CUDNN_NUMERICAL_NOTE_WINOGRAD_TILE_6x6
+                    | N::CUDNN_NUMERICAL_NOTE_WINOGRAD_TILE_13x13
+            )
+        }),
+        runtime_compiled: behaviour.contains(&Bn::CUDNN_BEHAVIOR_NOTE_RUNTIME_COMPILATION),
+    })
 }
 
 /// An execution plan for one launch and the workspace it needs.
@@ -378,11 +425,22 @@ pub(super) struct GraphPlan {
     /// The engine configuration's place in the heuristics' results (to build the same
     /// plan again).
     pub engine: usize,
+    pub info: EngineInfo,
 }
 
 impl std::fmt::Debug for GraphPlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cuDNN graph plan (workspace {} bytes)", self.workspace)
+        write!(
+            f,
+            "cuDNN engine {}{} (workspace {} bytes)",
+            self.info.global_index,
+            if self.info.runtime_compiled {
+                ", compiled at run time"
+            } else {
+                ""
+            },
+            self.workspace
+        )
     }
 }
 
@@ -431,7 +489,8 @@ fn plan_from(
     engine: usize,
     max_workspace: usize,
 ) -> CudaResult<Option<GraphPlan>> {
-    if !acceptable(cfg)? {
+    let info = engine_info(cfg)?;
+    if !info.acceptable {
         return Ok(None);
     }
     let plan = execution_plan(handle, cfg)?;
@@ -441,6 +500,7 @@ fn plan_from(
         workspace,
         residual: l.residual,
         engine,
+        info,
     }))
 }
 

@@ -187,6 +187,8 @@ pub(crate) struct CudnnConvs {
     choices: Mutex<HashMap<DenseLaunch, Choice>>,
     /// Set: shapes not chosen yet stay on ours (see `CudaBackend::freeze_convolution_choices`).
     frozen: AtomicBool,
+    /// Launches given an operation-graph plan so far (see `graph_limit`).
+    graphs_taken: std::sync::atomic::AtomicUsize,
     /// Operation-graph plans of captured launches and their operands (see `run_graph`).
     captured: Mutex<Vec<(graph::GraphPlan, graph::VariantPack)>>,
 }
@@ -426,12 +428,21 @@ enum Way {
     Graph(usize),
 }
 
-fn way_name(w: &Way) -> String {
+fn way_name(w: &Way, graphs: &[graph::GraphPlan]) -> String {
     match w {
         Way::Legacy { fused: false } => "legacy + epilogue".into(),
         Way::Legacy { fused: true } => "legacy fused".into(),
-        Way::Graph(i) => format!("graph #{i}"),
+        Way::Graph(i) => format!("graph #{i} ({:?})", graphs.get(*i)),
     }
+}
+
+/// `APERTURE_CUDNN_GRAPH_LIMIT=N`: at most N launches take graph plans (bisecting which
+/// launch's plan misbehaves).
+fn graph_limit() -> usize {
+    std::env::var("APERTURE_CUDNN_GRAPH_LIMIT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(usize::MAX)
 }
 
 /// Whether operation-graph plans are offered for `l` (opt-in: their eager results agree
@@ -481,7 +492,8 @@ fn choose(
             break;
         }
     }
-    let graphs = if graph_offered(l) && graph::expressible(l, be.storage) {
+    let under_limit = be.cudnn.graphs_taken.load(Ordering::Relaxed) < graph_limit();
+    let graphs = if under_limit && graph_offered(l) && graph::expressible(l, be.storage) {
         graph::plans(handle, l, be.storage, MAX_WORKSPACE).unwrap_or_else(|e| {
             tracing::debug!("no cuDNN graph for {l:?}: {e}");
             Vec::new()
@@ -546,7 +558,7 @@ fn choose(
         let mine = graph_ms(be, ours)?;
         let summary = timed
             .iter()
-            .map(|(w, t)| format!("{} {t:.3}", way_name(w)))
+            .map(|(w, t)| format!("{} {t:.3}", way_name(w, &graphs)))
             .collect::<Vec<_>>()
             .join(", ");
         let Some((best, fastest)) = timed.into_iter().min_by(|a, b| a.1.total_cmp(&b.1)) else {
@@ -562,7 +574,7 @@ fn choose(
     if diff > agree::tolerance(be.storage) {
         tracing::warn!(
             "cuDNN's convolution {l:?} ({}) differs from ours by {diff:.2e} (relative L2): keeping ours",
-            way_name(&best)
+            way_name(&best, &graphs)
         );
         return Ok(Choice::Ours);
     }
@@ -570,13 +582,18 @@ fn choose(
     if in_place && !agree::outside_slice_untouched(be, out.0, l.pixels_out(), l.c_out, l.ldy)? {
         tracing::warn!(
             "cuDNN's convolution {l:?} ({}) writes outside its channel slice: keeping ours",
-            way_name(&best)
+            way_name(&best, &graphs)
         );
         return Ok(Choice::Ours);
     }
     if let Some((fastest, mine, summary)) = &times {
+        let taken = if fastest < mine {
+            way_name(&best, &graphs)
+        } else {
+            "ours".to_string()
+        };
         tracing::debug!(
-            "convolution {:?} {}x{} s{} g{} -> {} channels (ldx {}, ldy {}, act {}): ours {mine:.3} ms, cuDNN {summary} ms, outputs {diff:.1e} apart",
+            "convolution {:?} {}x{} s{} g{} -> {} channels (ldx {}, ldy {}, act {}): ours {mine:.3} ms, cuDNN {summary} ms, outputs {diff:.1e} apart; took {taken}",
             l.input,
             l.kh,
             l.kw,
@@ -594,6 +611,7 @@ fn choose(
     Ok(match best {
         Way::Graph(i) => {
             let mut graphs = graphs;
+            be.cudnn.graphs_taken.fetch_add(1, Ordering::Relaxed);
             Choice::Graph(Arc::new(graphs.swap_remove(i)))
         }
         Way::Legacy { fused: f } => {
