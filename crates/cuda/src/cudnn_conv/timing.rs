@@ -32,8 +32,37 @@ impl Drop for Scratch {
 /// Time per launch of `f`, from replays of a graph of [`GRAPH_REPS`] launches (after one
 /// eager launch, which also loads what the launch needs).
 pub(super) fn graph_ms(be: &CudaBackend, f: &dyn Fn() -> Result<()>) -> Result<f32> {
-    use cudarc::driver::{result, sys};
     f()?;
+    with_graph(be, GRAPH_REPS, f, |replay| {
+        let mut times = Vec::with_capacity(TIMED_RUNS);
+        replay()?;
+        for _ in 0..TIMED_RUNS {
+            let start = be.record_event()?;
+            replay()?;
+            let end = be.record_event()?;
+            times.push(end.elapsed_ms(&start)?);
+        }
+        times.sort_by(f32::total_cmp);
+        Ok(times[times.len() / 2] / GRAPH_REPS as f32)
+    })
+}
+
+/// Runs `f` once as a captured graph (capture, instantiate, launch, wait), the way the
+/// forward pass's graph will run it.
+pub(super) fn replayed_once(be: &CudaBackend, f: &dyn Fn() -> Result<()>) -> Result<()> {
+    with_graph(be, 1, f, |replay| replay())
+}
+
+/// Captures `reps` launches of `f` on the backend's stream, instantiates the graph and
+/// hands `body` a function that launches it once; waits for the stream and destroys both
+/// graphs afterwards, whatever `body` returns.
+fn with_graph<T>(
+    be: &CudaBackend,
+    reps: usize,
+    f: &dyn Fn() -> Result<()>,
+    body: impl FnOnce(&dyn Fn() -> Result<()>) -> Result<T>,
+) -> Result<T> {
+    use cudarc::driver::{result, sys};
     be.synchronize()?;
     be.ctx.bind()?;
     let stream = be.ctx.stream;
@@ -45,10 +74,10 @@ pub(super) fn graph_ms(be: &CudaBackend, f: &dyn Fn() -> Result<()>) -> Result<f
         )
         .map_err(CudaError::from)?;
     }
-    let captured = (0..GRAPH_REPS).try_for_each(|_| f());
+    let captured = (0..reps).try_for_each(|_| f());
     // SAFETY: ends the capture begun above.
     let graph = unsafe { result::stream::end_capture(stream) }.map_err(CudaError::from)?;
-    let timed = captured.and_then(|()| {
+    let out = captured.and_then(|()| {
         // SAFETY: `graph` is a complete captured graph.
         let exec = unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }
             .map_err(CudaError::from)?;
@@ -57,29 +86,17 @@ pub(super) fn graph_ms(be: &CudaBackend, f: &dyn Fn() -> Result<()>) -> Result<f
             unsafe { result::graph::launch(exec, stream) }.map_err(CudaError::from)?;
             Ok(())
         };
-        let mut times = Vec::with_capacity(TIMED_RUNS);
-        let run = (|| -> Result<()> {
-            replay()?;
-            for _ in 0..TIMED_RUNS {
-                let start = be.record_event()?;
-                replay()?;
-                let end = be.record_event()?;
-                times.push(end.elapsed_ms(&start)?);
-            }
-            Ok(())
-        })();
+        let out = body(&replay);
         // SAFETY: the stream is synchronised before the executable graph goes.
         unsafe {
             let _ = result::stream::synchronize(stream);
             let _ = result::graph::exec_destroy(exec);
         }
-        run?;
-        times.sort_by(f32::total_cmp);
-        Ok(times[times.len() / 2] / GRAPH_REPS as f32)
+        out
     });
     // SAFETY: destroyed once; its executable copy is gone.
     unsafe {
         let _ = result::graph::destroy(graph);
     }
-    timed
+    out
 }
