@@ -5,6 +5,8 @@
 # (each batch size compiles anew: ~140 s apiece on an H100, so a short limit still
 # yields the batch-64 ratio). The script ends by combining them into
 # $OUT/results/<gpu>-dfine.{json,md} (tools/dfine_report.py; copy into bench/results/).
+# The steps' JSON land in $OUT as they finish and their logs in one $OUT/run.log, so a
+# call cut short keeps what it measured in a handful of files.
 #
 #   tools/dfine_vs_compile.sh
 #
@@ -34,12 +36,14 @@ status=0
 
 step "aperture forward"
 "$BIN" bench --model "$WORK/x" --device cuda --precision fp16 --batch 1,32,64 --iters "$ITERS" \
-  --out "$OUT/forward.json" > "$OUT/forward.log" 2>&1 || status=1
-grep -E "^aperture" "$OUT/forward.log"
+  --out "$OUT/forward.json" > "$WORK/forward.log" 2>&1 || status=1
+cat "$WORK/forward.log" >> "$OUT/run.log"
+grep -E "^aperture" "$WORK/forward.log"
 step "aperture pixels in, rows out"
 "$BIN" bench --model "$WORK/x" --device cuda --precision fp16 --batch 1,32,64 --iters "$ITERS" \
-  --no-accuracy --postprocess --preprocess 640x480 --out "$OUT/pixels.json" > "$OUT/pixels.log" 2>&1 || status=1
-grep -E "^aperture" "$OUT/pixels.log"
+  --no-accuracy --postprocess --preprocess 640x480 --out "$OUT/pixels.json" > "$WORK/pixels.log" 2>&1 || status=1
+cat "$WORK/pixels.log" >> "$OUT/run.log"
+grep -E "^aperture" "$WORK/pixels.log"
 kernel_cache_save "$OUT"
 
 PEER_TIMEOUT=${PEER_TIMEOUT:-420}
@@ -49,9 +53,10 @@ fi
 step "torch.compile reduce-overhead fp16, batches ${PEER_BATCHES:-64,32,1}, ${PEER_TIMEOUT} s"
 timeout "$PEER_TIMEOUT" python3 tools/dfine_torch_peers.py "$WORK/x" --batches "${PEER_BATCHES:-64,32,1}" \
   --iters 20 --compile --compile-modes reduce-overhead --skip-study --skip-eager --out "$OUT/peers.json" \
-  > "$OUT/peers.log" 2>&1
+  > "$WORK/peers.log" 2>&1
 echo "peers exit $? (124: stopped by PEER_TIMEOUT; the batches done are in peers.json)"
-grep -E "torch-compile" "$OUT/peers.log"
+cat "$WORK/peers.log" >> "$OUT/run.log"
+grep -E "torch-compile" "$WORK/peers.log"
 
 step "results"
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
