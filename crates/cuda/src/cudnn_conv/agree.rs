@@ -79,13 +79,20 @@ pub(super) fn outside_slice_untouched(
         let at = ptr + (first * ld * 2) as u64;
         // SAFETY: the buffer holds `rows` rows of `ld` 16-bit values.
         unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut v, at) }.map_err(CudaError::from)?;
-        if v.chunks(ld)
-            .any(|row| row[c..].iter().any(|&u| u != 0xFFFF))
-        {
+        if !poison_intact(&v, c, ld) {
             return Ok(false);
         }
     }
     Ok(true)
+}
+
+/// Whether every row of `v` (rows `ld` 16-bit values apart) still holds the 0xFFFF poison
+/// past its first `c` values.
+fn poison_intact(v: &[u16], c: usize, ld: usize) -> bool {
+    v.chunks(ld).all(|row| {
+        row.get(c..)
+            .is_none_or(|rest| rest.iter().all(|&u| u == 0xFFFF))
+    })
 }
 
 /// `(first, count)` row ranges of `sample` rows at the start, in the middle and at the end
@@ -172,6 +179,18 @@ mod tests {
         let c = [1.0, 2.0, 0.0, 0.0, 3.0, 5.0, 0.0, 0.0];
         let want = (1.0f64 / 30.0).sqrt();
         assert!((rel_l2_rows(&a, &c, 2, 2, 4) - want).abs() < 1e-12);
+    }
+
+    #[test]
+    fn poison_must_survive_outside_the_slice_only() {
+        use super::poison_intact;
+        let p = 0xFFFF;
+        // Two rows of 4 with a 2-channel slice written.
+        assert!(poison_intact(&[1, 2, p, p, 3, 4, p, p], 2, 4));
+        assert!(!poison_intact(&[1, 2, p, p, 3, 4, 0, p], 2, 4));
+        assert!(!poison_intact(&[1, 2, 7, p, 3, 4, p, p], 2, 4));
+        // A whole row is all slice.
+        assert!(poison_intact(&[1, 2, 3, 4], 4, 4));
     }
 
     #[test]
