@@ -83,7 +83,7 @@ def make_repo(root: Path, real_models=False):
 
 
 class Server:
-    def __init__(self, repo: Path, *extra):
+    def __init__(self, repo: Path, *extra, log_path: Path = None):
         if not BIN.exists():
             pytest.skip(f"server binary {BIN} not built (cargo build -p aperture-cli)")
         self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
@@ -92,11 +92,17 @@ class Server:
             "--http-port", str(self.http), "--grpc-port", str(self.grpc),
             "--metrics-port", str(self.metrics), "--max-body-mb", "1", *extra,
         ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Standard error to a file where a test reads the server's log lines (a pipe
+        # nobody reads would fill up and stall a chatty server).
+        self.log = open(log_path, "wb") if log_path else None
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=self.log or subprocess.PIPE
+        )
         deadline = time.time() + 30
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()}")
+                err = log_path.read_text() if log_path else self.proc.stderr.read().decode()
+                raise RuntimeError(f"server exited: {err}")
             try:
                 if self.request("GET", "/v2/health/ready")[0] == 200:
                     return
@@ -131,6 +137,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.log:
+            self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -324,6 +332,49 @@ def test_grpc_health_checking_protocol(server):
     with pytest.raises(grpc.RpcError) as e:
         check("no_such_model")
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_log_settings_change_the_running_servers_level(tmp_path):
+    """Triton's logging extension through both tritonclients: the settings read back,
+    a change takes effect in the running process (debug lines appear in its log), and
+    what cannot be done is refused with the reason."""
+    log = tmp_path / "server.log"
+    s = Server(make_repo(tmp_path / "repo"), "--device", "cpu", log_path=log)
+    hc = httpclient.InferenceServerClient(s.http_url)
+    gc = grpcclient.InferenceServerClient(s.grpc_url)
+    try:
+        assert hc.get_log_settings() == {
+            "log_file": "", "log_info": False, "log_warnings": True, "log_errors": True,
+            "log_verbose_level": 0, "log_format": "default",
+        }
+
+        def grpc_values(answer):
+            return {k: next(iter(v.values())) for k, v in answer["settings"].items()}
+
+        updated = grpc_values(gc.update_log_settings(
+            {"log_info": True, "log_verbose_level": 1}, as_json=True))
+        assert updated["log_verbose_level"] == 1 and updated["log_info"] is True
+        assert grpc_values(gc.get_log_settings(as_json=True)) == updated
+        assert hc.get_log_settings()["log_verbose_level"] == 1
+        assert hc.is_server_ready()
+        assert hc.update_log_settings({"log_verbose_level": 0, "log_info": False}) == {
+            "log_file": "", "log_info": False, "log_warnings": True, "log_errors": True,
+            "log_verbose_level": 0, "log_format": "default",
+        }
+        deadline = time.time() + 5
+        while " DEBUG " not in log.read_text() and time.time() < deadline:
+            time.sleep(0.1)
+        assert " DEBUG " in log.read_text(), "no debug line while the verbose level was 1"
+        with pytest.raises(InferenceServerException) as e:
+            hc.update_log_settings({"log_file": "/tmp/server.log"})
+        assert "standard error" in str(e.value)
+        with pytest.raises(InferenceServerException) as e:
+            gc.update_log_settings({"log_errors": False})
+        assert "thresholds" in str(e.value)
+    finally:
+        hc.close()
+        gc.close()
+        s.stop()
 
 
 def test_grpc_infer_async_and_stream(gc, hc):

@@ -158,6 +158,12 @@ impl srv::GrpcInferenceService for EchoGrpc {
     ) -> Result<Response<pb::ModelConfigResponse>, Status> {
         unimplemented()
     }
+    async fn log_settings(
+        &self,
+        _: Request<pb::LogSettingsRequest>,
+    ) -> Result<Response<pb::LogSettingsResponse>, Status> {
+        unimplemented()
+    }
     async fn model_statistics(
         &self,
         _: Request<pb::ModelStatisticsRequest>,

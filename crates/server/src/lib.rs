@@ -39,6 +39,7 @@ pub mod echo;
 pub mod error;
 pub mod factory;
 pub mod image;
+pub mod logging;
 pub mod model;
 pub mod pool;
 pub mod repository;

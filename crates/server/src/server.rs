@@ -32,6 +32,7 @@ pub const BACKEND: &str = "aperture";
 /// KServe / Triton protocol extensions this server implements.
 pub const EXTENSIONS: &[&str] = &[
     "binary_tensor_data",
+    "logging",
     "model_configuration",
     "model_repository",
     "schedule_policy",
@@ -54,7 +55,8 @@ pub struct ServeOptions {
     pub request_timeout: Duration,
     /// Required for inference and metadata (health stays open).
     pub api_key: Option<String>,
-    /// Required for repository load/unload/index (falls back to `api_key`).
+    /// Required for repository load/unload/index and the log settings (falls back to
+    /// `api_key`).
     pub admin_key: Option<String>,
     /// How long shutdown waits for open connections before closing them.
     pub shutdown_grace: Duration,
@@ -67,6 +69,9 @@ pub struct ServeOptions {
     /// Most HTTP and gRPC connections open at once (together); past it new clients wait
     /// in the accept queue. None: unbounded (as Triton).
     pub max_connections: Option<usize>,
+    /// The process's logger for Triton's logging extension (`/v2/logging`, gRPC
+    /// `LogSettings`); None: those answer that log settings are unavailable.
+    pub log_control: Option<crate::logging::LogHandle>,
 }
 
 /// A gRPC message compression the server can send.
@@ -104,6 +109,7 @@ impl Default for ServeOptions {
             shared_memory: true,
             grpc_response_compression: None,
             max_connections: None,
+            log_control: None,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use aperture_server::logging::{LogControl, LogHandle, LogLevel};
 use aperture_server::{
     ArchitectureRegistry, ModelConfig, ModelSource, Repository, ServeOptions, Server, Shared,
 };
@@ -381,4 +382,97 @@ async fn shared_memory_can_be_switched_off() {
     )
     .await;
     assert!(e.contains("disabled"), "{e}");
+}
+
+/// A log level held in memory, as the test's stand-in for the process's logger.
+struct MemoryLog(std::sync::Mutex<LogLevel>);
+
+impl LogControl for MemoryLog {
+    fn level(&self) -> LogLevel {
+        *self.0.lock().unwrap()
+    }
+    fn set_level(&self, level: LogLevel) -> Result<(), String> {
+        *self.0.lock().unwrap() = level;
+        Ok(())
+    }
+}
+
+fn memory_log(level: LogLevel) -> (Arc<MemoryLog>, LogHandle) {
+    let log = Arc::new(MemoryLog(std::sync::Mutex::new(level)));
+    (log.clone(), LogHandle(log))
+}
+
+#[tokio::test]
+async fn log_settings_are_read_and_changed_as_triton_does() {
+    let (log, handle) = memory_log(LogLevel::Warn);
+    let s = shared(ServeOptions {
+        log_control: Some(handle),
+        ..Default::default()
+    })
+    .await;
+    let (status, body, _) = call(&s, get("/v2/logging")).await;
+    assert_eq!(status, StatusCode::OK);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v,
+        json!({"log_file": "", "log_info": false, "log_warnings": true, "log_errors": true,
+               "log_verbose_level": 0, "log_format": "default"})
+    );
+    // A partial update answers every setting, and the logger follows.
+    let (status, body, _) = call(
+        &s,
+        post(
+            "/v2/logging",
+            r#"{"log_info": true, "log_verbose_level": 1}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["log_verbose_level"], 1);
+    assert_eq!(v["log_info"], true);
+    assert_eq!(log.level(), LogLevel::Debug);
+    // What cannot be done is refused with the reason, and changes nothing.
+    let bad = StatusCode::BAD_REQUEST;
+    for (body, says) in [
+        (r#"{"log_file": "/var/log/a.log"}"#, "standard error"),
+        (r#"{"log_errors": false}"#, "thresholds"),
+        (r#"{"log_verbose": 1}"#, "unknown log setting"),
+        (r#"{"log_info": "yes"}"#, "takes a boolean"),
+        ("{", "failed to parse"),
+    ] {
+        let e = error_of(&s, post("/v2/logging", body), bad).await;
+        assert!(e.contains(says), "{body}: {e}");
+    }
+    assert_eq!(log.level(), LogLevel::Debug);
+    // The server metadata lists the extension.
+    let (_, body, _) = call(&s, get("/v2")).await;
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert!(v["extensions"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("logging")));
+}
+
+#[tokio::test]
+async fn log_settings_need_a_logger_and_the_admin_key() {
+    let s = shared(ServeOptions::default()).await;
+    let e = error_of(&s, get("/v2/logging"), StatusCode::BAD_REQUEST).await;
+    assert!(e.contains("no log control"), "{e}");
+    let (_, handle) = memory_log(LogLevel::Warn);
+    let s = shared(ServeOptions {
+        api_key: Some("k1".into()),
+        admin_key: Some("k2".into()),
+        log_control: Some(handle),
+        ..Default::default()
+    })
+    .await;
+    let with = |key: &str| {
+        Request::post("/v2/logging")
+            .header("x-api-key", key)
+            .body(Body::from(r#"{"log_info": true}"#))
+            .unwrap()
+    };
+    assert_eq!(call(&s, with("k1")).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&s, with("k2")).await.0, StatusCode::OK);
 }

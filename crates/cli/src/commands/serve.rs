@@ -68,7 +68,7 @@ pub struct ServeArgs {
     /// Key required for inference and metadata (Authorization: Bearer KEY or X-Api-Key).
     #[arg(long, env = "APERTURE_API_KEY")]
     pub api_key: Option<String>,
-    /// Key required for repository control (load / unload / index).
+    /// Key required for repository control (load / unload / index) and the log settings.
     #[arg(long, env = "APERTURE_ADMIN_KEY")]
     pub admin_key: Option<String>,
     /// On SIGTERM / ctrl-c, how long to let open requests and streams finish (seconds).
@@ -263,6 +263,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         shared_memory: !args.no_shared_memory,
         grpc_response_compression: args.grpc_response_compression,
         max_connections: Some(args.max_connections).filter(|&m| m > 0),
+        log_control: crate::logging::control(),
     };
     eprintln!(
         "aperture serve: HTTP {} gRPC {} metrics {}",

@@ -694,6 +694,70 @@ pub struct SystemSharedMemoryUnregisterRequest {
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SystemSharedMemoryUnregisterResponse {}
+/// Triton's logging extension: the settings to change (none: a read), and all of them
+/// after the change.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct LogSettingsRequest {
+    #[prost(map = "string, message", tag = "1")]
+    pub settings: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        log_settings_request::SettingValue,
+    >,
+}
+/// Nested message and enum types in `LogSettingsRequest`.
+pub mod log_settings_request {
+    #[allow(clippy::all)]
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+    pub struct SettingValue {
+        #[prost(oneof = "setting_value::ParameterChoice", tags = "1, 2, 3")]
+        pub parameter_choice: ::core::option::Option<setting_value::ParameterChoice>,
+    }
+    /// Nested message and enum types in `SettingValue`.
+    pub mod setting_value {
+        #[allow(clippy::all)]
+        #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+        pub enum ParameterChoice {
+            #[prost(bool, tag = "1")]
+            BoolParam(bool),
+            #[prost(uint32, tag = "2")]
+            Uint32Param(u32),
+            #[prost(string, tag = "3")]
+            StringParam(::prost::alloc::string::String),
+        }
+    }
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct LogSettingsResponse {
+    #[prost(map = "string, message", tag = "1")]
+    pub settings: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        log_settings_response::SettingValue,
+    >,
+}
+/// Nested message and enum types in `LogSettingsResponse`.
+pub mod log_settings_response {
+    #[allow(clippy::all)]
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+    pub struct SettingValue {
+        #[prost(oneof = "setting_value::ParameterChoice", tags = "1, 2, 3")]
+        pub parameter_choice: ::core::option::Option<setting_value::ParameterChoice>,
+    }
+    /// Nested message and enum types in `SettingValue`.
+    pub mod setting_value {
+        #[allow(clippy::all)]
+        #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+        pub enum ParameterChoice {
+            #[prost(bool, tag = "1")]
+            BoolParam(bool),
+            #[prost(uint32, tag = "2")]
+            Uint32Param(u32),
+            #[prost(string, tag = "3")]
+            StringParam(::prost::alloc::string::String),
+        }
+    }
+}
 /// Generated client implementations.
 pub mod grpc_inference_service_client {
     #![allow(
@@ -1061,6 +1125,24 @@ pub mod grpc_inference_service_client {
             ));
             self.inner.unary(req, path, codec).await
         }
+        pub async fn log_settings(
+            &mut self,
+            request: impl tonic::IntoRequest<super::LogSettingsRequest>,
+        ) -> std::result::Result<tonic::Response<super::LogSettingsResponse>, tonic::Status>
+        {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path =
+                http::uri::PathAndQuery::from_static("/inference.GRPCInferenceService/LogSettings");
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new(
+                "inference.GRPCInferenceService",
+                "LogSettings",
+            ));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1150,6 +1232,10 @@ pub mod grpc_inference_service_server {
             tonic::Response<super::SystemSharedMemoryUnregisterResponse>,
             tonic::Status,
         >;
+        async fn log_settings(
+            &self,
+            request: tonic::Request<super::LogSettingsRequest>,
+        ) -> std::result::Result<tonic::Response<super::LogSettingsResponse>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct GrpcInferenceServiceServer<T> {
@@ -1852,6 +1938,48 @@ pub mod grpc_inference_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = SystemSharedMemoryUnregisterSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/inference.GRPCInferenceService/LogSettings" => {
+                    #[allow(non_camel_case_types)]
+                    struct LogSettingsSvc<T: GrpcInferenceService>(pub Arc<T>);
+                    impl<T: GrpcInferenceService>
+                        tonic::server::UnaryService<super::LogSettingsRequest>
+                        for LogSettingsSvc<T>
+                    {
+                        type Response = super::LogSettingsResponse;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::LogSettingsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as GrpcInferenceService>::log_settings(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = LogSettingsSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

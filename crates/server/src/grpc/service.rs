@@ -233,6 +233,51 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
     }
 
+    async fn log_settings(
+        &self,
+        req: Request<pb::LogSettingsRequest>,
+    ) -> Result<Response<pb::LogSettingsResponse>, Status> {
+        use crate::logging::SettingValue as V;
+        use pb::log_settings_request::setting_value::ParameterChoice as In;
+        use pb::log_settings_response::setting_value::ParameterChoice as Out;
+        self.authorize(&req, true)?;
+        let changes = req
+            .into_inner()
+            .settings
+            .into_iter()
+            .map(|(name, v)| {
+                let value = match v.parameter_choice {
+                    Some(In::BoolParam(b)) => V::Bool(b),
+                    Some(In::Uint32Param(u)) => V::Uint(u),
+                    Some(In::StringParam(s)) => V::Str(s),
+                    None => {
+                        return Err(ServerError::invalid(format!(
+                            "log setting {name} has no value"
+                        )))
+                    }
+                };
+                Ok((name, value))
+            })
+            .collect::<crate::error::Result<Vec<_>>>()?;
+        let now = crate::logging::settings(self.shared.options.log_control.as_ref(), &changes)?;
+        let settings = now
+            .entries()
+            .into_iter()
+            .map(|(k, v)| {
+                let choice = match v {
+                    V::Bool(b) => Out::BoolParam(b),
+                    V::Uint(u) => Out::Uint32Param(u),
+                    V::Str(s) => Out::StringParam(s),
+                };
+                let value = pb::log_settings_response::SettingValue {
+                    parameter_choice: Some(choice),
+                };
+                (k.to_string(), value)
+            })
+            .collect();
+        Ok(Response::new(pb::LogSettingsResponse { settings }))
+    }
+
     async fn repository_index(
         &self,
         req: Request<pb::RepositoryIndexRequest>,

@@ -42,6 +42,19 @@ pub async fn ready(State(s): S) -> StatusCode {
     }
 }
 
+/// `GET /v2/logging`: the log settings (Triton's logging extension).
+pub async fn logging(State(s): S) -> Result<Json<Value>> {
+    let now = crate::logging::settings(s.options.log_control.as_ref(), &[])?;
+    Ok(Json(now.to_json()))
+}
+
+/// `POST /v2/logging`: changes the settings the body names, answers all of them.
+pub async fn update_logging(State(s): S, body: axum::body::Bytes) -> Result<Json<Value>> {
+    let changes = crate::logging::changes_from_json(&body)?;
+    let now = crate::logging::settings(s.options.log_control.as_ref(), &changes)?;
+    Ok(Json(now.to_json()))
+}
+
 pub async fn not_found() -> ServerError {
     ServerError::NotFound("Not Found".into())
 }

@@ -65,6 +65,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/v2/models/{model}/versions/{version}/infer",
             post(handlers::infer_v),
         )
+        .route(
+            "/v2/logging",
+            get(handlers::logging).post(handlers::update_logging),
+        )
         .route("/v2/repository/index", post(handlers::repository_index))
         .route(
             "/v2/repository/models/{model}/load",
@@ -109,12 +113,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// API keys: `--api-key` guards everything but health, `--admin-key` guards repository
-/// control. Accepted as `Authorization: Bearer KEY` or `X-Api-Key: KEY`.
+/// control and the log settings. Accepted as `Authorization: Bearer KEY` or
+/// `X-Api-Key: KEY`.
 async fn authorize(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let needed = if path.starts_with("/v2/health") {
         None
-    } else if path.starts_with("/v2/repository") {
+    } else if path.starts_with("/v2/repository") || path == "/v2/logging" {
         shared
             .options
             .admin_key
