@@ -377,6 +377,27 @@ def test_log_settings_change_the_running_servers_level(tmp_path):
         s.stop()
 
 
+def test_json_log_lines(tmp_path):
+    """`--log-format json`: the logging extension reports it, and every line the server
+    writes once info is on is one JSON object with a level and a message."""
+    log = tmp_path / "server.log"
+    s = Server(make_repo(tmp_path / "repo"), "--device", "cpu", "--log-format", "json",
+               log_path=log)
+    hc = httpclient.InferenceServerClient(s.http_url)
+    try:
+        assert hc.get_log_settings()["log_format"] == "json"
+        hc.update_log_settings({"log_info": True})
+        hc.unload_model("simple")
+        hc.load_model("simple")
+    finally:
+        hc.close()
+        s.stop()
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert lines, "no JSON log line"
+    assert all("level" in line and "fields" in line for line in lines)
+    assert any(line["level"] == "INFO" for line in lines)
+
+
 def test_grpc_infer_async_and_stream(gc, hc):
     ins, a, b = simple_inputs(grpcclient, seed=3)
     r = gc.infer("simple", ins, outputs=[grpcclient.InferRequestedOutput("OUTPUT1")])

@@ -12,41 +12,80 @@ use tracing_subscriber::{reload, EnvFilter, Registry};
 
 type FilterHandle = reload::Handle<EnvFilter, Registry>;
 
-static HANDLE: OnceLock<FilterHandle> = OnceLock::new();
+static HANDLE: OnceLock<(FilterHandle, LogFormat)> = OnceLock::new();
 
-/// Installs the logger (standard error; colour codes only for a terminal, so log files
-/// and collectors get plain text).
-pub fn init() {
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Text lines (colour codes only for a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
+}
+
+impl LogFormat {
+    /// The name the logging extension reports (`log_format`).
+    fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => aperture_server::logging::FORMAT,
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// Installs the logger on standard error.
+pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     let (filter, handle) = reload::Layer::new(filter);
-    let output = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if tracing_subscriber::registry()
-        .with(filter)
-        .with(output)
-        .try_init()
-        .is_ok()
-    {
-        let _ = HANDLE.set(handle);
+    let registry = tracing_subscriber::registry().with(filter);
+    let installed = match format {
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    // Colour codes only for a terminal: files and collectors get plain text.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+    };
+    if installed.is_ok() {
+        let _ = HANDLE.set((handle, format));
     }
 }
 
 /// The installed logger's level control (None before [`init`]).
 pub fn control() -> Option<LogHandle> {
-    HANDLE
-        .get()
-        .map(|h| LogHandle(Arc::new(Reloadable(h.clone()))))
+    HANDLE.get().map(|(h, format)| {
+        LogHandle(Arc::new(Reloadable {
+            filter: h.clone(),
+            format: *format,
+        }))
+    })
 }
 
 /// A level control over a reloadable filter: reading gives the filter's most verbose
 /// level, setting replaces the filter (and any per-target directives) by one level.
-struct Reloadable(FilterHandle);
+struct Reloadable {
+    filter: FilterHandle,
+    format: LogFormat,
+}
 
 impl LogControl for Reloadable {
     fn level(&self) -> LogLevel {
         // A filter that cannot say (per-span directives) may let anything through.
-        let hint = self.0.with_current(|f| f.max_level_hint()).ok().flatten();
+        let hint = self
+            .filter
+            .with_current(|f| f.max_level_hint())
+            .ok()
+            .flatten();
         match hint.unwrap_or(LevelFilter::TRACE) {
             LevelFilter::OFF => LogLevel::Off,
             LevelFilter::ERROR => LogLevel::Error,
@@ -66,9 +105,13 @@ impl LogControl for Reloadable {
             LogLevel::Debug => "debug",
             LogLevel::Trace => "trace",
         };
-        self.0
+        self.filter
             .reload(EnvFilter::new(directive))
             .map_err(|e| e.to_string())
+    }
+
+    fn format(&self) -> &'static str {
+        self.format.name()
     }
 }
 
@@ -80,7 +123,11 @@ mod tests {
     fn a_reloaded_filter_changes_what_is_logged() {
         let (filter, handle) = reload::Layer::new(EnvFilter::new("warn"));
         let subscriber = tracing_subscriber::registry().with(filter);
-        let control = Reloadable(handle);
+        let control = Reloadable {
+            filter: handle,
+            format: LogFormat::Json,
+        };
+        assert_eq!(control.format(), "json");
         tracing::subscriber::with_default(subscriber, || {
             assert_eq!(control.level(), LogLevel::Warn);
             assert!(tracing::enabled!(tracing::Level::WARN));
@@ -99,6 +146,11 @@ mod tests {
     fn per_target_directives_report_their_most_verbose_level() {
         let (filter, handle) = reload::Layer::new(EnvFilter::new("warn,aperture_cuda=debug"));
         let _subscriber = tracing_subscriber::registry().with(filter);
-        assert_eq!(Reloadable(handle).level(), LogLevel::Debug);
+        let control = Reloadable {
+            filter: handle,
+            format: LogFormat::Text,
+        };
+        assert_eq!(control.level(), LogLevel::Debug);
+        assert_eq!(control.format(), "default");
     }
 }

@@ -17,6 +17,15 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines are written on standard error (the level: RUST_LOG, default warn).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "APERTURE_LOG_FORMAT"
+    )]
+    log_format: logging::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -48,8 +57,8 @@ enum Command {
 }
 
 fn main() {
-    logging::init();
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     let result = match cli.command {
         Command::Demo(a) => commands::demo::run(a),
         Command::Info(a) => commands::info::run(a),

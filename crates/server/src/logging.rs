@@ -5,7 +5,9 @@
 //! The settings are Triton's: `log_file`, `log_info`, `log_warnings`, `log_errors`,
 //! `log_verbose_level`, `log_format`. Here the levels are thresholds (a level on means
 //! every more severe one is on too), verbose level 1 is `debug` and 2 or more `trace`,
-//! logs go to standard error (`log_file` must stay empty) in one format (`default`).
+//! logs go to standard error (`log_file` must stay empty) in the format the process
+//! started with (`default` text lines or `json`, one object per line; fixed while it
+//! runs).
 //! The process's logger is behind [`LogControl`]: `aperture serve` passes one that
 //! reloads its filter (a change replaces `RUST_LOG`'s directives by one level).
 
@@ -45,7 +47,7 @@ pub struct LogSettings {
     pub format: String,
 }
 
-/// The only log format: what the process's logger writes.
+/// The text format's name (Triton's default).
 pub const FORMAT: &str = "default";
 
 impl LogSettings {
@@ -72,12 +74,6 @@ impl LogSettings {
             return Err(ServerError::invalid(format!(
                 "log_file {:?}: aperture logs to standard error only (redirect it instead)",
                 self.file
-            )));
-        }
-        if self.format != FORMAT {
-            return Err(ServerError::invalid(format!(
-                "log_format {:?}: the only format is \"{FORMAT}\"",
-                self.format
             )));
         }
         let on = [
@@ -107,7 +103,14 @@ impl LogSettings {
         )
     }
 
-    /// These settings with `changes` applied (unknown names and wrong types refused).
+    /// These settings in the logger's format.
+    pub fn with_format(mut self, format: &str) -> Self {
+        self.format = format.to_string();
+        self
+    }
+
+    /// These settings with `changes` applied (unknown names and wrong types refused; the
+    /// format cannot change while the process runs).
     pub fn updated(&self, changes: &[(String, SettingValue)]) -> Result<Self> {
         let mut s = self.clone();
         for (name, value) in changes {
@@ -130,6 +133,12 @@ impl LogSettings {
                     )))
                 }
             }
+        }
+        if s.format != self.format {
+            return Err(ServerError::invalid(format!(
+                "log_format {:?}: the logger writes {:?} and keeps it while running (choose it at start: aperture --log-format)",
+                s.format, self.format
+            )));
         }
         s.level()?;
         Ok(s)
@@ -204,6 +213,10 @@ pub trait LogControl: Send + Sync {
     fn level(&self) -> LogLevel;
     /// Makes the logger run at `level`.
     fn set_level(&self, level: LogLevel) -> std::result::Result<(), String>;
+    /// The format the logger writes (Triton's `log_format`).
+    fn format(&self) -> &'static str {
+        FORMAT
+    }
 }
 
 /// A [`LogControl`] in the server's options.
@@ -224,13 +237,14 @@ pub fn settings(
     let control = control.ok_or_else(|| {
         ServerError::Unsupported("this server has no log control (log settings unavailable)".into())
     })?;
+    let now = || LogSettings::at(control.0.level()).with_format(control.0.format());
     if !changes.is_empty() {
-        let wanted = LogSettings::at(control.0.level()).updated(changes)?;
+        let wanted = now().updated(changes)?;
         control.0.set_level(wanted.level()?).map_err(|e| {
             ServerError::Internal(format!("the log level could not be changed: {e}"))
         })?;
     }
-    Ok(LogSettings::at(control.0.level()))
+    Ok(now())
 }
 
 #[cfg(test)]
@@ -303,6 +317,18 @@ mod tests {
                 ("log_format".into(), SettingValue::Str(FORMAT.into())),
             ])
             .is_ok());
+    }
+
+    #[test]
+    fn the_format_is_the_loggers_and_stays() {
+        let json = LogSettings::at(LogLevel::Warn).with_format("json");
+        assert!(json
+            .updated(&change("log_format", SettingValue::Str("json".into())))
+            .is_ok());
+        let e = json
+            .updated(&change("log_format", SettingValue::Str(FORMAT.into())))
+            .unwrap_err();
+        assert!(e.to_string().contains("keeps it while running"), "{e}");
     }
 
     #[test]
