@@ -3,6 +3,8 @@
 # its eager pass? check-dfine (fp16, batch 1) with APERTURE_CUDNN_GRAPH=${MODE:-packed}
 # and at most N launches on graph plans (APERTURE_CUDNN_GRAPH_LIMIT), N doubling until the
 # "graph vs eager" row fails, then the plans taken (engine numbers) of the failing run.
+# Each line also counts the plans taken and those refused at the choice because their
+# own replay from a captured graph differed.
 # One device call:
 #
 #   tools/cudnn_graph_bisect.sh
@@ -25,7 +27,9 @@ for n in ${LIMITS:-1 2 4 8 16 32 64}; do
     timeout 150 "$BIN" check-dfine --model "$WORK/x" --golden tests/fixtures/dfine/x/golden.safetensors \
     --precisions fp16 --batches 1 --time-batches 1 --iters 3 > "$log" 2>&1
   row=$(grep -E "graph vs eager" "$log" | tail -1)
-  echo "limit $n: $row"
+  taken=$(grep -c "took graph" "$log")
+  refused=$(grep -c "replayed from a CUDA graph: not taken" "$log")
+  echo "limit $n: $taken plans taken, $refused refused by the replay check; $row"
   if echo "$row" | grep -q FAIL; then
     cp "$log" "$OUT/check-limit-$n.log"
     grep -E "took graph" "$log" | sed -E 's/.*convolution //' | cut -c1-400
