@@ -5,6 +5,11 @@
 //! where cuDNN has an engine for it (its heuristics are asked; plans it cannot build are
 //! skipped, and engines whose numerics are not direct fp32-accumulated products are not
 //! taken).
+//!
+//! Opt-in (`APERTURE_CUDNN_GRAPH`, see `graph_offered` in the parent module): eager runs
+//! agree with ours, but CUDA-graph replays of D-FINE's forward pass with these plans have
+//! differed from its eager run (docs/dfine-gpu.md); `tools/cudnn_graph_bisect.sh` looks
+//! for the plan at fault.
 
 use std::ffi::c_void;
 

@@ -4,9 +4,11 @@
 //! On Hopper, cuDNN's convolution engines use the warpgroup matrix instructions that
 //! `conv_igemm` (mma.sync) does not; on D-FINE's shapes PyTorch's cuDNN convolutions run
 //! at about twice our rate. Each distinct launch (shapes, strides, activation, residual)
-//! is timed once, eagerly, both ways: ours, and cuDNN's fastest algorithm
+//! is timed once, eagerly: ours, and cuDNN's fastest algorithm
 //! (`cudnnFindConvolutionForwardAlgorithmEx`) followed by a vectorised epilogue kernel
-//! for bias, activation and residual. The faster one is remembered and used from then on,
+//! for bias, activation and residual or with its own bias + activation (and, opt-in,
+//! operation-graph plans: `graph`). The fastest that agrees with ours (checked on a
+//! poisoned buffer) is remembered and used from then on,
 //! including under graph capture (a launch first seen while capturing keeps ours: nothing
 //! can be timed there). Where cuDNN has no algorithm for a channel slice of a wider
 //! tensor (the in-place concatenations), the input is packed first and/or the output
