@@ -361,24 +361,42 @@ fn get_array<T: Copy, const N: usize>(
     Ok(values[..count.clamp(0, N as i64) as usize].to_vec())
 }
 
+/// Fills `into` (descriptors created by the caller) with `desc`'s descriptor-array
+/// attribute `name`; returns how many cuDNN wrote. An empty `into` asks for the count.
+fn get_descriptors(desc: &Desc, name: Attr, into: &[&Desc], what: &str) -> CudaResult<usize> {
+    let mut raw: Vec<dnn::cudnnBackendDescriptor_t> = into.iter().map(|d| d.0).collect();
+    let mut count = 0i64;
+    let array = if raw.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        raw.as_mut_ptr() as *mut c_void
+    };
+    // SAFETY: `raw` holds `into.len()` created descriptors for cuDNN to fill (none: a
+    // count query with a null array).
+    check(
+        unsafe {
+            dnn::cudnnBackendGetAttribute(
+                desc.0,
+                name,
+                Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+                raw.len() as i64,
+                &mut count,
+                array,
+            )
+        },
+        what,
+    )?;
+    Ok(count.max(0) as usize)
+}
+
 fn engine_info(cfg: &Desc) -> CudaResult<EngineInfo> {
     use dnn::cudnnBackendBehaviorNote_t as Bn;
     use dnn::cudnnBackendNumericalNote_t as N;
     let engine = Desc::new(Kind::CUDNN_BACKEND_ENGINE_DESCRIPTOR)?;
-    let mut count = 0i64;
-    let mut raw = [engine.0];
-    // SAFETY: one engine descriptor (created above) receives the config's engine.
-    check(
-        unsafe {
-            dnn::cudnnBackendGetAttribute(
-                cfg.0,
-                Attr::CUDNN_ATTR_ENGINECFG_ENGINE,
-                Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                1,
-                &mut count,
-                raw.as_mut_ptr() as *mut c_void,
-            )
-        },
+    get_descriptors(
+        cfg,
+        Attr::CUDNN_ATTR_ENGINECFG_ENGINE,
+        &[&engine],
         "engine of a configuration",
     )?;
     let notes = get_array::<_, 16>(
@@ -524,43 +542,14 @@ fn engine_configs(
             &[dnn::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A],
         )?;
     let heur = heur.finalize()?;
-    let mut count = 0i64;
-    // SAFETY: asks for the number of results only (no array).
-    check(
-        unsafe {
-            dnn::cudnnBackendGetAttribute(
-                heur.0,
-                Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                0,
-                &mut count,
-                std::ptr::null_mut(),
-            )
-        },
-        "heuristics' result count",
-    )?;
-    let count = count.clamp(0, 64) as usize;
-    let cfgs = (0..count)
+    let results = Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS;
+    let count = get_descriptors(&heur, results, &[], "heuristics' result count")?.min(64);
+    let mut cfgs = (0..count)
         .map(|_| Desc::new(Kind::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR))
         .collect::<CudaResult<Vec<_>>>()?;
-    let mut raw: Vec<dnn::cudnnBackendDescriptor_t> = cfgs.iter().map(|d| d.0).collect();
-    let mut got = 0i64;
-    // SAFETY: `raw` holds `count` created engine-config descriptors to fill.
-    check(
-        unsafe {
-            dnn::cudnnBackendGetAttribute(
-                heur.0,
-                Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                count as i64,
-                &mut got,
-                raw.as_mut_ptr() as *mut c_void,
-            )
-        },
-        "heuristics' results",
-    )?;
-    let mut cfgs = cfgs;
-    cfgs.truncate(got.clamp(0, count as i64) as usize);
+    let into: Vec<&Desc> = cfgs.iter().collect();
+    let got = get_descriptors(&heur, results, &into, "heuristics' results")?;
+    cfgs.truncate(got.min(count));
     Ok(cfgs)
 }
 
