@@ -8,7 +8,10 @@
 //!   dimensions; an activation other than ReLU, or a residual, follows as one vector pass
 //!   in place in the slice (`conv_epilogue_vec`), or on a new output where the slice's
 //!   channels are off whole 16-byte vectors;
-//! - dense k x k: the implicit GEMM (`conv.cu`, `ldx`/`ldy`) where it is loaded;
+//! - dense k x k: the implicit GEMM (`conv.cu`, `ldx`/`ldy`) where it is loaded, or
+//!   cuDNN where it was timed faster; where cuDNN would stage the slice through a packed
+//!   buffer, a whole output and one copy instead, the whole tensor kept for the nodes
+//!   that read it (no packing copy for them);
 //! - depthwise: the `dwk*` strip kernels (`vector.cu`, `ldo`);
 //! - anything else (fp32 3x3, odd channel counts, switched-off kernels): the plain
 //!   `conv2d` on a whole tensor and one copy into the slice.
