@@ -143,7 +143,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(make_repo(tmp_path_factory.mktemp("repo"), real_models=True), "--device", "cpu")
+    logs = tmp_path_factory.mktemp("logs")
+    s = Server(make_repo(tmp_path_factory.mktemp("repo"), real_models=True), "--device", "cpu",
+               log_path=logs / "server.log")
     yield s
     s.stop()
 
