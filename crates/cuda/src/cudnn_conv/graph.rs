@@ -445,9 +445,6 @@ pub(super) struct GraphPlan {
     plan: Desc,
     pub workspace: usize,
     residual: bool,
-    /// The engine configuration's place in the heuristics' results (to build the same
-    /// plan again).
-    pub engine: usize,
     pub info: EngineInfo,
 }
 
@@ -477,30 +474,15 @@ pub(super) fn plans(
 ) -> CudaResult<Vec<GraphPlan>> {
     let cfgs = engine_configs(handle, l, storage)?;
     let mut plans = Vec::new();
-    for (engine, cfg) in cfgs.iter().enumerate() {
+    for cfg in &cfgs {
         if plans.len() == CANDIDATES {
             break;
         }
-        if let Ok(Some(p)) = plan_from(handle, l, cfg, engine, max_workspace) {
+        if let Ok(Some(p)) = plan_from(handle, l, cfg, max_workspace) {
             plans.push(p);
         }
     }
     Ok(plans)
-}
-
-/// The plan of the heuristics' `engine`-th configuration for `l`, built anew.
-pub(super) fn plan_at(
-    handle: dnn::cudnnHandle_t,
-    l: &DenseLaunch,
-    storage: Storage,
-    engine: usize,
-) -> CudaResult<GraphPlan> {
-    let cfgs = engine_configs(handle, l, storage)?;
-    let cfg = cfgs
-        .get(engine)
-        .ok_or_else(|| CudaError::Driver("cuDNN's heuristics changed their results".into()))?;
-    plan_from(handle, l, cfg, engine, usize::MAX)?
-        .ok_or_else(|| CudaError::Driver("cuDNN's engine is no longer acceptable".into()))
 }
 
 /// The plan of one engine configuration, if its numerics are acceptable and its
@@ -509,7 +491,6 @@ fn plan_from(
     handle: dnn::cudnnHandle_t,
     l: &DenseLaunch,
     cfg: &Desc,
-    engine: usize,
     max_workspace: usize,
 ) -> CudaResult<Option<GraphPlan>> {
     let info = engine_info(cfg)?;
@@ -522,7 +503,6 @@ fn plan_from(
         plan,
         workspace,
         residual: l.residual,
-        engine,
         info,
     }))
 }
@@ -583,26 +563,15 @@ fn workspace_size(plan: &Desc) -> CudaResult<usize> {
     Ok(bytes.max(0) as usize)
 }
 
-/// The operands of one execution (kept alive with a captured graph that replays it).
-pub(super) struct VariantPack {
-    _pack: Desc,
-    _ptrs: Vec<*mut c_void>,
-    _uids: Vec<i64>,
-}
-
-// SAFETY: the pack is only kept (never read or changed) after its execution.
-unsafe impl Send for VariantPack {}
-unsafe impl Sync for VariantPack {}
-
 impl GraphPlan {
     /// Enqueues the plan on the handle's stream with these operands and `workspace`
-    /// (at least `self.workspace` bytes); returns the variant pack it ran with.
+    /// (at least `self.workspace` bytes).
     pub(super) fn launch(
         &self,
         handle: dnn::cudnnHandle_t,
         p: &DensePtrs,
         workspace: u64,
-    ) -> CudaResult<VariantPack> {
+    ) -> CudaResult<()> {
         let bias = p
             .bias
             .ok_or_else(|| CudaError::Driver("a cuDNN graph launch needs its bias".into()))?;
@@ -638,12 +607,7 @@ impl GraphPlan {
         check(
             unsafe { dnn::cudnnBackendExecute(handle, self.plan.0, pack.0) },
             "graph execution",
-        )?;
-        Ok(VariantPack {
-            _pack: pack,
-            _ptrs: ptrs,
-            _uids: uids,
-        })
+        )
     }
 }
 

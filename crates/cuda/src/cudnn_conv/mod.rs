@@ -191,8 +191,6 @@ pub(crate) struct CudnnConvs {
     frozen: AtomicBool,
     /// Launches given an operation-graph plan so far (see `graph_limit`).
     graphs_taken: std::sync::atomic::AtomicUsize,
-    /// Operation-graph plans of captured launches and their operands (see `run_graph`).
-    captured: Mutex<Vec<(graph::GraphPlan, graph::VariantPack)>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -289,7 +287,7 @@ pub(crate) fn run_dense(
 ) -> Result<()> {
     let plan = match choice_for(be, l, p, &ours) {
         Choice::Ours => return ours(),
-        Choice::Graph(g) => return run_graph(be, l, &g, p),
+        Choice::Graph(g) => return run_graph(be, &g, p),
         Choice::Cudnn(plan) => plan,
     };
     let handle = be
@@ -319,10 +317,8 @@ pub(crate) fn run_dense(
     Ok(())
 }
 
-/// One launch of an operation-graph plan (its workspace from the pool). Under graph
-/// capture each launch gets a plan of its own, kept with its variant pack for the
-/// backend's life, in case a captured execution reads either when the graph replays.
-fn run_graph(be: &CudaBackend, l: &DenseLaunch, g: &graph::GraphPlan, p: &DensePtrs) -> Result<()> {
+/// One launch of an operation-graph plan (its workspace from the pool).
+fn run_graph(be: &CudaBackend, g: &graph::GraphPlan, p: &DensePtrs) -> Result<()> {
     if be.ctx.is_dry() {
         return Ok(());
     }
@@ -333,19 +329,7 @@ fn run_graph(be: &CudaBackend, l: &DenseLaunch, g: &graph::GraphPlan, p: &DenseP
     let ws = (g.workspace > 0)
         .then(|| be.pool.alloc(g.workspace))
         .transpose()?;
-    let ws = ws.as_ref().map_or(0, |b| b.ptr());
-    if !crate::gemm::capturing(be.ctx.stream as _) {
-        g.launch(handle, p, ws)?;
-        return Ok(());
-    }
-    let own = graph::plan_at(handle, l, be.storage, g.engine)?;
-    if own.workspace > g.workspace {
-        return Err(CudaError::Driver("cuDNN's rebuilt plan needs more workspace".into()).into());
-    }
-    let pack = own.launch(handle, p, ws)?;
-    if let Ok(mut kept) = be.cudnn.captured.lock() {
-        kept.push((own, pack));
-    }
+    g.launch(handle, p, ws.as_ref().map_or(0, |b| b.ptr()))?;
     Ok(())
 }
 
@@ -525,7 +509,6 @@ fn choose(
             }
             (Way::Graph(i), _) => graphs[*i]
                 .launch(handle, &p_scratch, ws.0)
-                .map(drop)
                 .map_err(Into::into),
             (Way::Legacy { .. }, None) => {
                 Err(CudaError::Driver("no legacy cuDNN plan".into()).into())
