@@ -60,7 +60,7 @@ grep -E "torch-compile" "$WORK/peers.log"
 
 step "results"
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+COMMIT=$(git describe --always --dirty 2>/dev/null || echo unknown)
 if [ -f "$OUT/forward.json" ] && [ -f "$OUT/peers.json" ]; then
   python3 tools/dfine_report.py "$OUT/forward.json" "$OUT/peers.json" --pre-post "$OUT/pixels.json" \
     --device "$GPU_NAME" --out-dir "$OUT/results" \

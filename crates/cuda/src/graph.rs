@@ -76,6 +76,17 @@ impl CudaBackend {
                 return Err(e);
             }
         };
+        match crate::graph_shape::GraphShape::of(graph) {
+            Ok(shape) => tracing::debug!("captured graph: {shape}"),
+            Err(e) => tracing::debug!("captured graph: {e}"),
+        }
+        if let Err(e) = crate::graph_shape::make_edges_plain(graph) {
+            // SAFETY: as above.
+            unsafe {
+                let _ = result::graph::destroy(graph);
+            }
+            return Err(e.into());
+        }
         // SAFETY: `graph` is a complete captured graph.
         let exec = unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) };
         let exec = match exec {

@@ -30,6 +30,7 @@ mod error;
 mod front;
 mod gemm;
 mod graph;
+mod graph_shape;
 pub mod kernels;
 pub mod nvrtc;
 mod pinned;

@@ -332,6 +332,19 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Copies `bytes` bytes between two device allocations on the stream.
+    pub(crate) fn copy_bytes(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        if self.ctx.is_dry() {
+            return Ok(());
+        }
+        self.ctx.bind()?;
+        // SAFETY: the caller passes two live allocations of at least `bytes` bytes.
+        unsafe {
+            result::memcpy_dtod_async(dst, src, bytes, self.ctx.stream).map_err(CudaError::from)?
+        };
+        Ok(())
+    }
+
     /// NCHW f32 staging buffer -> NHWC tensor (a kernel; capturable).
     pub(crate) fn tensor_from_staging(
         &self,

@@ -6,10 +6,11 @@
 //! skipped, and engines whose numerics are not direct fp32-accumulated products are not
 //! taken).
 //!
-//! Opt-in (`APERTURE_CUDNN_GRAPH`, see `graph_offered` in the parent module): eager runs
-//! agree with ours, but CUDA-graph replays of D-FINE's forward pass with these plans have
-//! differed from its eager run (docs/dfine-gpu.md); `tools/cudnn_graph_bisect.sh` looks
-//! for the plan at fault.
+//! Offered by default (`APERTURE_CUDNN_GRAPH`, see `graph_offered` in the parent module).
+//! cuDNN launches these kernels for programmatic dependent launch, which would let them
+//! start before the kernel ahead of them has finished: eagerly a memset goes in between
+//! (`run_graph`), in captured graphs the programmatic edges are made plain
+//! (`graph_shape.rs`); docs/dfine-gpu.md has the measurements.
 
 use std::ffi::c_void;
 

@@ -329,6 +329,15 @@ fn run_graph(be: &CudaBackend, g: &graph::GraphPlan, p: &DensePtrs) -> Result<()
     let ws = (g.workspace > 0)
         .then(|| be.pool.alloc(g.workspace))
         .transpose()?;
+    // cuDNN launches these kernels for programmatic dependent launch: behind a kernel
+    // that allows it (cuBLASLt's do) one may start, and read that kernel's output, before
+    // it is complete (measured: eager outputs that changed from run to run). A memset in
+    // between starts only once the kernel before it has finished. Captured graphs get
+    // the same order from plain edges instead (graph_shape.rs).
+    if !crate::gemm::capturing(be.ctx.stream as _) {
+        let barrier = be.pool.alloc(16)?;
+        be.memset(barrier.ptr(), 0, 16)?;
+    }
     g.launch(handle, p, ws.as_ref().map_or(0, |b| b.ptr()))?;
     Ok(())
 }
@@ -431,15 +440,14 @@ fn graph_limit() -> usize {
         .unwrap_or(usize::MAX)
 }
 
-/// Whether operation-graph plans are offered for `l` (opt-in: their eager results agree
-/// with ours, but CUDA-graph replays of a forward pass that uses them differ from its
-/// eager run, see docs/dfine-gpu.md): `APERTURE_CUDNN_GRAPH=packed` for launches with
-/// whole operands, `=strided` for channel slices as well.
+/// Whether operation-graph plans are offered for `l`: by default for every launch,
+/// channel slices included; `APERTURE_CUDNN_GRAPH=packed` only for launches with whole
+/// operands, `=off` never.
 fn graph_offered(l: &DenseLaunch) -> bool {
     match std::env::var("APERTURE_CUDNN_GRAPH").as_deref() {
-        Ok("strided") => true,
+        Ok("off") => false,
         Ok("packed") => l.ldx == l.input[3] && l.ldy == l.c_out,
-        _ => false,
+        _ => true,
     }
 }
 
@@ -620,9 +628,10 @@ struct Poisoned {
 
 /// Checks a cuDNN candidate against ours (already in the real output `p.y`): its output,
 /// run eagerly into the poisoned scratch, within rounding of ours; for an operation-graph
-/// plan also nothing written outside its channel slice, and the same when it runs
-/// replayed from a captured CUDA graph (as the forward pass's graph will run it). Returns
-/// the relative L2 distance, or why the candidate fails.
+/// plan also nothing written outside its channel slice, the same bits from a second
+/// eager run, and all of that again when it runs replayed from a captured CUDA graph (as
+/// the forward pass's graph will run it). Returns the relative L2 distance, or why the
+/// candidate fails.
 fn verify(
     be: &CudaBackend,
     l: &DenseLaunch,
@@ -634,10 +643,17 @@ fn verify(
     let graph = matches!(way, Way::Graph(_));
     let modes: &[bool] = if graph { &[false, true] } else { &[false] };
     let mut worst = 0f64;
+    // A graph plan's first eager output, to compare a second run and the replay with.
+    let first = if graph {
+        Some(timing::Scratch::new(scratch.bytes)?)
+    } else {
+        None
+    };
     for &replayed in modes {
         be.memset(scratch.ptr, 0xFF, scratch.bytes)?;
         if replayed {
-            timing::replayed_once(be, run)?;
+            let shape = timing::replayed_once(be, run)?;
+            tracing::debug!("graph plan for {l:?} captured: {shape}");
         } else {
             run()?;
         }
@@ -658,6 +674,24 @@ fn verify(
             return Ok(Err(format!("writes outside its channel slice, {how}")));
         }
         worst = worst.max(diff);
+        // A graph plan gives the same bits when run again and when replayed.
+        if let Some(first) = &first {
+            let again = if replayed {
+                "replayed"
+            } else {
+                be.copy_bytes(first.0, scratch.ptr, scratch.bytes)?;
+                be.memset(scratch.ptr, 0xFF, scratch.bytes)?;
+                run()?;
+                "run again"
+            };
+            let apart =
+                agree::slice_rel_l2(be, (first.0, scratch.ptr), l.pixels_out(), l.c_out, l.ldy)?;
+            if apart != 0.0 {
+                return Ok(Err(format!(
+                    "{again}, differs from its first eager run by {apart:.2e} (relative L2)"
+                )));
+            }
+        }
     }
     Ok(Ok(worst))
 }

@@ -118,6 +118,15 @@ fn per_image(got: &Outputs, want: &Outputs, q: usize, c: usize) -> Vec<(f64, f64
         .collect()
 }
 
+/// The bound on the model's relative L2 error against transformers fp32.
+fn model_tolerance(args: &CheckDfineArgs, p: Precision) -> f64 {
+    if p == Precision::Fp32 {
+        args.fp32_tolerance
+    } else {
+        1e-2
+    }
+}
+
 fn pixels(n: usize, size: usize, seed: u64) -> anyhow::Result<HostTensor> {
     Ok(HostTensor::from_f32(
         vec![n, 3, size, size],
@@ -212,11 +221,7 @@ pub fn check_model(
             if let Some((x, want)) = &golden {
                 let got = detect(&runner, x)?;
                 let (el, eb, moved) = compare(&got, want, q, c);
-                let tol = if p == Precision::Fp32 {
-                    args.fp32_tolerance
-                } else {
-                    1e-2
-                };
+                let tol = model_tolerance(args, p);
                 let pass = el <= tol && eb <= tol;
                 if !pass {
                     failures.push(format!(
@@ -232,11 +237,7 @@ pub fn check_model(
             for (n, x, want) in &cpu_refs {
                 let got = detect(&runner, x)?;
                 let (el, eb, moved) = compare(&got, want, q, c);
-                let tol = if p == Precision::Fp32 {
-                    args.fp32_tolerance
-                } else {
-                    1e-2
-                };
+                let tol = model_tolerance(args, p);
                 let pass = el <= tol && eb <= tol;
                 if !pass {
                     failures.push(format!(
@@ -284,10 +285,37 @@ pub fn check_model(
                         .map_err(|e| EngineError::Invalid(e.to_string()))?;
                     Ok(vec![o.logits, o.boxes])
                 };
-            if let Some((x, _)) = &golden {
+            if let Some((x, want)) = &golden {
                 let eager = detect(&runner, x)?;
                 let g = graphs.infer(be, x, fwd)?;
                 let (gl, gb) = (g[0].to_f32_vec(), g[1].to_f32_vec());
+                let replayed = Outputs {
+                    logits: gl.clone(),
+                    boxes: gb.clone(),
+                };
+                let (tl, tb, moved) = compare(&replayed, want, q, c);
+                let tol = model_tolerance(args, p);
+                let pass = tl <= tol && tb <= tol;
+                if !pass {
+                    failures.push(format!("model {p} graph replay vs transformers: logits {tl:.3e}, boxes {tb:.3e} (limit {tol:e})"));
+                }
+                println!(
+                    "{p:>5} graph vs transformers, batch 1: logits {tl:.3e} boxes {tb:.3e} ({moved} rows moved) {}",
+                    if pass { "ok" } else { "FAIL" }
+                );
+                let again = graphs.infer(be, x, fwd)?;
+                let repeatable = again[0].to_f32_vec() == gl && again[1].to_f32_vec() == gb;
+                if !repeatable {
+                    failures.push(format!("{p}: two replays of one graph differ"));
+                }
+                println!(
+                    "{p:>5} graph replayed twice, batch 1: {}",
+                    if repeatable {
+                        "bit-identical ok"
+                    } else {
+                        "DIFFER FAIL"
+                    }
+                );
                 let (el, eb) = (
                     relative_l2(&gl, &eager.logits),
                     relative_l2(&gb, &eager.boxes),
