@@ -76,9 +76,11 @@ impl CudaBackend {
                 return Err(e);
             }
         };
-        match crate::graph_shape::GraphShape::of(graph) {
-            Ok(shape) => tracing::debug!("captured graph: {shape}"),
-            Err(e) => tracing::debug!("captured graph: {e}"),
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            match crate::graph_shape::GraphShape::of(graph) {
+                Ok(shape) => tracing::debug!("captured graph: {shape}"),
+                Err(e) => tracing::debug!("captured graph: {e}"),
+            }
         }
         if let Err(e) = crate::graph_shape::make_edges_plain(graph) {
             // SAFETY: as above.
