@@ -249,6 +249,7 @@ pub fn sweep(
                     }
                 }
             }
+            plan.save_partial(report, &format!("{p} with {q} queries"));
         }
     }
     let source = if set.gt.is_some() {

@@ -1,6 +1,7 @@
 //! The measuring run: which device, the progress bar, timing helpers, and the
 //! Restormer sweep (precision x batch x CUDA graphs on/off, accuracy vs fp32).
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -14,6 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::accuracy::image_error;
 use super::doc::{OpPoint, Profile, Report, Row};
+use super::roofline::Ceilings;
 use super::{dfine, environment, parse_batches, parse_precisions, peers, served, ReportArgs};
 
 /// What every model sweep needs.
@@ -24,9 +26,25 @@ pub struct Plan {
     pub iters: usize,
     pub warmup: usize,
     pub bar: ProgressBar,
+    /// Where the report goes: what has been measured is written there after each
+    /// precision, so a run that is stopped keeps it.
+    pub out: PathBuf,
+    pub ceilings: Ceilings,
 }
 
 impl Plan {
+    /// Writes the rows measured so far into the output folder, marked as partial (a
+    /// complete run replaces the files). A failure to write is reported and ignored.
+    pub fn save_partial(&self, report: &Report, done: &str) {
+        let mut partial = report.clone();
+        partial.notes.push(format!(
+            "Partial report: written after {done} while the run went on; a run that finishes replaces it."
+        ));
+        if let Err(e) = super::write(&partial, &self.out, self.ceilings) {
+            eprintln!("warning: could not write the partial report: {e:#}");
+        }
+    }
+
     /// The precision the served rows use: fp16 on the GPU when swept, else the last
     /// swept precision; fp32 on the CPU.
     pub fn served_precision(&self) -> Precision {
@@ -181,6 +199,11 @@ pub fn measure(args: &ReportArgs) -> anyhow::Result<Report> {
         iters: args.iters,
         warmup: args.warmup,
         bar,
+        out: args.out.clone(),
+        ceilings: Ceilings {
+            tflops: args.peak_tflops,
+            gbs: args.bandwidth_gbs,
+        },
     };
     match arch {
         Architecture::Restormer => restormer(args, model, &plan, &mut report)?,
@@ -364,6 +387,7 @@ fn restormer_gpu(
                 Err(e) => report.notes.push(format!("{p} profile failed: {e:#}")),
             }
         }
+        plan.save_partial(report, &format!("{p}"));
     }
     report.notes.push(
         "GPU latencies are device time between CUDA events around a graph replay or an eager pass (host copies excluded); peak GiB is the backend's peak reserved memory.".into(),
@@ -395,4 +419,46 @@ pub fn profile_pass(
             bytes: s.bytes,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_report_holds_the_rows_so_far_and_says_it_is_partial() {
+        let out = std::env::temp_dir().join(format!("aperture-partial-{}", std::process::id()));
+        let plan = Plan {
+            gpu: None,
+            precisions: vec![Precision::Fp32],
+            batches: vec![1],
+            iters: 1,
+            warmup: 0,
+            bar: ProgressBar::hidden(),
+            out: out.clone(),
+            ceilings: Ceilings {
+                tflops: 100.0,
+                gbs: 1000.0,
+            },
+        };
+        let mut report = Report {
+            model: "restormer (tiny) 64x64".into(),
+            device: "CPU".into(),
+            ..Report::default()
+        };
+        report
+            .rows
+            .push(row_from_times("aperture", "fp32", "eager", 1, &[2.0, 2.5]));
+        plan.save_partial(&report, "fp32");
+        let readme = std::fs::read_to_string(out.join("README.md")).expect("README written");
+        let json = std::fs::read_to_string(out.join("report.json")).expect("report.json written");
+        let _ = std::fs::remove_dir_all(&out);
+        assert!(
+            readme.contains("Partial report: written after fp32"),
+            "{readme}"
+        );
+        assert!(json.contains("\"fp32\""), "{json}");
+        // The caller's report is unchanged: the final write carries no partial note.
+        assert!(report.notes.is_empty());
+    }
 }
