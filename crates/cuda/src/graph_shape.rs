@@ -35,32 +35,52 @@ impl GraphShape {
     /// Reads the shape of `graph` (a captured or built graph, not an executable one).
     pub(crate) fn of(graph: sys::CUgraph) -> CudaResult<Self> {
         let nodes = nodes(graph)?;
-        let mut shape = Self::default();
+        let mut types = Vec::with_capacity(nodes.len());
         for &n in &nodes {
             let mut ty = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
             // SAFETY: `n` is a node of `graph`; one value is written.
             check(unsafe { sys::cuGraphNodeGetType(n, &mut ty) })?;
+            types.push(ty);
+        }
+        let (from, to, data) = edges(graph)?;
+        let index = |n: &sys::CUgraphNode| nodes.iter().position(|m| m == n);
+        let edges: Vec<(Option<usize>, Option<usize>, bool)> = from
+            .iter()
+            .zip(&to)
+            .zip(&data)
+            .map(|((f, t), d)| (index(f), index(t), d.type_ != 0))
+            .collect();
+        Ok(Self::from_parts(&types, &edges))
+    }
+
+    /// The shape of a graph given as its nodes' types and its edges (source and target
+    /// node index, whether the edge is programmatic; type 0 is the plain dependency).
+    fn from_parts(
+        types: &[sys::CUgraphNodeType],
+        edges: &[(Option<usize>, Option<usize>, bool)],
+    ) -> Self {
+        use sys::CUgraphNodeType as T;
+        let mut shape = Self::default();
+        for ty in types {
             match ty {
-                sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL => shape.kernels += 1,
-                sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMCPY => shape.copies += 1,
-                sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMSET => shape.memsets += 1,
+                T::CU_GRAPH_NODE_TYPE_KERNEL => shape.kernels += 1,
+                T::CU_GRAPH_NODE_TYPE_MEMCPY => shape.copies += 1,
+                T::CU_GRAPH_NODE_TYPE_MEMSET => shape.memsets += 1,
                 _ => shape.other_nodes += 1,
             }
         }
-        let (from, to, data) = edges(graph)?;
-        for d in &data {
-            // Type 0 is the plain (full completion) dependency.
-            if d.type_ == 0 {
-                shape.plain_edges += 1;
-            } else {
+        for &(_, _, programmatic) in edges {
+            if programmatic {
                 shape.programmatic_edges += 1;
+            } else {
+                shape.plain_edges += 1;
             }
         }
-        let sources: HashSet<_> = from.iter().copied().collect();
-        let targets: HashSet<_> = to.iter().copied().collect();
-        shape.roots = nodes.iter().filter(|n| !targets.contains(n)).count();
-        shape.leaves = nodes.iter().filter(|n| !sources.contains(n)).count();
-        Ok(shape)
+        let sources: HashSet<usize> = edges.iter().filter_map(|e| e.0).collect();
+        let targets: HashSet<usize> = edges.iter().filter_map(|e| e.1).collect();
+        shape.roots = (0..types.len()).filter(|i| !targets.contains(i)).count();
+        shape.leaves = (0..types.len()).filter(|i| !sources.contains(i)).count();
+        shape
     }
 }
 
@@ -188,4 +208,47 @@ fn edges(graph: sys::CUgraph) -> CudaResult<Edges> {
     to.truncate(count);
     data.truncate(count);
     Ok((from, to, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sys::CUgraphNodeType as T;
+
+    #[test]
+    fn a_chain_has_one_root_and_one_leaf() {
+        let types = [
+            T::CU_GRAPH_NODE_TYPE_KERNEL,
+            T::CU_GRAPH_NODE_TYPE_KERNEL,
+            T::CU_GRAPH_NODE_TYPE_MEMSET,
+        ];
+        let edges = [(Some(0), Some(1), true), (Some(1), Some(2), false)];
+        let shape = GraphShape::from_parts(&types, &edges);
+        assert_eq!(
+            shape,
+            GraphShape {
+                kernels: 2,
+                memsets: 1,
+                plain_edges: 1,
+                programmatic_edges: 1,
+                roots: 1,
+                leaves: 1,
+                ..GraphShape::default()
+            }
+        );
+    }
+
+    #[test]
+    fn a_branch_left_unjoined_shows_as_a_second_leaf() {
+        // 0 -> 1 -> 2, and 0 -> 3 with nothing after 3.
+        let types = [T::CU_GRAPH_NODE_TYPE_KERNEL; 4];
+        let edges = [
+            (Some(0), Some(1), false),
+            (Some(1), Some(2), false),
+            (Some(0), Some(3), false),
+        ];
+        let shape = GraphShape::from_parts(&types, &edges);
+        assert_eq!((shape.roots, shape.leaves), (1, 2));
+        assert_eq!(shape.to_string(), "4 kernels, 0 copies, 0 memsets, 0 other nodes; 3 plain and 0 programmatic edges; 1 roots, 2 leaves");
+    }
 }
