@@ -76,13 +76,7 @@ impl CudaBackend {
                 return Err(e);
             }
         };
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            match crate::graph_shape::GraphShape::of(graph) {
-                Ok(shape) => tracing::debug!("captured graph: {shape}"),
-                Err(e) => tracing::debug!("captured graph: {e}"),
-            }
-        }
-        if let Err(e) = crate::graph_shape::make_edges_plain(graph) {
+        if let Err(e) = crate::graph_shape::before_instantiation(graph, "captured graph") {
             // SAFETY: as above.
             unsafe {
                 let _ = result::graph::destroy(graph);

@@ -84,10 +84,22 @@ impl GraphShape {
     }
 }
 
+/// What every captured graph goes through before it is instantiated: its shape logged
+/// (debug level, as `what`) and its programmatic edges made plain.
+pub(crate) fn before_instantiation(graph: sys::CUgraph, what: &str) -> CudaResult<()> {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        match GraphShape::of(graph) {
+            Ok(shape) => tracing::debug!("{what}: {shape}"),
+            Err(e) => tracing::debug!("{what}: {e}"),
+        }
+    }
+    make_edges_plain(graph).map(|_| ())
+}
+
 /// Replaces every programmatic edge of `graph` by a plain one (the later node starts
 /// after the earlier one has finished), unless `APERTURE_GRAPH_EDGES=keep`. Returns how
 /// many edges changed. Call before instantiating.
-pub(crate) fn make_edges_plain(graph: sys::CUgraph) -> CudaResult<usize> {
+fn make_edges_plain(graph: sys::CUgraph) -> CudaResult<usize> {
     if std::env::var(EDGES_ENV).as_deref() == Ok("keep") {
         return Ok(0);
     }

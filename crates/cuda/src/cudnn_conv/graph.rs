@@ -546,22 +546,14 @@ fn execution_plan(handle: dnn::cudnnHandle_t, cfg: &Desc) -> CudaResult<Desc> {
 }
 
 fn workspace_size(plan: &Desc) -> CudaResult<usize> {
-    let (mut count, mut bytes) = (0i64, 0i64);
-    // SAFETY: one int64 is written.
-    check(
-        unsafe {
-            dnn::cudnnBackendGetAttribute(
-                plan.0,
-                Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
-                Ty::CUDNN_TYPE_INT64,
-                1,
-                &mut count,
-                &mut bytes as *mut i64 as *mut c_void,
-            )
-        },
+    let bytes = get_array::<_, 1>(
+        plan,
+        Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
+        Ty::CUDNN_TYPE_INT64,
+        0i64,
         "plan workspace size",
     )?;
-    Ok(bytes.max(0) as usize)
+    Ok(bytes.first().copied().unwrap_or(0).max(0) as usize)
 }
 
 impl GraphPlan {

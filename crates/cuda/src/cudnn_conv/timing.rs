@@ -5,7 +5,6 @@ use aperture_engine::Result;
 use super::{GRAPH_REPS, TIMED_RUNS};
 use crate::backend::CudaBackend;
 use crate::error::{CudaError, CudaResult};
-use crate::graph_shape::GraphShape;
 
 /// Device memory for the search and the timing runs, outside the pool (whose blocks
 /// would otherwise stay in a graph's arena).
@@ -34,53 +33,34 @@ impl Drop for Scratch {
 /// eager launch, which also loads what the launch needs).
 pub(super) fn graph_ms(be: &CudaBackend, f: &dyn Fn() -> Result<()>) -> Result<f32> {
     f()?;
-    let no_shape = None;
-    with_graph(
-        be,
-        GRAPH_REPS,
-        f,
-        |replay| {
-            let mut times = Vec::with_capacity(TIMED_RUNS);
+    with_graph(be, GRAPH_REPS, f, |replay| {
+        let mut times = Vec::with_capacity(TIMED_RUNS);
+        replay()?;
+        for _ in 0..TIMED_RUNS {
+            let start = be.record_event()?;
             replay()?;
-            for _ in 0..TIMED_RUNS {
-                let start = be.record_event()?;
-                replay()?;
-                let end = be.record_event()?;
-                times.push(end.elapsed_ms(&start)?);
-            }
-            times.sort_by(f32::total_cmp);
-            Ok(times[times.len() / 2] / GRAPH_REPS as f32)
-        },
-        no_shape,
-    )
+            let end = be.record_event()?;
+            times.push(end.elapsed_ms(&start)?);
+        }
+        times.sort_by(f32::total_cmp);
+        Ok(times[times.len() / 2] / GRAPH_REPS as f32)
+    })
 }
 
 /// Runs `f` once as a captured graph (capture, instantiate, launch, wait), the way the
-/// forward pass's graph will run it; returns the shape of what `f` captured followed by
-/// one marker (a memset): a chain has the marker as its only leaf.
-pub(super) fn replayed_once(be: &CudaBackend, f: &dyn Fn() -> Result<()>) -> Result<GraphShape> {
-    let marker = Scratch::new(256)?;
-    let with_marker = || -> Result<()> {
-        f()?;
-        be.memset(marker.0, 0, 256)
-    };
-    let shape = std::cell::Cell::new(None);
-    with_graph(be, 1, &with_marker, |replay| replay(), Some(&shape))?;
-    shape
-        .take()
-        .ok_or_else(|| CudaError::Driver("no graph shape".into()).into())
+/// forward pass's graph will run it.
+pub(super) fn replayed_once(be: &CudaBackend, f: &dyn Fn() -> Result<()>) -> Result<()> {
+    with_graph(be, 1, f, |replay| replay())
 }
 
 /// Captures `reps` launches of `f` on the backend's stream, instantiates the graph and
 /// hands `body` a function that launches it once; waits for the stream and destroys both
-/// graphs afterwards, whatever `body` returns. The captured graph's shape goes into
-/// `shape` where one is given.
+/// graphs afterwards, whatever `body` returns.
 fn with_graph<T>(
     be: &CudaBackend,
     reps: usize,
     f: &dyn Fn() -> Result<()>,
     body: impl FnOnce(&dyn Fn() -> Result<()>) -> Result<T>,
-    shape: Option<&std::cell::Cell<Option<GraphShape>>>,
 ) -> Result<T> {
     use cudarc::driver::{result, sys};
     be.synchronize()?;
@@ -98,10 +78,7 @@ fn with_graph<T>(
     // SAFETY: ends the capture begun above.
     let graph = unsafe { result::stream::end_capture(stream) }.map_err(CudaError::from)?;
     let out = captured.and_then(|()| {
-        if let Some(cell) = shape {
-            cell.set(Some(GraphShape::of(graph)?));
-        }
-        crate::graph_shape::make_edges_plain(graph)?;
+        crate::graph_shape::before_instantiation(graph, "captured cuDNN candidate")?;
         // SAFETY: `graph` is a complete captured graph.
         let exec = unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }
             .map_err(CudaError::from)?;

@@ -288,11 +288,11 @@ pub fn check_model(
             if let Some((x, want)) = &golden {
                 let eager = detect(&runner, x)?;
                 let g = graphs.infer(be, x, fwd)?;
-                let (gl, gb) = (g[0].to_f32_vec(), g[1].to_f32_vec());
                 let replayed = Outputs {
-                    logits: gl.clone(),
-                    boxes: gb.clone(),
+                    logits: g[0].to_f32_vec(),
+                    boxes: g[1].to_f32_vec(),
                 };
+                let (gl, gb) = (&replayed.logits, &replayed.boxes);
                 let (tl, tb, moved) = compare(&replayed, want, q, c);
                 let tol = model_tolerance(args, p);
                 let pass = tl <= tol && tb <= tol;
@@ -304,7 +304,7 @@ pub fn check_model(
                     if pass { "ok" } else { "FAIL" }
                 );
                 let again = graphs.infer(be, x, fwd)?;
-                let repeatable = again[0].to_f32_vec() == gl && again[1].to_f32_vec() == gb;
+                let repeatable = again[0].to_f32_vec() == *gl && again[1].to_f32_vec() == *gb;
                 if !repeatable {
                     failures.push(format!("{p}: two replays of one graph differ"));
                 }
@@ -317,8 +317,8 @@ pub fn check_model(
                     }
                 );
                 let (el, eb) = (
-                    relative_l2(&gl, &eager.logits),
-                    relative_l2(&gb, &eager.boxes),
+                    relative_l2(gl, &eager.logits),
+                    relative_l2(gb, &eager.boxes),
                 );
                 let pass = el <= 1e-6 && eb <= 1e-6;
                 if !pass {
