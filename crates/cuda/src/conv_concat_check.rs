@@ -52,11 +52,16 @@ fn seeded_conv(
     Ok((wt, b, spec))
 }
 
-/// The aggregation on one backend: NCHW input in, NCHW concatenation out.
+/// Host weights of a case's chains: `(weight, bias, spec, activation)` per convolution.
+type ChainWeights = Vec<Vec<(HostTensor, HostTensor, ConvSpec, Activation)>>;
+
+/// The aggregation on one backend: NCHW input in, NCHW concatenation out, or with a
+/// squeeze `(weight, bias, activation)` its output.
 fn run<B: Backend>(
     be: &B,
     x: &HostTensor,
-    weights: &[Vec<(HostTensor, HostTensor, ConvSpec, Activation)>],
+    weights: &ChainWeights,
+    squeeze: Option<&(HostTensor, HostTensor, Activation)>,
 ) -> Result<HostTensor> {
     let params = weights
         .iter()
@@ -72,7 +77,40 @@ fn run<B: Backend>(
         .map(|chain| chain.iter().map(|(p, a)| (p, *a)).collect())
         .collect();
     let xt = be.upload_nchw(x)?;
-    be.download_nchw(&be.conv_chain_concat(&xt, &layers)?)
+    let out = match squeeze {
+        None => be.conv_chain_concat(&xt, &layers)?,
+        Some((w, b, act)) => {
+            let spec = ConvSpec {
+                stride: 1,
+                padding: 0,
+                groups: 1,
+            };
+            let p = be.prepare_conv(w, Some(b), spec)?;
+            be.conv_chain_aggregate(&xt, &layers, &p, *act)?
+        }
+    };
+    be.download_nchw(&out)
+}
+
+/// The case's input and seeded chain weights.
+fn case_weights(
+    base: u64,
+    [n, c, h, w]: [usize; 4],
+    chains: Vec<Vec<ConvCase>>,
+) -> Result<(HostTensor, ChainWeights)> {
+    let x = host(base, vec![n, c, h, w], 1.0)?;
+    let mut k = 0u64;
+    let mut weights = Vec::new();
+    for chain in chains {
+        let mut convs = Vec::new();
+        for (ci, co, kernel, depthwise, act) in chain {
+            k += 1;
+            let (wt, b, spec) = seeded_conv(base + 2 * k, (ci, co, kernel, depthwise))?;
+            convs.push((wt, b, spec, act));
+        }
+        weights.push(convs);
+    }
+    Ok((x, weights))
 }
 
 /// Cases: D-FINE's two block kinds (3x3 chains on the implicit GEMM; 1x1 + depthwise
@@ -118,30 +156,91 @@ pub(crate) fn parity(gpu: &CudaBackend, seed: u64) -> Result<Vec<ParityRow>> {
         ),
     ];
     let mut rows = Vec::new();
-    for (i, (name, [n, c, h, w], chains)) in cases.into_iter().enumerate() {
-        let base = seed.wrapping_add(1000 * i as u64);
-        let x = host(base, vec![n, c, h, w], 1.0)?;
-        let mut k = 0u64;
-        let mut weights = Vec::new();
-        for chain in chains {
-            let mut convs = Vec::new();
-            for (ci, co, kernel, depthwise, act) in chain {
-                k += 1;
-                let (wt, b, spec) = seeded_conv(base + 2 * k, (ci, co, kernel, depthwise))?;
-                convs.push((wt, b, spec, act));
-            }
-            weights.push(convs);
-        }
-        let want = run(&cpu, &x, &weights)?;
+    for (i, (name, shape, chains)) in cases.into_iter().enumerate() {
+        let (x, weights) = case_weights(seed.wrapping_add(1000 * i as u64), shape, chains)?;
+        let want = run(&cpu, &x, &weights, None)?;
         rows.push(poisoned_row(
             gpu,
             format!("conv_chain_concat {name}"),
             tol,
             &want,
-            || run(gpu, &x, &weights),
+            || run(gpu, &x, &weights, None),
         )?);
     }
+    rows.extend(aggregate_parity(gpu, &cpu, seed.wrapping_add(40_000))?);
     rows.extend(node_parity(gpu, &cpu, seed.wrapping_add(50_000))?);
+    Ok(rows)
+}
+
+/// The aggregation with its squeeze (`conv_chain_aggregate`): blocks whose parts the
+/// concatenation-free product reads (channel counts of 64s; 64 and 128 output tiles, a
+/// partial last tile of pixels and of channels) and a light block that keeps the
+/// concatenation.
+fn aggregate_parity(gpu: &CudaBackend, cpu: &CpuBackend, seed: u64) -> Result<Vec<ParityRow>> {
+    let tol = op_tolerance(gpu.precision());
+    let relu = Activation::Relu;
+    let cases: Vec<(ChainCase, usize)> = vec![
+        (
+            (
+                "hg 3x3 128+2x64 squeeze 256->64 13x11x2",
+                [2, 128, 13, 11],
+                vec![
+                    vec![(128, 64, 3, false, relu)],
+                    vec![(64, 64, 3, false, relu)],
+                ],
+            ),
+            64,
+        ),
+        (
+            (
+                "hg 3x3 64+3x64 squeeze 256->192 9x15x3",
+                [3, 64, 9, 15],
+                vec![
+                    vec![(64, 64, 3, false, relu)],
+                    vec![(64, 64, 3, false, relu)],
+                    vec![(64, 64, 3, false, relu)],
+                ],
+            ),
+            192,
+        ),
+        (
+            (
+                "hg light 1x1+dw5x5 64+2x64 squeeze 192->128 7x9x2",
+                [2, 64, 7, 9],
+                vec![
+                    vec![
+                        (64, 64, 1, false, Activation::Identity),
+                        (64, 64, 5, true, relu),
+                    ],
+                    vec![
+                        (64, 64, 1, false, Activation::Identity),
+                        (64, 64, 5, true, relu),
+                    ],
+                ],
+            ),
+            128,
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (i, ((name, shape, chains), c_out)) in cases.into_iter().enumerate() {
+        let base = seed.wrapping_add(1000 * i as u64);
+        let k: usize = shape[1]
+            + chains
+                .iter()
+                .map(|c| c.last().map_or(0, |l| l.1))
+                .sum::<usize>();
+        let (x, weights) = case_weights(base, shape, chains)?;
+        let (wt, b, _) = seeded_conv(base + 500, (k, c_out, 1, false))?;
+        let squeeze = (wt, b, relu);
+        let want = run(cpu, &x, &weights, Some(&squeeze))?;
+        rows.push(poisoned_row(
+            gpu,
+            format!("conv_chain_aggregate {name}"),
+            tol,
+            &want,
+            || run(gpu, &x, &weights, Some(&squeeze)),
+        )?);
+    }
     Ok(rows)
 }
 

@@ -17,6 +17,7 @@
 mod attention;
 mod backend;
 mod conv;
+mod conv_aggregate;
 mod conv_concat;
 mod conv_concat_check;
 mod conv_igemm;

@@ -341,6 +341,19 @@ pub trait Backend: Send + Sync {
         parts.extend(outs.iter());
         self.concat_channels_n(&parts)
     }
+    /// The HG block's aggregation and its squeeze: `conv2d(conv_chain_concat(x, layers),
+    /// squeeze, act)`. A GPU backend may read each part of the concatenation where it
+    /// lies instead of writing the concatenation out.
+    fn conv_chain_aggregate(
+        &self,
+        x: &Self::Tensor,
+        layers: &[Vec<(&Self::Param, Activation)>],
+        squeeze: &Self::Param,
+        act: Activation,
+    ) -> Result<Self::Tensor> {
+        let cat = self.conv_chain_concat(x, layers)?;
+        self.conv2d(&cat, squeeze, act, None)
+    }
     /// A block of convolutions feeding one channel concatenation (D-FINE's
     /// RepNCSPELAN4): evaluates `nodes` in order, node `i` computing
     /// `act(conv(input) + bias) + residual` from the block input `x` or earlier nodes'

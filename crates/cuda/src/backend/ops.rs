@@ -377,6 +377,15 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         crate::conv_concat::conv_chain_concat(self, x, layers)
     }
+    fn conv_chain_aggregate(
+        &self,
+        x: &CudaTensor,
+        layers: &[Vec<(&CudaParam, Activation)>],
+        squeeze: &CudaParam,
+        act: Activation,
+    ) -> Result<CudaTensor> {
+        crate::conv_aggregate::conv_chain_aggregate(self, x, layers, squeeze, act)
+    }
     fn conv_nodes_concat(
         &self,
         x: &CudaTensor,

@@ -23,6 +23,9 @@ pub(crate) struct IgemmKernel {
     wgmma_always: bool,
     /// `wgmma` holds the warp-specialised kernels (384 threads, mbarriers).
     pub(super) warp_specialised: bool,
+    /// `sources_wgmma_n64`, `sources_wgmma_n128` (conv_sources.cu), where the module was
+    /// built for sm_90a and they got their shared memory.
+    pub(super) sources: Option<[sys::CUfunction; 2]>,
     /// `copy_rows16`: vectorised row copies (used by crate::detection's slices and
     /// concatenations where aligned).
     copy: Option<sys::CUfunction>,
@@ -193,6 +196,7 @@ fn load_kernel(
     } else {
         None
     };
+    let sources = if specific { load_sources(module) } else { None };
     // SAFETY: the module is loaded; the name is NUL-terminated. Optional: a missing
     // entry only keeps the copies on the element-wise kernel.
     let copy = CString::new("copy_rows16")
@@ -233,6 +237,7 @@ fn load_kernel(
         wgmma_always: matches!(switch.trim(), "force" | "ws-force"),
         warp_specialised,
         copy,
+        sources,
     })
 }
 
@@ -262,16 +267,35 @@ impl IgemmKernel {
 /// more: the rest of the multiprocessor's 256 KB stays L1, which serves the taps'
 /// repeated input reads (conv_wgmma.cu).
 fn load_wgmma(module: sys::CUmodule, tile: Tile, ws: bool) -> Option<sys::CUfunction> {
+    if ws {
+        let bytes = tile.ws_smem_bytes() as usize;
+        return load_with_blocks(module, tile.ws_entry()?, bytes, 1);
+    }
+    load_as_tile(module, tile.entry(), tile)
+}
+
+/// A kernel with a `wgmma` tile's shared memory and blocks per multiprocessor.
+fn load_as_tile(module: sys::CUmodule, name: &str, tile: Tile) -> Option<sys::CUfunction> {
+    let bytes = tile.smem_bytes() as usize;
+    load_with_blocks(module, name, bytes, tile.blocks_per_multiprocessor())
+}
+
+/// The concatenation-free 1x1 products (conv_sources.cu), in [`super::sources`]' order.
+fn load_sources(module: sys::CUmodule) -> Option<[sys::CUfunction; 2]> {
+    let n64 = load_as_tile(module, "sources_wgmma_n64", Tile::Wg64)?;
+    let n128 = load_as_tile(module, "sources_wgmma_n128", Tile::Wg128)?;
+    Some([n64, n128])
+}
+
+/// A kernel with `bytes` of shared memory per block and the carveout for `blocks` of
+/// them per multiprocessor.
+fn load_with_blocks(
+    module: sys::CUmodule,
+    name: &str,
+    bytes: usize,
+    blocks: usize,
+) -> Option<sys::CUfunction> {
     const SMEM_LIMIT: usize = 228 * 1024;
-    let (name, bytes, blocks) = if ws {
-        (tile.ws_entry()?, tile.ws_smem_bytes() as usize, 1)
-    } else {
-        (
-            tile.entry(),
-            tile.smem_bytes() as usize,
-            tile.blocks_per_multiprocessor(),
-        )
-    };
     let per_sm = blocks * (bytes + 1024);
     let carveout = (per_sm * 100).div_ceil(SMEM_LIMIT).min(100) as i32;
     load_with_smem_carveout(module, name, bytes, carveout)

@@ -17,6 +17,7 @@ mod launch;
 mod load;
 #[cfg(test)]
 mod sim;
+pub(crate) mod sources;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -34,6 +35,8 @@ pub const FRONT_SOURCE: &str = include_str!("../../kernels/front.cu");
 /// The `wgmma` tiles, appended to conv.cu's translation unit (empty kernels unless built
 /// for sm_90a).
 pub const WGMMA_SOURCE: &str = include_str!("../../kernels/conv_wgmma.cu");
+/// The concatenation-free 1x1 products on `wgmma` ([`sources`]), after conv_wgmma.cu.
+pub const SOURCES_SOURCE: &str = include_str!("../../kernels/conv_sources.cu");
 
 /// Pixels per block of the two large tiles (`conv.cu`'s IG_BM; a test checks).
 const TILE_M: usize = 128;
@@ -235,7 +238,7 @@ pub fn conv_source(s: Storage, warp_specialised: bool) -> Option<String> {
         ""
     };
     Some(format!(
-        "{}\n{}\n{select}{ws}{CONV_SOURCE}\n{FRONT_SOURCE}\n{WGMMA_SOURCE}\n",
+        "{}\n{}\n{select}{ws}{CONV_SOURCE}\n{FRONT_SOURCE}\n{WGMMA_SOURCE}\n{SOURCES_SOURCE}\n",
         preamble(s),
         MATH_SOURCE
     ))

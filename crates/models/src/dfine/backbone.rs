@@ -250,9 +250,29 @@ impl<B: Backend> Backbone<B> {
 }
 
 impl<B: Backend> HgBlock<B> {
+    /// The layers as chains of plain convolutions, unless one has a learnable affine
+    /// block (no plain convolution).
+    #[allow(clippy::type_complexity)]
+    fn plain_chains(&self) -> Option<Vec<Vec<(&B::Param, Activation)>>> {
+        self.layers
+            .iter()
+            .flatten()
+            .all(|u| u.lab.is_none())
+            .then(|| {
+                self.layers
+                    .iter()
+                    .map(|layer| layer.iter().map(|u| (&u.conv, u.act)).collect())
+                    .collect()
+            })
+    }
+
     fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let cat = self.aggregate(b, x)?;
-        let y = self.squeeze.forward(b, &cat)?;
+        let y = match self.plain_chains() {
+            Some(chains) if self.squeeze.lab.is_none() => {
+                b.conv_chain_aggregate(x, &chains, &self.squeeze.conv, self.squeeze.act)?
+            }
+            _ => self.squeeze.forward(b, &self.aggregate(b, x)?)?,
+        };
         self.excite
             .forward_residual(b, &y, if self.residual { Some(x) } else { None })
     }
@@ -260,12 +280,7 @@ impl<B: Backend> HgBlock<B> {
     /// `[x | layer outputs]`: one backend call (outputs written in place on a GPU) unless a
     /// layer has a learnable affine block, which is no plain convolution.
     fn aggregate(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        if self.layers.iter().flatten().all(|u| u.lab.is_none()) {
-            let chains: Vec<Vec<(&B::Param, Activation)>> = self
-                .layers
-                .iter()
-                .map(|layer| layer.iter().map(|u| (&u.conv, u.act)).collect())
-                .collect();
+        if let Some(chains) = self.plain_chains() {
             return Ok(b.conv_chain_concat(x, &chains)?);
         }
         let mut outs: Vec<B::Tensor> = Vec::with_capacity(self.layers.len());
