@@ -39,7 +39,10 @@ impl GraphShape {
         for &n in &nodes {
             let mut ty = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
             // SAFETY: `n` is a node of `graph`; one value is written.
-            check(unsafe { sys::cuGraphNodeGetType(n, &mut ty) })?;
+            check(
+                unsafe { sys::cuGraphNodeGetType(n, &mut ty) },
+                "cuGraphNodeGetType",
+            )?;
             types.push(ty);
         }
         let (from, to, data) = edges(graph)?;
@@ -120,9 +123,15 @@ fn make_edges_plain(graph: sys::CUgraph) -> CudaResult<usize> {
         // SAFETY: one edge of `graph`, removed with the data it was read with, then added
         // back with the default (plain) data.
         unsafe {
-            check(sys::cuGraphRemoveDependencies_v2(graph, f, t, d, 1))?;
+            check(
+                sys::cuGraphRemoveDependencies_v2(graph, f, t, d, 1),
+                "cuGraphRemoveDependencies",
+            )?;
             let plain = std::mem::zeroed::<sys::CUgraphEdgeData>();
-            check(sys::cuGraphAddDependencies_v2(graph, f, t, &plain, 1))?;
+            check(
+                sys::cuGraphAddDependencies_v2(graph, f, t, &plain, 1),
+                "cuGraphAddDependencies",
+            )?;
         }
         changed += 1;
     }
@@ -172,21 +181,33 @@ impl fmt::Display for GraphShape {
     }
 }
 
-fn check(r: sys::CUresult) -> CudaResult<()> {
+/// A driver call's result, naming the call when it failed.
+fn check(r: sys::CUresult, call: &str) -> CudaResult<()> {
     if r == sys::CUresult::CUDA_SUCCESS {
         Ok(())
     } else {
-        Err(CudaError::Driver(format!("reading a graph's shape: {r:?}")))
+        Err(CudaError::Driver(format!(
+            "{call} on a captured graph: {r:?}"
+        )))
     }
 }
 
 fn nodes(graph: sys::CUgraph) -> CudaResult<Vec<sys::CUgraphNode>> {
     let mut count = 0usize;
     // SAFETY: asks for the count only.
-    check(unsafe { sys::cuGraphGetNodes(graph, std::ptr::null_mut(), &mut count) })?;
+    check(
+        unsafe { sys::cuGraphGetNodes(graph, std::ptr::null_mut(), &mut count) },
+        "cuGraphGetNodes",
+    )?;
+    if count == 0 {
+        return Ok(Vec::new());
+    }
     let mut nodes = vec![std::ptr::null_mut(); count];
     // SAFETY: `nodes` holds `count` entries.
-    check(unsafe { sys::cuGraphGetNodes(graph, nodes.as_mut_ptr(), &mut count) })?;
+    check(
+        unsafe { sys::cuGraphGetNodes(graph, nodes.as_mut_ptr(), &mut count) },
+        "cuGraphGetNodes",
+    )?;
     nodes.truncate(count);
     Ok(nodes)
 }
@@ -201,21 +222,32 @@ fn edges(graph: sys::CUgraph) -> CudaResult<Edges> {
     let mut count = 0usize;
     let none = std::ptr::null_mut();
     // SAFETY: asks for the count only.
-    check(unsafe { sys::cuGraphGetEdges_v2(graph, none, none, std::ptr::null_mut(), &mut count) })?;
+    check(
+        unsafe { sys::cuGraphGetEdges_v2(graph, none, none, std::ptr::null_mut(), &mut count) },
+        "cuGraphGetEdges",
+    )?;
+    // A graph of one node has no edges, and the driver refuses a second call asking for
+    // none (CUDA_ERROR_INVALID_VALUE).
+    if count == 0 {
+        return Ok((Vec::new(), Vec::new(), Vec::new()));
+    }
     let mut from: Vec<sys::CUgraphNode> = vec![std::ptr::null_mut(); count];
     let mut to: Vec<sys::CUgraphNode> = vec![std::ptr::null_mut(); count];
     // SAFETY: plain data; every field is written by the driver.
     let mut data = vec![unsafe { std::mem::zeroed::<sys::CUgraphEdgeData>() }; count];
     // SAFETY: the three arrays hold `count` entries each.
-    check(unsafe {
-        sys::cuGraphGetEdges_v2(
-            graph,
-            from.as_mut_ptr(),
-            to.as_mut_ptr(),
-            data.as_mut_ptr(),
-            &mut count,
-        )
-    })?;
+    check(
+        unsafe {
+            sys::cuGraphGetEdges_v2(
+                graph,
+                from.as_mut_ptr(),
+                to.as_mut_ptr(),
+                data.as_mut_ptr(),
+                &mut count,
+            )
+        },
+        "cuGraphGetEdges",
+    )?;
     from.truncate(count);
     to.truncate(count);
     data.truncate(count);
