@@ -86,8 +86,10 @@ extern "C" __global__ void det_pad_vec(const uint4* __restrict__ x, uint4* __res
     }
 }
 
+// Output rows LDV vectors apart (CV for a whole tensor, more for channels of a
+// concatenation).
 extern "C" __global__ void det_max_pool_vec(const uint4* __restrict__ x, uint4* __restrict__ y, int N, int H,
-                                            int W, int CV, int OH, int OW, int k, int s) {
+                                            int W, int CV, int OH, int OW, int k, int s, int LDV) {
     const int V = 16 / sizeof(T);
     DET_LOOP(i, (i64)N * OH * OW * CV) {
         int c = (int)(i % CV);
@@ -112,7 +114,7 @@ extern "C" __global__ void det_max_pool_vec(const uint4* __restrict__ x, uint4* 
         T* oe = reinterpret_cast<T*>(&out);
 #pragma unroll
         for (int e = 0; e < V; e++) oe[e] = stf(m[e]);
-        y[i] = out;
+        y[r * LDV + c] = out;
     }
 }
 

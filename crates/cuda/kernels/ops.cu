@@ -418,17 +418,20 @@ extern "C" __global__ void layer_norm2(const T* __restrict__ x, T* __restrict__ 
 #define SMALL_MAX_OUT 64
 
 // conv_small_taps' pixels with OUT accumulators (c_out <= OUT): the loops over channels
-// unroll to OUT, so a narrow output does not pay for the widest one.
+// unroll to OUT, so a narrow output does not pay for the widest one. The output grid may
+// be padded at the bottom and right (OHp x OWp, at least OH x OW): the padding pixels
+// get zeros, so a following zero pad is not a pass of its own (HGNetV2's stem).
 template <int OUT>
 __device__ __forceinline__ void conv_small_pixels(const T* __restrict__ x, const float* sw, const float* sb,
                                                   const int* s_dy, const int* s_dx, const int* s_c,
                                                   const T* __restrict__ res, T* __restrict__ y, int N, int H,
-                                                  int W, int C, int OH, int OW, int stride, int K, int c_out,
-                                                  int act) {
-    const i64 P = (i64)N * OH * OW;
+                                                  int W, int C, int OH, int OW, int OHp, int OWp, int stride, int K,
+                                                  int c_out, int act) {
+    const i64 P = (i64)N * OHp * OWp;
     GRID_LOOP(p, P) {
-        const int ox = (int)(p % OW), oy = (int)((p / OW) % OH);
-        const i64 n = p / ((i64)OW * OH);
+        const int ox = (int)(p % OWp), oy = (int)((p / OWp) % OHp);
+        const i64 n = p / ((i64)OWp * OHp);
+        const bool inside = oy < OH && ox < OW;
         const T* img = x + n * H * W * C;
         float acc[OUT];
 #pragma unroll
@@ -437,8 +440,8 @@ __device__ __forceinline__ void conv_small_pixels(const T* __restrict__ x, const
 #pragma unroll 3
         for (int k = 0; k < K; ++k) {
             const int iy = oy * stride + s_dy[k], ix = ox * stride + s_dx[k];
-            const float t =
-                (iy >= 0 && iy < H && ix >= 0 && ix < W) ? ldf(img[((i64)iy * W + ix) * C + s_c[k]]) : 0.0f;
+            const bool ok = inside && iy >= 0 && iy < H && ix >= 0 && ix < W;
+            const float t = ok ? ldf(img[((i64)iy * W + ix) * C + s_c[k]]) : 0.0f;
             const float4* wk = reinterpret_cast<const float4*>(sw + k * c_out);
 #pragma unroll
             for (int q = 0; q < OUT / 4; ++q) {
@@ -461,7 +464,7 @@ __device__ __forceinline__ void conv_small_pixels(const T* __restrict__ x, const
                 for (int j = 0; j < 8; ++j) {
                     float v = activate(acc[co + j] + sb[co + j], act);
                     if (res) v += ldf(res[p * c_out + co + j]);
-                    o[j] = stf(v);
+                    o[j] = stf(inside ? v : 0.0f);
                 }
                 uint4* dst = reinterpret_cast<uint4*>(y + p * c_out + co);
 #pragma unroll
@@ -478,7 +481,8 @@ __device__ __forceinline__ void conv_small_pixels(const T* __restrict__ x, const
 // Weights sit in shared memory as fp32 [k][c_out] (four channels of one tap per 16-byte
 // load, read by the whole warp at once); eight channels per 16-byte store. w is the
 // product layout [c_out, Kp] with K ordered (ky, kx, c) as im2col's; res (optional) is [P, c_out]. act(sum + bias) + res, as the product's
-// epilogue and act_residual give it. c_out a multiple of 8, at most SMALL_MAX_OUT.
+// epilogue and act_residual give it. c_out a multiple of 8, at most SMALL_MAX_OUT. The
+// output is OHp x OWp per image (zeros below and right of OH x OW; no residual then).
 // (Kernels conv_small_taps32 / conv_small_taps64 below.)
 // The weights (transposed to [k][c_out], fp32), the bias and each tap's offsets into
 // shared memory.
@@ -503,13 +507,13 @@ __device__ __forceinline__ void conv_small_stage(const T* __restrict__ w, const 
     extern "C" __global__ void __launch_bounds__(256, MINB) NAME(                                                \
         const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias, const T* __restrict__ res, \
         T* __restrict__ y, int N, int H, int W, int C, int OH, int OW, int KH, int KW, int stride, int pad,       \
-        int Kp, int c_out, int act) {                                                                           \
+        int Kp, int c_out, int act, int OHp, int OWp) {                                                         \
         __shared__ __align__(16) float sw[SMALL_MAX_TAPS * OUT];                                                  \
         __shared__ float sb[OUT];                                                                                 \
         __shared__ int s_dy[SMALL_MAX_TAPS], s_dx[SMALL_MAX_TAPS], s_c[SMALL_MAX_TAPS];                           \
         conv_small_stage(w, bias, sw, sb, s_dy, s_dx, s_c, C, KH, KW, pad, Kp, c_out);                            \
-        conv_small_pixels<OUT>(x, sw, sb, s_dy, s_dx, s_c, res, y, N, H, W, C, OH, OW, stride, KH * KW * C,       \
-                               c_out, act);                                                                       \
+        conv_small_pixels<OUT>(x, sw, sb, s_dy, s_dx, s_c, res, y, N, H, W, C, OH, OW, OHp, OWp, stride,          \
+                               KH * KW * C, c_out, act);                                                          \
     }
 
 // Up to 32 output channels (three blocks per multiprocessor) and up to 64 (two).

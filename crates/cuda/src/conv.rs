@@ -268,6 +268,36 @@ pub(crate) fn out_size(w: &ConvWeights, h: usize, wd: usize) -> Result<(usize, u
     ))
 }
 
+/// `conv2d` followed by `bottom` rows and `right` columns of zeros: in one pass where the
+/// convolution runs on the small-taps kernel (HGNetV2's stem), else a pad after it.
+pub(crate) fn conv2d_pad_after(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    w: &ConvWeights,
+    act: Activation,
+    (bottom, right): (usize, usize),
+) -> Result<CudaTensor> {
+    let dims = output_dims(w, x.dims)?;
+    let [_, oh, ow, _] = dims;
+    let small = !w.depthwise
+        && !(w.kp == w.c_in && plain_product(w.kh, w.kw, w.spec))
+        && crate::conv_small::fits(w)
+        && crate::conv_igemm::plan(be, x, w, (oh, ow), None).is_none();
+    if !small {
+        let y = conv2d(be, x, w, act, None)?;
+        return be.det_pad_zeros(&y, 0, bottom, 0, right);
+    }
+    let es = be.esize() as f64;
+    let [n, _, _, c] = dims;
+    let padded = n * (oh + bottom) * (ow + right) * c;
+    let flops = 2.0 * (n * oh * ow * w.kh * w.kw * w.c_in * w.c_out) as f64;
+    let bytes = (x.numel() + padded + w.c_out * w.kp) as f64 * es;
+    be.profiler
+        .op(be, "conv_small_taps_padded", flops, bytes, || {
+            crate::conv_small::run_padded(be, x, w, act, dims, (bottom, right))
+        })
+}
+
 pub(crate) fn conv2d(
     be: &CudaBackend,
     x: &CudaTensor,

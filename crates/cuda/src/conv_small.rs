@@ -46,9 +46,35 @@ pub(crate) fn run(
     residual: Option<&CudaTensor>,
     dims: [usize; 4],
 ) -> Result<CudaTensor> {
-    let [n, oh, ow, _] = dims;
-    let out = be.alloc_tensor(dims)?;
-    let pixels = n * oh * ow;
+    launch(be, x, w, act, residual, dims, (0, 0))
+}
+
+/// `act(conv(x) + bias)` with `bottom` rows and `right` columns of zeros after it, in one
+/// pass (`dims` the unpadded output).
+pub(crate) fn run_padded(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    w: &ConvWeights,
+    act: Activation,
+    dims: [usize; 4],
+    (bottom, right): (usize, usize),
+) -> Result<CudaTensor> {
+    launch(be, x, w, act, None, dims, (bottom, right))
+}
+
+fn launch(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    w: &ConvWeights,
+    act: Activation,
+    residual: Option<&CudaTensor>,
+    dims: [usize; 4],
+    (bottom, right): (usize, usize),
+) -> Result<CudaTensor> {
+    let [n, oh, ow, c] = dims;
+    let (ohp, owp) = (oh + bottom, ow + right);
+    let out = be.alloc_tensor([n, ohp, owp, c])?;
+    let pixels = n * ohp * owp;
     let blocks = pixels
         .div_ceil(THREADS as usize)
         .clamp(1, be.ctx.multiprocessors.max(1) as usize * 16) as u32;
@@ -62,6 +88,7 @@ pub(crate) fn run(
     args.extend(geometry_args(x.dims, (oh, ow), w));
     args.extend([w.kp, w.c_out].map(|v| Arg::I32(v as i32)));
     args.push(Arg::I32(act_code(act)));
+    args.extend([ohp, owp].map(|v| Arg::I32(v as i32)));
     let name = if w.c_out <= NARROW_OUT {
         "conv_small_taps32"
     } else {

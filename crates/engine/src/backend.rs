@@ -296,6 +296,17 @@ pub trait Backend: Send + Sync {
         let _ = (x, kernel, stride);
         Err(unsupported(self, "max_pool2d"))
     }
+    /// `concat_channels(max_pool2d(x, kernel, stride), other)`; a GPU backend writes the
+    /// pool's output straight into its channels of the concatenation.
+    fn max_pool_concat(
+        &self,
+        x: &Self::Tensor,
+        kernel: usize,
+        stride: usize,
+        other: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        self.concat_channels(&self.max_pool2d(x, kernel, stride)?, other)
+    }
     /// `F.interpolate(x, scale_factor=factor, mode="nearest")` for an integer factor.
     fn upsample_nearest(&self, x: &Self::Tensor, factor: usize) -> Result<Self::Tensor> {
         let _ = (x, factor);
@@ -353,6 +364,19 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::Tensor> {
         let cat = self.conv_chain_concat(x, layers)?;
         self.conv2d(&cat, squeeze, act, None)
+    }
+    /// `pad_zeros(conv2d(x, conv, act, None), 0, bottom, 0, right)`; a GPU backend may
+    /// write the zeros with the convolution's output instead of in a pass of their own.
+    fn conv2d_pad_after(
+        &self,
+        x: &Self::Tensor,
+        conv: &Self::Param,
+        act: Activation,
+        bottom: usize,
+        right: usize,
+    ) -> Result<Self::Tensor> {
+        let y = self.conv2d(x, conv, act, None)?;
+        self.pad_zeros(&y, 0, bottom, 0, right)
     }
     /// A block of convolutions feeding one channel concatenation (D-FINE's
     /// RepNCSPELAN4): evaluates `nodes` in order, node `i` computing

@@ -358,6 +358,25 @@ impl Backend for CudaBackend {
     fn max_pool2d(&self, x: &CudaTensor, kernel: usize, stride: usize) -> Result<CudaTensor> {
         self.det_max_pool2d(x, kernel, stride)
     }
+    fn max_pool_concat(
+        &self,
+        x: &CudaTensor,
+        kernel: usize,
+        stride: usize,
+        other: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        self.det_max_pool_concat(x, kernel, stride, other)
+    }
+    fn conv2d_pad_after(
+        &self,
+        x: &CudaTensor,
+        conv: &CudaParam,
+        act: Activation,
+        bottom: usize,
+        right: usize,
+    ) -> Result<CudaTensor> {
+        crate::conv::conv2d_pad_after(self, x, conv.conv()?, act, (bottom, right))
+    }
     fn upsample_nearest(&self, x: &CudaTensor, factor: usize) -> Result<CudaTensor> {
         self.det_upsample_nearest(x, factor)
     }

@@ -1,7 +1,7 @@
 //! Spatial and channel rearrangements and element-wise maps (the CPU twins are in
 //! `aperture_engine::cpu::spatial` and `cpu::sequence::concat_rows`).
 
-use aperture_engine::{EngineError, Result};
+use aperture_engine::{Backend, EngineError, Result};
 
 use super::Arg;
 use crate::backend::{CudaBackend, CudaTensor};
@@ -92,12 +92,73 @@ impl CudaBackend {
                 let out = self.alloc_tensor([n, oh, ow, c])?;
                 let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(out.ptr())];
                 if let Some(cv) = self.channel_vectors(c, &[x, &out]) {
-                    args.extend(i32s(&[n, h, w, cv, oh, ow, kernel, stride]));
+                    args.extend(i32s(&[n, h, w, cv, oh, ow, kernel, stride, cv]));
                     self.det_launch_1d("det_max_pool_vec", n * oh * ow * cv, &args)?;
                     return Ok(out);
                 }
                 args.extend(i32s(&[n, h, w, c, oh, ow, kernel, stride]));
                 self.det_launch_1d("det_max_pool", out_n, &args)?;
+                Ok(out)
+            },
+        )
+    }
+
+    /// `concat_channels(max_pool2d(x, kernel, stride), other)` with the pool writing its
+    /// channels of the concatenation itself (16-byte vectors), so only `other` is copied;
+    /// the two steps where the channel counts are off whole vectors.
+    pub(crate) fn det_max_pool_concat(
+        &self,
+        x: &CudaTensor,
+        kernel: usize,
+        stride: usize,
+        other: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        let [n, h, w, c] = x.dims;
+        if kernel == 0 || stride == 0 || h < kernel || w < kernel {
+            return Err(EngineError::Shape(format!(
+                "max pool {kernel}x{kernel} stride {stride} does not fit a {h}x{w} input"
+            )));
+        }
+        let (oh, ow) = ((h - kernel) / stride + 1, (w - kernel) / stride + 1);
+        let [on, ooh, oow, co] = other.dims;
+        if (on, ooh, oow) != (n, oh, ow) {
+            return Err(EngineError::Shape(format!(
+                "cannot concatenate a {n}x{oh}x{ow} pool output and {:?} along channels",
+                other.dims
+            )));
+        }
+        let total = c + co;
+        let pixels = n * oh * ow;
+        let bytes = self.bytes(x.numel() + 2 * pixels * co + pixels * total);
+        self.profiler.op(
+            self,
+            "max_pool_concat",
+            (pixels * c * kernel * kernel) as f64,
+            bytes,
+            || {
+                let out = self.alloc_tensor([n, oh, ow, total])?;
+                let copy = crate::copy_rows::RowCopy {
+                    src: other.ptr(),
+                    dst: out.ptr() + (c * self.esize()) as u64,
+                    rows: pixels,
+                    len: co,
+                    src_ld: co,
+                    dst_ld: total,
+                };
+                let vectors = (
+                    self.channel_vectors(c, &[x, &out]),
+                    self.channel_vectors(total, &[&out]),
+                );
+                let (Some(cv), Some(ldv)) = vectors else {
+                    return self.concat_channels(&self.det_max_pool2d(x, kernel, stride)?, other);
+                };
+                if !self.can_copy_vectorised(&copy) {
+                    return self.concat_channels(&self.det_max_pool2d(x, kernel, stride)?, other);
+                }
+                let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(out.ptr())];
+                args.extend(i32s(&[n, h, w, cv, oh, ow, kernel, stride, ldv]));
+                self.det_launch_1d("det_max_pool_vec", pixels * cv, &args)?;
+                self.copy_vectorised(&copy)?;
                 Ok(out)
             },
         )

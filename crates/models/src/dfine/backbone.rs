@@ -211,12 +211,16 @@ impl<B: Backend> Backbone<B> {
 
     /// Returns the feature maps named by `out_indices` (1 = first stage).
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<Vec<B::Tensor>> {
-        let x = self.stem1.forward(b, x)?;
-        let padded = b.pad_zeros(&x, 0, 1, 0, 1)?;
+        // stem1's output padded by one row and column, in one step where the backend can.
+        let padded = match self.stem1.lab {
+            None => b.conv2d_pad_after(x, &self.stem1.conv, self.stem1.act, 1, 1)?,
+            Some(_) => b.pad_zeros(&self.stem1.forward(b, x)?, 0, 1, 0, 1)?,
+        };
         let a = self.stem2a.forward(b, &padded)?;
         let a = self.stem2b.forward(b, &b.pad_zeros(&a, 0, 1, 0, 1)?)?;
-        let pooled = b.max_pool2d(&padded, 2, 1)?;
-        let x = self.stem3.forward(b, &b.concat_channels(&pooled, &a)?)?;
+        let x = self
+            .stem3
+            .forward(b, &b.max_pool_concat(&padded, 2, 1, &a)?)?;
         // The last computed map lives either in `cur` or, when it is an output, in `outs`.
         let mut cur = Some(self.stem4.forward(b, &x)?);
         let mut outs: Vec<B::Tensor> = Vec::new();

@@ -248,6 +248,28 @@ pub fn run_ops<B: Backend>(b: &B) -> Result<Vec<(String, HostTensor)>> {
         "conv_chain_concat hg light 1x1+dw5x5".into(),
         b.download_nhwc(&b.conv_chain_concat(&hx, &chains)?)?,
     ));
+    // HGNetV2's stem: the 3-channel 3x3 stride-2 convolution with its output padded by
+    // a row and a column (one pass on a GPU), and the max pool of that written into a
+    // concatenation with the other branch.
+    let stem_w = HostTensor::from_f32(vec![32, 3, 3, 3], random(111, 32 * 27, -0.3, 0.3))?;
+    let stem_b = HostTensor::from_f32(vec![32], random(112, 32, -0.5, 0.5))?;
+    let stride2 = aperture_engine::ConvSpec {
+        stride: 2,
+        padding: 1,
+        groups: 1,
+    };
+    let stem = b.prepare_conv(&stem_w, Some(&stem_b), stride2)?;
+    let rgb = up(&tensor(113, [2, 23, 30, 3], -1.0, 1.0)?)?;
+    let stem_out = b.conv2d_pad_after(&rgb, &stem, relu, 1, 1)?;
+    out.push((
+        "conv2d_pad_after stem 3x3 s2 3->32".into(),
+        b.download_nhwc(&stem_out)?,
+    ));
+    let branch = up(&tensor(114, [2, 12, 15, 32], -1.0, 1.0)?)?;
+    out.push((
+        "max_pool_concat k2 s1".into(),
+        b.download_nhwc(&b.max_pool_concat(&stem_out, 2, 1, &branch)?)?,
+    ));
     // RepNCSPELAN4 as a node block: y = 1x1 SiLU (concatenated), a CSP branch on y's
     // second half read in place (1x1 SiLU, a 3x3 bottleneck, 1x1 SiLU plus the
     // bottleneck's output), b1 = 3x3 SiLU (concatenated), the same branch on b1, b2 =
