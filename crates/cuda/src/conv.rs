@@ -279,8 +279,9 @@ pub(crate) fn conv2d_pad_after(
 ) -> Result<CudaTensor> {
     let dims = output_dims(w, x.dims)?;
     let [_, oh, ow, _] = dims;
+    let pointwise = w.kp == w.c_in && plain_product(w.kh, w.kw, w.spec);
     let small = !w.depthwise
-        && !(w.kp == w.c_in && plain_product(w.kh, w.kw, w.spec))
+        && !pointwise
         && crate::conv_small::fits(w)
         && crate::conv_igemm::plan(be, x, w, (oh, ow), None).is_none();
     if !small {
