@@ -13,6 +13,7 @@
 # Environment: APERTURE_BIN (default .carry/aperture), OUT (default ./out), ITERS
 # (default 30), PEER_BATCHES (default 64,32,1), PEER_TIMEOUT seconds (default 420), or
 # CALL_LIMIT seconds: the peers get what is left of it after aperture's steps (less 20 s).
+# COMMIT names the build in the results (default: git describe of the working tree).
 # A kernel cache carried as .carry/cache.tgz (a tar of $XDG_CACHE_HOME's contents) is
 # unpacked first and saved back to $OUT/cache.tgz, so later calls skip NVRTC.
 set -uo pipefail
@@ -60,7 +61,8 @@ grep -E "torch-compile" "$WORK/peers.log"
 
 step "results"
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-COMMIT=$(git describe --always --dirty 2>/dev/null || echo unknown)
+# COMMIT overrides: the device copy of a working tree may carry an older .git.
+COMMIT=${COMMIT:-$(git describe --always --dirty 2>/dev/null || echo unknown)}
 if [ -f "$OUT/forward.json" ] && [ -f "$OUT/peers.json" ]; then
   python3 tools/dfine_report.py "$OUT/forward.json" "$OUT/peers.json" --pre-post "$OUT/pixels.json" \
     --device "$GPU_NAME" --out-dir "$OUT/results" \
