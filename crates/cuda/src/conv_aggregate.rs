@@ -77,21 +77,44 @@ fn chosen(
     if policy == Policy::Concat || !loaded || !sources::takes_weights(squeeze) {
         return Ok(false);
     }
-    let mut channels = vec![x.dims[3]];
-    let mut dense = false;
+    let mut block = BlockShape {
+        parts: vec![x.dims[3]],
+        dense: false,
+        squeeze_in: squeeze.c_in,
+    };
     for chain in layers {
         let mut last = None;
         for (conv, _) in chain {
             let w = conv.conv()?;
-            dense |= !w.depthwise && w.kh * w.kw > 1;
+            block.dense |= !w.depthwise && w.kh * w.kw > 1;
             last = Some(w.c_out);
         }
-        channels.extend(last);
+        block.parts.extend(last);
     }
-    let readable = channels.len() <= MAX_PARTS
-        && channels.iter().all(|c| *c > 0 && c.is_multiple_of(CHUNK))
-        && channels.iter().sum::<usize>() == squeeze.c_in;
-    Ok(readable && (dense || policy == Policy::Parts))
+    Ok(block.without_concatenation(policy))
+}
+
+/// What the choice needs to know of a block.
+struct BlockShape {
+    /// Channels of the block input and of each chain's output.
+    parts: Vec<usize>,
+    /// Some layer is a dense k x k convolution (cuDNN writes it packed).
+    dense: bool,
+    /// The squeeze's input channels.
+    squeeze_in: usize,
+}
+
+impl BlockShape {
+    fn without_concatenation(&self, policy: Policy) -> bool {
+        let readable = self.parts.len() <= MAX_PARTS
+            && self.parts.iter().all(|c| *c > 0 && c.is_multiple_of(CHUNK))
+            && self.parts.iter().sum::<usize>() == self.squeeze_in;
+        match policy {
+            Policy::Concat => false,
+            Policy::Parts => readable,
+            Policy::Auto => readable && self.dense,
+        }
+    }
 }
 
 /// The chains into whole tensors, then the squeeze over them and the block input.
@@ -148,4 +171,41 @@ fn without_concatenation(
         sources::run(be, &table, pixels, w, act, y.ptr())
     })?;
     Ok(y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(parts: &[usize], dense: bool) -> BlockShape {
+        BlockShape {
+            parts: parts.to_vec(),
+            dense,
+            squeeze_in: parts.iter().sum(),
+        }
+    }
+
+    #[test]
+    fn dense_blocks_read_their_parts_by_default() {
+        // D-FINE-X's stage 1 and stage 2 blocks (3x3 layers).
+        assert!(block(&[64; 7], true).without_concatenation(Policy::Auto));
+        assert!(
+            block(&[512, 128, 128, 128, 128, 128, 128], true).without_concatenation(Policy::Auto)
+        );
+        // Light blocks keep the concatenation unless asked.
+        let light = block(&[1024, 256, 256, 256, 256, 256, 256], false);
+        assert!(!light.without_concatenation(Policy::Auto));
+        assert!(light.without_concatenation(Policy::Parts));
+        assert!(!block(&[64; 7], true).without_concatenation(Policy::Concat));
+    }
+
+    #[test]
+    fn parts_the_kernel_cannot_read_keep_the_concatenation() {
+        // Channels off 64s, more than eight parts, a squeeze of another width.
+        assert!(!block(&[64, 32, 32], true).without_concatenation(Policy::Parts));
+        assert!(!block(&[64; 9], true).without_concatenation(Policy::Parts));
+        let mut wrong = block(&[64; 3], true);
+        wrong.squeeze_in = 256;
+        assert!(!wrong.without_concatenation(Policy::Parts));
+    }
 }
