@@ -379,6 +379,58 @@ def test_log_settings_change_the_running_servers_level(tmp_path):
         s.stop()
 
 
+def test_trace_settings_and_trace_file(tmp_path):
+    """Triton's trace extension through both tritonclients: settings read and changed
+    for the server and for one model, requests sampled by the model's rate, and the
+    trace file written at shutdown in Triton's layout (model objects, then timestamps)."""
+    trace = tmp_path / "trace.json"
+    s = Server(make_repo(tmp_path / "repo"), "--device", "cpu", "--trace-file", str(trace),
+               "--trace-level", "timestamps", "--trace-rate", "1000")
+    hc = httpclient.InferenceServerClient(s.http_url)
+    gc = grpcclient.InferenceServerClient(s.grpc_url)
+    try:
+        assert "trace" in hc.get_server_metadata()["extensions"]
+        got = hc.get_trace_settings()
+        assert got["trace_level"] == ["TIMESTAMPS"] and got["trace_rate"] == "1000"
+        assert got["trace_file"] == str(trace) and got["trace_count"] == "-1"
+        # The model traces every second request, at most three; the server is unchanged.
+        answer = gc.update_trace_settings(model_name="simple",
+                                          settings={"trace_rate": "2", "trace_count": "3"},
+                                          as_json=True)
+        assert answer["settings"]["trace_rate"]["value"] == ["2"]
+        assert hc.get_trace_settings(model_name="simple")["trace_count"] == "3"
+        assert hc.get_trace_settings()["trace_rate"] == "1000"
+        for i in range(8):
+            ins, a, b = simple_inputs(httpclient if i % 2 else grpcclient, seed=i)
+            client = hc if i % 2 else gc
+            client.infer("simple", ins, request_id=f"r{i}")
+        assert hc.get_trace_settings(model_name="simple")["trace_count"] == "0"
+        # Clearing the model's rate goes back to the server's.
+        cleared = hc.update_trace_settings(model_name="simple", settings={"trace_rate": None})
+        assert cleared["trace_rate"] == "1000"
+        with pytest.raises(InferenceServerException) as e:
+            gc.update_trace_settings(settings={"trace_file": str(tmp_path / "other.json")})
+        assert "--trace-file" in str(e.value)
+        with pytest.raises(InferenceServerException) as e:
+            hc.update_trace_settings(settings={"trace_level": ["TENSORS"]})
+        assert "TENSORS" in str(e.value)
+    finally:
+        hc.close()
+        gc.close()
+        s.stop()
+    # The third trace used up the count: those traces went to the first indexed file.
+    objects = json.loads((tmp_path / "trace.json.0").read_text())
+    assert [o["request_id"] for o in objects if "model_name" in o] == ["r1", "r3", "r5"]
+    assert all(o["model_name"] == "simple" for o in objects if "model_name" in o)
+    for o in objects:
+        if "timestamps" in o:
+            names = [t["name"] for t in o["timestamps"]]
+            assert names[0] == "REQUEST_START" and names[-1] == "REQUEST_END", names
+            assert "COMPUTE_START" in names and "QUEUE_START" in names
+            ns = [t["ns"] for t in o["timestamps"]]
+            assert ns == sorted(ns)
+
+
 def test_json_log_lines(tmp_path):
     """`--log-format json`: the logging extension reports it, and every line the server
     writes once info is on is one JSON object with a level and a message."""

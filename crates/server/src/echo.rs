@@ -164,6 +164,12 @@ impl srv::GrpcInferenceService for EchoGrpc {
     ) -> Result<Response<pb::LogSettingsResponse>, Status> {
         unimplemented()
     }
+    async fn trace_setting(
+        &self,
+        _: Request<pb::TraceSettingRequest>,
+    ) -> Result<Response<pb::TraceSettingResponse>, Status> {
+        unimplemented()
+    }
     async fn model_statistics(
         &self,
         _: Request<pb::ModelStatisticsRequest>,

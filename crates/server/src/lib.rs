@@ -46,6 +46,7 @@ pub mod repository;
 pub mod shm;
 pub mod stats;
 pub mod tensor_io;
+pub mod trace;
 
 pub use config::ModelConfig;
 pub use error::{Result, ServerError};

@@ -28,6 +28,8 @@ pub struct InferRequest {
     /// Encoded images from a KServe BYTES input, decoded and preprocessed by the model's
     /// image adapter into `inputs` before the request is queued.
     pub encoded_images: Vec<bytes::Bytes>,
+    /// Timestamps of a traced request (Triton's trace extension), marked by the batcher.
+    pub trace: Option<Arc<crate::trace::Stamps>>,
 }
 
 /// A model version ready to serve.
@@ -244,7 +246,7 @@ impl LoadedModel {
         let (inputs, rows) = self.validate(req.inputs)?;
         let mut outputs = self
             .batcher
-            .submit(inputs, rows, req.priority, req.timeout)
+            .submit_traced(inputs, rows, req.priority, req.timeout, req.trace)
             .await?;
         match req.outputs {
             None => Ok(outputs),

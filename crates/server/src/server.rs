@@ -38,6 +38,7 @@ pub const EXTENSIONS: &[&str] = &[
     "schedule_policy",
     "statistics",
     "system_shared_memory",
+    "trace",
 ];
 
 /// Listener addresses and limits.
@@ -72,6 +73,9 @@ pub struct ServeOptions {
     /// The process's logger for Triton's logging extension (`/v2/logging`, gRPC
     /// `LogSettings`); None: those answer that log settings are unavailable.
     pub log_control: Option<crate::logging::LogHandle>,
+    /// Triton's trace extension at start (`--trace-file`, `--trace-level`, ...); the
+    /// trace settings API changes them while the server runs.
+    pub trace: crate::trace::TraceSettings,
 }
 
 /// A gRPC message compression the server can send.
@@ -110,6 +114,7 @@ impl Default for ServeOptions {
             grpc_response_compression: None,
             max_connections: None,
             log_control: None,
+            trace: crate::trace::TraceSettings::default(),
         }
     }
 }
@@ -123,6 +128,8 @@ pub struct Shared {
     pub shared_memory: ShmRegistry,
     /// Permits for open connections (`max_connections`), shared by HTTP and gRPC.
     pub connections: ConnectionLimit,
+    /// Request tracing (Triton's trace extension).
+    pub tracer: crate::trace::Tracer,
     /// The startup load of the repository is under way (endpoints answer, not ready).
     starting: AtomicBool,
     shutting_down: AtomicBool,
@@ -141,12 +148,27 @@ impl Shared {
     }
 
     /// Runs a request under the server-wide timeout; encoded images (a KServe BYTES
-    /// input) are decoded and preprocessed by the model's image pipeline first.
+    /// input) are decoded and preprocessed by the model's image pipeline first. A request
+    /// the trace settings sample is traced from here to its answer.
     pub async fn run_with_timeout(
         &self,
         model: &LoadedModel,
         mut req: InferRequest,
     ) -> Result<NamedTensors> {
+        let trace = self.tracer.start(&model.name, model.version, &req.id);
+        if let Some(t) = &trace {
+            t.stamps().mark("REQUEST_START");
+            req.trace = Some(t.stamps());
+        }
+        let result = self.run_timed(model, req).await;
+        if let Some(t) = trace {
+            t.stamps().mark("REQUEST_END");
+            self.tracer.finish(t);
+        }
+        result
+    }
+
+    async fn run_timed(&self, model: &LoadedModel, mut req: InferRequest) -> Result<NamedTensors> {
         let limit = self.options.request_timeout;
         let work = async {
             if !req.encoded_images.is_empty() {
@@ -200,6 +222,7 @@ impl Server {
     ) -> Self {
         let shared_memory = options.shared_memory;
         let connections = ConnectionLimit::new(options.max_connections);
+        let tracer = crate::trace::Tracer::new(options.trace.clone());
         Self {
             shared: Arc::new(Shared {
                 repository,
@@ -207,6 +230,7 @@ impl Server {
                 gpu_metrics: gpu,
                 shared_memory: ShmRegistry::new(shared_memory),
                 connections,
+                tracer,
                 starting: AtomicBool::new(false),
                 shutting_down: AtomicBool::new(false),
             }),
@@ -308,6 +332,8 @@ impl Server {
                 Some(Ok(Ok(()))) => {}
             }
         }
+        // Traces still held go to the trace file now (Triton writes it at shutdown).
+        shared.tracer.flush();
         result
     }
 }

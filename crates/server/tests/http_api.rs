@@ -476,3 +476,119 @@ async fn log_settings_need_a_logger_and_the_admin_key() {
     assert_eq!(call(&s, with("k1")).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(call(&s, with("k2")).await.0, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn trace_settings_and_traced_requests_as_triton_writes_them() {
+    let dir = std::env::temp_dir().join(format!("aperture-http-trace-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("trace.json");
+    let s = shared(ServeOptions {
+        trace: aperture_server::trace::TraceSettings {
+            file: Some(file.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let (status, body, _) = call(&s, get("/v2/trace/setting")).await;
+    assert_eq!(status, StatusCode::OK);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["trace_level"], json!(["OFF"]));
+    assert_eq!(v["trace_rate"], json!("1000"));
+    assert_eq!(v["trace_file"], json!(file.display().to_string()));
+    // The model traces every request; the server stays off.
+    let (status, body, _) = call(
+        &s,
+        post(
+            "/v2/models/simple/trace/setting",
+            r#"{"trace_level": ["TIMESTAMPS"], "trace_rate": "1"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (v["trace_level"].clone(), v["trace_rate"].clone()),
+        (json!(["TIMESTAMPS"]), json!("1"))
+    );
+    let (_, body, _) = call(&s, get("/v2/trace/setting")).await;
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["trace_level"], json!(["OFF"]));
+    // Refusals name the problem.
+    let bad = StatusCode::BAD_REQUEST;
+    for (path, body, says) in [
+        (
+            "/v2/trace/setting",
+            r#"{"trace_file": "/tmp/elsewhere.json"}"#,
+            "--trace-file",
+        ),
+        (
+            "/v2/trace/setting",
+            r#"{"trace_rate": "0"}"#,
+            "integer >= 1",
+        ),
+        (
+            "/v2/trace/setting",
+            r#"{"trace_level": ["TENSORS"]}"#,
+            "TENSORS",
+        ),
+        (
+            "/v2/models/simple/trace/setting",
+            r#"{"log_frequency": "5"}"#,
+            "without a model name",
+        ),
+        ("/v2/trace/setting", "[", "not valid JSON"),
+    ] {
+        let e = error_of(&s, post(path, body), bad).await;
+        assert!(e.contains(says), "{body}: {e}");
+    }
+    let e = error_of(
+        &s,
+        get("/v2/models/nope/trace/setting"),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    assert!(e.contains("nope"), "{e}");
+    // Two requests, both traced; written when the server stops (log_frequency 0).
+    for id in ["a1", "a2"] {
+        let mut body: Value =
+            serde_json::from_str(&simple_json(&[1., 2., 3., 4.], &[1.; 4], "FP32")).unwrap();
+        body["id"] = json!(id);
+        let (status, _, _) = call(&s, post("/v2/models/simple/infer", body.to_string())).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert!(!file.exists());
+    s.tracer.flush();
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let objects = v.as_array().unwrap();
+    assert_eq!(objects.len(), 4);
+    assert_eq!(objects[0]["model_name"], json!("simple"));
+    assert_eq!(objects[0]["request_id"], json!("a1"));
+    let names: Vec<&str> = objects[1]["timestamps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "REQUEST_START",
+            "QUEUE_START",
+            "COMPUTE_START",
+            "COMPUTE_INPUT_END",
+            "COMPUTE_OUTPUT_START",
+            "COMPUTE_END",
+            "REQUEST_END"
+        ]
+    );
+    // The server metadata lists the extension.
+    let (_, body, _) = call(&s, get("/v2")).await;
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert!(v["extensions"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("trace")));
+    let _ = std::fs::remove_dir_all(&dir);
+}

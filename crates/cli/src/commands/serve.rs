@@ -86,6 +86,23 @@ pub struct ServeArgs {
     /// wait in the accept queue until a connection closes.
     #[arg(long, default_value_t = 0)]
     pub max_connections: usize,
+    /// Trace file (Triton's trace extension): sampled requests' timestamps go there as
+    /// a JSON array (at shutdown, or to FILE.0, FILE.1, ... every --trace-log-frequency
+    /// traces). Without it tracing cannot be turned on; the API never changes the path.
+    #[arg(long, value_name = "FILE")]
+    pub trace_file: Option<std::path::PathBuf>,
+    /// Trace level at start: off or timestamps (the trace API changes it later).
+    #[arg(long, default_value = "off", value_parser = ["off", "timestamps"])]
+    pub trace_level: String,
+    /// Trace one request in N.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub trace_rate: u64,
+    /// Traces to take, then stop; -1: no limit.
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true, value_parser = clap::value_parser!(i64).range(-1..))]
+    pub trace_count: i64,
+    /// Write the trace file every N traces (FILE.0, FILE.1, ...); 0: at shutdown.
+    #[arg(long, default_value_t = 0)]
+    pub trace_log_frequency: u64,
     /// Run a bare echo peer (same routes, no parsing or model) instead of the server,
     /// to measure the server's own overhead with `aperture loadgen`.
     #[arg(long)]
@@ -228,6 +245,12 @@ impl ImageAdapter for DetrImages {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if args.trace_level != "off" && args.trace_file.is_none() {
+        bail!(
+            "--trace-level {} needs --trace-file FILE (where the traces go)",
+            args.trace_level
+        );
+    }
     let registry = registry(&args.device);
     let known = registry.architectures();
     let repo = Repository::new(args.model_repository.clone(), Arc::new(registry));
@@ -264,6 +287,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         grpc_response_compression: args.grpc_response_compression,
         max_connections: Some(args.max_connections).filter(|&m| m > 0),
         log_control: crate::logging::control(),
+        trace: aperture_server::trace::TraceSettings {
+            timestamps: args.trace_level == "timestamps",
+            rate: args.trace_rate,
+            count: args.trace_count,
+            log_frequency: args.trace_log_frequency,
+            file: args.trace_file.clone(),
+        },
     };
     eprintln!(
         "aperture serve: HTTP {} gRPC {} metrics {}",

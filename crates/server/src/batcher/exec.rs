@@ -69,11 +69,13 @@ impl Job {
         let mut replies = Vec::with_capacity(self.works.len());
         let mut queued = Vec::with_capacity(self.works.len());
         let mut rows = Vec::with_capacity(self.works.len());
+        let mut traces = Vec::new();
         for w in self.works {
             queued.push(started.duration_since(w.enqueued));
             rows.push(w.rows);
             inputs.push(w.inputs);
             replies.push(w.reply);
+            traces.extend(w.trace);
         }
         let mut timings = BatchTimings::default();
         let mut spent = Vec::new();
@@ -90,6 +92,7 @@ impl Job {
                 rows.iter().map(|_| Err(e.clone())).collect()
             }
         };
+        mark_compute(&traces, started, &timings);
         self.stats.record_batch(rows.iter().sum(), &queued, timings);
         let mut held = Vec::new();
         for (reply, result) in replies.into_iter().zip(results) {
@@ -104,6 +107,20 @@ impl Job {
             crate::pool::give(t.into_data());
         }
         held
+    }
+}
+
+/// The batch's compute timestamps on each traced request in it (the batch's phases follow
+/// one another from `started`).
+fn mark_compute(traces: &[Arc<crate::trace::Stamps>], started: Instant, t: &BatchTimings) {
+    let input_end = started + t.compute_input;
+    let output_start = input_end + t.compute_infer;
+    let end = output_start + t.compute_output;
+    for s in traces {
+        s.mark_at("COMPUTE_START", started);
+        s.mark_at("COMPUTE_INPUT_END", input_end);
+        s.mark_at("COMPUTE_OUTPUT_START", output_start);
+        s.mark_at("COMPUTE_END", end);
     }
 }
 

@@ -138,6 +138,20 @@ impl Batcher {
         priority: u64,
         timeout: Option<Duration>,
     ) -> Result<NamedTensors> {
+        self.submit_traced(inputs, rows, priority, timeout, None)
+            .await
+    }
+
+    /// [`Batcher::submit`] for a traced request: its queue and compute timestamps are
+    /// marked in `trace`.
+    pub async fn submit_traced(
+        &self,
+        inputs: NamedTensors,
+        rows: usize,
+        priority: u64,
+        timeout: Option<Duration>,
+        trace: Option<Arc<crate::trace::Stamps>>,
+    ) -> Result<NamedTensors> {
         let level = self.level(priority)?;
         if rows == 0 || rows > self.cfg.max_batch_size {
             return Err(ServerError::invalid(format!(
@@ -159,6 +173,9 @@ impl Batcher {
             _ => self.cfg.default_timeout,
         };
         let now = Instant::now();
+        if let Some(t) = &trace {
+            t.mark_at("QUEUE_START", now);
+        }
         let (reply, rx) = oneshot::channel();
         let work = Work {
             inputs,
@@ -166,6 +183,7 @@ impl Batcher {
             enqueued: now,
             deadline: timeout.map(|t| now + t),
             reply,
+            trace,
         };
         if self.tx.send(Msg::Enqueue(level, work)).is_err() {
             self.stats.pending.fetch_sub(1, Ordering::AcqRel);

@@ -21,6 +21,8 @@ pub struct Work {
     pub enqueued: Instant,
     pub deadline: Option<Instant>,
     pub reply: Reply,
+    /// Timestamps of a traced request.
+    pub trace: Option<std::sync::Arc<crate::trace::Stamps>>,
 }
 
 impl Work {
@@ -160,6 +162,7 @@ mod tests {
             enqueued: Instant::now(),
             deadline,
             reply: tx,
+            trace: None,
         }
     }
 

@@ -273,3 +273,30 @@ async fn dropping_the_batcher_releases_the_model() {
     }
     panic!("the batcher task still holds the runner after its handle was dropped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traced_requests_get_queue_and_compute_timestamps_in_order() {
+    let stats = Arc::new(ModelStats::default());
+    let b = Batcher::spawn(identity(2), cfg(4), stats);
+    let stamps = Arc::new(crate::trace::Stamps::default());
+    let out = b
+        .submit_traced(row(3.0), 1, 0, None, Some(stamps.clone()))
+        .await
+        .unwrap();
+    assert_eq!(out[0].1.to_f32_vec()[0], 3.0);
+    let marks = stamps.in_order();
+    let names: Vec<&str> = marks.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        names,
+        [
+            "QUEUE_START",
+            "COMPUTE_START",
+            "COMPUTE_INPUT_END",
+            "COMPUTE_OUTPUT_START",
+            "COMPUTE_END"
+        ]
+    );
+    // The runner sleeps 2 ms: the model's phase holds it.
+    let span = |a: usize, b: usize| marks[b].1.duration_since(marks[a].1);
+    assert!(span(2, 3) >= Duration::from_millis(2), "{:?}", span(2, 3));
+}

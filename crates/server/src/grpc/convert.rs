@@ -122,6 +122,7 @@ pub fn request_from_proto_with_shm(
         outputs,
         priority: uint_param(&req.parameters, "priority")?.unwrap_or(0),
         timeout: uint_param(&req.parameters, "timeout")?.map(Duration::from_micros),
+        trace: None,
     };
     Ok((request, output_shm))
 }

@@ -278,6 +278,34 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(pb::LogSettingsResponse { settings }))
     }
 
+    async fn trace_setting(
+        &self,
+        req: Request<pb::TraceSettingRequest>,
+    ) -> Result<Response<pb::TraceSettingResponse>, Status> {
+        self.authorize(&req, true)?;
+        let r = req.into_inner();
+        // No values: back to the server's setting (Triton's "clear").
+        let changes: Vec<crate::trace::TraceChange> = r
+            .settings
+            .into_iter()
+            .map(|(name, v)| crate::trace::TraceChange {
+                name,
+                values: Some(v.value).filter(|v| !v.is_empty()),
+            })
+            .collect();
+        let model = Some(r.model_name.as_str()).filter(|m| !m.is_empty());
+        let now = crate::http::trace_settings(&self.shared, model, &changes)?;
+        let settings = now
+            .entries()
+            .into_iter()
+            .map(|(k, value)| {
+                let v = pb::trace_setting_response::SettingValue { value };
+                (k.to_string(), v)
+            })
+            .collect();
+        Ok(Response::new(pb::TraceSettingResponse { settings }))
+    }
+
     async fn repository_index(
         &self,
         req: Request<pb::RepositoryIndexRequest>,

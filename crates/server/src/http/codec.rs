@@ -343,6 +343,7 @@ impl PendingRequest {
                 outputs: self.outputs,
                 priority: self.priority,
                 timeout: self.timeout,
+                trace: None,
             },
             output_binary: self.output_binary,
             binary_default: self.binary_default,

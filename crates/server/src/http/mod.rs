@@ -69,6 +69,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/v2/logging",
             get(handlers::logging).post(handlers::update_logging),
         )
+        .route(
+            "/v2/trace/setting",
+            get(handlers::trace_setting).post(handlers::update_trace_setting),
+        )
+        .route(
+            "/v2/models/{model}/trace/setting",
+            get(handlers::model_trace_setting).post(handlers::update_model_trace_setting),
+        )
         .route("/v2/repository/index", post(handlers::repository_index))
         .route(
             "/v2/repository/models/{model}/load",
@@ -119,7 +127,10 @@ async fn authorize(State(shared): State<Arc<Shared>>, req: Request, next: Next) 
     let path = req.uri().path();
     let needed = if path.starts_with("/v2/health") {
         None
-    } else if path.starts_with("/v2/repository") || path == "/v2/logging" {
+    } else if path.starts_with("/v2/repository")
+        || path == "/v2/logging"
+        || path.ends_with("/trace/setting")
+    {
         shared
             .options
             .admin_key
@@ -143,6 +154,21 @@ async fn authorize(State(shared): State<Arc<Shared>>, req: Request, next: Next) 
 }
 
 /// Compares without an early exit, so timing does not reveal the key's prefix.
+/// Reads or changes trace settings, the server's or a model's (HTTP and gRPC share it):
+/// a model name must be one the repository knows.
+pub(crate) fn trace_settings(
+    shared: &Shared,
+    model: Option<&str>,
+    changes: &[crate::trace::TraceChange],
+) -> crate::error::Result<crate::trace::TraceSettings> {
+    if let Some(m) = model {
+        if !shared.repository.index(false).iter().any(|e| e.name == m) {
+            return Err(ServerError::NotFound(format!("unknown model '{m}'")));
+        }
+    }
+    shared.tracer.settings(model, changes)
+}
+
 pub(crate) fn keys_match(given: &str, key: &str) -> bool {
     let (a, b) = (given.as_bytes(), key.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
