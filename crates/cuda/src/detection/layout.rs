@@ -15,6 +15,17 @@ fn i32s(v: &[usize]) -> Vec<Arg> {
     v.iter().map(|&x| Arg::I32(x as i32)).collect()
 }
 
+/// The output height and width of a `kernel` x `kernel` max pool with `stride` (no
+/// padding, floor mode), or why it does not fit.
+fn pool_output((h, w): (usize, usize), kernel: usize, stride: usize) -> Result<(usize, usize)> {
+    if kernel == 0 || stride == 0 || h < kernel || w < kernel {
+        return Err(EngineError::Shape(format!(
+            "max pool {kernel}x{kernel} stride {stride} does not fit a {h}x{w} input"
+        )));
+    }
+    Ok(((h - kernel) / stride + 1, (w - kernel) / stride + 1))
+}
+
 impl CudaBackend {
     fn bytes(&self, elems: usize) -> f64 {
         (elems * self.esize()) as f64
@@ -76,12 +87,7 @@ impl CudaBackend {
         stride: usize,
     ) -> Result<CudaTensor> {
         let [n, h, w, c] = x.dims;
-        if kernel == 0 || stride == 0 || h < kernel || w < kernel {
-            return Err(EngineError::Shape(format!(
-                "max pool {kernel}x{kernel} stride {stride} does not fit a {h}x{w} input"
-            )));
-        }
-        let (oh, ow) = ((h - kernel) / stride + 1, (w - kernel) / stride + 1);
+        let (oh, ow) = pool_output((h, w), kernel, stride)?;
         let out_n = n * oh * ow * c;
         self.profiler.op(
             self,
@@ -114,12 +120,7 @@ impl CudaBackend {
         other: &CudaTensor,
     ) -> Result<CudaTensor> {
         let [n, h, w, c] = x.dims;
-        if kernel == 0 || stride == 0 || h < kernel || w < kernel {
-            return Err(EngineError::Shape(format!(
-                "max pool {kernel}x{kernel} stride {stride} does not fit a {h}x{w} input"
-            )));
-        }
-        let (oh, ow) = ((h - kernel) / stride + 1, (w - kernel) / stride + 1);
+        let (oh, ow) = pool_output((h, w), kernel, stride)?;
         let [on, ooh, oow, co] = other.dims;
         if (on, ooh, oow) != (n, oh, ow) {
             return Err(EngineError::Shape(format!(
