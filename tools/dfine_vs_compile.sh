@@ -11,7 +11,7 @@
 #   tools/dfine_vs_compile.sh
 #
 # Environment: APERTURE_BIN (default .carry/aperture), OUT (default ./out), ITERS
-# (default 30), PEER_BATCHES (default 64,32,1), PEER_TIMEOUT seconds (default 420), or
+# (default 30), PEER_BATCHES (default 64,1,32: the best batch, then batch 1, then 32), PEER_TIMEOUT seconds (default 420), or
 # CALL_LIMIT seconds: the peers get what is left of it after aperture's steps (less 20 s).
 # COMMIT names the build in the results (default: git describe of the working tree).
 # A kernel cache carried as .carry/cache.tgz (a tar of $XDG_CACHE_HOME's contents) is
@@ -51,8 +51,8 @@ PEER_TIMEOUT=${PEER_TIMEOUT:-420}
 if [ -n "${CALL_LIMIT:-}" ]; then
   PEER_TIMEOUT=$((CALL_LIMIT - SECONDS - 20))
 fi
-step "torch.compile reduce-overhead fp16, batches ${PEER_BATCHES:-64,32,1}, ${PEER_TIMEOUT} s"
-timeout "$PEER_TIMEOUT" python3 tools/dfine_torch_peers.py "$WORK/x" --batches "${PEER_BATCHES:-64,32,1}" \
+step "torch.compile reduce-overhead fp16, batches ${PEER_BATCHES:-64,1,32}, ${PEER_TIMEOUT} s"
+timeout "$PEER_TIMEOUT" python3 tools/dfine_torch_peers.py "$WORK/x" --batches "${PEER_BATCHES:-64,1,32}" \
   --iters 20 --compile --compile-modes reduce-overhead --skip-study --skip-eager --out "$OUT/peers.json" \
   > "$WORK/peers.log" 2>&1
 echo "peers exit $? (124: stopped by PEER_TIMEOUT; the batches done are in peers.json)"
@@ -66,7 +66,7 @@ COMMIT=${COMMIT:-$(git describe --always --dirty 2>/dev/null || echo unknown)}
 if [ -f "$OUT/forward.json" ] && [ -f "$OUT/peers.json" ]; then
   python3 tools/dfine_report.py "$OUT/forward.json" "$OUT/peers.json" --pre-post "$OUT/pixels.json" \
     --device "$GPU_NAME" --out-dir "$OUT/results" \
-    --command "one device call (commit $COMMIT), \`tools/dfine_vs_compile.sh\`: aperture forward and 8-bit pixels to rows at batch 1/32/64, torch.compile reduce-overhead fp16 at ${PEER_BATCHES:-64,32,1} (each compiled afresh)" \
+    --command "one device call (commit $COMMIT), \`tools/dfine_vs_compile.sh\`: aperture forward and 8-bit pixels to rows at batch 1/32/64, torch.compile reduce-overhead fp16 at ${PEER_BATCHES:-64,1,32} (each compiled afresh)" \
     || status=1
   echo "bench/results files written to $OUT/results (copy them into bench/results/)"
 else
