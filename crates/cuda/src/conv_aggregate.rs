@@ -13,7 +13,8 @@
 //!
 //! `APERTURE_AGGREGATE=concat` keeps every block on the first, `=parts` takes the second
 //! wherever the kernel can; by default the second is taken for chains with a dense k x k
-//! convolution (light blocks' depthwise layers already write their slices).
+//! convolution (light blocks' depthwise layers already write their slices), in fp16
+//! storage (the precision it has been checked in on a GPU; bf16 with `=parts`).
 //!
 //! [`Backend::conv_chain_aggregate`]: aperture_engine::Backend::conv_chain_aggregate
 
@@ -58,7 +59,8 @@ pub(crate) fn conv_chain_aggregate(
     act: Activation,
 ) -> Result<CudaTensor> {
     let w = squeeze.conv()?;
-    if chosen(policy(), x, layers, w, sources::loaded(be))? {
+    let fp16 = be.storage == crate::kernels::Storage::F16;
+    if chosen(policy(), x, layers, w, sources::loaded(be), fp16)? {
         return without_concatenation(be, x, layers, w, act);
     }
     let cat = crate::conv_concat::conv_chain_concat(be, x, layers)?;
@@ -73,6 +75,7 @@ fn chosen(
     layers: &[Vec<(&CudaParam, Activation)>],
     squeeze: &ConvWeights,
     loaded: bool,
+    fp16: bool,
 ) -> Result<bool> {
     if policy == Policy::Concat || !loaded || !sources::takes_weights(squeeze) {
         return Ok(false);
@@ -81,6 +84,7 @@ fn chosen(
         parts: vec![x.dims[3]],
         dense: false,
         squeeze_in: squeeze.c_in,
+        fp16,
     };
     for chain in layers {
         let mut last = None;
@@ -102,6 +106,8 @@ struct BlockShape {
     dense: bool,
     /// The squeeze's input channels.
     squeeze_in: usize,
+    /// fp16 storage (else bf16).
+    fp16: bool,
 }
 
 impl BlockShape {
@@ -112,7 +118,7 @@ impl BlockShape {
         match policy {
             Policy::Concat => false,
             Policy::Parts => readable,
-            Policy::Auto => readable && self.dense,
+            Policy::Auto => readable && self.dense && self.fp16,
         }
     }
 }
@@ -182,6 +188,7 @@ mod tests {
             parts: parts.to_vec(),
             dense,
             squeeze_in: parts.iter().sum(),
+            fp16: true,
         }
     }
 
@@ -197,6 +204,13 @@ mod tests {
         assert!(!light.without_concatenation(Policy::Auto));
         assert!(light.without_concatenation(Policy::Parts));
         assert!(!block(&[64; 7], true).without_concatenation(Policy::Concat));
+        // bf16 only when asked.
+        let bf16 = BlockShape {
+            fp16: false,
+            ..block(&[64; 7], true)
+        };
+        assert!(!bf16.without_concatenation(Policy::Auto));
+        assert!(bf16.without_concatenation(Policy::Parts));
     }
 
     #[test]
