@@ -393,14 +393,14 @@ def test_trace_settings_and_trace_file(tmp_path):
         got = hc.get_trace_settings()
         assert got["trace_level"] == ["TIMESTAMPS"] and got["trace_rate"] == "1000"
         assert got["trace_file"] == str(trace) and got["trace_count"] == "-1"
-        # The model traces every second request, at most three; the server is unchanged.
+        # The model traces every third request, at most three; the server is unchanged.
         answer = gc.update_trace_settings(model_name="simple",
-                                          settings={"trace_rate": "2", "trace_count": "3"},
+                                          settings={"trace_rate": "3", "trace_count": "3"},
                                           as_json=True)
-        assert answer["settings"]["trace_rate"]["value"] == ["2"]
+        assert answer["settings"]["trace_rate"]["value"] == ["3"]
         assert hc.get_trace_settings(model_name="simple")["trace_count"] == "3"
         assert hc.get_trace_settings()["trace_rate"] == "1000"
-        for i in range(8):
+        for i in range(9):
             ins, a, b = simple_inputs(httpclient if i % 2 else grpcclient, seed=i)
             client = hc if i % 2 else gc
             client.infer("simple", ins, request_id=f"r{i}")
@@ -420,15 +420,21 @@ def test_trace_settings_and_trace_file(tmp_path):
         s.stop()
     # The third trace used up the count: those traces went to the first indexed file.
     objects = json.loads((tmp_path / "trace.json.0").read_text())
-    assert [o["request_id"] for o in objects if "model_name" in o] == ["r1", "r3", "r5"]
+    assert [o["request_id"] for o in objects if "model_name" in o] == ["r2", "r5", "r8"]
     assert all(o["model_name"] == "simple" for o in objects if "model_name" in o)
-    for o in objects:
-        if "timestamps" in o:
-            names = [t["name"] for t in o["timestamps"]]
-            assert names[0] == "REQUEST_START" and names[-1] == "REQUEST_END", names
-            assert "COMPUTE_START" in names and "QUEUE_START" in names
-            ns = [t["ns"] for t in o["timestamps"]]
-            assert ns == sorted(ns)
+    # r5 came over HTTP, r2 and r8 over gRPC: each protocol's receive and send stamps
+    # frame the server's own, as Triton's trace tools expect.
+    stamped = [o for o in objects if "timestamps" in o]
+    for o, proto in zip(stamped, ["grpc", "http", "grpc"]):
+        names = [t["name"] for t in o["timestamps"]]
+        recv, send = (("HTTP_RECV", "HTTP_SEND") if proto == "http" else ("GRPC_WAITREAD", "GRPC_SEND"))
+        assert names[:2] == [f"{recv}_START", f"{recv}_END"], names
+        assert names[2] == "REQUEST_START" and names[-3] == "REQUEST_END", names
+        assert names[-2:] == [f"{send}_START", f"{send}_END"], names
+        assert "COMPUTE_START" in names and "QUEUE_START" in names
+        ns = [t["ns"] for t in o["timestamps"]]
+        assert ns == sorted(ns)
+    assert len(stamped) == 3
 
 
 def test_json_log_lines(tmp_path):

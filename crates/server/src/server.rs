@@ -153,19 +153,38 @@ impl Shared {
     pub async fn run_with_timeout(
         &self,
         model: &LoadedModel,
-        mut req: InferRequest,
+        req: InferRequest,
     ) -> Result<NamedTensors> {
-        let trace = self.tracer.start(&model.name, model.version, &req.id);
-        if let Some(t) = &trace {
-            t.stamps().mark("REQUEST_START");
-            req.trace = Some(t.stamps());
-        }
-        let result = self.run_timed(model, req).await;
+        let (result, trace) = self.run_traced(model, req, None).await;
         if let Some(t) = trace {
-            t.stamps().mark("REQUEST_END");
             self.tracer.finish(t);
         }
         result
+    }
+
+    /// [`Shared::run_with_timeout`] for a protocol front end that stamps its own receive
+    /// and send times: a traced request comes back with its trace, for the caller to mark
+    /// the sending and hand to `tracer.finish`.
+    pub async fn run_traced(
+        &self,
+        model: &LoadedModel,
+        mut req: InferRequest,
+        received: Option<crate::trace::Received>,
+    ) -> (Result<NamedTensors>, Option<crate::trace::ActiveTrace>) {
+        let trace = self.tracer.start(&model.name, model.version, &req.id);
+        if let Some(t) = &trace {
+            if let Some(r) = received {
+                t.stamps().mark_at(r.names.0, r.start);
+                t.stamps().mark_at(r.names.1, r.end);
+            }
+            t.mark("REQUEST_START");
+            req.trace = Some(t.stamps());
+        }
+        let result = self.run_timed(model, req).await;
+        if let Some(t) = &trace {
+            t.mark("REQUEST_END");
+        }
+        (result, trace)
     }
 
     async fn run_timed(&self, model: &LoadedModel, mut req: InferRequest) -> Result<NamedTensors> {

@@ -177,7 +177,26 @@ impl ActiveTrace {
     pub fn stamps(&self) -> Arc<Stamps> {
         self.stamps.clone()
     }
+
+    pub fn mark(&self, name: &'static str) {
+        self.stamps.mark(name);
+    }
 }
+
+/// When a request started and finished arriving, under its protocol's names
+/// (HTTP_RECV_START / _END, GRPC_WAITREAD_START / _END): Triton's trace tools group
+/// traces by these.
+#[derive(Clone, Copy, Debug)]
+pub struct Received {
+    pub names: (&'static str, &'static str),
+    pub start: Instant,
+    pub end: Instant,
+}
+
+/// The instant a gRPC request's head arrived (set by an interceptor, before its message
+/// is read).
+#[derive(Clone, Copy, Debug)]
+pub struct Arrived(pub Instant);
 
 struct State {
     global: TraceSettings,

@@ -574,13 +574,17 @@ async fn trace_settings_and_traced_requests_as_triton_writes_them() {
     assert_eq!(
         names,
         [
+            "HTTP_RECV_START",
+            "HTTP_RECV_END",
             "REQUEST_START",
             "QUEUE_START",
             "COMPUTE_START",
             "COMPUTE_INPUT_END",
             "COMPUTE_OUTPUT_START",
             "COMPUTE_END",
-            "REQUEST_END"
+            "REQUEST_END",
+            "HTTP_SEND_START",
+            "HTTP_SEND_END"
         ]
     );
     // The server metadata lists the extension.

@@ -26,6 +26,12 @@ pub use health::HealthService;
 pub use service::InferenceService;
 
 /// Serves gRPC on `listener` until `shutdown` resolves, then finishes in-flight calls.
+fn stamp_arrival(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    req.extensions_mut()
+        .insert(crate::trace::Arrived(std::time::Instant::now()));
+    Ok(req)
+}
+
 pub async fn serve(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
@@ -57,6 +63,9 @@ pub async fn serve(
         let _ = conn.get_ref().set_nodelay(true);
         Some((Ok::<_, std::io::Error>(conn), l))
     });
+    // Stamps when a request's head arrives, before its message is read (the trace
+    // extension's GRPC_WAITREAD_START).
+    let svc = tonic::service::interceptor::InterceptedService::new(svc, stamp_arrival);
     tonic::transport::Server::builder()
         .add_service(svc)
         .add_service(health)

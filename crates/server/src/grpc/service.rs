@@ -48,10 +48,11 @@ impl InferenceService {
 async fn infer_one(
     shared: Arc<Shared>,
     req: pb::ModelInferRequest,
+    received: Option<crate::trace::Received>,
 ) -> Result<pb::ModelInferResponse, ServerError> {
     let start = std::time::Instant::now();
     let model = req.model_name.clone();
-    let result = infer_inner(shared, req).await;
+    let result = infer_inner(shared, req, received).await;
     tracing::debug!(
         model = %model,
         ok = result.is_ok(),
@@ -69,14 +70,25 @@ async fn infer_one(
 async fn infer_inner(
     shared: Arc<Shared>,
     req: pb::ModelInferRequest,
+    received: Option<crate::trace::Received>,
 ) -> Result<pb::ModelInferResponse, ServerError> {
     let model = shared
         .repository
         .get(&req.model_name, Some(&req.model_version))?;
     let (request, output_shm) = request_from_proto_with_shm(req, Some(&shared.shared_memory))?;
     let id = request.id.clone();
-    let outputs = shared.run_with_timeout(&model, request).await?;
-    response_to_proto_with_shm(&model, id, outputs, &output_shm)
+    let (result, trace) = shared.run_traced(&model, request, received).await;
+    if let Some(t) = &trace {
+        t.mark("GRPC_SEND_START");
+    }
+    let answer =
+        result.and_then(|outputs| response_to_proto_with_shm(&model, id, outputs, &output_shm));
+    if let Some(t) = trace {
+        // The answer is built and handed to tonic to encode and send.
+        t.mark("GRPC_SEND_END");
+        shared.tracer.finish(t);
+    }
+    answer
 }
 
 type StreamOut =
@@ -163,8 +175,17 @@ impl GrpcInferenceService for InferenceService {
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         self.authorize(&req, false)?;
+        // When the request's head arrived (the interceptor) and when its message was read.
+        let received =
+            req.extensions()
+                .get::<crate::trace::Arrived>()
+                .map(|a| crate::trace::Received {
+                    names: ("GRPC_WAITREAD_START", "GRPC_WAITREAD_END"),
+                    start: a.0,
+                    end: std::time::Instant::now(),
+                });
         Ok(Response::new(
-            infer_one(self.shared.clone(), req.into_inner()).await?,
+            infer_one(self.shared.clone(), req.into_inner(), received).await?,
         ))
     }
 
@@ -183,7 +204,7 @@ impl GrpcInferenceService for InferenceService {
             while let Ok(Some(msg)) = incoming.message().await {
                 let (tx, shared) = (tx.clone(), shared.clone());
                 tokio::spawn(async move {
-                    let out = match infer_one(shared, msg).await {
+                    let out = match infer_one(shared, msg, None).await {
                         Ok(r) => pb::ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(r),

@@ -314,6 +314,7 @@ async fn run_infer(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response> {
+    let arrived = std::time::Instant::now();
     let limit = s.options.max_body_bytes;
     let model = match request_coding(headers).and_then(|_| s.repository.get(name, version)) {
         Ok(m) => m,
@@ -323,13 +324,53 @@ async fn run_infer(
         }
     };
     let decoded = read_infer_request_with_shm(body, headers, limit, Some(&s.shared_memory)).await?;
-    let id = decoded.request.id.clone();
-    let outputs = s.run_with_timeout(&model, decoded.request).await?;
-    let binary: Vec<bool> = match decoded.output_binary {
-        Some(flags) => flags,
-        None => vec![decoded.binary_default; outputs.len()],
+    let received = crate::trace::Received {
+        names: ("HTTP_RECV_START", "HTTP_RECV_END"),
+        start: arrived,
+        end: std::time::Instant::now(),
     };
-    let mut shm = decoded.output_shm.into_iter();
+    let id = decoded.request.id.clone();
+    let (result, trace) = s.run_traced(&model, decoded.request, Some(received)).await;
+    if let Some(t) = &trace {
+        t.mark("HTTP_SEND_START");
+    }
+    let answer = match result {
+        Ok(outputs) => {
+            let places = (
+                decoded.output_binary,
+                decoded.binary_default,
+                decoded.output_shm,
+            );
+            encode_answer(&model, &id, outputs, places, headers).await
+        }
+        Err(e) => Err(e),
+    };
+    if let Some(t) = trace {
+        // The answer is encoded and handed to the connection.
+        t.mark("HTTP_SEND_END");
+        s.tracer.finish(t);
+    }
+    answer
+}
+
+/// Where each output goes: per-output binary flags (None: the default), the default,
+/// and shared-memory places.
+type AnswerPlaces = (Option<Vec<bool>>, bool, Vec<Option<crate::shm::ShmRef>>);
+
+/// The HTTP answer to an inference: JSON and binary outputs (or shared memory), the
+/// body compressed as the client accepts.
+async fn encode_answer(
+    model: &LoadedModel,
+    id: &str,
+    outputs: aperture_engine::NamedTensors,
+    (output_binary, binary_default, output_shm): AnswerPlaces,
+    headers: &HeaderMap,
+) -> Result<Response> {
+    let binary: Vec<bool> = match output_binary {
+        Some(flags) => flags,
+        None => vec![binary_default; outputs.len()],
+    };
+    let mut shm = output_shm.into_iter();
     let places: Vec<OutputPlace> = binary
         .iter()
         .map(|&b| match shm.next().flatten() {
@@ -338,7 +379,7 @@ async fn run_infer(
             None => OutputPlace::Json,
         })
         .collect();
-    let enc = encode_response_placed(&model.name, model.version, &id, outputs, places)?;
+    let enc = encode_response_placed(&model.name, model.version, id, outputs, places)?;
     let header_len = enc.header_len;
     let coding = response_coding(headers);
     let mut resp = if coding == Coding::Identity {
