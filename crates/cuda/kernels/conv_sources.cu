@@ -83,11 +83,9 @@ __device__ __forceinline__ void src_product(const SrcPointers& p, const SrcLayou
     constexpr int AR = WG_BM / 32;  // 256 threads: 8 pieces per row, 32 rows per pass
     constexpr int BR = BN / 32;
     constexpr int ACC = BN / 2;
-    constexpr unsigned A_STAGE = WG_BM * 128;
-    constexpr unsigned B_STAGE = BN * 128;
     const unsigned base = (smem_addr(ig_shared) + 1023u) & ~1023u;
     const unsigned As = base;
-    const unsigned Bs = base + STAGES * A_STAGE;
+    const unsigned Bs = base + STAGES * WG_BM * 128;
 
     const int tid = threadIdx.x;
     const int m0 = (int)(blockIdx.x / n_tiles) * WG_BM;
@@ -116,32 +114,11 @@ __device__ __forceinline__ void src_product(const SrcPointers& p, const SrcLayou
 #pragma unroll
     for (int i = 0; i < ACC; i++) acc[i] = 0.0f;
 
-    constexpr int AHEAD = STAGES - 2;
     const int KT = (K + WG_BK - 1) / WG_BK;
-#pragma unroll
-    for (int s = 0; s < AHEAD; s++) {
-        if (s < KT) src_load_chunk<AR, BR>(c, p, l, s * WG_BK, As + s * A_STAGE, Bs + s * B_STAGE, lrow, seg, row, wrow, wok, K);
-        cp_async_commit();
-    }
+    wg_k_loop<BN, STAGES>(acc, As, Bs, KT, [&](int chunk, unsigned a, unsigned b) {
+        src_load_chunk<AR, BR>(c, p, l, chunk * WG_BK, a, b, lrow, seg, row, wrow, wok, K);
+    });
     const int wg = tid >> 7;
-    for (int kt = 0; kt < KT; kt++) {
-        cp_async_wait<AHEAD - 1>();
-        wg_fence_async_smem();
-        __syncthreads();
-        if (kt + AHEAD < KT) {
-            const int ls = (kt + AHEAD) % STAGES;
-            src_load_chunk<AR, BR>(c, p, l, (kt + AHEAD) * WG_BK, As + ls * A_STAGE, Bs + ls * B_STAGE, lrow, seg, row,
-                                   wrow, wok, K);
-        }
-        cp_async_commit();
-        const int st = kt % STAGES;
-        wg_chunk_mma<BN>(acc, As + st * A_STAGE + wg * 64 * 128, Bs + st * B_STAGE);
-        wg_wait<1>();
-        wg_pin<ACC>(acc);
-    }
-    wg_wait<0>();
-    wg_pin<ACC>(acc);
-    cp_async_wait<0>();
     wg_epilogue<BN>(acc, m0 + wg * 64, n0, bias, nullptr, y, M, Cout, act, ldy);
 }
 #endif  // WG_ARCH_OK

@@ -229,6 +229,45 @@ __device__ __forceinline__ void wg_epilogue(const float* acc, int m_first, int n
     }
 }
 
+// The K loop of a block (wg_conv here, src_product in conv_sources.cu): STAGES - 2 chunks
+// loading while one is multiplied. `load(chunk, a_stage, b_stage)` issues chunk's copies
+// into the stage at those shared addresses. Each warpgroup multiplies its 64 A rows of
+// a stage.
+template <int BN, int STAGES, typename Load>
+__device__ __forceinline__ void wg_k_loop(float* acc, unsigned As, unsigned Bs, int KT, Load&& load) {
+    constexpr int ACC = BN / 2;
+    constexpr unsigned A_STAGE = WG_BM * 128;
+    constexpr unsigned B_STAGE = BN * 128;
+    constexpr int AHEAD = STAGES - 2;  // chunks loading while one is multiplied
+#pragma unroll
+    for (int s = 0; s < AHEAD; s++) {
+        if (s < KT) load(s, As + s * A_STAGE, Bs + s * B_STAGE);
+        cp_async_commit();  // always (possibly empty): group i is chunk i
+    }
+    const int wg = (int)threadIdx.x >> 7;
+    for (int kt = 0; kt < KT; kt++) {
+        // Chunk kt has landed (AHEAD-1 younger groups may be pending) and, after the
+        // barrier, every warpgroup has retired its wgmma of chunk kt-2, whose stage the
+        // load below overwrites.
+        cp_async_wait<AHEAD - 1>();
+        wg_fence_async_smem();
+        __syncthreads();
+        if (kt + AHEAD < KT) {
+            const int ls = (kt + AHEAD) % STAGES;
+            load(kt + AHEAD, As + ls * A_STAGE, Bs + ls * B_STAGE);
+        }
+        cp_async_commit();
+
+        const int st = kt % STAGES;
+        wg_chunk_mma<BN>(acc, As + st * A_STAGE + wg * 64 * 128, Bs + st * B_STAGE);
+        wg_wait<1>();
+        wg_pin<ACC>(acc);
+    }
+    wg_wait<0>();
+    wg_pin<ACC>(acc);
+    cp_async_wait<0>();
+}
+
 template <int BN, int STAGES, bool TAP_INNER>
 __device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                                         const T* __restrict__ res, T* __restrict__ y, int H, int W, int C, int OH,
@@ -237,11 +276,9 @@ __device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __rest
     constexpr int AR = WG_BM / 32;  // 256 threads: 8 pieces per row, 32 rows per pass
     constexpr int BR = BN / 32;
     constexpr int ACC = BN / 2;      // accumulators per thread (64 x BN per warpgroup)
-    constexpr unsigned A_STAGE = WG_BM * 128;
-    constexpr unsigned B_STAGE = BN * 128;
     const unsigned base = (smem_addr(ig_shared) + 1023u) & ~1023u;
     const unsigned As = base;
-    const unsigned Bs = base + STAGES * A_STAGE;
+    const unsigned Bs = base + STAGES * WG_BM * 128;
 
     const int tid = threadIdx.x;
     const int m0 = (int)(blockIdx.x / n_tiles) * WG_BM;
@@ -256,36 +293,12 @@ __device__ __forceinline__ void wg_conv(const T* __restrict__ x, const T* __rest
 #pragma unroll
     for (int i = 0; i < ACC; i++) acc[i] = 0.0f;
 
-    constexpr int AHEAD = STAGES - 2;  // chunks loading while one is multiplied
     const int KT = (K + WG_BK - 1) / WG_BK;
-#pragma unroll
-    for (int s = 0; s < AHEAD; s++) {
-        if (s < KT) wg_load_chunk<AR, BR, 32, TAP_INNER>(L, As + s * A_STAGE, Bs + s * B_STAGE, lrow, seg, x, w, H, W, C, KW, K, ldx);
-        cp_async_commit();  // always (possibly empty): group i is chunk i
-    }
-
+    // The loader advances through K itself, chunk after chunk.
+    wg_k_loop<BN, STAGES>(acc, As, Bs, KT, [&](int, unsigned a, unsigned b) {
+        wg_load_chunk<AR, BR, 32, TAP_INNER>(L, a, b, lrow, seg, x, w, H, W, C, KW, K, ldx);
+    });
     const int wg = tid >> 7;  // warpgroup: pixels 64*wg .. 64*wg+63 of the tile
-    for (int kt = 0; kt < KT; kt++) {
-        // Chunk kt has landed (AHEAD-1 younger groups may be pending) and, after the
-        // barrier, every warpgroup has retired its wgmma of chunk kt-2, whose stage the
-        // load below overwrites.
-        cp_async_wait<AHEAD - 1>();
-        wg_fence_async_smem();
-        __syncthreads();
-        if (kt + AHEAD < KT) {
-            const int ls = (kt + AHEAD) % STAGES;
-            wg_load_chunk<AR, BR, 32, TAP_INNER>(L, As + ls * A_STAGE, Bs + ls * B_STAGE, lrow, seg, x, w, H, W, C, KW, K, ldx);
-        }
-        cp_async_commit();
-
-        const int st = kt % STAGES;
-        wg_chunk_mma<BN>(acc, As + st * A_STAGE + wg * 64 * 128, Bs + st * B_STAGE);
-        wg_wait<1>();
-        wg_pin<ACC>(acc);
-    }
-    wg_wait<0>();
-    wg_pin<ACC>(acc);
-    cp_async_wait<0>();
 
     wg_epilogue<BN>(acc, m0 + wg * 64, n0, bias, res, y, M, Cout, act, ldy);
 }
