@@ -106,6 +106,21 @@ pub(crate) fn source_define(source: &str, file: &str, name: &str) -> usize {
         .unwrap_or_else(|| panic!("{name} in {file} is not a number"))
 }
 
+/// Every kernel module's translation unit for one storage type, as the backend compiles
+/// them (main, detection and, for 16-bit storage, the convolution module with its sm_90a
+/// `wgmma` parts): for compiling and comparing kernels without a GPU
+/// (`tools/kernel_ptx.py`).
+pub fn module_sources(s: Storage) -> Vec<(&'static str, String)> {
+    let mut modules = vec![
+        ("main", full_source(s)),
+        ("detection", crate::detection::detection_source(s)),
+    ];
+    if let Some(conv) = crate::conv_igemm::conv_source(s, false) {
+        modules.push(("conv", conv));
+    }
+    modules
+}
+
 /// The full translation unit for one storage type.
 pub fn full_source(s: Storage) -> String {
     format!(
