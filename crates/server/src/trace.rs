@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -205,9 +206,8 @@ struct State {
     models: HashMap<String, Overrides>,
     /// Requests seen per model (the sampling counters).
     seen: HashMap<String, u64>,
-    /// Trace objects not written yet, and how many traces they hold.
+    /// Trace objects not written yet: two per trace (its model, its timestamps).
     pending: Vec<Value>,
-    pending_traces: usize,
     next_index: u64,
     next_id: u64,
 }
@@ -215,6 +215,9 @@ struct State {
 /// Everything the trace extension keeps for a server.
 pub struct Tracer {
     state: Mutex<State>,
+    /// Some level is TIMESTAMPS (the server's or a model's): while false, requests pass
+    /// without taking the lock.
+    on: AtomicBool,
     /// A fixed pair of clocks: timestamps are monotonic and read as epoch nanoseconds.
     base: Instant,
     base_ns: u128,
@@ -274,13 +277,13 @@ impl Tracer {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         Self {
+            on: AtomicBool::new(settings.timestamps),
             state: Mutex::new(State {
                 initial: settings.clone(),
                 global: settings,
                 models: HashMap::new(),
                 seen: HashMap::new(),
                 pending: Vec::new(),
-                pending_traces: 0,
                 next_index: 0,
                 next_id: 1,
             }),
@@ -359,19 +362,32 @@ impl Tracer {
         if let Some(m) = model {
             st.models.insert(m.to_string(), own);
         }
+        let on = st.global.timestamps || st.models.values().any(|o| o.timestamps == Some(true));
+        self.on.store(on, Ordering::Relaxed);
         Ok(effective(&st, model))
     }
 
     /// Starts a trace for a request of `model` when the sampling says so.
     pub fn start(&self, model: &str, version: u64, request_id: &str) -> Option<ActiveTrace> {
-        let mut st = lock(&self.state);
-        let now = effective(&st, Some(model));
-        if !now.timestamps || now.file.is_none() || now.count == 0 {
+        if !self.on.load(Ordering::Relaxed) {
             return None;
         }
-        let seen = st.seen.entry(model.to_string()).or_insert(0);
+        let mut st = lock(&self.state);
+        let own = st.models.get(model);
+        let timestamps = own
+            .and_then(|o| o.timestamps)
+            .unwrap_or(st.global.timestamps);
+        let rate = own.and_then(|o| o.rate).unwrap_or(st.global.rate);
+        let count = own.and_then(|o| o.count).unwrap_or(st.global.count);
+        if !timestamps || st.global.file.is_none() || count == 0 {
+            return None;
+        }
+        let seen = match st.seen.get_mut(model) {
+            Some(seen) => seen,
+            None => st.seen.entry(model.to_string()).or_insert(0),
+        };
         *seen += 1;
-        if !(*seen).is_multiple_of(now.rate) {
+        if !(*seen).is_multiple_of(rate) {
             return None;
         }
         // The count belongs to whoever set it: the model's own, or the server's.
@@ -415,11 +431,9 @@ impl Tracer {
         }));
         st.pending
             .push(json!({ "id": trace.id, "timestamps": timestamps }));
-        st.pending_traces += 1;
+        let traces = st.pending.len() / 2;
         let frequency = st.global.log_frequency as usize;
-        let due = trace.last
-            || (frequency > 0 && st.pending_traces >= frequency)
-            || st.pending_traces >= MAX_BUFFERED;
+        let due = trace.last || (frequency > 0 && traces >= frequency) || traces >= MAX_BUFFERED;
         if due {
             let out = take_indexed(&mut st);
             drop(st);
@@ -437,10 +451,10 @@ impl Tracer {
             return;
         }
         let out = if st.global.log_frequency == 0 && st.next_index == 0 {
-            st.global.file.clone().map(|p| {
-                st.pending_traces = 0;
-                (p, std::mem::take(&mut st.pending))
-            })
+            st.global
+                .file
+                .clone()
+                .map(|p| (p, std::mem::take(&mut st.pending)))
         } else {
             take_indexed(&mut st)
         };
@@ -473,7 +487,6 @@ fn take_indexed(st: &mut State) -> Option<(PathBuf, Vec<Value>)> {
     let mut name = file.into_os_string();
     name.push(format!(".{}", st.next_index));
     st.next_index += 1;
-    st.pending_traces = 0;
     Some((PathBuf::from(name), std::mem::take(&mut st.pending)))
 }
 
