@@ -131,23 +131,12 @@ fn without_concatenation(
     w: &ConvWeights,
     act: Activation,
 ) -> Result<CudaTensor> {
-    let mut outs: Vec<CudaTensor> = Vec::with_capacity(layers.len());
-    for chain in layers {
-        let mut h: Option<CudaTensor> = None;
-        for &(conv, a) in chain {
-            let input = h.as_ref().or(outs.last()).unwrap_or(x);
-            h = Some(crate::conv::conv2d(be, input, conv.conv()?, a, None)?);
-        }
-        let h = h.ok_or_else(|| {
-            EngineError::Invalid("a chain of the aggregation has no convolution".into())
-        })?;
-        if h.dims[..3] != x.dims[..3] {
-            return Err(EngineError::Shape(format!(
-                "cannot concatenate {:?} and {:?} along channels",
-                x.dims, h.dims
-            )));
-        }
-        outs.push(h);
+    let outs = aperture_engine::conv_nodes::run_conv_chains(be, x, layers)?;
+    if let Some(h) = outs.iter().find(|h| h.dims[..3] != x.dims[..3]) {
+        return Err(EngineError::Shape(format!(
+            "cannot concatenate {:?} and {:?} along channels",
+            x.dims, h.dims
+        )));
     }
     let parts: Vec<&CudaTensor> = std::iter::once(x).chain(outs.iter()).collect();
     let table = parts

@@ -337,17 +337,7 @@ pub trait Backend: Send + Sync {
         x: &Self::Tensor,
         layers: &[Vec<(&Self::Param, Activation)>],
     ) -> Result<Self::Tensor> {
-        let mut outs: Vec<Self::Tensor> = Vec::with_capacity(layers.len());
-        for chain in layers {
-            let mut h: Option<Self::Tensor> = None;
-            for (conv, act) in chain {
-                let input = h.as_ref().or(outs.last()).unwrap_or(x);
-                h = Some(self.conv2d(input, conv, *act, None)?);
-            }
-            outs.push(h.ok_or_else(|| {
-                EngineError::Invalid("a chain of the aggregation has no convolution".into())
-            })?);
-        }
+        let outs = crate::conv_nodes::run_conv_chains(self, x, layers)?;
         let mut parts: Vec<&Self::Tensor> = vec![x];
         parts.extend(outs.iter());
         self.concat_channels_n(&parts)

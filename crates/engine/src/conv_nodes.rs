@@ -182,6 +182,28 @@ fn at_node(i: usize, e: EngineError) -> EngineError {
     }
 }
 
+/// The outputs `y_1, .., y_n` of the chains of an HG-block aggregation
+/// ([`Backend::conv_chain_concat`]): `y_j` is the chain `layers[j]` of plain `conv2d`s
+/// applied to `y_{j-1}`, `y_0 = x`.
+pub fn run_conv_chains<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::Tensor,
+    layers: &[Vec<(&B::Param, Activation)>],
+) -> Result<Vec<B::Tensor>> {
+    let mut outs: Vec<B::Tensor> = Vec::with_capacity(layers.len());
+    for chain in layers {
+        let mut h: Option<B::Tensor> = None;
+        for (conv, act) in chain {
+            let input = h.as_ref().or(outs.last()).unwrap_or(x);
+            h = Some(b.conv2d(input, conv, *act, None)?);
+        }
+        outs.push(h.ok_or_else(|| {
+            EngineError::Invalid("a chain of the aggregation has no convolution".into())
+        })?);
+    }
+    Ok(outs)
+}
+
 /// [`Backend::conv_nodes_concat`] with plain operations: per node `slice_channels` (for
 /// a channel range) and `conv2d`, then `concat_channels_n` of the tensors `concat`
 /// names. Node outputs nothing reads any more are dropped as the block goes.
