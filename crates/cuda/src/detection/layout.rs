@@ -130,6 +130,25 @@ impl CudaBackend {
         }
         let total = c + co;
         let pixels = n * oh * ow;
+        let es = self.esize();
+        // The output comes from the pool, whose blocks are 512-byte aligned: its second
+        // part starts `c` elements in.
+        let copy_at = |out: u64| crate::copy_rows::RowCopy {
+            src: other.ptr(),
+            dst: out + (c * es) as u64,
+            rows: pixels,
+            len: co,
+            src_ld: co,
+            dst_ld: total,
+        };
+        let vectorised = (
+            self.channel_vectors(c, &[x]),
+            self.channel_vectors(total, &[]),
+            self.can_copy_vectorised(&copy_at(0)),
+        );
+        let (Some(cv), Some(ldv), true) = vectorised else {
+            return self.concat_channels(&self.det_max_pool2d(x, kernel, stride)?, other);
+        };
         let bytes = self.bytes(x.numel() + 2 * pixels * co + pixels * total);
         self.profiler.op(
             self,
@@ -138,28 +157,20 @@ impl CudaBackend {
             bytes,
             || {
                 let out = self.alloc_tensor([n, oh, ow, total])?;
-                let copy = crate::copy_rows::RowCopy {
-                    src: other.ptr(),
-                    dst: out.ptr() + (c * self.esize()) as u64,
-                    rows: pixels,
-                    len: co,
-                    src_ld: co,
-                    dst_ld: total,
-                };
-                let vectors = (
-                    self.channel_vectors(c, &[x, &out]),
-                    self.channel_vectors(total, &[&out]),
-                );
-                let (Some(cv), Some(ldv)) = vectors else {
-                    return self.concat_channels(&self.det_max_pool2d(x, kernel, stride)?, other);
-                };
-                if !self.can_copy_vectorised(&copy) {
-                    return self.concat_channels(&self.det_max_pool2d(x, kernel, stride)?, other);
+                if !out.ptr().is_multiple_of(16) {
+                    return Err(EngineError::Device(format!(
+                        "pool output at {:#x} is not 16-byte aligned",
+                        out.ptr()
+                    )));
                 }
                 let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(out.ptr())];
                 args.extend(i32s(&[n, h, w, cv, oh, ow, kernel, stride, ldv]));
                 self.det_launch_1d("det_max_pool_vec", pixels * cv, &args)?;
-                self.copy_vectorised(&copy)?;
+                if !self.copy_vectorised(&copy_at(out.ptr()))? {
+                    return Err(EngineError::Device(
+                        "the pool's concatenation partner was not copied".into(),
+                    ));
+                }
                 Ok(out)
             },
         )
