@@ -147,6 +147,21 @@ impl Shared {
         self.shutting_down.load(Ordering::Relaxed)
     }
 
+    /// Reads or changes trace settings, the server's or a model's (HTTP and gRPC): a
+    /// model name must be one the repository knows.
+    pub fn trace_settings(
+        &self,
+        model: Option<&str>,
+        changes: &[crate::trace::TraceChange],
+    ) -> Result<crate::trace::TraceSettings> {
+        if let Some(m) = model {
+            if !self.repository.index(false).iter().any(|e| e.name == m) {
+                return Err(ServerError::NotFound(format!("unknown model '{m}'")));
+            }
+        }
+        self.tracer.settings(model, changes)
+    }
+
     /// Runs a request under the server-wide timeout; encoded images (a KServe BYTES
     /// input) are decoded and preprocessed by the model's image pipeline first. A request
     /// the trace settings sample is traced from here to its answer.

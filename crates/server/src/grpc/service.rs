@@ -315,7 +315,7 @@ impl GrpcInferenceService for InferenceService {
             })
             .collect();
         let model = Some(r.model_name.as_str()).filter(|m| !m.is_empty());
-        let now = crate::http::trace_settings(&self.shared, model, &changes)?;
+        let now = self.shared.trace_settings(model, &changes)?;
         let settings = now
             .entries()
             .into_iter()

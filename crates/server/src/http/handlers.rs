@@ -57,18 +57,18 @@ pub async fn update_logging(State(s): S, body: axum::body::Bytes) -> Result<Json
 
 /// `GET /v2/trace/setting`: the server's trace settings (Triton's trace extension).
 pub async fn trace_setting(State(s): S) -> Result<Json<Value>> {
-    Ok(Json(super::trace_settings(&s, None, &[])?.to_json()))
+    Ok(Json(s.trace_settings(None, &[])?.to_json()))
 }
 
 /// `POST /v2/trace/setting`: changes the server's settings the body names.
 pub async fn update_trace_setting(State(s): S, body: axum::body::Bytes) -> Result<Json<Value>> {
     let changes = crate::trace::changes_from_json(&body)?;
-    Ok(Json(super::trace_settings(&s, None, &changes)?.to_json()))
+    Ok(Json(s.trace_settings(None, &changes)?.to_json()))
 }
 
 /// `GET /v2/models/{m}/trace/setting`: the settings in force for one model.
 pub async fn model_trace_setting(State(s): S, Path(m): Path<String>) -> Result<Json<Value>> {
-    Ok(Json(super::trace_settings(&s, Some(&m), &[])?.to_json()))
+    Ok(Json(s.trace_settings(Some(&m), &[])?.to_json()))
 }
 
 /// `POST /v2/models/{m}/trace/setting`: the model's own level, rate or count (null: the
@@ -79,9 +79,7 @@ pub async fn update_model_trace_setting(
     body: axum::body::Bytes,
 ) -> Result<Json<Value>> {
     let changes = crate::trace::changes_from_json(&body)?;
-    Ok(Json(
-        super::trace_settings(&s, Some(&m), &changes)?.to_json(),
-    ))
+    Ok(Json(s.trace_settings(Some(&m), &changes)?.to_json()))
 }
 
 pub async fn not_found() -> ServerError {

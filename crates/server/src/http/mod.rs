@@ -154,21 +154,6 @@ async fn authorize(State(shared): State<Arc<Shared>>, req: Request, next: Next) 
 }
 
 /// Compares without an early exit, so timing does not reveal the key's prefix.
-/// Reads or changes trace settings, the server's or a model's (HTTP and gRPC share it):
-/// a model name must be one the repository knows.
-pub(crate) fn trace_settings(
-    shared: &Shared,
-    model: Option<&str>,
-    changes: &[crate::trace::TraceChange],
-) -> crate::error::Result<crate::trace::TraceSettings> {
-    if let Some(m) = model {
-        if !shared.repository.index(false).iter().any(|e| e.name == m) {
-            return Err(ServerError::NotFound(format!("unknown model '{m}'")));
-        }
-    }
-    shared.tracer.settings(model, changes)
-}
-
 pub(crate) fn keys_match(given: &str, key: &str) -> bool {
     let (a, b) = (given.as_bytes(), key.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
