@@ -22,6 +22,10 @@ DUMP = Path(os.environ.get("APERTURE_KERNEL_SOURCES", REPO / "target" / "debug" 
 # are empty unless the module is built for sm_90a).
 HOPPER_ENTRIES = ["conv_wgmma_n64", "conv_wgmma_n128", "conv_wgmma_n192",
                   "sources_wgmma_n64", "sources_wgmma_n128"]
+# mma.sync kernels of the 16-bit convolution module that the host loads by name (the
+# stem's few-taps product and the opt-in tensor-core depthwise kernels).
+MMA_ENTRIES = ["small_taps_mma32", "small_taps_mma64"] + [
+    f"dwm{k}_w{w}" for k in (3, 5) for w in (4, 6, 8)]
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +53,5 @@ def test_every_module_compiles_for_hopper(sources):
         for entry in HOPPER_ENTRIES:
             # An empty body needs a handful of registers; the real kernels take 90+.
             assert rows.get(entry, 0) >= 64, f"conv_{storage}: {entry} has {rows.get(entry)} registers"
+        for entry in MMA_ENTRIES:
+            assert entry in rows, f"conv_{storage}: {entry} missing"

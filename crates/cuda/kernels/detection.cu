@@ -990,6 +990,32 @@ extern "C" __global__ void det_from_nchw(const float* __restrict__ x, T* __restr
     }
 }
 
+// The same for 3-channel images with HW % 8 == 0, 8 pixels per thread: two 16-byte loads
+// from each channel plane, 24 values stored as whole 16-byte vectors (the element-wise
+// kernel above moves 2-byte values and ran at ~1.4 TB/s on D-FINE's input).
+extern "C" __global__ void det_from_nchw3x8(const float* __restrict__ x, T* __restrict__ y, int N, i64 HW) {
+    const i64 per_image = HW / 8;
+    DET_LOOP(g, (i64)N * per_image) {
+        const i64 n = g / per_image;
+        const i64 p = (g - n * per_image) * 8;
+        union {
+            T v[24];
+            uint4 q[24 * sizeof(T) / 16];
+        } out;
+#pragma unroll
+        for (int c = 0; c < 3; c++) {
+            const float4* src = reinterpret_cast<const float4*>(x + (n * 3 + c) * HW + p);
+            const float4 a = src[0], b = src[1];
+            const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int j = 0; j < 8; j++) out.v[3 * j + c] = stf(v[j]);
+        }
+        uint4* dst = reinterpret_cast<uint4*>(y + (n * HW + p) * 3);
+#pragma unroll
+        for (int i = 0; i < (int)(24 * sizeof(T) / 16); i++) dst[i] = out.q[i];
+    }
+}
+
 // ---- Post-processing: per image, the top K of sigmoid(logits) over Q*C ----
 // CPU twin: aperture_models::dfine::post_process (scores sorted descending, ties by
 // lower flat index, label = index % C, box of query index / C as corners). Scores are

@@ -3,7 +3,10 @@
 //! output width). im2col would
 //! write a K-wide copy of the whole output grid for a product whose K is tiny (D-FINE's
 //! 3x3 stride-2 stem at batch 32: a 210 MB copy); here each thread reads its pixel's taps
-//! and writes every output channel once. `APERTURE_SMALL_TAPS=0` keeps im2col (A/B runs).
+//! and writes every output channel once. In 16-bit storage the product runs on tensor
+//! cores (`small_taps_mma*`, kernels/small_taps_mma.cu: each lane gathers its A fragment
+//! from the input); `APERTURE_SMALL_TAPS=fma` keeps the FMA kernels, `=0` im2col (A/B
+//! runs).
 
 use std::sync::OnceLock;
 
@@ -12,6 +15,7 @@ use aperture_engine::Result;
 
 use crate::backend::{ConvWeights, CudaBackend, CudaTensor};
 use crate::conv::{act_code, geometry_args};
+use crate::conv_igemm::IgemmSlot;
 use crate::kernels::Arg;
 
 /// Most taps per output (`SMALL_MAX_TAPS` in ops.cu: registers per thread).
@@ -89,7 +93,17 @@ fn launch(
     args.extend([w.kp, w.c_out].map(|v| Arg::I32(v as i32)));
     args.push(Arg::I32(act_code(act)));
     args.extend([ohp, owp].map(|v| Arg::I32(v as i32)));
-    let name = if w.c_out <= NARROW_OUT {
+    let narrow = w.c_out <= NARROW_OUT;
+    if let Some([mma32, mma64]) = tensor_core_kernels(be, pixels) {
+        // 16 pixels per warp step, eight warps per block, a few blocks per multiprocessor.
+        let blocks = pixels
+            .div_ceil(16 * 8)
+            .clamp(1, be.ctx.multiprocessors.max(1) as usize * 8) as u32;
+        let func = if narrow { mma32 } else { mma64 };
+        crate::kernels::launch_function(&be.ctx, func, (blocks, 1, 1), THREADS, 0, &args)?;
+        return Ok(out);
+    }
+    let name = if narrow {
         "conv_small_taps32"
     } else {
         "conv_small_taps64"
@@ -97,4 +111,50 @@ fn launch(
     be.kernels
         .launch(&be.ctx, name, (blocks, 1, 1), THREADS, 0, &args)?;
     Ok(out)
+}
+
+/// The tensor-core kernels (`small_taps_mma*` in kernels/small_taps_mma.cu, 16-bit
+/// storage), where loaded and the output's pixel count fits their 32-bit indices;
+/// `APERTURE_SMALL_TAPS=fma` keeps the FMA kernels (A/B runs).
+fn tensor_core_kernels(
+    be: &CudaBackend,
+    pixels: usize,
+) -> Option<[cudarc::driver::sys::CUfunction; 2]> {
+    static FMA: OnceLock<bool> = OnceLock::new();
+    let fma = *FMA.get_or_init(|| std::env::var("APERTURE_SMALL_TAPS").as_deref() == Ok("fma"));
+    let IgemmSlot::Ready(k) = &be.kernels.igemm else {
+        return None;
+    };
+    (!fma && pixels <= i32::MAX as usize).then_some(k.small_taps?)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Parameters of a kernel's `#define NAME_PARAMS` list in `src`.
+    fn param_count(src: &str, define: &str) -> usize {
+        let start = src.find(&format!("#define {define}")).expect("defined");
+        let mut body = String::new();
+        for line in src[start..].lines() {
+            body.push_str(line);
+            if !line.trim_end().ends_with('\\') {
+                break;
+            }
+        }
+        body.matches(',').count() + 1
+    }
+
+    #[test]
+    fn tensor_core_kernels_take_the_fma_kernels_arguments() {
+        // launch() builds one argument list for both: 5 pointers, 10 geometry values,
+        // Kp, c_out, act, OHp, OWp.
+        let mma = crate::conv_igemm::SMALL_TAPS_MMA_SOURCE;
+        assert_eq!(param_count(mma, "SMALL_MMA_PARAMS"), 20);
+        let ops = crate::kernels::OPS_SOURCE;
+        let fma = ops
+            .find("#define CONV_SMALL_KERNEL")
+            .map(|i| &ops[i..])
+            .expect("defined");
+        let signature = &fma[fma.find("NAME(").expect("entry")..fma.find(") {").expect("body")];
+        assert_eq!(signature.matches(',').count() + 1, 20);
+    }
 }

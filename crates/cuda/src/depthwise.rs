@@ -56,7 +56,9 @@ enum DepthwiseKernels {
     Strip,
     /// `tiled`: the `dwk*` kernels (k = 3, 5, 7; stride 1 or 2; fused gate).
     Tiled,
-    /// Default: `dws5` for 5x5 stride 1 where it fits, the `dwk*` kernels for the rest.
+    /// Default: `dws5` for 5x5 stride 1 where it fits, the `dwk*` kernels for the rest
+    /// (with `APERTURE_DEPTHWISE_MMA=1`, first the tensor-core kernels of
+    /// crate::depthwise_mma for 3x3 and 5x5 at stride 1 in 16-bit storage).
     Staged,
 }
 
@@ -278,6 +280,11 @@ pub(crate) fn depthwise_tiled(
     let [n, h, wd, c] = x.dims;
     let square = w.kh == w.kw && w.spec.padding == w.kh / 2;
     let mode = depthwise_kernels();
+    if mode == DepthwiseKernels::Staged
+        && crate::depthwise_mma::try_run(be, x, w, act, residual, (y, ldo))?
+    {
+        return Ok(true);
+    }
     if mode == DepthwiseKernels::Staged && square && w.kh == 5 && w.spec.stride == 1 {
         if let Some(plan) = StagedPlan::new(be, x, (y, ldo), residual) {
             run_staged(be, x, w, act, residual, (y, ldo), &plan)?;

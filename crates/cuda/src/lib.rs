@@ -25,6 +25,7 @@ mod conv_small;
 mod copy_rows;
 mod cudnn_conv;
 mod depthwise;
+mod depthwise_mma;
 pub mod detection;
 mod driver;
 mod error;

@@ -35,6 +35,10 @@ pub(crate) struct IgemmKernel {
     /// specialisations by channel count.
     pub(crate) norm_product: Option<sys::CUfunction>,
     norm_product_fixed: Vec<(usize, sys::CUfunction)>,
+    /// The `dwm*` depthwise kernels (crate::depthwise_mma) that loaded, by name.
+    depthwise: Vec<(&'static str, sys::CUfunction)>,
+    /// `small_taps_mma32`, `small_taps_mma64` (crate::conv_small), when both loaded.
+    pub(crate) small_taps: Option<[sys::CUfunction; 2]>,
 }
 
 // SAFETY: module and function handles are immutable driver objects, usable from any
@@ -225,9 +229,20 @@ fn load_kernel(
             load_with_smem(module, &name, crate::front::product_smem_bytes(c)).map(|f| (c, f))
         })
         .collect();
+    let depthwise = crate::depthwise_mma::KERNELS
+        .iter()
+        .filter_map(|&(_, _, name)| {
+            load_with_smem(module, name, crate::depthwise_mma::MAX_SMEM).map(|f| (name, f))
+        })
+        .collect();
+    let small_taps = load_with_smem(module, "small_taps_mma32", 0)
+        .zip(load_with_smem(module, "small_taps_mma64", 0))
+        .map(|(a, b)| [a, b]);
     Ok(IgemmKernel {
         module,
         front,
+        depthwise,
+        small_taps,
         norm_product,
         norm_product_fixed,
         small: funcs[0],
@@ -249,6 +264,14 @@ impl IgemmKernel {
             wgmma_always: self.wgmma_always,
             warp_specialised: self.warp_specialised,
         }
+    }
+
+    /// The depthwise kernel `name` (crate::depthwise_mma), when it loaded.
+    pub(crate) fn depthwise(&self, name: &str) -> Option<sys::CUfunction> {
+        self.depthwise
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|&(_, f)| f)
     }
 
     /// `norm_pointwise` for `c` input channels: the specialisation where there is one.

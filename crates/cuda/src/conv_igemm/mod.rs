@@ -37,6 +37,10 @@ pub const FRONT_SOURCE: &str = include_str!("../../kernels/front.cu");
 pub const WGMMA_SOURCE: &str = include_str!("../../kernels/conv_wgmma.cu");
 /// The concatenation-free 1x1 products on `wgmma` ([`sources`]), after conv_wgmma.cu.
 pub const SOURCES_SOURCE: &str = include_str!("../../kernels/conv_sources.cu");
+/// Depthwise convolutions on `mma.sync` (crate::depthwise_mma), after conv.cu.
+pub const DEPTHWISE_MMA_SOURCE: &str = include_str!("../../kernels/depthwise_mma.cu");
+/// Few-taps dense convolutions on `mma.sync` (crate::conv_small), after conv.cu.
+pub const SMALL_TAPS_MMA_SOURCE: &str = include_str!("../../kernels/small_taps_mma.cu");
 
 /// Pixels per block of the two large tiles (`conv.cu`'s IG_BM; a test checks).
 const TILE_M: usize = 128;
@@ -238,7 +242,7 @@ pub fn conv_source(s: Storage, warp_specialised: bool) -> Option<String> {
         ""
     };
     Some(format!(
-        "{}\n{}\n{select}{ws}{CONV_SOURCE}\n{FRONT_SOURCE}\n{WGMMA_SOURCE}\n{SOURCES_SOURCE}\n",
+        "{}\n{}\n{select}{ws}{CONV_SOURCE}\n{FRONT_SOURCE}\n{DEPTHWISE_MMA_SOURCE}\n{SMALL_TAPS_MMA_SOURCE}\n{WGMMA_SOURCE}\n{SOURCES_SOURCE}\n",
         preamble(s),
         MATH_SOURCE
     ))

@@ -64,6 +64,7 @@ pub const DETECTION_KERNELS: &[&str] = &[
     "det_topk_select",
     "det_topk_select_wide",
     "det_from_nchw",
+    "det_from_nchw3x8",
     "det_pixels_to_input",
     "det_score_keys",
     "det_topk_detections",

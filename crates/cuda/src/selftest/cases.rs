@@ -12,7 +12,7 @@ use crate::backend::CudaBackend;
 /// sizes. Names read "depthwise{k}x{k}/{stride} {c} {h}x{w}x{n} ...".
 pub(super) fn depthwise_cases(rng: &mut Rng) -> Vec<Case> {
     // [n, h, w, c, k, stride], activation, bias, residual
-    let shapes: [([usize; 6], Activation, bool, bool); 18] = [
+    let shapes: [([usize; 6], Activation, bool, bool); 21] = [
         ([2, 17, 23, 64, 5, 1], Activation::Relu, true, false),
         ([2, 9, 10, 32, 5, 1], Activation::Identity, false, true),
         ([1, 40, 3, 8, 5, 1], Activation::Silu, true, false),
@@ -36,6 +36,13 @@ pub(super) fn depthwise_cases(rng: &mut Rng) -> Vec<Case> {
         ([2, 40, 40, 128, 5, 1], Activation::Silu, true, false),
         ([3, 20, 20, 256, 5, 1], Activation::Relu, true, true),
         ([2, 7, 13, 192, 5, 1], Activation::Gelu, false, false),
+        // The tensor-core kernels (dwm*, 16-bit storage, APERTURE_DEPTHWISE_MMA=1): Restormer's 3x3 over 144
+        // channels (48-channel blocks) on a map wider than one 64-column tile, 96
+        // channels with a residual and a partial last column tile, and 40 channels (a
+        // block with idle warps).
+        ([2, 21, 150, 144, 3, 1], Activation::Identity, true, false),
+        ([1, 19, 131, 96, 3, 1], Activation::Relu, false, true),
+        ([2, 12, 70, 40, 5, 1], Activation::Relu, true, false),
     ];
     let mut cases = Vec::new();
     for &([n, h, w, c, k, stride], act, bias, residual) in &shapes {
