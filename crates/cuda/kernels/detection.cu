@@ -1016,6 +1016,20 @@ extern "C" __global__ void det_from_nchw3x8(const float* __restrict__ x, T* __re
     }
 }
 
+// Output pixels `rows` (flat positions within an image, as f32 values, the same in every
+// image) of a 1x1 product set to its bias: the product of a zeroed input pixel
+// (crate::detection::masked). y is [images][hw][c].
+extern "C" __global__ void det_fill_rows(T* __restrict__ y, const float* __restrict__ rows,
+                                         const T* __restrict__ bias, int images, int count, i64 hw, int c) {
+    DET_LOOP(i, (i64)images * count * c) {
+        const int ch = (int)(i % c);
+        const i64 rc = i / c;
+        const i64 n = rc / count;
+        const int r = (int)(rc - n * count);
+        y[(n * hw + (i64)rows[r]) * c + ch] = bias[ch];
+    }
+}
+
 // ---- Post-processing: per image, the top K of sigmoid(logits) over Q*C ----
 // CPU twin: aperture_models::dfine::post_process (scores sorted descending, ties by
 // lower flat index, label = index % C, box of query index / C as corners). Scores are

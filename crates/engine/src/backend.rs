@@ -368,6 +368,21 @@ pub trait Backend: Send + Sync {
         let y = self.conv2d(x, conv, act, None)?;
         self.pad_zeros(&y, 0, bottom, 0, right)
     }
+    /// `conv2d(x * keep, conv, act, None)` for a per-pixel mask `keep` (`[n, h, w, 1]` of
+    /// zeros and ones, broadcast over the channels as `mul` does): D-FINE's encoder zeroes
+    /// the anchors outside the image before its first projection. A GPU backend may run
+    /// the product on `x` as is and then write the masked pixels' outputs (a 1x1
+    /// product's activated bias), instead of a pass over `x` for the mask.
+    fn conv2d_masked(
+        &self,
+        x: &Self::Tensor,
+        keep: &HostTensor,
+        conv: &Self::Param,
+        act: Activation,
+    ) -> Result<Self::Tensor> {
+        let masked = self.mul(x, &self.upload_nhwc(keep)?)?;
+        self.conv2d(&masked, conv, act, None)
+    }
     /// A block of convolutions feeding one channel concatenation (D-FINE's
     /// RepNCSPELAN4): evaluates `nodes` in order, node `i` computing
     /// `act(conv(input) + bias) + residual` from the block input `x` or earlier nodes'

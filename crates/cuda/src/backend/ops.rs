@@ -377,6 +377,15 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         crate::conv::conv2d_pad_after(self, x, conv.conv()?, act, (bottom, right))
     }
+    fn conv2d_masked(
+        &self,
+        x: &CudaTensor,
+        keep: &HostTensor,
+        conv: &CudaParam,
+        act: Activation,
+    ) -> Result<CudaTensor> {
+        crate::detection::conv2d_masked(self, x, keep, conv.conv()?, act)
+    }
     fn upsample_nearest(&self, x: &CudaTensor, factor: usize) -> Result<CudaTensor> {
         self.det_upsample_nearest(x, factor)
     }

@@ -6,6 +6,7 @@
 mod boxes;
 mod graph;
 mod layout;
+mod masked;
 mod pixel_graph;
 mod pixel_key;
 mod postprocess;
@@ -14,6 +15,7 @@ mod select_sim;
 mod sequence;
 
 pub use graph::{GraphOutput, MultiGraphCache};
+pub(crate) use masked::conv2d_masked;
 pub use pixel_graph::PixelGraphCache;
 pub use pixel_key::{PixelGraphAdmission, PixelGraphKey};
 pub use postprocess::{scale_detections, TopDetections, DETECTION_VALUES};
@@ -65,6 +67,7 @@ pub const DETECTION_KERNELS: &[&str] = &[
     "det_topk_select_wide",
     "det_from_nchw",
     "det_from_nchw3x8",
+    "det_fill_rows",
     "det_pixels_to_input",
     "det_score_keys",
     "det_topk_detections",

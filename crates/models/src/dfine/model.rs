@@ -185,12 +185,14 @@ impl<B: Backend> DFine<B> {
         drop(flat);
         // Query selection over anchors that lie inside the image.
         let (anchors, valid) = anchors(&shapes, n);
-        let masked = b.mul(&memory, &b.upload_nhwc(&valid)?)?;
         let out_mem = self.enc_norm.forward(
             b,
-            &self
-                .enc_output
-                .forward(b, &masked, Activation::Identity, None)?,
+            &b.conv2d_masked(
+                &memory,
+                &valid,
+                &self.enc_output.param,
+                Activation::Identity,
+            )?,
         )?;
         let scores = self
             .enc_score

@@ -270,6 +270,19 @@ pub fn run_ops<B: Backend>(b: &B) -> Result<Vec<(String, HostTensor)>> {
         "max_pool_concat k2 s1".into(),
         b.download_nhwc(&b.max_pool_concat(&stem_out, 2, 1, &branch)?)?,
     ));
+    // The encoder's first projection over anchors with masked positions (the same in
+    // both images): on a GPU, the product on the unmasked input with the bias written
+    // into the masked rows.
+    let memory = up(&tensor(115, [2, 1, 37, 24], -2.0, 2.0)?)?;
+    let keep_row: Vec<f32> = (0..37)
+        .map(|i| if i % 5 == 0 || i == 36 { 0.0 } else { 1.0 })
+        .collect();
+    let keep = HostTensor::from_f32(vec![2, 1, 37, 1], [keep_row.clone(), keep_row].concat())?;
+    let proj = conv(117, 16, 24, 1, 1)?;
+    out.push((
+        "conv2d_masked 1x1 24->16, 8 of 37 rows masked".into(),
+        b.download_nhwc(&b.conv2d_masked(&memory, &keep, &proj, ident)?)?,
+    ));
     // RepNCSPELAN4 as a node block: y = 1x1 SiLU (concatenated), a CSP branch on y's
     // second half read in place (1x1 SiLU, a 3x3 bottleneck, 1x1 SiLU plus the
     // bottleneck's output), b1 = 3x3 SiLU (concatenated), the same branch on b1, b2 =
@@ -344,6 +357,20 @@ mod tests {
         idx.sort_unstable();
         idx.dedup();
         assert_eq!(idx.len(), 300);
+        // The masked anchors' projections are the bias (seed 117 + 1), in both images.
+        let (_, proj) = outs
+            .iter()
+            .find(|(n, _)| n.starts_with("conv2d_masked"))
+            .unwrap();
+        let (v, bias) = (proj.to_f32_vec(), random(118, 16, -0.5, 0.5));
+        for image in 0..2 {
+            for row in [0, 5, 35, 36] {
+                let at = (image * 37 + row) * 16;
+                assert_eq!(&v[at..at + 16], &bias[..], "image {image} row {row}");
+            }
+            let at = (image * 37 + 1) * 16;
+            assert_ne!(&v[at..at + 16], &bias[..]);
+        }
     }
 
     #[test]
