@@ -354,7 +354,7 @@ fn run_staged(
 }
 
 /// The leading arguments of every depthwise kernel: input, output, taps, bias, residual.
-fn pointer_args(
+pub(crate) fn pointer_args(
     x: &CudaTensor,
     y: u64,
     w: &ConvWeights,

@@ -167,13 +167,7 @@ pub(crate) fn try_run(
     let Some(func) = kernels.depthwise(plan.kernel()) else {
         return Ok(false);
     };
-    let mut args = vec![
-        Arg::Ptr(x.ptr()),
-        Arg::Ptr(y),
-        Arg::Ptr(w.weight.ptr()),
-        Arg::Ptr(w.bias.as_ref().map(|b| b.ptr()).unwrap_or(0)),
-        Arg::Ptr(residual.map(|r| r.ptr()).unwrap_or(0)),
-    ];
+    let mut args = crate::depthwise::pointer_args(x, y, w, residual);
     args.extend([h, wd, c, plan.rows, plan.bw].map(|v| Arg::I32(v as i32)));
     args.push(Arg::I32(act_code(act)));
     args.push(Arg::I32(ldo as i32));
