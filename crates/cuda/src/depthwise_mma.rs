@@ -122,11 +122,12 @@ impl MmaPlan {
     }
 }
 
-/// Whether `APERTURE_DEPTHWISE_MMA=1` asks for the tensor-core kernels. Off by default:
+/// Whether `APERTURE_DEPTHWISE_MMA=1` asks for the tensor-core kernels (only then are
+/// they compiled into the convolution module). Off by default:
 /// on the H100 they ran slower than the FMA kernels (docs/cuda.md, "Depthwise on tensor
 /// cores"), because seven of every eight products are zeros and `mma.sync` issues them
 /// all.
-fn switched_on() -> bool {
+pub(crate) fn requested() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("APERTURE_DEPTHWISE_MMA").is_ok_and(|v| v.trim() == "1"))
 }
@@ -152,7 +153,7 @@ pub(crate) fn try_run(
         && y.is_multiple_of(4)
         && residual.is_none_or(|r| r.ptr().is_multiple_of(4));
     let fits = square
-        && switched_on()
+        && requested()
         && aligned
         && ldo >= c
         && ldo.is_multiple_of(2)

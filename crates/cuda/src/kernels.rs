@@ -115,7 +115,12 @@ pub fn module_sources(s: Storage) -> Vec<(&'static str, String)> {
         ("main", full_source(s)),
         ("detection", crate::detection::detection_source(s)),
     ];
-    if let Some(conv) = crate::conv_igemm::conv_source(s, false) {
+    // With the opt-in depthwise kernels, so that a compile check covers them too.
+    let extras = crate::conv_igemm::ConvExtras {
+        depthwise_mma: true,
+        ..Default::default()
+    };
+    if let Some(conv) = crate::conv_igemm::conv_source(s, extras) {
         modules.push(("conv", conv));
     }
     modules

@@ -4,7 +4,9 @@ use std::ffi::{c_void, CString};
 
 use cudarc::driver::{result, sys};
 
-use super::{conv_source, warp_specialised_requested, Tile, Tiles, ENV_SWITCH, WGMMA_SWITCH};
+use super::{
+    conv_source, warp_specialised_requested, ConvExtras, Tile, Tiles, ENV_SWITCH, WGMMA_SWITCH,
+};
 use crate::driver::Context;
 use crate::error::{CudaError, CudaResult};
 use crate::kernels::Storage;
@@ -69,7 +71,11 @@ impl IgemmSlot {
     /// fails: a backend without it runs im2col as before.
     pub(crate) fn load(ctx: &Context, storage: Storage) -> Self {
         let warp_specialised = warp_specialised_requested();
-        let Some(source) = conv_source(storage, warp_specialised) else {
+        let extras = ConvExtras {
+            warp_specialised,
+            depthwise_mma: crate::depthwise_mma::requested(),
+        };
+        let Some(source) = conv_source(storage, extras) else {
             return Self::Disabled("fp32 storage uses im2col and cuBLASLt".into());
         };
         if std::env::var(ENV_SWITCH).is_ok_and(|v| v.trim() == "0") {

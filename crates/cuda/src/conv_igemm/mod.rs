@@ -227,22 +227,35 @@ impl Tile {
     }
 }
 
+/// Kernels of the convolution module that are built only on request (their compile
+/// time at a first start): the warp-specialised `wgmma` tiles (`APERTURE_WGMMA=ws`) and
+/// the tensor-core depthwise kernels (`APERTURE_DEPTHWISE_MMA=1`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConvExtras {
+    pub warp_specialised: bool,
+    pub depthwise_mma: bool,
+}
+
 /// The translation unit for a storage type, or `None` for fp32 (no 16-bit tensor-core
-/// product to run).
-/// With `warp_specialised`, the warp-specialised `wgmma` kernels are built too.
-pub fn conv_source(s: Storage, warp_specialised: bool) -> Option<String> {
+/// product to run), with the optional kernels `extras` asks for.
+pub fn conv_source(s: Storage, extras: ConvExtras) -> Option<String> {
     let select = match s {
         Storage::F32 => return None,
         Storage::F16 => "",
         Storage::BF16 => "#define IGEMM_BF16 1\n",
     };
-    let ws = if warp_specialised {
+    let ws = if extras.warp_specialised {
         "#define WG_WARP_SPECIALISED 1\n"
     } else {
         ""
     };
+    let depthwise = if extras.depthwise_mma {
+        DEPTHWISE_MMA_SOURCE
+    } else {
+        ""
+    };
     Some(format!(
-        "{}\n{}\n{select}{ws}{CONV_SOURCE}\n{FRONT_SOURCE}\n{DEPTHWISE_MMA_SOURCE}\n{SMALL_TAPS_MMA_SOURCE}\n{WGMMA_SOURCE}\n{SOURCES_SOURCE}\n",
+        "{}\n{}\n{select}{ws}{CONV_SOURCE}\n{FRONT_SOURCE}\n{depthwise}\n{SMALL_TAPS_MMA_SOURCE}\n{WGMMA_SOURCE}\n{SOURCES_SOURCE}\n",
         preamble(s),
         MATH_SOURCE
     ))

@@ -289,10 +289,29 @@ fn check_parameters(list: &str) {
 
 #[test]
 fn sources_per_storage_type() {
-    assert!(conv_source(Storage::F32, false).is_none());
-    let f16 = conv_source(Storage::F16, false).expect("fp16 source");
-    let bf16 = conv_source(Storage::BF16, false).expect("bf16 source");
-    let ws = conv_source(Storage::F16, true).expect("fp16 source with ws");
+    let plain = ConvExtras::default();
+    assert!(conv_source(Storage::F32, plain).is_none());
+    let f16 = conv_source(Storage::F16, plain).expect("fp16 source");
+    let bf16 = conv_source(Storage::BF16, plain).expect("bf16 source");
+    let ws = conv_source(
+        Storage::F16,
+        ConvExtras {
+            warp_specialised: true,
+            ..plain
+        },
+    )
+    .expect("fp16 source with ws");
+    // The tensor-core depthwise kernels likewise.
+    let dwm = conv_source(
+        Storage::F16,
+        ConvExtras {
+            depthwise_mma: true,
+            ..plain
+        },
+    )
+    .expect("fp16 source with the depthwise kernels");
+    assert!(!f16.contains("DWM_KERNEL(dwm5_w8") && dwm.contains("DWM_KERNEL(dwm5_w8"));
+    assert!(f16.contains("SMALL_MMA_KERNEL(small_taps_mma32"));
     assert!(f16.contains("typedef __half T;") && !f16.contains("#define IGEMM_BF16"));
     assert!(bf16.contains("typedef __nv_bfloat16 T;") && bf16.contains("#define IGEMM_BF16 1"));
     // The warp-specialised entries are built only on request (their compile time).
