@@ -24,7 +24,8 @@ HOPPER_ENTRIES = ["conv_wgmma_n64", "conv_wgmma_n128", "conv_wgmma_n192",
                   "sources_wgmma_n64", "sources_wgmma_n128"]
 # mma.sync kernels of the 16-bit convolution module that the host loads by name (the
 # stem's few-taps product and the opt-in tensor-core depthwise kernels).
-MMA_ENTRIES = ["small_taps_mma32", "small_taps_mma64"] + [
+MMA_ENTRIES = ["small_taps_mma32", "small_taps_mma64",
+               "small_taps_mma_staged32", "small_taps_mma_staged64"] + [
     f"dwm{k}_w{w}" for k in (3, 5) for w in (4, 6, 8)]
 
 

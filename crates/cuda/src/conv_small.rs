@@ -5,8 +5,8 @@
 //! 3x3 stride-2 stem at batch 32: a 210 MB copy); here each thread reads its pixel's taps
 //! and writes every output channel once. In 16-bit storage the product runs on tensor
 //! cores (`small_taps_mma*`, kernels/small_taps_mma.cu: each lane gathers its A fragment
-//! from the input); `APERTURE_SMALL_TAPS=fma` keeps the FMA kernels, `=0` im2col (A/B
-//! runs).
+//! from the input); `APERTURE_SMALL_TAPS=staged` stages each block's input rows in shared
+//! memory first, `=fma` keeps the FMA kernels, `=0` im2col (A/B runs).
 
 use std::sync::OnceLock;
 
@@ -94,13 +94,13 @@ fn launch(
     args.push(Arg::I32(act_code(act)));
     args.extend([ohp, owp].map(|v| Arg::I32(v as i32)));
     let narrow = w.c_out <= NARROW_OUT;
-    if let Some([mma32, mma64]) = tensor_core_kernels(be, pixels) {
+    if let Some((kernels, smem)) = tensor_core_kernels(be, pixels, w) {
         // 16 pixels per warp step, eight warps per block, a few blocks per multiprocessor.
         let blocks = pixels
             .div_ceil(16 * 8)
             .clamp(1, be.ctx.multiprocessors.max(1) as usize * 8) as u32;
-        let func = if narrow { mma32 } else { mma64 };
-        crate::kernels::launch_function(&be.ctx, func, (blocks, 1, 1), THREADS, 0, &args)?;
+        let func = if narrow { kernels[0] } else { kernels[1] };
+        crate::kernels::launch_function(&be.ctx, func, (blocks, 1, 1), THREADS, smem, &args)?;
         return Ok(out);
     }
     let name = if narrow {
@@ -113,19 +113,60 @@ fn launch(
     Ok(out)
 }
 
+/// Which small-taps kernels run, from `APERTURE_SMALL_TAPS` (im2col for `0` is decided in
+/// [`fits`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SmallTaps {
+    /// Default: tensor cores, each lane gathering its A fragment from the input.
+    Gather,
+    /// `staged`: tensor cores, the block's input rows staged in shared memory first (to
+    /// be measured against `Gather`).
+    Staged,
+    /// `fma`: the CUDA-core kernels (`conv_small_taps*`).
+    Fma,
+}
+
+fn small_taps_mode() -> SmallTaps {
+    static MODE: OnceLock<SmallTaps> = OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("APERTURE_SMALL_TAPS").as_deref() {
+        Ok("fma") => SmallTaps::Fma,
+        Ok("staged") => SmallTaps::Staged,
+        _ => SmallTaps::Gather,
+    })
+}
+
+/// Output columns per block of the staged kernels (SMALL_WARPS * 16 in
+/// kernels/small_taps_mma.cu).
+const STAGED_COLUMNS: usize = 8 * 16;
+/// Dynamic shared memory the staged kernels are loaded with (their staged rows).
+pub(crate) const STAGED_MAX_SMEM: usize = 48 * 1024;
+
+/// The staged kernels' shared memory for `w`: its kh input rows under a block's columns.
+fn staged_smem(w: &ConvWeights) -> usize {
+    w.kh * ((STAGED_COLUMNS - 1) * w.spec.stride + w.kw) * w.c_in * 2
+}
+
 /// The tensor-core kernels (`small_taps_mma*` in kernels/small_taps_mma.cu, 16-bit
-/// storage), where loaded and the output's pixel count fits their 32-bit indices;
-/// `APERTURE_SMALL_TAPS=fma` keeps the FMA kernels (A/B runs).
+/// storage) and their dynamic shared memory, where loaded, asked for and the output's
+/// pixel count fits their 32-bit indices.
 fn tensor_core_kernels(
     be: &CudaBackend,
     pixels: usize,
-) -> Option<[cudarc::driver::sys::CUfunction; 2]> {
-    static FMA: OnceLock<bool> = OnceLock::new();
-    let fma = *FMA.get_or_init(|| std::env::var("APERTURE_SMALL_TAPS").as_deref() == Ok("fma"));
+    w: &ConvWeights,
+) -> Option<([cudarc::driver::sys::CUfunction; 2], u32)> {
     let IgemmSlot::Ready(k) = &be.kernels.igemm else {
         return None;
     };
-    (!fma && pixels <= i32::MAX as usize).then_some(k.small_taps?)
+    if pixels > i32::MAX as usize {
+        return None;
+    }
+    match small_taps_mode() {
+        SmallTaps::Fma => None,
+        SmallTaps::Staged if staged_smem(w) <= STAGED_MAX_SMEM => {
+            Some((k.small_taps_staged?, staged_smem(w) as u32))
+        }
+        SmallTaps::Staged | SmallTaps::Gather => Some((k.small_taps?, 0)),
+    }
 }
 
 #[cfg(test)]
@@ -141,6 +182,14 @@ mod tests {
             }
         }
         body.matches(',').count() + 1
+    }
+
+    #[test]
+    fn staged_blocks_match_the_kernel() {
+        let mma = crate::conv_igemm::SMALL_TAPS_MMA_SOURCE;
+        let warps = crate::kernels::source_define(mma, "small_taps_mma.cu", "SMALL_WARPS");
+        assert_eq!(super::STAGED_COLUMNS, warps * 16);
+        assert_eq!(super::THREADS as usize, warps * 32);
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub(crate) struct IgemmKernel {
     depthwise: Vec<(&'static str, sys::CUfunction)>,
     /// `small_taps_mma32`, `small_taps_mma64` (crate::conv_small), when both loaded.
     pub(crate) small_taps: Option<[sys::CUfunction; 2]>,
+    /// `small_taps_mma_staged32`, `small_taps_mma_staged64`, likewise.
+    pub(crate) small_taps_staged: Option<[sys::CUfunction; 2]>,
 }
 
 // SAFETY: module and function handles are immutable driver objects, usable from any
@@ -241,14 +243,23 @@ fn load_kernel(
             load_with_smem(module, name, crate::depthwise_mma::MAX_SMEM).map(|f| (name, f))
         })
         .collect();
-    let small_taps = load_with_smem(module, "small_taps_mma32", 0)
-        .zip(load_with_smem(module, "small_taps_mma64", 0))
-        .map(|(a, b)| [a, b]);
+    let pair = |a: &str, b: &str, smem: usize| {
+        load_with_smem(module, a, smem)
+            .zip(load_with_smem(module, b, smem))
+            .map(|(a, b)| [a, b])
+    };
+    let small_taps = pair("small_taps_mma32", "small_taps_mma64", 0);
+    let small_taps_staged = pair(
+        "small_taps_mma_staged32",
+        "small_taps_mma_staged64",
+        crate::conv_small::STAGED_MAX_SMEM,
+    );
     Ok(IgemmKernel {
         module,
         front,
         depthwise,
         small_taps,
+        small_taps_staged,
         norm_product,
         norm_product_fixed,
         small: funcs[0],
