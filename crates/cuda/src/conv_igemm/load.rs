@@ -61,7 +61,7 @@ impl Drop for IgemmKernel {
 
 /// Whether the implicit-GEMM kernel is there for a backend.
 pub(crate) enum IgemmSlot {
-    Ready(IgemmKernel),
+    Ready(Box<IgemmKernel>),
     /// Not applicable (fp32 storage, an older GPU) or switched off: im2col, silently.
     Disabled(String),
     /// Should have loaded but did not (a compile error): im2col, and the self-test fails.
@@ -91,7 +91,7 @@ impl IgemmSlot {
         }
         let wide = !std::env::var(ENV_SWITCH).is_ok_and(|v| v.trim() == "64");
         match load_kernel(ctx, &source, wide, warp_specialised) {
-            Ok(k) => Self::Ready(k),
+            Ok(k) => Self::Ready(Box::new(k)),
             Err(e) => {
                 eprintln!("warning: implicit-GEMM convolution unavailable, using im2col: {e}");
                 Self::Failed(e.to_string())
