@@ -184,6 +184,82 @@ mod tests {
         body.matches(',').count() + 1
     }
 
+    /// K position `i` of the lanes with `lane % 4 == q` (small_k in small_taps_mma.cu).
+    fn small_k(i: usize, q: usize) -> usize {
+        16 * (i >> 2) + 8 * ((i >> 1) & 1) + 2 * q + (i & 1)
+    }
+
+    #[test]
+    fn the_lanes_k_positions_cover_two_steps_once() {
+        let mut seen = [0; 32];
+        for q in 0..4 {
+            for i in 0..8 {
+                seen[small_k(i, q)] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&n| n == 1));
+    }
+
+    /// The staged kernel's index arithmetic replayed on the host: rows staged as the block
+    /// copies them, each (pixel, K position) read at `p * stride * C + koff`, against the
+    /// input element the convolution wants there (zero outside the image).
+    #[test]
+    fn staged_gathers_read_each_pixels_taps() {
+        let cols = super::STAGED_COLUMNS;
+        // (h, w, c, kh, kw, stride, pad): the stem, a 5x5 over one channel, a 2x2 with
+        // four channels and a map wider than two blocks.
+        for (h, w, c, kh, kw, stride, pad) in [
+            (23, 30, 3, 3, 3, 2, 1),
+            (9, 10, 1, 5, 5, 2, 2),
+            (7, 6, 4, 2, 2, 1, 0),
+            (17, 300, 3, 3, 3, 1, 1),
+        ] {
+            let (oh, ow) = (
+                (h + 2 * pad - kh) / stride + 1,
+                (w + 2 * pad - kw) / stride + 1,
+            );
+            let x = |iy: i64, ix: i64, ch: usize| -> i64 {
+                if iy < 0 || ix < 0 || iy >= h as i64 || ix >= w as i64 {
+                    0
+                } else {
+                    1 + (iy * w as i64 + ix) * c as i64 + ch as i64
+                }
+            };
+            let span = ((cols - 1) * stride + kw) * c;
+            let k_total = kh * kw * c;
+            for oy in 0..oh {
+                for bx0 in (0..ow).step_by(cols) {
+                    let iy0 = (oy * stride) as i64 - pad as i64;
+                    let first = ((bx0 * stride) as i64 - pad as i64) * c as i64;
+                    // The block's copy: element e of row r is input element first + e.
+                    let staged: Vec<i64> = (0..kh)
+                        .flat_map(|r| {
+                            (0..span as i64).map(move |e| {
+                                let at = first + e;
+                                let (ix, ch) = (at.div_euclid(c as i64), at.rem_euclid(c as i64));
+                                if at < 0 || at >= (w * c) as i64 {
+                                    0
+                                } else {
+                                    x(iy0 + r as i64, ix, ch as usize)
+                                }
+                            })
+                        })
+                        .collect();
+                    for p in 0..cols.min(ow - bx0) {
+                        for k in 0..k_total {
+                            let tap = k / c;
+                            let (dy, dx, ch) = (tap / kw, tap % kw, k % c);
+                            let koff = dy * span + dx * c + ch;
+                            let got = staged[p * stride * c + koff];
+                            let ix = ((bx0 + p) * stride + dx) as i64 - pad as i64;
+                            assert_eq!(got, x(iy0 + dy as i64, ix, ch), "oy {oy} p {p} k {k}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn staged_blocks_match_the_kernel() {
         let mma = crate::conv_igemm::SMALL_TAPS_MMA_SOURCE;
