@@ -245,5 +245,7 @@ __device__ __forceinline__ void small_taps_mma_staged(const T* __restrict__ x, c
 // staged variants need blocks of SMALL_WARPS warps.
 SMALL_MMA_KERNEL(small_taps_mma32, small_taps_mma, 4)
 SMALL_MMA_KERNEL(small_taps_mma64, small_taps_mma, 8)
+#ifdef SMALL_TAPS_STAGED  // built on request only (APERTURE_SMALL_TAPS=staged)
 SMALL_MMA_KERNEL(small_taps_mma_staged32, small_taps_mma_staged, 4)
 SMALL_MMA_KERNEL(small_taps_mma_staged64, small_taps_mma_staged, 8)
+#endif

@@ -135,6 +135,12 @@ fn small_taps_mode() -> SmallTaps {
     })
 }
 
+/// Whether `APERTURE_SMALL_TAPS=staged` asks for the staged kernels (only then are they
+/// compiled into the convolution module).
+pub(crate) fn staged_requested() -> bool {
+    small_taps_mode() == SmallTaps::Staged
+}
+
 /// Output columns per block of the staged kernels (SMALL_WARPS * 16 in
 /// kernels/small_taps_mma.cu).
 const STAGED_COLUMNS: usize = 8 * 16;

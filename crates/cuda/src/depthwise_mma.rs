@@ -112,13 +112,12 @@ impl MmaPlan {
         })
     }
 
-    /// The kernel's name.
-    pub(crate) fn kernel(&self) -> &'static str {
+    /// The kernel's name (every plan's kernel size and warps have an entry point).
+    pub(crate) fn kernel(&self) -> Option<&'static str> {
         KERNELS
             .iter()
             .find(|&&(k, g, _)| k == self.k && g == self.warps)
             .map(|&(_, _, name)| name)
-            .unwrap_or("dwm5_w8")
     }
 }
 
@@ -165,7 +164,7 @@ pub(crate) fn try_run(
     let Some(plan) = MmaPlan::shape(x.dims, w.kh, sms) else {
         return Ok(false);
     };
-    let Some(func) = kernels.depthwise(plan.kernel()) else {
+    let Some(func) = plan.kernel().and_then(|name| kernels.depthwise(name)) else {
         return Ok(false);
     };
     let mut args = crate::depthwise::pointer_args(x, y, w, residual);
@@ -193,7 +192,7 @@ mod tests {
         // strip (two blocks per multiprocessor beat more strips with their halos).
         let p = MmaPlan::shape([64, 40, 40, 256], 5, 132).expect("fits");
         assert_eq!((p.warps, p.bw, p.rows, p.grid), (8, 40, 40, (4, 64, 1)));
-        assert_eq!(p.kernel(), "dwm5_w8");
+        assert_eq!(p.kernel(), Some("dwm5_w8"));
         assert_eq!(p.smem as usize, 10 * 44 * 144);
         // Batch 1: short strips to fill the GPU.
         let p = MmaPlan::shape([1, 40, 40, 256], 5, 132).expect("fits");
@@ -201,7 +200,7 @@ mod tests {
         // Restormer's qkv 3x3 at 512x512x144: 48-channel blocks, eight 64-column tiles.
         let p = MmaPlan::shape([2, 512, 512, 144], 3, 132).expect("fits");
         assert_eq!((p.warps, p.bw, p.grid.0, p.grid.2), (6, 64, 3, 8));
-        assert_eq!(p.kernel(), "dwm3_w6");
+        assert_eq!(p.kernel(), Some("dwm3_w6"));
         // 576 channels (64-channel blocks): a 64-column ring still leaves room for three
         // blocks; a 5x5's does not, so its tiles narrow.
         let p = MmaPlan::shape([2, 128, 128, 576], 3, 132).expect("fits");

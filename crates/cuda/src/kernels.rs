@@ -115,9 +115,11 @@ pub fn module_sources(s: Storage) -> Vec<(&'static str, String)> {
         ("main", full_source(s)),
         ("detection", crate::detection::detection_source(s)),
     ];
-    // With the opt-in depthwise kernels, so that a compile check covers them too.
+    // With the opt-in depthwise and staged small-taps kernels, so that a compile check
+    // covers them too.
     let extras = crate::conv_igemm::ConvExtras {
         depthwise_mma: true,
+        staged_small_taps: true,
         ..Default::default()
     };
     if let Some(conv) = crate::conv_igemm::conv_source(s, extras) {

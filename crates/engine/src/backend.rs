@@ -71,6 +71,19 @@ pub fn front_half_unfused<B: Backend>(
     }
 }
 
+/// [`Backend::conv2d_masked`] as its two operations: the mask multiplied in, then the
+/// convolution (the default, and the path where a backend's shortcut does not apply).
+pub fn conv2d_masked_unfused<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::Tensor,
+    keep: &HostTensor,
+    conv: &B::Param,
+    act: Activation,
+) -> Result<B::Tensor> {
+    let masked = b.mul(x, &b.upload_nhwc(keep)?)?;
+    b.conv2d(&masked, conv, act, None)
+}
+
 /// Geometry of a 2-D convolution (PyTorch's `Conv2d` arguments).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvSpec {
@@ -380,8 +393,7 @@ pub trait Backend: Send + Sync {
         conv: &Self::Param,
         act: Activation,
     ) -> Result<Self::Tensor> {
-        let masked = self.mul(x, &self.upload_nhwc(keep)?)?;
-        self.conv2d(&masked, conv, act, None)
+        conv2d_masked_unfused(self, x, keep, conv, act)
     }
     /// A block of convolutions feeding one channel concatenation (D-FINE's
     /// RepNCSPELAN4): evaluates `nodes` in order, node `i` computing

@@ -1,8 +1,8 @@
 //! `impl Backend for CudaBackend`: each engine operation, to its kernel or module.
 
 use aperture_engine::backend::{
-    front_half_unfused, norm_product_unfused, Activation, Backend, ConvSpec, DeformableSpec,
-    FrontHalf, NormProduct,
+    conv2d_masked_unfused, front_half_unfused, norm_product_unfused, Activation, Backend, ConvSpec,
+    DeformableSpec, FrontHalf, NormProduct,
 };
 use aperture_engine::{ConvNode, EngineError, HostTensor, NodeRef, Result};
 use cudarc::driver::result;
@@ -384,7 +384,10 @@ impl Backend for CudaBackend {
         conv: &CudaParam,
         act: Activation,
     ) -> Result<CudaTensor> {
-        crate::detection::conv2d_masked(self, x, keep, conv.conv()?, act)
+        match crate::detection::conv2d_masked(self, x, keep, conv.conv()?, act)? {
+            Some(y) => Ok(y),
+            None => conv2d_masked_unfused(self, x, keep, conv, act),
+        }
     }
     fn upsample_nearest(&self, x: &CudaTensor, factor: usize) -> Result<CudaTensor> {
         self.det_upsample_nearest(x, factor)

@@ -76,6 +76,7 @@ impl IgemmSlot {
         let extras = ConvExtras {
             warp_specialised,
             depthwise_mma: crate::depthwise_mma::requested(),
+            staged_small_taps: crate::conv_small::staged_requested(),
         };
         let Some(source) = conv_source(storage, extras) else {
             return Self::Disabled("fp32 storage uses im2col and cuBLASLt".into());

@@ -228,12 +228,14 @@ impl Tile {
 }
 
 /// Kernels of the convolution module that are built only on request (their compile
-/// time at a first start): the warp-specialised `wgmma` tiles (`APERTURE_WGMMA=ws`) and
-/// the tensor-core depthwise kernels (`APERTURE_DEPTHWISE_MMA=1`).
+/// time at a first start): the warp-specialised `wgmma` tiles (`APERTURE_WGMMA=ws`),
+/// the tensor-core depthwise kernels (`APERTURE_DEPTHWISE_MMA=1`) and the staged
+/// small-taps kernels (`APERTURE_SMALL_TAPS=staged`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConvExtras {
     pub warp_specialised: bool,
     pub depthwise_mma: bool,
+    pub staged_small_taps: bool,
 }
 
 /// The translation unit for a storage type, or `None` for fp32 (no 16-bit tensor-core
@@ -249,13 +251,18 @@ pub fn conv_source(s: Storage, extras: ConvExtras) -> Option<String> {
     } else {
         ""
     };
+    let staged = if extras.staged_small_taps {
+        "#define SMALL_TAPS_STAGED 1\n"
+    } else {
+        ""
+    };
     let depthwise = if extras.depthwise_mma {
         DEPTHWISE_MMA_SOURCE
     } else {
         ""
     };
     Some(format!(
-        "{}\n{}\n{select}{ws}{CONV_SOURCE}\n{FRONT_SOURCE}\n{depthwise}\n{SMALL_TAPS_MMA_SOURCE}\n{WGMMA_SOURCE}\n{SOURCES_SOURCE}\n",
+        "{}\n{}\n{select}{ws}{staged}{CONV_SOURCE}\n{FRONT_SOURCE}\n{depthwise}\n{SMALL_TAPS_MMA_SOURCE}\n{WGMMA_SOURCE}\n{SOURCES_SOURCE}\n",
         preamble(s),
         MATH_SOURCE
     ))

@@ -311,6 +311,23 @@ fn sources_per_storage_type() {
     )
     .expect("fp16 source with the depthwise kernels");
     assert!(!f16.contains("DWM_KERNEL(dwm5_w8") && dwm.contains("DWM_KERNEL(dwm5_w8"));
+    // The staged small-taps entry points likewise (behind SMALL_TAPS_STAGED).
+    let staged = conv_source(
+        Storage::F16,
+        ConvExtras {
+            staged_small_taps: true,
+            ..plain
+        },
+    )
+    .expect("fp16 source with the staged small-taps kernels");
+    assert!(
+        !f16.contains("#define SMALL_TAPS_STAGED")
+            && staged.contains("#define SMALL_TAPS_STAGED 1")
+    );
+    let entry = staged
+        .find("SMALL_MMA_KERNEL(small_taps_mma_staged32,")
+        .expect("entry");
+    assert!(staged.find("#ifdef SMALL_TAPS_STAGED").expect("gate") < entry);
     assert!(f16.contains("SMALL_MMA_KERNEL(small_taps_mma32"));
     assert!(f16.contains("typedef __half T;") && !f16.contains("#define IGEMM_BF16"));
     assert!(bf16.contains("typedef __nv_bfloat16 T;") && bf16.contains("#define IGEMM_BF16 1"));

@@ -4,7 +4,7 @@
 //! the product of a zeroed pixel gives. This skips a pass over the whole input for the
 //! mask (0.35 ms at batch 64 for D-FINE-X's 8,400 x 256 memory).
 
-use aperture_engine::backend::{Activation, Backend};
+use aperture_engine::backend::Activation;
 use aperture_engine::{HostTensor, Result};
 
 use crate::backend::{ConvWeights, CudaBackend, CudaTensor};
@@ -25,16 +25,16 @@ fn masked_positions(keep: &HostTensor, [n, h, w]: [usize; 3]) -> Option<Vec<usiz
     Some((0..h * w).filter(|&i| first[i] == 0.0).collect())
 }
 
-/// `conv2d(x * keep, w, act)`: a 1x1 stride-1 product with a bias and no activation
-/// runs on `x` and gets its bias written into the masked pixels; anything else takes the
-/// mask multiplication first.
+/// `conv2d(x * keep, w, act)` for a 1x1 stride-1 product with a bias and no activation:
+/// the product on `x`, its bias written into the masked pixels; `None`, with nothing
+/// launched, for anything else (the caller multiplies the mask in first).
 pub(crate) fn conv2d_masked(
     be: &CudaBackend,
     x: &CudaTensor,
     keep: &HostTensor,
     w: &ConvWeights,
     act: Activation,
-) -> Result<CudaTensor> {
+) -> Result<Option<CudaTensor>> {
     let [n, h, wd, _] = x.dims;
     let pointwise = w.kh == 1
         && w.kw == 1
@@ -47,12 +47,11 @@ pub(crate) fn conv2d_masked(
         .then(|| masked_positions(keep, [n, h, wd]))
         .flatten();
     let (Some(bias), Some(rows)) = (w.bias.as_ref(), positions) else {
-        let masked = be.mul(x, &be.upload_nhwc(keep)?)?;
-        return crate::conv::conv2d(be, &masked, w, act, None);
+        return Ok(None);
     };
     let y = crate::conv::conv2d(be, x, w, act, None)?;
     if rows.is_empty() {
-        return Ok(y);
+        return Ok(Some(y));
     }
     let table: Vec<f32> = rows.iter().map(|&r| r as f32).collect();
     let table = be.det_constant(&table, true)?;
@@ -67,7 +66,7 @@ pub(crate) fn conv2d_masked(
         Arg::I32(c as i32),
     ];
     be.det_launch_1d("det_fill_rows", n * rows.len() * c, &args)?;
-    Ok(y)
+    Ok(Some(y))
 }
 
 #[cfg(test)]
